@@ -1,0 +1,25 @@
+# The two commands a fresh machine needs (see README.md):
+#   make run    — build and run the server on its embedded default (./lattice-data, 127.0.0.1:8008)
+#   make test   — build and run the whole test suite
+# Both install missing system packages first. One cargo profile (release) serves running,
+# testing and benchmarking, so RocksDB's C++ is compiled once per target directory.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/lattice-target
+
+.PHONY: setup run test lint bench
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	cargo run --release -- serve
+
+test: setup
+	cargo test --release --workspace
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+bench: setup
+	scripts/bench.sh

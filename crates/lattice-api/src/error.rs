@@ -1,0 +1,108 @@
+//! The one place where errors become Matrix error responses (status + `errcode`).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use lattice_service::ServiceError;
+use serde_json::{Value, json};
+
+#[derive(Debug)]
+pub enum ApiError {
+    Service(ServiceError),
+    MissingToken,
+    NotJson(String),
+    BadJson(String),
+    TooLarge(usize),
+    UnknownEndpoint,
+    MethodNotAllowed,
+    RateLimited { retry_after_ms: u64 },
+    ThreepidNotFound,
+    InvalidParam(String),
+    Unsupported(String),
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        ApiError::Service(error)
+    }
+}
+
+fn body(errcode: &str, message: impl Into<String>) -> Value {
+    json!({ "errcode": errcode, "error": message.into() })
+}
+
+fn service_error(error: ServiceError) -> (StatusCode, Value) {
+    use ServiceError as E;
+    let message = error.to_string();
+    match error {
+        E::Forbidden(_) | E::RegistrationDisabled => (StatusCode::FORBIDDEN, body("M_FORBIDDEN", message)),
+        E::UnknownToken { soft_logout } => {
+            let mut value = body("M_UNKNOWN_TOKEN", message);
+            if soft_logout {
+                value["soft_logout"] = json!(true);
+            }
+            (StatusCode::UNAUTHORIZED, value)
+        }
+        E::NotFound(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
+        E::BadJson(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
+        E::InvalidParam(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
+        E::ServerManaged(_) => (StatusCode::METHOD_NOT_ALLOWED, body("M_BAD_JSON", message)),
+        E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body("M_TOO_LARGE", message)),
+        E::InvalidUsername(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_USERNAME", message)),
+        E::UserInUse => (StatusCode::BAD_REQUEST, body("M_USER_IN_USE", message)),
+        E::UserDeactivated => (StatusCode::FORBIDDEN, body("M_USER_DEACTIVATED", message)),
+        E::GuestAccessForbidden => (StatusCode::FORBIDDEN, body("M_GUEST_ACCESS_FORBIDDEN", message)),
+        E::ThreepidDenied => (StatusCode::FORBIDDEN, body("M_THREEPID_DENIED", message)),
+        E::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, body("M_LIMIT_EXCEEDED", message)),
+        E::AuthRequired(challenge) => (StatusCode::UNAUTHORIZED, challenge.to_json()),
+        E::Storage(_) | E::Internal(_) => {
+            tracing::error!(error = %message, "internal error");
+            (StatusCode::INTERNAL_SERVER_ERROR, body("M_UNKNOWN", "internal server error"))
+        }
+    }
+}
+
+impl ApiError {
+    fn status_and_body(self) -> (StatusCode, Value) {
+        match self {
+            ApiError::Service(error) => service_error(error),
+            ApiError::MissingToken => (StatusCode::UNAUTHORIZED, body("M_MISSING_TOKEN", "missing access token")),
+            ApiError::NotJson(m) => (StatusCode::BAD_REQUEST, body("M_NOT_JSON", m)),
+            ApiError::BadJson(m) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", m)),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                body("M_TOO_LARGE", format!("request body is larger than {limit} bytes")),
+            ),
+            ApiError::UnknownEndpoint => (StatusCode::NOT_FOUND, body("M_UNRECOGNIZED", "unrecognized request")),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, body("M_UNRECOGNIZED", "method not allowed for this endpoint"))
+            }
+            ApiError::RateLimited { retry_after_ms } => {
+                let mut value = body("M_LIMIT_EXCEEDED", "too many requests");
+                value["retry_after_ms"] = json!(retry_after_ms);
+                (StatusCode::TOO_MANY_REQUESTS, value)
+            }
+            ApiError::ThreepidNotFound => {
+                (StatusCode::BAD_REQUEST, body("M_THREEPID_NOT_FOUND", "no account has this third-party identifier"))
+            }
+            ApiError::InvalidParam(m) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", m)),
+            ApiError::Unsupported(m) => (StatusCode::BAD_REQUEST, body("M_UNKNOWN", m)),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            _ => None,
+        };
+        let (status, value) = self.status_and_body();
+        let mut response = (status, axum::Json(value)).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,71 @@
+//! The HTTP edge of Lattice: routes, request parsing, authentication, rate limits, CORS, and
+//! the mapping from service errors to Matrix errors.
+
+mod error;
+mod extract;
+mod rate_limit;
+mod routes;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderName, Method, header};
+use lattice_service::Service;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+pub use rate_limit::{KeyedLimiter, RateLimit, RateLimits};
+
+/// What the HTTP edge needs to know beyond the service.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Bodies above this are refused with `M_TOO_LARGE`.
+    pub max_request_bytes: usize,
+    /// Served at `/.well-known/matrix/client` as `m.homeserver.base_url`, when set.
+    pub client_base_url: Option<String>,
+    /// Served at `/.well-known/matrix/server` as `m.server`, when set.
+    pub well_known_server: Option<String>,
+    pub trust_x_forwarded_for: bool,
+    pub login_per_ip: Option<RateLimit>,
+    pub login_per_user: Option<RateLimit>,
+    pub registration_per_ip: Option<RateLimit>,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub config: Arc<ApiConfig>,
+    pub limits: Arc<RateLimits>,
+}
+
+impl AppState {
+    pub fn new(service: Arc<Service>, config: ApiConfig) -> Self {
+        let limits = RateLimits {
+            login_per_ip: KeyedLimiter::new(config.login_per_ip),
+            login_per_user: KeyedLimiter::new(config.login_per_user),
+            registration_per_ip: KeyedLimiter::new(config.registration_per_ip),
+        };
+        Self { service, config: Arc::new(config), limits: Arc::new(limits) }
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    // The spec's CORS requirements (client-server API, "Web Browser Clients").
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([HeaderName::from_static("x-requested-with"), header::CONTENT_TYPE, header::AUTHORIZATION]);
+    routes::all()
+        .fallback(routes::unknown_endpoint)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(routes::panic_response))
+        // Spans carry the path only: the query may hold a legacy `access_token`.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(cors)
+}

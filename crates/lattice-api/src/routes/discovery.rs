@@ -1,0 +1,61 @@
+//! What a client asks before it logs in: versions, capabilities, .well-known.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::Auth;
+
+/// The spec versions whose client-server API Lattice targets. What is built so far is listed in
+/// `docs/client-api.md`; unbuilt endpoints answer `404 M_UNRECOGNIZED`.
+const SPEC_VERSIONS: &[&str] = &[
+    "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13",
+    "v1.14", "v1.15", "v1.16",
+];
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/client/versions", get(versions))
+        .route("/_matrix/client/v3/capabilities", get(capabilities))
+        .route("/.well-known/matrix/client", get(well_known_client))
+        .route("/.well-known/matrix/server", get(well_known_server))
+}
+
+async fn versions() -> Json<Value> {
+    // No unstable features are implemented, so none are advertised.
+    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+}
+
+async fn capabilities(_auth: Auth) -> Json<Value> {
+    Json(json!({
+        "capabilities": {
+            "m.change_password": { "enabled": true },
+            "m.set_displayname": { "enabled": true },
+            "m.set_avatar_url": { "enabled": true },
+            "m.3pid_changes": { "enabled": false },
+            "m.get_login_token": { "enabled": false },
+            "m.profile_fields": { "enabled": true, "allowed": ["displayname", "avatar_url"] },
+        }
+    }))
+}
+
+async fn well_known_client(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    match &state.config.client_base_url {
+        Some(url) => Ok(Json(json!({ "m.homeserver": { "base_url": url } }))),
+        None => {
+            Err(ApiError::Service(lattice_service::ServiceError::NotFound("no client discovery configured".into())))
+        }
+    }
+}
+
+async fn well_known_server(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    match &state.config.well_known_server {
+        Some(server) => Ok(Json(json!({ "m.server": server }))),
+        None => {
+            Err(ApiError::Service(lattice_service::ServiceError::NotFound("no server delegation configured".into())))
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Every route of the client API, and the answers for everything else.
+
+mod account;
+mod devices;
+mod discovery;
+mod profile;
+mod session;
+mod user_data;
+
+use std::any::Any;
+
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub fn all() -> Router<AppState> {
+    Router::new()
+        .merge(discovery::routes())
+        .merge(account::routes())
+        .merge(session::routes())
+        .merge(devices::routes())
+        .merge(profile::routes())
+        .merge(user_data::routes())
+}
+
+pub async fn unknown_endpoint() -> ApiError {
+    ApiError::UnknownEndpoint
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A panic is a bug; the client still gets a Matrix error and the server keeps running.
+pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = detail, "request handler panicked");
+    let body = serde_json::json!({ "errcode": "M_UNKNOWN", "error": "internal server error" });
+    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}

@@ -1,0 +1,122 @@
+//! Logging in and out, refresh tokens, whoami.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lattice_service::{LoginRequest, SessionTokens};
+use ruma::api::client::session::login::v3::LoginInfo;
+use ruma::api::client::uiaa::UserIdentifier;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Auth, ClientIp, JsonBody};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/client/v3/login", get(login_flows).post(login))
+        .route("/_matrix/client/v3/logout", post(logout))
+        .route("/_matrix/client/v3/logout/all", post(logout_all))
+        .route("/_matrix/client/v3/refresh", post(refresh))
+        .route("/_matrix/client/v3/account/whoami", get(whoami))
+}
+
+async fn login_flows() -> Json<Value> {
+    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    refresh_token: bool,
+}
+
+/// The user named by a password login: `identifier` of type `m.id.user`, or the legacy `user`.
+// The spec still lets clients send the deprecated `user` field, and some do.
+#[allow(deprecated)]
+fn login_user(info: LoginInfo) -> ApiResult<(String, String)> {
+    let LoginInfo::Password(password) = info else {
+        return Err(ApiError::Unsupported("unsupported login type; this server offers m.login.password".into()));
+    };
+    let user = match (password.identifier, password.user) {
+        (Some(UserIdentifier::Matrix(id)), _) => id.user,
+        (Some(_), _) => return Err(ApiError::Unsupported("only m.id.user identifiers are supported".into())),
+        (None, Some(user)) => user,
+        (None, None) => return Err(ApiError::BadJson("missing identifier".into())),
+    };
+    Ok((user, password.password))
+}
+
+async fn login(State(state): State<AppState>, ip: ClientIp, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+    let ip = ip.0.map(|ip| ip.to_string());
+    state.limits.login_per_ip.check(ip.as_deref().unwrap_or_default())?;
+    // ruma 0.17's LoginInfo deserializer panics on an object without `type` (it indexes the
+    // map directly), so that case is answered here first.
+    if !body["type"].is_string() {
+        return Err(ApiError::BadJson("missing field `type`".into()));
+    }
+    let info: LoginInfo = serde_json::from_value(body.clone()).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let options: LoginBody = serde_json::from_value(body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let (user, password) = login_user(info)?;
+    state.limits.login_per_user.check(&user.to_lowercase())?;
+    let request = LoginRequest {
+        user,
+        password,
+        device_id: options.device_id,
+        initial_device_display_name: options.initial_device_display_name,
+        refresh_token: options.refresh_token,
+        ip,
+    };
+    let result = state.service.login(request).await?;
+    let mut response = json!({ "user_id": result.user_id, "home_server": state.service.server_name() });
+    if let Some(url) = &state.config.client_base_url {
+        response["well_known"] = json!({ "m.homeserver": { "base_url": url } });
+    }
+    add_tokens(&mut response, result.tokens);
+    Ok(Json(response))
+}
+
+/// Adds a device's session to a login or registration response.
+pub(super) fn add_tokens(response: &mut Value, tokens: SessionTokens) {
+    response["access_token"] = json!(tokens.access_token);
+    response["device_id"] = json!(tokens.device_id);
+    if let Some(refresh_token) = tokens.refresh_token {
+        response["refresh_token"] = json!(refresh_token);
+    }
+    if let Some(expires_in_ms) = tokens.expires_in_ms {
+        response["expires_in_ms"] = json!(expires_in_ms);
+    }
+}
+
+async fn logout(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    state.service.logout(&session).await?;
+    Ok(Json(json!({})))
+}
+
+async fn logout_all(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    state.service.logout_all(&session.user_id).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+async fn refresh(State(state): State<AppState>, JsonBody(body): JsonBody<RefreshBody>) -> ApiResult<Json<Value>> {
+    let tokens = state.service.refresh(&body.refresh_token).await?;
+    let mut response = json!({});
+    add_tokens(&mut response, tokens);
+    // The refresh response has no device_id field.
+    if let Some(object) = response.as_object_mut() {
+        object.remove("device_id");
+    }
+    Ok(Json(response))
+}
+
+async fn whoami(Auth(session): Auth) -> Json<Value> {
+    Json(json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }))
+}

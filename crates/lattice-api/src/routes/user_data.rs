@@ -1,0 +1,62 @@
+//! Global account data and filters under `/user/{userId}`.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lattice_service::JsonObject;
+use ruma::OwnedUserId;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Auth, JsonBody, PathParams};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/_matrix/client/v3/user/{user_id}/account_data/{event_type}",
+            get(get_account_data).put(set_account_data),
+        )
+        .route("/_matrix/client/v3/user/{user_id}/filter", post(create_filter))
+        .route("/_matrix/client/v3/user/{user_id}/filter/{filter_id}", get(get_filter))
+}
+
+fn parse_user(user_id: &str) -> ApiResult<OwnedUserId> {
+    OwnedUserId::try_from(user_id).map_err(|e| ApiError::InvalidParam(format!("invalid user ID: {e}")))
+}
+
+async fn get_account_data(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((user_id, event_type)): PathParams<(String, String)>,
+) -> ApiResult<Json<JsonObject>> {
+    Ok(Json(state.service.account_data(&session.user_id, &parse_user(&user_id)?, &event_type).await?))
+}
+
+async fn set_account_data(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((user_id, event_type)): PathParams<(String, String)>,
+    JsonBody(content): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    state.service.set_account_data(&session.user_id, &parse_user(&user_id)?, &event_type, content).await?;
+    Ok(Json(json!({})))
+}
+
+async fn create_filter(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(user_id): PathParams<String>,
+    JsonBody(filter): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    let id = state.service.create_filter(&session.user_id, &parse_user(&user_id)?, filter).await?;
+    Ok(Json(json!({ "filter_id": id.to_string() })))
+}
+
+async fn get_filter(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((user_id, filter_id)): PathParams<(String, String)>,
+) -> ApiResult<Json<JsonObject>> {
+    Ok(Json(state.service.filter(&session.user_id, &parse_user(&user_id)?, &filter_id).await?))
+}

@@ -1,0 +1,35 @@
+//! Every bound on untrusted input, in one place (architecture invariant 5).
+
+/// Default cap on a client request body; operators can change it in the config.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// User IDs, including `@` and the server name, are at most 255 bytes (spec: identifier grammar).
+pub const MAX_USER_ID_BYTES: usize = 255;
+
+/// Longer passwords are refused before hashing so that argon2 cannot be made to chew on megabytes.
+pub const MAX_PASSWORD_BYTES: usize = 512;
+
+/// Client-chosen device IDs and display names.
+pub const MAX_DEVICE_ID_BYTES: usize = 255;
+pub const MAX_DEVICE_DISPLAY_NAME_BYTES: usize = 512;
+
+/// Profile fields.
+pub const MAX_DISPLAYNAME_BYTES: usize = 256;
+pub const MAX_AVATAR_URL_BYTES: usize = 1024;
+
+/// One account-data event or filter, serialised.
+pub const MAX_ACCOUNT_DATA_BYTES: usize = 65_536;
+pub const MAX_FILTER_BYTES: usize = 65_536;
+pub const MAX_EVENT_TYPE_BYTES: usize = 255;
+
+/// Devices one account may hold; logging in beyond this is refused.
+pub const MAX_DEVICES_PER_USER: usize = 1_000;
+
+/// Rows returned by one list request (devices, account data).
+pub const MAX_LIST_ROWS: usize = 1_000;
+
+/// How long a user-interactive auth session stays usable.
+pub const UIA_SESSION_LIFETIME_MS: u64 = 15 * 60 * 1000;
+
+/// Registration tokens: length and alphabet are fixed by the spec (`[A-Za-z0-9._~-]`, ≤ 64).
+pub const MAX_REGISTRATION_TOKEN_BYTES: usize = 64;

@@ -1,0 +1,45 @@
+use lattice_storage::StorageError;
+use thiserror::Error;
+
+use crate::UiaChallenge;
+
+/// Everything the application can refuse. The HTTP edge maps each variant to one Matrix
+/// errcode and status, in one place.
+#[derive(Debug, Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("unknown or expired access token")]
+    UnknownToken { soft_logout: bool },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("{0}")]
+    InvalidParam(String),
+    /// Data only the server may write (spec answers 405 `M_BAD_JSON`).
+    #[error("{0}")]
+    ServerManaged(String),
+    #[error("{what} is larger than {limit} bytes")]
+    TooLarge { what: &'static str, limit: usize },
+    #[error("{0}")]
+    InvalidUsername(String),
+    #[error("the user ID is already taken")]
+    UserInUse,
+    #[error("this account has been deactivated")]
+    UserDeactivated,
+    #[error("registration is disabled on this server")]
+    RegistrationDisabled,
+    #[error("guest access is not enabled on this server")]
+    GuestAccessForbidden,
+    #[error("this server does not support third-party identifiers")]
+    ThreepidDenied,
+    #[error("{0}")]
+    LimitExceeded(String),
+    #[error("additional authentication is required")]
+    AuthRequired(Box<UiaChallenge>),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}

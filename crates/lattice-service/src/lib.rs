@@ -1,0 +1,84 @@
+//! The application: accounts, devices, sessions, profiles and per-user data, on top of
+//! `lattice-storage`. Business rules live here; HTTP and RocksDB do not.
+
+mod account_data;
+mod accounts;
+mod clock;
+mod devices;
+mod error;
+mod profile;
+mod registration_tokens;
+mod secrets;
+mod sessions;
+mod uia;
+
+use std::sync::Arc;
+
+use lattice_storage::KvStore;
+use ruma::{OwnedServerName, ServerName};
+
+pub use account_data::FilterId;
+pub use accounts::{NewAccount, RegisterRequest, Registered};
+pub use clock::{Clock, SystemClock};
+pub use devices::DeviceInfo;
+pub use error::ServiceError;
+pub use lattice_storage::records::JsonObject;
+pub use profile::Profile;
+pub use profile::ProfileField;
+pub use registration_tokens::{RegistrationTokenInfo, valid_registration_token_format};
+pub use secrets::PasswordHasher;
+pub use sessions::{LoginRequest, LoginResult, Session, SessionTokens};
+pub use uia::UiaChallenge;
+
+/// Who may create accounts through the client API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistrationMode {
+    /// Nobody; accounts are made with `lattice user create`.
+    Disabled,
+    /// Anyone holding a registration token (the default).
+    Token,
+    /// Anyone at all, after a dummy stage; a token still works too.
+    Open,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub server_name: OwnedServerName,
+    pub registration: RegistrationMode,
+    /// Lifetime of access tokens issued together with a refresh token.
+    pub refreshable_token_lifetime_ms: u64,
+}
+
+/// The application state shared by every request.
+pub struct Service {
+    config: ServiceConfig,
+    kv: Arc<dyn KvStore>,
+    clock: Arc<dyn Clock>,
+    hasher: PasswordHasher,
+}
+
+impl Service {
+    pub fn new(config: ServiceConfig, kv: Arc<dyn KvStore>, clock: Arc<dyn Clock>, hasher: PasswordHasher) -> Self {
+        Self { config, kv, clock, hasher }
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    pub fn server_name(&self) -> &ServerName {
+        &self.config.server_name
+    }
+
+    /// Makes every acknowledged write durable; called at shutdown.
+    pub async fn flush(&self) -> Result<(), ServiceError> {
+        Ok(self.kv.flush().await?)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests;

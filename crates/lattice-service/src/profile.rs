@@ -1,0 +1,72 @@
+//! Display names and avatars of local users.
+
+use lattice_core::limits::{MAX_AVATAR_URL_BYTES, MAX_DISPLAYNAME_BYTES};
+use lattice_storage::records::ProfileRecord;
+use lattice_storage::{WriteBatch, keys};
+use ruma::UserId;
+
+use crate::{Service, ServiceError};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// Which profile field a request reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileField {
+    DisplayName,
+    AvatarUrl,
+}
+
+impl Service {
+    /// The profile of a local user; remote profiles need federation.
+    pub async fn profile(&self, user_id: &UserId) -> Result<Profile, ServiceError> {
+        if user_id.server_name() != self.server_name() {
+            return Err(ServiceError::NotFound("profiles of users on other servers are not available yet".into()));
+        }
+        let user = self.user_record(user_id).await?;
+        if user.is_none_or(|u| u.value.deactivated) {
+            return Err(ServiceError::NotFound(format!("no such user {user_id}")));
+        }
+        let record = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &keys::user(user_id.as_str())).await?;
+        let record = record.map(|f| f.value).unwrap_or_default();
+        Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })
+    }
+
+    /// Sets (or with `None`, removes) one field of the caller's own profile.
+    pub async fn set_profile_field(
+        &self,
+        caller: &UserId,
+        target: &UserId,
+        field: ProfileField,
+        value: Option<String>,
+    ) -> Result<(), ServiceError> {
+        if caller != target {
+            return Err(ServiceError::Forbidden("you can only change your own profile".into()));
+        }
+        let limit = match field {
+            ProfileField::DisplayName => MAX_DISPLAYNAME_BYTES,
+            ProfileField::AvatarUrl => MAX_AVATAR_URL_BYTES,
+        };
+        if value.as_ref().is_some_and(|v| v.len() > limit) {
+            return Err(ServiceError::TooLarge { what: "profile field", limit });
+        }
+        if field == ProfileField::AvatarUrl && value.as_ref().is_some_and(|v| !v.is_empty() && !v.starts_with("mxc://"))
+        {
+            return Err(ServiceError::InvalidParam("avatar_url must be an mxc:// URI".into()));
+        }
+        let key = keys::user(caller.as_str());
+        let fetched = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &key).await?;
+        let mut record = fetched.as_ref().map(|f| f.value.clone()).unwrap_or_default();
+        match field {
+            ProfileField::DisplayName => record.displayname = value,
+            ProfileField::AvatarUrl => record.avatar_url = value,
+        }
+        let mut batch = WriteBatch::new();
+        batch.expect(lattice_storage::Table::Profiles, key.clone(), fetched.map(|f| f.raw));
+        lattice_storage::put(&mut batch, key, &record);
+        Ok(self.kv.write(batch).await?)
+    }
+}

@@ -1,0 +1,149 @@
+//! Service behaviour that needs a controlled clock, on the in-memory store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lattice_storage::MemoryStore;
+use ruma::api::client::uiaa::{AuthData, RegistrationToken};
+
+use crate::{
+    Clock, LoginRequest, PasswordHasher, RegisterRequest, RegistrationMode, Service, ServiceConfig, ServiceError,
+};
+
+struct ManualClock(AtomicU64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl ManualClock {
+    fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+fn service() -> (Service, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock(AtomicU64::new(1_000_000)));
+    let config = ServiceConfig {
+        server_name: "hs.test".try_into().unwrap(),
+        registration: RegistrationMode::Token,
+        refreshable_token_lifetime_ms: 60_000,
+    };
+    let hasher = PasswordHasher::new(64, 1).unwrap();
+    (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher), clock)
+}
+
+fn login(user: &str, refresh_token: bool) -> LoginRequest {
+    LoginRequest {
+        user: user.into(),
+        password: "pw".into(),
+        device_id: None,
+        initial_device_display_name: None,
+        refresh_token,
+        ip: None,
+    }
+}
+
+async fn register_with_token(service: &Service, name: &str, token: &str) -> Result<(), ServiceError> {
+    let mut stage = RegistrationToken::new(token.to_owned());
+    stage.session = None;
+    let request = RegisterRequest {
+        username: Some(name.into()),
+        password: Some("pw".into()),
+        auth: Some(AuthData::RegistrationToken(stage)),
+        ..Default::default()
+    };
+    service.register(request).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn refreshable_access_tokens_expire_into_soft_logout() {
+    let (service, clock) = service();
+    let token = service.create_registration_token(None, None).await.unwrap().token;
+    register_with_token(&service, "alice", &token).await.unwrap();
+    let session = service.login(login("alice", true)).await.unwrap();
+    let access = session.tokens.access_token;
+    assert!(service.authenticate(&access).await.is_ok());
+    clock.advance(60_001);
+    assert!(matches!(service.authenticate(&access).await, Err(ServiceError::UnknownToken { soft_logout: true })));
+    let refreshed = service.refresh(session.tokens.refresh_token.as_deref().unwrap()).await.unwrap();
+    assert!(service.authenticate(&refreshed.access_token).await.is_ok());
+}
+
+#[tokio::test]
+async fn registration_tokens_run_out_and_expire() {
+    let (service, clock) = service();
+    let once = service.create_registration_token(Some(1), None).await.unwrap().token;
+    register_with_token(&service, "first", &once).await.unwrap();
+    assert!(!service.registration_token_usable(&once).await.unwrap());
+    assert!(matches!(register_with_token(&service, "second", &once).await, Err(ServiceError::AuthRequired(_))));
+
+    let brief = service.create_registration_token(None, Some(clock.now_ms() + 1_000)).await.unwrap().token;
+    assert!(service.registration_token_usable(&brief).await.unwrap());
+    clock.advance(1_000);
+    assert!(!service.registration_token_usable(&brief).await.unwrap());
+    let tokens = service.registration_tokens().await.unwrap();
+    assert_eq!(tokens.iter().find(|t| t.token == once).unwrap().completed, 1);
+}
+
+#[tokio::test]
+async fn abandoned_uia_sessions_expire_and_are_swept() {
+    let (service, clock) = service();
+    let request =
+        || RegisterRequest { username: Some("bob".into()), password: Some("pw".into()), ..Default::default() };
+    let Err(ServiceError::AuthRequired(challenge)) = service.register(request()).await else { panic!("expected UIA") };
+    assert_eq!(service.sweep_expired_uia_sessions().await.unwrap(), 0);
+    clock.advance(lattice_core::limits::UIA_SESSION_LIFETIME_MS + 1);
+
+    // The expired session is refused (a fresh one is offered instead)...
+    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let mut stage = RegistrationToken::new(token);
+    stage.session = Some(challenge.session.clone());
+    let stale = RegisterRequest { auth: Some(AuthData::RegistrationToken(stage)), ..request() };
+    let Err(ServiceError::AuthRequired(fresh)) = service.register(stale).await else {
+        panic!("expected a new challenge")
+    };
+    assert_ne!(fresh.session, challenge.session);
+    // ...and the sweep deletes it, leaving the fresh one.
+    assert_eq!(service.sweep_expired_uia_sessions().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_registrations_of_one_name_create_one_account() {
+    let (service, _) = service();
+    let service = Arc::new(service);
+    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (service, token) = (service.clone(), token.clone());
+        tasks.push(tokio::spawn(async move { register_with_token(&service, "carol", &token).await }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => created += 1,
+            Err(ServiceError::UserInUse) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(service.registration_tokens().await.unwrap()[0].completed, 1);
+}
+
+#[tokio::test]
+async fn concurrent_registrations_share_an_unlimited_token() {
+    let (service, _) = service();
+    let service = Arc::new(service);
+    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (service, token) = (service.clone(), token.clone());
+        tasks.push(tokio::spawn(async move { register_with_token(&service, &format!("user{i}"), &token).await }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(service.registration_tokens().await.unwrap()[0].completed, 8);
+}

@@ -1,0 +1,81 @@
+//! Key encoding for every table, in one place.
+//!
+//! Composite keys join their parts with a 0x00 byte. Matrix user IDs, room IDs and event types
+//! never contain NUL (they are validated at the edge), so a prefix scan over `user\0` finds
+//! exactly one user's rows. The last part of a key may hold any bytes. Numbers are big-endian
+//! so that byte order is numeric order.
+
+const SEPARATOR: u8 = 0;
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    let len = parts.iter().map(|p| p.len() + 1).sum();
+    let mut key = Vec::with_capacity(len);
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(SEPARATOR);
+        }
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+pub fn user(user_id: &str) -> Vec<u8> {
+    user_id.as_bytes().to_vec()
+}
+
+/// The prefix of every per-user row keyed `user\0…`.
+pub fn user_rows(user_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), b""])
+}
+
+pub fn device(user_id: &str, device_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes()])
+}
+
+/// Global account data uses an empty room part; per-room data (later) the room ID.
+pub fn account_data(user_id: &str, room_id: Option<&str>, event_type: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.unwrap_or("").as_bytes(), event_type.as_bytes()])
+}
+
+pub fn filter(user_id: &str, filter_id: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &filter_id.to_be_bytes()])
+}
+
+/// Tokens are looked up by the hex of their SHA-256, never by the secret itself.
+pub fn token(hash_hex: &str) -> Vec<u8> {
+    hash_hex.as_bytes().to_vec()
+}
+
+pub fn registration_token(token: &str) -> Vec<u8> {
+    token.as_bytes().to_vec()
+}
+
+pub fn uia_session(session_id: &str) -> Vec<u8> {
+    session_id.as_bytes().to_vec()
+}
+
+pub fn counter(name: &str) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+pub fn meta(name: &str) -> Vec<u8> {
+    name.as_bytes().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_rows_share_a_prefix_no_other_user_has() {
+        let alice = user_rows("@alice:hs");
+        assert!(device("@alice:hs", "DEV").starts_with(&alice));
+        assert!(!device("@alice:hs2", "DEV").starts_with(&alice));
+    }
+
+    #[test]
+    fn filter_ids_sort_numerically() {
+        assert!(filter("@a:hs", 2) < filter("@a:hs", 10));
+        assert!(filter("@a:hs", 255) < filter("@a:hs", 256));
+    }
+}

@@ -1,0 +1,25 @@
+//! Lattice storage: a small ordered key-value interface ([`KvStore`]) with a RocksDB and an
+//! in-memory backend, typed records over it, and the schema version check.
+//!
+//! No RocksDB type leaves this crate.
+
+mod error;
+pub mod keys;
+mod kv;
+mod memory;
+pub mod records;
+mod rocks;
+mod schema;
+mod table;
+mod typed;
+
+pub use error::StorageError;
+pub use kv::{Condition, Direction, KeyRange, KvRead, KvStore, MAX_SCAN_ROWS, Row, WriteBatch, WriteOp};
+pub use memory::MemoryStore;
+pub use rocks::{RocksOptions, RocksStore};
+pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
+pub use table::Table;
+pub use typed::{Fetched, Record, get, next_counter, put, scan_prefix};
+
+#[cfg(test)]
+mod suite;

@@ -1,0 +1,125 @@
+//! An in-memory store for tests, with the same semantics as the RocksDB one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+
+use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, WriteOp, check_scan_limit};
+use crate::{StorageError, Table};
+
+type Tables = HashMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    tables: RwLock<Tables>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn read_tables(lock: &RwLock<Tables>) -> std::sync::RwLockReadGuard<'_, Tables> {
+    // A panic while holding the lock cannot leave a half-applied batch (batches are applied
+    // after all checks), so a poisoned lock still guards consistent data.
+    lock.read().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn scan_map(
+    map: Option<&BTreeMap<Vec<u8>, Vec<u8>>>,
+    range: &KeyRange,
+    direction: Direction,
+    limit: usize,
+) -> Vec<Row> {
+    let Some(map) = map.filter(|_| !range.is_inverted()) else { return Vec::new() };
+    let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (as_ref(&range.start), as_ref(&range.end));
+    let iter = map.range::<[u8], _>(bounds).map(|(k, v)| (k.clone(), v.clone()));
+    match direction {
+        Direction::Forward => iter.take(limit).collect(),
+        Direction::Backward => iter.rev().take(limit).collect(),
+    }
+}
+
+fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(k) => Bound::Included(k.as_slice()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+#[async_trait]
+impl KvRead for MemoryStore {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(read_tables(&self.tables).get(&table).and_then(|m| m.get(key).cloned()))
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: &KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        check_scan_limit(limit)?;
+        Ok(scan_map(read_tables(&self.tables).get(&table), range, direction, limit))
+    }
+}
+
+#[async_trait]
+impl KvStore for MemoryStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut tables = self.tables.write().unwrap_or_else(|poison| poison.into_inner());
+        for condition in &batch.conditions {
+            let current = tables.get(&condition.table).and_then(|m| m.get(&condition.key));
+            if current != condition.expected.as_ref() {
+                return Err(StorageError::Conflict);
+            }
+        }
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => {
+                    tables.entry(table).or_default().insert(key, value);
+                }
+                WriteOp::Delete { table, key } => {
+                    tables.entry(table).or_default().remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {
+        let copy = read_tables(&self.tables).clone();
+        Ok(Box::new(MemorySnapshot { tables: Arc::new(copy) }))
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+}
+
+struct MemorySnapshot {
+    tables: Arc<Tables>,
+}
+
+#[async_trait]
+impl KvRead for MemorySnapshot {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.tables.get(&table).and_then(|m| m.get(key).cloned()))
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: &KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        check_scan_limit(limit)?;
+        Ok(scan_map(self.tables.get(&table), range, direction, limit))
+    }
+}

@@ -1,0 +1,126 @@
+//! The records Lattice stores, one type per table. Fields added later carry `#[serde(default)]`
+//! so older rows still read.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Record, Table};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user_id: String,
+    /// PHC-format argon2id hash; `None` for accounts that cannot log in with a password.
+    pub password_hash: Option<String>,
+    pub admin: bool,
+    /// Deactivated accounts keep this row forever so the name is never handed out again.
+    pub deactivated: bool,
+    pub created_ms: u64,
+}
+
+impl Record for UserRecord {
+    const TABLE: Table = Table::Users;
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+impl Record for ProfileRecord {
+    const TABLE: Table = Table::Profiles;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub created_ms: u64,
+    pub last_seen_ms: Option<u64>,
+    pub last_seen_ip: Option<String>,
+    /// Hex SHA-256 of the device's current access token, so deleting the device revokes it.
+    pub access_token_hash: String,
+    /// Hex SHA-256 of the device's current refresh token, if it uses refresh tokens.
+    pub refresh_token_hash: Option<String>,
+}
+
+impl Record for DeviceRecord {
+    const TABLE: Table = Table::Devices;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessTokenRecord {
+    pub user_id: String,
+    pub device_id: String,
+    /// Tokens issued with a refresh token expire; others live until logout.
+    pub expires_ms: Option<u64>,
+}
+
+impl Record for AccessTokenRecord {
+    const TABLE: Table = Table::AccessTokens;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshTokenRecord {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+impl Record for RefreshTokenRecord {
+    const TABLE: Table = Table::RefreshTokens;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationTokenRecord {
+    pub token: String,
+    /// `None`: unlimited.
+    pub uses_allowed: Option<u32>,
+    pub completed: u32,
+    pub expiry_ms: Option<u64>,
+    pub created_ms: u64,
+}
+
+impl Record for RegistrationTokenRecord {
+    const TABLE: Table = Table::RegistrationTokens;
+}
+
+/// A user-interactive authentication session in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UiaSessionRecord {
+    /// The endpoint the session authorises, so a session cannot be replayed on another one.
+    pub purpose: String,
+    /// The user the session is for; `None` during registration.
+    pub user_id: Option<String>,
+    pub completed_stages: Vec<String>,
+    /// The registration token a completed `m.login.registration_token` stage checked; it is
+    /// only spent when the account is created.
+    #[serde(default)]
+    pub registration_token: Option<String>,
+    pub created_ms: u64,
+}
+
+impl Record for UiaSessionRecord {
+    const TABLE: Table = Table::UiaSessions;
+}
+
+/// A JSON object stored as given by the client (account data, filters).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JsonObject(pub BTreeMap<String, serde_json::Value>);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AccountDataRecord(pub JsonObject);
+
+impl Record for AccountDataRecord {
+    const TABLE: Table = Table::AccountData;
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FilterRecord(pub JsonObject);
+
+impl Record for FilterRecord {
+    const TABLE: Table = Table::Filters;
+}

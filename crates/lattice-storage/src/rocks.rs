@@ -1,0 +1,228 @@
+//! The RocksDB backend: one column family per [`Table`], WAL always on.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, ReadOptions, Snapshot, WriteOptions,
+};
+
+use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, WriteOp, check_scan_limit};
+use crate::{StorageError, Table};
+
+/// Scans longer than this run on a blocking thread instead of the async worker.
+const INLINE_SCAN_ROWS: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct RocksOptions {
+    /// fsync the WAL on every write: survives power loss, not only a process crash.
+    pub sync_writes: bool,
+    /// Block cache shared by all tables, in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for RocksOptions {
+    fn default() -> Self {
+        Self { sync_writes: false, block_cache_bytes: 8 << 20 }
+    }
+}
+
+pub struct RocksStore {
+    db: Arc<DB>,
+    sync_writes: bool,
+    /// Serialises writers so a batch's conditions are checked and applied as one step.
+    write_lock: Arc<Mutex<()>>,
+}
+
+impl RocksStore {
+    pub fn open(path: &Path, options: &RocksOptions) -> Result<Self, StorageError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_open_files(256);
+        db_options.set_keep_log_file_num(4);
+        // Small memtables keep the idle footprint low; RocksDB grows them into more files, not RAM.
+        db_options.set_write_buffer_size(4 << 20);
+        db_options.set_max_write_buffer_number(2);
+        db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
+        let descriptors = Table::ALL.iter().map(|table| {
+            let mut cf_options = Options::default();
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            cf_options.set_block_based_table_factory(&block);
+            cf_options.set_write_buffer_size(2 << 20);
+            cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(table.name(), cf_options)
+        });
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
+        Ok(Self { db: Arc::new(db), sync_writes: options.sync_writes, write_lock: Arc::new(Mutex::new(())) })
+    }
+}
+
+fn cf(db: &DB, table: Table) -> &rocksdb::ColumnFamily {
+    // Every table's column family is created at open, so a missing one is a programming error.
+    db.cf_handle(table.name()).expect("column family created at open")
+}
+
+fn read_options(range: &KeyRange) -> ReadOptions {
+    let mut options = ReadOptions::default();
+    match &range.start {
+        Bound::Included(k) => options.set_iterate_lower_bound(k.clone()),
+        Bound::Excluded(k) => options.set_iterate_lower_bound(successor(k)),
+        Bound::Unbounded => {}
+    }
+    match &range.end {
+        Bound::Included(k) => options.set_iterate_upper_bound(successor(k)),
+        Bound::Excluded(k) => options.set_iterate_upper_bound(k.clone()),
+        Bound::Unbounded => {}
+    }
+    options
+}
+
+/// The immediate successor of `key` in byte order.
+fn successor(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+fn mode(direction: Direction) -> IteratorMode<'static> {
+    match direction {
+        Direction::Forward => IteratorMode::Start,
+        Direction::Backward => IteratorMode::End,
+    }
+}
+
+fn collect_rows<I>(iter: I, limit: usize) -> Result<Vec<Row>, StorageError>
+where
+    I: Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+{
+    let mut rows = Vec::new();
+    for item in iter.take(limit) {
+        let (key, value) = item?;
+        rows.push((key.into_vec(), value.into_vec()));
+    }
+    Ok(rows)
+}
+
+fn scan_db(
+    db: &DB,
+    table: Table,
+    range: &KeyRange,
+    direction: Direction,
+    limit: usize,
+) -> Result<Vec<Row>, StorageError> {
+    let iter = db.iterator_cf_opt(cf(db, table), read_options(range), mode(direction));
+    collect_rows(iter, limit)
+}
+
+fn write_batch(db: &DB, lock: &Mutex<()>, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+    let _guard = lock.lock().unwrap_or_else(|poison| poison.into_inner());
+    for condition in &batch.conditions {
+        let current = db.get_pinned_cf(cf(db, condition.table), &condition.key)?;
+        if current.as_deref() != condition.expected.as_deref() {
+            return Err(StorageError::Conflict);
+        }
+    }
+    let mut rocks_batch = rocksdb::WriteBatch::default();
+    for op in batch.ops {
+        match op {
+            WriteOp::Put { table, key, value } => rocks_batch.put_cf(cf(db, table), key, value),
+            WriteOp::Delete { table, key } => rocks_batch.delete_cf(cf(db, table), key),
+        }
+    }
+    let mut options = WriteOptions::default();
+    options.set_sync(sync);
+    db.write_opt(rocks_batch, &options)?;
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StorageError::Task(e.to_string()))?
+}
+
+#[async_trait]
+impl KvRead for RocksStore {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(cf(&self.db, table), key)?)
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: &KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        check_scan_limit(limit)?;
+        if limit <= INLINE_SCAN_ROWS {
+            return scan_db(&self.db, table, range, direction, limit);
+        }
+        let (db, range) = (self.db.clone(), range.clone());
+        blocking(move || scan_db(&db, table, &range, direction, limit)).await
+    }
+}
+
+#[async_trait]
+impl KvStore for RocksStore {
+    async fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        if !self.sync_writes && batch.ops.len() <= INLINE_SCAN_ROWS {
+            return write_batch(&self.db, &self.write_lock, batch, false);
+        }
+        let (db, lock, sync) = (self.db.clone(), self.write_lock.clone(), self.sync_writes);
+        blocking(move || write_batch(&db, &lock, batch, sync)).await
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {
+        Ok(Box::new(RocksSnapshot(SnapshotCell::new(self.db.clone(), |db| db.snapshot()))))
+    }
+
+    async fn flush(&self) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        blocking(move || {
+            db.flush_wal(true)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+type DbSnapshot<'a> = Snapshot<'a>;
+
+self_cell::self_cell!(
+    /// A RocksDB snapshot together with the database handle it borrows from.
+    struct SnapshotCell {
+        owner: Arc<DB>,
+        #[covariant]
+        dependent: DbSnapshot,
+    }
+);
+
+struct RocksSnapshot(SnapshotCell);
+
+#[async_trait]
+impl KvRead for RocksSnapshot {
+    async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let db = self.0.borrow_owner();
+        Ok(self.0.borrow_dependent().get_cf(cf(db, table), key)?)
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: &KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        check_scan_limit(limit)?;
+        let db = self.0.borrow_owner();
+        let iter = self.0.borrow_dependent().iterator_cf_opt(cf(db, table), read_options(range), mode(direction));
+        collect_rows(iter, limit)
+    }
+}

@@ -1,0 +1,32 @@
+//! The tables of the database. Each is one RocksDB column family.
+
+macro_rules! tables {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A table (key space) of the store.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Table { $($variant,)* }
+
+        impl Table {
+            pub const ALL: &'static [Table] = &[$(Table::$variant,)*];
+
+            /// The column-family name; never rename one without a migration.
+            pub fn name(self) -> &'static str {
+                match self { $(Table::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+tables! {
+    Meta => "meta",
+    Counters => "counters",
+    Users => "users",
+    Profiles => "profiles",
+    Devices => "devices",
+    AccessTokens => "access_tokens",
+    RefreshTokens => "refresh_tokens",
+    AccountData => "account_data",
+    Filters => "filters",
+    RegistrationTokens => "registration_tokens",
+    UiaSessions => "uia_sessions",
+}

@@ -1,0 +1,78 @@
+//! Typed records over the raw key-value interface. Values are JSON: readable in a debugger,
+//! and serde's defaults let a newer binary read records an older one wrote.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::kv::{Direction, KeyRange, KvRead, KvStore, WriteBatch};
+use crate::{StorageError, Table};
+
+/// A value stored in exactly one table.
+pub trait Record: Serialize + DeserializeOwned {
+    const TABLE: Table;
+}
+
+/// A record as read, with its stored bytes so a later batch can require it to be unchanged.
+#[derive(Clone, Debug)]
+pub struct Fetched<R> {
+    pub value: R,
+    pub raw: Vec<u8>,
+}
+
+fn decode<R: Record>(raw: &[u8]) -> Result<R, StorageError> {
+    serde_json::from_slice(raw).map_err(|e| StorageError::Corrupt { table: R::TABLE.name(), detail: e.to_string() })
+}
+
+fn encode<R: Record>(value: &R) -> Vec<u8> {
+    // Records are plain structs of strings, numbers and maps: serialising them cannot fail.
+    serde_json::to_vec(value).expect("records serialise to JSON")
+}
+
+pub async fn get<R: Record>(kv: &dyn KvRead, key: &[u8]) -> Result<Option<Fetched<R>>, StorageError> {
+    match kv.get(R::TABLE, key).await? {
+        Some(raw) => Ok(Some(Fetched { value: decode(&raw)?, raw })),
+        None => Ok(None),
+    }
+}
+
+pub fn put<R: Record>(batch: &mut WriteBatch, key: Vec<u8>, value: &R) {
+    batch.put(R::TABLE, key, encode(value));
+}
+
+/// Up to `limit` records whose keys start with `prefix`, in key order.
+pub async fn scan_prefix<R: Record>(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, R)>, StorageError> {
+    let rows = kv.scan(R::TABLE, &KeyRange::prefix(prefix), Direction::Forward, limit).await?;
+    rows.into_iter().map(|(key, raw)| Ok((key, decode(&raw)?))).collect()
+}
+
+/// How often a counter increment is retried when other writers keep winning the race.
+const COUNTER_RETRIES: usize = 64;
+
+/// Atomically increments the named counter and returns its new value (the first is 1).
+pub async fn next_counter(kv: &dyn KvStore, name: &str) -> Result<u64, StorageError> {
+    let key = crate::keys::counter(name);
+    for _ in 0..COUNTER_RETRIES {
+        let current = kv.get(Table::Counters, &key).await?;
+        let value = match &current {
+            Some(raw) => u64::from_be_bytes(raw.as_slice().try_into().map_err(|_| StorageError::Corrupt {
+                table: Table::Counters.name(),
+                detail: format!("counter {name} is {} bytes", raw.len()),
+            })?),
+            None => 0,
+        };
+        let next = value.checked_add(1).ok_or(StorageError::LimitExceeded { what: "counter", limit: usize::MAX })?;
+        let mut batch = WriteBatch::new();
+        batch.expect(Table::Counters, key.clone(), current);
+        batch.put(Table::Counters, key.clone(), next.to_be_bytes().to_vec());
+        match kv.write(batch).await {
+            Ok(()) => return Ok(next),
+            Err(StorageError::Conflict) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::Conflict)
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the system packages Lattice's build needs, if they are missing:
+#   - libclang (Debian libclang-dev): librocksdb-sys runs bindgen.
+#   - a C++ compiler: RocksDB itself is built from source by the rocksdb crate.
+# Safe to run repeatedly; does nothing when everything is present.
+set -euo pipefail
+
+need=()
+have_libclang() {
+  ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 || [ -n "${LIBCLANG_PATH:-}" ]
+}
+have_libclang || need+=(libclang-dev)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
+command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+  else
+    echo "setup: please install ${need[*]} with your system's package manager" >&2
+    exit 1
+  fi
+fi

@@ -1,0 +1,100 @@
+//! Operator commands that work on the data directory directly (the server must be stopped:
+//! RocksDB allows one process at a time).
+
+use std::io::BufRead;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lattice_service::{Clock, NewAccount, SystemClock};
+
+use crate::{Config, open};
+
+/// Where a new password comes from.
+pub enum PasswordSource {
+    /// The first line of standard input.
+    Stdin,
+    /// A random one, printed for the operator.
+    Generate,
+}
+
+fn read_password(source: &PasswordSource) -> anyhow::Result<(String, bool)> {
+    match source {
+        PasswordSource::Stdin => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+            let password = line.trim_end_matches(['\n', '\r']).to_owned();
+            if password.is_empty() {
+                bail!("the password read from standard input is empty");
+            }
+            Ok((password, false))
+        }
+        PasswordSource::Generate => {
+            use rand::distr::{Alphanumeric, SampleString};
+            Ok((Alphanumeric.sample_string(&mut rand::rng(), 24), true))
+        }
+    }
+}
+
+pub async fn create_user(config: &Config, name: &str, admin: bool, source: PasswordSource) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let (password, generated) = read_password(&source)?;
+    let user_id =
+        opened.service.create_user(NewAccount { username: name.to_owned(), password: password.clone(), admin }).await?;
+    opened.service.flush().await?;
+    println!("created {user_id}{}", if admin { " (server admin)" } else { "" });
+    if generated {
+        println!("password: {password}");
+    }
+    Ok(())
+}
+
+pub async fn reset_password(config: &Config, name: &str, source: PasswordSource) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let (password, generated) = read_password(&source)?;
+    let user_id = opened.service.reset_password(name, password.clone()).await?;
+    opened.service.flush().await?;
+    println!("new password set for {user_id}; all its devices were logged out");
+    if generated {
+        println!("password: {password}");
+    }
+    Ok(())
+}
+
+pub async fn create_registration_token(
+    config: &Config,
+    uses: Option<u32>,
+    expires: Option<Duration>,
+) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let expiry = expires.map(|d| SystemClock.now_ms().saturating_add(d.as_millis() as u64));
+    let info = opened.service.create_registration_token(uses, expiry).await?;
+    opened.service.flush().await?;
+    println!("{}", info.token);
+    Ok(())
+}
+
+pub async fn list_registration_tokens(config: &Config) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let now = SystemClock.now_ms();
+    println!("{:<24} {:>9} {:>7}  expires", "token", "used", "allowed");
+    for token in opened.service.registration_tokens().await? {
+        let allowed = token.uses_allowed.map(|n| n.to_string()).unwrap_or_else(|| "∞".into());
+        let expires = match token.expiry_ms {
+            None => "never".to_owned(),
+            Some(ms) if ms <= now => "expired".to_owned(),
+            Some(ms) => format!("in {}", humantime::format_duration(Duration::from_secs((ms - now) / 1000))),
+        };
+        println!("{:<24} {:>9} {:>7}  {expires}", token.token, token.completed, allowed);
+    }
+    Ok(())
+}
+
+pub async fn delete_registration_token(config: &Config, token: &str) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    if !opened.service.delete_registration_token(token).await? {
+        bail!("no registration token {token}");
+    }
+    opened.service.flush().await?;
+    println!("deleted {token}");
+    Ok(())
+}

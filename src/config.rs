@@ -1,0 +1,342 @@
+//! The configuration: one typed struct with defaults that work, read from an optional TOML file
+//! and `LATTICE_*` environment variables. Unknown keys and invalid values are refused with the
+//! key's name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use ruma::OwnedServerName;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server_name: OwnedServerName,
+    pub data_dir: PathBuf,
+    pub listen: ListenConfig,
+    pub registration: RegistrationConfig,
+    pub discovery: DiscoveryConfig,
+    pub limits: LimitsConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    pub address: SocketAddr,
+    pub trust_x_forwarded_for: bool,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationModeConfig {
+    Token,
+    Open,
+    Disabled,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    pub mode: RegistrationModeConfig,
+    /// Days the registration token created at first start stays valid.
+    pub first_token_valid_days: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    pub client_base_url: Option<String>,
+    pub server_delegation: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_request_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    pub enabled: bool,
+    pub login_per_ip: RateConfig,
+    pub login_per_user: RateConfig,
+    pub registration_per_ip: RateConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub refreshable_token_lifetime_secs: u64,
+    pub password_hash_memory_kib: u32,
+    pub password_hash_iterations: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub sync_writes: bool,
+    pub block_cache_mib: usize,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".try_into().expect("valid server name"),
+            data_dir: PathBuf::from("./lattice-data"),
+            listen: ListenConfig::default(),
+            registration: RegistrationConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self { address: SocketAddr::from(([127, 0, 0, 1], 8008)), trust_x_forwarded_for: false }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self { mode: RegistrationModeConfig::Token, first_token_valid_days: 7 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_request_bytes: lattice_core::limits::DEFAULT_MAX_REQUEST_BYTES }
+    }
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            login_per_ip: RateConfig { per_second: 0.2, burst: 10 },
+            login_per_user: RateConfig { per_second: 0.1, burst: 5 },
+            registration_per_ip: RateConfig { per_second: 0.1, burst: 5 },
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        // OWASP's argon2id floor: 19 MiB, 2 passes.
+        Self { refreshable_token_lifetime_secs: 3600, password_hash_memory_kib: 19 * 1024, password_hash_iterations: 2 }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { sync_writes: false, block_cache_mib: 8 }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+/// Environment variables that configure the CLI itself rather than the server.
+const CLI_VARIABLES: &[&str] = &["LATTICE_CONFIG"];
+
+impl Config {
+    /// Reads `path` (if any), applies `LATTICE_*` overrides from `env`, and checks the result.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let mut table = match path {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("config file {} is not valid TOML", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            apply_env_override(&mut table, &name, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            anyhow::anyhow!("invalid configuration at key `{key}`: {}", e.into_inner())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.limits.max_request_bytes < 1024 {
+            bail!("invalid configuration at key `limits.max_request_bytes`: must be at least 1024");
+        }
+        for (key, rate) in [
+            ("login_per_ip", self.rate_limits.login_per_ip),
+            ("login_per_user", self.rate_limits.login_per_user),
+            ("registration_per_ip", self.rate_limits.registration_per_ip),
+        ] {
+            if !(rate.per_second > 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
+                bail!("invalid configuration at key `rate_limits.{key}`: per_second and burst must be positive");
+            }
+        }
+        if self.auth.password_hash_memory_kib < 8 || self.auth.password_hash_iterations == 0 {
+            bail!("invalid configuration at key `auth`: argon2 needs at least 8 KiB and 1 iteration");
+        }
+        if self.auth.refreshable_token_lifetime_secs < 60 {
+            bail!("invalid configuration at key `auth.refreshable_token_lifetime_secs`: must be at least 60");
+        }
+        if let Some(url) = &self.discovery.client_base_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            bail!("invalid configuration at key `discovery.client_base_url`: must be an http(s) URL");
+        }
+        if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            bail!(
+                "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn database_dir(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.data_dir.join("signing.key")
+    }
+}
+
+/// `LATTICE_LISTEN__ADDRESS=0.0.0.0:8008` sets `listen.address`: `__` separates levels.
+/// Values are read as TOML when they parse as one (numbers, booleans, inline tables), else as
+/// strings.
+fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result<()> {
+    let Some(path) = name.strip_prefix("LATTICE_") else { return Ok(()) };
+    if CLI_VARIABLES.contains(&name) {
+        return Ok(());
+    }
+    let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    if keys.iter().any(String::is_empty) {
+        bail!("environment variable {name}: empty key segment");
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = keys.split_last().expect("split yields at least one key");
+    let mut current = table;
+    for key in parents {
+        let entry = current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current =
+            entry.as_table_mut().with_context(|| format!("environment variable {name}: `{key}` is not a section"))?;
+    }
+    current.insert(last.clone(), parsed);
+    Ok(())
+}
+
+/// The commented default configuration printed by `lattice config example`.
+pub const EXAMPLE: &str = include_str!("../docs/lattice.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn load_text(text: &str, vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lattice.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(Some(&path), env(vars))
+    }
+
+    #[test]
+    fn no_config_at_all_gives_the_embedded_default() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.server_name.as_str(), "localhost");
+        assert_eq!(config.listen.address.to_string(), "127.0.0.1:8008");
+        assert_eq!(config.data_dir, PathBuf::from("./lattice-data"));
+        assert_eq!(config.registration.mode, RegistrationModeConfig::Token);
+    }
+
+    #[test]
+    fn the_example_file_is_the_default() {
+        let example = load_text(EXAMPLE, &[]).unwrap();
+        let default = Config::default();
+        assert_eq!(example.server_name, default.server_name);
+        assert_eq!(example.listen.address, default.listen.address);
+        assert_eq!(example.auth.password_hash_memory_kib, default.auth.password_hash_memory_kib);
+        assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
+        assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = load_text("server_name = \"a.example\"\n[listen]\nadress = \"1.2.3.4:1\"\n", &[]).unwrap_err();
+        let message = format!("{err:#}");
+        assert!(message.contains("adress"), "{message}");
+        let err = Config::load(None, env(&[("LATTICE_NO_SUCH_KEY", "1")])).unwrap_err();
+        assert!(format!("{err:#}").contains("no_such_key"), "{err:#}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = load_text("[listen]\naddress = \"not an address\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("listen.address"), "{err:#}");
+        let err = load_text("server_name = \"bad name!\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("server_name"), "{err:#}");
+        let err = load_text("[registration]\nmode = \"sometimes\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("registration.mode"), "{err:#}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load_text(
+            "server_name = \"file.example\"\n",
+            &[
+                ("LATTICE_SERVER_NAME", "env.example"),
+                ("LATTICE_LISTEN__ADDRESS", "127.0.0.2:9000"),
+                ("LATTICE_RATE_LIMITS__ENABLED", "false"),
+                ("LATTICE_CONFIG", "ignored.toml"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server_name.as_str(), "env.example");
+        assert_eq!(config.listen.address.to_string(), "127.0.0.2:9000");
+        assert!(!config.rate_limits.enabled);
+    }
+}

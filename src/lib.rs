@@ -1,0 +1,186 @@
+//! The `lattice` server: configuration, start-up, shutdown and operator commands, around the
+//! HTTP edge (`lattice-api`) and the application (`lattice-service`).
+
+pub mod admin;
+pub mod config;
+pub mod logging;
+mod signing_key;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use lattice_api::{ApiConfig, AppState, RateLimit};
+use lattice_service::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
+use lattice_storage::{KvStore, RocksOptions, RocksStore};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+
+/// How often abandoned user-interactive-auth sessions are deleted.
+const UIA_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
+
+/// How long shutdown waits for in-flight requests before it closes anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The opened database and the application on top of it.
+pub struct Opened {
+    pub service: Arc<Service>,
+    /// `true` when the data directory was created by this open.
+    pub fresh: bool,
+}
+
+/// Opens (or creates) the data directory: RocksDB, schema check, signing key.
+pub async fn open(config: &Config) -> anyhow::Result<Opened> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let options = RocksOptions {
+        sync_writes: config.storage.sync_writes,
+        block_cache_bytes: config.storage.block_cache_mib << 20,
+    };
+    let db_dir = config.database_dir();
+    let store = RocksStore::open(&db_dir, &options).map_err(|e| {
+        let hint = if e.to_string().contains("LOCK") {
+            " (is another lattice process using this data directory?)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("opening database {}: {e}{hint}", db_dir.display())
+    })?;
+    let kv: Arc<dyn KvStore> = Arc::new(store);
+    let found = lattice_storage::open_schema(kv.as_ref()).await.context("checking the database schema")?;
+    let key = signing_key::load_or_create(&config.signing_key_path())?;
+    tracing::info!(key_id = %key.key_id(), public_key = %key.public_key_base64(), "signing key loaded");
+    let hasher = PasswordHasher::new(config.auth.password_hash_memory_kib, config.auth.password_hash_iterations)?;
+    let service_config = ServiceConfig {
+        server_name: config.server_name.clone(),
+        registration: match config.registration.mode {
+            config::RegistrationModeConfig::Token => RegistrationMode::Token,
+            config::RegistrationModeConfig::Open => RegistrationMode::Open,
+            config::RegistrationModeConfig::Disabled => RegistrationMode::Disabled,
+        },
+        refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
+    };
+    let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher));
+    Ok(Opened { service, fresh: found.is_none() })
+}
+
+fn api_config(config: &Config) -> ApiConfig {
+    let limit = |rate: config::RateConfig| {
+        config.rate_limits.enabled.then_some(RateLimit { per_second: rate.per_second, burst: rate.burst })
+    };
+    ApiConfig {
+        max_request_bytes: config.limits.max_request_bytes,
+        client_base_url: config.discovery.client_base_url.clone(),
+        well_known_server: config.discovery.server_delegation.clone(),
+        trust_x_forwarded_for: config.listen.trust_x_forwarded_for,
+        login_per_ip: limit(config.rate_limits.login_per_ip),
+        login_per_user: limit(config.rate_limits.login_per_user),
+        registration_per_ip: limit(config.rate_limits.registration_per_ip),
+    }
+}
+
+/// A server that is accepting requests.
+pub struct Running {
+    pub address: SocketAddr,
+    /// The registration token created because this start made a new data directory.
+    pub first_registration_token: Option<String>,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, flushes storage.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        self.task.await.context("server task")?
+    }
+
+    /// Runs until `signal` completes, then stops.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        self.stop().await
+    }
+}
+
+/// Opens the data directory, binds the listener and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let opened = open(&config).await?;
+    let first_registration_token =
+        if opened.fresh && config.registration.mode != config::RegistrationModeConfig::Disabled {
+            let valid_ms = u64::from(config.registration.first_token_valid_days) * 24 * 3600 * 1000;
+            let expiry = lattice_service::Clock::now_ms(&SystemClock).saturating_add(valid_ms);
+            Some(opened.service.create_registration_token(None, Some(expiry)).await?.token)
+        } else {
+            None
+        };
+    let listener = TcpListener::bind(config.listen.address)
+        .await
+        .with_context(|| format!("listening on {} (key `listen.address`)", config.listen.address))?;
+    let address = listener.local_addr()?;
+    let service = opened.service.clone();
+    let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
+    let (shutdown, on_shutdown) = oneshot::channel::<()>();
+    let (draining_tx, draining_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = on_shutdown.await;
+            let _ = draining_tx.send(());
+        });
+        let serve = std::future::IntoFuture::into_future(serve);
+        let grace = async {
+            let _ = draining_rx.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            result = serve => result.context("serving HTTP")?,
+            () = grace => tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing them"),
+        }
+        sweeper.abort();
+        service.flush().await.context("flushing storage")?;
+        tracing::info!("storage flushed; stopped");
+        Ok(())
+    });
+    tracing::info!(address = %address, server_name = %config.server_name, elapsed_ms = started.elapsed().as_millis() as u64, "serving the client API");
+    Ok(Running { address, first_registration_token, shutdown, task })
+}
+
+async fn sweep_uia_sessions(service: Arc<Service>) {
+    let mut interval = tokio::time::interval(UIA_SWEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        match service.sweep_expired_uia_sessions().await {
+            Ok(0) => {}
+            Ok(swept) => tracing::debug!(swept, "deleted expired UIA sessions"),
+            Err(error) => tracing::warn!(%error, "sweeping UIA sessions failed"),
+        }
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+}

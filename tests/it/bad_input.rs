@@ -1,0 +1,188 @@
+//! Bad input gets a clear Matrix error, changes nothing, and never panics the server.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::{TestServer, assert_error};
+
+/// (method, path, authenticated, body, status, errcode)
+const CASES: &[(&str, &str, bool, &str, u16, &str)] = &[
+    ("GET", "/_matrix/client/v3/no/such/endpoint", false, "", 404, "M_UNRECOGNIZED"),
+    ("GET", "/_matrix/client/v3/rooms/!a:b/messages", true, "", 404, "M_UNRECOGNIZED"),
+    ("DELETE", "/_matrix/client/v3/login", false, "", 405, "M_UNRECOGNIZED"),
+    ("PUT", "/_matrix/client/v3/account/whoami", true, "{}", 405, "M_UNRECOGNIZED"),
+    ("POST", "/_matrix/client/v3/login", false, "this is not json", 400, "M_NOT_JSON"),
+    ("POST", "/_matrix/client/v3/login", false, "{\"type\": 5}", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/login", false, "[1, 2]", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/register", false, "{\"username\": 7}", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/register?kind=guest", false, "{}", 403, "M_GUEST_ACCESS_FORBIDDEN"),
+    (
+        "POST",
+        "/_matrix/client/v3/register",
+        false,
+        "{\"username\": \"bad name\", \"password\": \"x\"}",
+        400,
+        "M_INVALID_USERNAME",
+    ),
+    (
+        "POST",
+        "/_matrix/client/v3/register",
+        false,
+        "{\"username\": \"taken\", \"password\": \"x\"}",
+        400,
+        "M_USER_IN_USE",
+    ),
+    ("GET", "/_matrix/client/v3/account/whoami", false, "", 401, "M_MISSING_TOKEN"),
+    ("GET", "/_matrix/client/v3/register/available", false, "", 400, "M_INVALID_PARAM"),
+    ("PUT", "/_matrix/client/v3/user/@taken:hs1.localhost/account_data/x", true, "\"a string\"", 400, "M_BAD_JSON"),
+    (
+        "PUT",
+        "/_matrix/client/v3/profile/@taken:hs1.localhost/displayname",
+        true,
+        "{\"displayname\": 1}",
+        400,
+        "M_BAD_JSON",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/profile/not-a-user-id/displayname",
+        true,
+        "{\"displayname\": \"x\"}",
+        400,
+        "M_INVALID_PARAM",
+    ),
+];
+
+#[tokio::test]
+async fn each_bad_request_gets_its_matrix_error() {
+    let server = TestServer::start().await;
+    let token = server.register("taken", "pw").await;
+    for (method, path, authenticated, body, status, errcode) in CASES {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let body = (!body.is_empty()).then(|| body.as_bytes().to_vec());
+        let response = server.http.request(method, path, authenticated.then_some(token.as_str()), body).await;
+        assert_eq!(response.0.as_u16(), *status, "{path}: {}", response.1);
+        assert_eq!(response.1["errcode"], *errcode, "{path}: {}", response.1);
+    }
+    assert_error(
+        &server.http.get("/_matrix/client/v3/account/whoami", Some("lat_forged")).await,
+        401,
+        "M_UNKNOWN_TOKEN",
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_and_write_nothing() {
+    let server = TestServer::start_with(|c| c.limits.max_request_bytes = 4096).await;
+    let padding = "x".repeat(8192);
+    let body = json!({ "username": "big", "password": "pw", "padding": padding });
+    assert_error(&server.http.post("/_matrix/client/v3/register", None, &body).await, 413, "M_TOO_LARGE");
+    let (status, available) = server.http.get("/_matrix/client/v3/register/available?username=big", None).await;
+    assert_eq!((status.as_u16(), available["available"].clone()), (200, json!(true)));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_a_retry_time() {
+    let server = TestServer::start_with(|c| {
+        c.rate_limits.enabled = true;
+        c.rate_limits.login_per_ip = lattice::config::RateConfig { per_second: 0.01, burst: 2 };
+    })
+    .await;
+    assert_error(&server.http.login("someone", "pw").await, 403, "M_FORBIDDEN");
+    assert_error(&server.http.login("someone", "pw").await, 403, "M_FORBIDDEN");
+    let limited = server.http.login("someone", "pw").await;
+    assert_error(&limited, 429, "M_LIMIT_EXCEEDED");
+    assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 1000, "{}", limited.1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cors_preflight_is_answered_for_any_endpoint() {
+    let server = TestServer::start().await;
+    let response = reqwest::Client::new()
+        .request(Method::OPTIONS, format!("{}/_matrix/client/v3/login", server.base_url()))
+        .header("origin", "https://app.example.org")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let headers = response.headers();
+    assert_eq!(headers["access-control-allow-origin"], "*");
+    let methods = headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods.contains("POST") && methods.contains("DELETE"), "{methods}");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    // Ordinary responses carry the header too.
+    let plain = reqwest::get(format!("{}/_matrix/client/versions", server.base_url())).await.unwrap();
+    assert_eq!(plain.headers()["access-control-allow-origin"], "*");
+    server.stop().await;
+}
+
+/// Every route, every method, a spread of hostile bodies: the answer is always a Matrix error,
+/// a UIA challenge or a success, never a 5xx, and the server keeps serving.
+#[tokio::test]
+async fn no_request_can_panic_the_server() {
+    let server = TestServer::start().await;
+    let token = server.register("target", "pw").await;
+    // `/logout` is left out: it takes no input, and it would end the session the sweep uses.
+    let routes = [
+        "/_matrix/client/versions",
+        "/_matrix/client/v3/capabilities",
+        "/_matrix/client/v3/register",
+        "/_matrix/client/v3/register?kind=user",
+        "/_matrix/client/v3/register/available?username=%FF%FE",
+        "/_matrix/client/v1/register/m.login.registration_token/validity?token=%00",
+        "/_matrix/client/v3/login",
+        "/_matrix/client/v3/refresh",
+        "/_matrix/client/v3/account/whoami",
+        "/_matrix/client/v3/account/password",
+        "/_matrix/client/v3/account/3pid",
+        "/_matrix/client/v3/account/3pid/add",
+        "/_matrix/client/v3/devices",
+        "/_matrix/client/v3/devices/%00%FF",
+        "/_matrix/client/v3/delete_devices",
+        "/_matrix/client/v3/profile/@target:hs1.localhost",
+        "/_matrix/client/v3/profile/@target:hs1.localhost/displayname",
+        "/_matrix/client/v3/profile/%40%3A/avatar_url",
+        "/_matrix/client/v3/user/@target:hs1.localhost/account_data/%00",
+        "/_matrix/client/v3/user/@target:hs1.localhost/filter",
+        "/_matrix/client/v3/user/@target:hs1.localhost/filter/18446744073709551616",
+        "/.well-known/matrix/client",
+    ];
+    let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let bodies: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"{".to_vec(),
+        b"null".to_vec(),
+        b"{\"auth\": {\"type\": 5}}".to_vec(),
+        b"{\"auth\": {\"type\": \"m.login.password\", \"session\": \"\\u0000\"}}".to_vec(),
+        b"{\"devices\": [\"\\u0000\"], \"new_password\": 1e400}".to_vec(),
+        b"{\"username\": \"\\ud800\", \"identifier\": {\"type\": \"m.id.user\"}}".to_vec(),
+        b"{\"type\": \"m.login.password\", \"user\": \"@:\", \"password\": \"x\", \"device_id\": \"\"}".to_vec(),
+        b"{\"refresh_token\": {\"a\": []}, \"room\": {\"timeline\": {\"limit\": -1}}}".to_vec(),
+        vec![0xff, 0xfe, 0x00, 0x80],
+        nested.into_bytes(),
+    ];
+    let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
+    for route in routes {
+        for method in &methods {
+            for body in &bodies {
+                for auth in [None, Some(token.as_str())] {
+                    let (status, value) = server.http.request(method.clone(), route, auth, Some(body.clone())).await;
+                    assert!(status.as_u16() < 500, "{method} {route} → {status} {value}");
+                    let uia_challenge = status == 401 && value["flows"].is_array();
+                    assert!(
+                        value["errcode"].is_string() || uia_challenge || status.is_success(),
+                        "{method} {route} → {status} {value}"
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(server.http.get("/_matrix/client/v3/account/whoami", Some(&token)).await.0, 200);
+    server.stop().await;
+}

@@ -1,0 +1,8 @@
+//! Integration tests: real Lattice servers on loopback, driven over HTTP, by the `matrix-sdk`
+//! client, and as a child process.
+
+mod accounts;
+mod bad_input;
+mod process;
+mod sdk_client;
+mod support;

@@ -1,0 +1,129 @@
+//! The `lattice` binary as an operator runs it: first start, kill -9, SIGTERM, CLI commands,
+//! configuration errors.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::support::{ProcessServer, binary, process_env, register};
+
+#[tokio::test]
+async fn an_acknowledged_registration_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ProcessServer::start(dir.path()).await;
+    let token = server.first_registration_token.clone().expect("first start prints a registration token");
+    let registered = register(&server.http, "durable", "pw-1", &token).await;
+    assert_eq!(registered["user_id"], "@durable:hs1.localhost");
+    server.kill_9().await;
+
+    let restarted = ProcessServer::start(dir.path()).await;
+    assert_eq!(restarted.first_registration_token, None, "the token is printed only at first start");
+    let (status, login) = restarted.http.login("durable", "pw-1").await;
+    assert_eq!(status, 200, "{login}");
+    // The access token issued before the crash still works too.
+    let old = registered["access_token"].as_str().unwrap();
+    assert_eq!(restarted.http.get("/_matrix/client/v3/account/whoami", Some(old)).await.0, 200);
+    assert!(restarted.terminate().await, "SIGTERM exits cleanly");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_cleanly_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ProcessServer::start(dir.path()).await;
+    let token = server.first_registration_token.clone().unwrap();
+    register(&server.http, "graceful", "pw", &token).await;
+    assert!(server.terminate().await);
+    let again = ProcessServer::start(dir.path()).await;
+    assert_eq!(again.http.login("graceful", "pw").await.0, 200);
+    assert!(again.terminate().await);
+}
+
+fn run_cli(data_dir: &std::path::Path, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let address = "127.0.0.1:1".parse().unwrap();
+    let mut child = Command::new(binary())
+        .args(args)
+        .envs(process_env(data_dir, address))
+        .env_remove("LATTICE_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn operator_commands_create_users_and_registration_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let created = run_cli(dir.path(), &["user", "create", "root", "--admin", "--password-stdin"], Some("s3cret\n"));
+    assert!(created.status.success(), "{created:?}");
+    assert!(stdout(&created).contains("@root:hs1.localhost"));
+
+    let generated = run_cli(dir.path(), &["user", "create", "ops"], None);
+    assert!(generated.status.success(), "{generated:?}");
+    let ops_password = stdout(&generated).lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_owned();
+
+    let duplicate = run_cli(dir.path(), &["user", "create", "root", "--password-stdin"], Some("x\n"));
+    assert!(!duplicate.status.success());
+    assert!(String::from_utf8_lossy(&duplicate.stderr).contains("taken"), "{duplicate:?}");
+
+    let token_output = run_cli(dir.path(), &["registration-token", "create", "--uses", "1", "--expires", "1d"], None);
+    assert!(token_output.status.success(), "{token_output:?}");
+    let token = stdout(&token_output).trim().to_owned();
+    let listed = run_cli(dir.path(), &["registration-token", "list"], None);
+    assert!(stdout(&listed).contains(&token));
+
+    let reset = run_cli(dir.path(), &["user", "reset-password", "ops", "--password-stdin"], Some("fresh-pw\n"));
+    assert!(reset.status.success(), "{reset:?}");
+
+    let server = ProcessServer::start(dir.path()).await;
+    assert_eq!(server.http.login("root", "s3cret").await.0, 200);
+    assert_eq!(server.http.login("ops", &ops_password).await.0, 403, "the reset replaced the generated password");
+    assert_eq!(server.http.login("ops", "fresh-pw").await.0, 200);
+    register(&server.http, "invited", "pw", &token).await;
+    // The token allowed one use.
+    let body = serde_json::json!({ "username": "second", "password": "pw",
+        "auth": { "type": "m.login.registration_token", "token": token } });
+    let (status, response) = server.http.post("/_matrix/client/v3/register", None, &body).await;
+    assert_eq!(status, 401, "{response}");
+    assert!(server.terminate().await);
+}
+
+#[test]
+fn configuration_errors_stop_start_up_and_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("lattice.toml");
+    std::fs::write(&config, "server_name = \"example.org\"\n[listen]\nport = 8448\n").unwrap();
+    let output =
+        Command::new(binary()).args(["serve", "--config"]).arg(&config).env_remove("LATTICE_CONFIG").output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("listen") && stderr.contains("port"), "{stderr}");
+
+    let output =
+        Command::new(binary()).args(["config", "check"]).arg(&config).env_remove("LATTICE_CONFIG").output().unwrap();
+    assert!(!output.status.success());
+
+    let example = Command::new(binary()).args(["config", "example"]).output().unwrap();
+    assert!(example.status.success());
+    std::fs::write(&config, &example.stdout).unwrap();
+    let output =
+        Command::new(binary()).args(["config", "check"]).arg(&config).env_remove("LATTICE_CONFIG").output().unwrap();
+    assert!(output.status.success(), "the example config checks clean: {output:?}");
+
+    let bad_env = Command::new(binary())
+        .args(["config", "check"])
+        .arg(&config)
+        .env("LATTICE_STORAGE__SYNC_WRITES", "perhaps")
+        .output()
+        .unwrap();
+    assert!(!bad_env.status.success());
+    assert!(String::from_utf8_lossy(&bad_env.stderr).contains("storage.sync_writes"), "{bad_env:?}");
+}

@@ -1,0 +1,242 @@
+//! The test harness: real Lattice servers on loopback with temporary data directories, in this
+//! process or as a subprocess of the built binary, and a small raw-HTTP client.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use lattice::Config;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A config for tests: loopback on a free port, cheap password hashing, no rate limits.
+pub fn test_config(data_dir: &Path, server_name: &str) -> Config {
+    let mut config = Config {
+        server_name: server_name.try_into().expect("valid server name"),
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
+    config.listen.address = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.rate_limits.enabled = false;
+    config.auth.password_hash_memory_kib = 1024;
+    config.auth.password_hash_iterations = 1;
+    config
+}
+
+/// A server running inside the test process.
+pub struct TestServer {
+    pub http: Http,
+    pub registration_token: String,
+    pub server_name: String,
+    running: Option<lattice::Running>,
+    _dir: TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path(), "hs1.localhost");
+        adjust(&mut config);
+        let server_name = config.server_name.to_string();
+        let running = lattice::start(config).await.expect("server starts");
+        let registration_token = running.first_registration_token.clone().unwrap_or_default();
+        let http = Http::new(format!("http://{}", running.address));
+        Self { http, registration_token, server_name, running: Some(running), _dir: dir }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.http.base
+    }
+
+    pub fn user_id(&self, localpart: &str) -> String {
+        format!("@{localpart}:{}", self.server_name)
+    }
+
+    /// Registers `name` through the token flow and returns its access token.
+    pub async fn register(&self, name: &str, password: &str) -> String {
+        let session = register(&self.http, name, password, &self.registration_token).await;
+        session["access_token"].as_str().expect("access token").to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("clean stop");
+        }
+    }
+}
+
+/// Runs the full user-interactive registration with a registration token; returns the response.
+pub async fn register(http: &Http, name: &str, password: &str, token: &str) -> Value {
+    let body = json!({ "username": name, "password": password, "initial_device_display_name": "test" });
+    let (status, challenge) = http.post("/_matrix/client/v3/register", None, &body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let session = challenge["session"].as_str().expect("UIA session");
+    let mut body = body;
+    body["auth"] = json!({ "type": "m.login.registration_token", "token": token, "session": session });
+    let (status, response) = http.post("/_matrix/client/v3/register", None, &body).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    response
+}
+
+/// Raw HTTP against one server.
+#[derive(Clone)]
+pub struct Http {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(base: String) -> Self {
+        let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("client");
+        Self { base, client }
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status();
+        let bytes = response.bytes().await.expect("body");
+        let value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({ "raw": String::from_utf8_lossy(&bytes) }));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.request(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, token, Some(body.to_string().into_bytes())).await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+        self.request(Method::PUT, path, token, Some(body.to_string().into_bytes())).await
+    }
+
+    pub async fn login(&self, user: &str, password: &str) -> (StatusCode, Value) {
+        let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": user }, "password": password });
+        self.post("/_matrix/client/v3/login", None, &body).await
+    }
+}
+
+/// Asserts a Matrix error response.
+#[track_caller]
+pub fn assert_error(response: &(StatusCode, Value), status: u16, errcode: &str) {
+    assert_eq!(response.0.as_u16(), status, "body: {}", response.1);
+    assert_eq!(response.1["errcode"], errcode, "body: {}", response.1);
+}
+
+/// The `lattice` binary of this build, run as a child process.
+pub struct ProcessServer {
+    pub http: Http,
+    pub first_registration_token: Option<String>,
+    child: Child,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_lattice")
+}
+
+/// A free loopback port (bound then released; the child binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Environment that points the binary at `data_dir` with test-friendly settings.
+pub fn process_env(data_dir: &Path, address: SocketAddr) -> Vec<(String, String)> {
+    vec![
+        ("LATTICE_DATA_DIR".into(), data_dir.display().to_string()),
+        ("LATTICE_LISTEN__ADDRESS".into(), address.to_string()),
+        ("LATTICE_SERVER_NAME".into(), "hs1.localhost".into()),
+        ("LATTICE_RATE_LIMITS__ENABLED".into(), "false".into()),
+        ("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB".into(), "1024".into()),
+        ("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS".into(), "1".into()),
+    ]
+}
+
+impl ProcessServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut child = Command::new(binary())
+            .arg("serve")
+            .envs(process_env(data_dir, address))
+            .env_remove("LATTICE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn lattice");
+        let stdout = child.stdout.take().expect("stdout");
+        let (token_tx, token_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut token_tx = Some(token_tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(token) = line.strip_prefix("First start: registration token (shown only now): ")
+                    && let Some(tx) = token_tx.take()
+                {
+                    let _ = tx.send(token.trim().to_owned());
+                }
+            }
+        });
+        let http = Http::new(format!("http://{address}"));
+        wait_until_serving(&http, &mut child).await;
+        let first_registration_token =
+            tokio::time::timeout(Duration::from_millis(500), token_rx).await.ok().and_then(Result::ok);
+        Self { http, first_registration_token, child }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill_9(mut self) {
+        self.child.kill().await.expect("kill");
+    }
+
+    /// SIGTERM, then waits; returns whether the process exited successfully.
+    pub async fn terminate(mut self) -> bool {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill -TERM");
+        assert!(status.success());
+        let exit =
+            tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("exits").expect("wait");
+        exit.success()
+    }
+}
+
+async fn wait_until_serving(http: &Http, child: &mut Child) {
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().expect("child status") {
+            panic!("lattice exited during start-up: {status}");
+        }
+        if let Ok(Ok(response)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            http.client.get(format!("{}/_matrix/client/versions", http.base)).send(),
+        )
+        .await
+            && response.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("lattice did not start serving within 15 s");
+}
