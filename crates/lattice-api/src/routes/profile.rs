@@ -4,21 +4,16 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use lattice_service::{ProfileField, ServiceError};
-use ruma::OwnedUserId;
 use serde_json::{Map, Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Auth, JsonBody, PathParams};
+use crate::extract::{Auth, JsonBody, PathParams, parse_user};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/v3/profile/{user_id}", get(get_profile))
         .route("/_matrix/client/v3/profile/{user_id}/{field}", get(get_field).put(set_field).delete(delete_field))
-}
-
-fn parse_user(user_id: &str) -> ApiResult<OwnedUserId> {
-    OwnedUserId::try_from(user_id).map_err(|e| ApiError::InvalidParam(format!("invalid user ID: {e}")))
 }
 
 fn parse_field(field: &str) -> Option<ProfileField> {

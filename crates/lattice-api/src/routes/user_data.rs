@@ -4,12 +4,11 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use lattice_service::JsonObject;
-use ruma::OwnedUserId;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::error::{ApiError, ApiResult};
-use crate::extract::{Auth, JsonBody, PathParams};
+use crate::error::ApiResult;
+use crate::extract::{Auth, JsonBody, PathParams, parse_user};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -19,10 +18,6 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/_matrix/client/v3/user/{user_id}/filter", post(create_filter))
         .route("/_matrix/client/v3/user/{user_id}/filter/{filter_id}", get(get_filter))
-}
-
-fn parse_user(user_id: &str) -> ApiResult<OwnedUserId> {
-    OwnedUserId::try_from(user_id).map_err(|e| ApiError::InvalidParam(format!("invalid user ID: {e}")))
 }
 
 async fn get_account_data(
