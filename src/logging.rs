@@ -7,7 +7,9 @@ use crate::config::{LogFormat, LoggingConfig};
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
 pub fn init(config: &LoggingConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into journald or a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     // A second init (tests start several servers in one process) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Human => builder.try_init(),
