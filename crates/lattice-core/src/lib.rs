@@ -1,7 +1,9 @@
 //! The pure protocol core of Lattice: Matrix rules with no I/O and no async.
 //!
-//! Today it holds the limits every input is checked against and the user-ID rules for new
-//! accounts; events, auth rules and state resolution join it with the event-core work.
+//! `limits` bounds every input; `user_id` holds the rules for new accounts; `room_version` and
+//! `pdu` check and sign events. Auth rules and state resolution join them next.
 
 pub mod limits;
+pub mod pdu;
+pub mod room_version;
 pub mod user_id;

@@ -33,3 +33,7 @@ pub const UIA_SESSION_LIFETIME_MS: u64 = 15 * 60 * 1000;
 
 /// Registration tokens: length and alphabet are fixed by the spec (`[A-Za-z0-9._~-]`, ≤ 64).
 pub const MAX_REGISTRATION_TOKEN_BYTES: usize = 64;
+
+/// A whole PDU, as serialised (spec: "Size limits"). ruma's format check currently refuses
+/// exactly 65536 bytes too (it uses 65535); that one byte is noted in docs/events.md.
+pub const MAX_PDU_BYTES: usize = 65_536;
