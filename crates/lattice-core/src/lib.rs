@@ -1,9 +1,13 @@
 //! The pure protocol core of Lattice: Matrix rules with no I/O and no async.
 //!
-//! `limits` bounds every input; `user_id` holds the rules for new accounts; `room_version` and
-//! `pdu` check and sign events. Auth rules and state resolution join them next.
+//! `limits` bounds every input; `user_id` holds the rules for new accounts; `room_version`,
+//! `pdu`, `event`, `auth` and `state_resolution` check, sign, authorise and resolve events.
 
+pub mod auth;
+pub mod event;
 pub mod limits;
 pub mod pdu;
+pub mod room_builder;
 pub mod room_version;
+pub mod state_resolution;
 pub mod user_id;

@@ -37,3 +37,6 @@ pub const MAX_REGISTRATION_TOKEN_BYTES: usize = 64;
 /// A whole PDU, as serialised (spec: "Size limits"). ruma's format check currently refuses
 /// exactly 65536 bytes too (it uses 65535); that one byte is noted in docs/events.md.
 pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// Events one auth chain walk may visit before the input is treated as hostile.
+pub const MAX_AUTH_CHAIN_EVENTS: usize = 1_000_000;

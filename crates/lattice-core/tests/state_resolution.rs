@@ -1,0 +1,275 @@
+//! Auth-rule and state-resolution scenarios on forked room graphs, across room versions.
+
+use lattice_core::auth::{self, AuthError};
+use lattice_core::room_builder::RoomBuilder;
+use lattice_core::state_resolution::{self, StateMap, StateResolutionError};
+use ruma::OwnedEventId;
+use ruma::events::StateEventType;
+use serde_json::{Value, json};
+
+const ALICE: &str = "@alice:hs.test";
+const BOB: &str = "@bob:hs.test";
+const CAROL: &str = "@carol:hs.test";
+
+/// A public room: alice created it and holds power; bob and carol joined.
+struct Room {
+    b: RoomBuilder,
+    create: OwnedEventId,
+    alice: OwnedEventId,
+    power: OwnedEventId,
+    rules: OwnedEventId,
+    bob: OwnedEventId,
+    carol: OwnedEventId,
+    tip: OwnedEventId,
+}
+
+impl Room {
+    /// `auth` as the version wants it: v12 leaves the create event out of `auth_events`.
+    fn auth<'a>(&'a self, ids: &[&'a OwnedEventId]) -> Vec<&'a OwnedEventId> {
+        let omit_create = self.b.version().rules().authorization.room_create_event_id_as_room_id;
+        ids.iter().copied().filter(|id| !(omit_create && **id == self.create)).collect()
+    }
+
+    fn add(
+        &mut self,
+        sender: &str,
+        kind: &str,
+        key: Option<&str>,
+        content: Value,
+        prev: &[&OwnedEventId],
+        auth: &[&OwnedEventId],
+    ) -> OwnedEventId {
+        let auth: Vec<OwnedEventId> = self.auth(auth).into_iter().cloned().collect();
+        let auth: Vec<&OwnedEventId> = auth.iter().collect();
+        self.b.event(sender, kind, key, content, prev, &auth)
+    }
+
+    /// Power levels giving `users` their levels (the creator's own entry is left out in v12,
+    /// where creators stand above power levels).
+    fn power_content(&self, users: &[(&str, i64)]) -> Value {
+        let creators_privileged = self.b.version().rules().authorization.explicitly_privilege_room_creators;
+        let mut map = serde_json::Map::new();
+        for (user, level) in users {
+            if !(creators_privileged && *user == ALICE) {
+                map.insert((*user).to_owned(), json!(level));
+            }
+        }
+        json!({ "users": map, "kick": 50, "ban": 50, "state_default": 50, "events_default": 0 })
+    }
+
+    fn new(version: &str) -> Self {
+        let mut b = RoomBuilder::new(version);
+        let create = b.create(ALICE);
+        let mut room = Room {
+            b,
+            create: create.clone(),
+            alice: create.clone(),
+            power: create.clone(),
+            rules: create.clone(),
+            bob: create.clone(),
+            carol: create.clone(),
+            tip: create.clone(),
+        };
+        room.alice =
+            room.add(ALICE, "m.room.member", Some(ALICE), json!({ "membership": "join" }), &[&create], &[&create]);
+        let power = room.power_content(&[(ALICE, 100), (BOB, 50)]);
+        let alice = room.alice.clone();
+        room.power = room.add(ALICE, "m.room.power_levels", Some(""), power, &[&alice], &[&create, &alice]);
+        let power = room.power.clone();
+        room.rules = room.add(
+            ALICE,
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": "public" }),
+            &[&power],
+            &[&create, &alice, &power],
+        );
+        let rules = room.rules.clone();
+        room.bob = room.add(
+            BOB,
+            "m.room.member",
+            Some(BOB),
+            json!({ "membership": "join" }),
+            &[&rules],
+            &[&create, &power, &rules],
+        );
+        let bob = room.bob.clone();
+        room.carol = room.add(
+            CAROL,
+            "m.room.member",
+            Some(CAROL),
+            json!({ "membership": "join" }),
+            &[&bob],
+            &[&create, &power, &rules],
+        );
+        room.tip = room.carol.clone();
+        room
+    }
+
+    fn state(&self, extra: &[&OwnedEventId]) -> StateMap {
+        let mut state = StateMap::new();
+        for id in [&self.create, &self.alice, &self.power, &self.rules, &self.bob, &self.carol]
+            .into_iter()
+            .chain(extra.iter().copied())
+        {
+            let event = self.b.get(id).unwrap();
+            let key = ruma::state_res::Event::state_key(event).unwrap().to_owned();
+            state.insert((StateEventType::from(event.kind().to_string()), key), id.clone());
+        }
+        state
+    }
+
+    fn resolve(&self, sets: &[StateMap]) -> Result<StateMap, StateResolutionError> {
+        state_resolution::resolve(self.b.version(), sets, |id| self.b.get(id))
+    }
+
+    fn member(state: &StateMap, user: &str) -> Option<OwnedEventId> {
+        state.get(&(StateEventType::RoomMember, user.to_owned())).cloned()
+    }
+}
+
+const VERSIONS: &[&str] = &["3", "6", "10", "11", "12"];
+
+#[test]
+fn auth_rules_accept_the_room_and_refuse_forbidden_events() {
+    for version in VERSIONS {
+        let mut room = Room::new(version);
+        let fetch = |id: &ruma::EventId| room.b.get(id);
+        for id in [&room.alice, &room.power, &room.rules, &room.bob, &room.carol] {
+            auth::check_against_auth_events(room.b.get(id).unwrap(), room.b.version(), fetch)
+                .unwrap_or_else(|e| panic!("v{version}: {e}"));
+        }
+        let (create, power, rules, carol, bob, tip) = (
+            room.create.clone(),
+            room.power.clone(),
+            room.rules.clone(),
+            room.carol.clone(),
+            room.bob.clone(),
+            room.tip.clone(),
+        );
+        // carol (level 0) may not kick bob (kick needs 50).
+        let kick = room.add(
+            CAROL,
+            "m.room.member",
+            Some(BOB),
+            json!({ "membership": "leave" }),
+            &[&tip],
+            &[&create, &power, &carol, &bob],
+        );
+        let err = auth::check_against_auth_events(room.b.get(&kick).unwrap(), room.b.version(), |id| room.b.get(id))
+            .unwrap_err();
+        assert!(matches!(err, AuthError::AuthEvents(_)), "v{version}: {err}");
+        // bob (50) may not change power levels (state_default 50 allows, but not raising someone above himself).
+        let power_grab = room.power_content(&[(ALICE, 100), (BOB, 100)]);
+        let grab = room.add(BOB, "m.room.power_levels", Some(""), power_grab, &[&tip], &[&create, &power, &bob]);
+        assert!(
+            auth::check_against_auth_events(room.b.get(&grab).unwrap(), room.b.version(), |id| room.b.get(id)).is_err(),
+            "v{version}"
+        );
+        // An event citing the wrong auth events is refused (a join rules event is no auth event of a message... but a missing one is).
+        let message =
+            room.add(BOB, "m.room.message", None, json!({ "body": "hi" }), &[&tip], &[&create, &power, &bob, &rules]);
+        assert!(
+            auth::check_against_auth_events(room.b.get(&message).unwrap(), room.b.version(), |id| room.b.get(id))
+                .is_err(),
+            "v{version}: join rules are not an auth event of a message"
+        );
+    }
+}
+
+#[test]
+fn a_ban_beats_a_concurrent_join() {
+    for version in VERSIONS {
+        let mut room = Room::new(version);
+        let (create, alice, power, rules, tip) =
+            (room.create.clone(), room.alice.clone(), room.power.clone(), room.rules.clone(), room.tip.clone());
+        let dave = "@dave:hs.test";
+        // Branch A: alice bans dave. Branch B: dave joins the public room.
+        let ban = room.add(
+            ALICE,
+            "m.room.member",
+            Some(dave),
+            json!({ "membership": "ban" }),
+            &[&tip],
+            &[&create, &power, &alice],
+        );
+        let join = room.add(
+            dave,
+            "m.room.member",
+            Some(dave),
+            json!({ "membership": "join" }),
+            &[&tip],
+            &[&create, &power, &rules],
+        );
+        let resolved = room.resolve(&[room.state(&[&ban]), room.state(&[&join])]).unwrap();
+        assert_eq!(Room::member(&resolved, dave), Some(ban), "room version {version}");
+    }
+}
+
+#[test]
+fn a_demotion_beats_a_concurrent_kick_by_the_demoted() {
+    for version in VERSIONS {
+        let mut room = Room::new(version);
+        let (create, alice, power, bob, carol, tip) = (
+            room.create.clone(),
+            room.alice.clone(),
+            room.power.clone(),
+            room.bob.clone(),
+            room.carol.clone(),
+            room.tip.clone(),
+        );
+        // Branch A: alice demotes bob to 0. Branch B: bob (still 50 there) kicks carol.
+        let demoted = room.power_content(&[(ALICE, 100), (BOB, 0)]);
+        let demotion = room.add(ALICE, "m.room.power_levels", Some(""), demoted, &[&tip], &[&create, &power, &alice]);
+        let kick = room.add(
+            BOB,
+            "m.room.member",
+            Some(CAROL),
+            json!({ "membership": "leave" }),
+            &[&tip],
+            &[&create, &power, &bob, &carol],
+        );
+        let resolved = room.resolve(&[room.state(&[&demotion]), room.state(&[&kick])]).unwrap();
+        assert_eq!(resolved[&(StateEventType::RoomPowerLevels, String::new())], demotion, "v{version}");
+        assert_eq!(Room::member(&resolved, CAROL), Some(carol), "v{version}: the kick no longer passes auth");
+    }
+}
+
+#[test]
+fn closing_the_room_beats_a_concurrent_join() {
+    for version in VERSIONS {
+        let mut room = Room::new(version);
+        let (create, alice, power, rules, tip) =
+            (room.create.clone(), room.alice.clone(), room.power.clone(), room.rules.clone(), room.tip.clone());
+        let erin = "@erin:hs.test";
+        let closed = room.add(
+            ALICE,
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": "invite" }),
+            &[&tip],
+            &[&create, &power, &alice],
+        );
+        let join = room.add(
+            erin,
+            "m.room.member",
+            Some(erin),
+            json!({ "membership": "join" }),
+            &[&tip],
+            &[&create, &power, &rules],
+        );
+        let resolved = room.resolve(&[room.state(&[&closed]), room.state(&[&join])]).unwrap();
+        assert_eq!(resolved[&(StateEventType::RoomJoinRules, String::new())], closed, "v{version}");
+        assert_eq!(Room::member(&resolved, erin), None, "v{version}: erin's join is not allowed by invite-only rules");
+    }
+}
+
+#[test]
+fn unconflicted_state_passes_through_and_v1_is_refused_honestly() {
+    let room = Room::new("10");
+    let state = room.state(&[]);
+    assert_eq!(room.resolve(&[state.clone(), state.clone()]).unwrap(), state);
+    let v1 = lattice_core::room_version::RoomVersion::parse("1").unwrap();
+    let err = state_resolution::resolve(&v1, &[state], |id| room.b.get(id)).unwrap_err();
+    assert!(matches!(err, StateResolutionError::UnsupportedAlgorithm(_)));
+}
