@@ -23,3 +23,5 @@ lint: setup
 
 bench: setup
 	scripts/bench.sh
+	cargo run --release -p lattice-core --example pdu_check_rate
+	cargo run --release -p lattice-core --example state_resolution_time
