@@ -38,6 +38,9 @@ pub enum ServiceError {
     LimitExceeded(String),
     #[error("additional authentication is required")]
     AuthRequired(Box<UiaChallenge>),
+    /// Events an event refers to are not stored (fetching them over federation comes later).
+    #[error("unknown events: {0}")]
+    MissingEvents(String),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]

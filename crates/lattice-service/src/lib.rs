@@ -8,6 +8,7 @@ mod devices;
 mod error;
 mod profile;
 mod registration_tokens;
+pub mod rooms;
 mod secrets;
 mod sessions;
 mod uia;

@@ -54,6 +54,42 @@ pub fn uia_session(session_id: &str) -> Vec<u8> {
     session_id.as_bytes().to_vec()
 }
 
+pub fn room(room_id: &str) -> Vec<u8> {
+    room_id.as_bytes().to_vec()
+}
+
+pub fn event(event_id: &str) -> Vec<u8> {
+    event_id.as_bytes().to_vec()
+}
+
+/// A room's timeline in stream order: `room\0position`.
+pub fn timeline(room_id: &str, position: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &position.to_be_bytes()])
+}
+
+/// The prefix of every per-room row keyed `room\0…`.
+pub fn room_rows(room_id: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), b""])
+}
+
+pub fn forward_extremity(room_id: &str, event_id: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), event_id.as_bytes()])
+}
+
+pub fn state_group(group: u64) -> Vec<u8> {
+    group.to_be_bytes().to_vec()
+}
+
+/// `room\0type\0state_key`: state keys may hold any bytes, so they come last.
+pub fn current_state(room_id: &str, event_type: &str, state_key: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), event_type.as_bytes(), state_key.as_bytes()])
+}
+
+/// `user\0room`: the rooms a user is in, found with one prefix scan.
+pub fn membership(user_id: &str, room_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

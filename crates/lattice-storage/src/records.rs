@@ -124,3 +124,67 @@ pub struct FilterRecord(pub JsonObject);
 impl Record for FilterRecord {
     const TABLE: Table = Table::Filters;
 }
+
+/// A room this server knows, and where its current state is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub room_version: String,
+    pub create_event_id: String,
+    /// The state group holding the room's current (resolved) state.
+    pub current_state_group: u64,
+    /// Changes with every accepted event, so a batch that expects this record unchanged fails
+    /// when another event of the room was accepted meanwhile.
+    #[serde(default)]
+    pub last_stream_position: u64,
+}
+
+impl Record for RoomRecord {
+    const TABLE: Table = Table::Rooms;
+}
+
+/// What the checks decided about a stored event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum EventStatus {
+    Accepted,
+    /// Allowed by the state before it but not by the current state: kept, not shown, not built on.
+    SoftFailed {
+        reason: String,
+    },
+    /// Failed its checks: kept so it is not fetched again, never part of any state.
+    Rejected {
+        reason: String,
+    },
+}
+
+/// An event as stored: its canonical JSON and what ingest decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub room_id: String,
+    /// The event's canonical JSON (its redacted form when its content hash did not match).
+    pub json: String,
+    pub status: EventStatus,
+    /// Position in the global stream, for events clients see.
+    pub stream_position: Option<u64>,
+    /// The state of the room after this event (before it, for rejected events).
+    pub state_group: u64,
+}
+
+impl Record for EventRecord {
+    const TABLE: Table = Table::Events;
+}
+
+/// Room state stored as a delta against a parent group, so storage grows with the changes and
+/// not with (events × state size). Every `SNAPSHOT_INTERVAL` links a full snapshot ends the chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateGroupRecord {
+    pub parent: Option<u64>,
+    /// `(event type, state key, event ID)`; an empty event ID removes the key.
+    pub delta: Vec<(String, String, String)>,
+    /// How many parents lie between this group and its snapshot.
+    pub chain_length: u32,
+}
+
+impl Record for StateGroupRecord {
+    const TABLE: Table = Table::StateGroups;
+}

@@ -29,4 +29,11 @@ tables! {
     Filters => "filters",
     RegistrationTokens => "registration_tokens",
     UiaSessions => "uia_sessions",
+    Rooms => "rooms",
+    Events => "events",
+    Timeline => "timeline",
+    ForwardExtremities => "forward_extremities",
+    StateGroups => "state_groups",
+    CurrentState => "current_state",
+    Memberships => "memberships",
 }

@@ -1,0 +1,421 @@
+//! The ingest path: every event, local or remote, is checked and stored here, in one batch.
+//!
+//! The caller has parsed the PDU, checked its signatures and content hash (`lattice_core::pdu`)
+//! and typed it (`Pdu::new`). Here: auth against its auth events, auth against the state before
+//! it, soft-fail against the current state, then one atomic write of the event, its state, the
+//! timeline position, forward extremities, current state and the membership index.
+
+use std::collections::{HashMap, HashSet};
+
+use lattice_core::auth;
+use lattice_core::event::Pdu;
+use lattice_core::room_version::RoomVersion;
+use lattice_core::state_resolution::{self, StateMap};
+use lattice_storage::records::{EventRecord, EventStatus, RoomRecord};
+use lattice_storage::{Fetched, KeyRange, StorageError, Table, WriteBatch, keys};
+use ruma::events::{StateEventType, TimelineEventType};
+use ruma::state_res::Event;
+use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId};
+
+use super::state_store::{self, Base};
+use crate::{Service, ServiceError};
+
+/// What ingest decided about an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    SoftFailed(String),
+    Rejected(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ingested {
+    pub event_id: OwnedEventId,
+    pub outcome: Outcome,
+    /// The stream position of an accepted event.
+    pub stream_position: Option<u64>,
+}
+
+/// How often ingest recomputes when a concurrent write to the same room wins the race.
+const ROOM_WRITE_RETRIES: usize = 8;
+
+/// Most forward extremities read per room; more means the room needs merging, not more reads.
+const MAX_FORWARD_EXTREMITIES: usize = 1_000;
+
+/// Events loaded for one ingest, by ID.
+type Loaded = HashMap<OwnedEventId, Pdu>;
+
+impl Service {
+    /// Checks `event` and stores it with everything it changes, atomically. Idempotent: an event
+    /// already stored answers with its earlier outcome.
+    pub async fn ingest(&self, version: &RoomVersion, event: Pdu) -> Result<Ingested, ServiceError> {
+        for _ in 0..ROOM_WRITE_RETRIES {
+            match self.try_ingest(version, &event).await {
+                Err(ServiceError::Storage(StorageError::Conflict)) => continue,
+                other => return other,
+            }
+        }
+        Err(ServiceError::LimitExceeded("too many concurrent writes to this room".into()))
+    }
+
+    async fn try_ingest(&self, version: &RoomVersion, event: &Pdu) -> Result<Ingested, ServiceError> {
+        if let Some(existing) =
+            lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event.id().as_str())).await?
+        {
+            return Ok(already_stored(event.id(), existing.value));
+        }
+        let room_id = room_id_of(event)?;
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        let is_create = *event.kind() == TimelineEventType::RoomCreate;
+        match (&room, is_create) {
+            (Some(_), true) => return Err(ServiceError::Forbidden("the room already has a create event".into())),
+            (None, false) => return Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
+            (Some(room), false) if room.value.room_version != version.id().as_str() => {
+                return Err(ServiceError::BadJson(format!("room {room_id} is version {}", room.value.room_version)));
+            }
+            _ => {}
+        }
+
+        // The event itself takes part in resolving the new current state.
+        let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
+        let needed: Vec<OwnedEventId> = event.prev_event_ids().iter().chain(event.auth_event_ids()).cloned().collect();
+        self.load_events(version, &needed, &mut loaded).await?;
+        let (before_group, state_before) = self.state_before(version, event, &mut loaded).await?;
+
+        let mut outcome = Outcome::Accepted;
+        {
+            let fetch = |id: &EventId| loaded.get(id);
+            if let Err(e) = auth::check_against_auth_events(event, version, fetch) {
+                outcome = Outcome::Rejected(e.to_string());
+            }
+        }
+        if outcome == Outcome::Accepted {
+            self.load_events(version, &state_before.values().cloned().collect::<Vec<_>>(), &mut loaded).await?;
+            let lookup = |kind: &StateEventType, key: &str| {
+                state_before.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
+            };
+            if let Err(e) = auth::check_against_state(event, version, lookup) {
+                outcome = Outcome::Rejected(e.to_string());
+            }
+        }
+        let current = match &room {
+            Some(room) => Some((
+                room.value.current_state_group,
+                state_store::load(self.kv.as_ref(), room.value.current_state_group).await?,
+            )),
+            None => None,
+        };
+        if outcome == Outcome::Accepted
+            && let Some((_, current_state)) = &current
+        {
+            self.load_events(version, &current_state.values().cloned().collect::<Vec<_>>(), &mut loaded).await?;
+            let lookup = |kind: &StateEventType, key: &str| {
+                current_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
+            };
+            if let Err(e) = auth::check_against_state(event, version, lookup) {
+                outcome = Outcome::SoftFailed(e.to_string());
+            }
+        }
+
+        let mut batch = WriteBatch::new();
+        let room_key = keys::room(room_id.as_str());
+        batch.expect(Table::Rooms, room_key.clone(), room.as_ref().map(|r| r.raw.clone()));
+
+        let before = before_group.map(|group| Base { group, state: &state_before });
+        let before_group = state_store::save(self.kv.as_ref(), &mut batch, before, &state_before).await?;
+        let mut state_after = state_before.clone();
+        if !matches!(outcome, Outcome::Rejected(_))
+            && let Some(key) = event.state_key()
+        {
+            state_after.insert((event.kind().to_string().into(), key.to_owned()), event.id().to_owned());
+        }
+        let after_group = state_store::save(
+            self.kv.as_ref(),
+            &mut batch,
+            Some(Base { group: before_group, state: &state_before }),
+            &state_after,
+        )
+        .await?;
+
+        let stream_position = match outcome {
+            Outcome::Accepted => Some(lattice_storage::next_counter(self.kv.as_ref(), "stream").await?),
+            _ => None,
+        };
+        let record = EventRecord {
+            room_id: room_id.to_string(),
+            json: serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?,
+            status: match &outcome {
+                Outcome::Accepted => EventStatus::Accepted,
+                Outcome::SoftFailed(reason) => EventStatus::SoftFailed { reason: reason.clone() },
+                Outcome::Rejected(reason) => EventStatus::Rejected { reason: reason.clone() },
+            },
+            stream_position,
+            state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
+        };
+        lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
+
+        let new_room = match stream_position {
+            Some(position) => {
+                batch.put(
+                    Table::Timeline,
+                    keys::timeline(room_id.as_str(), position),
+                    event.id().as_str().as_bytes().to_vec(),
+                );
+                let current_group = self
+                    .advance_current_state(
+                        version,
+                        &room_id,
+                        event,
+                        (after_group, &state_after),
+                        current,
+                        &mut loaded,
+                        &mut batch,
+                    )
+                    .await?;
+                Some(RoomRecord {
+                    room_version: version.id().to_string(),
+                    create_event_id: room
+                        .as_ref()
+                        .map(|r| r.value.create_event_id.clone())
+                        .unwrap_or_else(|| event.id().to_string()),
+                    current_state_group: current_group,
+                    last_stream_position: position,
+                })
+            }
+            None => None,
+        };
+        if let Some(new_room) = new_room {
+            lattice_storage::put(&mut batch, room_key, &new_room);
+        }
+        self.kv.write(batch).await?;
+        Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
+    }
+
+    /// The state before `event`: nothing for the create event; the state after its one
+    /// `prev_event`; or the resolution of the states after each of them.
+    async fn state_before(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        loaded: &mut Loaded,
+    ) -> Result<(Option<u64>, StateMap), ServiceError> {
+        let mut groups = Vec::new();
+        for prev in event.prev_event_ids() {
+            let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(prev.as_str()))
+                .await?
+                .ok_or_else(|| ServiceError::MissingEvents(prev.to_string()))?;
+            let group = match record.value.status {
+                EventStatus::Rejected { .. } => {
+                    return Err(ServiceError::BadJson(format!("prev event {prev} was rejected")));
+                }
+                _ => record.value.state_group,
+            };
+            if !groups.contains(&group) {
+                groups.push(group);
+            }
+        }
+        match groups.as_slice() {
+            [] => Ok((None, StateMap::new())),
+            [group] => Ok((Some(*group), state_store::load(self.kv.as_ref(), *group).await?)),
+            _ => {
+                let mut states = Vec::with_capacity(groups.len());
+                for group in &groups {
+                    states.push(state_store::load(self.kv.as_ref(), *group).await?);
+                }
+                Ok((None, self.resolve(version, &states, loaded).await?))
+            }
+        }
+    }
+
+    /// Resolves `states`, first loading every event state resolution may look at.
+    async fn resolve(
+        &self,
+        version: &RoomVersion,
+        states: &[StateMap],
+        loaded: &mut Loaded,
+    ) -> Result<StateMap, ServiceError> {
+        let ids: Vec<OwnedEventId> = states.iter().flat_map(|s| s.values().cloned()).collect();
+        self.load_auth_closure(version, &ids, loaded).await?;
+        state_resolution::resolve(version, states, |id| loaded.get(id))
+            .map_err(|e| ServiceError::Internal(e.to_string()))
+    }
+
+    /// Moves the forward extremities past `event` and sets the current state to the resolution
+    /// of the states at the remaining extremities; returns the current state's group.
+    #[allow(clippy::too_many_arguments)]
+    async fn advance_current_state(
+        &self,
+        version: &RoomVersion,
+        room_id: &OwnedRoomId,
+        event: &Pdu,
+        (after_group, state_after): (u64, &StateMap),
+        current: Option<(u64, StateMap)>,
+        loaded: &mut Loaded,
+        batch: &mut WriteBatch,
+    ) -> Result<u64, ServiceError> {
+        let prefix = keys::room_rows(room_id.as_str());
+        let rows = self
+            .kv
+            .scan(
+                Table::ForwardExtremities,
+                &KeyRange::prefix(&prefix),
+                lattice_storage::Direction::Forward,
+                MAX_FORWARD_EXTREMITIES,
+            )
+            .await?;
+        let prevs: HashSet<&str> = event.prev_event_ids().iter().map(|id| id.as_str()).collect();
+        let mut remaining = Vec::new();
+        for (key, _) in rows {
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if prevs.contains(id.as_str()) {
+                batch.delete(Table::ForwardExtremities, key);
+            } else {
+                remaining.push(id);
+            }
+        }
+        batch.put(
+            Table::ForwardExtremities,
+            keys::forward_extremity(room_id.as_str(), event.id().as_str()),
+            Vec::new(),
+        );
+
+        let (current_group, current_state) = if remaining.is_empty() {
+            (after_group, state_after.clone())
+        } else {
+            let mut states = vec![state_after.clone()];
+            for id in &remaining {
+                let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id))
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal(format!("forward extremity {id} is not stored")))?;
+                states.push(state_store::load(self.kv.as_ref(), record.value.state_group).await?);
+            }
+            let resolved = self.resolve(version, &states, loaded).await?;
+            let base = Some(Base { group: after_group, state: state_after });
+            (state_store::save(self.kv.as_ref(), batch, base, &resolved).await?, resolved)
+        };
+        let old_state = current.map(|(_, state)| state).unwrap_or_default();
+        self.write_current_state(version, room_id, &old_state, &current_state, loaded, batch).await?;
+        Ok(current_group)
+    }
+
+    /// Writes the difference between two current states, and the membership index with it.
+    async fn write_current_state(
+        &self,
+        version: &RoomVersion,
+        room_id: &OwnedRoomId,
+        old: &StateMap,
+        new: &StateMap,
+        loaded: &mut Loaded,
+        batch: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        for ((kind, key), id) in new {
+            if old.get(&(kind.clone(), key.clone())) == Some(id) {
+                continue;
+            }
+            let kind_str = kind.to_string();
+            batch.put(
+                Table::CurrentState,
+                keys::current_state(room_id.as_str(), &kind_str, key),
+                id.as_str().as_bytes().to_vec(),
+            );
+            if *kind == StateEventType::RoomMember {
+                self.load_events(version, std::slice::from_ref(id), loaded).await?;
+                let membership = loaded.get(id).map(membership_of).unwrap_or_default();
+                batch.put(Table::Memberships, keys::membership(key, room_id.as_str()), membership.into_bytes());
+            }
+        }
+        for (kind, key) in old.keys().filter(|slot| !new.contains_key(*slot)) {
+            batch.delete(Table::CurrentState, keys::current_state(room_id.as_str(), &kind.to_string(), key));
+            if *kind == StateEventType::RoomMember {
+                batch.delete(Table::Memberships, keys::membership(key, room_id.as_str()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the given events (that are not loaded yet) from storage.
+    async fn load_events(
+        &self,
+        version: &RoomVersion,
+        ids: &[OwnedEventId],
+        loaded: &mut Loaded,
+    ) -> Result<(), ServiceError> {
+        let mut missing = Vec::new();
+        for id in ids {
+            if loaded.contains_key(id) {
+                continue;
+            }
+            match lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await? {
+                Some(record) => {
+                    loaded.insert(id.clone(), stored_pdu(version, record)?);
+                }
+                None => missing.push(id.to_string()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ServiceError::MissingEvents(missing.join(", ")));
+        }
+        Ok(())
+    }
+
+    /// Loads `ids` and everything in their auth chains.
+    async fn load_auth_closure(
+        &self,
+        version: &RoomVersion,
+        ids: &[OwnedEventId],
+        loaded: &mut Loaded,
+    ) -> Result<(), ServiceError> {
+        let mut frontier: Vec<OwnedEventId> = ids.to_vec();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        while !frontier.is_empty() {
+            self.load_events(version, &frontier, loaded).await?;
+            let next: Vec<OwnedEventId> = frontier
+                .iter()
+                .filter_map(|id| loaded.get(id))
+                .flat_map(|e| e.auth_event_ids().iter().cloned())
+                .filter(|id| seen.insert(id.clone()))
+                .collect();
+            if seen.len() > lattice_core::limits::MAX_AUTH_CHAIN_EVENTS {
+                return Err(ServiceError::Internal("auth chain over the limit".into()));
+            }
+            frontier = next;
+        }
+        Ok(())
+    }
+}
+
+fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
+    match event.room_id() {
+        Some(room_id) => Ok(room_id.to_owned()),
+        // A v12 create event carries no room ID: the room is named after the event.
+        None => OwnedRoomId::try_from(format!("!{}", &event.id().as_str()[1..]))
+            .map_err(|e| ServiceError::BadJson(e.to_string())),
+    }
+}
+
+fn membership_of(event: &Pdu) -> String {
+    #[derive(serde::Deserialize)]
+    struct Membership {
+        membership: String,
+    }
+    serde_json::from_str::<Membership>(event.content().get()).map(|m| m.membership).unwrap_or_default()
+}
+
+fn stored_pdu(version: &RoomVersion, record: Fetched<EventRecord>) -> Result<Pdu, ServiceError> {
+    let object: CanonicalJsonObject =
+        serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let mut pdu = Pdu::new(object, version).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    if matches!(record.value.status, EventStatus::Rejected { .. }) {
+        pdu.mark_rejected();
+    }
+    Ok(pdu)
+}
+
+fn already_stored(event_id: &EventId, record: EventRecord) -> Ingested {
+    let outcome = match record.status {
+        EventStatus::Accepted => Outcome::Accepted,
+        EventStatus::SoftFailed { reason } => Outcome::SoftFailed(reason),
+        EventStatus::Rejected { reason } => Outcome::Rejected(reason),
+    };
+    Ingested { event_id: event_id.to_owned(), outcome, stream_position: record.stream_position }
+}

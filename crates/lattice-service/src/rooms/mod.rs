@@ -1,0 +1,10 @@
+//! Rooms: the room graph in storage and the one ingest path every event takes (architecture
+//! invariant 1). Client-facing room APIs build on this.
+
+mod ingest;
+mod state_store;
+
+#[cfg(test)]
+mod tests;
+
+pub use ingest::{Ingested, Outcome};

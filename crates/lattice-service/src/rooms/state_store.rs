@@ -1,0 +1,100 @@
+//! Room state stored as state groups: deltas against a parent, with a full snapshot every
+//! `SNAPSHOT_INTERVAL` links, so reading a state touches a bounded number of rows and storage
+//! grows with the changes.
+
+use lattice_core::state_resolution::StateMap;
+use lattice_storage::records::StateGroupRecord;
+use lattice_storage::{KvRead, KvStore, WriteBatch, keys};
+use ruma::OwnedEventId;
+use ruma::events::StateEventType;
+
+use crate::ServiceError;
+
+/// Longest delta chain before a full snapshot is written.
+const SNAPSHOT_INTERVAL: u32 = 64;
+
+/// The full state of `group`.
+pub(super) async fn load(kv: &dyn KvRead, group: u64) -> Result<StateMap, ServiceError> {
+    let mut chain = Vec::new();
+    let mut next = Some(group);
+    while let Some(id) = next {
+        let record = lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(id))
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("state group {id} is missing")))?
+            .value;
+        if chain.len() > SNAPSHOT_INTERVAL as usize {
+            return Err(ServiceError::Internal(format!("state group {group} has an over-long delta chain")));
+        }
+        next = record.parent;
+        chain.push(record);
+    }
+    let mut state = StateMap::new();
+    for record in chain.into_iter().rev() {
+        for (kind, key, event_id) in record.delta {
+            let slot = (StateEventType::from(kind), key);
+            if event_id.is_empty() {
+                state.remove(&slot);
+            } else {
+                let id = OwnedEventId::try_from(event_id).map_err(|e| ServiceError::Internal(e.to_string()))?;
+                state.insert(slot, id);
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// A group known to hold `state`, and the state it holds.
+pub(super) struct Base<'a> {
+    pub group: u64,
+    pub state: &'a StateMap,
+}
+
+/// Adds a group holding `state` to `batch`, as a delta against `base` when one is given (and
+/// its chain is short enough); returns its ID. Unchanged state reuses the base group.
+pub(super) async fn save(
+    kv: &dyn KvStore,
+    batch: &mut WriteBatch,
+    base: Option<Base<'_>>,
+    state: &StateMap,
+) -> Result<u64, ServiceError> {
+    if let Some(base) = &base
+        && base.state == state
+    {
+        return Ok(base.group);
+    }
+    let parent = match &base {
+        Some(base) => {
+            let record = lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(base.group)).await?;
+            record
+                .map(|r| r.value.chain_length)
+                .filter(|length| length + 1 < SNAPSHOT_INTERVAL)
+                .map(|length| (base, length))
+        }
+        None => None,
+    };
+    let record = match parent {
+        Some((base, length)) => {
+            StateGroupRecord { parent: Some(base.group), delta: delta(base.state, state), chain_length: length + 1 }
+        }
+        None => StateGroupRecord { parent: None, delta: delta(&StateMap::new(), state), chain_length: 0 },
+    };
+    let id = lattice_storage::next_counter(kv, "state_group").await?;
+    lattice_storage::put(batch, keys::state_group(id), &record);
+    Ok(id)
+}
+
+/// The changes from `from` to `to`, in a stable order.
+fn delta(from: &StateMap, to: &StateMap) -> Vec<(String, String, String)> {
+    let mut changes: Vec<(String, String, String)> = to
+        .iter()
+        .filter(|(slot, id)| from.get(*slot) != Some(*id))
+        .map(|((kind, key), id)| (kind.to_string(), key.clone(), id.to_string()))
+        .collect();
+    changes.extend(
+        from.keys()
+            .filter(|slot| !to.contains_key(*slot))
+            .map(|(kind, key)| (kind.to_string(), key.clone(), String::new())),
+    );
+    changes.sort();
+    changes
+}
