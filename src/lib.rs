@@ -65,7 +65,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         },
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
     };
-    let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher));
+    let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher, Arc::new(key.key_pair)));
     Ok(Opened { service, fresh: found.is_none() })
 }
 

@@ -52,10 +52,20 @@ struct RedactsInContent {
 }
 
 impl Pdu {
-    /// Types the fields of a format-checked event and computes its ID.
+    /// Checks the format of an event, computes its ID and types its fields.
     pub fn new(object: CanonicalJsonObject, version: &RoomVersion) -> Result<Self, PduError> {
         pdu::check_format(&object, version)?;
         let event_id = pdu::event_id(&object, version)?;
+        Self::stored(object, version, event_id)
+    }
+
+    /// An event read back from storage, where it was stored under `event_id` after passing the
+    /// checks of [`Pdu::new`]; skips recomputing its reference hash.
+    pub fn stored(
+        object: CanonicalJsonObject,
+        version: &RoomVersion,
+        event_id: OwnedEventId,
+    ) -> Result<Self, PduError> {
         let bytes = serde_json::to_vec(&object).map_err(|e| PduError::Format(e.to_string()))?;
         let fields: Fields = serde_json::from_slice(&bytes).map_err(|e| PduError::Format(e.to_string()))?;
         let format = version.rules().events_reference_format;

@@ -16,6 +16,7 @@ mod uia;
 use std::sync::Arc;
 
 use lattice_storage::KvStore;
+use ruma::signatures::Ed25519KeyPair;
 use ruma::{OwnedServerName, ServerName};
 
 pub use account_data::FilterId;
@@ -56,11 +57,19 @@ pub struct Service {
     kv: Arc<dyn KvStore>,
     clock: Arc<dyn Clock>,
     hasher: PasswordHasher,
+    /// Signs the events this server creates (and, later, its federation requests).
+    signing_key: Arc<Ed25519KeyPair>,
 }
 
 impl Service {
-    pub fn new(config: ServiceConfig, kv: Arc<dyn KvStore>, clock: Arc<dyn Clock>, hasher: PasswordHasher) -> Self {
-        Self { config, kv, clock, hasher }
+    pub fn new(
+        config: ServiceConfig,
+        kv: Arc<dyn KvStore>,
+        clock: Arc<dyn Clock>,
+        hasher: PasswordHasher,
+        signing_key: Arc<Ed25519KeyPair>,
+    ) -> Self {
+        Self { config, kv, clock, hasher, signing_key }
     }
 
     pub fn config(&self) -> &ServiceConfig {
@@ -83,3 +92,8 @@ impl Service {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+fn test_signing_key() -> Arc<Ed25519KeyPair> {
+    Arc::new(Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "test".into()).expect("generated key parses"))
+}

@@ -32,7 +32,7 @@ fn service() -> (Service, Arc<ManualClock>) {
         refreshable_token_lifetime_ms: 60_000,
     };
     let hasher = PasswordHasher::new(64, 1).unwrap();
-    (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher), clock)
+    (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher, crate::test_signing_key()), clock)
 }
 
 fn login(user: &str, refresh_token: bool) -> LoginRequest {

@@ -72,10 +72,6 @@ pub fn room_rows(room_id: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), b""])
 }
 
-pub fn forward_extremity(room_id: &str, event_id: &str) -> Vec<u8> {
-    join(&[room_id.as_bytes(), event_id.as_bytes()])
-}
-
 pub fn state_group(group: u64) -> Vec<u8> {
     group.to_be_bytes().to_vec()
 }

@@ -132,6 +132,11 @@ pub struct RoomRecord {
     pub create_event_id: String,
     /// The state group holding the room's current (resolved) state.
     pub current_state_group: u64,
+    /// The room's forward extremities (events with no successor yet), oldest first. One value
+    /// rather than a row each: rows that change on every event leave tombstones that every
+    /// later prefix scan would have to step over.
+    #[serde(default)]
+    pub forward_extremities: Vec<String>,
     /// Changes with every accepted event, so a batch that expects this record unchanged fails
     /// when another event of the room was accepted meanwhile.
     #[serde(default)]

@@ -32,7 +32,6 @@ tables! {
     Rooms => "rooms",
     Events => "events",
     Timeline => "timeline",
-    ForwardExtremities => "forward_extremities",
     StateGroups => "state_groups",
     CurrentState => "current_state",
     Memberships => "memberships",

@@ -49,25 +49,38 @@ pub async fn scan_prefix<R: Record>(
     rows.into_iter().map(|(key, raw)| Ok((key, decode(&raw)?))).collect()
 }
 
+/// Reads the named counter and adds its increment to `batch`, conditional on the value read:
+/// the new value is taken only if the batch commits, and a concurrent taker makes the batch
+/// fail with `Conflict` (the caller retries). Returns the new value.
+pub async fn counter_in_batch(kv: &dyn KvStore, batch: &mut WriteBatch, name: &str) -> Result<u64, StorageError> {
+    let key = crate::keys::counter(name);
+    let current = kv.get(Table::Counters, &key).await?;
+    let next = counter_value(name, current.as_deref())?
+        .checked_add(1)
+        .ok_or(StorageError::LimitExceeded { what: "counter", limit: usize::MAX })?;
+    batch.expect(Table::Counters, key.clone(), current);
+    batch.put(Table::Counters, key, next.to_be_bytes().to_vec());
+    Ok(next)
+}
+
+fn counter_value(name: &str, raw: Option<&[u8]>) -> Result<u64, StorageError> {
+    match raw {
+        Some(raw) => Ok(u64::from_be_bytes(raw.try_into().map_err(|_| StorageError::Corrupt {
+            table: Table::Counters.name(),
+            detail: format!("counter {name} is {} bytes", raw.len()),
+        })?)),
+        None => Ok(0),
+    }
+}
+
 /// How often a counter increment is retried when other writers keep winning the race.
 const COUNTER_RETRIES: usize = 64;
 
 /// Atomically increments the named counter and returns its new value (the first is 1).
 pub async fn next_counter(kv: &dyn KvStore, name: &str) -> Result<u64, StorageError> {
-    let key = crate::keys::counter(name);
     for _ in 0..COUNTER_RETRIES {
-        let current = kv.get(Table::Counters, &key).await?;
-        let value = match &current {
-            Some(raw) => u64::from_be_bytes(raw.as_slice().try_into().map_err(|_| StorageError::Corrupt {
-                table: Table::Counters.name(),
-                detail: format!("counter {name} is {} bytes", raw.len()),
-            })?),
-            None => 0,
-        };
-        let next = value.checked_add(1).ok_or(StorageError::LimitExceeded { what: "counter", limit: usize::MAX })?;
         let mut batch = WriteBatch::new();
-        batch.expect(Table::Counters, key.clone(), current);
-        batch.put(Table::Counters, key.clone(), next.to_be_bytes().to_vec());
+        let next = counter_in_batch(kv, &mut batch, name).await?;
         match kv.write(batch).await {
             Ok(()) => return Ok(next),
             Err(StorageError::Conflict) => continue,

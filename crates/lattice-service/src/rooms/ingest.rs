@@ -12,7 +12,7 @@ use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::{self, StateMap};
 use lattice_storage::records::{EventRecord, EventStatus, RoomRecord};
-use lattice_storage::{Fetched, KeyRange, StorageError, Table, WriteBatch, keys};
+use lattice_storage::{Fetched, StorageError, Table, WriteBatch, keys};
 use ruma::events::{StateEventType, TimelineEventType};
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId};
@@ -78,7 +78,17 @@ impl Service {
 
         // The event itself takes part in resolving the new current state.
         let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
-        let needed: Vec<OwnedEventId> = event.prev_event_ids().iter().chain(event.auth_event_ids()).cloned().collect();
+        let mut needed: Vec<OwnedEventId> =
+            event.prev_event_ids().iter().chain(event.auth_event_ids()).cloned().collect();
+        // From v12 the create event is an auth event without being cited.
+        if version.rules().authorization.room_create_event_id_as_room_id
+            && let Some(room) = &room
+        {
+            needed.push(
+                OwnedEventId::try_from(room.value.create_event_id.as_str())
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            );
+        }
         self.load_events(version, &needed, &mut loaded).await?;
         let (before_group, state_before) = self.state_before(version, event, &mut loaded).await?;
 
@@ -89,8 +99,20 @@ impl Service {
                 outcome = Outcome::Rejected(e.to_string());
             }
         }
+        // Only the state the auth rules look at for this event is loaded.
+        let auth_slots = ruma::state_res::auth_types_for_event(
+            event.kind(),
+            event.sender(),
+            event.state_key(),
+            event.content(),
+            &version.rules().authorization,
+        )
+        .unwrap_or_default();
+        let slots_of = |state: &StateMap| -> Vec<OwnedEventId> {
+            auth_slots.iter().filter_map(|slot| state.get(slot).cloned()).collect()
+        };
         if outcome == Outcome::Accepted {
-            self.load_events(version, &state_before.values().cloned().collect::<Vec<_>>(), &mut loaded).await?;
+            self.load_events(version, &slots_of(&state_before), &mut loaded).await?;
             let lookup = |kind: &StateEventType, key: &str| {
                 state_before.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
             };
@@ -108,7 +130,7 @@ impl Service {
         if outcome == Outcome::Accepted
             && let Some((_, current_state)) = &current
         {
-            self.load_events(version, &current_state.values().cloned().collect::<Vec<_>>(), &mut loaded).await?;
+            self.load_events(version, &slots_of(current_state), &mut loaded).await?;
             let lookup = |kind: &StateEventType, key: &str| {
                 current_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
             };
@@ -138,7 +160,8 @@ impl Service {
         .await?;
 
         let stream_position = match outcome {
-            Outcome::Accepted => Some(lattice_storage::next_counter(self.kv.as_ref(), "stream").await?),
+            // Taken inside the event's own batch: no gaps, and no second write per event.
+            Outcome::Accepted => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),
             _ => None,
         };
         let record = EventRecord {
@@ -161,13 +184,15 @@ impl Service {
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
                 );
-                let current_group = self
+                let old_extremities = room.as_ref().map(|r| r.value.forward_extremities.clone()).unwrap_or_default();
+                let (current_group, forward_extremities) = self
                     .advance_current_state(
                         version,
                         &room_id,
                         event,
                         (after_group, &state_after),
                         current,
+                        &old_extremities,
                         &mut loaded,
                         &mut batch,
                     )
@@ -179,6 +204,7 @@ impl Service {
                         .map(|r| r.value.create_event_id.clone())
                         .unwrap_or_else(|| event.id().to_string()),
                     current_state_group: current_group,
+                    forward_extremities,
                     last_stream_position: position,
                 })
             }
@@ -241,7 +267,7 @@ impl Service {
     }
 
     /// Moves the forward extremities past `event` and sets the current state to the resolution
-    /// of the states at the remaining extremities; returns the current state's group.
+    /// of the states at the extremities; returns the current state's group and the extremities.
     #[allow(clippy::too_many_arguments)]
     async fn advance_current_state(
         &self,
@@ -250,34 +276,18 @@ impl Service {
         event: &Pdu,
         (after_group, state_after): (u64, &StateMap),
         current: Option<(u64, StateMap)>,
+        old_extremities: &[String],
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
-    ) -> Result<u64, ServiceError> {
-        let prefix = keys::room_rows(room_id.as_str());
-        let rows = self
-            .kv
-            .scan(
-                Table::ForwardExtremities,
-                &KeyRange::prefix(&prefix),
-                lattice_storage::Direction::Forward,
-                MAX_FORWARD_EXTREMITIES,
-            )
-            .await?;
+    ) -> Result<(u64, Vec<String>), ServiceError> {
         let prevs: HashSet<&str> = event.prev_event_ids().iter().map(|id| id.as_str()).collect();
-        let mut remaining = Vec::new();
-        for (key, _) in rows {
-            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            if prevs.contains(id.as_str()) {
-                batch.delete(Table::ForwardExtremities, key);
-            } else {
-                remaining.push(id);
-            }
+        let remaining: Vec<String> =
+            old_extremities.iter().filter(|id| !prevs.contains(id.as_str())).cloned().collect();
+        if remaining.len() >= MAX_FORWARD_EXTREMITIES {
+            return Err(ServiceError::LimitExceeded(format!("room {room_id} has too many forward extremities")));
         }
-        batch.put(
-            Table::ForwardExtremities,
-            keys::forward_extremity(room_id.as_str(), event.id().as_str()),
-            Vec::new(),
-        );
+        let mut extremities = remaining.clone();
+        extremities.push(event.id().to_string());
 
         let (current_group, current_state) = if remaining.is_empty() {
             (after_group, state_after.clone())
@@ -295,7 +305,7 @@ impl Service {
         };
         let old_state = current.map(|(_, state)| state).unwrap_or_default();
         self.write_current_state(version, room_id, &old_state, &current_state, loaded, batch).await?;
-        Ok(current_group)
+        Ok((current_group, extremities))
     }
 
     /// Writes the difference between two current states, and the membership index with it.
@@ -347,7 +357,7 @@ impl Service {
             }
             match lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await? {
                 Some(record) => {
-                    loaded.insert(id.clone(), stored_pdu(version, record)?);
+                    loaded.insert(id.clone(), stored_pdu(version, id, record)?);
                 }
                 None => missing.push(id.to_string()),
             }
@@ -401,10 +411,10 @@ fn membership_of(event: &Pdu) -> String {
     serde_json::from_str::<Membership>(event.content().get()).map(|m| m.membership).unwrap_or_default()
 }
 
-fn stored_pdu(version: &RoomVersion, record: Fetched<EventRecord>) -> Result<Pdu, ServiceError> {
+fn stored_pdu(version: &RoomVersion, id: &EventId, record: Fetched<EventRecord>) -> Result<Pdu, ServiceError> {
     let object: CanonicalJsonObject =
         serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
-    let mut pdu = Pdu::new(object, version).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let mut pdu = Pdu::stored(object, version, id.to_owned()).map_err(|e| ServiceError::Internal(e.to_string()))?;
     if matches!(record.value.status, EventStatus::Rejected { .. }) {
         pdu.mark_rejected();
     }

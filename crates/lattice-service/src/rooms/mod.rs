@@ -2,9 +2,11 @@
 //! invariant 1). Client-facing room APIs build on this.
 
 mod ingest;
+mod local_events;
 mod state_store;
 
 #[cfg(test)]
 mod tests;
 
 pub use ingest::{Ingested, Outcome};
+pub use local_events::LocalEvent;

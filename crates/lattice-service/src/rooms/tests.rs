@@ -22,7 +22,16 @@ fn service() -> (Service, Arc<MemoryStore>) {
         registration: RegistrationMode::Token,
         refreshable_token_lifetime_ms: 60_000,
     };
-    (Service::new(config, kv.clone(), Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap()), kv)
+    (
+        Service::new(
+            config,
+            kv.clone(),
+            Arc::new(SystemClock),
+            PasswordHasher::new(64, 1).unwrap(),
+            crate::test_signing_key(),
+        ),
+        kv,
+    )
 }
 
 async fn ingest(service: &Service, room: &RoomBuilder, id: &OwnedEventId) -> Ingested {
@@ -46,6 +55,11 @@ async fn rows(kv: &MemoryStore, table: Table, room_id: &str) -> Vec<String> {
             }
         })
         .collect()
+}
+
+async fn extremities(kv: &MemoryStore, room_id: &str) -> Vec<String> {
+    let room = kv.get(Table::Rooms, &keys::room(room_id)).await.unwrap().unwrap();
+    serde_json::from_slice::<lattice_storage::records::RoomRecord>(&room).unwrap().forward_extremities
 }
 
 /// create → alice joins → power levels → public join rules → bob joins.
@@ -105,7 +119,7 @@ async fn a_linear_history_builds_state_timeline_and_memberships() {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "stream positions increase: {positions:?}");
     assert_eq!(current_state(&kv, ROOM, "m.room.member", BOB).await.as_deref(), Some(s.bob.as_str()));
     assert_eq!(current_state(&kv, ROOM, "m.room.join_rules", "").await.as_deref(), Some(s.rules.as_str()));
-    assert_eq!(rows(&kv, Table::ForwardExtremities, ROOM).await, vec![s.bob.to_string()]);
+    assert_eq!(extremities(&kv, ROOM).await, vec![s.bob.to_string()]);
     let timeline = rows(&kv, Table::Timeline, ROOM).await;
     assert_eq!(timeline, [&s.create, &s.alice, &s.power, &s.rules, &s.bob].map(|id| id.to_string()));
     let membership = kv.get(Table::Memberships, &keys::membership(BOB, ROOM)).await.unwrap();
@@ -138,7 +152,7 @@ async fn a_forbidden_event_is_stored_as_rejected_and_changes_nothing() {
     assert!(matches!(ingested.outcome, Outcome::Rejected(_)), "{ingested:?}");
     assert_eq!(ingested.stream_position, None);
     assert_eq!(current_state(&kv, ROOM, "m.room.join_rules", "").await.as_deref(), Some(s.rules.as_str()));
-    assert_eq!(rows(&kv, Table::ForwardExtremities, ROOM).await, vec![s.bob.to_string()]);
+    assert_eq!(extremities(&kv, ROOM).await, vec![s.bob.to_string()]);
     assert_eq!(rows(&kv, Table::Timeline, ROOM).await.len(), 5);
 }
 
@@ -173,7 +187,7 @@ async fn forks_are_resolved_merged_and_late_events_soft_fail() {
     // banned: soft failure. It is stored but not shown and not built on.
     let late = ingest(&service, &s.room, &join).await;
     assert!(matches!(late.outcome, Outcome::SoftFailed(_)), "{late:?}");
-    assert_eq!(rows(&kv, Table::ForwardExtremities, ROOM).await, vec![ban.to_string()]);
+    assert_eq!(extremities(&kv, ROOM).await, vec![ban.to_string()]);
     assert_eq!(current_state(&kv, ROOM, "m.room.member", DAVE).await.as_deref(), Some(ban.as_str()));
     let dave = kv.get(Table::Memberships, &keys::membership(DAVE, ROOM)).await.unwrap();
     assert_eq!(dave.as_deref(), Some(&b"ban"[..]));
@@ -185,7 +199,7 @@ async fn forks_are_resolved_merged_and_late_events_soft_fail() {
         s.room.event(ALICE, "m.room.name", Some(""), json!({ "name": "n" }), &[&ban], &[&create, &power, &alice]);
     assert_eq!(ingest(&service, &s.room, &topic).await.outcome, Outcome::Accepted);
     assert_eq!(ingest(&service, &s.room, &name).await.outcome, Outcome::Accepted);
-    let mut tips = rows(&kv, Table::ForwardExtremities, ROOM).await;
+    let mut tips = extremities(&kv, ROOM).await;
     tips.sort();
     let mut expected = vec![topic.to_string(), name.to_string()];
     expected.sort();
@@ -202,7 +216,7 @@ async fn forks_are_resolved_merged_and_late_events_soft_fail() {
         &[&create, &power, &alice],
     );
     assert_eq!(ingest(&service, &s.room, &merge).await.outcome, Outcome::Accepted);
-    assert_eq!(rows(&kv, Table::ForwardExtremities, ROOM).await, vec![merge.to_string()]);
+    assert_eq!(extremities(&kv, ROOM).await, vec![merge.to_string()]);
     assert_eq!(current_state(&kv, ROOM, "m.room.name", "").await.as_deref(), Some(name.as_str()));
 }
 
@@ -214,7 +228,7 @@ async fn an_event_with_unknown_prev_events_writes_nothing() {
     let before = kv.snapshot().await.unwrap();
     let result = service.ingest(s.room.version(), s.room.get(&s.power).unwrap().clone()).await;
     assert!(matches!(result, Err(crate::ServiceError::MissingEvents(_))), "{result:?}");
-    for table in [Table::Events, Table::Timeline, Table::ForwardExtremities, Table::CurrentState, Table::Rooms] {
+    for table in [Table::Events, Table::Timeline, Table::StateGroups, Table::CurrentState, Table::Rooms] {
         let then = before.scan(table, &KeyRange::all(), Direction::Forward, 100).await.unwrap();
         let now = kv.scan(table, &KeyRange::all(), Direction::Forward, 100).await.unwrap();
         assert_eq!(then, now, "{table:?}");
@@ -253,11 +267,129 @@ async fn concurrent_siblings_all_become_forward_extremities() {
     for task in tasks {
         assert_eq!(task.await.unwrap().outcome, Outcome::Accepted);
     }
-    let mut tips = rows(&kv, Table::ForwardExtremities, ROOM).await;
+    let mut tips = extremities(&kv, ROOM).await;
     tips.sort();
     let mut expected: Vec<String> = topics.iter().map(|id| id.to_string()).collect();
     expected.sort();
     assert_eq!(tips, expected, "no concurrent write lost another's extremity");
     let topic = current_state(&kv, ROOM, "m.room.topic", "").await.unwrap();
     assert!(expected.contains(&topic));
+}
+
+#[tokio::test]
+async fn state_storage_grows_with_state_changes_not_with_events() {
+    let (service, kv) = service();
+    let mut s = setup();
+    for id in [&s.create, &s.alice, &s.power, &s.rules, &s.bob] {
+        ingest(&service, &s.room, id).await;
+    }
+    let groups = || async { kv.scan(Table::StateGroups, &KeyRange::all(), Direction::Forward, 10_000).await.unwrap() };
+    let before = groups().await;
+    let (create, power, bob) = (s.create.clone(), s.power.clone(), s.bob.clone());
+    let mut tip = bob.clone();
+    for i in 0..200 {
+        tip = s.room.event(
+            BOB,
+            "m.room.message",
+            None,
+            json!({ "body": format!("message {i}") }),
+            &[&tip],
+            &[&create, &power, &bob],
+        );
+        assert_eq!(ingest(&service, &s.room, &tip).await.outcome, Outcome::Accepted);
+    }
+    assert_eq!(groups().await.len(), before.len(), "messages reuse their parent's state group");
+    // Each state change adds one small delta, not a copy of the state.
+    for i in 0..10 {
+        tip = s.room.event(
+            BOB,
+            "m.room.member",
+            Some(BOB),
+            json!({ "membership": "join", "displayname": format!("bob {i}") }),
+            &[&tip],
+            &[&create, &power, &bob, &s.rules],
+        );
+        assert_eq!(ingest(&service, &s.room, &tip).await.outcome, Outcome::Accepted);
+    }
+    let after = groups().await;
+    assert_eq!(after.len(), before.len() + 10);
+    let newest: lattice_storage::records::StateGroupRecord = serde_json::from_slice(&after.last().unwrap().1).unwrap();
+    assert_eq!(newest.delta.len(), 1);
+}
+
+#[tokio::test]
+async fn local_events_are_built_signed_and_accepted_in_every_room_version_family() {
+    use lattice_core::room_version::RoomVersion;
+    use ruma::{OwnedRoomId, UserId};
+
+    use super::LocalEvent;
+
+    for id in ["1", "2", "3", "6", "10", "11", "12"] {
+        let (service, kv) = service();
+        let version = RoomVersion::parse(id).unwrap();
+        let alice = UserId::parse(ALICE).unwrap();
+        let derives_room_id = version.rules().authorization.room_create_event_id_as_room_id;
+        let mut create_content = json!({ "room_version": id });
+        if !version.rules().authorization.use_room_create_sender {
+            create_content["creator"] = json!(ALICE);
+        }
+        let chosen: OwnedRoomId = "!local:hs.test".try_into().unwrap();
+        let create = service
+            .build_local_event(
+                &version,
+                LocalEvent {
+                    room_id: (!derives_room_id).then_some(&*chosen),
+                    sender: &alice,
+                    kind: "m.room.create",
+                    state_key: Some(""),
+                    content: create_content,
+                },
+            )
+            .await
+            .unwrap();
+        let room_id: OwnedRoomId = if derives_room_id {
+            format!("!{}", &create.id().as_str()[1..]).try_into().unwrap()
+        } else {
+            chosen.clone()
+        };
+        assert_eq!(service.ingest(&version, create).await.unwrap().outcome, Outcome::Accepted, "v{id} create");
+
+        let steps = [
+            ("m.room.member", Some(ALICE), json!({ "membership": "join" })),
+            (
+                "m.room.power_levels",
+                Some(""),
+                json!({ "users": if derives_room_id { json!({}) } else { json!({ ALICE: 100 }) } }),
+            ),
+            ("m.room.join_rules", Some(""), json!({ "join_rule": "invite" })),
+            ("m.room.message", None, json!({ "msgtype": "m.text", "body": "hello" })),
+        ];
+        let mut last = None;
+        for (kind, key, content) in steps {
+            let event = service
+                .build_local_event(
+                    &version,
+                    LocalEvent { room_id: Some(&room_id), sender: &alice, kind, state_key: key, content },
+                )
+                .await
+                .unwrap();
+            // Signed by this server, verifiable with its public key.
+            let mut keys = ruma::signatures::PublicKeyMap::new();
+            let key_pair = &service.signing_key;
+            keys.insert(
+                "hs.test".into(),
+                [(format!("ed25519:{}", key_pair.version()), ruma::serde::Base64::new(key_pair.public_key().to_vec()))]
+                    .into(),
+            );
+            let checked =
+                lattice_core::pdu::check_signatures_and_hashes(event.object().clone(), &version, &keys).unwrap();
+            assert!(matches!(checked, lattice_core::pdu::Checked::Intact(_)), "v{id} {kind}");
+            let event_id = event.id().to_owned();
+            let ingested = service.ingest(&version, event).await.unwrap();
+            assert_eq!(ingested.outcome, Outcome::Accepted, "v{id} {kind}");
+            last = Some(event_id);
+        }
+        assert_eq!(extremities(&kv, room_id.as_str()).await, vec![last.unwrap().to_string()], "v{id}");
+        assert_eq!(rows(&kv, Table::Timeline, room_id.as_str()).await.len(), 5, "v{id}");
+    }
 }
