@@ -53,6 +53,35 @@ impl RoomBuilder {
         prev: &[&OwnedEventId],
         auth: &[&OwnedEventId],
     ) -> OwnedEventId {
+        self.event_with(sender, kind, state_key, content, prev, auth, None)
+    }
+
+    /// An `m.room.redaction` of `target`: `redacts` at the top level before v11, in `content` from v11.
+    pub fn redaction(
+        &mut self,
+        sender: &str,
+        target: &OwnedEventId,
+        prev: &[&OwnedEventId],
+        auth: &[&OwnedEventId],
+    ) -> OwnedEventId {
+        if self.version.rules().redaction.content_field_redacts {
+            self.event_with(sender, "m.room.redaction", None, json!({ "redacts": target }), prev, auth, None)
+        } else {
+            self.event_with(sender, "m.room.redaction", None, json!({}), prev, auth, Some(target))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn event_with(
+        &mut self,
+        sender: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        prev: &[&OwnedEventId],
+        auth: &[&OwnedEventId],
+        redacts: Option<&OwnedEventId>,
+    ) -> OwnedEventId {
         self.clock += 1;
         let depth =
             prev.iter().filter_map(|id| self.events.get(*id)).map(|e| u64::from(e.depth())).max().unwrap_or(0) + 1;
@@ -65,6 +94,9 @@ impl RoomBuilder {
         }
         if let Some(state_key) = state_key {
             value["state_key"] = json!(state_key);
+        }
+        if let Some(target) = redacts {
+            value["redacts"] = json!(target);
         }
         let CanonicalJsonValue::Object(object) = CanonicalJsonValue::try_from(value).expect("canonical") else {
             unreachable!("built as an object")

@@ -176,6 +176,9 @@ impl Service {
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
         };
         lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
+        if outcome == Outcome::Accepted && *event.kind() == TimelineEventType::RoomRedaction {
+            self.apply_redaction(version, event, &state_before, &mut loaded, &mut batch).await?;
+        }
 
         let new_room = match stream_position {
             Some(position) => {
@@ -343,6 +346,48 @@ impl Service {
         Ok(())
     }
 
+    /// Replaces the stored JSON of the event an accepted redaction names with its redacted form,
+    /// when the spec lets the redaction take effect: the redacting user has the `redact` power
+    /// level, or is on the same server as the original sender. A target not stored yet is left
+    /// alone (applying redactions to events that arrive later comes with backfill).
+    async fn apply_redaction(
+        &self,
+        version: &RoomVersion,
+        redaction: &Pdu,
+        state_before: &StateMap,
+        loaded: &mut Loaded,
+        batch: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        let Some(target_id) = redaction.redacts() else { return Ok(()) };
+        let Some(target) =
+            lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(target_id.as_str())).await?
+        else {
+            return Ok(());
+        };
+        if target.value.room_id != room_id_of(redaction)?.as_str() {
+            return Ok(());
+        }
+        self.load_events(version, std::slice::from_ref(target_id), loaded).await?;
+        let same_server =
+            loaded.get(target_id).is_some_and(|t| t.sender().server_name() == redaction.sender().server_name());
+        let power_slot = (StateEventType::RoomPowerLevels, String::new());
+        if let Some(power_id) = state_before.get(&power_slot) {
+            self.load_events(version, std::slice::from_ref(power_id), loaded).await?;
+        }
+        let power = state_before.get(&power_slot).and_then(|id| loaded.get(id));
+        if !same_server && !may_redact_others(power, redaction.sender().as_str()) {
+            return Ok(());
+        }
+        let object: CanonicalJsonObject =
+            serde_json::from_str(&target.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let redacted =
+            lattice_core::pdu::redacted(object, version).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let json = serde_json::to_string(&redacted).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));
+        lattice_storage::put(batch, keys::event(target_id.as_str()), &EventRecord { json, ..target.value });
+        Ok(())
+    }
+
     /// Loads the given events (that are not loaded yet) from storage.
     async fn load_events(
         &self,
@@ -428,4 +473,22 @@ fn already_stored(event_id: &EventId, record: EventRecord) -> Ingested {
         EventStatus::Rejected { reason } => Outcome::Rejected(reason),
     };
     Ingested { event_id: event_id.to_owned(), outcome, stream_position: record.stream_position }
+}
+
+/// Whether `user`'s power level reaches the `redact` level (spec defaults: users 0, redact 50;
+/// without a power levels event only the creator could act, and the creator passes auth anyway).
+fn may_redact_others(power_levels: Option<&Pdu>, user: &str) -> bool {
+    let Some(event) = power_levels else { return false };
+    let Ok(content) = serde_json::from_str::<serde_json::Value>(event.content().get()) else { return false };
+    // Levels are integers, or strings of integers in rooms before v10.
+    let level = |value: Option<&serde_json::Value>, default: i64| -> i64 {
+        match value {
+            Some(serde_json::Value::Number(n)) => n.as_i64().unwrap_or(default),
+            Some(serde_json::Value::String(s)) => s.trim().parse().unwrap_or(default),
+            _ => default,
+        }
+    };
+    let users_default = level(content.get("users_default"), 0);
+    let user_level = level(content.get("users").and_then(|u| u.get(user)), users_default);
+    user_level >= level(content.get("redact"), 50)
 }

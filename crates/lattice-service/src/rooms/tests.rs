@@ -393,3 +393,69 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
         assert_eq!(rows(&kv, Table::Timeline, room_id.as_str()).await.len(), 5, "v{id}");
     }
 }
+
+#[tokio::test]
+async fn redactions_replace_the_stored_event_when_allowed() {
+    for version in ["10", "11"] {
+        let (service, kv) = service();
+        let mut room = RoomBuilder::new(version);
+        let create = room.create(ALICE);
+        let alice =
+            room.event(ALICE, "m.room.member", Some(ALICE), json!({ "membership": "join" }), &[&create], &[&create]);
+        let power = room.event(
+            ALICE,
+            "m.room.power_levels",
+            Some(""),
+            json!({ "users": { ALICE: 100 } }),
+            &[&alice],
+            &[&create, &alice],
+        );
+        let rules = room.event(
+            ALICE,
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": "public" }),
+            &[&power],
+            &[&create, &alice, &power],
+        );
+        let bob = room.event(
+            BOB,
+            "m.room.member",
+            Some(BOB),
+            json!({ "membership": "join" }),
+            &[&rules],
+            &[&create, &power, &rules],
+        );
+        let eve = "@eve:elsewhere.test";
+        let eve_join = room.event(
+            eve,
+            "m.room.member",
+            Some(eve),
+            json!({ "membership": "join" }),
+            &[&bob],
+            &[&create, &power, &rules],
+        );
+        let hello =
+            room.event(BOB, "m.room.message", None, json!({ "body": "hello" }), &[&eve_join], &[&create, &power, &bob]);
+        let secret =
+            room.event(BOB, "m.room.message", None, json!({ "body": "secret" }), &[&hello], &[&create, &power, &bob]);
+        // eve, on another server and below the redact level, redacts bob's "hello".
+        let by_eve = room.redaction(eve, &hello, &[&secret], &[&create, &power, &eve_join]);
+        // alice holds the power: her redaction of "secret" takes effect.
+        let by_alice = room.redaction(ALICE, &secret, &[&by_eve], &[&create, &power, &alice]);
+        for id in [&create, &alice, &power, &rules, &bob, &eve_join, &hello, &secret, &by_eve, &by_alice] {
+            let ingested = ingest(&service, &room, id).await;
+            assert!(!matches!(ingested.outcome, Outcome::Rejected(_)), "v{version} {id}: {ingested:?}");
+        }
+        let body_of = |id: &OwnedEventId| {
+            let (kv, id) = (kv.clone(), id.clone());
+            async move {
+                let raw = kv.get(Table::Events, &keys::event(id.as_str())).await.unwrap().unwrap();
+                let record: lattice_storage::records::EventRecord = serde_json::from_slice(&raw).unwrap();
+                serde_json::from_str::<serde_json::Value>(&record.json).unwrap()["content"].clone()
+            }
+        };
+        assert_eq!(body_of(&hello).await, json!({ "body": "hello" }), "v{version}: eve's redaction does not apply");
+        assert_eq!(body_of(&secret).await, json!({}), "v{version}: alice's redaction applies");
+    }
+}
