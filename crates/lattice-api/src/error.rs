@@ -53,6 +53,7 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::GuestAccessForbidden => (StatusCode::FORBIDDEN, body("M_GUEST_ACCESS_FORBIDDEN", message)),
         E::ThreepidDenied => (StatusCode::FORBIDDEN, body("M_THREEPID_DENIED", message)),
         E::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, body("M_LIMIT_EXCEEDED", message)),
+        E::InvalidPdu(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::MissingEvents(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
         E::AuthRequired(challenge) => (StatusCode::UNAUTHORIZED, challenge.to_json()),
         E::Storage(_) | E::Internal(_) => {

@@ -38,6 +38,9 @@ pub enum ServiceError {
     LimitExceeded(String),
     #[error("additional authentication is required")]
     AuthRequired(Box<UiaChallenge>),
+    /// A PDU that failed its format, signature or hash checks; nothing was stored.
+    #[error("invalid PDU: {0}")]
+    InvalidPdu(#[from] lattice_core::pdu::PduError),
     /// Events an event refers to are not stored (fetching them over federation comes later).
     #[error("unknown events: {0}")]
     MissingEvents(String),

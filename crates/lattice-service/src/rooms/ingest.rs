@@ -46,6 +46,23 @@ const MAX_FORWARD_EXTREMITIES: usize = 1_000;
 type Loaded = HashMap<OwnedEventId, Pdu>;
 
 impl Service {
+    /// Receives a PDU as bytes from another server: format, canonical JSON, signatures (against
+    /// `keys`, the origin servers' verified public keys) and content hash, then [`Service::ingest`].
+    /// A PDU failing those first checks is refused with the rule it broke and stores nothing;
+    /// one whose content hash is wrong is kept only in its redacted form.
+    pub async fn receive_pdu(
+        &self,
+        version: &RoomVersion,
+        bytes: &[u8],
+        keys: &ruma::signatures::PublicKeyMap,
+    ) -> Result<Ingested, ServiceError> {
+        let object = lattice_core::pdu::parse(bytes, version)?;
+        let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
+            lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
+        };
+        self.ingest(version, Pdu::new(object, version)?).await
+    }
+
     /// Checks `event` and stores it with everything it changes, atomically. Idempotent: an event
     /// already stored answers with its earlier outcome.
     pub async fn ingest(&self, version: &RoomVersion, event: Pdu) -> Result<Ingested, ServiceError> {

@@ -459,3 +459,92 @@ async fn redactions_replace_the_stored_event_when_allowed() {
         assert_eq!(body_of(&secret).await, json!({}), "v{version}: alice's redaction applies");
     }
 }
+
+#[tokio::test]
+async fn received_pdus_are_checked_before_anything_is_stored() {
+    use lattice_core::pdu::PduError;
+    use lattice_core::room_version::RoomVersion;
+    use ruma::UserId;
+
+    use super::LocalEvent;
+
+    // The origin server builds and signs a room; a second server receives its PDUs as bytes.
+    let (origin, _) = service();
+    let (receiver, kv) = service();
+    let version = RoomVersion::parse("12").unwrap();
+    let alice = UserId::parse(ALICE).unwrap();
+    let mut keys = ruma::signatures::PublicKeyMap::new();
+    keys.insert(
+        "hs.test".into(),
+        [(
+            format!("ed25519:{}", origin.signing_key.version()),
+            ruma::serde::Base64::new(origin.signing_key.public_key().to_vec()),
+        )]
+        .into(),
+    );
+    let create = origin
+        .build_local_event(
+            &version,
+            LocalEvent {
+                room_id: None,
+                sender: &alice,
+                kind: "m.room.create",
+                state_key: Some(""),
+                content: json!({ "room_version": "12" }),
+            },
+        )
+        .await
+        .unwrap();
+    let room_id: ruma::OwnedRoomId = format!("!{}", &create.id().as_str()[1..]).try_into().unwrap();
+    let create_bytes = serde_json::to_vec(create.object()).unwrap();
+    origin.ingest(&version, create).await.unwrap();
+    let join = origin
+        .build_local_event(
+            &version,
+            LocalEvent {
+                room_id: Some(&room_id),
+                sender: &alice,
+                kind: "m.room.member",
+                state_key: Some(ALICE),
+                content: json!({ "membership": "join", "displayname": "Alice" }),
+            },
+        )
+        .await
+        .unwrap();
+    let join_value = serde_json::to_value(join.object()).unwrap();
+
+    let snapshot = kv.snapshot().await.unwrap();
+    let mut forged_signature = join_value.clone();
+    forged_signature["origin_server_ts"] = json!(1);
+    type Case = (Vec<u8>, fn(&crate::ServiceError) -> bool);
+    let bad_inputs: Vec<Case> = vec![
+        (b"{not json".to_vec(), |e| matches!(e, crate::ServiceError::InvalidPdu(PduError::NotCanonicalJson(_)))),
+        (vec![b' '; 70_000], |e| matches!(e, crate::ServiceError::InvalidPdu(PduError::TooLarge { .. }))),
+        (serde_json::to_vec(&forged_signature).unwrap(), |e| {
+            matches!(e, crate::ServiceError::InvalidPdu(PduError::Signature(_)))
+        }),
+        (serde_json::to_vec(&join_value).unwrap(), |e| matches!(e, crate::ServiceError::NotFound(_))),
+    ];
+    for (bytes, expected) in bad_inputs {
+        let error = receiver.receive_pdu(&version, &bytes, &keys).await.unwrap_err();
+        assert!(expected(&error), "{error:?}");
+    }
+    for table in
+        [Table::Events, Table::Rooms, Table::StateGroups, Table::Timeline, Table::CurrentState, Table::Counters]
+    {
+        let then = snapshot.scan(table, &KeyRange::all(), Direction::Forward, 100).await.unwrap();
+        let now = kv.scan(table, &KeyRange::all(), Direction::Forward, 100).await.unwrap();
+        assert_eq!(then, now, "{table:?} untouched by refused PDUs");
+    }
+
+    // Valid bytes go through; a changed content keeps only the redacted event.
+    assert_eq!(receiver.receive_pdu(&version, &create_bytes, &keys).await.unwrap().outcome, Outcome::Accepted);
+    let mut tampered = join_value.clone();
+    tampered["content"]["displayname"] = json!("Mallory");
+    let ingested = receiver.receive_pdu(&version, &serde_json::to_vec(&tampered).unwrap(), &keys).await.unwrap();
+    assert_eq!(ingested.outcome, Outcome::Accepted, "the redacted join still passes auth");
+    let raw = kv.get(Table::Events, &keys::event(ingested.event_id.as_str())).await.unwrap().unwrap();
+    let record: lattice_storage::records::EventRecord = serde_json::from_slice(&raw).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&record.json).unwrap();
+    assert_eq!(stored["content"], json!({ "membership": "join" }), "only the redacted form is kept");
+}
