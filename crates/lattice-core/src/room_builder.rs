@@ -1,9 +1,10 @@
 //! Builds unsigned room graphs in memory, for tests and benchmarks of the auth rules and state
-//! resolution (signatures play no part there). Room versions 3 and later.
+//! resolution (signatures play no part there). Every room version: v1–v2 events get
+//! `$n:hs.test` IDs and `[id, {hashes}]` references.
 
 use std::collections::HashMap;
 
-use ruma::room_version_rules::RoomIdFormatVersion;
+use ruma::room_version_rules::{EventIdFormatVersion, RoomIdFormatVersion};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId};
 use serde_json::{Value, json};
 
@@ -85,10 +86,18 @@ impl RoomBuilder {
         self.clock += 1;
         let depth =
             prev.iter().filter_map(|id| self.events.get(*id)).map(|e| u64::from(e.depth())).max().unwrap_or(0) + 1;
+        let legacy_ids = self.version.rules().event_id_format == EventIdFormatVersion::V1;
+        let references = |ids: &[&OwnedEventId]| -> Vec<Value> {
+            ids.iter().map(|id| if legacy_ids { json!([id, { "sha256": "" }]) } else { json!(id) }).collect()
+        };
         let mut value = json!({
             "sender": sender, "type": kind, "content": content, "origin_server_ts": self.clock, "depth": depth,
-            "prev_events": prev, "auth_events": auth, "hashes": { "sha256": "" }, "signatures": {},
+            "prev_events": references(prev), "auth_events": references(auth), "hashes": { "sha256": "" },
+            "signatures": {},
         });
+        if legacy_ids {
+            value["event_id"] = json!(format!("${}:hs.test", self.clock));
+        }
         if let Some(room_id) = &self.room_id {
             value["room_id"] = json!(room_id);
         }

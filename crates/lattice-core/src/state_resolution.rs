@@ -1,4 +1,5 @@
-//! State resolution v2 (room versions 2–11) and v2.1 (room version 12), through ruma.
+//! State resolution: v1 (room version 1) written here from the spec, v2 (room versions 2–11)
+//! and v2.1 (room version 12) through ruma.
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,8 +17,6 @@ pub type StateMap = HashMap<(StateEventType, String), OwnedEventId>;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StateResolutionError {
-    #[error("room version {0} uses state resolution v1, which Lattice does not implement yet")]
-    UnsupportedAlgorithm(String),
     #[error("event {0} is needed but not known")]
     MissingEvent(OwnedEventId),
     #[error("an auth chain has more than {MAX_AUTH_CHAIN_EVENTS} events")]
@@ -33,7 +32,7 @@ pub fn resolve<'a>(
     fetch: impl Fn(&EventId) -> Option<&'a Pdu>,
 ) -> Result<StateMap, StateResolutionError> {
     let StateResolutionVersion::V2(v2_rules) = version.rules().state_res else {
-        return Err(StateResolutionError::UnsupportedAlgorithm(version.id().to_string()));
+        return resolve_v1(version, state_sets, &fetch);
     };
     let mut auth_chains = Vec::with_capacity(state_sets.len());
     for state in state_sets {
@@ -45,6 +44,79 @@ pub fn resolve<'a>(
     };
     ruma::state_res::resolve(&version.rules().authorization, &v2_rules, state_sets, auth_chains, &fetch, subgraph)
         .map_err(|e| StateResolutionError::Failed(e.to_string()))
+}
+
+/// The room version 1 algorithm (spec: rooms/v1, "State resolution"). Keys with one value across
+/// the states are kept. Conflicted power levels, then join rules, then each member key are
+/// resolved by walking their events from the lowest depth (ties: highest SHA-1 of the ID) and
+/// taking each next event while it passes auth against the state so far. Any other conflicted
+/// key takes the deepest event (ties: lowest SHA-1) that passes auth.
+fn resolve_v1<'a>(
+    version: &RoomVersion,
+    state_sets: &[StateMap],
+    fetch: &impl Fn(&EventId) -> Option<&'a Pdu>,
+) -> Result<StateMap, StateResolutionError> {
+    let mut values: HashMap<(StateEventType, String), Vec<OwnedEventId>> = HashMap::new();
+    for state in state_sets {
+        for (slot, id) in state {
+            let ids = values.entry(slot.clone()).or_default();
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+        }
+    }
+    let (mut resolved, mut conflicted) = (StateMap::new(), Vec::new());
+    for (slot, mut ids) in values {
+        if ids.len() == 1 {
+            resolved.insert(slot, ids.remove(0));
+        } else {
+            conflicted.push((slot, ids));
+        }
+    }
+    // Power levels first, then join rules, then members (each key in a fixed order), then the rest.
+    let rank = |kind: &StateEventType| match kind {
+        StateEventType::RoomPowerLevels => 0,
+        StateEventType::RoomJoinRules => 1,
+        StateEventType::RoomMember => 2,
+        _ => 3,
+    };
+    conflicted.sort_by(|(a, _), (b, _)| (rank(&a.0), &a.1).cmp(&(rank(&b.0), &b.1)));
+    for (slot, ids) in conflicted {
+        let mut events = Vec::with_capacity(ids.len());
+        for id in &ids {
+            events.push(fetch(id).ok_or_else(|| StateResolutionError::MissingEvent(id.clone()))?);
+        }
+        let passes = |event: &Pdu, state: &StateMap| {
+            crate::auth::check_against_state(event, version, |kind, key| {
+                state.get(&(kind.clone(), key.to_owned())).and_then(|id| fetch(id))
+            })
+            .is_ok()
+        };
+        if rank(&slot.0) < 3 {
+            events.sort_by(|a, b| a.depth().cmp(&b.depth()).then_with(|| sha1_of(b.id()).cmp(&sha1_of(a.id()))));
+            let mut events = events.into_iter();
+            if let Some(first) = events.next() {
+                resolved.insert(slot.clone(), first.id().to_owned());
+            }
+            for event in events {
+                if !passes(event, &resolved) {
+                    break;
+                }
+                resolved.insert(slot.clone(), event.id().to_owned());
+            }
+        } else {
+            events.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| sha1_of(a.id()).cmp(&sha1_of(b.id()))));
+            if let Some(event) = events.into_iter().find(|event| passes(event, &resolved)) {
+                resolved.insert(slot, event.id().to_owned());
+            }
+        }
+    }
+    Ok(resolved)
+}
+
+fn sha1_of(id: &EventId) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(id.as_str().as_bytes()).into()
 }
 
 /// Every event reachable from `from` through `auth_events`, excluding `from` itself.

@@ -3,6 +3,7 @@
 use lattice_core::auth::{self, AuthError};
 use lattice_core::room_builder::RoomBuilder;
 use lattice_core::state_resolution::{self, StateMap, StateResolutionError};
+
 use ruma::OwnedEventId;
 use ruma::events::StateEventType;
 use serde_json::{Value, json};
@@ -141,6 +142,8 @@ impl Room {
 }
 
 const VERSIONS: &[&str] = &["3", "6", "10", "11", "12"];
+/// Versions whose state resolution orders by power (v2+) and also room version 1 (v1 algorithm).
+const ALL_ALGORITHMS: &[&str] = &["1", "2", "3", "6", "10", "11", "12"];
 
 #[test]
 fn auth_rules_accept_the_room_and_refuse_forbidden_events() {
@@ -191,7 +194,7 @@ fn auth_rules_accept_the_room_and_refuse_forbidden_events() {
 
 #[test]
 fn a_ban_beats_a_concurrent_join() {
-    for version in VERSIONS {
+    for version in ALL_ALGORITHMS {
         let mut room = Room::new(version);
         let (create, alice, power, rules, tip) =
             (room.create.clone(), room.alice.clone(), room.power.clone(), room.rules.clone(), room.tip.clone());
@@ -220,7 +223,7 @@ fn a_ban_beats_a_concurrent_join() {
 
 #[test]
 fn a_demotion_beats_a_concurrent_kick_by_the_demoted() {
-    for version in VERSIONS {
+    for version in ALL_ALGORITHMS {
         let mut room = Room::new(version);
         let (create, alice, power, bob, carol, tip) = (
             room.create.clone(),
@@ -277,13 +280,43 @@ fn closing_the_room_beats_a_concurrent_join() {
 }
 
 #[test]
-fn unconflicted_state_passes_through_and_v1_is_refused_honestly() {
-    let room = Room::new("10");
-    let state = room.state(&[]);
-    assert_eq!(room.resolve(&[state.clone(), state.clone()]).unwrap(), state);
-    let v1 = lattice_core::room_version::RoomVersion::parse("1").unwrap();
-    let err = state_resolution::resolve(&v1, &[state], |id| room.b.get(id)).unwrap_err();
-    assert!(matches!(err, StateResolutionError::UnsupportedAlgorithm(_)));
+fn unconflicted_state_passes_through() {
+    for version in ALL_ALGORITHMS {
+        let room = Room::new(version);
+        let state = room.state(&[]);
+        assert_eq!(room.resolve(&[state.clone(), state.clone()]).unwrap(), state, "v{version}");
+    }
+}
+
+/// Room version 1 keeps a key that only one side has (v2 runs it through auth): the reason v2
+/// exists. Both behaviours are pinned here.
+#[test]
+fn a_join_only_one_side_saw_survives_in_v1_but_not_in_v2() {
+    for (version, survives) in [("1", true), ("2", false)] {
+        let mut room = Room::new(version);
+        let (create, alice, power, rules, tip) =
+            (room.create.clone(), room.alice.clone(), room.power.clone(), room.rules.clone(), room.tip.clone());
+        let erin = "@erin:hs.test";
+        let closed = room.add(
+            ALICE,
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": "invite" }),
+            &[&tip],
+            &[&create, &power, &alice],
+        );
+        let join = room.add(
+            erin,
+            "m.room.member",
+            Some(erin),
+            json!({ "membership": "join" }),
+            &[&tip],
+            &[&create, &power, &rules],
+        );
+        let resolved = room.resolve(&[room.state(&[&closed]), room.state(&[&join])]).unwrap();
+        assert_eq!(resolved[&(StateEventType::RoomJoinRules, String::new())], closed, "v{version}");
+        assert_eq!(Room::member(&resolved, erin).is_some(), survives, "v{version}");
+    }
 }
 
 // ---- One auth-rule family at a time, accept and reject, across room versions ----
