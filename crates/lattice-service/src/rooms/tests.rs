@@ -73,7 +73,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let mut room = RoomBuilder::new("10");
+    setup_version("10")
+}
+
+fn setup_version(version: &str) -> Setup {
+    let mut room = RoomBuilder::new(version);
     let create = room.create(ALICE);
     let alice =
         room.event(ALICE, "m.room.member", Some(ALICE), json!({ "membership": "join" }), &[&create], &[&create]);
@@ -398,34 +402,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
 async fn redactions_replace_the_stored_event_when_allowed() {
     for version in ["10", "11"] {
         let (service, kv) = service();
-        let mut room = RoomBuilder::new(version);
-        let create = room.create(ALICE);
-        let alice =
-            room.event(ALICE, "m.room.member", Some(ALICE), json!({ "membership": "join" }), &[&create], &[&create]);
-        let power = room.event(
-            ALICE,
-            "m.room.power_levels",
-            Some(""),
-            json!({ "users": { ALICE: 100 } }),
-            &[&alice],
-            &[&create, &alice],
-        );
-        let rules = room.event(
-            ALICE,
-            "m.room.join_rules",
-            Some(""),
-            json!({ "join_rule": "public" }),
-            &[&power],
-            &[&create, &alice, &power],
-        );
-        let bob = room.event(
-            BOB,
-            "m.room.member",
-            Some(BOB),
-            json!({ "membership": "join" }),
-            &[&rules],
-            &[&create, &power, &rules],
-        );
+        let Setup { mut room, create, alice, power, rules, bob } = setup_version(version);
         let eve = "@eve:elsewhere.test";
         let eve_join = room.event(
             eve,
