@@ -31,14 +31,29 @@ pub fn resolve<'a>(
     state_sets: &[StateMap],
     fetch: impl Fn(&EventId) -> Option<&'a Pdu>,
 ) -> Result<StateMap, StateResolutionError> {
+    let mut auth_chains = Vec::with_capacity(state_sets.len());
+    if matches!(version.rules().state_res, StateResolutionVersion::V2(_)) {
+        for state in state_sets {
+            auth_chains.push(auth_chain(state.values().map(|id| id.as_ref()), &fetch)?);
+        }
+    }
+    resolve_with_auth_chains(version, state_sets, auth_chains, fetch)
+}
+
+/// [`resolve`] with the auth chain of each state set already known (from an index), so no
+/// graph walk is needed. `auth_chains[i]` is the union of the auth chains of `state_sets[i]`'s
+/// events; `fetch` must still know every event in those chains.
+pub fn resolve_with_auth_chains<'a>(
+    version: &RoomVersion,
+    state_sets: &[StateMap],
+    auth_chains: Vec<HashSet<OwnedEventId>>,
+    fetch: impl Fn(&EventId) -> Option<&'a Pdu>,
+) -> Result<StateMap, StateResolutionError> {
     let StateResolutionVersion::V2(v2_rules) = version.rules().state_res else {
         return resolve_v1(version, state_sets, &fetch);
     };
-    let mut auth_chains = Vec::with_capacity(state_sets.len());
-    for state in state_sets {
-        let chain = auth_chain(state.values().map(|id| id.as_ref()), &fetch)?;
-        auth_chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
-    }
+    let auth_chains =
+        auth_chains.into_iter().map(|chain| chain.into_iter().collect::<EventIdSet<OwnedEventId>>()).collect();
     let subgraph = |conflicted: &ruma::state_res::StateMap<Vec<OwnedEventId>>| {
         conflicted_subgraph(conflicted.values().flatten(), &fetch).ok().map(|ids| ids.into_iter().collect())
     };

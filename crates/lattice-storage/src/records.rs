@@ -193,3 +193,14 @@ pub struct StateGroupRecord {
 impl Record for StateGroupRecord {
     const TABLE: Table = Table::StateGroups;
 }
+
+/// The auth chain of a state event (every event reachable through `auth_events`, itself
+/// excluded), so state resolution needs no graph walk. Kept for state events only: they are the
+/// only events that can be auth events, and a message's chain is the union of its auth events'.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AuthChainRecord(pub Vec<String>);
+
+impl Record for AuthChainRecord {
+    const TABLE: Table = Table::AuthChains;
+}

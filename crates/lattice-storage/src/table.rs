@@ -35,4 +35,5 @@ tables! {
     StateGroups => "state_groups",
     CurrentState => "current_state",
     Memberships => "memberships",
+    AuthChains => "auth_chains",
 }

@@ -11,7 +11,7 @@ use lattice_core::auth;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::{self, StateMap};
-use lattice_storage::records::{EventRecord, EventStatus, RoomRecord};
+use lattice_storage::records::{AuthChainRecord, EventRecord, EventStatus, RoomRecord};
 use lattice_storage::{Fetched, StorageError, Table, WriteBatch, keys};
 use ruma::events::{StateEventType, TimelineEventType};
 use ruma::state_res::Event;
@@ -193,6 +193,12 @@ impl Service {
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
         };
         lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
+        if !matches!(outcome, Outcome::Rejected(_)) && event.state_key().is_some() {
+            let chain = self.auth_chain_through(version, event.auth_event_ids(), &mut loaded).await?;
+            let mut chain: Vec<String> = chain.into_iter().map(|id| id.to_string()).collect();
+            chain.sort();
+            lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &AuthChainRecord(chain));
+        }
         if outcome == Outcome::Accepted && *event.kind() == TimelineEventType::RoomRedaction {
             self.apply_redaction(version, event, &state_before, &mut loaded, &mut batch).await?;
         }
@@ -280,9 +286,18 @@ impl Service {
         states: &[StateMap],
         loaded: &mut Loaded,
     ) -> Result<StateMap, ServiceError> {
-        let ids: Vec<OwnedEventId> = states.iter().flat_map(|s| s.values().cloned()).collect();
-        self.load_auth_closure(version, &ids, loaded).await?;
-        state_resolution::resolve(version, states, |id| loaded.get(id))
+        let mut auth_chains = Vec::with_capacity(states.len());
+        for state in states {
+            let mut chain = HashSet::new();
+            for id in state.values() {
+                chain.extend(self.stored_auth_chain(version, id, loaded).await?);
+            }
+            auth_chains.push(chain);
+        }
+        let needed: Vec<OwnedEventId> =
+            states.iter().flat_map(|s| s.values().cloned()).chain(auth_chains.iter().flatten().cloned()).collect();
+        self.load_events(version, &needed, loaded).await?;
+        state_resolution::resolve_with_auth_chains(version, states, auth_chains, |id| loaded.get(id))
             .map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
@@ -428,6 +443,48 @@ impl Service {
             return Err(ServiceError::MissingEvents(missing.join(", ")));
         }
         Ok(())
+    }
+
+    /// The auth chain through `auth_events`: each of them and its stored chain.
+    async fn auth_chain_through(
+        &self,
+        version: &RoomVersion,
+        auth_events: &[OwnedEventId],
+        loaded: &mut Loaded,
+    ) -> Result<HashSet<OwnedEventId>, ServiceError> {
+        let mut chain = HashSet::new();
+        for id in auth_events {
+            chain.insert(id.clone());
+            chain.extend(self.stored_auth_chain(version, id, loaded).await?);
+        }
+        if chain.len() > lattice_core::limits::MAX_AUTH_CHAIN_EVENTS {
+            return Err(ServiceError::Internal("auth chain over the limit".into()));
+        }
+        Ok(chain)
+    }
+
+    /// The auth chain of a stored event, from the index; for an event without an index row (a
+    /// message, or data written before the index existed) it is walked from its auth events.
+    async fn stored_auth_chain(
+        &self,
+        version: &RoomVersion,
+        id: &OwnedEventId,
+        loaded: &mut Loaded,
+    ) -> Result<Vec<OwnedEventId>, ServiceError> {
+        if let Some(record) =
+            lattice_storage::get::<AuthChainRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await?
+        {
+            return record
+                .value
+                .0
+                .into_iter()
+                .map(|id| OwnedEventId::try_from(id).map_err(|e| ServiceError::Internal(e.to_string())))
+                .collect();
+        }
+        self.load_auth_closure(version, std::slice::from_ref(id), loaded).await?;
+        let chain = lattice_core::state_resolution::auth_chain([id.as_ref()], |id| loaded.get(id))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(chain.into_iter().collect())
     }
 
     /// Loads `ids` and everything in their auth chains.

@@ -129,6 +129,18 @@ async fn a_linear_history_builds_state_timeline_and_memberships() {
     let membership = kv.get(Table::Memberships, &keys::membership(BOB, ROOM)).await.unwrap();
     assert_eq!(membership.as_deref(), Some(&b"join"[..]));
 
+    // The auth-chain index of bob's join matches a walk of the graph.
+    let raw = kv.get(Table::AuthChains, &keys::event(s.bob.as_str())).await.unwrap().unwrap();
+    let mut indexed: Vec<String> = serde_json::from_slice(&raw).unwrap();
+    indexed.sort();
+    let walked = lattice_core::state_resolution::auth_chain([s.bob.as_ref()], |id| s.room.get(id)).unwrap();
+    let mut walked: Vec<String> = walked.into_iter().map(|id| id.to_string()).collect();
+    walked.sort();
+    assert_eq!(indexed, walked);
+    let mut expected: Vec<String> = [&s.create, &s.alice, &s.power, &s.rules].map(|id| id.to_string()).to_vec();
+    expected.sort();
+    assert_eq!(indexed, expected);
+
     // Ingesting again changes nothing and answers the same.
     let again = ingest(&service, &s.room, &s.bob).await;
     assert_eq!(again.stream_position, Some(positions[4]));
