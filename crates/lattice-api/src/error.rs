@@ -53,6 +53,7 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::GuestAccessForbidden => (StatusCode::FORBIDDEN, body("M_GUEST_ACCESS_FORBIDDEN", message)),
         E::ThreepidDenied => (StatusCode::FORBIDDEN, body("M_THREEPID_DENIED", message)),
         E::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, body("M_LIMIT_EXCEEDED", message)),
+        E::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, body("M_UNSUPPORTED_ROOM_VERSION", message)),
         E::InvalidPdu(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::MissingEvents(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
         E::AuthRequired(challenge) => (StatusCode::UNAUTHORIZED, challenge.to_json()),
@@ -108,3 +109,38 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use lattice_core::room_version::RoomVersion;
+
+    use super::*;
+
+    /// The mapping, as data: (error, status, errcode).
+    #[test]
+    fn service_errors_map_to_their_matrix_errors() {
+        let unsupported = RoomVersion::parse("13").unwrap_err();
+        let cases: Vec<(ServiceError, u16, &str)> = vec![
+            (ServiceError::Forbidden("no".into()), 403, "M_FORBIDDEN"),
+            (ServiceError::UnknownToken { soft_logout: true }, 401, "M_UNKNOWN_TOKEN"),
+            (ServiceError::NotFound("x".into()), 404, "M_NOT_FOUND"),
+            (ServiceError::UserInUse, 400, "M_USER_IN_USE"),
+            (ServiceError::InvalidUsername("x".into()), 400, "M_INVALID_USERNAME"),
+            (ServiceError::UserDeactivated, 403, "M_USER_DEACTIVATED"),
+            (ServiceError::GuestAccessForbidden, 403, "M_GUEST_ACCESS_FORBIDDEN"),
+            (ServiceError::ThreepidDenied, 403, "M_THREEPID_DENIED"),
+            (ServiceError::TooLarge { what: "x", limit: 1 }, 413, "M_TOO_LARGE"),
+            (ServiceError::ServerManaged("x".into()), 405, "M_BAD_JSON"),
+            (ServiceError::UnsupportedRoomVersion(unsupported), 400, "M_UNSUPPORTED_ROOM_VERSION"),
+            (ServiceError::Internal("boom".into()), 500, "M_UNKNOWN"),
+        ];
+        for (error, status, errcode) in cases {
+            let (got_status, body) = ApiError::Service(error).status_and_body();
+            assert_eq!((got_status.as_u16(), body["errcode"].as_str().unwrap()), (status, errcode));
+        }
+        let (_, body) = ApiError::Service(ServiceError::UnknownToken { soft_logout: true }).status_and_body();
+        assert_eq!(body["soft_logout"], true);
+        let (_, body) = ApiError::RateLimited { retry_after_ms: 1500 }.status_and_body();
+        assert_eq!(body["retry_after_ms"], 1500);
+    }
+}

@@ -38,6 +38,9 @@ pub enum ServiceError {
     LimitExceeded(String),
     #[error("additional authentication is required")]
     AuthRequired(Box<UiaChallenge>),
+    /// A room version outside 1–12 (spec: `M_UNSUPPORTED_ROOM_VERSION`).
+    #[error("{0}")]
+    UnsupportedRoomVersion(#[from] lattice_core::room_version::UnsupportedRoomVersion),
     /// A PDU that failed its format, signature or hash checks; nothing was stored.
     #[error("invalid PDU: {0}")]
     InvalidPdu(#[from] lattice_core::pdu::PduError),

@@ -86,6 +86,16 @@ pub fn membership(user_id: &str, room_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), room_id.as_bytes()])
 }
 
+/// `target\0redaction`: redactions accepted before the event they redact arrived.
+pub fn pending_redaction(target_id: &str, redaction_id: &str) -> Vec<u8> {
+    join(&[target_id.as_bytes(), redaction_id.as_bytes()])
+}
+
+/// The prefix of every pending redaction of `target_id`.
+pub fn pending_redactions_of(target_id: &str) -> Vec<u8> {
+    join(&[target_id.as_bytes(), b""])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

@@ -36,4 +36,5 @@ tables! {
     CurrentState => "current_state",
     Memberships => "memberships",
     AuthChains => "auth_chains",
+    PendingRedactions => "pending_redactions",
 }

@@ -192,6 +192,10 @@ impl Service {
             stream_position,
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
         };
+        let mut record = record;
+        if let Some(json) = self.redact_if_pending(version, event, &mut loaded, &mut batch).await? {
+            record.json = json;
+        }
         lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
         if !matches!(outcome, Outcome::Rejected(_)) && event.state_key().is_some() {
             let chain = self.auth_chain_through(version, event.auth_event_ids(), &mut loaded).await?;
@@ -394,30 +398,88 @@ impl Service {
         let Some(target) =
             lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(target_id.as_str())).await?
         else {
+            // Applied when the target arrives.
+            let key = keys::pending_redaction(target_id.as_str(), redaction.id().as_str());
+            batch.put(Table::PendingRedactions, key, Vec::new());
             return Ok(());
         };
         if target.value.room_id != room_id_of(redaction)?.as_str() {
             return Ok(());
         }
         self.load_events(version, std::slice::from_ref(target_id), loaded).await?;
-        let same_server =
-            loaded.get(target_id).is_some_and(|t| t.sender().server_name() == redaction.sender().server_name());
-        let power_slot = (StateEventType::RoomPowerLevels, String::new());
-        if let Some(power_id) = state_before.get(&power_slot) {
-            self.load_events(version, std::slice::from_ref(power_id), loaded).await?;
-        }
-        let power = state_before.get(&power_slot).and_then(|id| loaded.get(id));
-        if !same_server && !may_redact_others(power, redaction.sender().as_str()) {
+        let Some(target_event) = loaded.get(target_id).cloned() else { return Ok(()) };
+        if !self.redaction_takes_effect(version, redaction, &target_event, state_before, loaded).await? {
             return Ok(());
         }
-        let object: CanonicalJsonObject =
-            serde_json::from_str(&target.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let redacted =
-            lattice_core::pdu::redacted(object, version).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let json = serde_json::to_string(&redacted).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let json = redacted_json(target_event.object(), version)?;
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));
         lattice_storage::put(batch, keys::event(target_id.as_str()), &EventRecord { json, ..target.value });
         Ok(())
+    }
+
+    /// Whether `redaction` may redact `target`: the spec lets it when the redacting user has the
+    /// `redact` power level in the state before the redaction, or is on the target sender's server.
+    async fn redaction_takes_effect(
+        &self,
+        version: &RoomVersion,
+        redaction: &Pdu,
+        target: &Pdu,
+        state_before_redaction: &StateMap,
+        loaded: &mut Loaded,
+    ) -> Result<bool, ServiceError> {
+        if target.sender().server_name() == redaction.sender().server_name() {
+            return Ok(true);
+        }
+        let Some(power_id) = state_before_redaction.get(&(StateEventType::RoomPowerLevels, String::new())) else {
+            return Ok(false);
+        };
+        self.load_events(version, std::slice::from_ref(power_id), loaded).await?;
+        Ok(may_redact_others(loaded.get(power_id), redaction.sender().as_str()))
+    }
+
+    /// For an event arriving after redactions of it were accepted: its redacted JSON when one of
+    /// them takes effect. The pending rows are removed in `batch` either way.
+    async fn redact_if_pending(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        loaded: &mut Loaded,
+        batch: &mut WriteBatch,
+    ) -> Result<Option<String>, ServiceError> {
+        const MAX_PENDING: usize = 100;
+        let prefix = keys::pending_redactions_of(event.id().as_str());
+        let rows = self
+            .kv
+            .scan(
+                Table::PendingRedactions,
+                &lattice_storage::KeyRange::prefix(&prefix),
+                lattice_storage::Direction::Forward,
+                MAX_PENDING,
+            )
+            .await?;
+        let mut takes_effect = false;
+        for (key, _) in rows {
+            let redaction_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            batch.delete(Table::PendingRedactions, key);
+            let Some(record) =
+                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&redaction_id)).await?
+            else {
+                continue;
+            };
+            if takes_effect
+                || !matches!(record.value.status, EventStatus::Accepted)
+                || record.value.room_id != room_id_of(event)?.as_str()
+            {
+                continue;
+            }
+            let redaction_id =
+                OwnedEventId::try_from(redaction_id).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let redaction = stored_pdu(version, &redaction_id, record.clone())?;
+            // The state after a redaction (a message event) is the state before it.
+            let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
+            takes_effect = self.redaction_takes_effect(version, &redaction, event, &state, loaded).await?;
+        }
+        if takes_effect { Ok(Some(redacted_json(event.object(), version)?)) } else { Ok(None) }
     }
 
     /// Loads the given events (that are not loaded yet) from storage.
@@ -547,6 +609,12 @@ fn already_stored(event_id: &EventId, record: EventRecord) -> Ingested {
         EventStatus::Rejected { reason } => Outcome::Rejected(reason),
     };
     Ingested { event_id: event_id.to_owned(), outcome, stream_position: record.stream_position }
+}
+
+fn redacted_json(object: &CanonicalJsonObject, version: &RoomVersion) -> Result<String, ServiceError> {
+    let redacted =
+        lattice_core::pdu::redacted(object.clone(), version).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    serde_json::to_string(&redacted).map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// Whether `user`'s power level reaches the `redact` level (spec defaults: users 0, redact 50;

@@ -537,3 +537,28 @@ async fn received_pdus_are_checked_before_anything_is_stored() {
     let stored: serde_json::Value = serde_json::from_str(&record.json).unwrap();
     assert_eq!(stored["content"], json!({ "membership": "join" }), "only the redacted form is kept");
 }
+
+#[tokio::test]
+async fn a_redaction_that_arrives_before_its_target_applies_when_the_target_comes() {
+    let (service, kv) = service();
+    let Setup { mut room, create, alice, power, rules, bob } = setup();
+    for id in [&create, &alice, &power, &rules, &bob] {
+        ingest(&service, &room, id).await;
+    }
+    // Two branches from bob's join: bob's message, and alice's redaction of it.
+    let message =
+        room.event(BOB, "m.room.message", None, json!({ "body": "regret" }), &[&bob], &[&create, &power, &bob]);
+    let redaction = room.redaction(ALICE, &message, &[&bob], &[&create, &power, &alice]);
+    assert_eq!(ingest(&service, &room, &redaction).await.outcome, Outcome::Accepted);
+    let pending =
+        kv.get(Table::PendingRedactions, &keys::pending_redaction(message.as_str(), redaction.as_str())).await.unwrap();
+    assert!(pending.is_some(), "the redaction waits for its target");
+
+    assert_eq!(ingest(&service, &room, &message).await.outcome, Outcome::Accepted);
+    let raw = kv.get(Table::Events, &keys::event(message.as_str())).await.unwrap().unwrap();
+    let record: lattice_storage::records::EventRecord = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&record.json).unwrap()["content"], json!({}));
+    let pending =
+        kv.get(Table::PendingRedactions, &keys::pending_redaction(message.as_str(), redaction.as_str())).await.unwrap();
+    assert!(pending.is_none(), "the pending row is gone");
+}
