@@ -4,5 +4,6 @@
 mod accounts;
 mod bad_input;
 mod process;
+mod rooms;
 mod sdk_client;
 mod support;

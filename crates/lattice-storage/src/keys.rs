@@ -96,6 +96,11 @@ pub fn pending_redactions_of(target_id: &str) -> Vec<u8> {
     join(&[target_id.as_bytes(), b""])
 }
 
+/// A client's transaction ID, scoped to its device: `user\0device\0txn`.
+pub fn transaction(user_id: &str, device_id: &str, txn_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), txn_id.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

@@ -204,3 +204,15 @@ pub struct AuthChainRecord(pub Vec<String>);
 impl Record for AuthChainRecord {
     const TABLE: Table = Table::AuthChains;
 }
+
+/// What a client transaction ID produced, so a retried send answers with the same event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionRecord {
+    pub event_id: String,
+    /// SHA-256 (hex) of the request's type and content: a reused ID with other content is refused.
+    pub request_hash: String,
+}
+
+impl Record for TransactionRecord {
+    const TABLE: Table = Table::Transactions;
+}

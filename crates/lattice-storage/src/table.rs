@@ -37,4 +37,5 @@ tables! {
     Memberships => "memberships",
     AuthChains => "auth_chains",
     PendingRedactions => "pending_redactions",
+    Transactions => "transactions",
 }

@@ -4,6 +4,7 @@ mod account;
 mod devices;
 mod discovery;
 mod profile;
+mod rooms;
 mod session;
 mod user_data;
 
@@ -22,6 +23,7 @@ pub fn all() -> Router<AppState> {
         .merge(session::routes())
         .merge(devices::routes())
         .merge(profile::routes())
+        .merge(rooms::routes())
         .merge(user_data::routes())
 }
 

@@ -66,8 +66,20 @@ impl Service {
     /// Checks `event` and stores it with everything it changes, atomically. Idempotent: an event
     /// already stored answers with its earlier outcome.
     pub async fn ingest(&self, version: &RoomVersion, event: Pdu) -> Result<Ingested, ServiceError> {
+        self.ingest_with(version, event, &WriteBatch::new()).await
+    }
+
+    /// [`Service::ingest`], adding `extra` (writes and their conditions) to the event's batch when
+    /// the event is accepted — e.g. the transaction ID of a client send, so that it and the event
+    /// are stored together or not at all.
+    pub(crate) async fn ingest_with(
+        &self,
+        version: &RoomVersion,
+        event: Pdu,
+        extra: &WriteBatch,
+    ) -> Result<Ingested, ServiceError> {
         for _ in 0..ROOM_WRITE_RETRIES {
-            match self.try_ingest(version, &event).await {
+            match self.try_ingest(version, &event, extra).await {
                 Err(ServiceError::Storage(StorageError::Conflict)) => continue,
                 other => return other,
             }
@@ -75,7 +87,12 @@ impl Service {
         Err(ServiceError::LimitExceeded("too many concurrent writes to this room".into()))
     }
 
-    async fn try_ingest(&self, version: &RoomVersion, event: &Pdu) -> Result<Ingested, ServiceError> {
+    async fn try_ingest(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        extra: &WriteBatch,
+    ) -> Result<Ingested, ServiceError> {
         if let Some(existing) =
             lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event.id().as_str())).await?
         {
@@ -242,6 +259,10 @@ impl Service {
         };
         if let Some(new_room) = new_room {
             lattice_storage::put(&mut batch, room_key, &new_room);
+        }
+        if outcome == Outcome::Accepted {
+            batch.ops.extend(extra.ops.iter().cloned());
+            batch.conditions.extend(extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
         Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })

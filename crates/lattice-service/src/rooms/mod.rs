@@ -1,6 +1,7 @@
 //! Rooms: the room graph in storage and the one ingest path every event takes (architecture
 //! invariant 1). Client-facing room APIs build on this.
 
+mod client;
 mod ingest;
 mod local_events;
 mod state_store;
@@ -8,5 +9,6 @@ mod state_store;
 #[cfg(test)]
 mod tests;
 
+pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;

@@ -1,0 +1,299 @@
+//! Rooms: creating them, sending events, reading state, membership.
+
+use axum::extract::State;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use lattice_service::rooms::{CreateRoom, Preset, Txn};
+use lattice_service::{JsonObject, ServiceError};
+use ruma::{OwnedRoomId, OwnedUserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Auth, JsonBody, PathParams};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/client/v3/createRoom", post(create_room))
+        .route("/_matrix/client/v3/joined_rooms", get(joined_rooms))
+        .route("/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}", put(send))
+        .route("/_matrix/client/v3/rooms/{room_id}/state", get(all_state))
+        .route(
+            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}",
+            get(get_state_empty_key).put(put_state_empty_key),
+        )
+        .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
+        .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
+        .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
+        .route("/_matrix/client/v3/rooms/{room_id}/leave", post(leave))
+        .route("/_matrix/client/v3/rooms/{room_id}/invite", post(invite))
+        .route("/_matrix/client/v3/rooms/{room_id}/kick", post(kick))
+        .route("/_matrix/client/v3/rooms/{room_id}/ban", post(ban))
+        .route("/_matrix/client/v3/rooms/{room_id}/unban", post(unban))
+}
+
+fn parse_room(room_id: &str) -> ApiResult<OwnedRoomId> {
+    if room_id.starts_with('#') {
+        return Err(ApiError::Service(ServiceError::NotFound("room aliases are not supported yet".into())));
+    }
+    OwnedRoomId::try_from(room_id).map_err(|e| ApiError::InvalidParam(format!("invalid room ID: {e}")))
+}
+
+#[derive(Deserialize)]
+struct InitialState {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    state_key: String,
+    content: JsonObject,
+}
+
+#[derive(Deserialize)]
+struct CreateRoomBody {
+    preset: Option<String>,
+    visibility: Option<String>,
+    name: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    invite: Vec<OwnedUserId>,
+    room_version: Option<String>,
+    creation_content: Option<JsonObject>,
+    #[serde(default)]
+    initial_state: Vec<InitialState>,
+    power_level_content_override: Option<JsonObject>,
+    #[serde(default)]
+    is_direct: bool,
+    room_alias_name: Option<String>,
+    #[serde(default)]
+    invite_3pid: Vec<Value>,
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    JsonBody(body): JsonBody<CreateRoomBody>,
+) -> ApiResult<Json<Value>> {
+    // Not built yet: refused rather than silently ignored.
+    if body.room_alias_name.is_some() {
+        return Err(ApiError::Unsupported("room aliases are not supported yet".into()));
+    }
+    if body.visibility.as_deref() == Some("public") {
+        return Err(ApiError::Unsupported("the public room directory is not supported yet".into()));
+    }
+    if !body.invite_3pid.is_empty() {
+        return Err(ServiceError::ThreepidDenied.into());
+    }
+    let preset = match body.preset.as_deref() {
+        None => None,
+        Some("private_chat") => Some(Preset::PrivateChat),
+        Some("trusted_private_chat") => Some(Preset::TrustedPrivateChat),
+        Some("public_chat") => Some(Preset::PublicChat),
+        Some(other) => return Err(ApiError::BadJson(format!("unknown preset {other:?}"))),
+    };
+    let request = CreateRoom {
+        preset,
+        public_visibility: false,
+        name: body.name,
+        topic: body.topic,
+        invite: body.invite,
+        room_version: body.room_version,
+        creation_content: body.creation_content,
+        initial_state: body.initial_state.into_iter().map(|s| (s.kind, s.state_key, s.content)).collect(),
+        power_level_content_override: body.power_level_content_override,
+        is_direct: body.is_direct,
+    };
+    let room_id = state.service.create_room(&session.user_id, request).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+async fn joined_rooms(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({ "joined_rooms": state.service.joined_rooms(&session.user_id).await? })))
+}
+
+async fn send(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, event_type, txn_id)): PathParams<(String, String, String)>,
+    JsonBody(content): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
+    let event_id = state.service.send_event(&session.user_id, &room_id, &event_type, None, content, Some(txn)).await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+async fn all_state(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    Ok(Json(Value::Array(state.service.room_state(&session.user_id, &room_id).await?)))
+}
+
+async fn read_state(
+    state: &AppState,
+    session: &lattice_service::Session,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(room_id)?;
+    Ok(Json(state.service.state_content(&session.user_id, &room_id, kind, key).await?))
+}
+
+async fn get_state(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    read_state(&state, &session, &room_id, &kind, &key).await
+}
+
+async fn get_state_empty_key(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, kind)): PathParams<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    read_state(&state, &session, &room_id, &kind, "").await
+}
+
+async fn write_state(
+    state: &AppState,
+    session: &lattice_service::Session,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+    content: JsonObject,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(room_id)?;
+    let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let event_id = state.service.send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+async fn put_state(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
+    JsonBody(content): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    write_state(&state, &session, &room_id, &kind, &key, content).await
+}
+
+async fn put_state_empty_key(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, kind)): PathParams<(String, String)>,
+    JsonBody(content): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    write_state(&state, &session, &room_id, &kind, "", content).await
+}
+
+#[derive(Deserialize)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TargetBody {
+    user_id: OwnedUserId,
+    reason: Option<String>,
+}
+
+/// Sets `target`'s membership in the room, as `session`'s user.
+async fn set_membership(
+    state: &AppState,
+    session: &lattice_service::Session,
+    room_id: &OwnedRoomId,
+    target: &str,
+    membership: &str,
+    reason: Option<String>,
+) -> ApiResult<()> {
+    let mut content = json!({ "membership": membership });
+    if let Some(reason) = reason {
+        content["reason"] = json!(reason);
+    }
+    state.service.send_event(&session.user_id, room_id, "m.room.member", Some(target), content, None).await?;
+    Ok(())
+}
+
+async fn join(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    if room_id.server_name().is_some_and(|server| server != state.service.server_name())
+        && state.service.membership(&session.user_id, &room_id).await.is_err()
+    {
+        return Err(ServiceError::NotFound(
+            "joining rooms on other servers needs federation, which is not built yet".into(),
+        )
+        .into());
+    }
+    set_membership(&state, &session, &room_id, session.user_id.as_str(), "join", body.reason).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+async fn leave(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    set_membership(&state, &session, &room_id, session.user_id.as_str(), "leave", body.reason).await?;
+    Ok(Json(json!({})))
+}
+
+async fn on_target(
+    state: AppState,
+    session: lattice_service::Session,
+    room_id: String,
+    body: TargetBody,
+    membership: &str,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    set_membership(&state, &session, &room_id, body.user_id.as_str(), membership, body.reason).await?;
+    Ok(Json(json!({})))
+}
+
+async fn invite(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    on_target(state, session, room_id, body, "invite").await
+}
+
+async fn kick(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    on_target(state, session, room_id, body, "leave").await
+}
+
+async fn ban(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    on_target(state, session, room_id, body, "ban").await
+}
+
+async fn unban(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<TargetBody>,
+) -> ApiResult<Json<Value>> {
+    on_target(state, session, room_id, body, "leave").await
+}

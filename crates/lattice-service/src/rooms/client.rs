@@ -1,0 +1,331 @@
+//! What local users do to rooms: create them, send events (with transaction IDs), read state,
+//! and change their membership. Every event goes through `build_local_event` and `ingest`.
+
+use lattice_core::room_version::RoomVersion;
+use lattice_storage::records::{EventRecord, JsonObject, RoomRecord, TransactionRecord};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use ruma::{OwnedEventId, OwnedRoomId, RoomId, UserId};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{LocalEvent, Outcome};
+use crate::secrets::{hex, random_alphanumeric};
+use crate::{Service, ServiceError};
+
+/// The room version new rooms get unless the client asks for another (the spec's recommendation).
+pub const DEFAULT_ROOM_VERSION: &str = "11";
+
+/// Rooms one user may be listed in by `joined_rooms`.
+const MAX_ROOMS_PER_LIST: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    PrivateChat,
+    TrustedPrivateChat,
+    PublicChat,
+}
+
+/// A parsed `createRoom` request.
+#[derive(Debug, Default)]
+pub struct CreateRoom {
+    pub preset: Option<Preset>,
+    pub public_visibility: bool,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub invite: Vec<ruma::OwnedUserId>,
+    pub room_version: Option<String>,
+    pub creation_content: Option<JsonObject>,
+    pub initial_state: Vec<(String, String, JsonObject)>,
+    pub power_level_content_override: Option<JsonObject>,
+    pub is_direct: bool,
+}
+
+/// A client's transaction: who sent it, from which device, under which ID.
+pub struct Txn<'a> {
+    pub device_id: &'a str,
+    pub txn_id: &'a str,
+}
+
+impl Service {
+    /// `POST /createRoom`: the create event, the creator's join, power levels, join rules,
+    /// history visibility, guest access, initial state, name, topic, invites — each through ingest.
+    pub async fn create_room(&self, creator: &UserId, request: CreateRoom) -> Result<OwnedRoomId, ServiceError> {
+        let version = RoomVersion::parse(request.room_version.as_deref().unwrap_or(DEFAULT_ROOM_VERSION))?;
+        let preset =
+            request.preset.unwrap_or(if request.public_visibility { Preset::PublicChat } else { Preset::PrivateChat });
+        let mut create_content =
+            serde_json::to_value(request.creation_content.unwrap_or(JsonObject(Default::default())))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        create_content["room_version"] = json!(version.id().as_str());
+        if !version.rules().authorization.use_room_create_sender {
+            create_content["creator"] = json!(creator);
+        }
+        let derives_room_id = version.rules().authorization.room_create_event_id_as_room_id;
+        let chosen: OwnedRoomId = format!("!{}:{}", random_alphanumeric(18), self.server_name())
+            .try_into()
+            .map_err(|e: ruma::IdParseError| ServiceError::Internal(e.to_string()))?;
+        let create = LocalEvent {
+            room_id: (!derives_room_id).then_some(&*chosen),
+            sender: creator,
+            kind: "m.room.create",
+            state_key: Some(""),
+            content: create_content,
+        };
+        let create = self.build_local_event(&version, create).await?;
+        let room_id = if derives_room_id {
+            OwnedRoomId::try_from(format!("!{}", &create.id().as_str()[1..]))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+        } else {
+            chosen
+        };
+        self.accept(&version, create).await?;
+
+        let member = json!({ "membership": "join" });
+        self.send_state(&version, creator, &room_id, "m.room.member", creator.as_str(), member).await?;
+        let power = power_levels(creator, &request.invite, preset, &version, request.power_level_content_override)?;
+        self.send_state(&version, creator, &room_id, "m.room.power_levels", "", power).await?;
+        let join_rule = if preset == Preset::PublicChat { "public" } else { "invite" };
+        self.send_state(&version, creator, &room_id, "m.room.join_rules", "", json!({ "join_rule": join_rule }))
+            .await?;
+        self.send_state(
+            &version,
+            creator,
+            &room_id,
+            "m.room.history_visibility",
+            "",
+            json!({ "history_visibility": "shared" }),
+        )
+        .await?;
+        let guest_access = if preset == Preset::PublicChat { "forbidden" } else { "can_join" };
+        self.send_state(
+            &version,
+            creator,
+            &room_id,
+            "m.room.guest_access",
+            "",
+            json!({ "guest_access": guest_access }),
+        )
+        .await?;
+        for (kind, key, content) in request.initial_state {
+            let content = serde_json::to_value(content).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            self.send_state(&version, creator, &room_id, &kind, &key, content).await?;
+        }
+        if let Some(name) = request.name {
+            self.send_state(&version, creator, &room_id, "m.room.name", "", json!({ "name": name })).await?;
+        }
+        if let Some(topic) = request.topic {
+            self.send_state(&version, creator, &room_id, "m.room.topic", "", json!({ "topic": topic })).await?;
+        }
+        for invitee in &request.invite {
+            let content = json!({ "membership": "invite", "is_direct": request.is_direct });
+            self.send_state(&version, creator, &room_id, "m.room.member", invitee.as_str(), content).await?;
+        }
+        tracing::info!(room_id = %room_id, creator = %creator, version = %version.id(), "created room");
+        Ok(room_id)
+    }
+
+    /// Sends an event as a local user; a send the auth rules refuse is `M_FORBIDDEN` with the rule.
+    pub async fn send_event(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        txn: Option<Txn<'_>>,
+    ) -> Result<OwnedEventId, ServiceError> {
+        check_event_type(kind)?;
+        let version = self.room_version(room_id).await?;
+        let mut extra = WriteBatch::new();
+        if let Some(txn) = &txn {
+            let key = keys::transaction(sender.as_str(), txn.device_id, txn.txn_id);
+            let request_hash = hex(&Sha256::digest(json!([kind, state_key, content]).to_string().as_bytes()));
+            if let Some(done) = lattice_storage::get::<TransactionRecord>(self.kv.as_ref(), &key).await? {
+                if done.value.request_hash != request_hash {
+                    return Err(ServiceError::InvalidParam(
+                        "this transaction ID was used for a different request".into(),
+                    ));
+                }
+                return OwnedEventId::try_from(done.value.event_id).map_err(|e| ServiceError::Internal(e.to_string()));
+            }
+            extra.expect(Table::Transactions, key.clone(), None);
+            lattice_storage::put(&mut extra, key, &TransactionRecord { event_id: String::new(), request_hash });
+        }
+        let event = LocalEvent { room_id: Some(room_id), sender, kind, state_key, content };
+        let event = self.build_local_event(&version, event).await?;
+        if let Some(lattice_storage::WriteOp::Put { value, .. }) = extra.ops.first_mut() {
+            let record = TransactionRecord {
+                event_id: event.id().to_string(),
+                ..serde_json::from_slice(value).map_err(|e| ServiceError::Internal(e.to_string()))?
+            };
+            *value = serde_json::to_vec(&record).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        }
+        let id = event.id().to_owned();
+        let ingested = self.ingest_with(&version, event, &extra).await?;
+        match ingested.outcome {
+            Outcome::Accepted => Ok(id),
+            Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+        }
+    }
+
+    async fn send_state(
+        &self,
+        version: &RoomVersion,
+        sender: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        key: &str,
+        content: Value,
+    ) -> Result<(), ServiceError> {
+        let event = LocalEvent { room_id: Some(room_id), sender, kind, state_key: Some(key), content };
+        let event = self.build_local_event(version, event).await?;
+        self.accept(version, event).await
+    }
+
+    async fn accept(&self, version: &RoomVersion, event: lattice_core::event::Pdu) -> Result<(), ServiceError> {
+        match self.ingest(version, event).await?.outcome {
+            Outcome::Accepted => Ok(()),
+            Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+        }
+    }
+
+    pub(crate) async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersion, ServiceError> {
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("unknown room {room_id}")))?;
+        Ok(RoomVersion::parse(&room.value.room_version)?)
+    }
+
+    /// A user's membership in a room (`join`, `invite`, `leave`, `ban`, `knock`), if any.
+    pub async fn membership(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<String>, ServiceError> {
+        let raw = self.kv.get(Table::Memberships, &keys::membership(user_id.as_str(), room_id.as_str())).await?;
+        Ok(raw.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// `GET /joined_rooms`.
+    pub async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        let rows = self
+            .kv
+            .scan(Table::Memberships, &KeyRange::prefix(&prefix), Direction::Forward, MAX_ROOMS_PER_LIST)
+            .await?;
+        rows.into_iter()
+            .filter(|(_, membership)| membership == b"join")
+            .map(|(key, _)| {
+                OwnedRoomId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+                    .map_err(|e| ServiceError::Internal(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// The room's current state as client events; only for members (joined now).
+    pub async fn room_state(&self, user_id: &UserId, room_id: &RoomId) -> Result<Vec<Value>, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let prefix = keys::room_rows(room_id.as_str());
+        let rows = self
+            .kv
+            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
+            .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for (_, event_id) in rows {
+            events.push(self.client_event(&String::from_utf8_lossy(&event_id)).await?);
+        }
+        Ok(events)
+    }
+
+    /// The content of one state event of the room's current state.
+    pub async fn state_content(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        key: &str,
+    ) -> Result<Value, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let Some(event_id) =
+            self.kv.get(Table::CurrentState, &keys::current_state(room_id.as_str(), kind, key)).await?
+        else {
+            return Err(ServiceError::NotFound(format!("no {kind} state with key {key:?}")));
+        };
+        let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+        Ok(event["content"].clone())
+    }
+
+    async fn require_joined(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
+        self.room_version(room_id).await?;
+        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
+            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
+        }
+        Ok(())
+    }
+
+    /// A stored event in the client format (no hashes, signatures or graph fields).
+    async fn client_event(&self, event_id: &str) -> Result<Value, ServiceError> {
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("state event {event_id} is not stored")))?;
+        let mut event: Value =
+            serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if let Some(object) = event.as_object_mut() {
+            for field in
+                ["hashes", "signatures", "auth_events", "prev_events", "depth", "origin", "prev_state", "membership"]
+            {
+                object.remove(field);
+            }
+            object.insert("event_id".into(), json!(event_id));
+            object.insert("room_id".into(), json!(record.value.room_id));
+            object.entry("unsigned").or_insert_with(|| json!({}));
+        }
+        Ok(event)
+    }
+}
+
+fn check_event_type(kind: &str) -> Result<(), ServiceError> {
+    if kind.is_empty() || kind.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES || kind.contains('\0') {
+        return Err(ServiceError::BadJson(format!(
+            "event type must be 1 to {} bytes",
+            lattice_core::limits::MAX_EVENT_TYPE_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// The power levels `createRoom` starts a room with: the spec's defaults, the creator at 100
+/// (from v12 creators stand above power levels and are left out), invitees of a trusted chat at
+/// 100, then the client's override on top.
+fn power_levels(
+    creator: &UserId,
+    invite: &[ruma::OwnedUserId],
+    preset: Preset,
+    version: &RoomVersion,
+    override_content: Option<JsonObject>,
+) -> Result<Value, ServiceError> {
+    let creators_privileged = version.rules().authorization.explicitly_privilege_room_creators;
+    let mut users = serde_json::Map::new();
+    if !creators_privileged {
+        users.insert(creator.to_string(), json!(100));
+    }
+    if preset == Preset::TrustedPrivateChat {
+        for user in invite {
+            users.insert(user.to_string(), json!(100));
+        }
+    }
+    let mut content = json!({
+        "users": users, "users_default": 0, "events": {
+            "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+            "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+            "m.room.server_acl": 100, "m.room.encryption": 100,
+        },
+        "events_default": 0, "state_default": 50, "ban": 50, "kick": 50, "redact": 50,
+        "invite": 0,
+        "notifications": { "room": 50 },
+    });
+    if let Some(overrides) = override_content
+        && let Some(target) = content.as_object_mut()
+    {
+        for (key, value) in overrides.0 {
+            target.insert(key, value);
+        }
+    }
+    Ok(content)
+}

@@ -1,0 +1,152 @@
+//! Rooms on one server over HTTP: creating, sending with transaction IDs, state, membership.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::{Http, TestServer, assert_error};
+
+async fn create_room(http: &Http, token: &str, body: Value) -> String {
+    let (status, response) = http.post("/_matrix/client/v3/createRoom", Some(token), &body).await;
+    assert_eq!(status, 200, "{response}");
+    response["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn send(http: &Http, token: &str, room: &str, txn: &str, body: &str) -> (reqwest::StatusCode, Value) {
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await
+}
+
+#[tokio::test]
+async fn alice_creates_a_private_room_invites_bob_and_they_talk() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let carol = server.register("carol", "pw").await;
+
+    let room = create_room(http, &alice, json!({ "preset": "private_chat", "name": "Plans", "topic": "Q3" })).await;
+    let (_, name) = http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name"), Some(&alice)).await;
+    assert_eq!(name, json!({ "name": "Plans" }));
+    let (_, state) = http.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice)).await;
+    let kinds: Vec<&str> = state.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for kind in [
+        "m.room.create",
+        "m.room.member",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.name",
+        "m.room.topic",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    assert!(state[0]["hashes"].is_null() && state[0]["event_id"].is_string(), "client format: {}", state[0]);
+
+    // Sending is idempotent per transaction ID; reusing one for other content is refused.
+    let (status, first) = send(http, &alice, &room, "t1", "hello").await;
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = send(http, &alice, &room, "t1", "hello").await;
+    assert_eq!(again["event_id"], first["event_id"]);
+    assert_error(&send(http, &alice, &room, "t1", "different").await, 400, "M_INVALID_PARAM");
+
+    // Outsiders can neither read nor write; an invite-only room refuses carol's join.
+    assert_error(&send(http, &bob, &room, "b1", "let me in").await, 403, "M_FORBIDDEN");
+    assert_error(&http.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&bob)).await, 403, "M_FORBIDDEN");
+    assert_error(
+        &http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&carol), &json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
+
+    let invite = json!({ "user_id": server.user_id("bob") });
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/invite"), Some(&alice), &invite).await.0, 200);
+    let (status, joined) = http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["room_id"], room);
+    assert_eq!(send(http, &bob, &room, "b1", "hi alice").await.0, 200);
+    let (_, rooms) = http.get("/_matrix/client/v3/joined_rooms", Some(&bob)).await;
+    assert_eq!(rooms["joined_rooms"], json!([room]));
+    let (_, member) = http
+        .get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{}", server.user_id("bob")), Some(&alice))
+        .await;
+    assert_eq!(member["membership"], "join");
+
+    // bob (power 0) may not kick alice; alice kicks bob, who can then no longer send.
+    let kick_alice = json!({ "user_id": server.user_id("alice") });
+    assert_error(
+        &http.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), Some(&bob), &kick_alice).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let kick_bob = json!({ "user_id": server.user_id("bob"), "reason": "bye" });
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), Some(&alice), &kick_bob).await.0, 200);
+    assert_error(&send(http, &bob, &room, "b2", "still here?").await, 403, "M_FORBIDDEN");
+    assert_eq!(http.get("/_matrix/client/v3/joined_rooms", Some(&bob)).await.1["joined_rooms"], json!([]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn public_rooms_ban_and_leave() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let dave = server.register("dave", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat", "room_version": "12" })).await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&dave), &json!({})).await.0, 200);
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&dave), &json!({})).await.0, 200);
+    let ban = json!({ "user_id": server.user_id("dave"), "reason": "spam" });
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/ban"), Some(&alice), &ban).await.0, 200);
+    assert_error(
+        &http.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&dave), &json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let unban = json!({ "user_id": server.user_id("dave") });
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/unban"), Some(&alice), &unban).await.0, 200);
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&dave), &json!({})).await.0, 200);
+
+    // State events: dave (0) may not change the topic (state_default 50); alice may.
+    let topic = format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic");
+    assert_error(&http.put(&topic, Some(&dave), &json!({ "topic": "mine" })).await, 403, "M_FORBIDDEN");
+    assert_eq!(http.put(&topic, Some(&alice), &json!({ "topic": "ours" })).await.0, 200);
+    assert_eq!(http.get(&topic, Some(&dave)).await.1, json!({ "topic": "ours" }));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_room_requests_get_clear_errors() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    assert_error(
+        &http.post("/_matrix/client/v3/createRoom", Some(&alice), &json!({ "room_version": "13" })).await,
+        400,
+        "M_UNSUPPORTED_ROOM_VERSION",
+    );
+    assert_error(
+        &http.post("/_matrix/client/v3/createRoom", Some(&alice), &json!({ "preset": "party" })).await,
+        400,
+        "M_BAD_JSON",
+    );
+    assert_error(
+        &http.post("/_matrix/client/v3/createRoom", Some(&alice), &json!({ "visibility": "public" })).await,
+        400,
+        "M_UNKNOWN",
+    );
+    assert_error(&send(http, &alice, "!nowhere:hs1.localhost", "t", "x").await, 404, "M_NOT_FOUND");
+    assert_error(&send(http, &alice, "not-a-room", "t", "x").await, 400, "M_INVALID_PARAM");
+    assert_error(
+        &http.post("/_matrix/client/v3/join/%23alias:hs1.localhost", Some(&alice), &json!({})).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    let room = create_room(http, &alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t2");
+    assert_error(&http.request(Method::PUT, &path, Some(&alice), Some(b"[]".to_vec())).await, 400, "M_BAD_JSON");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.nothing"), Some(&alice)).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    server.stop().await;
+}
