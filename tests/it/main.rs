@@ -7,3 +7,4 @@ mod process;
 mod rooms;
 mod sdk_client;
 mod support;
+mod sync;

@@ -63,3 +63,41 @@ async fn matrix_sdk_registers_logs_in_twice_sets_a_name_lists_devices_and_logs_o
     assert!(devices.iter().all(|d| d.device_id != laptop_device));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn matrix_sdk_creates_a_room_talks_and_syncs() {
+    use matrix_sdk::config::SyncSettings;
+    use matrix_sdk::room::MessagesOptions;
+    use matrix_sdk::ruma::api::client::room::create_room::v3::Request as CreateRoomRequest;
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+
+    let server = TestServer::start().await;
+    server.register("alice", "pw-a").await;
+    server.register("bob", "pw-b").await;
+    let alice = client(&server).await;
+    alice.matrix_auth().login_username("alice", "pw-a").send().await.expect("alice logs in");
+    let bob = client(&server).await;
+    bob.matrix_auth().login_username("bob", "pw-b").send().await.expect("bob logs in");
+
+    let mut request = CreateRoomRequest::new();
+    request.name = Some("SDK room".to_owned());
+    request.invite = vec![bob.user_id().unwrap().to_owned()];
+    let room = alice.create_room(request).await.expect("room created");
+    room.send(RoomMessageEventContent::text_plain("hello from matrix-sdk")).await.expect("message sent");
+
+    bob.sync_once(SyncSettings::default()).await.expect("bob syncs");
+    let invited = bob.get_room(room.room_id()).expect("bob knows the room");
+    invited.join().await.expect("bob joins");
+    bob.sync_once(SyncSettings::default()).await.expect("bob syncs again");
+    let joined = bob.get_room(room.room_id()).expect("room still known");
+    let page = joined.messages(MessagesOptions::backward()).await.expect("history");
+    let texts: Vec<String> = page
+        .chunk
+        .iter()
+        .filter_map(|event| event.raw().get_field::<serde_json::Value>("content").ok().flatten())
+        .filter_map(|content| content["body"].as_str().map(str::to_owned))
+        .collect();
+    assert!(texts.contains(&"hello from matrix-sdk".to_owned()), "{texts:?}");
+    assert_eq!(joined.name().as_deref(), Some("SDK room"));
+    server.stop().await;
+}

@@ -59,6 +59,8 @@ pub struct Service {
     hasher: PasswordHasher,
     /// Signs the events this server creates (and, later, its federation requests).
     signing_key: Arc<Ed25519KeyPair>,
+    /// The newest stream position written; `/sync` long-polls wait on it.
+    stream: tokio::sync::watch::Sender<u64>,
 }
 
 impl Service {
@@ -69,7 +71,7 @@ impl Service {
         hasher: PasswordHasher,
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
-        Self { config, kv, clock, hasher, signing_key }
+        Self { config, kv, clock, hasher, signing_key, stream: tokio::sync::watch::Sender::new(0) }
     }
 
     pub fn config(&self) -> &ServiceConfig {

@@ -6,6 +6,7 @@ mod discovery;
 mod profile;
 mod rooms;
 mod session;
+mod sync;
 mod user_data;
 
 use std::any::Any;
@@ -24,6 +25,7 @@ pub fn all() -> Router<AppState> {
         .merge(devices::routes())
         .merge(profile::routes())
         .merge(rooms::routes())
+        .merge(sync::routes())
         .merge(user_data::routes())
 }
 

@@ -260,7 +260,7 @@ impl Service {
     }
 
     /// A stored event in the client format (no hashes, signatures or graph fields).
-    async fn client_event(&self, event_id: &str) -> Result<Value, ServiceError> {
+    pub(crate) async fn client_event(&self, event_id: &str) -> Result<Value, ServiceError> {
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
             .await?
             .ok_or_else(|| ServiceError::Internal(format!("state event {event_id} is not stored")))?;

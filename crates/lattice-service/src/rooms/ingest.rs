@@ -265,6 +265,14 @@ impl Service {
             batch.conditions.extend(extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
+        if let Some(position) = stream_position {
+            // Wake waiting /sync requests.
+            self.stream.send_if_modified(|newest| {
+                let newer = position > *newest;
+                *newest = (*newest).max(position);
+                newer
+            });
+        }
         Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
     }
 

@@ -5,6 +5,7 @@ mod client;
 mod ingest;
 mod local_events;
 mod state_store;
+mod sync;
 
 #[cfg(test)]
 mod tests;
@@ -12,3 +13,4 @@ mod tests;
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
+pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, parse_token};

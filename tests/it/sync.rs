@@ -1,0 +1,143 @@
+//! `/sync` and `/messages` as a client uses them.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Http, TestServer, assert_error};
+
+async fn create_room(http: &Http, token: &str, body: Value) -> String {
+    let (status, response) = http.post("/_matrix/client/v3/createRoom", Some(token), &body).await;
+    assert_eq!(status, 200, "{response}");
+    response["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
+    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
+    assert_eq!(status, 200, "{response}");
+    response["event_id"].as_str().unwrap().to_owned()
+}
+
+async fn sync(http: &Http, token: &str, query: &str) -> Value {
+    let (status, body) = http.get(&format!("/_matrix/client/v3/sync?{query}"), Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn bodies(events: &Value) -> Vec<String> {
+    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+}
+
+#[tokio::test]
+async fn initial_sync_is_limited_and_pagination_reaches_the_create_event() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let room = create_room(http, &alice, json!({ "name": "History" })).await;
+    for i in 0..30 {
+        say(http, &alice, &room, &format!("m{i:02}")).await;
+    }
+    let filter = urlencode(r#"{"room":{"timeline":{"limit":10}}}"#);
+    let initial = sync(http, &alice, &format!("filter={filter}")).await;
+    let joined = &initial["rooms"]["join"][&room];
+    assert_eq!(bodies(&joined["timeline"]["events"]), (20..30).map(|i| format!("m{i:02}")).collect::<Vec<_>>());
+    assert_eq!(joined["timeline"]["limited"], true);
+    let state_types: Vec<&str> =
+        joined["state"]["events"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(state_types.contains(&"m.room.create") && state_types.contains(&"m.room.name"), "{state_types:?}");
+
+    // Page back from prev_batch until the room's first event; nothing is skipped or repeated.
+    let mut from = joined["timeline"]["prev_batch"].as_str().unwrap().to_owned();
+    let mut older = Vec::new();
+    let mut types = Vec::new();
+    for _ in 0..20 {
+        let (status, page) = http
+            .get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=7&from={from}"), Some(&alice))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        older.extend(bodies(&page["chunk"]));
+        types.extend(page["chunk"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()));
+        match page["end"].as_str() {
+            Some(end) => from = end.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(older, (0..20).rev().map(|i| format!("m{i:02}")).collect::<Vec<_>>());
+    assert_eq!(types.last().map(String::as_str), Some("m.room.create"));
+
+    // Forward pagination from the start sees the same history in order.
+    let (_, forward) =
+        http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=100&from=s0"), Some(&alice)).await;
+    assert_eq!(bodies(&forward["chunk"]).len(), 30);
+    assert_error(&http.get("/_matrix/client/v3/sync?since=yesterday", Some(&alice)).await, 400, "M_INVALID_PARAM");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=x"), Some(&alice)).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    server.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+#[tokio::test]
+async fn incremental_sync_waits_for_news_and_never_repeats_it() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({ "invite": [server.user_id("bob")] })).await;
+
+    // bob sees the invite, joins, and then the room moves to his join section.
+    let first = sync(http, &bob, "").await;
+    assert!(
+        first["rooms"]["invite"][&room]["invite_state"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "m.room.member")
+    );
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await.0, 200);
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let joined = sync(http, &bob, &format!("since={since}")).await;
+    assert!(joined["rooms"]["join"][&room].is_object(), "{joined}");
+    let since = joined["next_batch"].as_str().unwrap().to_owned();
+
+    // A long-poll returns as soon as alice speaks.
+    let waiting = {
+        let (http, bob, since) = (http.clone(), bob.clone(), since.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let body = sync(&http, &bob, &format!("since={since}&timeout=20000")).await;
+            (body, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    say(http, &alice, &room, "wake up").await;
+    let (woken, waited) = waiting.await.unwrap();
+    assert!(waited < Duration::from_secs(15), "woken by the send, not the timeout");
+    assert_eq!(bodies(&woken["rooms"]["join"][&room]["timeline"]["events"]), ["wake up"]);
+
+    // From that point, nothing new: an empty answer (and no repeat of "wake up").
+    let next = woken["next_batch"].as_str().unwrap();
+    let quiet = sync(http, &bob, &format!("since={next}&timeout=0")).await;
+    assert_eq!(quiet["rooms"]["join"], json!({}));
+
+    // Once kicked, bob learns it in his leave section and sees nothing after.
+    let kick = json!({ "user_id": server.user_id("bob") });
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), Some(&alice), &kick).await.0, 200);
+    say(http, &alice, &room, "after bob left").await;
+    let left = sync(http, &bob, &format!("since={next}")).await;
+    let left_timeline = &left["rooms"]["leave"][&room]["timeline"]["events"];
+    assert!(left_timeline.as_array().unwrap().iter().any(|e| e["content"]["membership"] == "leave"), "{left}");
+    assert!(bodies(left_timeline).is_empty(), "nothing said after the kick reaches bob: {left}");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b"), Some(&bob)).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    server.stop().await;
+}
