@@ -15,7 +15,7 @@ cargo build --release --quiet
 BIN="$CARGO_TARGET_DIR/release/lattice"
 DATA="$(mktemp -d)"
 LOG="$DATA/server.log"
-trap 'kill "$PID" 2>/dev/null || true; rm -rf "$DATA"' EXIT
+trap 'kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$DATA"' EXIT
 export LATTICE_DATA_DIR="$DATA" LATTICE_LISTEN__ADDRESS="127.0.0.1:$PORT" LATTICE_RATE_LIMITS__ENABLED=false
 export LATTICE_LOGGING__LEVEL=warn
 URL="http://127.0.0.1:$PORT"
@@ -60,6 +60,21 @@ wrk.headers["Content-Type"] = "application/json"
 LUA
 login=$(wrk -t"$THREADS" -c8 -d"$DURATION" --latency -s "$DATA/login.lua" "$URL/_matrix/client/v3/login")
 
+# Messages into one room through the client API: one user, unique transaction IDs per request.
+ROOM=$(curl -s -XPOST "$URL/_matrix/client/v3/createRoom" -H "Authorization: Bearer $ACCESS" -d '{"name":"bench"}' \
+  | sed -n 's/.*"room_id":"\([^"]*\)".*/\1/p')
+cat >"$DATA/send.lua" <<LUA
+counter = 0
+request = function()
+  counter = counter + 1
+  local path = "/_matrix/client/v3/rooms/$ROOM/send/m.room.message/" .. wrk.thread:get("id") .. "-" .. counter
+  return wrk.format("PUT", path, { ["Authorization"] = "Bearer $ACCESS", ["Content-Type"] = "application/json" },
+    '{"msgtype":"m.text","body":"benchmark message"}')
+end
+setup = function(thread) thread:set("id", math.random(1, 1000000000)) end
+LUA
+send=$(wrk -t"$THREADS" -c10 -d"$DURATION" --latency -s "$DATA/send.lua" "$URL")
+
 rps() { echo "$1" | awk '/Requests\/sec/ {print $2}'; }
 pct() { echo "$1" | awk -v p="$2" '$1 == p {print $2}'; }
 non2xx() { echo "$1" | awk '/Non-2xx/ {print $NF}'; }
@@ -73,6 +88,7 @@ echo "| idle RSS | $((idle_rss_kib / 1024)) MiB |"
 echo "| whoami, $CONNECTIONS connections, $DURATION | $(rps "$whoami") req/s (p50 $(pct "$whoami" 50%), p99 $(pct "$whoami" 99%)) |"
 echo "| RSS after the whoami load | $((loaded_rss_kib / 1024)) MiB |"
 echo "| login (argon2id 19 MiB × 2 passes), 8 connections, $DURATION | $(rps "$login") req/s (p50 $(pct "$login" 50%), p99 $(pct "$login" 99%)) |"
-if [ -n "$(non2xx "$whoami")$(non2xx "$login")" ]; then
-  echo; echo "non-2xx responses: whoami $(non2xx "$whoami"), login $(non2xx "$login")"
+echo "| messages sent into one room (PUT /send), 10 connections, $DURATION | $(rps "$send") msg/s (p50 $(pct "$send" 50%), p99 $(pct "$send" 99%)) |"
+if [ -n "$(non2xx "$whoami")$(non2xx "$login")$(non2xx "$send")" ]; then
+  echo; echo "non-2xx responses: whoami $(non2xx "$whoami"), login $(non2xx "$login"), send $(non2xx "$send")"
 fi

@@ -61,7 +61,13 @@ pub struct Service {
     signing_key: Arc<Ed25519KeyPair>,
     /// The newest stream position written; `/sync` long-polls wait on it.
     stream: tokio::sync::watch::Sender<u64>,
+    /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
+    /// retrying against each other. Correctness comes from the batches' conditions, not these.
+    room_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// How many room locks there are; rooms share a lock when their IDs hash alike.
+const ROOM_LOCK_STRIPES: usize = 64;
 
 impl Service {
     pub fn new(
@@ -71,7 +77,8 @@ impl Service {
         hasher: PasswordHasher,
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
-        Self { config, kv, clock, hasher, signing_key, stream: tokio::sync::watch::Sender::new(0) }
+        let room_locks = (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        Self { config, kv, clock, hasher, signing_key, stream: tokio::sync::watch::Sender::new(0), room_locks }
     }
 
     pub fn config(&self) -> &ServiceConfig {
@@ -85,6 +92,14 @@ impl Service {
     /// Makes every acknowledged write durable; called at shutdown.
     pub async fn flush(&self) -> Result<(), ServiceError> {
         Ok(self.kv.flush().await?)
+    }
+
+    /// The lock stripe of a room (see `room_locks`).
+    fn room_lock(&self, room_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        room_id.hash(&mut hasher);
+        &self.room_locks[(hasher.finish() as usize) % ROOM_LOCK_STRIPES]
     }
 
     fn now_ms(&self) -> u64 {

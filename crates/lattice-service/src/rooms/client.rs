@@ -151,6 +151,9 @@ impl Service {
             extra.expect(Table::Transactions, key.clone(), None);
             lattice_storage::put(&mut extra, key, &TransactionRecord { event_id: String::new(), request_hash });
         }
+        // Building on the newest extremities and writing happen under the room's lock, so
+        // concurrent sends line up instead of forking the room.
+        let _room = self.room_lock(room_id.as_str()).lock().await;
         let event = LocalEvent { room_id: Some(room_id), sender, kind, state_key, content };
         let event = self.build_local_event(&version, event).await?;
         if let Some(lattice_storage::WriteOp::Put { value, .. }) = extra.ops.first_mut() {
@@ -161,7 +164,7 @@ impl Service {
             *value = serde_json::to_vec(&record).map_err(|e| ServiceError::Internal(e.to_string()))?;
         }
         let id = event.id().to_owned();
-        let ingested = self.ingest_with(&version, event, &extra).await?;
+        let ingested = self.ingest_unlocked(&version, event, &extra).await?;
         match ingested.outcome {
             Outcome::Accepted => Ok(id),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
@@ -177,9 +180,13 @@ impl Service {
         key: &str,
         content: Value,
     ) -> Result<(), ServiceError> {
+        let _room = self.room_lock(room_id.as_str()).lock().await;
         let event = LocalEvent { room_id: Some(room_id), sender, kind, state_key: Some(key), content };
         let event = self.build_local_event(version, event).await?;
-        self.accept(version, event).await
+        match self.ingest_unlocked(version, event, &WriteBatch::new()).await?.outcome {
+            Outcome::Accepted => Ok(()),
+            Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+        }
     }
 
     async fn accept(&self, version: &RoomVersion, event: lattice_core::event::Pdu) -> Result<(), ServiceError> {

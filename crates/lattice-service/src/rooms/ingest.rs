@@ -78,6 +78,18 @@ impl Service {
         event: Pdu,
         extra: &WriteBatch,
     ) -> Result<Ingested, ServiceError> {
+        let room_id = room_id_of(&event)?;
+        let _room = self.room_lock(room_id.as_str()).lock().await;
+        self.ingest_unlocked(version, event, extra).await
+    }
+
+    /// The ingest retry loop, for callers already holding the room's lock.
+    pub(crate) async fn ingest_unlocked(
+        &self,
+        version: &RoomVersion,
+        event: Pdu,
+        extra: &WriteBatch,
+    ) -> Result<Ingested, ServiceError> {
         for _ in 0..ROOM_WRITE_RETRIES {
             match self.try_ingest(version, &event, extra).await {
                 Err(ServiceError::Storage(StorageError::Conflict)) => continue,
