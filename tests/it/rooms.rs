@@ -150,3 +150,44 @@ async fn bad_room_requests_get_clear_errors() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn members_and_single_events_are_readable_by_members() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await.0, 200);
+    let (_, sent) = send(http, &alice, &room, "e1", "findable").await;
+    let event_id = sent["event_id"].as_str().unwrap();
+
+    let (status, event) = http.get(&format!("/_matrix/client/v3/rooms/{room}/event/{event_id}"), Some(&bob)).await;
+    assert_eq!(status, 200, "{event}");
+    assert_eq!(event["content"]["body"], "findable");
+    assert_eq!(event["sender"], server.user_id("alice"));
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/rooms/{room}/event/$nope"), Some(&bob)).await,
+        404,
+        "M_NOT_FOUND",
+    );
+
+    let (_, joined) = http.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
+    let mut users: Vec<&String> = joined["joined"].as_object().unwrap().keys().collect();
+    users.sort();
+    assert_eq!(users, [&server.user_id("alice"), &server.user_id("bob")]);
+    let (_, members) =
+        http.get(&format!("/_matrix/client/v3/rooms/{room}/members?not_membership=join"), Some(&alice)).await;
+    assert_eq!(members["chunk"], json!([]));
+    let (_, members) =
+        http.get(&format!("/_matrix/client/v3/rooms/{room}/members?membership=join"), Some(&alice)).await;
+    assert_eq!(members["chunk"].as_array().unwrap().len(), 2);
+
+    let carol = server.register("carol", "pw").await;
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/rooms/{room}/members"), Some(&carol)).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    server.stop().await;
+}

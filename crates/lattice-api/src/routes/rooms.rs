@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Auth, JsonBody, PathParams};
+use crate::extract::{Auth, JsonBody, PathParams, QueryParams};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -24,6 +24,9 @@ pub fn routes() -> Router<AppState> {
             get(get_state_empty_key).put(put_state_empty_key),
         )
         .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
+        .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
+        .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
+        .route("/_matrix/client/v3/rooms/{room_id}/joined_members", get(joined_members))
         .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
         .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
         .route("/_matrix/client/v3/rooms/{room_id}/leave", post(leave))
@@ -296,4 +299,59 @@ async fn unban(
     JsonBody(body): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
     on_target(state, session, room_id, body, "leave").await
+}
+
+async fn get_event(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    Ok(Json(state.service.room_event(&session.user_id, &room_id, &event_id).await?))
+}
+
+#[derive(Deserialize)]
+struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+    at: Option<String>,
+}
+
+async fn members(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    QueryParams(query): QueryParams<MembersQuery>,
+) -> ApiResult<Json<Value>> {
+    if query.at.is_some() {
+        return Err(ApiError::Unsupported("members at an earlier point (`at`) are not supported yet".into()));
+    }
+    let room_id = parse_room(&room_id)?;
+    let chunk = state
+        .service
+        .members(&session.user_id, &room_id, query.membership.as_deref(), query.not_membership.as_deref())
+        .await?;
+    Ok(Json(json!({ "chunk": chunk })))
+}
+
+async fn joined_members(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let members = state.service.members(&session.user_id, &room_id, Some("join"), None).await?;
+    let mut joined = serde_json::Map::new();
+    for member in members {
+        let mut profile = serde_json::Map::new();
+        for (from, to) in [("displayname", "display_name"), ("avatar_url", "avatar_url")] {
+            if let Some(value) = member["content"][from].as_str() {
+                profile.insert(to.into(), json!(value));
+            }
+        }
+        if let Some(user) = member["state_key"].as_str() {
+            joined.insert(user.to_owned(), Value::Object(profile));
+        }
+    }
+    Ok(Json(json!({ "joined": joined })))
 }

@@ -258,6 +258,46 @@ impl Service {
         Ok(event["content"].clone())
     }
 
+    /// `GET /rooms/{roomId}/event/{eventId}`: an event of a room the user is in.
+    pub async fn room_event(&self, user_id: &UserId, room_id: &RoomId, event_id: &str) -> Result<Value, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let not_found = || ServiceError::NotFound(format!("no event {event_id} in {room_id}"));
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
+            .await?
+            .ok_or_else(not_found)?;
+        // Rejected and soft-failed events are not part of the room as clients see it.
+        if record.value.room_id != room_id.as_str() || record.value.stream_position.is_none() {
+            return Err(not_found());
+        }
+        self.client_event(event_id).await
+    }
+
+    /// The room's current member events, optionally only those with (or without) a membership.
+    pub async fn members(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        membership: Option<&str>,
+        not_membership: Option<&str>,
+    ) -> Result<Vec<Value>, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
+        let rows = self
+            .kv
+            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
+            .await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for (_, event_id) in rows {
+            let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+            let current = event["content"]["membership"].as_str().unwrap_or_default();
+            if membership.is_some_and(|m| m != current) || not_membership.is_some_and(|m| m == current) {
+                continue;
+            }
+            members.push(event);
+        }
+        Ok(members)
+    }
+
     async fn require_joined(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
         self.room_version(room_id).await?;
         if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
