@@ -191,3 +191,21 @@ async fn members_and_single_events_are_readable_by_members() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn redactions_strip_the_content_in_old_and_new_room_versions() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    for version in ["10", "11", "12"] {
+        let room = create_room(http, &alice, json!({ "room_version": version })).await;
+        let (_, sent) = send(http, &alice, &room, &format!("r{version}"), "oops").await;
+        let target = sent["event_id"].as_str().unwrap();
+        let path = format!("/_matrix/client/v3/rooms/{room}/redact/{target}/x{version}");
+        let (status, redacted) = http.put(&path, Some(&alice), &json!({ "reason": "typo" })).await;
+        assert_eq!(status, 200, "v{version}: {redacted}");
+        let (_, event) = http.get(&format!("/_matrix/client/v3/rooms/{room}/event/{target}"), Some(&alice)).await;
+        assert_eq!(event["content"], json!({}), "v{version}: {event}");
+    }
+    server.stop().await;
+}

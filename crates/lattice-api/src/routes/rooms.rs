@@ -18,6 +18,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/createRoom", post(create_room))
         .route("/_matrix/client/v3/joined_rooms", get(joined_rooms))
         .route("/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}", put(send))
+        .route("/_matrix/client/v3/rooms/{room_id}/redact/{event_id}/{txn_id}", put(redact))
         .route("/_matrix/client/v3/rooms/{room_id}/state", get(all_state))
         .route(
             "/_matrix/client/v3/rooms/{room_id}/state/{event_type}",
@@ -354,4 +355,23 @@ async fn joined_members(
         }
     }
     Ok(Json(json!({ "joined": joined })))
+}
+
+async fn redact(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, event_id, txn_id)): PathParams<(String, String, String)>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let event_id =
+        ruma::OwnedEventId::try_from(event_id).map_err(|e| ApiError::InvalidParam(format!("invalid event ID: {e}")))?;
+    let mut content = json!({ "redacts": event_id });
+    if let Some(reason) = body.reason {
+        content["reason"] = json!(reason);
+    }
+    let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
+    let redaction =
+        state.service.send_event(&session.user_id, &room_id, "m.room.redaction", None, content, Some(txn)).await?;
+    Ok(Json(json!({ "event_id": redaction })))
 }

@@ -102,6 +102,14 @@ impl Service {
         if let Some(key) = event.state_key {
             value["state_key"] = json!(key);
         }
+        // Clients name a redaction's target in `content.redacts`; before v11 it belongs at the
+        // top level of the event.
+        if event.kind == TimelineEventType::RoomRedaction.to_string()
+            && !version.rules().redaction.content_field_redacts
+            && let Some(target) = value["content"].as_object_mut().and_then(|c| c.remove("redacts"))
+        {
+            value["redacts"] = target;
+        }
         if version.rules().event_id_format == EventIdFormatVersion::V1 {
             value["event_id"] = json!(format!("${}:{}", crate::secrets::random_alphanumeric(18), self.server_name()));
         }
