@@ -127,3 +127,54 @@ fn configuration_errors_stop_start_up_and_name_the_key() {
     assert!(!bad_env.status.success());
     assert!(String::from_utf8_lossy(&bad_env.stderr).contains("storage.sync_writes"), "{bad_env:?}");
 }
+
+#[tokio::test]
+async fn rooms_history_and_sync_positions_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ProcessServer::start(dir.path()).await;
+    let token = server.first_registration_token.clone().unwrap();
+    let alice = register(&server.http, "alice", "pw", &token).await["access_token"].as_str().unwrap().to_owned();
+    let (_, created) = server
+        .http
+        .post("/_matrix/client/v3/createRoom", Some(&alice), &serde_json::json!({ "name": "Durable" }))
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    for i in 0..5 {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t{i}");
+        assert_eq!(
+            server
+                .http
+                .put(&path, Some(&alice), &serde_json::json!({ "msgtype": "m.text", "body": format!("kept {i}") }))
+                .await
+                .0,
+            200
+        );
+    }
+    let (_, before) = server.http.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+    server.kill_9().await;
+
+    let restarted = ProcessServer::start(dir.path()).await;
+    let http = &restarted.http;
+    let (_, after) = http.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    assert_eq!(after["next_batch"], before["next_batch"], "the stream position survived");
+    let timeline = after["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap().clone();
+    let bodies: Vec<&str> = timeline.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, ["kept 0", "kept 1", "kept 2", "kept 3", "kept 4"]);
+    // The same transaction ID still names the same event after the crash.
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t4");
+    let (_, again) = http.put(&path, Some(&alice), &serde_json::json!({ "msgtype": "m.text", "body": "kept 4" })).await;
+    assert_eq!(again["event_id"], timeline.last().unwrap()["event_id"]);
+    // An incremental sync from before the crash continues without repeats.
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t5");
+    assert_eq!(http.put(&path, Some(&alice), &serde_json::json!({ "msgtype": "m.text", "body": "new" })).await.0, 200);
+    let (_, next) = http.get(&format!("/_matrix/client/v3/sync?since={since}"), Some(&alice)).await;
+    let new_bodies: Vec<&str> = next["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(new_bodies, ["new"]);
+    assert!(restarted.terminate().await);
+}
