@@ -128,6 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)))
         .into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
+    let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -145,6 +146,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             () = grace => tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing them"),
         }
         sweeper.abort();
+        typing_sweeper.abort();
         service.flush().await.context("flushing storage")?;
         tracing::info!("storage flushed; stopped");
         Ok(())
@@ -161,6 +163,19 @@ async fn sweep_uia_sessions(service: Arc<Service>) {
             Ok(0) => {}
             Ok(swept) => tracing::debug!(swept, "deleted expired UIA sessions"),
             Err(error) => tracing::warn!(%error, "sweeping UIA sessions failed"),
+        }
+    }
+}
+
+/// How often expired typing notices are cleared (clients see them stop within this).
+const TYPING_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn expire_typing(service: Arc<Service>) {
+    let mut interval = tokio::time::interval(TYPING_SWEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        if let Err(error) = service.expire_typing().await {
+            tracing::warn!(%error, "expiring typing notices failed");
         }
     }
 }

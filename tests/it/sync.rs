@@ -200,3 +200,33 @@ async fn concurrent_sends_are_synced_exactly_once() {
     assert_eq!(unique, sent, "every sent event delivered");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn typing_notices_reach_other_members_through_sync_and_expire() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await.0, 200);
+    let since = sync(http, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    let typing = format!("/_matrix/client/v3/rooms/{room}/typing/{}", server.user_id("alice"));
+    assert_eq!(http.put(&typing, Some(&alice), &json!({ "typing": true, "timeout": 1500 })).await.0, 200);
+    let update = sync(http, &bob, &format!("since={since}&timeout=5000")).await;
+    let ephemeral = &update["rooms"]["join"][&room]["ephemeral"]["events"][0];
+    assert_eq!(ephemeral["type"], "m.typing");
+    assert_eq!(ephemeral["content"]["user_ids"], json!([server.user_id("alice")]));
+
+    // The notice times out by itself; bob's long-poll learns that nobody types any more.
+    let since = update["next_batch"].as_str().unwrap().to_owned();
+    let expired = sync(http, &bob, &format!("since={since}&timeout=10000")).await;
+    assert_eq!(expired["rooms"]["join"][&room]["ephemeral"]["events"][0]["content"]["user_ids"], json!([]));
+
+    // Nobody sets someone else's typing state, and outsiders none at all.
+    assert_error(&http.put(&typing, Some(&bob), &json!({ "typing": true })).await, 403, "M_FORBIDDEN");
+    let carol = server.register("carol", "pw").await;
+    let carol_typing = format!("/_matrix/client/v3/rooms/{room}/typing/{}", server.user_id("carol"));
+    assert_error(&http.put(&carol_typing, Some(&carol), &json!({ "typing": true })).await, 403, "M_FORBIDDEN");
+    server.stop().await;
+}

@@ -64,6 +64,8 @@ pub struct Service {
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Who is typing where; in memory only, since notices last seconds.
+    typing: std::sync::Mutex<rooms::typing::Typing>,
 }
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
@@ -78,7 +80,16 @@ impl Service {
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
         let room_locks = (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        Self { config, kv, clock, hasher, signing_key, stream: tokio::sync::watch::Sender::new(0), room_locks }
+        Self {
+            config,
+            kv,
+            clock,
+            hasher,
+            signing_key,
+            stream: tokio::sync::watch::Sender::new(0),
+            room_locks,
+            typing: Default::default(),
+        }
     }
 
     pub fn config(&self) -> &ServiceConfig {

@@ -27,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
+        .route("/_matrix/client/v3/rooms/{room_id}/typing/{user_id}", put(typing))
         .route("/_matrix/client/v3/rooms/{room_id}/joined_members", get(joined_members))
         .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
         .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
@@ -374,4 +375,26 @@ async fn redact(
     let redaction =
         state.service.send_event(&session.user_id, &room_id, "m.room.redaction", None, content, Some(txn)).await?;
     Ok(Json(json!({ "event_id": redaction })))
+}
+
+#[derive(Deserialize)]
+struct TypingBody {
+    typing: bool,
+    /// Milliseconds.
+    timeout: Option<u64>,
+}
+
+async fn typing(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, user_id)): PathParams<(String, String)>,
+    JsonBody(body): JsonBody<TypingBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    if user_id != session.user_id.as_str() {
+        return Err(ServiceError::Forbidden("you can only set your own typing state".into()).into());
+    }
+    let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(30_000));
+    state.service.set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
+    Ok(Json(json!({})))
 }

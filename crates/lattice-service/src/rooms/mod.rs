@@ -6,6 +6,7 @@ mod ingest;
 mod local_events;
 mod state_store;
 mod sync;
+pub(crate) mod typing;
 
 #[cfg(test)]
 mod tests;
@@ -14,3 +15,4 @@ pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, parse_token};
+pub use typing::MAX_TYPING_TIMEOUT;

@@ -66,9 +66,22 @@ impl Service {
         for (room_id, membership) in self.memberships_of(user_id).await? {
             match membership.as_str() {
                 "join" => {
-                    if let Some(room) =
-                        self.joined_room_sync(&room_id, since, now, limit, request.since.is_none()).await?
-                    {
+                    let initial = request.since.is_none();
+                    let typing = self.typing_since(&room_id, since, now, initial);
+                    let room = match self.joined_room_sync(&room_id, since, now, limit, initial).await? {
+                        Some(room) => Some(room),
+                        // Only ephemeral news: the room still appears, with an empty timeline.
+                        None if typing.is_some() => Some(json!({
+                            "timeline": { "events": [], "limited": false, "prev_batch": token(now) },
+                            "state": { "events": [] },
+                        })),
+                        None => None,
+                    };
+                    if let Some(mut room) = room {
+                        if let Some(users) = typing {
+                            room["ephemeral"] =
+                                json!({ "events": [{ "type": "m.typing", "content": { "user_ids": users } }] });
+                        }
                         join.insert(room_id.to_string(), room);
                     }
                 }
