@@ -230,3 +230,49 @@ async fn typing_notices_reach_other_members_through_sync_and_expire() {
     assert_error(&http.put(&carol_typing, Some(&carol), &json!({ "typing": true })).await, 403, "M_FORBIDDEN");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn read_receipts_are_synced_and_private_ones_stay_private() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await.0, 200);
+    let message = say(http, &alice, &room, "read me").await;
+    let since = sync(http, &alice, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    let public = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{message}");
+    assert_eq!(http.post(&public, Some(&bob), &json!({})).await.0, 200);
+    let private = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read.private/{message}");
+    assert_eq!(http.post(&private, Some(&bob), &json!({})).await.0, 200);
+
+    let for_alice = sync(http, &alice, &format!("since={since}&timeout=5000")).await;
+    let receipt = for_alice["rooms"]["join"][&room]["ephemeral"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.receipt")
+        .cloned()
+        .unwrap();
+    assert!(receipt["content"][&message]["m.read"][server.user_id("bob")]["ts"].is_u64(), "{receipt}");
+    assert!(receipt["content"][&message]["m.read.private"].is_null(), "bob's private receipt is his alone: {receipt}");
+    let for_bob = sync(http, &bob, "").await;
+    let events = for_bob["rooms"]["join"][&room]["ephemeral"]["events"].as_array().unwrap().clone();
+    assert!(
+        events.iter().any(|e| e["content"][&message]["m.read.private"][server.user_id("bob")].is_object()),
+        "{events:?}"
+    );
+
+    assert_error(
+        &http.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.bogus/{message}"), Some(&bob), &json!({})).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    assert_error(
+        &http.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/$nope"), Some(&bob), &json!({})).await,
+        404,
+        "M_NOT_FOUND",
+    );
+    server.stop().await;
+}

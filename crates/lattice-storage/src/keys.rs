@@ -101,6 +101,11 @@ pub fn transaction(user_id: &str, device_id: &str, txn_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), device_id.as_bytes(), txn_id.as_bytes()])
 }
 
+/// `room\0user\0receipt type\0thread`: one receipt per user, type and thread in a room.
+pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

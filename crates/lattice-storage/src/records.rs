@@ -216,3 +216,20 @@ pub struct TransactionRecord {
 impl Record for TransactionRecord {
     const TABLE: Table = Table::Transactions;
 }
+
+/// A read receipt: how far a user has read in a room (or one thread of it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptRecord {
+    pub user_id: String,
+    pub receipt_type: String,
+    pub event_id: String,
+    /// `None`: the unthreaded receipt.
+    pub thread_id: Option<String>,
+    pub ts: u64,
+    /// The stream position of this receipt, for `/sync`.
+    pub stream_position: u64,
+}
+
+impl Record for ReceiptRecord {
+    const TABLE: Table = Table::Receipts;
+}

@@ -38,4 +38,5 @@ tables! {
     AuthChains => "auth_chains",
     PendingRedactions => "pending_redactions",
     Transactions => "transactions",
+    Receipts => "receipts",
 }

@@ -28,6 +28,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
         .route("/_matrix/client/v3/rooms/{room_id}/typing/{user_id}", put(typing))
+        .route("/_matrix/client/v3/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipt))
         .route("/_matrix/client/v3/rooms/{room_id}/joined_members", get(joined_members))
         .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
         .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
@@ -396,5 +397,21 @@ async fn typing(
     }
     let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(30_000));
     state.service.set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct ReceiptBody {
+    thread_id: Option<String>,
+}
+
+async fn receipt(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((room_id, receipt_type, event_id)): PathParams<(String, String, String)>,
+    JsonBody(body): JsonBody<ReceiptBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    state.service.set_receipt(&session.user_id, &room_id, &receipt_type, &event_id, body.thread_id).await?;
     Ok(Json(json!({})))
 }

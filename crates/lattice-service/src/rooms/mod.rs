@@ -4,6 +4,7 @@
 mod client;
 mod ingest;
 mod local_events;
+mod receipts;
 mod state_store;
 mod sync;
 pub(crate) mod typing;

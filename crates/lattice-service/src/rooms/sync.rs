@@ -67,20 +67,25 @@ impl Service {
             match membership.as_str() {
                 "join" => {
                     let initial = request.since.is_none();
-                    let typing = self.typing_since(&room_id, since, now, initial);
+                    let mut ephemeral = Vec::new();
+                    if let Some(users) = self.typing_since(&room_id, since, now, initial) {
+                        ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
+                    }
+                    if let Some(receipts) = self.receipts_since(user_id, &room_id, since, now).await? {
+                        ephemeral.push(receipts);
+                    }
                     let room = match self.joined_room_sync(&room_id, since, now, limit, initial).await? {
                         Some(room) => Some(room),
                         // Only ephemeral news: the room still appears, with an empty timeline.
-                        None if typing.is_some() => Some(json!({
+                        None if !ephemeral.is_empty() => Some(json!({
                             "timeline": { "events": [], "limited": false, "prev_batch": token(now) },
                             "state": { "events": [] },
                         })),
                         None => None,
                     };
                     if let Some(mut room) = room {
-                        if let Some(users) = typing {
-                            room["ephemeral"] =
-                                json!({ "events": [{ "type": "m.typing", "content": { "user_ids": users } }] });
+                        if !ephemeral.is_empty() {
+                            room["ephemeral"] = json!({ "events": ephemeral });
                         }
                         join.insert(room_id.to_string(), room);
                     }

@@ -1,0 +1,89 @@
+//! Read receipts (`m.read`, `m.read.private`, threaded or not), stored with a stream position
+//! so `/sync` delivers each change once.
+
+use lattice_storage::records::{EventRecord, ReceiptRecord};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use ruma::{RoomId, UserId};
+use serde_json::{Map, Value, json};
+
+use crate::{Service, ServiceError};
+
+const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
+/// Receipts one room may report in one sync.
+const MAX_RECEIPTS_PER_ROOM: usize = 10_000;
+
+impl Service {
+    /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
+    pub async fn set_receipt(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        receipt_type: &str,
+        event_id: &str,
+        thread_id: Option<String>,
+    ) -> Result<(), ServiceError> {
+        if !RECEIPT_TYPES.contains(&receipt_type) {
+            return Err(ServiceError::InvalidParam(format!("receipt type must be one of {RECEIPT_TYPES:?}")));
+        }
+        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
+            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
+        }
+        let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
+        if !event.is_some_and(|e| e.value.room_id == room_id.as_str() && e.value.stream_position.is_some()) {
+            return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
+        }
+        let key = keys::receipt(room_id.as_str(), user_id.as_str(), receipt_type, thread_id.as_deref().unwrap_or(""));
+        let mut batch = WriteBatch::new();
+        // The position and the receipt commit together, like an event and its position.
+        let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
+        let record = ReceiptRecord {
+            user_id: user_id.to_string(),
+            receipt_type: receipt_type.to_owned(),
+            event_id: event_id.to_owned(),
+            thread_id,
+            ts: self.now_ms(),
+            stream_position: position,
+        };
+        lattice_storage::put(&mut batch, key, &record);
+        self.kv.write(batch).await?;
+        self.stream.send_if_modified(|newest| {
+            let newer = position > *newest;
+            *newest = (*newest).max(position);
+            newer
+        });
+        Ok(())
+    }
+
+    /// The room's `m.receipt` event for `viewer` with the receipts changed in `(since, now]`
+    /// (private receipts only the viewer's own), if any.
+    pub(crate) async fn receipts_since(
+        &self,
+        viewer: &UserId,
+        room_id: &RoomId,
+        since: u64,
+        now: u64,
+    ) -> Result<Option<Value>, ServiceError> {
+        let prefix = keys::room_rows(room_id.as_str());
+        let rows = self
+            .kv
+            .scan(Table::Receipts, &KeyRange::prefix(&prefix), Direction::Forward, MAX_RECEIPTS_PER_ROOM)
+            .await?;
+        let mut content: Map<String, Value> = Map::new();
+        for (_, raw) in rows {
+            let receipt: ReceiptRecord =
+                serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let fresh = receipt.stream_position > since && receipt.stream_position <= now;
+            let visible = receipt.receipt_type != "m.read.private" || receipt.user_id == viewer.as_str();
+            if !fresh || !visible {
+                continue;
+            }
+            let mut entry = json!({ "ts": receipt.ts });
+            if let Some(thread) = &receipt.thread_id {
+                entry["thread_id"] = json!(thread);
+            }
+            let by_type = content.entry(receipt.event_id.clone()).or_insert_with(|| json!({}));
+            by_type[&receipt.receipt_type][&receipt.user_id] = entry;
+        }
+        Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
+    }
+}
