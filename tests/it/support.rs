@@ -86,6 +86,13 @@ pub async fn register(http: &Http, name: &str, password: &str, token: &str) -> V
     response
 }
 
+/// Creates a room through the client API; returns its ID.
+pub async fn create_room(http: &Http, token: &str, body: Value) -> String {
+    let (status, response) = http.post("/_matrix/client/v3/createRoom", Some(token), &body).await;
+    assert_eq!(status, StatusCode::OK, "{response}");
+    response["room_id"].as_str().expect("room_id").to_owned()
+}
+
 /// Raw HTTP against one server.
 #[derive(Clone)]
 pub struct Http {

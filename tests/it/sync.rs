@@ -4,13 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error};
-
-async fn create_room(http: &Http, token: &str, body: Value) -> String {
-    let (status, response) = http.post("/_matrix/client/v3/createRoom", Some(token), &body).await;
-    assert_eq!(status, 200, "{response}");
-    response["room_id"].as_str().unwrap().to_owned()
-}
+use crate::support::{Http, TestServer, assert_error, create_room};
 
 async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
