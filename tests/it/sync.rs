@@ -270,3 +270,46 @@ async fn read_receipts_are_synced_and_private_ones_stay_private() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn account_data_and_read_markers_are_synced() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let room = create_room(http, &alice, json!({})).await;
+    let message = say(http, &alice, &room, "mark me").await;
+    let since = sync(http, &alice, "").await["next_batch"].as_str().unwrap().to_owned();
+    let me = server.user_id("alice");
+
+    let global = format!("/_matrix/client/v3/user/{me}/account_data/org.example.theme");
+    assert_eq!(http.put(&global, Some(&alice), &json!({ "dark": true })).await.0, 200);
+    let per_room = format!("/_matrix/client/v3/user/{me}/rooms/{room}/account_data/org.example.note");
+    assert_eq!(http.put(&per_room, Some(&alice), &json!({ "text": "remember" })).await.0, 200);
+    assert_eq!(http.get(&per_room, Some(&alice)).await.1, json!({ "text": "remember" }));
+    let markers = json!({ "m.fully_read": message, "m.read": message });
+    assert_eq!(
+        http.post(&format!("/_matrix/client/v3/rooms/{room}/read_markers"), Some(&alice), &markers).await.0,
+        200
+    );
+    let fully_read = format!("/_matrix/client/v3/user/{me}/rooms/{room}/account_data/m.fully_read");
+    assert_error(&http.put(&fully_read, Some(&alice), &json!({ "event_id": message })).await, 405, "M_BAD_JSON");
+
+    let update = sync(http, &alice, &format!("since={since}")).await;
+    assert_eq!(update["account_data"]["events"], json!([{ "type": "org.example.theme", "content": { "dark": true } }]));
+    let mut room_data: Vec<String> = update["rooms"]["join"][&room]["account_data"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    room_data.sort();
+    assert_eq!(room_data, ["m.fully_read", "org.example.note"]);
+    assert!(update["rooms"]["join"][&room]["ephemeral"]["events"][0]["content"][&message]["m.read"][&me].is_object());
+
+    // Delivered once: the next sync from there carries none of it.
+    let next = update["next_batch"].as_str().unwrap();
+    let quiet = sync(http, &alice, &format!("since={next}")).await;
+    assert_eq!(quiet["account_data"]["events"], json!([]));
+    assert_eq!(quiet["rooms"]["join"], json!({}));
+    server.stop().await;
+}

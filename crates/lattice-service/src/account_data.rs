@@ -2,9 +2,9 @@
 
 use lattice_core::limits::{MAX_ACCOUNT_DATA_BYTES, MAX_EVENT_TYPE_BYTES, MAX_FILTER_BYTES};
 use lattice_storage::records::{AccountDataRecord, FilterRecord, JsonObject};
-use lattice_storage::{WriteBatch, keys};
-use ruma::UserId;
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::api::client::filter::FilterDefinition;
+use ruma::{RoomId, UserId};
 
 use crate::{Service, ServiceError};
 
@@ -26,24 +26,29 @@ fn serialized_len(object: &JsonObject) -> usize {
 }
 
 impl Service {
+    /// Global (`room_id` `None`) or per-room account data of the caller.
     pub async fn account_data(
         &self,
         caller: &UserId,
         target: &UserId,
+        room_id: Option<&RoomId>,
         event_type: &str,
     ) -> Result<JsonObject, ServiceError> {
         check_owner(caller, target)?;
-        let key = keys::account_data(target.as_str(), None, event_type);
+        let key = keys::account_data(target.as_str(), room_id.map(|r| r.as_str()), event_type);
         match lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? {
             Some(fetched) => Ok(fetched.value.0),
             None => Err(ServiceError::NotFound(format!("no account data of type {event_type}"))),
         }
     }
 
+    /// `PUT /user/{userId}[/rooms/{roomId}]/account_data/{type}`: types the server manages
+    /// (`m.fully_read`, `m.push_rules`) are refused; per-room data needs a membership in the room.
     pub async fn set_account_data(
         &self,
         caller: &UserId,
         target: &UserId,
+        room_id: Option<&RoomId>,
         event_type: &str,
         content: JsonObject,
     ) -> Result<(), ServiceError> {
@@ -56,16 +61,69 @@ impl Service {
                 "{event_type} is managed by the server and cannot be set by clients"
             )));
         }
+        if let Some(room_id) = room_id
+            && self.membership(target, room_id).await?.is_none()
+        {
+            return Err(ServiceError::Forbidden(format!("{target} has no membership in {room_id}")));
+        }
+        self.write_account_data(target, room_id, event_type, content).await
+    }
+
+    /// Stores account data with a stream position from the one counter, in one batch, so
+    /// `/sync` delivers the change exactly once.
+    pub(crate) async fn write_account_data(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        event_type: &str,
+        content: JsonObject,
+    ) -> Result<(), ServiceError> {
         if serialized_len(&content) > MAX_ACCOUNT_DATA_BYTES {
             return Err(ServiceError::TooLarge { what: "account data", limit: MAX_ACCOUNT_DATA_BYTES });
         }
+        let key = keys::account_data(user_id.as_str(), room_id.map(|r| r.as_str()), event_type);
         let mut batch = WriteBatch::new();
-        lattice_storage::put(
-            &mut batch,
-            keys::account_data(target.as_str(), None, event_type),
-            &AccountDataRecord(content),
-        );
-        Ok(self.kv.write(batch).await?)
+        let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
+        lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
+        batch.put(Table::AccountDataPositions, key, position.to_be_bytes().to_vec());
+        self.kv.write(batch).await?;
+        self.announce(position);
+        Ok(())
+    }
+
+    /// The user's account data changed in `(since, now]`: global entries under `None`, per-room
+    /// ones under their room.
+    pub(crate) async fn account_data_since(
+        &self,
+        user_id: &UserId,
+        since: u64,
+        now: u64,
+    ) -> Result<Vec<(Option<String>, String, JsonObject)>, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        let rows = self
+            .kv
+            .scan(
+                Table::AccountDataPositions,
+                &KeyRange::prefix(&prefix),
+                Direction::Forward,
+                lattice_storage::MAX_SCAN_ROWS,
+            )
+            .await?;
+        let mut changed = Vec::new();
+        for (key, raw) in rows {
+            let position = <[u8; 8]>::try_from(raw.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+            if position <= since || position > now {
+                continue;
+            }
+            let rest = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let Some((room, event_type)) = rest.split_once('\0') else { continue };
+            let Some(record) = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? else {
+                continue;
+            };
+            let room = (!room.is_empty()).then(|| room.to_owned());
+            changed.push((room, event_type.to_owned(), record.value.0));
+        }
+        Ok(changed)
     }
 
     /// `POST /user/{userId}/filter`: checks the filter's shape, stores it as given.

@@ -105,6 +105,15 @@ impl Service {
         Ok(self.kv.flush().await?)
     }
 
+    /// Publishes a new stream position to waiting `/sync` requests.
+    fn announce(&self, position: u64) {
+        self.stream.send_if_modified(|newest| {
+            let newer = position > *newest;
+            *newest = (*newest).max(position);
+            newer
+        });
+    }
+
     /// The lock stripe of a room (see `room_locks`).
     fn room_lock(&self, room_id: &str) -> &tokio::sync::Mutex<()> {
         use std::hash::{Hash, Hasher};

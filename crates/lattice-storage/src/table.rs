@@ -39,4 +39,5 @@ tables! {
     PendingRedactions => "pending_redactions",
     Transactions => "transactions",
     Receipts => "receipts",
+    AccountDataPositions => "account_data_positions",
 }

@@ -29,6 +29,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
         .route("/_matrix/client/v3/rooms/{room_id}/typing/{user_id}", put(typing))
         .route("/_matrix/client/v3/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipt))
+        .route("/_matrix/client/v3/rooms/{room_id}/read_markers", post(read_markers))
         .route("/_matrix/client/v3/rooms/{room_id}/joined_members", get(joined_members))
         .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
         .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
@@ -413,5 +414,35 @@ async fn receipt(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     state.service.set_receipt(&session.user_id, &room_id, &receipt_type, &event_id, body.thread_id).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct ReadMarkersBody {
+    #[serde(rename = "m.fully_read")]
+    fully_read: Option<String>,
+    #[serde(rename = "m.read")]
+    read: Option<String>,
+    #[serde(rename = "m.read.private")]
+    read_private: Option<String>,
+}
+
+async fn read_markers(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<ReadMarkersBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    state
+        .service
+        .set_read_markers(
+            &session.user_id,
+            &room_id,
+            body.fully_read.as_deref(),
+            body.read.as_deref(),
+            body.read_private.as_deref(),
+        )
+        .await?;
     Ok(Json(json!({})))
 }

@@ -16,6 +16,10 @@ pub fn routes() -> Router<AppState> {
             "/_matrix/client/v3/user/{user_id}/account_data/{event_type}",
             get(get_account_data).put(set_account_data),
         )
+        .route(
+            "/_matrix/client/v3/user/{user_id}/rooms/{room_id}/account_data/{event_type}",
+            get(get_room_account_data).put(set_room_account_data),
+        )
         .route("/_matrix/client/v3/user/{user_id}/filter", post(create_filter))
         .route("/_matrix/client/v3/user/{user_id}/filter/{filter_id}", get(get_filter))
 }
@@ -25,7 +29,7 @@ async fn get_account_data(
     Auth(session): Auth,
     PathParams((user_id, event_type)): PathParams<(String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
-    Ok(Json(state.service.account_data(&session.user_id, &parse_user(&user_id)?, &event_type).await?))
+    Ok(Json(state.service.account_data(&session.user_id, &parse_user(&user_id)?, None, &event_type).await?))
 }
 
 async fn set_account_data(
@@ -34,7 +38,7 @@ async fn set_account_data(
     PathParams((user_id, event_type)): PathParams<(String, String)>,
     JsonBody(content): JsonBody<JsonObject>,
 ) -> ApiResult<Json<Value>> {
-    state.service.set_account_data(&session.user_id, &parse_user(&user_id)?, &event_type, content).await?;
+    state.service.set_account_data(&session.user_id, &parse_user(&user_id)?, None, &event_type, content).await?;
     Ok(Json(json!({})))
 }
 
@@ -54,4 +58,29 @@ async fn get_filter(
     PathParams((user_id, filter_id)): PathParams<(String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
     Ok(Json(state.service.filter(&session.user_id, &parse_user(&user_id)?, &filter_id).await?))
+}
+
+fn parse_room(room_id: &str) -> ApiResult<ruma::OwnedRoomId> {
+    ruma::OwnedRoomId::try_from(room_id)
+        .map_err(|e| crate::error::ApiError::InvalidParam(format!("invalid room ID: {e}")))
+}
+
+async fn get_room_account_data(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((user_id, room_id, event_type)): PathParams<(String, String, String)>,
+) -> ApiResult<Json<JsonObject>> {
+    let (user, room) = (parse_user(&user_id)?, parse_room(&room_id)?);
+    Ok(Json(state.service.account_data(&session.user_id, &user, Some(&room), &event_type).await?))
+}
+
+async fn set_room_account_data(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams((user_id, room_id, event_type)): PathParams<(String, String, String)>,
+    JsonBody(content): JsonBody<JsonObject>,
+) -> ApiResult<Json<Value>> {
+    let (user, room) = (parse_user(&user_id)?, parse_room(&room_id)?);
+    state.service.set_account_data(&session.user_id, &user, Some(&room), &event_type, content).await?;
+    Ok(Json(json!({})))
 }

@@ -279,11 +279,7 @@ impl Service {
         self.kv.write(batch).await?;
         if let Some(position) = stream_position {
             // Wake waiting /sync requests.
-            self.stream.send_if_modified(|newest| {
-                let newer = position > *newest;
-                *newest = (*newest).max(position);
-                newer
-            });
+            self.announce(position);
         }
         Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
     }

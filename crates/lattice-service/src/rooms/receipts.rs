@@ -46,11 +46,37 @@ impl Service {
         };
         lattice_storage::put(&mut batch, key, &record);
         self.kv.write(batch).await?;
-        self.stream.send_if_modified(|newest| {
-            let newer = position > *newest;
-            *newest = (*newest).max(position);
-            newer
-        });
+        self.announce(position);
+        Ok(())
+    }
+
+    /// `POST /rooms/{roomId}/read_markers`: the fully-read marker (room account data
+    /// `m.fully_read`) and, optionally, receipts, in one call.
+    pub async fn set_read_markers(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        fully_read: Option<&str>,
+        read: Option<&str>,
+        read_private: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
+            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
+        }
+        if let Some(event_id) = fully_read {
+            let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
+            if event.is_none_or(|e| e.value.room_id != room_id.as_str()) {
+                return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
+            }
+            let content = serde_json::from_value(json!({ "event_id": event_id }))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            self.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;
+        }
+        for (kind, event_id) in [("m.read", read), ("m.read.private", read_private)] {
+            if let Some(event_id) = event_id {
+                self.set_receipt(user_id, room_id, kind, event_id, None).await?;
+            }
+        }
         Ok(())
     }
 

@@ -63,6 +63,15 @@ impl Service {
         }
         let since = request.since.unwrap_or(0);
         let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+        let mut global_data = Vec::new();
+        let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
+        for (room, kind, content) in self.account_data_since(user_id, since, now).await? {
+            let event = json!({ "type": kind, "content": content });
+            match room {
+                Some(room) => room_data.entry(room).or_default().push(event),
+                None => global_data.push(event),
+            }
+        }
         for (room_id, membership) in self.memberships_of(user_id).await? {
             match membership.as_str() {
                 "join" => {
@@ -74,10 +83,12 @@ impl Service {
                     if let Some(receipts) = self.receipts_since(user_id, &room_id, since, now).await? {
                         ephemeral.push(receipts);
                     }
+                    let data = room_data.remove(room_id.as_str()).unwrap_or_default();
                     let room = match self.joined_room_sync(&room_id, since, now, limit, initial).await? {
                         Some(room) => Some(room),
-                        // Only ephemeral news: the room still appears, with an empty timeline.
-                        None if !ephemeral.is_empty() => Some(json!({
+                        // Only ephemeral or account-data news: the room still appears, with an
+                        // empty timeline.
+                        None if !ephemeral.is_empty() || !data.is_empty() => Some(json!({
                             "timeline": { "events": [], "limited": false, "prev_batch": token(now) },
                             "state": { "events": [] },
                         })),
@@ -86,6 +97,9 @@ impl Service {
                     if let Some(mut room) = room {
                         if !ephemeral.is_empty() {
                             room["ephemeral"] = json!({ "events": ephemeral });
+                        }
+                        if !data.is_empty() {
+                            room["account_data"] = json!({ "events": data });
                         }
                         join.insert(room_id.to_string(), room);
                     }
@@ -108,7 +122,11 @@ impl Service {
                 _ => {}
             }
         }
-        Ok(json!({ "next_batch": token(now), "rooms": { "join": join, "invite": invite, "leave": leave } }))
+        Ok(json!({
+            "next_batch": token(now),
+            "account_data": { "events": global_data },
+            "rooms": { "join": join, "invite": invite, "leave": leave },
+        }))
     }
 
     async fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>, ServiceError> {

@@ -85,11 +85,7 @@ impl Service {
                 all.rooms.entry(room_id.clone()).or_default().position = position;
             }
         }
-        self.stream.send_if_modified(|newest| {
-            let newer = position > *newest;
-            *newest = (*newest).max(position);
-            newer
-        });
+        self.announce(position);
         Ok(())
     }
 
