@@ -128,3 +128,8 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
 pub fn parse_user(user_id: &str) -> Result<ruma::OwnedUserId, ApiError> {
     ruma::OwnedUserId::try_from(user_id).map_err(|e| ApiError::InvalidParam(format!("invalid user ID: {e}")))
 }
+
+/// A room ID from a path; a malformed one is `M_INVALID_PARAM`.
+pub fn parse_room(room_id: &str) -> Result<ruma::OwnedRoomId, ApiError> {
+    ruma::OwnedRoomId::try_from(room_id).map_err(|e| ApiError::InvalidParam(format!("invalid room ID: {e}")))
+}

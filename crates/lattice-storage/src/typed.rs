@@ -63,6 +63,12 @@ pub async fn counter_in_batch(kv: &dyn KvStore, batch: &mut WriteBatch, name: &s
     Ok(next)
 }
 
+/// The named counter's current value (0 before its first increment).
+pub async fn counter(kv: &dyn KvRead, name: &str) -> Result<u64, StorageError> {
+    let raw = kv.get(Table::Counters, &crate::keys::counter(name)).await?;
+    counter_value(name, raw.as_deref())
+}
+
 fn counter_value(name: &str, raw: Option<&[u8]>) -> Result<u64, StorageError> {
     match raw {
         Some(raw) => Ok(u64::from_be_bytes(raw.try_into().map_err(|_| StorageError::Corrupt {

@@ -44,7 +44,7 @@ fn parse_room(room_id: &str) -> ApiResult<OwnedRoomId> {
     if room_id.starts_with('#') {
         return Err(ApiError::Service(ServiceError::NotFound("room aliases are not supported yet".into())));
     }
-    OwnedRoomId::try_from(room_id).map_err(|e| ApiError::InvalidParam(format!("invalid room ID: {e}")))
+    crate::extract::parse_room(room_id)
 }
 
 #[derive(Deserialize)]

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Auth, PathParams, QueryParams};
+use crate::extract::{Auth, PathParams, QueryParams, parse_room};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -68,8 +68,7 @@ async fn messages(
     PathParams(room_id): PathParams<String>,
     QueryParams(query): QueryParams<MessagesQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room_id =
-        ruma::OwnedRoomId::try_from(room_id).map_err(|e| ApiError::InvalidParam(format!("invalid room ID: {e}")))?;
+    let room_id = parse_room(&room_id)?;
     let backward = match query.dir.as_str() {
         "b" => true,
         "f" => false,

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, JsonBody, PathParams, parse_user};
+use crate::extract::{Auth, JsonBody, PathParams, parse_room, parse_user};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -58,11 +58,6 @@ async fn get_filter(
     PathParams((user_id, filter_id)): PathParams<(String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
     Ok(Json(state.service.filter(&session.user_id, &parse_user(&user_id)?, &filter_id).await?))
-}
-
-fn parse_room(room_id: &str) -> ApiResult<ruma::OwnedRoomId> {
-    ruma::OwnedRoomId::try_from(room_id)
-        .map_err(|e| crate::error::ApiError::InvalidParam(format!("invalid room ID: {e}")))
 }
 
 async fn get_room_account_data(

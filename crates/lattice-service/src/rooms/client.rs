@@ -298,8 +298,14 @@ impl Service {
         Ok(members)
     }
 
-    async fn require_joined(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
+    /// The room exists (else 404) and the user is joined to it (else 403).
+    pub(crate) async fn require_joined(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
         self.room_version(room_id).await?;
+        self.require_member(user_id, room_id).await
+    }
+
+    /// The user is joined to the room (`M_FORBIDDEN` otherwise, also for unknown rooms).
+    pub(crate) async fn require_member(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
         if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
             return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
         }

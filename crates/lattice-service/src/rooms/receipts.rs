@@ -25,9 +25,7 @@ impl Service {
         if !RECEIPT_TYPES.contains(&receipt_type) {
             return Err(ServiceError::InvalidParam(format!("receipt type must be one of {RECEIPT_TYPES:?}")));
         }
-        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
-            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
-        }
+        self.require_member(user_id, room_id).await?;
         let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
         if !event.is_some_and(|e| e.value.room_id == room_id.as_str() && e.value.stream_position.is_some()) {
             return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
@@ -60,9 +58,7 @@ impl Service {
         read: Option<&str>,
         read_private: Option<&str>,
     ) -> Result<(), ServiceError> {
-        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
-            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
-        }
+        self.require_member(user_id, room_id).await?;
         if let Some(event_id) = fully_read {
             let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
             if event.is_none_or(|e| e.value.room_id != room_id.as_str()) {

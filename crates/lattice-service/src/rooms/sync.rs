@@ -38,8 +38,7 @@ fn token(position: u64) -> String {
 impl Service {
     /// The newest stream position.
     async fn stream_position(&self) -> Result<u64, ServiceError> {
-        let raw = self.kv.get(Table::Counters, &keys::counter("stream")).await?;
-        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_slice()).ok()).map(u64::from_be_bytes).unwrap_or(0))
+        Ok(lattice_storage::counter(self.kv.as_ref(), "stream").await?)
     }
 
     /// `GET /sync`: rooms the user is in, invited to or has left since `since`, with their new
@@ -265,10 +264,7 @@ impl Service {
         backward: bool,
         limit: usize,
     ) -> Result<Value, ServiceError> {
-        self.room_version(room_id).await?;
-        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
-            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
-        }
+        self.require_joined(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
         let now = self.stream_position().await?;
         let from = from.unwrap_or(if backward { now } else { 0 });

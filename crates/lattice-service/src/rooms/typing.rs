@@ -35,9 +35,7 @@ impl Service {
         typing: bool,
         timeout: Duration,
     ) -> Result<(), ServiceError> {
-        if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
-            return Err(ServiceError::Forbidden(format!("{user_id} is not in room {room_id}")));
-        }
+        self.require_member(user_id, room_id).await?;
         let expires = self.now_ms().saturating_add(timeout.min(MAX_TYPING_TIMEOUT).as_millis() as u64);
         let changed = {
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
