@@ -4,7 +4,9 @@
 mod accounts;
 mod bad_input;
 mod process;
+mod relations;
 mod rooms;
 mod sdk_client;
 mod support;
 mod sync;
+mod to_device;

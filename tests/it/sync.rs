@@ -313,3 +313,117 @@ async fn account_data_and_read_markers_are_synced() {
     assert_eq!(quiet["rooms"]["join"], json!({}));
     server.stop().await;
 }
+
+fn types(events: &Value) -> Vec<String> {
+    events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+}
+
+fn state_keys_of(events: &Value, kind: &str) -> Vec<String> {
+    let mut keys: Vec<String> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["state_key"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn filters_choose_rooms_and_event_types_and_lazy_load_members() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let carol = server.register("carol", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat", "name": "Filtered" })).await;
+    let other = create_room(http, &alice, json!({ "name": "Other" })).await;
+    for token in [&bob, &carol] {
+        let (status, body) = http.post(&format!("/_matrix/client/v3/join/{room}"), Some(token), &json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    say(http, &bob, &room, "from bob").await;
+    let (status, _) =
+        http.put(&format!("/_matrix/client/v3/rooms/{room}/send/m.reaction/r"), Some(&alice), &json!({ "k": 1 })).await;
+    assert_eq!(status, 200);
+
+    // Only one room, only messages.
+    let filter = json!({ "room": { "rooms": [room], "timeline": { "types": ["m.room.message"] } } });
+    let synced = sync(http, &alice, &format!("filter={}", urlencode(&filter.to_string()))).await;
+    assert!(synced["rooms"]["join"].get(&other).is_none(), "{synced}");
+    assert_eq!(types(&synced["rooms"]["join"][&room]["timeline"]["events"]), vec!["m.room.message"]);
+
+    // not_types and a wildcard.
+    let filter = json!({ "room": { "timeline": { "not_types": ["m.room.*"] } } });
+    let synced = sync(http, &alice, &format!("filter={}", urlencode(&filter.to_string()))).await;
+    assert_eq!(types(&synced["rooms"]["join"][&room]["timeline"]["events"]), vec!["m.reaction"]);
+
+    // Lazy loading: with a one-event timeline (Alice's reaction), only the member events that
+    // timeline needs (Alice's own) come along — not Bob's or Carol's.
+    let filter = json!({ "room": { "timeline": { "limit": 1 }, "state": { "lazy_load_members": true } } });
+    let synced = sync(http, &alice, &format!("filter={}", urlencode(&filter.to_string()))).await;
+    let joined = &synced["rooms"]["join"][&room];
+    assert_eq!(state_keys_of(&joined["state"]["events"], "m.room.member"), vec![server.user_id("alice")]);
+    assert!(types(&joined["state"]["events"]).contains(&"m.room.name".to_owned()));
+    assert_eq!(joined["summary"]["m.joined_member_count"], 3, "{joined}");
+    assert_eq!(joined["summary"]["m.heroes"].as_array().unwrap().len(), 2);
+    // Incremental, lazily: Carol speaks, and her member event comes with her message.
+    let since = synced["next_batch"].as_str().unwrap().to_owned();
+    say(http, &carol, &room, "from carol").await;
+    let filter = json!({ "room": { "state": { "lazy_load_members": true } } });
+    let incremental = sync(http, &alice, &format!("since={since}&filter={}", urlencode(&filter.to_string()))).await;
+    let state = &incremental["rooms"]["join"][&room]["state"]["events"];
+    assert_eq!(state_keys_of(state, "m.room.member"), vec![server.user_id("carol")]);
+    // /messages lazily: the senders of the page.
+    let filter = urlencode(&json!({ "lazy_load_members": true }).to_string());
+    let (_, page) = http
+        .get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=2&filter={filter}"), Some(&alice))
+        .await;
+    assert_eq!(state_keys_of(&page["state"], "m.room.member"), vec![server.user_id("alice"), server.user_id("carol")]);
+
+    // full_state on an incremental sync repeats the whole state.
+    let since = incremental["next_batch"].as_str().unwrap();
+    let full = sync(http, &alice, &format!("since={since}&full_state=true")).await;
+    assert!(types(&full["rooms"]["join"][&room]["state"]["events"]).contains(&"m.room.create".to_owned()));
+
+    let bad = urlencode(r#"{"room":{"timeline":{"types":"m.room.message"}}}"#);
+    assert_error(&http.get(&format!("/_matrix/client/v3/sync?filter={bad}"), Some(&alice)).await, 400, "M_BAD_JSON");
+    assert_error(&http.get("/_matrix/client/v3/sync?filter=12345", Some(&alice)).await, 404, "M_NOT_FOUND");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn include_leave_and_ignored_users() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    let (status, _) = http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await;
+    assert_eq!(status, 200);
+    say(http, &bob, &room, "before ignoring").await;
+    say(http, &alice, &room, "alice speaks").await;
+
+    // Alice ignores Bob: his messages (not his membership) disappear from her views.
+    let ignore = json!({ "ignored_users": { server.user_id("bob"): {} } });
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", server.user_id("alice"));
+    assert_eq!(http.put(&path, Some(&alice), &ignore).await.0, 200);
+    let synced = sync(http, &alice, "").await;
+    let timeline = &synced["rooms"]["join"][&room]["timeline"]["events"];
+    assert_eq!(bodies(timeline), vec!["alice speaks"]);
+    assert!(state_keys_of(timeline, "m.room.member").contains(&server.user_id("bob")));
+    let (_, page) = http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&alice)).await;
+    assert_eq!(bodies(&page["chunk"]), vec!["alice speaks"]);
+
+    // Bob leaves; an initial sync shows the room only with include_leave.
+    let (status, _) = http.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&bob), &json!({})).await;
+    assert_eq!(status, 200);
+    let plain = sync(http, &bob, "").await;
+    assert!(plain["rooms"]["leave"].get(&room).is_none(), "{plain}");
+    let filter = urlencode(r#"{"room":{"include_leave":true}}"#);
+    let with_leave = sync(http, &bob, &format!("filter={filter}")).await;
+    let left = &with_leave["rooms"]["leave"][&room];
+    assert_eq!(types(&left["timeline"]["events"]).last().map(String::as_str), Some("m.room.member"), "{left}");
+    server.stop().await;
+}

@@ -11,6 +11,7 @@ mod registration_tokens;
 pub mod rooms;
 mod secrets;
 mod sessions;
+mod to_device;
 mod uia;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub use profile::ProfileField;
 pub use registration_tokens::{RegistrationTokenInfo, valid_registration_token_format};
 pub use secrets::PasswordHasher;
 pub use sessions::{LoginRequest, LoginResult, Session, SessionTokens};
+pub use to_device::{MAX_TO_DEVICE_PER_SYNC, ToDeviceMessages};
 pub use uia::UiaChallenge;
 
 /// Who may create accounts through the client API.

@@ -273,6 +273,7 @@ impl Service {
         for (key, device) in devices {
             if selected(&device.device_id) {
                 revoke_tokens(batch, &device);
+                self.clear_inbox_to_batch(batch, user_id, &device.device_id).await?;
                 batch.delete(Table::Devices, key);
             }
         }

@@ -106,6 +106,46 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
+/// A device's to-device inbox in stream order: `user\0device\0position·seq` (one send may
+/// put several messages into one inbox under one position).
+pub fn to_device(user_id: &str, device_id: &str, position: u64, seq: u32) -> Vec<u8> {
+    let mut order = position.to_be_bytes().to_vec();
+    order.extend_from_slice(&seq.to_be_bytes());
+    join(&[user_id.as_bytes(), device_id.as_bytes(), &order])
+}
+
+/// The prefix of a device's to-device inbox.
+pub fn to_device_inbox(user_id: &str, device_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), b""])
+}
+
+/// The position part of a [`to_device`] key.
+pub fn to_device_position(key: &[u8]) -> Option<u64> {
+    let order = key.len().checked_sub(12).map(|start| &key[start..start + 8])?;
+    order.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// `parent\0rel_type\0position`: the relations of an event by type, in stream order. An empty
+/// relation type holds every relation of the parent, so one scan answers unfiltered requests.
+pub fn relation(parent_id: &str, rel_type: &str, position: u64) -> Vec<u8> {
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position.to_be_bytes()])
+}
+
+/// The prefix of [`relation`] keys of one parent and relation type (`""`: all types).
+pub fn relations_of(parent_id: &str, rel_type: &str) -> Vec<u8> {
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), b""])
+}
+
+/// `room\0root`: a thread's summary.
+pub fn thread(room_id: &str, root_id: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), root_id.as_bytes()])
+}
+
+/// `room\0position`: threads by their latest activity, for `/threads`.
+pub fn thread_activity(room_id: &str, position: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &position.to_be_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

@@ -233,3 +233,43 @@ pub struct ReceiptRecord {
 impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
+
+/// A to-device message waiting in a device's inbox until the device syncs past it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToDeviceRecord {
+    pub sender: String,
+    pub event_type: String,
+    pub content: JsonObject,
+}
+
+impl Record for ToDeviceRecord {
+    const TABLE: Table = Table::ToDevice;
+}
+
+/// One relation (`m.relates_to`) of an accepted event to its parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelationRecord {
+    pub event_id: String,
+    pub rel_type: String,
+    pub event_type: String,
+    pub sender: String,
+}
+
+impl Record for RelationRecord {
+    const TABLE: Table = Table::Relations;
+}
+
+/// A thread's summary, kept current by ingest so bundling it costs one read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRecord {
+    pub latest_event_id: String,
+    pub latest_position: u64,
+    pub count: u64,
+    /// Who wrote in the thread (its root's sender included), so `include=participated` and
+    /// `current_user_participated` need no scan. Bounded by `MAX_THREAD_PARTICIPANTS`.
+    pub participants: Vec<String>,
+}
+
+impl Record for ThreadRecord {
+    const TABLE: Table = Table::Threads;
+}

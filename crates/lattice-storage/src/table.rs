@@ -40,4 +40,9 @@ tables! {
     Transactions => "transactions",
     Receipts => "receipts",
     AccountDataPositions => "account_data_positions",
+    ToDevice => "to_device",
+    ToDeviceTransactions => "to_device_transactions",
+    Relations => "relations",
+    Threads => "threads",
+    ThreadActivity => "thread_activity",
 }

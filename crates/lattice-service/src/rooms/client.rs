@@ -269,7 +269,7 @@ impl Service {
         if record.value.room_id != room_id.as_str() || record.value.stream_position.is_none() {
             return Err(not_found());
         }
-        self.client_event(event_id).await
+        self.timeline_event(user_id, event_id).await
     }
 
     /// The room's current member events, optionally only those with (or without) a membership.

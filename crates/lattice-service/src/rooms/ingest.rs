@@ -222,8 +222,17 @@ impl Service {
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
         };
         let mut record = record;
-        if let Some(json) = self.redact_if_pending(version, event, &mut loaded, &mut batch).await? {
-            record.json = json;
+        let redacted_on_arrival = match self.redact_if_pending(version, event, &mut loaded, &mut batch).await? {
+            Some(json) => {
+                record.json = json;
+                true
+            }
+            None => false,
+        };
+        if let Some(position) = stream_position
+            && !redacted_on_arrival
+        {
+            self.index_relation(&room_id, event, position, &mut batch).await?;
         }
         lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
         if !matches!(outcome, Outcome::Rejected(_)) && event.state_key().is_some() {
@@ -448,6 +457,7 @@ impl Service {
         if !self.redaction_takes_effect(version, redaction, &target_event, state_before, loaded).await? {
             return Ok(());
         }
+        self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.stream_position, batch).await?;
         let json = redacted_json(target_event.object(), version)?;
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));
         lattice_storage::put(batch, keys::event(target_id.as_str()), &EventRecord { json, ..target.value });

@@ -2,9 +2,11 @@
 //! invariant 1). Client-facing room APIs build on this.
 
 mod client;
+mod filter;
 mod ingest;
 mod local_events;
 mod receipts;
+mod relations;
 mod state_store;
 mod sync;
 pub(crate) mod typing;
@@ -13,7 +15,9 @@ pub(crate) mod typing;
 mod tests;
 
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
+pub use filter::{EventFilter, SyncFilter};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
-pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, parse_token};
+pub use relations::RelationsQuery;
+pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use typing::MAX_TYPING_TIMEOUT;

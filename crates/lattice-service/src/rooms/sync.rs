@@ -1,6 +1,7 @@
 //! `/sync` and `/messages` over the room timeline: stream positions are the tokens, so nothing
 //! is skipped or delivered twice (architecture invariant 3).
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use lattice_storage::records::EventRecord;
@@ -8,6 +9,7 @@ use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
+use super::filter::{EventFilter, SyncFilter};
 use crate::{Service, ServiceError};
 
 /// Most timeline events one room gets in one sync or one page of `/messages`.
@@ -15,24 +17,78 @@ pub const MAX_TIMELINE_LIMIT: usize = 1_000;
 const DEFAULT_TIMELINE_LIMIT: usize = 20;
 /// Longest a `/sync` long-poll waits.
 pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most timeline rows one room's page looks at while a filter skips events.
+const MAX_FILTERED_SCAN: usize = lattice_storage::MAX_SCAN_ROWS;
+/// Members the room summary names.
+const MAX_HEROES: usize = 5;
 
 pub struct SyncRequest {
     /// The `next_batch` of an earlier sync; `None` for an initial sync.
-    pub since: Option<u64>,
+    pub since: Option<SyncToken>,
     pub timeout: Duration,
-    pub timeline_limit: Option<usize>,
+    /// The syncing device, whose to-device inbox the sync delivers and acknowledges.
+    pub device_id: Option<String>,
+    pub filter: SyncFilter,
+    pub full_state: bool,
 }
 
-/// A stream position as a token, and back.
+/// A `/sync` token: the stream position reached, and — when the device's to-device inbox held
+/// more than one sync delivers — how far the inbox was delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub position: u64,
+    pub to_device_delivered: Option<u64>,
+}
+
+impl SyncToken {
+    pub fn parse(token: &str) -> Result<Self, ServiceError> {
+        let invalid = || ServiceError::InvalidParam(format!("invalid stream token {token:?}"));
+        let rest = token.strip_prefix('s').ok_or_else(invalid)?;
+        let (position, to_device) = match rest.split_once('_') {
+            Some((position, to_device)) => (position, Some(to_device.parse().map_err(|_| invalid())?)),
+            None => (rest, None),
+        };
+        let position = position.parse().map_err(|_| invalid())?;
+        if to_device.is_some_and(|delivered| delivered > position) {
+            return Err(invalid());
+        }
+        Ok(Self { position, to_device_delivered: to_device })
+    }
+
+    fn render(self) -> String {
+        match self.to_device_delivered {
+            Some(delivered) => format!("s{}_{delivered}", self.position),
+            None => token(self.position),
+        }
+    }
+}
+
+/// A stream position from any token this server hands out (`/messages` takes `/sync` tokens).
 pub fn parse_token(token: &str) -> Result<u64, ServiceError> {
-    token
-        .strip_prefix('s')
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| ServiceError::InvalidParam(format!("invalid stream token {token:?}")))
+    SyncToken::parse(token).map(|t| t.position)
 }
 
 fn token(position: u64) -> String {
     format!("s{position}")
+}
+
+/// What one sync is about, shared by every room it looks at.
+struct SyncScope<'a> {
+    user_id: &'a UserId,
+    since: u64,
+    now: u64,
+    initial: bool,
+    full_state: bool,
+    filter: &'a SyncFilter,
+    /// Senders whose events the user asked not to see (`m.ignored_user_list`).
+    ignored: &'a HashSet<String>,
+}
+
+/// One room's timeline page and the state that goes with it.
+struct TimelinePage {
+    events: Vec<Value>,
+    limited: bool,
+    first_position: u64,
 }
 
 impl Service {
@@ -42,90 +98,123 @@ impl Service {
     }
 
     /// `GET /sync`: rooms the user is in, invited to or has left since `since`, with their new
-    /// timeline events. With nothing new it waits up to `timeout` for the next event.
+    /// timeline events, ephemeral events, account data and to-device messages. With nothing
+    /// new it waits up to `timeout` for the next change.
     pub async fn sync(&self, user_id: &UserId, request: SyncRequest) -> Result<Value, ServiceError> {
-        let limit = request.timeline_limit.unwrap_or(DEFAULT_TIMELINE_LIMIT).clamp(1, MAX_TIMELINE_LIMIT);
         let mut now = self.stream_position().await?;
+        let since = request.since.map(|s| s.position);
         if let Some(since) = request.since {
-            if since > now {
+            if since.position > now {
                 return Err(ServiceError::InvalidParam("the since token is from the future".into()));
             }
-            if since == now && !request.timeout.is_zero() {
-                let mut waiter = self.stream.subscribe();
-                let _ = tokio::time::timeout(
-                    request.timeout.min(MAX_SYNC_TIMEOUT),
-                    waiter.wait_for(|newest| *newest > since),
-                )
-                .await;
-                now = self.stream_position().await?;
+            if let Some(device) = &request.device_id {
+                let acknowledged = since.to_device_delivered.unwrap_or(since.position);
+                self.acknowledge_to_device(user_id, device, acknowledged).await?;
             }
         }
-        let since = request.since.unwrap_or(0);
+        let mut to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
+        if since == Some(now) && !request.timeout.is_zero() && to_device.events.is_empty() {
+            let mut waiter = self.stream.subscribe();
+            let _ = tokio::time::timeout(
+                request.timeout.min(MAX_SYNC_TIMEOUT),
+                waiter.wait_for(|newest| Some(*newest) > since),
+            )
+            .await;
+            now = self.stream_position().await?;
+            to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
+        }
+        let ignored = self.ignored_users(user_id).await?;
+        let scope = SyncScope {
+            user_id,
+            since: since.unwrap_or(0),
+            now,
+            initial: since.is_none(),
+            full_state: request.full_state,
+            filter: &request.filter,
+            ignored: &ignored,
+        };
+        let (global_data, mut room_data) = self.account_data_for(&scope).await?;
         let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
-        let mut global_data = Vec::new();
-        let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
-        for (room, kind, content) in self.account_data_since(user_id, since, now).await? {
-            let event = json!({ "type": kind, "content": content });
-            match room {
-                Some(room) => room_data.entry(room).or_default().push(event),
-                None => global_data.push(event),
-            }
-        }
         for (room_id, membership) in self.memberships_of(user_id).await? {
+            if !scope.filter.includes_room(room_id.as_str()) {
+                continue;
+            }
+            let data = room_data.remove(room_id.as_str()).unwrap_or_default();
             match membership.as_str() {
                 "join" => {
-                    let initial = request.since.is_none();
-                    let mut ephemeral = Vec::new();
-                    if let Some(users) = self.typing_since(&room_id, since, now, initial) {
-                        ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
-                    }
-                    if let Some(receipts) = self.receipts_since(user_id, &room_id, since, now).await? {
-                        ephemeral.push(receipts);
-                    }
-                    let data = room_data.remove(room_id.as_str()).unwrap_or_default();
-                    let room = match self.joined_room_sync(&room_id, since, now, limit, initial).await? {
-                        Some(room) => Some(room),
-                        // Only ephemeral or account-data news: the room still appears, with an
-                        // empty timeline.
-                        None if !ephemeral.is_empty() || !data.is_empty() => Some(json!({
-                            "timeline": { "events": [], "limited": false, "prev_batch": token(now) },
-                            "state": { "events": [] },
-                        })),
-                        None => None,
-                    };
-                    if let Some(mut room) = room {
-                        if !ephemeral.is_empty() {
-                            room["ephemeral"] = json!({ "events": ephemeral });
-                        }
-                        if !data.is_empty() {
-                            room["account_data"] = json!({ "events": data });
-                        }
+                    if let Some(room) = self.joined_room(&scope, &room_id, data).await? {
                         join.insert(room_id.to_string(), room);
                     }
                 }
                 "invite" => {
-                    if let Some(room) = self.invited_room_sync(user_id, &room_id, since).await? {
+                    if let Some(room) = self.invited_room_sync(&scope, &room_id).await? {
                         invite.insert(room_id.to_string(), room);
                     }
                 }
-                "leave" | "ban" if request.since.is_some() => {
-                    // Nothing after the user left is theirs to see.
-                    let left_at = self.membership_position(user_id, &room_id).await?.unwrap_or(since).min(now);
-                    if left_at <= since {
-                        continue;
-                    }
-                    if let Some(room) = self.joined_room_sync(&room_id, since, left_at, limit, false).await? {
+                "leave" | "ban" if !scope.initial || scope.filter.room.include_leave => {
+                    if let Some(room) = self.left_room(&scope, &room_id).await? {
                         leave.insert(room_id.to_string(), room);
                     }
                 }
                 _ => {}
             }
         }
+        let next_batch = SyncToken { position: now, to_device_delivered: to_device.delivered_up_to };
+        let to_device_events: Vec<Value> = to_device
+            .events
+            .into_iter()
+            .filter(|e| !ignored.contains(e["sender"].as_str().unwrap_or_default()))
+            .collect();
         Ok(json!({
-            "next_batch": token(now),
+            "next_batch": next_batch.render(),
             "account_data": { "events": global_data },
+            "to_device": { "events": to_device_events },
             "rooms": { "join": join, "invite": invite, "leave": leave },
         }))
+    }
+
+    async fn to_device_for(
+        &self,
+        user_id: &UserId,
+        device_id: Option<&str>,
+        now: u64,
+    ) -> Result<crate::to_device::ToDeviceBatch, ServiceError> {
+        match device_id {
+            Some(device) => self.pending_to_device(user_id, device, now).await,
+            None => Ok(crate::to_device::ToDeviceBatch { events: Vec::new(), delivered_up_to: None }),
+        }
+    }
+
+    /// Global account data, and per-room account data by room, changed in the sync's range.
+    async fn account_data_for(
+        &self,
+        scope: &SyncScope<'_>,
+    ) -> Result<(Vec<Value>, HashMap<String, Vec<Value>>), ServiceError> {
+        let mut global = Vec::new();
+        let mut by_room: HashMap<String, Vec<Value>> = HashMap::new();
+        for (room, kind, content) in self.account_data_since(scope.user_id, scope.since, scope.now).await? {
+            let event = json!({ "type": kind, "content": content });
+            match room {
+                Some(room) if scope.filter.room.account_data.allows_type(&kind) => {
+                    by_room.entry(room).or_default().push(event)
+                }
+                None if scope.filter.account_data.allows_type(&kind) => global.push(event),
+                _ => {}
+            }
+        }
+        Ok((global, by_room))
+    }
+
+    /// The senders a user ignores.
+    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
+        let key = keys::account_data(user_id.as_str(), None, "m.ignored_user_list");
+        let Some(record) =
+            lattice_storage::get::<lattice_storage::records::AccountDataRecord>(self.kv.as_ref(), &key).await?
+        else {
+            return Ok(HashSet::new());
+        };
+        let ignored = record.value.0.0.get("ignored_users").and_then(Value::as_object);
+        Ok(ignored.map(|users| users.keys().cloned().collect()).unwrap_or_default())
     }
 
     async fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>, ServiceError> {
@@ -143,38 +232,161 @@ impl Service {
             .collect()
     }
 
-    /// Timeline events in `(since, now]`, newest `limit` of them; `None` when there are none and
-    /// this is not an initial sync.
-    async fn joined_room_sync(
+    /// A joined room's part of the sync: timeline, state, ephemeral events, account data and
+    /// summary; `None` when nothing in it changed.
+    async fn joined_room(
         &self,
+        scope: &SyncScope<'_>,
         room_id: &RoomId,
-        since: u64,
-        now: u64,
-        limit: usize,
-        initial: bool,
+        account_data: Vec<Value>,
     ) -> Result<Option<Value>, ServiceError> {
-        let range = KeyRange::between(
-            &keys::timeline(room_id.as_str(), since + 1),
-            &keys::timeline(room_id.as_str(), now.saturating_add(1)),
-        );
-        let mut rows = self.kv.scan(Table::Timeline, &range, Direction::Backward, limit + 1).await?;
-        if rows.is_empty() && !initial {
+        let ephemeral = self.ephemeral_events(scope, room_id).await?;
+        let room = match self.room_sync(scope, room_id, scope.now).await? {
+            Some(room) => room,
+            // Only ephemeral or account-data news: the room still appears, with an empty timeline.
+            None if !ephemeral.is_empty() || !account_data.is_empty() => json!({
+                "timeline": { "events": [], "limited": false, "prev_batch": token(scope.now) },
+                "state": { "events": [] },
+            }),
+            None => return Ok(None),
+        };
+        let mut room = room;
+        if !ephemeral.is_empty() {
+            room["ephemeral"] = json!({ "events": ephemeral });
+        }
+        if !account_data.is_empty() {
+            room["account_data"] = json!({ "events": account_data });
+        }
+        Ok(Some(room))
+    }
+
+    /// A room the user left or was banned from: its timeline up to the leave, once.
+    async fn left_room(&self, scope: &SyncScope<'_>, room_id: &RoomId) -> Result<Option<Value>, ServiceError> {
+        // Nothing after the user left is theirs to see.
+        let left_at = self.membership_position(scope.user_id, room_id).await?.unwrap_or(scope.since).min(scope.now);
+        if left_at <= scope.since {
             return Ok(None);
         }
-        let limited = rows.len() > limit;
-        rows.truncate(limit);
-        rows.reverse();
-        let mut events = Vec::with_capacity(rows.len());
-        let mut first_position = now;
-        for (key, event_id) in &rows {
-            let position = position_of(key);
-            first_position = first_position.min(position);
-            events.push(self.client_event(&String::from_utf8_lossy(event_id)).await?);
+        self.room_sync(scope, room_id, left_at).await
+    }
+
+    /// Typing and receipts changed in the sync's range, as the filter and ignore list allow.
+    async fn ephemeral_events(&self, scope: &SyncScope<'_>, room_id: &RoomId) -> Result<Vec<Value>, ServiceError> {
+        let filter = &scope.filter.room.ephemeral;
+        let mut ephemeral = Vec::new();
+        if filter.allows_type("m.typing")
+            && let Some(users) = self.typing_since(room_id, scope.since, scope.now, scope.initial)
+        {
+            let users: Vec<_> = users.into_iter().filter(|u| !scope.ignored.contains(u.as_str())).collect();
+            ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
         }
-        // The state before the timeline: what the timeline does not itself carry. An incremental
-        // sync with a complete timeline needs none.
-        let state = if initial || limited {
-            let in_timeline: Vec<&Value> = events.iter().map(|e| &e["event_id"]).collect();
+        if filter.allows_type("m.receipt")
+            && let Some(mut receipts) = self.receipts_since(scope.user_id, room_id, scope.since, scope.now).await?
+        {
+            drop_ignored_receipts(&mut receipts, scope.ignored);
+            ephemeral.push(receipts);
+        }
+        Ok(ephemeral)
+    }
+
+    /// Timeline events in `(since, upto]` as the filter allows, the newest `limit` of them, with
+    /// the state the client needs; `None` when there are none and the sync is incremental.
+    async fn room_sync(
+        &self,
+        scope: &SyncScope<'_>,
+        room_id: &RoomId,
+        upto: u64,
+    ) -> Result<Option<Value>, ServiceError> {
+        let filter = &scope.filter.room.timeline;
+        let limit = filter.limit.map_or(DEFAULT_TIMELINE_LIMIT, |l| l as usize).clamp(1, MAX_TIMELINE_LIMIT);
+        let page =
+            self.timeline_page(scope.user_id, room_id, (scope.since, upto), limit, filter, scope.ignored).await?;
+        if page.events.is_empty() && !scope.initial && !scope.full_state {
+            return Ok(None);
+        }
+        let whole_state = scope.initial || page.limited || scope.full_state;
+        let state = self.state_for(scope, room_id, &page.events, whole_state).await?;
+        let mut room = json!({
+            "timeline": { "events": page.events, "limited": page.limited, "prev_batch": token(page.first_position.saturating_sub(1)) },
+            "state": { "events": state },
+        });
+        let members_changed = room["timeline"]["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["type"] == "m.room.member"));
+        if whole_state || members_changed {
+            room["summary"] = self.room_summary(scope.user_id, room_id).await?;
+        }
+        Ok(Some(room))
+    }
+
+    /// The newest `limit` events in `(from, upto]` that pass `filter`, oldest first.
+    async fn timeline_page(
+        &self,
+        viewer: &UserId,
+        room_id: &RoomId,
+        (from, upto): (u64, u64),
+        limit: usize,
+        filter: &EventFilter,
+        ignored: &HashSet<String>,
+    ) -> Result<TimelinePage, ServiceError> {
+        let mut end = upto.saturating_add(1);
+        let mut events = Vec::new();
+        let mut first_position = upto;
+        let mut scanned = 0;
+        let mut limited = false;
+        'scan: while scanned < MAX_FILTERED_SCAN {
+            let range =
+                KeyRange::between(&keys::timeline(room_id.as_str(), from + 1), &keys::timeline(room_id.as_str(), end));
+            let rows = self.kv.scan(Table::Timeline, &range, Direction::Backward, limit + 1).await?;
+            if rows.is_empty() {
+                break;
+            }
+            scanned += rows.len();
+            let exhausted = rows.len() <= limit;
+            for (key, event_id) in rows {
+                let position = position_of(&key);
+                end = position;
+                let event = self.timeline_event(viewer, &String::from_utf8_lossy(&event_id)).await?;
+                if !visible(&event, filter, ignored) {
+                    continue;
+                }
+                if events.len() == limit {
+                    limited = true;
+                    break 'scan;
+                }
+                first_position = position;
+                events.push(event);
+            }
+            if exhausted {
+                break;
+            }
+        }
+        events.reverse();
+        Ok(TimelinePage { events, limited, first_position })
+    }
+
+    /// The state section: the whole current state (less the timeline's own events) when the
+    /// client needs a full picture, else nothing — with lazy loading, only the members the
+    /// timeline's senders need.
+    async fn state_for(
+        &self,
+        scope: &SyncScope<'_>,
+        room_id: &RoomId,
+        timeline: &[Value],
+        whole_state: bool,
+    ) -> Result<Vec<Value>, ServiceError> {
+        let lazy = scope.filter.lazy_load_members();
+        if !whole_state && !lazy {
+            return Ok(Vec::new());
+        }
+        let in_timeline: HashSet<&str> = timeline.iter().filter_map(|e| e["event_id"].as_str()).collect();
+        let mut needed_members: BTreeSet<&str> = timeline.iter().filter_map(|e| e["sender"].as_str()).collect();
+        if whole_state {
+            // A fresh view always knows the user's own membership.
+            needed_members.insert(scope.user_id.as_str());
+        }
+        let mut state = Vec::new();
+        if whole_state {
             let prefix = keys::room_rows(room_id.as_str());
             let current = self
                 .kv
@@ -185,22 +397,55 @@ impl Service {
                     lattice_storage::MAX_SCAN_ROWS,
                 )
                 .await?;
-            let mut state = Vec::new();
-            for (_, event_id) in current {
+            let member_prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
+            for (key, event_id) in current {
                 let id = String::from_utf8_lossy(&event_id).into_owned();
-                if !in_timeline.iter().any(|e| e.as_str() == Some(id.as_str())) {
-                    state.push(self.client_event(&id).await?);
+                // Lazy loading leaves members out here; the needed ones follow below.
+                if in_timeline.contains(id.as_str()) || (lazy && key.starts_with(&member_prefix)) {
+                    continue;
+                }
+                let event = self.client_event(&id).await?;
+                if scope.filter.room.state.allows(&event) {
+                    state.push(event);
                 }
             }
-            state
-        } else {
-            Vec::new()
-        };
-        let prev_batch = token(first_position.saturating_sub(1));
-        Ok(Some(json!({
-            "timeline": { "events": events, "limited": limited, "prev_batch": prev_batch },
-            "state": { "events": state },
-        })))
+        }
+        if lazy {
+            for member in needed_members {
+                let key = keys::current_state(room_id.as_str(), "m.room.member", member);
+                if let Some(id) = self.kv.get(Table::CurrentState, &key).await? {
+                    let id = String::from_utf8_lossy(&id).into_owned();
+                    if !in_timeline.contains(id.as_str()) {
+                        state.push(self.client_event(&id).await?);
+                    }
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// `summary`: joined and invited counts and up to five other members to name the room by.
+    async fn room_summary(&self, user_id: &UserId, room_id: &RoomId) -> Result<Value, ServiceError> {
+        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
+        let rows = self
+            .kv
+            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
+            .await?;
+        let (mut joined, mut invited) = (0u64, 0u64);
+        let mut heroes = Vec::new();
+        for (key, event_id) in rows {
+            let member = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+            match event["content"]["membership"].as_str() {
+                Some("join") => joined += 1,
+                Some("invite") => invited += 1,
+                _ => continue,
+            }
+            if member != user_id.as_str() && heroes.len() < MAX_HEROES {
+                heroes.push(member);
+            }
+        }
+        Ok(json!({ "m.heroes": heroes, "m.joined_member_count": joined, "m.invited_member_count": invited }))
     }
 
     /// The stream position of the user's current membership event in the room.
@@ -217,13 +462,10 @@ impl Service {
         Ok(record.and_then(|r| r.value.stream_position))
     }
 
-    /// An invite with the stripped state the spec suggests, when it is new since `since`.
-    async fn invited_room_sync(
-        &self,
-        user_id: &UserId,
-        room_id: &RoomId,
-        since: u64,
-    ) -> Result<Option<Value>, ServiceError> {
+    /// An invite with the stripped state the spec suggests, when it is new since `since` and
+    /// its sender is not ignored.
+    async fn invited_room_sync(&self, scope: &SyncScope<'_>, room_id: &RoomId) -> Result<Option<Value>, ServiceError> {
+        let user_id = scope.user_id;
         let Some(invite_id) = self
             .kv
             .get(Table::CurrentState, &keys::current_state(room_id.as_str(), "m.room.member", user_id.as_str()))
@@ -233,7 +475,7 @@ impl Service {
         };
         let invite_id = String::from_utf8_lossy(&invite_id).into_owned();
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&invite_id)).await?;
-        if record.and_then(|r| r.value.stream_position).is_none_or(|position| position <= since) {
+        if record.and_then(|r| r.value.stream_position).is_none_or(|position| position <= scope.since) {
             return Ok(None);
         }
         let mut stripped = Vec::new();
@@ -249,61 +491,140 @@ impl Service {
                 self.kv.get(Table::CurrentState, &keys::current_state(room_id.as_str(), kind, key)).await?
             {
                 let event = self.client_event(&String::from_utf8_lossy(&id)).await?;
+                if kind == "m.room.member" && scope.ignored.contains(event["sender"].as_str().unwrap_or_default()) {
+                    return Ok(None);
+                }
                 stripped.push(json!({ "type": event["type"], "state_key": event["state_key"], "content": event["content"], "sender": event["sender"] }));
             }
         }
         Ok(Some(json!({ "invite_state": { "events": stripped } })))
     }
 
-    /// `GET /rooms/{roomId}/messages`: a page of the timeline before (`backward`) or after `from`.
+    /// `GET /rooms/{roomId}/messages`: a page of the timeline before (`backward`) or after
+    /// `from`, not past `to`, as `filter` allows; with lazy loading, the senders' member events
+    /// in `state`.
     pub async fn messages(
         &self,
         user_id: &UserId,
         room_id: &RoomId,
-        from: Option<u64>,
+        (from, to): (Option<u64>, Option<u64>),
         backward: bool,
         limit: usize,
+        filter: &EventFilter,
     ) -> Result<Value, ServiceError> {
         self.require_joined(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
         let now = self.stream_position().await?;
         let from = from.unwrap_or(if backward { now } else { 0 });
+        let ignored = self.ignored_users(user_id).await?;
         // Tokens name the last position a client has seen: backward pages hold positions ≤ from,
         // forward pages positions > from.
-        let (range, direction) = if backward {
-            (
-                KeyRange::between(
-                    &keys::timeline(room_id.as_str(), 0),
-                    &keys::timeline(room_id.as_str(), from.saturating_add(1)),
-                ),
-                Direction::Backward,
-            )
-        } else {
-            (
-                KeyRange::between(
-                    &keys::timeline(room_id.as_str(), from.saturating_add(1)),
-                    &keys::timeline(room_id.as_str(), u64::MAX),
-                ),
-                Direction::Forward,
-            )
-        };
-        let rows = self.kv.scan(Table::Timeline, &range, direction, limit).await?;
-        let mut chunk = Vec::with_capacity(rows.len());
-        let mut end = from;
-        for (key, event_id) in &rows {
-            let position = position_of(key);
-            end = if backward { position.saturating_sub(1) } else { position };
-            chunk.push(self.client_event(&String::from_utf8_lossy(event_id)).await?);
+        let mut cursor = from;
+        let mut chunk = Vec::with_capacity(limit);
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while chunk.len() < limit && scanned < MAX_FILTERED_SCAN && !exhausted {
+            let (range, direction) = if backward {
+                (
+                    KeyRange::between(
+                        &keys::timeline(room_id.as_str(), to.map_or(0, |to| to.saturating_add(1))),
+                        &keys::timeline(room_id.as_str(), cursor.saturating_add(1)),
+                    ),
+                    Direction::Backward,
+                )
+            } else {
+                (
+                    KeyRange::between(
+                        &keys::timeline(room_id.as_str(), cursor.saturating_add(1)),
+                        &keys::timeline(room_id.as_str(), to.map_or(u64::MAX, |to| to.saturating_add(1))),
+                    ),
+                    Direction::Forward,
+                )
+            };
+            let want = limit - chunk.len();
+            let rows = self.kv.scan(Table::Timeline, &range, direction, want).await?;
+            exhausted = rows.len() < want;
+            scanned += rows.len();
+            for (key, event_id) in rows {
+                let position = position_of(&key);
+                cursor = if backward { position.saturating_sub(1) } else { position };
+                let event = self.timeline_event(user_id, &String::from_utf8_lossy(&event_id)).await?;
+                if visible(&event, filter, &ignored) {
+                    chunk.push(event);
+                }
+            }
         }
         let mut page = json!({ "chunk": chunk, "start": token(from) });
-        if rows.len() == limit {
-            page["end"] = json!(token(end));
+        if !exhausted {
+            page["end"] = json!(token(cursor));
+        }
+        if filter.lazy_load_members {
+            page["state"] = json!(self.members_of_senders(room_id, &chunk).await?);
         }
         Ok(page)
+    }
+
+    /// The current member events of the senders of `events`, for lazy-loading clients.
+    pub(crate) async fn members_of_senders(
+        &self,
+        room_id: &RoomId,
+        events: &[Value],
+    ) -> Result<Vec<Value>, ServiceError> {
+        let senders: BTreeSet<&str> = events.iter().filter_map(|e| e["sender"].as_str()).collect();
+        let mut members = Vec::with_capacity(senders.len());
+        for sender in senders {
+            let key = keys::current_state(room_id.as_str(), "m.room.member", sender);
+            if let Some(id) = self.kv.get(Table::CurrentState, &key).await? {
+                members.push(self.client_event(&String::from_utf8_lossy(&id)).await?);
+            }
+        }
+        Ok(members)
+    }
+}
+
+/// Whether a timeline event reaches the client: it passes the filter, and it is not a message
+/// from an ignored user (their state events still shape the room, so those stay).
+fn visible(event: &Value, filter: &EventFilter, ignored: &HashSet<String>) -> bool {
+    let ignored_sender =
+        ignored.contains(event["sender"].as_str().unwrap_or_default()) && event.get("state_key").is_none();
+    !ignored_sender && filter.allows(event)
+}
+
+/// Removes ignored users' receipts from an `m.receipt` event.
+fn drop_ignored_receipts(receipts: &mut Value, ignored: &HashSet<String>) {
+    if ignored.is_empty() {
+        return;
+    }
+    if let Some(by_event) = receipts["content"].as_object_mut() {
+        for by_type in by_event.values_mut().filter_map(Value::as_object_mut) {
+            for users in by_type.values_mut().filter_map(Value::as_object_mut) {
+                users.retain(|user, _| !ignored.contains(user));
+            }
+        }
     }
 }
 
 fn position_of(timeline_key: &[u8]) -> u64 {
     let tail = &timeline_key[timeline_key.len().saturating_sub(8)..];
     <[u8; 8]>::try_from(tail).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_tokens_round_trip() {
+        for (text, token) in [
+            ("s0", SyncToken { position: 0, to_device_delivered: None }),
+            ("s42", SyncToken { position: 42, to_device_delivered: None }),
+            ("s42_40", SyncToken { position: 42, to_device_delivered: Some(40) }),
+        ] {
+            assert_eq!(SyncToken::parse(text).expect("valid"), token);
+            assert_eq!(token.render(), text);
+        }
+        for bad in ["", "s", "42", "s-1", "sx", "s4_", "s4_5", "s4_x", "t4"] {
+            assert!(SyncToken::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,0 +1,342 @@
+//! Relations (`m.relates_to`): the index ingest keeps of them, `/relations`, `/threads`, and the
+//! aggregations bundled into events' `unsigned` (`m.replace`, `m.thread`, `m.reference`).
+//! Annotations (reactions) are served by `/relations`; the spec no longer bundles them.
+
+use lattice_core::event::Pdu;
+use lattice_storage::records::{EventRecord, RelationRecord, ThreadRecord};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use ruma::state_res::Event;
+use ruma::{CanonicalJsonValue, RoomId, UserId};
+use serde_json::{Value, json};
+
+use super::sync::MAX_TIMELINE_LIMIT;
+use crate::{Service, ServiceError};
+
+/// Writers a thread summary remembers; later ones still count, they are just not listed.
+const MAX_THREAD_PARTICIPANTS: usize = 1_000;
+/// Edits looked at to find the newest valid one.
+const MAX_EDITS_SCANNED: usize = 50;
+/// References bundled into one event.
+const MAX_BUNDLED_REFERENCES: usize = 50;
+/// Relation rows one `/relations` page looks at while skipping other event types.
+const MAX_RELATIONS_SCANNED: usize = lattice_storage::MAX_SCAN_ROWS;
+
+/// A parsed `m.relates_to` with a relation type.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Relation {
+    pub rel_type: String,
+    pub parent: String,
+}
+
+/// The relation an event's content declares, if any (replies without `rel_type` are not one).
+pub(crate) fn relation_of(event: &Pdu) -> Option<Relation> {
+    let CanonicalJsonValue::Object(content) = event.object().get("content")? else { return None };
+    let CanonicalJsonValue::Object(relates_to) = content.get("m.relates_to")? else { return None };
+    let (Some(CanonicalJsonValue::String(rel_type)), Some(CanonicalJsonValue::String(parent))) =
+        (relates_to.get("rel_type"), relates_to.get("event_id"))
+    else {
+        return None;
+    };
+    let valid = !rel_type.is_empty() && rel_type.len() <= 255 && parent.starts_with('$') && !parent.contains('\0');
+    valid.then(|| Relation { rel_type: rel_type.clone(), parent: parent.clone() })
+}
+
+/// Parameters of `GET /relations`.
+pub struct RelationsQuery<'a> {
+    pub rel_type: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub limit: usize,
+    pub backward: bool,
+}
+
+impl Service {
+    /// Adds an accepted event's relation to the index (and its thread's summary) in its batch.
+    pub(crate) async fn index_relation(
+        &self,
+        room_id: &RoomId,
+        event: &Pdu,
+        position: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        let Some(relation) = relation_of(event) else { return Ok(()) };
+        let record = RelationRecord {
+            event_id: event.id().to_string(),
+            rel_type: relation.rel_type.clone(),
+            event_type: event.kind().to_string(),
+            sender: event.sender().to_string(),
+        };
+        lattice_storage::put(batch, keys::relation(&relation.parent, "", position), &record);
+        lattice_storage::put(batch, keys::relation(&relation.parent, &relation.rel_type, position), &record);
+        if relation.rel_type == "m.thread" {
+            self.add_thread_reply(room_id, &relation.parent, event, position, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_thread_reply(
+        &self,
+        room_id: &RoomId,
+        root: &str,
+        reply: &Pdu,
+        position: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        let key = keys::thread(room_id.as_str(), root);
+        let mut thread = match lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &key).await? {
+            Some(existing) => {
+                batch.delete(
+                    Table::ThreadActivity,
+                    keys::thread_activity(room_id.as_str(), existing.value.latest_position),
+                );
+                existing.value
+            }
+            None => {
+                let mut fresh = ThreadRecord::default();
+                if let Some(root_sender) = self.sender_of(root).await? {
+                    fresh.participants.push(root_sender);
+                }
+                fresh
+            }
+        };
+        thread.latest_event_id = reply.id().to_string();
+        thread.latest_position = position;
+        thread.count += 1;
+        let sender = reply.sender().to_string();
+        if !thread.participants.contains(&sender) && thread.participants.len() < MAX_THREAD_PARTICIPANTS {
+            thread.participants.push(sender);
+        }
+        batch.put(Table::ThreadActivity, keys::thread_activity(room_id.as_str(), position), root.as_bytes().to_vec());
+        lattice_storage::put(batch, key, &thread);
+        Ok(())
+    }
+
+    async fn sender_of(&self, event_id: &str) -> Result<Option<String>, ServiceError> {
+        let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await? else {
+            return Ok(None);
+        };
+        let event: Value =
+            serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(event["sender"].as_str().map(str::to_owned))
+    }
+
+    /// Removes a redacted event's relation from the index: redaction strips `m.relates_to`.
+    pub(crate) async fn unindex_relation(
+        &self,
+        room_id: &RoomId,
+        target: &Pdu,
+        position: Option<u64>,
+        batch: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        let (Some(relation), Some(position)) = (relation_of(target), position) else { return Ok(()) };
+        batch.delete(Table::Relations, keys::relation(&relation.parent, "", position));
+        batch.delete(Table::Relations, keys::relation(&relation.parent, &relation.rel_type, position));
+        if relation.rel_type != "m.thread" {
+            return Ok(());
+        }
+        let key = keys::thread(room_id.as_str(), &relation.parent);
+        let Some(thread) = lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &key).await? else { return Ok(()) };
+        let mut thread = thread.value;
+        thread.count = thread.count.saturating_sub(1);
+        if thread.latest_event_id == target.id().as_str() {
+            batch.delete(Table::ThreadActivity, keys::thread_activity(room_id.as_str(), thread.latest_position));
+            // The newest reply that is not the one being redacted.
+            let replies = KeyRange::prefix(&keys::relations_of(&relation.parent, "m.thread"));
+            let newest = self.kv.scan(Table::Relations, &replies, Direction::Backward, 2).await?;
+            let previous = newest.into_iter().find_map(|(key, raw)| {
+                let record: RelationRecord = serde_json::from_slice(&raw).ok()?;
+                (record.event_id != target.id().as_str()).then(|| (relation_position(&key), record.event_id))
+            });
+            match previous {
+                Some((position, event_id)) => {
+                    thread.latest_event_id = event_id;
+                    thread.latest_position = position;
+                    batch.put(
+                        Table::ThreadActivity,
+                        keys::thread_activity(room_id.as_str(), position),
+                        relation.parent.as_bytes().to_vec(),
+                    );
+                }
+                None => {
+                    batch.delete(Table::Threads, key);
+                    return Ok(());
+                }
+            }
+        }
+        lattice_storage::put(batch, key, &thread);
+        Ok(())
+    }
+
+    /// An event as a client sees it in a timeline: the client format with its bundled
+    /// aggregations in `unsigned["m.relations"]`.
+    pub(crate) async fn timeline_event(&self, viewer: &UserId, event_id: &str) -> Result<Value, ServiceError> {
+        let mut event = self.client_event(event_id).await?;
+        if let Some(bundled) = self.bundled_aggregations(viewer, &event).await? {
+            event["unsigned"]["m.relations"] = bundled;
+        }
+        Ok(event)
+    }
+
+    async fn bundled_aggregations(&self, viewer: &UserId, event: &Value) -> Result<Option<Value>, ServiceError> {
+        let event_id = event["event_id"].as_str().unwrap_or_default();
+        // Most events have no relations: one probe answers that.
+        let any = KeyRange::prefix(&keys::relations_of(event_id, ""));
+        if self.kv.scan(Table::Relations, &any, Direction::Forward, 1).await?.is_empty() {
+            return Ok(None);
+        }
+        let mut bundled = serde_json::Map::new();
+        if let Some(edit) = self.latest_edit(event).await? {
+            bundled.insert("m.replace".into(), edit);
+        }
+        let room_id = event["room_id"].as_str().unwrap_or_default();
+        if let Some(thread) =
+            lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &keys::thread(room_id, event_id)).await?
+        {
+            let thread = thread.value;
+            bundled.insert(
+                "m.thread".into(),
+                json!({
+                    "latest_event": self.client_event(&thread.latest_event_id).await?,
+                    "count": thread.count,
+                    "current_user_participated": thread.participants.iter().any(|p| p == viewer.as_str()),
+                }),
+            );
+        }
+        let references = KeyRange::prefix(&keys::relations_of(event_id, "m.reference"));
+        let rows = self.kv.scan(Table::Relations, &references, Direction::Forward, MAX_BUNDLED_REFERENCES).await?;
+        if !rows.is_empty() {
+            let chunk: Vec<Value> = rows
+                .iter()
+                .filter_map(|(_, raw)| serde_json::from_slice::<RelationRecord>(raw).ok())
+                .map(|r| json!({ "event_id": r.event_id }))
+                .collect();
+            bundled.insert("m.reference".into(), json!({ "chunk": chunk }));
+        }
+        Ok((!bundled.is_empty()).then_some(Value::Object(bundled)))
+    }
+
+    /// The newest valid edit of `original`: same sender, same type, and the original is not a
+    /// state event (spec "Validity of replacement events").
+    async fn latest_edit(&self, original: &Value) -> Result<Option<Value>, ServiceError> {
+        if original.get("state_key").is_some() {
+            return Ok(None);
+        }
+        let event_id = original["event_id"].as_str().unwrap_or_default();
+        let edits = KeyRange::prefix(&keys::relations_of(event_id, "m.replace"));
+        for (_, raw) in self.kv.scan(Table::Relations, &edits, Direction::Backward, MAX_EDITS_SCANNED).await? {
+            let edit: RelationRecord =
+                serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            if original["sender"] == edit.sender.as_str() && original["type"] == edit.event_type.as_str() {
+                return Ok(Some(self.client_event(&edit.event_id).await?));
+            }
+        }
+        Ok(None)
+    }
+
+    /// `GET /rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`: the events that
+    /// relate to a parent, newest first by default, paginated by stream position.
+    pub async fn relations(
+        &self,
+        viewer: &UserId,
+        room_id: &RoomId,
+        parent: &str,
+        query: RelationsQuery<'_>,
+    ) -> Result<Value, ServiceError> {
+        self.require_joined(viewer, room_id).await?;
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(parent)).await?;
+        if record.is_none_or(|r| r.value.room_id != room_id.as_str() || r.value.stream_position.is_none()) {
+            return Err(ServiceError::NotFound(format!("no event {parent} in {room_id}")));
+        }
+        let limit = query.limit.clamp(1, MAX_TIMELINE_LIMIT);
+        let rel_type = query.rel_type.unwrap_or("");
+        // Tokens as in `/messages`: backward pages hold positions ≤ from, forward ones > from.
+        let (low, high) = if query.backward {
+            (query.to.map_or(0, |to| to.saturating_add(1)), query.from.map_or(u64::MAX, |from| from.saturating_add(1)))
+        } else {
+            (query.from.map_or(0, |from| from.saturating_add(1)), query.to.map_or(u64::MAX, |to| to.saturating_add(1)))
+        };
+        let range = KeyRange::between(&keys::relation(parent, rel_type, low), &keys::relation(parent, rel_type, high));
+        let direction = if query.backward { Direction::Backward } else { Direction::Forward };
+        let scan_limit = if query.event_type.is_some() { MAX_RELATIONS_SCANNED } else { limit + 1 };
+        let rows = self.kv.scan(Table::Relations, &range, direction, scan_limit).await?;
+        let ignored = self.ignored_users(viewer).await?;
+        let mut chunk = Vec::new();
+        let mut next = None;
+        for (key, raw) in rows {
+            let relation: RelationRecord =
+                serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            if query.event_type.is_some_and(|t| t != relation.event_type) || ignored.contains(&relation.sender) {
+                continue;
+            }
+            if chunk.len() == limit {
+                break;
+            }
+            let position = relation_position(&key);
+            next = Some(if query.backward { position.saturating_sub(1) } else { position });
+            chunk.push(self.timeline_event(viewer, &relation.event_id).await?);
+        }
+        let mut page = json!({ "chunk": chunk });
+        if chunk_full(&page, limit)
+            && let Some(next) = next
+        {
+            page["next_batch"] = json!(format!("s{next}"));
+        }
+        Ok(page)
+    }
+
+    /// `GET /rooms/{roomId}/threads`: thread roots, most recently active first.
+    pub async fn threads(
+        &self,
+        viewer: &UserId,
+        room_id: &RoomId,
+        participated_only: bool,
+        from: Option<u64>,
+        limit: usize,
+    ) -> Result<Value, ServiceError> {
+        self.require_joined(viewer, room_id).await?;
+        let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
+        let high = from.map_or(u64::MAX, |from| from.saturating_add(1));
+        let range = KeyRange::between(
+            &keys::thread_activity(room_id.as_str(), 0),
+            &keys::thread_activity(room_id.as_str(), high),
+        );
+        let rows =
+            self.kv.scan(Table::ThreadActivity, &range, Direction::Backward, lattice_storage::MAX_SCAN_ROWS).await?;
+        let mut chunk = Vec::new();
+        let mut next = None;
+        for (key, root) in rows {
+            let root = String::from_utf8_lossy(&root).into_owned();
+            if participated_only {
+                let thread =
+                    lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &keys::thread(room_id.as_str(), &root))
+                        .await?;
+                if !thread.is_some_and(|t| t.value.participants.iter().any(|p| p == viewer.as_str())) {
+                    continue;
+                }
+            }
+            if chunk.len() == limit {
+                break;
+            }
+            next = Some(relation_position(&key).saturating_sub(1));
+            chunk.push(self.timeline_event(viewer, &root).await?);
+        }
+        let mut page = json!({ "chunk": chunk });
+        if chunk_full(&page, limit)
+            && let Some(next) = next
+        {
+            page["next_batch"] = json!(format!("s{next}"));
+        }
+        Ok(page)
+    }
+}
+
+fn chunk_full(page: &Value, limit: usize) -> bool {
+    page["chunk"].as_array().is_some_and(|c| c.len() == limit)
+}
+
+/// The position that ends a relation or thread-activity key.
+fn relation_position(key: &[u8]) -> u64 {
+    let tail = &key[key.len().saturating_sub(8)..];
+    <[u8; 8]>::try_from(tail).map(u64::from_be_bytes).unwrap_or(0)
+}

@@ -1,0 +1,189 @@
+//! To-device messages between local devices: each waits in its device's inbox, under a stream
+//! position, until the device syncs past it (architecture invariant 3: delivered exactly once,
+//! deleted only once acknowledged).
+
+use std::collections::BTreeMap;
+
+use lattice_storage::records::{DeviceRecord, JsonObject, ToDeviceRecord};
+use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
+use ruma::UserId;
+use serde_json::{Value, json};
+
+use crate::{Service, ServiceError};
+
+/// Messages one `/sync` delivers; the rest follow in the next sync.
+pub const MAX_TO_DEVICE_PER_SYNC: usize = 100;
+/// Recipient devices one `sendToDevice` request may reach (after `*` is expanded).
+pub const MAX_TO_DEVICE_RECIPIENTS: usize = 10_000;
+/// Acknowledged messages removed per sync; more are removed by the following syncs.
+const MAX_ACK_DELETES: usize = 1_000;
+const WRITE_RETRIES: usize = 8;
+
+/// `messages` of a `sendToDevice` request: user → device ID (or `*`) → content.
+pub type ToDeviceMessages = BTreeMap<ruma::OwnedUserId, BTreeMap<String, JsonObject>>;
+
+/// What one sync takes from a device's inbox.
+pub struct ToDeviceBatch {
+    pub events: Vec<Value>,
+    /// The position of the last message delivered when more are waiting; the next sync token
+    /// acknowledges only up to it.
+    pub delivered_up_to: Option<u64>,
+}
+
+impl Service {
+    /// `PUT /sendToDevice/{eventType}/{txnId}`: queues each message in its recipient devices'
+    /// inboxes, all in one batch. Repeating a transaction ID does nothing a second time.
+    /// Recipients on other servers are skipped until federation exists.
+    pub async fn send_to_device(
+        &self,
+        sender: &UserId,
+        sender_device: &str,
+        event_type: &str,
+        txn_id: &str,
+        messages: ToDeviceMessages,
+    ) -> Result<(), ServiceError> {
+        if event_type.is_empty() || event_type.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES {
+            return Err(ServiceError::BadJson("invalid event type".into()));
+        }
+        let txn_key = keys::transaction(sender.as_str(), sender_device, txn_id);
+        for _ in 0..WRITE_RETRIES {
+            if self.kv.get(Table::ToDeviceTransactions, &txn_key).await?.is_some() {
+                return Ok(());
+            }
+            let mut batch = WriteBatch::new();
+            batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
+            batch.put(Table::ToDeviceTransactions, txn_key.clone(), Vec::new());
+            let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
+            let queued = self.queue_messages(&mut batch, sender, event_type, &messages, position).await?;
+            match self.kv.write(batch).await {
+                Ok(()) => {
+                    tracing::debug!(sender = %sender, event_type, queued, "queued to-device messages");
+                    self.announce(position);
+                    return Ok(());
+                }
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::LimitExceeded("too many concurrent writes; try again".into()))
+    }
+
+    async fn queue_messages(
+        &self,
+        batch: &mut WriteBatch,
+        sender: &UserId,
+        event_type: &str,
+        messages: &ToDeviceMessages,
+        position: u64,
+    ) -> Result<usize, ServiceError> {
+        let mut seq: u32 = 0;
+        for (user, devices) in messages {
+            if user.server_name() != self.server_name() {
+                tracing::debug!(recipient = %user, "skipping a to-device message for another server");
+                continue;
+            }
+            let known = self.device_ids(user).await?;
+            for (device, content) in devices {
+                let targets: Vec<&String> = if device == "*" {
+                    known.iter().collect()
+                } else {
+                    // Unknown devices are skipped, as the spec asks.
+                    known.iter().filter(|d| *d == device).collect()
+                };
+                for target in targets {
+                    if seq as usize >= MAX_TO_DEVICE_RECIPIENTS {
+                        return Err(ServiceError::LimitExceeded(format!(
+                            "one request may reach at most {MAX_TO_DEVICE_RECIPIENTS} devices"
+                        )));
+                    }
+                    let record = ToDeviceRecord {
+                        sender: sender.to_string(),
+                        event_type: event_type.to_owned(),
+                        content: content.clone(),
+                    };
+                    lattice_storage::put(batch, keys::to_device(user.as_str(), target, position, seq), &record);
+                    seq += 1;
+                }
+            }
+        }
+        Ok(seq as usize)
+    }
+
+    async fn device_ids(&self, user_id: &UserId) -> Result<Vec<String>, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        let rows = lattice_storage::scan_prefix::<DeviceRecord>(
+            self.kv.as_ref(),
+            &prefix,
+            lattice_core::limits::MAX_DEVICES_PER_USER,
+        )
+        .await?;
+        Ok(rows.into_iter().map(|(_, device)| device.device_id).collect())
+    }
+
+    /// Deletes the messages a device acknowledged by syncing with a token past them.
+    pub(crate) async fn acknowledge_to_device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        acknowledged: u64,
+    ) -> Result<(), ServiceError> {
+        let range = KeyRange::between(
+            &keys::to_device_inbox(user_id.as_str(), device_id),
+            &keys::to_device(user_id.as_str(), device_id, acknowledged.saturating_add(1), 0),
+        );
+        let rows = self.kv.scan(Table::ToDevice, &range, Direction::Forward, MAX_ACK_DELETES).await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        for (key, _) in rows {
+            batch.delete(Table::ToDevice, key);
+        }
+        Ok(self.kv.write(batch).await?)
+    }
+
+    /// Adds the removal of a device's whole inbox (its device is being deleted).
+    pub(crate) async fn clear_inbox_to_batch(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: &UserId,
+        device_id: &str,
+    ) -> Result<(), ServiceError> {
+        let inbox = KeyRange::prefix(&keys::to_device_inbox(user_id.as_str(), device_id));
+        for (key, _) in
+            self.kv.scan(Table::ToDevice, &inbox, Direction::Forward, lattice_storage::MAX_SCAN_ROWS).await?
+        {
+            batch.delete(Table::ToDevice, key);
+        }
+        Ok(())
+    }
+
+    /// Messages waiting for the device with positions up to `now`, oldest first.
+    pub(crate) async fn pending_to_device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        now: u64,
+    ) -> Result<ToDeviceBatch, ServiceError> {
+        let range = KeyRange::between(
+            &keys::to_device_inbox(user_id.as_str(), device_id),
+            &keys::to_device(user_id.as_str(), device_id, now.saturating_add(1), 0),
+        );
+        let rows = self.kv.scan(Table::ToDevice, &range, Direction::Forward, MAX_TO_DEVICE_PER_SYNC + 1).await?;
+        // A send's messages to one device share a position and are delivered all or none:
+        // acknowledging half of a position would lose the other half.
+        let cut = rows.get(MAX_TO_DEVICE_PER_SYNC).and_then(|(key, _)| keys::to_device_position(key));
+        let mut events = Vec::with_capacity(rows.len());
+        for (key, raw) in rows {
+            let position = keys::to_device_position(&key).unwrap_or(0);
+            if cut.is_some_and(|cut| position >= cut) {
+                break;
+            }
+            let message: ToDeviceRecord =
+                serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            events.push(json!({ "sender": message.sender, "type": message.event_type, "content": message.content }));
+        }
+        let delivered_up_to = cut.map(|cut| cut.saturating_sub(1));
+        Ok(ToDeviceBatch { events, delivered_up_to })
+    }
+}
