@@ -42,6 +42,11 @@ async fn alice_creates_a_private_room_invites_bob_and_they_talk() {
     let (_, again) = send(http, &alice, &room, "t1", "hello").await;
     assert_eq!(again["event_id"], first["event_id"]);
     assert_error(&send(http, &alice, &room, "t1", "different").await, 400, "M_INVALID_PARAM");
+    // Transaction IDs are scoped to the room they were sent to, like the request path.
+    let elsewhere = create_room(http, &alice, json!({})).await;
+    let (status, other) = send(http, &alice, &elsewhere, "t1", "hello").await;
+    assert_eq!(status, 200, "{other}");
+    assert_ne!(other["event_id"], first["event_id"]);
 
     // Outsiders can neither read nor write; an invite-only room refuses carol's join.
     assert_error(&send(http, &bob, &room, "b1", "let me in").await, 403, "M_FORBIDDEN");

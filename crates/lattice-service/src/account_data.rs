@@ -83,6 +83,7 @@ impl Service {
         }
         let key = keys::account_data(user_id.as_str(), room_id.map(|r| r.as_str()), event_type);
         let mut batch = WriteBatch::new();
+        let _stream = self.lock_stream().await;
         let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
         batch.put(Table::AccountDataPositions, key, position.to_be_bytes().to_vec());

@@ -66,6 +66,9 @@ pub struct Service {
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Held from taking a stream position to writing its batch, so this process's writers line
+    /// up instead of failing each other's counter condition (which stays the guarantee).
+    stream_writer: tokio::sync::Mutex<()>,
     /// Who is typing where; in memory only, since notices last seconds.
     typing: std::sync::Mutex<rooms::typing::Typing>,
 }
@@ -90,6 +93,7 @@ impl Service {
             signing_key,
             stream: tokio::sync::watch::Sender::new(0),
             room_locks,
+            stream_writer: tokio::sync::Mutex::new(()),
             typing: Default::default(),
         }
     }
@@ -114,6 +118,11 @@ impl Service {
             *newest = (*newest).max(position);
             newer
         });
+    }
+
+    /// Waits for this process's turn to take a stream position and write its batch.
+    async fn lock_stream(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.stream_writer.lock().await
     }
 
     /// The lock stripe of a room (see `room_locks`).

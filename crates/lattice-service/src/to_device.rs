@@ -51,6 +51,7 @@ impl Service {
                 return Ok(());
             }
             let mut batch = WriteBatch::new();
+            let _stream = self.lock_stream().await;
             batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
             batch.put(Table::ToDeviceTransactions, txn_key.clone(), Vec::new());
             let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;

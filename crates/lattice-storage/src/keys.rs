@@ -101,6 +101,12 @@ pub fn transaction(user_id: &str, device_id: &str, txn_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), device_id.as_bytes(), txn_id.as_bytes()])
 }
 
+/// A transaction ID of a room send, scoped to the device and the room (like the request path
+/// it came with): `user\0device\0room\0txn`.
+pub fn room_transaction(user_id: &str, device_id: &str, room_id: &str, txn_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), room_id.as_bytes(), txn_id.as_bytes()])
+}
+
 /// `room\0user\0receipt type\0thread`: one receipt per user, type and thread in a room.
 pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])

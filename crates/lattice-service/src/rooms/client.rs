@@ -138,7 +138,7 @@ impl Service {
         let version = self.room_version(room_id).await?;
         let mut extra = WriteBatch::new();
         if let Some(txn) = &txn {
-            let key = keys::transaction(sender.as_str(), txn.device_id, txn.txn_id);
+            let key = keys::room_transaction(sender.as_str(), txn.device_id, room_id.as_str(), txn.txn_id);
             let request_hash = hex(&Sha256::digest(json!([kind, state_key, content]).to_string().as_bytes()));
             if let Some(done) = lattice_storage::get::<TransactionRecord>(self.kv.as_ref(), &key).await? {
                 if done.value.request_hash != request_hash {

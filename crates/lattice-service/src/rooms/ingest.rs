@@ -205,6 +205,10 @@ impl Service {
         )
         .await?;
 
+        let _stream = match outcome {
+            Outcome::Accepted => Some(self.lock_stream().await),
+            _ => None,
+        };
         let stream_position = match outcome {
             // Taken inside the event's own batch: no gaps, and no second write per event.
             Outcome::Accepted => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),

@@ -32,6 +32,7 @@ impl Service {
         }
         let key = keys::receipt(room_id.as_str(), user_id.as_str(), receipt_type, thread_id.as_deref().unwrap_or(""));
         let mut batch = WriteBatch::new();
+        let _stream = self.lock_stream().await;
         // The position and the receipt commit together, like an event and its position.
         let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
         let record = ReceiptRecord {

@@ -76,7 +76,10 @@ impl Service {
         if rooms.is_empty() {
             return Ok(());
         }
-        let position = lattice_storage::next_counter(self.kv.as_ref(), "stream").await?;
+        let position = {
+            let _stream = self.lock_stream().await;
+            lattice_storage::next_counter(self.kv.as_ref(), "stream").await?
+        };
         {
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
             for room_id in rooms {
