@@ -106,6 +106,11 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
+/// `user\0room`: a room the user has forgotten.
+pub fn forgotten_room(user_id: &str, room_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

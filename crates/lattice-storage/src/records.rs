@@ -233,3 +233,15 @@ pub struct ReceiptRecord {
 impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
+
+/// A room a user has forgotten, as of one membership event of theirs: the room stays forgotten
+/// while that event is the user's current membership, so a later invite or join ends it with
+/// no second write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgottenRoomRecord {
+    pub membership_event_id: String,
+}
+
+impl Record for ForgottenRoomRecord {
+    const TABLE: Table = Table::ForgottenRooms;
+}

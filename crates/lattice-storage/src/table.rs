@@ -40,4 +40,5 @@ tables! {
     Transactions => "transactions",
     Receipts => "receipts",
     AccountDataPositions => "account_data_positions",
+    ForgottenRooms => "forgotten_rooms",
 }

@@ -4,10 +4,12 @@
 mod client;
 mod ingest;
 mod local_events;
+mod membership;
 mod receipts;
 mod state_store;
 mod sync;
 pub(crate) mod typing;
+mod upgrade;
 
 #[cfg(test)]
 mod tests;
@@ -17,3 +19,4 @@ pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, parse_token};
 pub use typing::MAX_TYPING_TIMEOUT;
+pub use upgrade::UpgradeRoom;

@@ -61,7 +61,7 @@ impl Service {
             }
         }
         let since = request.since.unwrap_or(0);
-        let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+        let (mut join, mut invite, mut leave, mut knock) = (Map::new(), Map::new(), Map::new(), Map::new());
         let mut global_data = Vec::new();
         let mut room_data: std::collections::HashMap<String, Vec<Value>> = std::collections::HashMap::new();
         for (room, kind, content) in self.account_data_since(user_id, since, now).await? {
@@ -72,6 +72,9 @@ impl Service {
             }
         }
         for (room_id, membership) in self.memberships_of(user_id).await? {
+            if self.is_forgotten(user_id, &room_id, &membership).await? {
+                continue;
+            }
             match membership.as_str() {
                 "join" => {
                     let initial = request.since.is_none();
@@ -108,6 +111,11 @@ impl Service {
                         invite.insert(room_id.to_string(), room);
                     }
                 }
+                "knock" => {
+                    if let Some(room) = self.knocked_room_sync(user_id, &room_id, since).await? {
+                        knock.insert(room_id.to_string(), room);
+                    }
+                }
                 "leave" | "ban" if request.since.is_some() => {
                     // Nothing after the user left is theirs to see.
                     let left_at = self.membership_position(user_id, &room_id).await?.unwrap_or(since).min(now);
@@ -124,7 +132,7 @@ impl Service {
         Ok(json!({
             "next_batch": token(now),
             "account_data": { "events": global_data },
-            "rooms": { "join": join, "invite": invite, "leave": leave },
+            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
         }))
     }
 
@@ -218,7 +226,7 @@ impl Service {
     }
 
     /// An invite with the stripped state the spec suggests, when it is new since `since`.
-    async fn invited_room_sync(
+    pub(super) async fn invited_room_sync(
         &self,
         user_id: &UserId,
         room_id: &RoomId,
