@@ -324,3 +324,41 @@ async fn a_forgotten_room_leaves_sync_until_the_user_comes_back() {
     assert!(sync(http, &bob, Some(&before_leave)).await["rooms"]["leave"].get(&room).is_some());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn hostile_input_to_the_new_routes_gets_matrix_errors() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let room = create_room(http, &alice, json!({})).await;
+    let paths = [
+        room_path(&room, "upgrade"),
+        room_path(&room, "forget"),
+        room_path("%00", "upgrade"),
+        room_path("!a:b", "forget"),
+        format!("/_matrix/client/v3/knock/{room}"),
+        "/_matrix/client/v3/knock/%23".to_owned(),
+        "/_matrix/client/v3/knock/%FF%FE".to_owned(),
+    ];
+    let bodies = [
+        "",
+        "null",
+        r#"{"new_version": 12}"#,
+        r#"{"new_version": "\u0000"}"#,
+        r#"{"new_version": "12", "additional_creators": "@a:b"}"#,
+        r#"{"new_version": "12", "additional_creators": ["@alice:hs1.localhost", "@alice:hs1.localhost"]}"#,
+        r#"{"reason": ["no"]}"#,
+    ];
+    for path in &paths {
+        for body in bodies {
+            for token in [None, Some(alice.as_str())] {
+                let (status, value) =
+                    http.request(reqwest::Method::POST, path, token, Some(body.as_bytes().to_vec())).await;
+                assert!(status.as_u16() < 500, "{path} {body} → {status} {value}");
+                assert!(status.is_success() || value["errcode"].is_string(), "{path} {body} → {status} {value}");
+            }
+        }
+    }
+    assert_eq!(http.get("/_matrix/client/v3/account/whoami", Some(&alice)).await.0, 200);
+    server.stop().await;
+}
