@@ -17,6 +17,10 @@ pub enum ServiceError {
     BadJson(String),
     #[error("{0}")]
     InvalidParam(String),
+    /// A request the spec refuses with its generic `400 M_UNKNOWN` (e.g. forgetting a room the
+    /// user is still in).
+    #[error("{0}")]
+    BadRequest(String),
     /// Data only the server may write (spec answers 405 `M_BAD_JSON`).
     #[error("{0}")]
     ServerManaged(String),

@@ -152,6 +152,11 @@ pub fn thread_activity(room_id: &str, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `user\0room`: a room the user has forgotten.
+pub fn forgotten_room(user_id: &str, room_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

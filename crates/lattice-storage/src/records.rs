@@ -273,3 +273,15 @@ pub struct ThreadRecord {
 impl Record for ThreadRecord {
     const TABLE: Table = Table::Threads;
 }
+
+/// A room a user has forgotten, as of one membership event of theirs: the room stays forgotten
+/// while that event is the user's current membership, so a later invite or join ends it with
+/// no second write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgottenRoomRecord {
+    pub membership_event_id: String,
+}
+
+impl Record for ForgottenRoomRecord {
+    const TABLE: Table = Table::ForgottenRooms;
+}

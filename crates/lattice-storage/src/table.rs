@@ -45,4 +45,5 @@ tables! {
     Relations => "relations",
     Threads => "threads",
     ThreadActivity => "thread_activity",
+    ForgottenRooms => "forgotten_rooms",
 }

@@ -3,6 +3,7 @@
 mod account;
 mod devices;
 mod discovery;
+mod membership;
 mod profile;
 mod rooms;
 mod session;
@@ -25,6 +26,7 @@ pub fn all() -> Router<AppState> {
         .merge(devices::routes())
         .merge(profile::routes())
         .merge(rooms::routes())
+        .merge(membership::routes())
         .merge(sync::routes())
         .merge(user_data::routes())
 }

@@ -242,7 +242,7 @@ async fn join(
         )
         .into());
     }
-    set_membership(&state, &session, &room_id, session.user_id.as_str(), "join", body.reason).await?;
+    state.service.join_room(&session.user_id, &room_id, body.reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 

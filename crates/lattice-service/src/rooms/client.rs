@@ -53,32 +53,9 @@ impl Service {
         let version = RoomVersion::parse(request.room_version.as_deref().unwrap_or(DEFAULT_ROOM_VERSION))?;
         let preset =
             request.preset.unwrap_or(if request.public_visibility { Preset::PublicChat } else { Preset::PrivateChat });
-        let mut create_content =
-            serde_json::to_value(request.creation_content.unwrap_or(JsonObject(Default::default())))
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        create_content["room_version"] = json!(version.id().as_str());
-        if !version.rules().authorization.use_room_create_sender {
-            create_content["creator"] = json!(creator);
-        }
-        let derives_room_id = version.rules().authorization.room_create_event_id_as_room_id;
-        let chosen: OwnedRoomId = format!("!{}:{}", random_alphanumeric(18), self.server_name())
-            .try_into()
-            .map_err(|e: ruma::IdParseError| ServiceError::Internal(e.to_string()))?;
-        let create = LocalEvent {
-            room_id: (!derives_room_id).then_some(&*chosen),
-            sender: creator,
-            kind: "m.room.create",
-            state_key: Some(""),
-            content: create_content,
-        };
-        let create = self.build_local_event(&version, create).await?;
-        let room_id = if derives_room_id {
-            OwnedRoomId::try_from(format!("!{}", &create.id().as_str()[1..]))
-                .map_err(|e| ServiceError::Internal(e.to_string()))?
-        } else {
-            chosen
-        };
-        self.accept(&version, create).await?;
+        let create_content = serde_json::to_value(request.creation_content.unwrap_or(JsonObject(Default::default())))
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let room_id = self.send_create_event(&version, creator, create_content).await?;
 
         let member = json!({ "membership": "join" });
         self.send_state(&version, creator, &room_id, "m.room.member", creator.as_str(), member).await?;
@@ -121,6 +98,40 @@ impl Service {
             self.send_state(&version, creator, &room_id, "m.room.member", invitee.as_str(), content).await?;
         }
         tracing::info!(room_id = %room_id, creator = %creator, version = %version.id(), "created room");
+        Ok(room_id)
+    }
+
+    /// Starts a new room with its create event (`content` plus the version and, before v11, the
+    /// creator); returns the room ID, which from v12 is derived from the event.
+    pub(super) async fn send_create_event(
+        &self,
+        version: &RoomVersion,
+        creator: &UserId,
+        mut content: Value,
+    ) -> Result<OwnedRoomId, ServiceError> {
+        content["room_version"] = json!(version.id().as_str());
+        if !version.rules().authorization.use_room_create_sender {
+            content["creator"] = json!(creator);
+        }
+        let derives_room_id = version.rules().authorization.room_create_event_id_as_room_id;
+        let chosen: OwnedRoomId = format!("!{}:{}", random_alphanumeric(18), self.server_name())
+            .try_into()
+            .map_err(|e: ruma::IdParseError| ServiceError::Internal(e.to_string()))?;
+        let create = LocalEvent {
+            room_id: (!derives_room_id).then_some(&*chosen),
+            sender: creator,
+            kind: "m.room.create",
+            state_key: Some(""),
+            content,
+        };
+        let create = self.build_local_event(version, create).await?;
+        let room_id = if derives_room_id {
+            OwnedRoomId::try_from(format!("!{}", &create.id().as_str()[1..]))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?
+        } else {
+            chosen
+        };
+        self.accept(version, create).await?;
         Ok(room_id)
     }
 

@@ -5,11 +5,13 @@ mod client;
 mod filter;
 mod ingest;
 mod local_events;
+mod membership;
 mod receipts;
 mod relations;
 mod state_store;
 mod sync;
 pub(crate) mod typing;
+mod upgrade;
 
 #[cfg(test)]
 mod tests;
@@ -21,3 +23,4 @@ pub use local_events::LocalEvent;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use typing::MAX_TYPING_TIMEOUT;
+pub use upgrade::UpgradeRoom;

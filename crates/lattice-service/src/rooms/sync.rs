@@ -73,7 +73,7 @@ fn token(position: u64) -> String {
 }
 
 /// What one sync is about, shared by every room it looks at.
-struct SyncScope<'a> {
+pub(super) struct SyncScope<'a> {
     user_id: &'a UserId,
     since: u64,
     now: u64,
@@ -134,9 +134,11 @@ impl Service {
             ignored: &ignored,
         };
         let (global_data, mut room_data) = self.account_data_for(&scope).await?;
-        let (mut join, mut invite, mut leave) = (Map::new(), Map::new(), Map::new());
+        let (mut join, mut invite, mut leave, mut knock) = (Map::new(), Map::new(), Map::new(), Map::new());
         for (room_id, membership) in self.memberships_of(user_id).await? {
-            if !scope.filter.includes_room(room_id.as_str()) {
+            if !scope.filter.includes_room(room_id.as_str())
+                || self.is_forgotten(user_id, &room_id, &membership).await?
+            {
                 continue;
             }
             let data = room_data.remove(room_id.as_str()).unwrap_or_default();
@@ -149,6 +151,11 @@ impl Service {
                 "invite" => {
                     if let Some(room) = self.invited_room_sync(&scope, &room_id).await? {
                         invite.insert(room_id.to_string(), room);
+                    }
+                }
+                "knock" => {
+                    if let Some(room) = self.knocked_room_sync(&scope, &room_id).await? {
+                        knock.insert(room_id.to_string(), room);
                     }
                 }
                 "leave" | "ban" if !scope.initial || scope.filter.room.include_leave => {
@@ -169,7 +176,7 @@ impl Service {
             "next_batch": next_batch.render(),
             "account_data": { "events": global_data },
             "to_device": { "events": to_device_events },
-            "rooms": { "join": join, "invite": invite, "leave": leave },
+            "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
         }))
     }
 
@@ -464,7 +471,11 @@ impl Service {
 
     /// An invite with the stripped state the spec suggests, when it is new since `since` and
     /// its sender is not ignored.
-    async fn invited_room_sync(&self, scope: &SyncScope<'_>, room_id: &RoomId) -> Result<Option<Value>, ServiceError> {
+    pub(super) async fn invited_room_sync(
+        &self,
+        scope: &SyncScope<'_>,
+        room_id: &RoomId,
+    ) -> Result<Option<Value>, ServiceError> {
         let user_id = scope.user_id;
         let Some(invite_id) = self
             .kv
