@@ -106,6 +106,21 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
+/// A room alias (`#local:server`), the whole alias as given.
+pub fn room_alias(alias: &str) -> Vec<u8> {
+    alias.as_bytes().to_vec()
+}
+
+/// `room\0alias`: the local aliases of a room, found with one prefix scan over `room_rows`.
+pub fn room_alias_of(room_id: &str, alias: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), alias.as_bytes()])
+}
+
+/// A room published in the public room directory.
+pub fn public_room(room_id: &str) -> Vec<u8> {
+    room_id.as_bytes().to_vec()
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

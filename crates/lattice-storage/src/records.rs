@@ -233,3 +233,15 @@ pub struct ReceiptRecord {
 impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
+
+/// A local room alias: where it points and who made it (the creator may delete it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomAliasRecord {
+    pub room_id: String,
+    pub creator: String,
+    pub created_ms: u64,
+}
+
+impl Record for RoomAliasRecord {
+    const TABLE: Table = Table::RoomAliases;
+}

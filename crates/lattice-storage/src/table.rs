@@ -40,4 +40,7 @@ tables! {
     Transactions => "transactions",
     Receipts => "receipts",
     AccountDataPositions => "account_data_positions",
+    RoomAliases => "room_aliases",
+    RoomAliasIndex => "room_alias_index",
+    PublicRooms => "public_rooms",
 }

@@ -2,6 +2,7 @@
 
 mod account;
 mod devices;
+mod directory;
 mod discovery;
 mod profile;
 mod rooms;
@@ -23,6 +24,7 @@ pub fn all() -> Router<AppState> {
         .merge(account::routes())
         .merge(session::routes())
         .merge(devices::routes())
+        .merge(directory::routes())
         .merge(profile::routes())
         .merge(rooms::routes())
         .merge(sync::routes())

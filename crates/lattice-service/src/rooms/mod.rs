@@ -1,7 +1,9 @@
 //! Rooms: the room graph in storage and the one ingest path every event takes (architecture
 //! invariant 1). Client-facing room APIs build on this.
 
+mod aliases;
 mod client;
+mod directory;
 mod ingest;
 mod local_events;
 mod receipts;
@@ -12,7 +14,9 @@ pub(crate) mod typing;
 #[cfg(test)]
 mod tests;
 
+pub use aliases::MAX_ALIASES_PER_ROOM;
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
+pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, parse_token};
