@@ -388,4 +388,29 @@ mod tests {
         assert_eq!(creators(&create, true), ["@a:hs", "@b:hs"]);
         assert!(creators(&create, false).is_empty());
     }
+
+    /// Server admins moderate aliases and the directory without being in the room; other
+    /// outsiders may do neither.
+    #[tokio::test]
+    async fn server_admins_delete_aliases_and_publish_rooms_of_rooms_they_are_not_in() {
+        let (service, _) = crate::rooms::tests::service();
+        let account = |name: &str, admin| crate::NewAccount { username: name.into(), password: "pw".into(), admin };
+        let alice = service.create_user(account("alice", false)).await.unwrap();
+        let admin = service.create_user(account("admin", true)).await.unwrap();
+        let bob = service.create_user(account("bob", false)).await.unwrap();
+        let request = crate::rooms::CreateRoom { room_alias_name: Some("lobby".into()), ..Default::default() };
+        let room = service.create_room(&alice, request).await.unwrap();
+        let alias = <&RoomAliasId>::try_from("#lobby:hs.test").unwrap();
+        assert_eq!(service.resolve_alias(alias).await.unwrap(), room);
+
+        assert!(matches!(service.set_room_visibility(&bob, &room, true).await, Err(ServiceError::Forbidden(_))));
+        service.set_room_visibility(&admin, &room, true).await.unwrap();
+        assert!(service.room_is_public(&room).await.unwrap());
+        assert!(matches!(service.delete_alias(&bob, alias).await, Err(ServiceError::Forbidden(_))));
+        service.delete_alias(&admin, alias).await.unwrap();
+        assert!(matches!(service.resolve_alias(alias).await, Err(ServiceError::NotFound(_))));
+        // The admin is not in the room, so the canonical alias stays as it was (the spec's advice).
+        let content = service.current_state_content(&room, CANONICAL_ALIAS, "").await.unwrap();
+        assert_eq!(content, Some(json!({ "alias": "#lobby:hs.test" })));
+    }
 }
