@@ -379,3 +379,41 @@ async fn hostile_directory_requests_get_matrix_errors() {
     assert!(http.get("/_matrix/client/v3/publicRooms", None).await.0.is_success());
     server.stop().await;
 }
+
+/// `matrix-sdk` creates a published room with an alias; another client resolves the alias,
+/// finds the room in the directory and joins by alias.
+#[tokio::test]
+async fn matrix_sdk_finds_a_published_room_and_joins_it_by_alias() {
+    use matrix_sdk::Client;
+    use matrix_sdk::ruma::api::client::room::Visibility;
+    use matrix_sdk::ruma::api::client::room::create_room::v3::Request as CreateRoomRequest;
+    use matrix_sdk::ruma::{RoomAliasId, RoomOrAliasId};
+
+    let server = TestServer::start().await;
+    server.register("alice", "pw-a").await;
+    server.register("bob", "pw-b").await;
+    let login = async |name: &str, password: &str| {
+        let client = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
+        client.matrix_auth().login_username(name, password).send().await.expect("login");
+        client
+    };
+    let alice = login("alice", "pw-a").await;
+    let bob = login("bob", "pw-b").await;
+
+    let mut request = CreateRoomRequest::new();
+    request.name = Some("SDK lounge".to_owned());
+    request.room_alias_name = Some("lounge".to_owned());
+    request.visibility = Visibility::Public;
+    let room = alice.create_room(request).await.expect("room created");
+
+    let alias = <&RoomAliasId>::try_from("#lounge:hs1.localhost").unwrap();
+    let resolved = bob.resolve_room_alias(alias).await.expect("alias resolves");
+    assert_eq!(resolved.room_id, room.room_id());
+    let listed = bob.public_rooms(Some(10), None, None).await.expect("directory");
+    assert_eq!(listed.chunk.len(), 1);
+    assert_eq!(listed.chunk[0].room_id, room.room_id());
+    assert_eq!(listed.chunk[0].canonical_alias.as_deref(), Some(alias));
+    let joined = bob.join_room_by_id_or_alias(<&RoomOrAliasId>::from(alias), &[]).await.expect("joins by alias");
+    assert_eq!(joined.room_id(), room.room_id());
+    server.stop().await;
+}
