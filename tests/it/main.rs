@@ -3,6 +3,7 @@
 
 mod accounts;
 mod bad_input;
+mod directory;
 mod membership;
 mod process;
 mod relations;

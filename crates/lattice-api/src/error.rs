@@ -54,6 +54,10 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::GuestAccessForbidden => (StatusCode::FORBIDDEN, body("M_GUEST_ACCESS_FORBIDDEN", message)),
         E::ThreepidDenied => (StatusCode::FORBIDDEN, body("M_THREEPID_DENIED", message)),
         E::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, body("M_LIMIT_EXCEEDED", message)),
+        E::RoomInUse(_) => (StatusCode::BAD_REQUEST, body("M_ROOM_IN_USE", message)),
+        // The spec's example for a taken alias is 409 with `M_UNKNOWN`; it names no other code.
+        E::AliasInUse(_) => (StatusCode::CONFLICT, body("M_UNKNOWN", message)),
+        E::BadAlias(_) => (StatusCode::BAD_REQUEST, body("M_BAD_ALIAS", message)),
         E::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, body("M_UNSUPPORTED_ROOM_VERSION", message)),
         E::InvalidPdu(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::MissingEvents(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
@@ -134,6 +138,9 @@ mod tests {
             (ServiceError::TooLarge { what: "x", limit: 1 }, 413, "M_TOO_LARGE"),
             (ServiceError::ServerManaged("x".into()), 405, "M_BAD_JSON"),
             (ServiceError::UnsupportedRoomVersion(unsupported), 400, "M_UNSUPPORTED_ROOM_VERSION"),
+            (ServiceError::RoomInUse("x".into()), 400, "M_ROOM_IN_USE"),
+            (ServiceError::AliasInUse("x".into()), 409, "M_UNKNOWN"),
+            (ServiceError::BadAlias("x".into()), 400, "M_BAD_ALIAS"),
             (ServiceError::Internal("boom".into()), 500, "M_UNKNOWN"),
         ];
         for (error, status, errcode) in cases {

@@ -40,6 +40,15 @@ pub enum ServiceError {
     ThreepidDenied,
     #[error("{0}")]
     LimitExceeded(String),
+    /// `createRoom` asked for an alias that is taken (spec: 400 `M_ROOM_IN_USE`).
+    #[error("{0}")]
+    RoomInUse(String),
+    /// `PUT /directory/room/{alias}` for an alias that exists (spec: 409).
+    #[error("{0}")]
+    AliasInUse(String),
+    /// An `m.room.canonical_alias` naming an alias that is invalid or not this room's.
+    #[error("{0}")]
+    BadAlias(String),
     #[error("additional authentication is required")]
     AuthRequired(Box<UiaChallenge>),
     /// A room version outside 1–12 (spec: `M_UNSUPPORTED_ROOM_VERSION`).

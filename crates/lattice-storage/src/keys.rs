@@ -157,6 +157,21 @@ pub fn forgotten_room(user_id: &str, room_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), room_id.as_bytes()])
 }
 
+/// A room alias (`#local:server`), the whole alias as given.
+pub fn room_alias(alias: &str) -> Vec<u8> {
+    alias.as_bytes().to_vec()
+}
+
+/// `room\0alias`: the local aliases of a room, found with one prefix scan over `room_rows`.
+pub fn room_alias_of(room_id: &str, alias: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), alias.as_bytes()])
+}
+
+/// A room published in the public room directory.
+pub fn public_room(room_id: &str) -> Vec<u8> {
+    room_id.as_bytes().to_vec()
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

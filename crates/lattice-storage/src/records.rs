@@ -285,3 +285,15 @@ pub struct ForgottenRoomRecord {
 impl Record for ForgottenRoomRecord {
     const TABLE: Table = Table::ForgottenRooms;
 }
+
+/// A local room alias: where it points and who made it (the creator may delete it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomAliasRecord {
+    pub room_id: String,
+    pub creator: String,
+    pub created_ms: u64,
+}
+
+impl Record for RoomAliasRecord {
+    const TABLE: Table = Table::RoomAliases;
+}

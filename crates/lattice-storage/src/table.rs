@@ -46,4 +46,7 @@ tables! {
     Threads => "threads",
     ThreadActivity => "thread_activity",
     ForgottenRooms => "forgotten_rooms",
+    RoomAliases => "room_aliases",
+    RoomAliasIndex => "room_alias_index",
+    PublicRooms => "public_rooms",
 }

@@ -3,7 +3,6 @@
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use lattice_service::ServiceError;
 use lattice_service::rooms::UpgradeRoom;
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
@@ -20,15 +19,12 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{room_id}/upgrade", post(upgrade))
 }
 
-/// A room ID; aliases are refused with a clear 404 until alias resolution exists.
-fn room_id_not_alias(room_id_or_alias: &str) -> ApiResult<OwnedRoomId> {
-    if room_id_or_alias.starts_with('#') {
-        return Err(ServiceError::NotFound(format!(
-            "room aliases cannot be resolved yet; knock with the room ID instead of {room_id_or_alias}"
-        ))
-        .into());
+/// A room ID, or the room a local alias points to.
+async fn resolve_room(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
+    if target.starts_with('#') {
+        return Ok(state.service.resolve_alias(&crate::extract::parse_alias(target)?).await?);
     }
-    parse_room(room_id_or_alias)
+    parse_room(target)
 }
 
 #[derive(Deserialize)]
@@ -42,7 +38,7 @@ async fn knock(
     PathParams(room_id_or_alias): PathParams<String>,
     JsonBody(body): JsonBody<KnockBody>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = room_id_not_alias(&room_id_or_alias)?;
+    let room_id = resolve_room(&state, &room_id_or_alias).await?;
     state.service.knock(&session.user_id, &room_id, body.reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }

@@ -2,6 +2,7 @@
 
 mod account;
 mod devices;
+mod directory;
 mod discovery;
 mod membership;
 mod profile;
@@ -24,6 +25,7 @@ pub fn all() -> Router<AppState> {
         .merge(account::routes())
         .merge(session::routes())
         .merge(devices::routes())
+        .merge(directory::routes())
         .merge(profile::routes())
         .merge(rooms::routes())
         .merge(membership::routes())

@@ -32,7 +32,7 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{room_id}/read_markers", post(read_markers))
         .route("/_matrix/client/v3/rooms/{room_id}/joined_members", get(joined_members))
         .route("/_matrix/client/v3/rooms/{room_id}/join", post(join))
-        .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join))
+        .route("/_matrix/client/v3/join/{room_id_or_alias}", post(join_by_id_or_alias))
         .route("/_matrix/client/v3/rooms/{room_id}/leave", post(leave))
         .route("/_matrix/client/v3/rooms/{room_id}/invite", post(invite))
         .route("/_matrix/client/v3/rooms/{room_id}/kick", post(kick))
@@ -42,7 +42,7 @@ pub fn routes() -> Router<AppState> {
 
 fn parse_room(room_id: &str) -> ApiResult<OwnedRoomId> {
     if room_id.starts_with('#') {
-        return Err(ApiError::Service(ServiceError::NotFound("room aliases are not supported yet".into())));
+        return Err(ApiError::InvalidParam(format!("{room_id} is a room alias; this endpoint takes a room ID")));
     }
     crate::extract::parse_room(room_id)
 }
@@ -81,13 +81,12 @@ async fn create_room(
     Auth(session): Auth,
     JsonBody(body): JsonBody<CreateRoomBody>,
 ) -> ApiResult<Json<Value>> {
+    let public_visibility = match body.visibility.as_deref() {
+        None | Some("private") => false,
+        Some("public") => true,
+        Some(other) => return Err(ApiError::BadJson(format!("unknown visibility {other:?}"))),
+    };
     // Not built yet: refused rather than silently ignored.
-    if body.room_alias_name.is_some() {
-        return Err(ApiError::Unsupported("room aliases are not supported yet".into()));
-    }
-    if body.visibility.as_deref() == Some("public") {
-        return Err(ApiError::Unsupported("the public room directory is not supported yet".into()));
-    }
     if !body.invite_3pid.is_empty() {
         return Err(ServiceError::ThreepidDenied.into());
     }
@@ -100,7 +99,7 @@ async fn create_room(
     };
     let request = CreateRoom {
         preset,
-        public_visibility: false,
+        public_visibility,
         name: body.name,
         topic: body.topic,
         invite: body.invite,
@@ -109,6 +108,7 @@ async fn create_room(
         initial_state: body.initial_state.into_iter().map(|s| (s.kind, s.state_key, s.content)).collect(),
         power_level_content_override: body.power_level_content_override,
         is_direct: body.is_direct,
+        room_alias_name: body.room_alias_name,
     };
     let room_id = state.service.create_room(&session.user_id, request).await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -234,6 +234,36 @@ async fn join(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
+    join_room(&state, &session, room_id, body.reason).await
+}
+
+/// `POST /join/{roomIdOrAlias}`: local aliases resolve here. `via` and `server_name` name servers
+/// to join through; they are checked, and matter once joins over federation exist.
+async fn join_by_id_or_alias(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(target): PathParams<String>,
+    QueryParams(query): QueryParams<Vec<(String, String)>>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    for (_, server) in query.iter().filter(|(key, _)| key == "via" || key == "server_name") {
+        ruma::OwnedServerName::try_from(server.as_str())
+            .map_err(|e| ApiError::InvalidParam(format!("invalid server name {server:?}: {e}")))?;
+    }
+    let room_id = if target.starts_with('#') {
+        state.service.resolve_alias(&crate::extract::parse_alias(&target)?).await?
+    } else {
+        parse_room(&target)?
+    };
+    join_room(&state, &session, room_id, body.reason).await
+}
+
+async fn join_room(
+    state: &AppState,
+    session: &lattice_service::Session,
+    room_id: OwnedRoomId,
+    reason: Option<String>,
+) -> ApiResult<Json<Value>> {
     if room_id.server_name().is_some_and(|server| server != state.service.server_name())
         && state.service.membership(&session.user_id, &room_id).await.is_err()
     {
@@ -242,7 +272,7 @@ async fn join(
         )
         .into());
     }
-    state.service.join_room(&session.user_id, &room_id, body.reason).await?;
+    state.service.join_room(&session.user_id, &room_id, reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 

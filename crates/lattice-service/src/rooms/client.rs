@@ -38,6 +38,8 @@ pub struct CreateRoom {
     pub initial_state: Vec<(String, String, JsonObject)>,
     pub power_level_content_override: Option<JsonObject>,
     pub is_direct: bool,
+    /// The local part of an alias on this server to create for the room.
+    pub room_alias_name: Option<String>,
 }
 
 /// A client's transaction: who sent it, from which device, under which ID.
@@ -47,20 +49,51 @@ pub struct Txn<'a> {
 }
 
 impl Service {
-    /// `POST /createRoom`: the create event, the creator's join, power levels, join rules,
-    /// history visibility, guest access, initial state, name, topic, invites — each through ingest.
+    /// `POST /createRoom`: the create event, the creator's join, power levels, canonical alias,
+    /// join rules, history visibility, guest access, initial state, name, topic, invites — each
+    /// through ingest, in the spec's order. A requested alias is checked before any event exists
+    /// and is written in the create event's batch, together with the directory entry.
     pub async fn create_room(&self, creator: &UserId, request: CreateRoom) -> Result<OwnedRoomId, ServiceError> {
         let version = RoomVersion::parse(request.room_version.as_deref().unwrap_or(DEFAULT_ROOM_VERSION))?;
+        let alias = match &request.room_alias_name {
+            Some(name) => Some(self.free_local_alias(name).await?),
+            None => None,
+        };
         let preset =
             request.preset.unwrap_or(if request.public_visibility { Preset::PublicChat } else { Preset::PrivateChat });
         let create_content = serde_json::to_value(request.creation_content.unwrap_or(JsonObject(Default::default())))
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let room_id = self.send_create_event(&version, creator, create_content).await?;
+        // The alias and the directory entry are written in the create event's own batch.
+        let with_create = |room_id: &RoomId| {
+            let mut batch = WriteBatch::new();
+            if let Some(alias) = &alias {
+                self.add_alias_to_batch(&mut batch, creator, alias, room_id);
+            }
+            if request.public_visibility {
+                self.publish_in_batch(&mut batch, room_id, true);
+            }
+            batch
+        };
+        let room_id = match self.send_create_event(&version, creator, create_content, with_create).await {
+            Ok(room_id) => room_id,
+            Err(e) => {
+                // The alias may have been taken after the check above, failing the batch's
+                // condition: nothing was written; say that rather than what the retries ran into.
+                if let Some(alias) = &alias {
+                    self.require_alias_free(alias).await?;
+                }
+                return Err(e);
+            }
+        };
 
         let member = json!({ "membership": "join" });
         self.send_state(&version, creator, &room_id, "m.room.member", creator.as_str(), member).await?;
         let power = power_levels(creator, &request.invite, preset, &version, request.power_level_content_override)?;
         self.send_state(&version, creator, &room_id, "m.room.power_levels", "", power).await?;
+        if let Some(alias) = &alias {
+            let content = super::aliases::canonical_alias_content(alias);
+            self.send_state(&version, creator, &room_id, "m.room.canonical_alias", "", content).await?;
+        }
         let join_rule = if preset == Preset::PublicChat { "public" } else { "invite" };
         self.send_state(&version, creator, &room_id, "m.room.join_rules", "", json!({ "join_rule": join_rule }))
             .await?;
@@ -108,6 +141,7 @@ impl Service {
         version: &RoomVersion,
         creator: &UserId,
         mut content: Value,
+        written_with: impl FnOnce(&RoomId) -> WriteBatch,
     ) -> Result<OwnedRoomId, ServiceError> {
         content["room_version"] = json!(version.id().as_str());
         if !version.rules().authorization.use_room_create_sender {
@@ -131,7 +165,7 @@ impl Service {
         } else {
             chosen
         };
-        self.accept(version, create).await?;
+        self.accept_with(version, create, &written_with(&room_id)).await?;
         Ok(room_id)
     }
 
@@ -147,6 +181,9 @@ impl Service {
     ) -> Result<OwnedEventId, ServiceError> {
         check_event_type(kind)?;
         let version = self.room_version(room_id).await?;
+        if kind == "m.room.canonical_alias" && state_key.is_some() {
+            self.check_canonical_alias(room_id, &content).await?;
+        }
         let mut extra = WriteBatch::new();
         if let Some(txn) = &txn {
             let key = keys::room_transaction(sender.as_str(), txn.device_id, room_id.as_str(), txn.txn_id);
@@ -200,11 +237,26 @@ impl Service {
         }
     }
 
-    async fn accept(&self, version: &RoomVersion, event: lattice_core::event::Pdu) -> Result<(), ServiceError> {
-        match self.ingest(version, event).await?.outcome {
+    /// Ingests `event` with `extra` in its batch; anything but acceptance is `M_FORBIDDEN`.
+    async fn accept_with(
+        &self,
+        version: &RoomVersion,
+        event: lattice_core::event::Pdu,
+        extra: &WriteBatch,
+    ) -> Result<(), ServiceError> {
+        match self.ingest_with(version, event, extra).await?.outcome {
             Outcome::Accepted => Ok(()),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
         }
+    }
+
+    /// `#name:<this server>` for `createRoom`'s `room_alias_name`, valid and not yet taken.
+    async fn free_local_alias(&self, name: &str) -> Result<ruma::OwnedRoomAliasId, ServiceError> {
+        super::aliases::check_alias_localpart(name)?;
+        let alias = ruma::OwnedRoomAliasId::try_from(format!("#{name}:{}", self.server_name()))
+            .map_err(|e| ServiceError::InvalidParam(format!("invalid room alias name: {e}")))?;
+        self.require_alias_free(&alias).await?;
+        Ok(alias)
     }
 
     pub(crate) async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersion, ServiceError> {

@@ -1,7 +1,9 @@
 //! Rooms: the room graph in storage and the one ingest path every event takes (architecture
 //! invariant 1). Client-facing room APIs build on this.
 
+mod aliases;
 mod client;
+mod directory;
 mod filter;
 mod ingest;
 mod local_events;
@@ -16,7 +18,9 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+pub use aliases::MAX_ALIASES_PER_ROOM;
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
+pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;

@@ -15,7 +15,7 @@ const ALICE: &str = "@alice:hs.test";
 const BOB: &str = "@bob:hs.test";
 const DAVE: &str = "@dave:hs.test";
 
-fn service() -> (Service, Arc<MemoryStore>) {
+pub(super) fn service() -> (Service, Arc<MemoryStore>) {
     let kv = Arc::new(MemoryStore::new());
     let config = ServiceConfig {
         server_name: "hs.test".try_into().unwrap(),

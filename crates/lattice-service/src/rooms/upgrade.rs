@@ -8,7 +8,7 @@
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::RoomRecord;
-use lattice_storage::{Direction, KeyRange, Table, keys};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value, json};
@@ -79,7 +79,7 @@ impl Service {
         let new_creators = new_room_creators(&new_version, user_id, &request.additional_creators);
         let create_content =
             self.successor_create_content(&content_of(&create)?, old_room, &new_version, &new_creators).await?;
-        let new_room = self.send_create_event(&new_version, user_id, create_content).await?;
+        let new_room = self.send_create_event(&new_version, user_id, create_content, |_| WriteBatch::new()).await?;
         self.send_event(
             user_id,
             &new_room,

@@ -1,0 +1,181 @@
+//! Room aliases and the public room directory.
+
+use axum::extract::State;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use lattice_service::ServiceError;
+use lattice_service::rooms::{PublicRoomsPage, PublicRoomsQuery};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::ApiResult;
+use crate::extract::{Auth, JsonBody, PathParams, QueryParams, parse_alias, parse_room};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/_matrix/client/v3/directory/room/{room_alias}",
+            put(create_alias).get(resolve_alias).delete(delete_alias),
+        )
+        .route("/_matrix/client/v3/rooms/{room_id}/aliases", get(room_aliases))
+        .route("/_matrix/client/v3/publicRooms", get(public_rooms).post(search_public_rooms))
+        .route("/_matrix/client/v3/directory/list/room/{room_id}", get(visibility).put(set_visibility))
+}
+
+#[derive(Deserialize)]
+struct CreateAliasBody {
+    room_id: String,
+}
+
+async fn create_alias(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(alias): PathParams<String>,
+    JsonBody(body): JsonBody<CreateAliasBody>,
+) -> ApiResult<Json<Value>> {
+    let alias = parse_alias(&alias)?;
+    let room_id = parse_room(&body.room_id)?;
+    state.service.create_alias(&session.user_id, &alias, &room_id).await?;
+    Ok(Json(json!({})))
+}
+
+/// No access token needed: aliases are public names.
+async fn resolve_alias(State(state): State<AppState>, PathParams(alias): PathParams<String>) -> ApiResult<Json<Value>> {
+    let alias = parse_alias(&alias)?;
+    let room_id = state.service.resolve_alias(&alias).await?;
+    // Only local aliases resolve, and only this server is known to be in their rooms' directory.
+    Ok(Json(json!({ "room_id": room_id, "servers": [state.service.server_name()] })))
+}
+
+async fn delete_alias(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(alias): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let alias = parse_alias(&alias)?;
+    state.service.delete_alias(&session.user_id, &alias).await?;
+    Ok(Json(json!({})))
+}
+
+async fn room_aliases(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    Ok(Json(json!({ "aliases": state.service.room_aliases(&session.user_id, &room_id).await? })))
+}
+
+#[derive(Deserialize)]
+struct PublicRoomsParams {
+    limit: Option<usize>,
+    since: Option<String>,
+    server: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct PublicRoomsFilter {
+    generic_search_term: Option<String>,
+    room_types: Option<Vec<Option<String>>>,
+}
+
+/// `include_all_networks` is read as absent: no application-service networks exist, so
+/// including them all changes nothing.
+#[derive(Deserialize)]
+struct PublicRoomsBody {
+    limit: Option<usize>,
+    since: Option<String>,
+    #[serde(default)]
+    filter: PublicRoomsFilter,
+    third_party_instance_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ServerParam {
+    server: Option<String>,
+}
+
+/// Other servers' directories need federation, which is not built yet.
+fn require_local_directory(state: &AppState, server: Option<&str>) -> ApiResult<()> {
+    match server {
+        Some(server) if server != state.service.server_name().as_str() => Err(ServiceError::NotFound(format!(
+            "listing the public rooms of {server} needs federation, which is not built yet"
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn page_json(page: PublicRoomsPage) -> Json<Value> {
+    let mut body = json!({ "chunk": page.chunk, "total_room_count_estimate": page.total_room_count_estimate });
+    if let Some(next) = page.next_batch {
+        body["next_batch"] = json!(next);
+    }
+    if let Some(prev) = page.prev_batch {
+        body["prev_batch"] = json!(prev);
+    }
+    Json(body)
+}
+
+/// No access token needed (the spec leaves this listing open).
+async fn public_rooms(
+    State(state): State<AppState>,
+    QueryParams(params): QueryParams<PublicRoomsParams>,
+) -> ApiResult<Json<Value>> {
+    require_local_directory(&state, params.server.as_deref())?;
+    let query = PublicRoomsQuery { limit: params.limit, since: params.since, ..Default::default() };
+    Ok(page_json(state.service.public_rooms(query).await?))
+}
+
+async fn search_public_rooms(
+    State(state): State<AppState>,
+    Auth(_session): Auth,
+    QueryParams(params): QueryParams<ServerParam>,
+    JsonBody(body): JsonBody<PublicRoomsBody>,
+) -> ApiResult<Json<Value>> {
+    require_local_directory(&state, params.server.as_deref())?;
+    if let Some(instance) = body.third_party_instance_id {
+        return Err(ServiceError::NotFound(format!("no third-party network {instance:?} is bridged here")).into());
+    }
+    let query = PublicRoomsQuery {
+        limit: body.limit,
+        since: body.since,
+        generic_search_term: body.filter.generic_search_term,
+        room_types: body.filter.room_types,
+    };
+    Ok(page_json(state.service.public_rooms(query).await?))
+}
+
+/// No access token needed.
+async fn visibility(State(state): State<AppState>, PathParams(room_id): PathParams<String>) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let public = state.service.room_is_public(&room_id).await?;
+    Ok(Json(json!({ "visibility": if public { "public" } else { "private" } })))
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Visibility {
+    /// The spec's default when the body names none.
+    #[default]
+    Public,
+    Private,
+}
+
+#[derive(Deserialize)]
+struct VisibilityBody {
+    #[serde(default)]
+    visibility: Visibility,
+}
+
+async fn set_visibility(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    PathParams(room_id): PathParams<String>,
+    JsonBody(body): JsonBody<VisibilityBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    state.service.set_room_visibility(&session.user_id, &room_id, body.visibility == Visibility::Public).await?;
+    Ok(Json(json!({})))
+}
