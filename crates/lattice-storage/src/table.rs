@@ -40,4 +40,6 @@ tables! {
     Transactions => "transactions",
     Receipts => "receipts",
     AccountDataPositions => "account_data_positions",
+    EventTimestamps => "event_timestamps",
+    Reports => "reports",
 }
