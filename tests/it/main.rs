@@ -3,6 +3,7 @@
 
 mod accounts;
 mod bad_input;
+mod history;
 mod process;
 mod rooms;
 mod sdk_client;

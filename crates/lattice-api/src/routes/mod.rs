@@ -3,6 +3,7 @@
 mod account;
 mod devices;
 mod discovery;
+mod history;
 mod profile;
 mod rooms;
 mod session;
@@ -27,6 +28,7 @@ pub fn all() -> Router<AppState> {
         .merge(rooms::routes())
         .merge(sync::routes())
         .merge(user_data::routes())
+        .merge(history::routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {

@@ -303,7 +303,7 @@ impl Service {
     }
 }
 
-fn position_of(timeline_key: &[u8]) -> u64 {
+pub(super) fn position_of(timeline_key: &[u8]) -> u64 {
     let tail = &timeline_key[timeline_key.len().saturating_sub(8)..];
     <[u8; 8]>::try_from(tail).map(u64::from_be_bytes).unwrap_or(0)
 }
