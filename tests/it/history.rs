@@ -1,11 +1,11 @@
 //! A room's past as a client reads it: `/context`, `timestamp_to_event`, members at an earlier
-//! token.
+//! token; and reports.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
+use crate::support::{Http, TestServer, assert_error, create_room, register, test_config};
 
 async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
@@ -215,4 +215,76 @@ async fn members_at_an_old_token_show_the_membership_of_that_time() {
     let path = format!("/_matrix/client/v3/rooms/{room}/members?at=yesterday");
     assert_error(&http.get(&path, Some(&alice)).await, 400, "M_INVALID_PARAM");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn reports_are_checked_and_kept_for_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(dir.path(), "hs1.localhost");
+    let running = lattice::start(config.clone()).await.unwrap();
+    let http = Http::new(format!("http://{}", running.address));
+    let token = running.first_registration_token.clone().unwrap();
+    let alice = register(&http, "alice", "pw", &token).await["access_token"].as_str().unwrap().to_owned();
+    let carol = register(&http, "carol", "pw", &token).await["access_token"].as_str().unwrap().to_owned();
+    let room = create_room(&http, &alice, json!({})).await;
+    let event = say(&http, &alice, &room, "offensive").await;
+
+    let report = format!("/_matrix/client/v3/rooms/{room}/report/{event}");
+    let (status, body) = http.post(&report, Some(&alice), &json!({ "reason": "spam", "score": -50 })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_error(&http.post(&report, Some(&alice), &json!({ "score": 5 })).await, 400, "M_INVALID_PARAM");
+    assert_error(&http.post(&report, Some(&alice), &json!({ "score": -101 })).await, 400, "M_INVALID_PARAM");
+    let long = "x".repeat(5_000);
+    assert_error(&http.post(&report, Some(&alice), &json!({ "reason": long })).await, 400, "M_INVALID_PARAM");
+    // Not joined, or no such event: the same 404.
+    assert_error(&http.post(&report, Some(&carol), &json!({ "reason": "?" })).await, 404, "M_NOT_FOUND");
+    let unknown = format!("/_matrix/client/v3/rooms/{room}/report/$nothing:hs1.localhost");
+    assert_error(&http.post(&unknown, Some(&alice), &json!({})).await, 404, "M_NOT_FOUND");
+
+    // Rooms can be reported by anyone; users that exist too.
+    let (status, _) = http
+        .post(&format!("/_matrix/client/v3/rooms/{room}/report"), Some(&carol), &json!({ "reason": "bad room" }))
+        .await;
+    assert_eq!(status, 200);
+    let missing_room = "/_matrix/client/v3/rooms/!nowhere:hs1.localhost/report";
+    assert_error(&http.post(missing_room, Some(&carol), &json!({})).await, 404, "M_NOT_FOUND");
+    let (status, _) = http
+        .post("/_matrix/client/v3/users/@alice:hs1.localhost/report", Some(&carol), &json!({ "reason": "rude" }))
+        .await;
+    assert_eq!(status, 200);
+    let nobody = "/_matrix/client/v3/users/@nobody:hs1.localhost/report";
+    assert_error(&http.post(nobody, Some(&carol), &json!({})).await, 404, "M_NOT_FOUND");
+    drop(http);
+    running.stop().await.unwrap();
+
+    // What `lattice report list` reads, with the server stopped: newest first.
+    let opened = reopen(&config).await;
+    let reports = opened.service.list_reports(10).await.unwrap();
+    let summary: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} {} {:?} {:?} {:?}", r.id, r.reporter, r.event_id, r.user_id, r.score))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "3 @carol:hs1.localhost None Some(\"@alice:hs1.localhost\") None".to_owned(),
+            "2 @carol:hs1.localhost None None None".to_owned(),
+            format!("1 @alice:hs1.localhost Some({event:?}) None Some(-50)"),
+        ]
+    );
+    assert_eq!(reports[1].room_id.as_deref(), Some(room.as_str()));
+    assert_eq!(reports[2].reason.as_deref(), Some("spam"));
+    assert_eq!(opened.service.list_reports(1).await.unwrap().len(), 1);
+}
+
+/// Opens a stopped server's data directory, as the CLI does. The stopped server's background
+/// tasks let go of the database a moment after `stop` returns, so this waits for that.
+async fn reopen(config: &lattice::Config) -> lattice::Opened {
+    for _ in 0..200 {
+        match lattice::open(config).await {
+            Ok(opened) => return opened,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    lattice::open(config).await.expect("the stopped server releases its database")
 }

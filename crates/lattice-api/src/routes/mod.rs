@@ -5,6 +5,7 @@ mod devices;
 mod discovery;
 mod history;
 mod profile;
+mod reports;
 mod rooms;
 mod session;
 mod sync;
@@ -29,6 +30,7 @@ pub fn all() -> Router<AppState> {
         .merge(sync::routes())
         .merge(user_data::routes())
         .merge(history::routes())
+        .merge(reports::routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {
