@@ -1,8 +1,9 @@
 //! A room's past as a client reads it: `/context`, `timestamp_to_event`, members at an earlier
-//! token; and reports.
+//! token; and reports and room tags.
 
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::{Http, TestServer, assert_error, create_room, register, test_config};
@@ -287,4 +288,48 @@ async fn reopen(config: &lattice::Config) -> lattice::Opened {
         }
     }
     lattice::open(config).await.expect("the stopped server releases its database")
+}
+
+#[tokio::test]
+async fn room_tags_are_room_account_data_delivered_by_sync() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let room = create_room(http, &alice, json!({})).await;
+    let tags = format!("/_matrix/client/v3/user/{}/rooms/{room}/tags", server.user_id("alice"));
+
+    assert_eq!(get_ok(http, &alice, &tags).await, json!({ "tags": {} }));
+    let since = get_ok(http, &alice, "/_matrix/client/v3/sync").await["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(http.put(&format!("{tags}/u.work"), Some(&alice), &json!({ "order": 0.5 })).await.0, 200);
+    assert_eq!(http.put(&format!("{tags}/m.favourite"), Some(&alice), &json!({})).await.0, 200);
+    let expected = json!({ "tags": { "u.work": { "order": 0.5 }, "m.favourite": {} } });
+    assert_eq!(get_ok(http, &alice, &tags).await, expected);
+
+    let synced = get_ok(http, &alice, &format!("/_matrix/client/v3/sync?since={since}")).await;
+    let data = &synced["rooms"]["join"][&room]["account_data"]["events"];
+    assert_eq!(data, &json!([{ "type": "m.tag", "content": expected }]), "{synced}");
+
+    let since = synced["next_batch"].as_str().unwrap().to_owned();
+    let (status, _) = http.request(Method::DELETE, &format!("{tags}/u.work"), Some(&alice), None).await;
+    assert_eq!(status, 200);
+    // Deleting a tag the room does not have is fine and changes nothing.
+    let (status, _) = http.request(Method::DELETE, &format!("{tags}/u.gone"), Some(&alice), None).await;
+    assert_eq!(status, 200);
+    let remaining = json!({ "tags": { "m.favourite": {} } });
+    assert_eq!(get_ok(http, &alice, &tags).await, remaining);
+    let synced = get_ok(http, &alice, &format!("/_matrix/client/v3/sync?since={since}")).await;
+    let data = &synced["rooms"]["join"][&room]["account_data"]["events"];
+    assert_eq!(data, &json!([{ "type": "m.tag", "content": remaining }]), "{synced}");
+
+    // Only the user themself; orders in [0, 1]; names up to 255 bytes; rooms they are in.
+    assert_error(&http.get(&tags, Some(&bob)).await, 403, "M_FORBIDDEN");
+    assert_error(&http.put(&format!("{tags}/u.x"), Some(&bob), &json!({})).await, 403, "M_FORBIDDEN");
+    assert_error(&http.put(&format!("{tags}/u.x"), Some(&alice), &json!({ "order": 2 })).await, 400, "M_INVALID_PARAM");
+    let long = format!("{tags}/{}", "t".repeat(256));
+    assert_error(&http.put(&long, Some(&alice), &json!({})).await, 400, "M_INVALID_PARAM");
+    let elsewhere =
+        format!("/_matrix/client/v3/user/{}/rooms/!nowhere:hs1.localhost/tags/u.x", server.user_id("alice"));
+    assert_error(&http.put(&elsewhere, Some(&alice), &json!({})).await, 403, "M_FORBIDDEN");
+    server.stop().await;
 }

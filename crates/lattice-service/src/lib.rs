@@ -12,6 +12,7 @@ mod reports;
 pub mod rooms;
 mod secrets;
 mod sessions;
+mod tags;
 mod uia;
 
 use std::sync::Arc;

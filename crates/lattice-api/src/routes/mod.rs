@@ -9,6 +9,7 @@ mod reports;
 mod rooms;
 mod session;
 mod sync;
+mod tags;
 mod user_data;
 
 use std::any::Any;
@@ -31,6 +32,7 @@ pub fn all() -> Router<AppState> {
         .merge(user_data::routes())
         .merge(history::routes())
         .merge(reports::routes())
+        .merge(tags::routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {
