@@ -98,3 +98,50 @@ pub async fn delete_registration_token(config: &Config, token: &str) -> anyhow::
     println!("deleted {token}");
     Ok(())
 }
+
+/// Prints the newest `limit` reports, newest first, one line each.
+pub async fn list_reports(config: &Config, limit: usize) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    for report in opened.service.list_reports(limit).await? {
+        println!("{}", report_line(&report));
+    }
+    Ok(())
+}
+
+/// `#id time reporter target [score] reason`; the reason is quoted and escaped, so a reporter
+/// cannot forge lines or terminal control sequences.
+fn report_line(report: &lattice_service::Report) -> String {
+    let time = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(report.received_ms));
+    let target = match (&report.event_id, &report.room_id, &report.user_id) {
+        (Some(event), Some(room), _) => format!("event {event} in {room}"),
+        (_, Some(room), _) => format!("room {room}"),
+        (_, _, Some(user)) => format!("user {user}"),
+        _ => "nothing".to_owned(),
+    };
+    let score = report.score.map(|s| format!(" score {s}")).unwrap_or_default();
+    let reason = report.reason.as_deref().unwrap_or("");
+    format!("#{} {time} {} {target}{score} reason {reason:?}", report.id, report.reporter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_is_one_line_with_its_reason_escaped() {
+        let report = lattice_service::Report {
+            id: 7,
+            received_ms: 1_700_000_000_000,
+            reporter: "@alice:hs".into(),
+            room_id: Some("!r:hs".into()),
+            event_id: Some("$e".into()),
+            user_id: None,
+            reason: Some("spam\n#8 forged".into()),
+            score: Some(-100),
+        };
+        assert_eq!(
+            report_line(&report),
+            r#"#7 2023-11-14T22:13:20Z @alice:hs event $e in !r:hs score -100 reason "spam\n#8 forged""#
+        );
+    }
+}

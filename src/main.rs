@@ -31,6 +31,9 @@ enum Command {
     /// Manage registration tokens (with the server stopped).
     #[command(subcommand, name = "registration-token")]
     RegistrationToken(TokenCommand),
+    /// Read what users reported (with the server stopped).
+    #[command(subcommand)]
+    Report(ReportCommand),
 }
 
 #[derive(Subcommand)]
@@ -74,6 +77,16 @@ enum TokenCommand {
     List,
     /// Delete a token.
     Delete { token: String },
+}
+
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// List reports of events, rooms and users, newest first, one per line.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 fn password_source(stdin: bool) -> PasswordSource {
@@ -132,6 +145,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 TokenCommand::List => admin::list_registration_tokens(&config).await,
                 TokenCommand::Delete { token } => admin::delete_registration_token(&config, &token).await,
             }
+        }
+        Command::Report(ReportCommand::List { limit }) => {
+            let config = load(cli.config.as_ref())?;
+            lattice::logging::init(&config::LoggingConfig { level: "warn".into(), ..config.logging.clone() });
+            admin::list_reports(&config, limit).await
         }
     }
 }

@@ -4,6 +4,7 @@
 mod accounts;
 mod bad_input;
 mod directory;
+mod history;
 mod membership;
 mod process;
 mod relations;

@@ -40,3 +40,9 @@ pub const MAX_PDU_BYTES: usize = 65_536;
 
 /// Events one auth chain walk may visit before the input is treated as hostile.
 pub const MAX_AUTH_CHAIN_EVENTS: usize = 1_000_000;
+
+/// The reason a user gives when reporting an event, a room or a user.
+pub const MAX_REPORT_REASON_BYTES: usize = 4_096;
+
+/// A room tag's name (spec: "Room Tagging", at most 255 bytes).
+pub const MAX_TAG_BYTES: usize = 255;

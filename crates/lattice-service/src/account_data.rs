@@ -14,7 +14,7 @@ pub type FilterId = u64;
 /// Account data types the server manages itself (spec: "Client Config"); clients may not set them.
 const SERVER_MANAGED_TYPES: &[&str] = &["m.fully_read", "m.push_rules"];
 
-fn check_owner(caller: &UserId, target: &UserId) -> Result<(), ServiceError> {
+pub(crate) fn check_owner(caller: &UserId, target: &UserId) -> Result<(), ServiceError> {
     if caller != target {
         return Err(ServiceError::Forbidden("you can only access your own account data and filters".into()));
     }
@@ -78,12 +78,29 @@ impl Service {
         event_type: &str,
         content: JsonObject,
     ) -> Result<(), ServiceError> {
+        self.write_account_data_if(user_id, room_id, event_type, content, None).await
+    }
+
+    /// [`Service::write_account_data`] for a read-modify-write: with `expected` set, the write
+    /// only happens if the stored value is still the one read (`Some(None)`: still absent),
+    /// else it fails with a storage conflict the caller retries.
+    pub(crate) async fn write_account_data_if(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        event_type: &str,
+        content: JsonObject,
+        expected: Option<Option<Vec<u8>>>,
+    ) -> Result<(), ServiceError> {
         if serialized_len(&content) > MAX_ACCOUNT_DATA_BYTES {
             return Err(ServiceError::TooLarge { what: "account data", limit: MAX_ACCOUNT_DATA_BYTES });
         }
         let key = keys::account_data(user_id.as_str(), room_id.map(|r| r.as_str()), event_type);
         let mut batch = WriteBatch::new();
         let _stream = self.lock_stream().await;
+        if let Some(expected) = expected {
+            batch.expect(Table::AccountData, key.clone(), expected);
+        }
         let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
         batch.put(Table::AccountDataPositions, key, position.to_be_bytes().to_vec());

@@ -172,6 +172,17 @@ pub fn public_room(room_id: &str) -> Vec<u8> {
     room_id.as_bytes().to_vec()
 }
 
+/// `room\0ts\0position` (both big-endian): a room's events in `origin_server_ts` order, the
+/// stream position breaking ties, for `timestamp_to_event`.
+pub fn event_timestamp(room_id: &str, ts: u64, position: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &ts.to_be_bytes(), &position.to_be_bytes()])
+}
+
+/// Reports are numbered by a counter; big-endian so the newest sorts last.
+pub fn report(id: u64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
@@ -189,6 +200,13 @@ mod tests {
         let alice = user_rows("@alice:hs");
         assert!(device("@alice:hs", "DEV").starts_with(&alice));
         assert!(!device("@alice:hs2", "DEV").starts_with(&alice));
+    }
+
+    #[test]
+    fn event_timestamps_sort_by_time_then_position_within_a_room() {
+        assert!(event_timestamp("!r:hs", 255, 9) < event_timestamp("!r:hs", 256, 1));
+        assert!(event_timestamp("!r:hs", 5, 1) < event_timestamp("!r:hs", 5, 2));
+        assert!(event_timestamp("!r:hs", u64::MAX, u64::MAX).starts_with(&room_rows("!r:hs")));
     }
 
     #[test]

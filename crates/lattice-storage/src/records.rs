@@ -297,3 +297,24 @@ pub struct RoomAliasRecord {
 impl Record for RoomAliasRecord {
     const TABLE: Table = Table::RoomAliases;
 }
+
+/// A user's report of an event, a room or a user, for the server's operators
+/// (`lattice report list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRecord {
+    pub id: u64,
+    pub received_ms: u64,
+    pub reporter: String,
+    /// The room of a reported event or a reported room.
+    pub room_id: Option<String>,
+    pub event_id: Option<String>,
+    /// A reported user.
+    pub user_id: Option<String>,
+    pub reason: Option<String>,
+    /// -100 (most offensive) to 0, for event reports.
+    pub score: Option<i64>,
+}
+
+impl Record for ReportRecord {
+    const TABLE: Table = Table::Reports;
+}

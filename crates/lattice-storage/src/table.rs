@@ -49,4 +49,6 @@ tables! {
     RoomAliases => "room_aliases",
     RoomAliasIndex => "room_alias_index",
     PublicRooms => "public_rooms",
+    EventTimestamps => "event_timestamps",
+    Reports => "reports",
 }

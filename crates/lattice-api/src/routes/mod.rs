@@ -4,11 +4,14 @@ mod account;
 mod devices;
 mod directory;
 mod discovery;
+mod history;
 mod membership;
 mod profile;
+mod reports;
 mod rooms;
 mod session;
 mod sync;
+mod tags;
 mod user_data;
 
 use std::any::Any;
@@ -31,6 +34,9 @@ pub fn all() -> Router<AppState> {
         .merge(membership::routes())
         .merge(sync::routes())
         .merge(user_data::routes())
+        .merge(history::routes())
+        .merge(reports::routes())
+        .merge(tags::routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {

@@ -357,14 +357,12 @@ async fn members(
     PathParams(room_id): PathParams<String>,
     QueryParams(query): QueryParams<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
-    if query.at.is_some() {
-        return Err(ApiError::Unsupported("members at an earlier point (`at`) are not supported yet".into()));
-    }
     let room_id = parse_room(&room_id)?;
-    let chunk = state
-        .service
-        .members(&session.user_id, &room_id, query.membership.as_deref(), query.not_membership.as_deref())
-        .await?;
+    let (membership, not_membership) = (query.membership.as_deref(), query.not_membership.as_deref());
+    let chunk = match query.at.as_deref().map(lattice_service::rooms::parse_token).transpose()? {
+        Some(at) => state.service.members_at(&session.user_id, &room_id, at, membership, not_membership).await?,
+        None => state.service.members(&session.user_id, &room_id, membership, not_membership).await?,
+    };
     Ok(Json(json!({ "chunk": chunk })))
 }
 

@@ -183,6 +183,11 @@ mod tests {
             ("*.member", "m.room.member", true),
             ("a*a", "a", false),
             ("a*a", "aa", true),
+            ("m.*", "m.", true),
+            ("*", "", true),
+            ("m.*.m*r", "m.room.member", true),
+            ("m.*.x", "m.room.member", false),
+            ("", "m", false),
         ];
         for (pattern, kind, expected) in cases {
             assert_eq!(type_matches(pattern, kind), expected, "{pattern} vs {kind}");

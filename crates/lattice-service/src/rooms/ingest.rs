@@ -256,6 +256,7 @@ impl Service {
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
                 );
+                super::timestamps::index_event(&mut batch, &room_id, event, position);
                 let old_extremities = room.as_ref().map(|r| r.value.forward_extremities.clone()).unwrap_or_default();
                 let (current_group, forward_extremities) = self
                     .advance_current_state(

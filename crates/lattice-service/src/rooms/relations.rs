@@ -9,7 +9,7 @@ use ruma::state_res::Event;
 use ruma::{CanonicalJsonValue, RoomId, UserId};
 use serde_json::{Value, json};
 
-use super::sync::MAX_TIMELINE_LIMIT;
+use super::sync::{MAX_TIMELINE_LIMIT, position_of};
 use crate::{Service, ServiceError};
 
 /// Writers a thread summary remembers; later ones still count, they are just not listed.
@@ -146,7 +146,7 @@ impl Service {
             let newest = self.kv.scan(Table::Relations, &replies, Direction::Backward, 2).await?;
             let previous = newest.into_iter().find_map(|(key, raw)| {
                 let record: RelationRecord = serde_json::from_slice(&raw).ok()?;
-                (record.event_id != target.id().as_str()).then(|| (relation_position(&key), record.event_id))
+                (record.event_id != target.id().as_str()).then(|| (position_of(&key), record.event_id))
             });
             match previous {
                 Some((position, event_id)) => {
@@ -272,7 +272,7 @@ impl Service {
             if chunk.len() == limit {
                 break;
             }
-            let position = relation_position(&key);
+            let position = position_of(&key);
             next = Some(if query.backward { position.saturating_sub(1) } else { position });
             chunk.push(self.timeline_event(viewer, &relation.event_id).await?);
         }
@@ -318,7 +318,7 @@ impl Service {
             if chunk.len() == limit {
                 break;
             }
-            next = Some(relation_position(&key).saturating_sub(1));
+            next = Some(position_of(&key).saturating_sub(1));
             chunk.push(self.timeline_event(viewer, &root).await?);
         }
         let mut page = json!({ "chunk": chunk });
@@ -333,10 +333,4 @@ impl Service {
 
 fn chunk_full(page: &Value, limit: usize) -> bool {
     page["chunk"].as_array().is_some_and(|c| c.len() == limit)
-}
-
-/// The position that ends a relation or thread-activity key.
-fn relation_position(key: &[u8]) -> u64 {
-    let tail = &key[key.len().saturating_sub(8)..];
-    <[u8; 8]>::try_from(tail).map(u64::from_be_bytes).unwrap_or(0)
 }

@@ -1,0 +1,255 @@
+//! Reading a room's past: the events and state around one event (`/context`) and the members
+//! as of an earlier stream position (`/members?at=`). Both read the state stored per event
+//! (`EventRecord::state_group`), so nothing is recomputed.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+
+use lattice_storage::records::EventRecord;
+use lattice_storage::{Direction, KeyRange, Table, keys};
+use ruma::events::StateEventType;
+use ruma::{RoomId, UserId};
+use serde_json::{Value, json};
+
+use super::filter::EventFilter;
+use super::state_store;
+use super::sync::MAX_TIMELINE_LIMIT;
+use crate::{Service, ServiceError};
+
+/// Context events `/context` returns when the client does not say.
+pub const DEFAULT_CONTEXT_LIMIT: usize = 10;
+/// Timeline rows one side of a context may step over looking for events its filter lets through.
+const MAX_CONTEXT_SCAN_ROWS: usize = 1_000;
+/// Rows read per step when a filter may skip some.
+const MIN_SCAN_CHUNK: usize = 20;
+
+/// Events read from one side of an event, and how far the read went.
+struct Side {
+    events: Vec<Value>,
+    /// The stream position of the last timeline row looked at, matching or not.
+    last_examined: Option<u64>,
+    /// The ID of the last event kept (the one furthest from the starting point).
+    last_kept: Option<String>,
+}
+
+impl Service {
+    /// `GET /rooms/{roomId}/context/{eventId}`: up to `limit` events around the event (half
+    /// before, newest first; the rest after, oldest first), tokens that continue with
+    /// `/messages` in both directions, and the state at the last event returned. Members only;
+    /// an unknown event, one of another room, or a rejected or soft-failed one is `M_NOT_FOUND`.
+    pub async fn event_context(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        event_id: &str,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Value, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let not_found = || ServiceError::NotFound(format!("no event {event_id} in {room_id}"));
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
+            .await?
+            .ok_or_else(not_found)?
+            .value;
+        if record.room_id != room_id.as_str() {
+            return Err(not_found());
+        }
+        // Only accepted events have a stream position; clients never see the others.
+        let position = record.stream_position.ok_or_else(not_found)?;
+        let limit = limit.min(MAX_TIMELINE_LIMIT);
+        let before_limit = limit / 2;
+        let room = room_id.as_str();
+        let before = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, position));
+        let before = self.filtered_timeline(user_id, room, before, Direction::Backward, before_limit, filter).await?;
+        let after =
+            KeyRange::between(&keys::timeline(room, position.saturating_add(1)), &keys::timeline(room, u64::MAX));
+        let after =
+            self.filtered_timeline(user_id, room, after, Direction::Forward, limit - before_limit, filter).await?;
+
+        // Tokens name the last position a client has seen: `/messages` backward from `start`
+        // holds positions ≤ start, forward from `end` positions > end.
+        let start = before.last_examined.unwrap_or(position).saturating_sub(1);
+        let end = after.last_examined.unwrap_or(position);
+        let state_group = match &after.last_kept {
+            Some(last) => {
+                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(last))
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal(format!("timeline event {last} is not stored")))?
+                    .value
+                    .state_group
+            }
+            None => record.state_group,
+        };
+        let event = self.timeline_event(user_id, event_id).await?;
+        // Lazy loading: only the members who sent the returned events.
+        let senders: HashSet<&str> =
+            before.events.iter().chain(&after.events).chain([&event]).filter_map(|e| e["sender"].as_str()).collect();
+        let mut state = Vec::new();
+        for ((kind, key), id) in state_store::load(self.kv.as_ref(), state_group).await? {
+            if filter.lazy_load_members && kind == StateEventType::RoomMember && !senders.contains(key.as_str()) {
+                continue;
+            }
+            let state_event = self.client_event(id.as_str()).await?;
+            if filter.allows(&state_event) {
+                state.push(state_event);
+            }
+        }
+        Ok(json!({
+            "event": event,
+            "events_before": before.events,
+            "events_after": after.events,
+            "start": format!("s{start}"),
+            "end": format!("s{end}"),
+            "state": state,
+        }))
+    }
+
+    /// Up to `limit` events of `range` in `direction` that `filter` lets through, stepping over
+    /// at most `MAX_CONTEXT_SCAN_ROWS` timeline rows.
+    async fn filtered_timeline(
+        &self,
+        viewer: &UserId,
+        room_id: &str,
+        mut range: KeyRange,
+        direction: Direction,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<Side, ServiceError> {
+        let mut side = Side { events: Vec::new(), last_examined: None, last_kept: None };
+        let mut examined = 0;
+        while side.events.len() < limit && examined < MAX_CONTEXT_SCAN_ROWS {
+            let chunk = (limit - side.events.len()).max(MIN_SCAN_CHUNK).min(MAX_CONTEXT_SCAN_ROWS - examined);
+            let rows = self.kv.scan(Table::Timeline, &range, direction, chunk).await?;
+            let exhausted = rows.len() < chunk;
+            for (key, event_id) in rows {
+                examined += 1;
+                let position = super::sync::position_of(&key);
+                side.last_examined = Some(position);
+                let event_id = String::from_utf8_lossy(&event_id).into_owned();
+                let event = self.timeline_event(viewer, &event_id).await?;
+                if filter.allows(&event) {
+                    side.events.push(event);
+                    side.last_kept = Some(event_id);
+                    if side.events.len() == limit {
+                        break;
+                    }
+                }
+            }
+            let Some(last) = side.last_examined else { break };
+            if exhausted {
+                break;
+            }
+            match direction {
+                Direction::Forward => range.start = Bound::Included(keys::timeline(room_id, last.saturating_add(1))),
+                Direction::Backward => range.end = Bound::Excluded(keys::timeline(room_id, last)),
+            }
+        }
+        Ok(side)
+    }
+
+    /// `GET /rooms/{roomId}/members?at=`: the member events of the state after the room's newest
+    /// timeline event at or before stream position `at` (none before the room existed).
+    pub async fn members_at(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        at: u64,
+        membership: Option<&str>,
+        not_membership: Option<&str>,
+    ) -> Result<Vec<Value>, ServiceError> {
+        self.require_joined(user_id, room_id).await?;
+        let room = room_id.as_str();
+        let range = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, at.saturating_add(1)));
+        let rows = self.kv.scan(Table::Timeline, &range, Direction::Backward, 1).await?;
+        let Some((_, event_id)) = rows.first() else { return Ok(Vec::new()) };
+        let event_id = String::from_utf8_lossy(event_id);
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&event_id))
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("timeline event {event_id} is not stored")))?;
+        let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
+        let mut member_ids: Vec<(&str, &str)> = state
+            .iter()
+            .filter(|((kind, _), _)| *kind == StateEventType::RoomMember)
+            .map(|((_, user), id)| (user.as_str(), id.as_str()))
+            .collect();
+        // The current-state listing is ordered by user; keep the same order here.
+        member_ids.sort_unstable();
+        let mut members = Vec::with_capacity(member_ids.len());
+        for (_, id) in member_ids {
+            let event = self.client_event(id).await?;
+            let current = event["content"]["membership"].as_str().unwrap_or_default();
+            if membership.is_some_and(|m| m != current) || not_membership.is_some_and(|m| m == current) {
+                continue;
+            }
+            members.push(event);
+        }
+        Ok(members)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use lattice_core::room_builder::RoomBuilder;
+    use lattice_storage::MemoryStore;
+
+    use super::*;
+    use crate::rooms::Outcome;
+    use crate::{PasswordHasher, RegistrationMode, ServiceConfig, SystemClock};
+
+    const ALICE: &str = "@alice:hs.test";
+    const BOB: &str = "@bob:hs.test";
+
+    fn service() -> Service {
+        let config = ServiceConfig {
+            server_name: "hs.test".try_into().unwrap(),
+            registration: RegistrationMode::Token,
+            refreshable_token_lifetime_ms: 60_000,
+        };
+        let hasher = PasswordHasher::new(64, 1).unwrap();
+        Service::new(config, Arc::new(MemoryStore::new()), Arc::new(SystemClock), hasher, crate::test_signing_key())
+    }
+
+    #[tokio::test]
+    async fn rejected_events_have_no_context_and_no_timestamp_row() {
+        let service = service();
+        let mut room = RoomBuilder::new("10");
+        let create = room.create(ALICE);
+        let alice =
+            room.event(ALICE, "m.room.member", Some(ALICE), json!({ "membership": "join" }), &[&create], &[&create]);
+        let power = room.event(
+            ALICE,
+            "m.room.power_levels",
+            Some(""),
+            json!({ "users": { ALICE: 100 } }),
+            &[&alice],
+            &[&create, &alice],
+        );
+        // bob never joined: his message is rejected.
+        let intruder = room.event(BOB, "m.room.message", None, json!({ "body": "hi" }), &[&power], &[&create, &power]);
+        let mut outcomes = Vec::new();
+        for id in [&create, &alice, &power, &intruder] {
+            outcomes.push(service.ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap().outcome);
+        }
+        assert!(matches!(outcomes[3], Outcome::Rejected(_)), "{outcomes:?}");
+
+        let (alice_id, room_id) = (UserId::parse(ALICE).unwrap(), RoomId::parse("!room:hs.test").unwrap());
+        let all = EventFilter::default();
+        let refused = service.event_context(&alice_id, &room_id, intruder.as_str(), 10, &all).await;
+        assert!(matches!(refused, Err(ServiceError::NotFound(_))), "{refused:?}");
+        let context = service.event_context(&alice_id, &room_id, power.as_str(), 10, &all).await.unwrap();
+        let ids = |events: &Value| -> Vec<String> {
+            events.as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect()
+        };
+        assert_eq!(ids(&context["events_before"]), [alice.to_string(), create.to_string()]);
+        assert!(ids(&context["events_after"]).is_empty());
+        assert_eq!(context["state"].as_array().unwrap().len(), 3);
+
+        let prefix = keys::room_rows(room_id.as_str());
+        let indexed =
+            service.kv.scan(Table::EventTimestamps, &KeyRange::prefix(&prefix), Direction::Forward, 10).await.unwrap();
+        let indexed: Vec<String> = indexed.into_iter().map(|(_, id)| String::from_utf8(id).unwrap()).collect();
+        assert_eq!(indexed, [&create, &alice, &power].map(|id| id.to_string()));
+    }
+}
