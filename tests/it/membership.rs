@@ -214,9 +214,17 @@ async fn knocks_are_seen_by_admins_and_answered_with_an_invite_or_a_kick() {
     assert_eq!(say(http, &bob, &room, "in").await.0, 200);
 
     // carol's knock is denied with a kick.
+    let (_, before_knock) = http.get("/_matrix/client/v3/sync", Some(&carol)).await;
     ok(knock(http, &carol, &room).await);
     membership_action(http, &alice, &room, "kick", &carol_id).await;
     assert_eq!(state(http, &alice, &room, &format!("m.room.member/{carol_id}")).await["membership"], "leave");
+    // She was never a member: her sync shows the refusal, not the room's conversation.
+    let since = before_knock["next_batch"].as_str().unwrap();
+    let (_, after) = http.get(&format!("/_matrix/client/v3/sync?since={since}"), Some(&carol)).await;
+    let left = after["rooms"]["leave"][&room]["timeline"]["events"].as_array().expect("a leave entry").clone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["state_key"], carol_id.as_str());
+    assert_eq!(left[0]["content"]["membership"], "leave");
     assert_error(&join(http, &carol, &room).await, 403, "M_FORBIDDEN");
     server.stop().await;
 }

@@ -274,7 +274,45 @@ impl Service {
         if left_at <= scope.since {
             return Ok(None);
         }
+        let Some(membership_id) = self.current_member_event(scope.user_id, room_id).await? else {
+            return Ok(None);
+        };
+        if !self.was_joined_before(scope.user_id, &membership_id).await? {
+            // Never a member (a refused invite or knock): the membership change is all there is.
+            let event = self.client_event(&membership_id).await?;
+            return Ok(Some(json!({
+                "timeline": { "events": [event], "limited": false, "prev_batch": token(left_at.saturating_sub(1)) },
+                "state": { "events": [] },
+            })));
+        }
         self.room_sync(scope, room_id, left_at).await
+    }
+
+    async fn current_member_event(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<String>, ServiceError> {
+        let key = keys::current_state(room_id.as_str(), "m.room.member", user_id.as_str());
+        Ok(self.kv.get(Table::CurrentState, &key).await?.map(|id| String::from_utf8_lossy(&id).into_owned()))
+    }
+
+    /// Whether the user was joined just before `membership_id` (their leave or ban) took effect:
+    /// the membership in the state after the event it was built on.
+    async fn was_joined_before(&self, user_id: &UserId, membership_id: &str) -> Result<bool, ServiceError> {
+        let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(membership_id)).await?
+        else {
+            return Ok(false);
+        };
+        let event: Value =
+            serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // Room versions 1 and 2 cite `[id, hashes]` pairs, later ones plain IDs.
+        let prev = &event["prev_events"][0];
+        let Some(prev_id) = prev.as_str().or_else(|| prev[0].as_str()) else { return Ok(false) };
+        let Some(prev) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(prev_id)).await? else {
+            return Ok(false);
+        };
+        let state = super::state_store::load(self.kv.as_ref(), prev.value.state_group).await?;
+        let slot = (ruma::events::StateEventType::RoomMember, user_id.to_string());
+        let Some(before) = state.get(&slot) else { return Ok(false) };
+        let before = self.client_event(before.as_str()).await?;
+        Ok(before["content"]["membership"] == "join")
     }
 
     /// Typing and receipts changed in the sync's range, as the filter and ignore list allow.
