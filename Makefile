@@ -23,5 +23,6 @@ lint: setup
 
 bench: setup
 	scripts/bench.sh
+	cargo run --release --example room_bench
 	cargo run --release -p lattice-core --example pdu_check_rate
 	cargo run --release -p lattice-core --example state_resolution_time

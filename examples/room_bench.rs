@@ -1,0 +1,396 @@
+//! Room benchmarks of the real `lattice` binary on loopback (issue #5):
+//!
+//! 1. messages per second spread over 100 rooms (10 concurrent senders);
+//! 2. send → `/sync` latency: 10 clients long-polling one room while messages arrive at 20/s;
+//! 3. initial `/sync` of a user in 100 rooms × 1,000 events, lazy-loading members, and the
+//!    server's RSS after it.
+//!
+//! Usage: `cargo run --release --example room_bench -- [path/to/lattice] [--quick]`
+//! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
+//! `--rooms N --per-room M --seconds S` shrink the load for slow servers; `--url URL --pid PID` runs the same load against a server that is already running (e.g. a
+//! local Synapse with open registration and no rate limits; `scripts/synapse-bench.sh`).
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    /// `None`: open registration (a dummy stage) on a server this benchmark did not start.
+    registration_token: Option<String>,
+    pid: u32,
+    _child: Option<Child>,
+}
+
+impl Server {
+    async fn start(binary: &str, data_dir: &std::path::Path) -> Result<Self, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .env("LATTICE_DATA_DIR", data_dir)
+            .env("LATTICE_LISTEN__ADDRESS", format!("127.0.0.1:{port}"))
+            .env("LATTICE_SERVER_NAME", "bench.localhost")
+            .env("LATTICE_RATE_LIMITS__ENABLED", "false")
+            .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
+            .env("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS", "1")
+            .env("LATTICE_LOGGING__LEVEL", "warn")
+            .env_remove("LATTICE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let prefix = "First start: registration token (shown only now): ";
+        let registration_token = loop {
+            match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await?? {
+                Some(line) if line.starts_with(prefix) => break line[prefix.len()..].trim().to_owned(),
+                Some(_) => continue,
+                None => return Err("the server exited before printing a registration token".into()),
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+        let pid = child.id().unwrap_or(0);
+        let base = format!("http://127.0.0.1:{port}");
+        let server = Self { base, http, registration_token: Some(registration_token), pid, _child: Some(child) };
+        server.wait_serving().await?;
+        Ok(server)
+    }
+
+    /// A server someone else started.
+    async fn existing(base: &str, pid: u32) -> Result<Self, Error> {
+        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+        let server =
+            Self { base: base.trim_end_matches('/').to_owned(), http, registration_token: None, pid, _child: None };
+        server.wait_serving().await?;
+        Ok(server)
+    }
+
+    async fn wait_serving(&self) -> Result<(), Error> {
+        for _ in 0..600 {
+            if self.http.get(format!("{}/_matrix/client/versions", self.base)).send().await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("the server did not start serving".into())
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kib / 1024.0
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Value, Error> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let value: Value = response.json().await?;
+        if !status.is_success() {
+            return Err(format!("{path}: {status} {value}").into());
+        }
+        Ok(value)
+    }
+
+    async fn register(&self, name: &str) -> Result<String, Error> {
+        let body = json!({ "username": name, "password": "bench-password" });
+        let challenge = self.http.post(format!("{}/_matrix/client/v3/register", self.base)).json(&body).send().await?;
+        let session = challenge.json::<Value>().await?["session"].as_str().ok_or("no UIA session")?.to_owned();
+        let mut body = body;
+        body["auth"] = match &self.registration_token {
+            Some(token) => json!({ "type": "m.login.registration_token", "token": token, "session": session }),
+            None => json!({ "type": "m.login.dummy", "session": session }),
+        };
+        let done = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(body)).await?;
+        Ok(done["access_token"].as_str().ok_or("no access token")?.to_owned())
+    }
+
+    async fn create_room(&self, token: &str, body: Value) -> Result<String, Error> {
+        let created =
+            self.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(token), Some(body)).await?;
+        Ok(created["room_id"].as_str().ok_or("no room_id")?.to_owned())
+    }
+
+    async fn join(&self, token: &str, room: &str) -> Result<(), Error> {
+        self.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), Some(token), Some(json!({})))
+            .await?;
+        Ok(())
+    }
+
+    async fn send(&self, token: &str, room: &str, txn: &str, body: &str) -> Result<(), Error> {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+        self.call(reqwest::Method::PUT, &path, Some(token), Some(json!({ "msgtype": "m.text", "body": body }))).await?;
+        Ok(())
+    }
+
+    async fn sync(&self, token: &str, query: &str) -> Result<Value, Error> {
+        self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?{query}"), Some(token), None).await
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// Sends as fast as `senders` concurrent clients can into `rooms`, for `duration`.
+async fn send_rate(
+    server: &Arc<Server>,
+    token: &str,
+    rooms: &[String],
+    senders: usize,
+    duration: Duration,
+) -> (f64, u64) {
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for worker in 0..senders {
+        let (server, token, rooms, sent, failed) =
+            (server.clone(), token.to_owned(), rooms.to_vec(), sent.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let room = &rooms[(worker + n * senders) % rooms.len()];
+                match server.send(&token, room, &format!("rate-{worker}-{n}"), "benchmark message").await {
+                    Ok(()) => sent.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                n += 1;
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    (sent.load(Ordering::Relaxed) as f64 / duration.as_secs_f64(), failed.load(Ordering::Relaxed))
+}
+
+/// 10 clients long-poll `/sync` on one room while one client sends at `rate` per second;
+/// returns every (client, message) latency in milliseconds, sorted.
+async fn sync_latency(
+    server: &Arc<Server>,
+    readers: &[String],
+    sender: &str,
+    room: &str,
+    rate: u32,
+    messages: u32,
+) -> Result<Vec<f64>, Error> {
+    let sent_at: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let filter = urlencode(&json!({ "room": { "timeline": { "limit": 100 } } }).to_string());
+    let mut tasks = Vec::new();
+    for token in readers {
+        let (server, token, sent_at, samples, filter, room) =
+            (server.clone(), token.clone(), sent_at.clone(), samples.clone(), filter.clone(), room.to_owned());
+        let first = server.sync(&token, &format!("filter={filter}")).await?;
+        let mut since = first["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut received = 0;
+            while received < messages {
+                let Ok(batch) = server.sync(&token, &format!("since={since}&timeout=30000&filter={filter}")).await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                for event in batch["rooms"]["join"][&room]["timeline"]["events"].as_array().into_iter().flatten() {
+                    let Some(n) = event["content"]["body"]
+                        .as_str()
+                        .and_then(|b| b.strip_prefix("lat:"))
+                        .and_then(|n| n.parse().ok())
+                    else {
+                        continue;
+                    };
+                    if let Some(at) = sent_at.lock().await.get(&n) {
+                        samples.lock().await.push(now.duration_since(*at).as_secs_f64() * 1000.0);
+                    }
+                    received += 1;
+                }
+                since = batch["next_batch"].as_str().unwrap_or(&since).to_owned();
+            }
+        }));
+    }
+    let interval = Duration::from_secs(1) / rate;
+    let mut ticker = tokio::time::interval(interval);
+    for n in 0..messages {
+        ticker.tick().await;
+        sent_at.lock().await.insert(n, Instant::now());
+        server.send(sender, room, &format!("lat-{n}"), &format!("lat:{n}")).await?;
+    }
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    }
+    let mut samples = samples.lock().await.clone();
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}
+
+/// Fills `rooms` to `per_room` messages each, from `senders` rotating.
+async fn fill_rooms(
+    server: &Arc<Server>,
+    senders: &[String],
+    rooms: &[String],
+    per_room: usize,
+) -> Result<Duration, Error> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (worker, chunk) in rooms.chunks(rooms.len().div_ceil(10)).enumerate() {
+        let (server, senders, chunk) = (server.clone(), senders.to_vec(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            for room in &chunk {
+                for i in 0..per_room {
+                    let token = &senders[i % senders.len()];
+                    server
+                        .send(token, room, &format!("fill-{worker}-{room}-{i}"), &format!("history message {i}"))
+                        .await?;
+                }
+            }
+            Ok::<(), Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(start.elapsed())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let binary = args.first().filter(|a| !a.starts_with("--")).cloned().unwrap_or(format!("{target}/release/lattice"));
+    let option = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let number = |name: &str, default: u64| option(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let rooms_n = number("--rooms", if quick { 10 } else { 100 }) as usize;
+    let per_room = number("--per-room", if quick { 50 } else { 1_000 }) as usize;
+    let duration = Duration::from_secs(number("--seconds", if quick { 2 } else { 10 }));
+
+    let data = tempfile::tempdir()?;
+    let server = Arc::new(match option("--url") {
+        Some(url) => Server::existing(&url, option("--pid").and_then(|p| p.parse().ok()).unwrap_or(0)).await?,
+        None => Server::start(&binary, data.path()).await?,
+    });
+    eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
+
+    // 1. Send rate across 100 rooms.
+    let owner = server.register("owner").await?;
+    let mut rate_rooms = Vec::new();
+    for i in 0..rooms_n {
+        rate_rooms.push(server.create_room(&owner, json!({ "name": format!("rate {i}") })).await?);
+    }
+    let (rate_many, failed_many) = send_rate(&server, &owner, &rate_rooms, 10, duration).await;
+    let (rate_one, failed_one) = send_rate(&server, &owner, &rate_rooms[..1], 10, duration).await;
+    eprintln!(
+        "send rate: {rate_many:.0} msg/s over {rooms_n} rooms ({failed_many} failed), {rate_one:.0} msg/s into one room ({failed_one} failed)"
+    );
+
+    // 2. send → sync latency with 10 waiting clients at 20 msg/s.
+    let latency_room = server.create_room(&owner, json!({ "preset": "public_chat" })).await?;
+    let mut readers = Vec::new();
+    for i in 0..10 {
+        let token = server.register(&format!("reader{i}")).await?;
+        server.join(&token, &latency_room).await?;
+        readers.push(token);
+    }
+    let messages = if quick { 40 } else { 200 };
+    let latencies = sync_latency(&server, &readers, &owner, &latency_room, 20, messages).await?;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    eprintln!("send→sync latency over {} samples: p50 {p50:.2} ms, p99 {p99:.2} ms", latencies.len());
+
+    // 3. Initial sync of a user in 100 rooms × 1,000 events, lazy-loading members.
+    let mut senders = Vec::new();
+    for i in 0..5 {
+        senders.push(server.register(&format!("talker{i}")).await?);
+    }
+    let reader = server.register("historian").await?;
+    let mut history_rooms = Vec::new();
+    for i in 0..rooms_n {
+        let room =
+            server.create_room(&senders[0], json!({ "preset": "public_chat", "name": format!("history {i}") })).await?;
+        for token in senders.iter().skip(1).chain([&reader]) {
+            server.join(token, &room).await?;
+        }
+        history_rooms.push(room);
+    }
+    let fill_time = fill_rooms(&server, &senders, &history_rooms, per_room).await?;
+    let fill_rate = (rooms_n * per_room) as f64 / fill_time.as_secs_f64();
+    eprintln!("filled {rooms_n} rooms × {per_room} events in {:.1} s ({fill_rate:.0} msg/s)", fill_time.as_secs_f64());
+    let filter = urlencode(
+        &json!({ "room": { "state": { "lazy_load_members": true }, "timeline": { "limit": 20 } } }).to_string(),
+    );
+    let mut times = Vec::new();
+    let mut joined_rooms = 0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let initial = server.sync(&reader, &format!("filter={filter}")).await?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        joined_rooms = initial["rooms"]["join"].as_object().map_or(0, |j| j.len());
+    }
+    let first_sync = times[0];
+    times.sort_by(f64::total_cmp);
+    let rss = server.rss_mib();
+    eprintln!(
+        "initial sync of {joined_rooms} rooms: first {first_sync:.0} ms, median {:.0} ms; RSS {rss:.1} MiB",
+        percentile(&times, 0.5)
+    );
+
+    println!("| measure | {} |", if option("--url").is_some() { "server at --url" } else { "Lattice" });
+    println!("|---|---|");
+    println!(
+        "| messages/s across {rooms_n} rooms (10 concurrent senders, {}s) | **{rate_many:.0}** ({failed_many} failed) |",
+        duration.as_secs()
+    );
+    println!(
+        "| messages/s into one room (10 concurrent senders, {}s) | **{rate_one:.0}** ({failed_one} failed) |",
+        duration.as_secs()
+    );
+    println!(
+        "| send → /sync latency, 10 long-polling clients, 20 msg/s ({} samples) | p50 **{p50:.2} ms**, p99 **{p99:.2} ms** |",
+        latencies.len()
+    );
+    println!(
+        "| filling {rooms_n} rooms × {per_room} messages from 5 users (10 concurrent) | {:.1} s ({fill_rate:.0} msg/s) |",
+        fill_time.as_secs_f64()
+    );
+    println!(
+        "| initial /sync, {joined_rooms} rooms × {per_room} events, lazy-loaded members, timeline limit 20 | first **{first_sync:.0} ms**, median of 5 **{:.0} ms** |",
+        percentile(&times, 0.5)
+    );
+    println!("| server RSS after that | **{rss:.1} MiB** |");
+    Ok(())
+}
