@@ -22,6 +22,19 @@ pub struct Config {
     pub auth: AuthConfig,
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
+    pub rooms: RoomsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    pub default_room_version: String,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_room_version: lattice_service::rooms::DEFAULT_ROOM_VERSION.to_owned() }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -118,6 +131,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
             logging: LoggingConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 }
@@ -220,6 +234,12 @@ impl Config {
         {
             bail!("invalid configuration at key `discovery.client_base_url`: must be an http(s) URL");
         }
+        if lattice_core::room_version::RoomVersion::parse(&self.rooms.default_room_version).is_err() {
+            bail!(
+                "invalid configuration at key `rooms.default_room_version`: {:?} is not a supported room version (1–12)",
+                self.rooms.default_room_version
+            );
+        }
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"
@@ -301,6 +321,7 @@ mod tests {
         assert_eq!(example.auth.password_hash_memory_kib, default.auth.password_hash_memory_kib);
         assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
         assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
+        assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
     }
 
     #[test]
@@ -320,6 +341,8 @@ mod tests {
         assert!(format!("{err:#}").contains("server_name"), "{err:#}");
         let err = load_text("[registration]\nmode = \"sometimes\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("registration.mode"), "{err:#}");
+        let err = load_text("[rooms]\ndefault_room_version = \"13\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("rooms.default_room_version"), "{err:#}");
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     let hasher = PasswordHasher::new(config.auth.password_hash_memory_kib, config.auth.password_hash_iterations)?;
     let service_config = ServiceConfig {
         server_name: config.server_name.clone(),
+        default_room_version: config.rooms.default_room_version.clone(),
         registration: match config.registration.mode {
             config::RegistrationModeConfig::Token => RegistrationMode::Token,
             config::RegistrationModeConfig::Open => RegistrationMode::Open,

@@ -142,6 +142,15 @@ async fn bad_room_requests_get_clear_errors() {
     let room = create_room(http, &alice, json!({})).await;
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t2");
     assert_error(&http.request(Method::PUT, &path, Some(&alice), Some(b"[]".to_vec())).await, 400, "M_BAD_JSON");
+    // An event over 64 KiB once built is too large; nothing is stored.
+    let huge = json!({ "msgtype": "m.text", "body": "x".repeat(65_000) });
+    assert_error(&http.put(&path, Some(&alice), &huge).await, 413, "M_TOO_LARGE");
+    let long_key = format!("/_matrix/client/v3/rooms/{room}/state/m.custom/{}", "k".repeat(300));
+    assert_error(&http.put(&long_key, Some(&alice), &json!({})).await, 400, "M_BAD_JSON");
+    let long_type = format!("/_matrix/client/v3/rooms/{room}/send/{}/t3", "t".repeat(300));
+    assert_error(&http.put(&long_type, Some(&alice), &json!({})).await, 400, "M_BAD_JSON");
+    let (_, history) = http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1"), Some(&alice)).await;
+    assert_ne!(history["chunk"][0]["type"], "m.room.message", "{history}");
     assert_error(
         &http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.nothing"), Some(&alice)).await,
         404,
@@ -206,5 +215,20 @@ async fn redactions_strip_the_content_in_old_and_new_room_versions() {
         let (_, event) = http.get(&format!("/_matrix/client/v3/rooms/{room}/event/{target}"), Some(&alice)).await;
         assert_eq!(event["content"], json!({}), "v{version}: {event}");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_default_room_version_is_configurable_and_announced() {
+    let server = TestServer::start_with(|config| config.rooms.default_room_version = "10".into()).await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let (_, capabilities) = http.get("/_matrix/client/v3/capabilities", Some(&alice)).await;
+    let versions = &capabilities["capabilities"]["m.room_versions"];
+    assert_eq!(versions["default"], "10", "{capabilities}");
+    assert_eq!(versions["available"].as_object().unwrap().len(), 12);
+    let room = create_room(http, &alice, json!({})).await;
+    let (_, create) = http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.create"), Some(&alice)).await;
+    assert_eq!(create["room_version"], "10");
     server.stop().await;
 }

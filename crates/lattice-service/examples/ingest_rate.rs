@@ -29,6 +29,7 @@ fn service(dir: &std::path::Path, key: Arc<Ed25519KeyPair>) -> Service {
         server_name: "origin.test".try_into().unwrap(),
         registration: RegistrationMode::Disabled,
         refreshable_token_lifetime_ms: 60_000,
+        default_room_version: "11".into(),
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

@@ -54,6 +54,8 @@ pub struct ServiceConfig {
     pub registration: RegistrationMode,
     /// Lifetime of access tokens issued together with a refresh token.
     pub refreshable_token_lifetime_ms: u64,
+    /// The room version `createRoom` uses when the client names none (one of 1–12).
+    pub default_room_version: String,
 }
 
 /// The application state shared by every request.

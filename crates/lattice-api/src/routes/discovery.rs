@@ -29,9 +29,14 @@ async fn versions() -> Json<Value> {
     Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
 }
 
-async fn capabilities(_auth: Auth) -> Json<Value> {
+async fn capabilities(State(state): State<AppState>, _auth: Auth) -> Json<Value> {
+    let available: serde_json::Map<String, Value> = lattice_core::room_version::SUPPORTED_ROOM_VERSIONS
+        .iter()
+        .map(|version| (version.to_string(), json!("stable")))
+        .collect();
     Json(json!({
         "capabilities": {
+            "m.room_versions": { "default": state.service.config().default_room_version, "available": available },
             "m.change_password": { "enabled": true },
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },

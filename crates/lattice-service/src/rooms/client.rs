@@ -12,7 +12,8 @@ use super::{LocalEvent, Outcome};
 use crate::secrets::{hex, random_alphanumeric};
 use crate::{Service, ServiceError};
 
-/// The room version new rooms get unless the client asks for another (the spec's recommendation).
+/// The room version new rooms get unless the client or the operator (`rooms.default_room_version`)
+/// asks for another: the spec's recommendation.
 pub const DEFAULT_ROOM_VERSION: &str = "11";
 
 /// Rooms one user may be listed in by `joined_rooms`.
@@ -54,7 +55,8 @@ impl Service {
     /// through ingest, in the spec's order. A requested alias is checked before any event exists
     /// and is written in the create event's batch, together with the directory entry.
     pub async fn create_room(&self, creator: &UserId, request: CreateRoom) -> Result<OwnedRoomId, ServiceError> {
-        let version = RoomVersion::parse(request.room_version.as_deref().unwrap_or(DEFAULT_ROOM_VERSION))?;
+        let version =
+            RoomVersion::parse(request.room_version.as_deref().unwrap_or(&self.config().default_room_version))?;
         let alias = match &request.room_alias_name {
             Some(name) => Some(self.free_local_alias(name).await?),
             None => None,

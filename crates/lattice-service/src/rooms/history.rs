@@ -206,6 +206,7 @@ mod tests {
             server_name: "hs.test".try_into().unwrap(),
             registration: RegistrationMode::Token,
             refreshable_token_lifetime_ms: 60_000,
+            default_room_version: "11".into(),
         };
         let hasher = PasswordHasher::new(64, 1).unwrap();
         Service::new(config, Arc::new(MemoryStore::new()), Arc::new(SystemClock), hasher, crate::test_signing_key())

@@ -120,6 +120,11 @@ impl Service {
         };
         pdu::hash_and_sign(&mut object, self.server_name().as_str(), &self.signing_key, version)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        // Checked on the signed event, as other servers will see it.
+        let size = serde_json::to_vec(&object).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+        if size > lattice_core::limits::MAX_PDU_BYTES {
+            return Err(ServiceError::TooLarge { what: "the event", limit: lattice_core::limits::MAX_PDU_BYTES });
+        }
         Pdu::new(object, version).map_err(|e| ServiceError::BadJson(e.to_string()))
     }
 }

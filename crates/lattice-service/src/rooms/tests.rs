@@ -21,6 +21,7 @@ pub(super) fn service() -> (Service, Arc<MemoryStore>) {
         server_name: "hs.test".try_into().unwrap(),
         registration: RegistrationMode::Token,
         refreshable_token_lifetime_ms: 60_000,
+        default_room_version: "11".into(),
     };
     (
         Service::new(
