@@ -62,6 +62,7 @@ async fn an_upgrade_carries_settings_bans_and_members_over_and_closes_the_old_ro
         http,
         &alice,
         json!({ "room_version": "10", "name": "Plans", "topic": "Q3", "invite": [bob_id],
+                "room_alias_name": "plans", "visibility": "public", "preset": "private_chat",
                 "power_level_content_override": { "events": { "m.room.tombstone": 100, "m.room.name": 75 } } }),
     )
     .await;
@@ -102,6 +103,16 @@ async fn an_upgrade_carries_settings_bans_and_members_over_and_closes_the_old_ro
     assert_eq!((old_levels["events_default"].clone(), old_levels["invite"].clone()), (json!(50), json!(50)));
     assert_error(&say(http, &bob, &old, "still here").await, 403, "M_FORBIDDEN");
     assert_eq!(say(http, &alice, &old, "admins still can").await.0, 200);
+
+    // The alias, the canonical alias and the directory entry moved with the room.
+    let (_, resolved) = http.get("/_matrix/client/v3/directory/room/%23plans:hs1.localhost", None).await;
+    assert_eq!(resolved["room_id"], new, "{resolved}");
+    assert_eq!(state(http, &alice, &new, "m.room.canonical_alias").await["alias"], "#plans:hs1.localhost");
+    assert!(state(http, &alice, &old, "m.room.canonical_alias").await.get("alias").is_none());
+    let (_, directory) = http.get("/_matrix/client/v3/publicRooms", None).await;
+    let listed: Vec<&str> =
+        directory["chunk"].as_array().unwrap().iter().filter_map(|r| r["room_id"].as_str()).collect();
+    assert_eq!(listed, vec![new.as_str()], "{directory}");
 
     // bob follows the tombstone.
     ok(join(http, &bob, &new).await);

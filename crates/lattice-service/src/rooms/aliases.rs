@@ -2,7 +2,8 @@
 //! them, and checking the aliases an `m.room.canonical_alias` event names. Aliases of other
 //! servers need federation, which is not built yet: they resolve to `M_NOT_FOUND` saying so.
 
-use lattice_storage::records::{RoomAliasRecord, RoomRecord, UserRecord};
+use lattice_core::power::RoomPower;
+use lattice_storage::records::{RoomAliasRecord, UserRecord};
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomId, UserId};
 use serde_json::{Value, json};
@@ -210,13 +211,59 @@ impl Service {
             return Ok(false);
         }
         let version = self.room_version(room_id).await?;
-        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))
-            .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("unknown room {room_id}")))?;
-        let create = self.client_event(&room.value.create_event_id).await?;
-        let power_levels = self.current_state_content(room_id, "m.room.power_levels", "").await?;
-        let creators = creators(&create, version.rules().authorization.explicitly_privilege_room_creators);
-        Ok(may_send_state(power_levels.as_ref(), &creators, user.as_str(), CANONICAL_ALIAS))
+        let (create, power_levels) = self.power_events(&version, room_id).await?;
+        let power = RoomPower::new(&version, &create, power_levels.as_ref()).map_err(ServiceError::Internal)?;
+        power.may_send_state(user, CANONICAL_ALIAS).map_err(ServiceError::Internal)
+    }
+
+    /// A room upgrade moves the old room's local aliases, and its directory entry, to the new
+    /// room in one batch; the canonical alias event follows them (sent in the new room, emptied
+    /// in the old one, as far as `user` may).
+    pub(crate) async fn move_aliases(
+        &self,
+        user: &UserId,
+        old_room: &RoomId,
+        new_room: &RoomId,
+    ) -> Result<(), ServiceError> {
+        let prefix = keys::room_rows(old_room.as_str());
+        let rows = self
+            .kv
+            .scan(Table::RoomAliasIndex, &KeyRange::prefix(&prefix), Direction::Forward, MAX_ALIASES_PER_ROOM)
+            .await?;
+        let mut batch = WriteBatch::new();
+        for (index_key, _) in rows {
+            let alias = String::from_utf8_lossy(&index_key[prefix.len()..]).into_owned();
+            let alias_key = keys::room_alias(&alias);
+            batch.delete(Table::RoomAliasIndex, index_key);
+            let Some(record) = lattice_storage::get::<RoomAliasRecord>(self.kv.as_ref(), &alias_key).await? else {
+                continue;
+            };
+            batch.expect(Table::RoomAliases, alias_key.clone(), Some(record.raw));
+            lattice_storage::put(
+                &mut batch,
+                alias_key,
+                &RoomAliasRecord { room_id: new_room.to_string(), ..record.value },
+            );
+            batch.put(Table::RoomAliasIndex, keys::room_alias_of(new_room.as_str(), &alias), Vec::new());
+        }
+        if self.kv.get(Table::PublicRooms, &keys::public_room(old_room.as_str())).await?.is_some() {
+            self.publish_in_batch(&mut batch, old_room, false);
+            self.publish_in_batch(&mut batch, new_room, true);
+        }
+        if !batch.is_empty() {
+            self.kv.write(batch).await?;
+        }
+        let Some(canonical) = self.current_state_content(old_room, CANONICAL_ALIAS, "").await? else { return Ok(()) };
+        if canonical.as_object().is_none_or(|c| c.is_empty()) {
+            return Ok(());
+        }
+        self.send_event(user, new_room, CANONICAL_ALIAS, Some(""), canonical, None).await?;
+        if let Err(e) = self.send_event(user, old_room, CANONICAL_ALIAS, Some(""), json!({}), None).await {
+            // The aliases already point at the new room; a stale event in the old one only
+            // misnames it.
+            tracing::warn!(room = %old_room, error = %e, "could not clear the old room's canonical alias");
+        }
+        Ok(())
     }
 
     pub(crate) async fn is_server_admin(&self, user: &UserId) -> Result<bool, ServiceError> {
@@ -298,40 +345,6 @@ fn canonical_alias_without(content: &Value, alias: &str) -> Option<Value> {
     changed.then_some(Value::Object(updated))
 }
 
-/// The users room versions 12+ place above power levels: the create event's sender and its
-/// `additional_creators`. Earlier versions have none (power levels decide everything).
-fn creators(create_event: &Value, privileged: bool) -> Vec<String> {
-    if !privileged {
-        return Vec::new();
-    }
-    let mut creators: Vec<String> = create_event["sender"].as_str().map(str::to_owned).into_iter().collect();
-    if let Some(extra) = create_event["content"]["additional_creators"].as_array() {
-        creators.extend(extra.iter().filter_map(Value::as_str).map(str::to_owned));
-    }
-    creators
-}
-
-/// Whether `user` may send a state event of `kind` under these power levels (the auth rules'
-/// levels: `events[kind]`, else `state_default`; the user's from `users`, else `users_default`).
-/// Without a power-levels event only creators may (the room is still being created).
-fn may_send_state(power_levels: Option<&Value>, creators: &[String], user: &str, kind: &str) -> bool {
-    if creators.iter().any(|c| c == user) {
-        return true;
-    }
-    let Some(content) = power_levels else { return false };
-    // Levels are integers, or strings of integers in rooms before v10.
-    let level = |value: Option<&Value>, default: i64| -> i64 {
-        match value {
-            Some(Value::Number(n)) => n.as_i64().unwrap_or(default),
-            Some(Value::String(s)) => s.trim().parse().unwrap_or(default),
-            _ => default,
-        }
-    };
-    let user_level = level(content["users"].get(user), level(content.get("users_default"), 0));
-    let needed = level(content["events"].get(kind), level(content.get("state_default"), 50));
-    user_level >= needed
-}
-
 /// Canonical-alias content naming one alias (what `createRoom` sends for `room_alias_name`).
 pub(crate) fn canonical_alias_content(alias: &RoomAliasId) -> Value {
     json!({ "alias": alias })
@@ -369,24 +382,6 @@ mod tests {
             Some(json!({ "alias": "#a:hs", "alt_aliases": ["#a:hs"] }))
         );
         assert_eq!(canonical_alias_without(&content, "#z:hs"), None);
-    }
-
-    #[test]
-    fn state_power_follows_events_then_state_default() {
-        let levels = json!({ "users": { "@mod:hs": 50, "@old:hs": "60" }, "users_default": 0, "events": { "m.room.canonical_alias": 50 }, "state_default": 100 });
-        assert!(may_send_state(Some(&levels), &[], "@mod:hs", CANONICAL_ALIAS));
-        assert!(may_send_state(Some(&levels), &[], "@old:hs", CANONICAL_ALIAS));
-        assert!(!may_send_state(Some(&levels), &[], "@nobody:hs", CANONICAL_ALIAS));
-        assert!(!may_send_state(Some(&levels), &[], "@mod:hs", "m.room.topic"), "state_default 100 applies");
-        assert!(may_send_state(Some(&levels), &["@creator:hs".into()], "@creator:hs", "m.room.topic"));
-        assert!(!may_send_state(None, &[], "@mod:hs", CANONICAL_ALIAS));
-    }
-
-    #[test]
-    fn creators_only_count_in_versions_that_privilege_them() {
-        let create = json!({ "sender": "@a:hs", "content": { "additional_creators": ["@b:hs"] } });
-        assert_eq!(creators(&create, true), ["@a:hs", "@b:hs"]);
-        assert!(creators(&create, false).is_empty());
     }
 
     /// Server admins moderate aliases and the directory without being in the room; other

@@ -92,6 +92,7 @@ impl Service {
         let final_levels =
             old_levels.as_ref().map(|levels| successor_levels(levels, user_id, upgrader_level, &new_creators));
         self.furnish_successor(&old_version, old_room, user_id, &new_room, final_levels, &new_creators).await?;
+        self.move_aliases(user_id, old_room, &new_room).await?;
 
         let tombstone = json!({ "body": TOMBSTONE_BODY, "replacement_room": new_room });
         self.send_event(user_id, old_room, "m.room.tombstone", Some(""), tombstone, None).await?;
