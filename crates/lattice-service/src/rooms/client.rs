@@ -346,14 +346,10 @@ impl Service {
         not_membership: Option<&str>,
     ) -> Result<Vec<Value>, ServiceError> {
         self.require_joined(user_id, room_id).await?;
-        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
+        let rows = self.member_event_ids(room_id).await?;
         let mut members = Vec::with_capacity(rows.len());
         for (_, event_id) in rows {
-            let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+            let event = self.client_event(&event_id).await?;
             let current = event["content"]["membership"].as_str().unwrap_or_default();
             if membership.is_some_and(|m| m != current) || not_membership.is_some_and(|m| m == current) {
                 continue;
@@ -361,6 +357,22 @@ impl Service {
             members.push(event);
         }
         Ok(members)
+    }
+
+    /// Every user with a member event in the room's current state (any membership), with the
+    /// event's ID, in user-ID order.
+    pub(crate) async fn member_event_ids(&self, room_id: &RoomId) -> Result<Vec<(String, String)>, ServiceError> {
+        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
+        let rows = self
+            .kv
+            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, id)| {
+                (String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), String::from_utf8_lossy(&id).into_owned())
+            })
+            .collect())
     }
 
     /// The room exists (else 404) and the user is joined to it (else 403).

@@ -189,32 +189,17 @@ impl Service {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use lattice_core::room_builder::RoomBuilder;
-    use lattice_storage::MemoryStore;
 
     use super::*;
     use crate::rooms::Outcome;
-    use crate::{PasswordHasher, RegistrationMode, ServiceConfig, SystemClock};
 
     const ALICE: &str = "@alice:hs.test";
     const BOB: &str = "@bob:hs.test";
 
-    fn service() -> Service {
-        let config = ServiceConfig {
-            server_name: "hs.test".try_into().unwrap(),
-            registration: RegistrationMode::Token,
-            refreshable_token_lifetime_ms: 60_000,
-            default_room_version: "11".into(),
-        };
-        let hasher = PasswordHasher::new(64, 1).unwrap();
-        Service::new(config, Arc::new(MemoryStore::new()), Arc::new(SystemClock), hasher, crate::test_signing_key())
-    }
-
     #[tokio::test]
     async fn rejected_events_have_no_context_and_no_timestamp_row() {
-        let service = service();
+        let (service, _) = crate::rooms::tests::service();
         let mut room = RoomBuilder::new("10");
         let create = room.create(ALICE);
         let alice =

@@ -6,7 +6,7 @@ use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::{EventRecord, ForgottenRoomRecord};
-use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
+use lattice_storage::{StorageError, Table, WriteBatch, keys};
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
@@ -191,13 +191,8 @@ impl Service {
     ) -> Result<Option<OwnedUserId>, ServiceError> {
         let (create, power_levels) = self.power_events(version, room_id).await?;
         let power = RoomPower::new(version, &create, power_levels.as_ref()).map_err(ServiceError::Internal)?;
-        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
-        for (key, _) in rows {
-            let Ok(member) = UserId::parse(String::from_utf8_lossy(&key[prefix.len()..]).as_ref()) else { continue };
+        for (member, _) in self.member_event_ids(room_id).await? {
+            let Ok(member) = UserId::parse(member.as_str()) else { continue };
             if member.server_name() != self.server_name()
                 || self.membership(&member, room_id).await?.as_deref() != Some("join")
             {

@@ -471,16 +471,10 @@ impl Service {
 
     /// `summary`: joined and invited counts and up to five other members to name the room by.
     async fn room_summary(&self, user_id: &UserId, room_id: &RoomId) -> Result<Value, ServiceError> {
-        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
         let (mut joined, mut invited) = (0u64, 0u64);
         let mut heroes = Vec::new();
-        for (key, event_id) in rows {
-            let member = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+        for (member, event_id) in self.member_event_ids(room_id).await? {
+            let event = self.client_event(&event_id).await?;
             match event["content"]["membership"].as_str() {
                 Some("join") => joined += 1,
                 Some("invite") => invited += 1,

@@ -8,7 +8,7 @@
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::RoomRecord;
-use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use lattice_storage::{WriteBatch, keys};
 use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value, json};
@@ -187,13 +187,8 @@ impl Service {
         user_id: &UserId,
         new_room: &RoomId,
     ) -> Result<(), ServiceError> {
-        let prefix = keys::current_state(old_room.as_str(), "m.room.member", "");
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
-        for (key, _) in rows {
-            let Ok(member) = UserId::parse(String::from_utf8_lossy(&key[prefix.len()..]).as_ref()) else { continue };
+        for (member, _) in self.member_event_ids(old_room).await? {
+            let Ok(member) = UserId::parse(member.as_str()) else { continue };
             if *member == *user_id {
                 continue;
             }
