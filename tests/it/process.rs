@@ -150,6 +150,25 @@ async fn rooms_history_and_sync_positions_survive_kill_9() {
             200
         );
     }
+    // A reaction, an alias and a to-device message waiting for alice's device.
+    let (_, first) =
+        server.http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=50"), Some(&alice)).await;
+    let kept_0 =
+        first["chunk"].as_array().unwrap().iter().find(|e| e["content"]["body"] == "kept 0").unwrap()["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    let reaction =
+        serde_json::json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": kept_0, "key": "👍" } });
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.reaction/r1");
+    assert_eq!(server.http.put(&path, Some(&alice), &reaction).await.0, 200);
+    let alias = serde_json::json!({ "room_id": room });
+    assert_eq!(
+        server.http.put("/_matrix/client/v3/directory/room/%23durable:hs1.localhost", Some(&alice), &alias).await.0,
+        200
+    );
+    let to_device = serde_json::json!({ "messages": { "@alice:hs1.localhost": { "*": { "note": "survives" } } } });
+    assert_eq!(server.http.put("/_matrix/client/v3/sendToDevice/m.test/d1", Some(&alice), &to_device).await.0, 200);
     let (_, before) = server.http.get("/_matrix/client/v3/sync", Some(&alice)).await;
     let since = before["next_batch"].as_str().unwrap().to_owned();
     server.kill_9().await;
@@ -161,10 +180,18 @@ async fn rooms_history_and_sync_positions_survive_kill_9() {
     let timeline = after["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap().clone();
     let bodies: Vec<&str> = timeline.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(bodies, ["kept 0", "kept 1", "kept 2", "kept 3", "kept 4"]);
+    // Not acknowledged before the crash, so still waiting.
+    assert_eq!(after["to_device"]["events"][0]["content"]["note"], "survives", "{after}");
+    let (_, reactions) =
+        http.get(&format!("/_matrix/client/v1/rooms/{room}/relations/{kept_0}/m.annotation"), Some(&alice)).await;
+    assert_eq!(reactions["chunk"].as_array().unwrap().len(), 1, "{reactions}");
+    let (_, resolved) = http.get("/_matrix/client/v3/directory/room/%23durable:hs1.localhost", None).await;
+    assert_eq!(resolved["room_id"], room);
     // The same transaction ID still names the same event after the crash.
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t4");
     let (_, again) = http.put(&path, Some(&alice), &serde_json::json!({ "msgtype": "m.text", "body": "kept 4" })).await;
-    assert_eq!(again["event_id"], timeline.last().unwrap()["event_id"]);
+    let last_message = timeline.iter().rev().find(|e| e["type"] == "m.room.message").unwrap();
+    assert_eq!(again["event_id"], last_message["event_id"]);
     // An incremental sync from before the crash continues without repeats.
     let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t5");
     assert_eq!(http.put(&path, Some(&alice), &serde_json::json!({ "msgtype": "m.text", "body": "new" })).await.0, 200);
