@@ -182,16 +182,7 @@ async fn concurrent_sends_are_synced_exactly_once() {
         }
         since = body["next_batch"].as_str().unwrap().to_owned();
     }
-    let mut sent: Vec<String> = Vec::new();
-    for task in tasks {
-        sent.extend(task.await.unwrap());
-    }
-    let mut unique = seen.clone();
-    unique.sort();
-    unique.dedup();
-    assert_eq!(unique.len(), seen.len(), "no event delivered twice");
-    sent.sort();
-    assert_eq!(unique, sent, "every sent event delivered");
+    assert_each_delivered_once(seen, tasks, "3 senders").await;
     server.stop().await;
 }
 
@@ -505,19 +496,8 @@ async fn incremental_sync_with_gap_filling_sees_every_message_once_for_random_lo
             }
             since = body["next_batch"].as_str().unwrap().to_owned();
         }
-        let mut sent: Vec<String> = Vec::new();
-        for task in tasks {
-            sent.extend(task.await.unwrap());
-        }
-        let mut unique = seen.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(unique.len(), seen.len(), "seed {seed}: no message delivered twice");
-        sent.sort();
-        assert_eq!(
-            unique, sent,
-            "seed {seed}: every message delivered ({rooms_n} rooms, {senders_n} senders × {each})"
-        );
+        let case = format!("seed {seed}: {rooms_n} rooms, {senders_n} senders × {each}");
+        assert_each_delivered_once(seen, tasks, &case).await;
         server.stop().await;
     }
 }
@@ -546,4 +526,18 @@ async fn fill_gap(http: &Http, token: &str, room: &str, from: &str, to: &str) ->
     }
     gap.reverse();
     gap
+}
+
+/// What the senders' tasks sent is exactly what was seen: nothing twice, nothing missing.
+async fn assert_each_delivered_once(seen: Vec<String>, senders: Vec<tokio::task::JoinHandle<Vec<String>>>, case: &str) {
+    let mut sent: Vec<String> = Vec::new();
+    for task in senders {
+        sent.extend(task.await.unwrap());
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "{case}: no message delivered twice");
+    sent.sort();
+    assert_eq!(unique, sent, "{case}: every sent message delivered");
 }
