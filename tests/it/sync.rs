@@ -541,3 +541,33 @@ async fn assert_each_delivered_once(seen: Vec<String>, senders: Vec<tokio::task:
     sent.sort();
     assert_eq!(unique, sent, "{case}: every sent message delivered");
 }
+
+/// The summary's counts follow joins, invites, leaves, bans and kicks.
+#[tokio::test]
+async fn room_summaries_count_joined_and_invited_members() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let mut tokens = Vec::new();
+    for name in ["bob", "carol", "dave", "erin"] {
+        tokens.push(server.register(name, "pw").await);
+    }
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    for token in &tokens[..3] {
+        assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(token), &json!({})).await.0, 200);
+    }
+    let action = |what: &str, user: &str| {
+        (format!("/_matrix/client/v3/rooms/{room}/{what}"), json!({ "user_id": server.user_id(user) }))
+    };
+    for (what, user) in [("invite", "erin"), ("kick", "bob"), ("ban", "carol")] {
+        let (path, body) = action(what, user);
+        assert_eq!(http.post(&path, Some(&alice), &body).await.0, 200, "{what} {user}");
+    }
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&tokens[2]), &json!({})).await.0, 200);
+    let summary = &sync(http, &alice, "").await["rooms"]["join"][&room]["summary"];
+    // alice joined; erin invited; bob kicked, carol banned, dave left.
+    assert_eq!(summary["m.joined_member_count"], 1, "{summary}");
+    assert_eq!(summary["m.invited_member_count"], 1, "{summary}");
+    assert_eq!(summary["m.heroes"], json!([server.user_id("erin")]));
+    server.stop().await;
+}

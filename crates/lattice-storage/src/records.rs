@@ -141,6 +141,27 @@ pub struct RoomRecord {
     /// when another event of the room was accepted meanwhile.
     #[serde(default)]
     pub last_stream_position: u64,
+    /// Joined and invited members of the current state, kept by ingest so room summaries need
+    /// no member scan. `None` for rooms stored before the counts existed (readers then count).
+    #[serde(default)]
+    pub member_counts: Option<MemberCounts>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCounts {
+    pub joined: u64,
+    pub invited: u64,
+}
+
+impl MemberCounts {
+    /// The counts after one member's membership changed from `old` to `new` (either absent).
+    pub fn moved(self, old: Option<&str>, new: Option<&str>) -> Self {
+        let count = |membership: Option<&str>, wanted: &str| u64::from(membership == Some(wanted));
+        Self {
+            joined: (self.joined + count(new, "join")).saturating_sub(count(old, "join")),
+            invited: (self.invited + count(new, "invite")).saturating_sub(count(old, "invite")),
+        }
+    }
 }
 
 impl Record for RoomRecord {
@@ -317,4 +338,27 @@ pub struct ReportRecord {
 
 impl Record for ReportRecord {
     const TABLE: Table = Table::Reports;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemberCounts;
+
+    #[test]
+    fn member_counts_follow_membership_changes() {
+        let start = MemberCounts { joined: 2, invited: 1 };
+        let cases = [
+            (None, Some("join"), MemberCounts { joined: 3, invited: 1 }),
+            (Some("invite"), Some("join"), MemberCounts { joined: 3, invited: 0 }),
+            (Some("join"), Some("leave"), MemberCounts { joined: 1, invited: 1 }),
+            (Some("join"), Some("ban"), MemberCounts { joined: 1, invited: 1 }),
+            (Some("leave"), Some("invite"), MemberCounts { joined: 2, invited: 2 }),
+            (Some("knock"), Some("leave"), start),
+            (Some("join"), None, MemberCounts { joined: 1, invited: 1 }),
+        ];
+        for (old, new, expected) in cases {
+            assert_eq!(start.moved(old, new), expected, "{old:?} -> {new:?}");
+        }
+        assert_eq!(MemberCounts::default().moved(Some("join"), Some("leave")), MemberCounts::default());
+    }
 }

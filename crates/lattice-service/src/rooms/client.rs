@@ -362,11 +362,17 @@ impl Service {
     /// Every user with a member event in the room's current state (any membership), with the
     /// event's ID, in user-ID order.
     pub(crate) async fn member_event_ids(&self, room_id: &RoomId) -> Result<Vec<(String, String)>, ServiceError> {
+        self.first_member_event_ids(room_id, lattice_storage::MAX_SCAN_ROWS).await
+    }
+
+    /// [`Service::member_event_ids`], the first `limit` of them.
+    pub(crate) async fn first_member_event_ids(
+        &self,
+        room_id: &RoomId,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, ServiceError> {
         let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
+        let rows = self.kv.scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, limit).await?;
         Ok(rows
             .into_iter()
             .map(|(key, id)| {

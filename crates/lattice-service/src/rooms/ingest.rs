@@ -11,7 +11,7 @@ use lattice_core::auth;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::{self, StateMap};
-use lattice_storage::records::{AuthChainRecord, EventRecord, EventStatus, RoomRecord};
+use lattice_storage::records::{AuthChainRecord, EventRecord, EventStatus, MemberCounts, RoomRecord};
 use lattice_storage::{Fetched, StorageError, Table, WriteBatch, keys};
 use ruma::events::{StateEventType, TimelineEventType};
 use ruma::state_res::Event;
@@ -44,6 +44,19 @@ const MAX_FORWARD_EXTREMITIES: usize = 1_000;
 
 /// Events loaded for one ingest, by ID.
 type Loaded = HashMap<OwnedEventId, Pdu>;
+
+/// Memberships that changed in the current state: (before, after), absent as `None`.
+type MemberChanges = Vec<(Option<String>, Option<String>)>;
+
+/// The room's member counts after `changes`: a new room starts from zero; a room stored before
+/// counts existed (`Some(None)`) stays uncounted.
+fn updated_counts(stored: Option<Option<MemberCounts>>, changes: &MemberChanges) -> Option<MemberCounts> {
+    let start = match stored {
+        None => MemberCounts::default(),
+        Some(counts) => counts?,
+    };
+    Some(changes.iter().fold(start, |counts, (old, new)| counts.moved(old.as_deref(), new.as_deref())))
+}
 
 impl Service {
     /// Receives a PDU as bytes from another server: format, canonical JSON, signatures (against
@@ -258,7 +271,7 @@ impl Service {
                 );
                 super::timestamps::index_event(&mut batch, &room_id, event, position);
                 let old_extremities = room.as_ref().map(|r| r.value.forward_extremities.clone()).unwrap_or_default();
-                let (current_group, forward_extremities) = self
+                let (current_group, forward_extremities, member_changes) = self
                     .advance_current_state(
                         version,
                         &room_id,
@@ -279,6 +292,7 @@ impl Service {
                     current_state_group: current_group,
                     forward_extremities,
                     last_stream_position: position,
+                    member_counts: updated_counts(room.as_ref().map(|r| r.value.member_counts), &member_changes),
                 })
             }
             None => None,
@@ -369,7 +383,7 @@ impl Service {
         old_extremities: &[String],
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
-    ) -> Result<(u64, Vec<String>), ServiceError> {
+    ) -> Result<(u64, Vec<String>, MemberChanges), ServiceError> {
         let prevs: HashSet<&str> = event.prev_event_ids().iter().map(|id| id.as_str()).collect();
         let remaining: Vec<String> =
             old_extremities.iter().filter(|id| !prevs.contains(id.as_str())).cloned().collect();
@@ -394,8 +408,9 @@ impl Service {
             (state_store::save(self.kv.as_ref(), batch, base, &resolved).await?, resolved)
         };
         let old_state = current.map(|(_, state)| state).unwrap_or_default();
-        self.write_current_state(version, room_id, &old_state, &current_state, loaded, batch).await?;
-        Ok((current_group, extremities))
+        let member_counts =
+            self.write_current_state(version, room_id, &old_state, &current_state, loaded, batch).await?;
+        Ok((current_group, extremities, member_counts))
     }
 
     /// Writes the difference between two current states, and the membership index with it.
@@ -407,9 +422,11 @@ impl Service {
         new: &StateMap,
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<MemberChanges, ServiceError> {
+        let mut changes = MemberChanges::new();
         for ((kind, key), id) in new {
-            if old.get(&(kind.clone(), key.clone())) == Some(id) {
+            let old_id = old.get(&(kind.clone(), key.clone()));
+            if old_id == Some(id) {
                 continue;
             }
             let kind_str = kind.to_string();
@@ -421,16 +438,31 @@ impl Service {
             if *kind == StateEventType::RoomMember {
                 self.load_events(version, std::slice::from_ref(id), loaded).await?;
                 let membership = loaded.get(id).map(membership_of).unwrap_or_default();
+                let before = self.membership_in(version, old_id, loaded).await?;
+                changes.push((before, Some(membership.clone())));
                 batch.put(Table::Memberships, keys::membership(key, room_id.as_str()), membership.into_bytes());
             }
         }
-        for (kind, key) in old.keys().filter(|slot| !new.contains_key(*slot)) {
+        for ((kind, key), old_id) in old.iter().filter(|(slot, _)| !new.contains_key(*slot)) {
             batch.delete(Table::CurrentState, keys::current_state(room_id.as_str(), &kind.to_string(), key));
             if *kind == StateEventType::RoomMember {
+                changes.push((self.membership_in(version, Some(old_id), loaded).await?, None));
                 batch.delete(Table::Memberships, keys::membership(key, room_id.as_str()));
             }
         }
-        Ok(())
+        Ok(changes)
+    }
+
+    /// The membership a member event sets, when there is one.
+    async fn membership_in(
+        &self,
+        version: &RoomVersion,
+        event_id: Option<&OwnedEventId>,
+        loaded: &mut Loaded,
+    ) -> Result<Option<String>, ServiceError> {
+        let Some(id) = event_id else { return Ok(None) };
+        self.load_events(version, std::slice::from_ref(id), loaded).await?;
+        Ok(loaded.get(id).map(membership_of))
     }
 
     /// Replaces the stored JSON of the event an accepted redaction names with its redacted form,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use lattice_storage::records::EventRecord;
+use lattice_storage::records::{EventRecord, RoomRecord};
 use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
@@ -21,6 +21,8 @@ pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_FILTERED_SCAN: usize = lattice_storage::MAX_SCAN_ROWS;
 /// Members the room summary names.
 const MAX_HEROES: usize = 5;
+/// Member rows looked at to find them (left and banned members are passed over).
+const MAX_HERO_CANDIDATES: usize = 100;
 
 pub struct SyncRequest {
     /// The `next_batch` of an earlier sync; `None` for an initial sync.
@@ -471,6 +473,28 @@ impl Service {
 
     /// `summary`: joined and invited counts and up to five other members to name the room by.
     async fn room_summary(&self, user_id: &UserId, room_id: &RoomId) -> Result<Value, ServiceError> {
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        let Some(counts) = room.and_then(|r| r.value.member_counts) else {
+            return self.counted_room_summary(user_id, room_id).await;
+        };
+        let mut heroes = Vec::new();
+        for (member, _) in self.first_member_event_ids(room_id, MAX_HERO_CANDIDATES).await? {
+            if heroes.len() == MAX_HEROES {
+                break;
+            }
+            let Ok(member_id) = UserId::parse(member.as_str()) else { continue };
+            let membership = self.membership(&member_id, room_id).await?;
+            if member != user_id.as_str() && matches!(membership.as_deref(), Some("join" | "invite")) {
+                heroes.push(member);
+            }
+        }
+        Ok(
+            json!({ "m.heroes": heroes, "m.joined_member_count": counts.joined, "m.invited_member_count": counts.invited }),
+        )
+    }
+
+    /// The summary of a room stored before member counts were kept: counted from its members.
+    async fn counted_room_summary(&self, user_id: &UserId, room_id: &RoomId) -> Result<Value, ServiceError> {
         let (mut joined, mut invited) = (0u64, 0u64);
         let mut heroes = Vec::new();
         for (member, event_id) in self.member_event_ids(room_id).await? {
