@@ -151,34 +151,6 @@ impl Service {
         self.load_events(version, &needed, &mut loaded).await?;
         let (before_group, state_before) = self.state_before(version, event, &mut loaded).await?;
 
-        let mut outcome = Outcome::Accepted;
-        {
-            let fetch = |id: &EventId| loaded.get(id);
-            if let Err(e) = auth::check_against_auth_events(event, version, fetch) {
-                outcome = Outcome::Rejected(e.to_string());
-            }
-        }
-        // Only the state the auth rules look at for this event is loaded.
-        let auth_slots = ruma::state_res::auth_types_for_event(
-            event.kind(),
-            event.sender(),
-            event.state_key(),
-            event.content(),
-            &version.rules().authorization,
-        )
-        .unwrap_or_default();
-        let slots_of = |state: &StateMap| -> Vec<OwnedEventId> {
-            auth_slots.iter().filter_map(|slot| state.get(slot).cloned()).collect()
-        };
-        if outcome == Outcome::Accepted {
-            self.load_events(version, &slots_of(&state_before), &mut loaded).await?;
-            let lookup = |kind: &StateEventType, key: &str| {
-                state_before.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
-            };
-            if let Err(e) = auth::check_against_state(event, version, lookup) {
-                outcome = Outcome::Rejected(e.to_string());
-            }
-        }
         let current = match &room {
             Some(room) => Some((
                 room.value.current_state_group,
@@ -186,17 +158,8 @@ impl Service {
             )),
             None => None,
         };
-        if outcome == Outcome::Accepted
-            && let Some((_, current_state)) = &current
-        {
-            self.load_events(version, &slots_of(current_state), &mut loaded).await?;
-            let lookup = |kind: &StateEventType, key: &str| {
-                current_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
-            };
-            if let Err(e) = auth::check_against_state(event, version, lookup) {
-                outcome = Outcome::SoftFailed(e.to_string());
-            }
-        }
+        let current_state = current.as_ref().map(|(_, state)| state);
+        let outcome = self.decide(version, event, &state_before, current_state, &mut loaded).await?;
 
         let mut batch = WriteBatch::new();
         let room_key = keys::room(room_id.as_str());
@@ -310,6 +273,49 @@ impl Service {
             self.announce(position);
         }
         Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
+    }
+
+    /// The three auth checks (spec "checks performed on receipt", steps 4–6): against the
+    /// event's auth events, against the state before it (both → `Rejected`), and against the
+    /// room's current state (→ `SoftFailed`). Only the state slots the rules look at are loaded.
+    async fn decide(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        state_before: &StateMap,
+        current_state: Option<&StateMap>,
+        loaded: &mut Loaded,
+    ) -> Result<Outcome, ServiceError> {
+        if let Err(e) = auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
+            return Ok(Outcome::Rejected(e.to_string()));
+        }
+        let auth_slots = ruma::state_res::auth_types_for_event(
+            event.kind(),
+            event.sender(),
+            event.state_key(),
+            event.content(),
+            &version.rules().authorization,
+        )
+        .unwrap_or_default();
+        let slots_of = |state: &StateMap| -> Vec<OwnedEventId> {
+            auth_slots.iter().filter_map(|slot| state.get(slot).cloned()).collect()
+        };
+        self.load_events(version, &slots_of(state_before), loaded).await?;
+        let lookup = |kind: &StateEventType, key: &str| {
+            state_before.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
+        };
+        if let Err(e) = auth::check_against_state(event, version, lookup) {
+            return Ok(Outcome::Rejected(e.to_string()));
+        }
+        let Some(current_state) = current_state else { return Ok(Outcome::Accepted) };
+        self.load_events(version, &slots_of(current_state), loaded).await?;
+        let lookup = |kind: &StateEventType, key: &str| {
+            current_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
+        };
+        if let Err(e) = auth::check_against_state(event, version, lookup) {
+            return Ok(Outcome::SoftFailed(e.to_string()));
+        }
+        Ok(Outcome::Accepted)
     }
 
     /// The state before `event`: nothing for the create event; the state after its one
