@@ -125,15 +125,7 @@ impl Service {
         }
         let room_id = room_id_of(event)?;
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
-        let is_create = *event.kind() == TimelineEventType::RoomCreate;
-        match (&room, is_create) {
-            (Some(_), true) => return Err(ServiceError::Forbidden("the room already has a create event".into())),
-            (None, false) => return Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
-            (Some(room), false) if room.value.room_version != version.id().as_str() => {
-                return Err(ServiceError::BadJson(format!("room {room_id} is version {}", room.value.room_version)));
-            }
-            _ => {}
-        }
+        check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version)?;
 
         // The event itself takes part in resolving the new current state.
         let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
@@ -671,6 +663,25 @@ fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
         // A v12 create event carries no room ID: the room is named after the event.
         None => OwnedRoomId::try_from(format!("!{}", &event.id().as_str()[1..]))
             .map_err(|e| ServiceError::BadJson(e.to_string())),
+    }
+}
+
+/// A create event needs a room that does not exist yet; any other event one that exists, of the
+/// event's room version.
+fn check_room_fits(
+    event: &Pdu,
+    room_id: &OwnedRoomId,
+    room: Option<&RoomRecord>,
+    version: &RoomVersion,
+) -> Result<(), ServiceError> {
+    let is_create = *event.kind() == TimelineEventType::RoomCreate;
+    match (room, is_create) {
+        (Some(_), true) => Err(ServiceError::Forbidden("the room already has a create event".into())),
+        (None, false) => Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
+        (Some(room), false) if room.room_version != version.id().as_str() => {
+            Err(ServiceError::BadJson(format!("room {room_id} is version {}", room.room_version)))
+        }
+        _ => Ok(()),
     }
 }
 
