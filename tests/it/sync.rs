@@ -416,6 +416,17 @@ async fn include_leave_and_ignored_users() {
     let with_leave = sync(http, &bob, &format!("filter={filter}")).await;
     let left = &with_leave["rooms"]["leave"][&room];
     assert_eq!(types(&left["timeline"]["events"]).last().map(String::as_str), Some("m.room.member"), "{left}");
+
+    // What happens after bob left is not his to see: the state is as of his leave.
+    let rename = format!("/_matrix/client/v3/rooms/{room}/state/m.room.name");
+    assert_eq!(http.put(&rename, Some(&alice), &json!({ "name": "After bob" })).await.0, 200);
+    let later = sync(http, &bob, &format!("filter={filter}")).await;
+    let state = &later["rooms"]["leave"][&room]["state"]["events"];
+    assert!(
+        !state.as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"),
+        "a name set after the leave leaked: {state}"
+    );
+    assert!(later["rooms"]["leave"][&room].get("summary").is_none());
     server.stop().await;
 }
 

@@ -250,7 +250,7 @@ impl Service {
         account_data: Vec<Value>,
     ) -> Result<Option<Value>, ServiceError> {
         let ephemeral = self.ephemeral_events(scope, room_id).await?;
-        let room = match self.room_sync(scope, room_id, scope.now).await? {
+        let room = match self.room_sync(scope, room_id, (scope.now, None)).await? {
             Some(room) => room,
             // Only ephemeral or account-data news: the room still appears, with an empty timeline.
             None if !ephemeral.is_empty() || !account_data.is_empty() => json!({
@@ -287,7 +287,11 @@ impl Service {
                 "state": { "events": [] },
             })));
         }
-        self.room_sync(scope, room_id, left_at).await
+        let Some(leave) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&membership_id)).await?
+        else {
+            return Ok(None);
+        };
+        self.room_sync(scope, room_id, (left_at, Some(leave.value.state_group))).await
     }
 
     async fn current_member_event(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<String>, ServiceError> {
@@ -342,7 +346,7 @@ impl Service {
         &self,
         scope: &SyncScope<'_>,
         room_id: &RoomId,
-        upto: u64,
+        (upto, at_group): (u64, Option<u64>),
     ) -> Result<Option<Value>, ServiceError> {
         let filter = &scope.filter.room.timeline;
         let limit = filter.limit.map_or(DEFAULT_TIMELINE_LIMIT, |l| l as usize).clamp(1, MAX_TIMELINE_LIMIT);
@@ -352,7 +356,7 @@ impl Service {
             return Ok(None);
         }
         let whole_state = scope.initial || page.limited || scope.full_state;
-        let state = self.state_for(scope, room_id, &page.events, whole_state).await?;
+        let state = self.state_for(scope, room_id, at_group, &page.events, whole_state).await?;
         let mut room = json!({
             "timeline": { "events": page.events, "limited": page.limited, "prev_batch": token(page.first_position.saturating_sub(1)) },
             "state": { "events": state },
@@ -360,7 +364,8 @@ impl Service {
         let members_changed = room["timeline"]["events"]
             .as_array()
             .is_some_and(|events| events.iter().any(|e| e["type"] == "m.room.member"));
-        if whole_state || members_changed {
+        // Counts are of the room now, so a room the user left gets none.
+        if at_group.is_none() && (whole_state || members_changed) {
             room["summary"] = self.room_summary(scope.user_id, room_id).await?;
         }
         Ok(Some(room))
@@ -412,13 +417,15 @@ impl Service {
         Ok(TimelinePage { events, limited, first_position })
     }
 
-    /// The state section: the whole current state (less the timeline's own events) when the
-    /// client needs a full picture, else nothing — with lazy loading, only the members the
-    /// timeline's senders need.
+    /// The state section: the whole state (less the timeline's own events) when the client
+    /// needs a full picture, else nothing; with lazy loading, only the members the timeline's
+    /// senders need. The state is the room's current state, or — for a room the user left — the
+    /// state as of their leave (`at_group`), so nothing after it leaks.
     async fn state_for(
         &self,
         scope: &SyncScope<'_>,
         room_id: &RoomId,
+        at_group: Option<u64>,
         timeline: &[Value],
         whole_state: bool,
     ) -> Result<Vec<Value>, ServiceError> {
@@ -433,31 +440,8 @@ impl Service {
             needed_members.insert(scope.user_id.as_str());
         }
         let mut state = Vec::new();
-        if whole_state {
-            let prefix = keys::room_rows(room_id.as_str());
-            let current = self
-                .kv
-                .scan(
-                    Table::CurrentState,
-                    &KeyRange::prefix(&prefix),
-                    Direction::Forward,
-                    lattice_storage::MAX_SCAN_ROWS,
-                )
-                .await?;
-            let member_prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
-            for (key, event_id) in current {
-                let id = String::from_utf8_lossy(&event_id).into_owned();
-                // Lazy loading leaves members out here; the needed ones follow below.
-                if in_timeline.contains(id.as_str()) || (lazy && key.starts_with(&member_prefix)) {
-                    continue;
-                }
-                let event = self.client_event(&id).await?;
-                if scope.filter.room.state.allows(&event) {
-                    state.push(event);
-                }
-            }
-        }
-        if lazy {
+        if !whole_state && at_group.is_none() {
+            // An incremental lazy sync: a point read per needed member, not the whole state.
             for member in needed_members {
                 let key = keys::current_state(room_id.as_str(), "m.room.member", member);
                 if let Some(id) = self.kv.get(Table::CurrentState, &key).await? {
@@ -467,8 +451,47 @@ impl Service {
                     }
                 }
             }
+            return Ok(state);
+        }
+        let room_state = self.state_entries(room_id, at_group).await?;
+        for (kind, key, id) in &room_state {
+            let is_member = kind == "m.room.member";
+            // Lazy loading sends only the members the timeline needs.
+            let wanted = if lazy && is_member { needed_members.contains(key.as_str()) } else { whole_state };
+            if !wanted || in_timeline.contains(id.as_str()) {
+                continue;
+            }
+            let event = self.client_event(id).await?;
+            if (is_member && lazy) || scope.filter.room.state.allows(&event) {
+                state.push(event);
+            }
         }
         Ok(state)
+    }
+
+    /// `(type, state_key, event ID)` of the room's current state, or of the state group given.
+    async fn state_entries(
+        &self,
+        room_id: &RoomId,
+        group: Option<u64>,
+    ) -> Result<Vec<(String, String, String)>, ServiceError> {
+        if let Some(group) = group {
+            let state = super::state_store::load(self.kv.as_ref(), group).await?;
+            return Ok(state.into_iter().map(|((kind, key), id)| (kind.to_string(), key, id.to_string())).collect());
+        }
+        let prefix = keys::room_rows(room_id.as_str());
+        let rows = self
+            .kv
+            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, id)| {
+                let slot = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                let (kind, state_key) = slot.split_once('\0')?;
+                Some((kind.to_owned(), state_key.to_owned(), String::from_utf8_lossy(&id).into_owned()))
+            })
+            .collect())
     }
 
     /// `summary`: joined and invited counts and up to five other members to name the room by.
