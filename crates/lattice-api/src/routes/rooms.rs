@@ -219,10 +219,7 @@ async fn set_membership(
     membership: &str,
     reason: Option<String>,
 ) -> ApiResult<()> {
-    let mut content = json!({ "membership": membership });
-    if let Some(reason) = reason {
-        content["reason"] = json!(reason);
-    }
+    let content = lattice_service::rooms::member_content(membership, reason);
     state.service.send_event(&session.user_id, room_id, "m.room.member", Some(target), content, None).await?;
     Ok(())
 }

@@ -31,10 +31,7 @@ impl Service {
         reason: Option<String>,
     ) -> Result<OwnedEventId, ServiceError> {
         let version = self.room_version(room_id).await?;
-        let mut content = json!({ "membership": "join" });
-        if let Some(reason) = reason {
-            content["reason"] = json!(reason);
-        }
+        let mut content = member_content("join", reason);
         if let Some(authoriser) = self.restricted_join_authoriser(&version, user_id, room_id).await? {
             content["join_authorised_via_users_server"] = json!(authoriser);
         }
@@ -56,10 +53,7 @@ impl Service {
                 version.id()
             )));
         }
-        let mut content = json!({ "membership": "knock" });
-        if let Some(reason) = reason {
-            content["reason"] = json!(reason);
-        }
+        let content = member_content("knock", reason);
         self.send_event(user_id, room_id, "m.room.member", Some(user_id.as_str()), content, None).await
     }
 
@@ -246,4 +240,13 @@ impl Service {
 /// A state event's content as JSON.
 pub(super) fn content_of(event: &Pdu) -> Result<Value, ServiceError> {
     serde_json::from_str(event.content().get()).map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
+/// The content of a member event: the membership and, when given, the reason for it.
+pub fn member_content(membership: &str, reason: Option<String>) -> Value {
+    let mut content = json!({ "membership": membership });
+    if let Some(reason) = reason {
+        content["reason"] = json!(reason);
+    }
+    content
 }

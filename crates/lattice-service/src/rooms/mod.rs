@@ -27,6 +27,7 @@ pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
 pub use ingest::{Ingested, Outcome};
 pub use local_events::LocalEvent;
+pub use membership::member_content;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
