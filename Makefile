@@ -11,8 +11,12 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/lattice-target
 setup:
 	@scripts/setup.sh
 
+# `make run` builds every target, tests included, before starting the server: a build of the
+# binary alone resolves host-crate features without the dev-dependencies, which changes the
+# features of bindgen's dependencies and would compile RocksDB's C++ a second time.
 run: setup
-	cargo run --release -- serve
+	cargo build --release --workspace --all-targets
+	$(CARGO_TARGET_DIR)/release/lattice serve
 
 test: setup
 	cargo test --release --workspace
