@@ -13,3 +13,4 @@ mod sdk_client;
 mod support;
 mod sync;
 mod to_device;
+mod visibility;

@@ -2,7 +2,8 @@
 //!
 //! `limits` bounds every input; `user_id` holds the rules for new accounts; `room_version`,
 //! `pdu`, `event`, `auth` and `state_resolution` check, sign, authorise and resolve events;
-//! `power` reads power levels the way the auth rules do.
+//! `power` reads power levels the way the auth rules do; `visibility` decides who may see which
+//! event of a room's history.
 
 pub mod auth;
 pub mod event;
@@ -13,3 +14,4 @@ pub mod room_builder;
 pub mod room_version;
 pub mod state_resolution;
 pub mod user_id;
+pub mod visibility;

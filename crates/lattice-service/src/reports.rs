@@ -2,7 +2,7 @@
 //! operators, who read them with `lattice report list`.
 
 use lattice_core::limits::MAX_REPORT_REASON_BYTES;
-use lattice_storage::records::{EventRecord, ReportRecord};
+use lattice_storage::records::ReportRecord;
 use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 
@@ -49,9 +49,9 @@ impl Service {
         if self.membership(reporter, room_id).await?.as_deref() != Some("join") {
             return Err(not_found());
         }
-        let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
-        if !event.is_some_and(|e| e.value.room_id == room_id.as_str() && e.value.stream_position.is_some()) {
-            return Err(not_found());
+        match self.require_visible(reporter, room_id, event_id).await {
+            Err(ServiceError::NotFound(_)) => return Err(not_found()),
+            other => other?,
         }
         self.store_report(reporter, Target::Event { room_id, event_id, score }, reason).await
     }

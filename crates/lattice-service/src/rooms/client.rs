@@ -8,6 +8,7 @@ use ruma::{OwnedEventId, OwnedRoomId, RoomId, UserId};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::visibility::StateView;
 use super::{LocalEvent, Outcome};
 use crate::secrets::{hex, random_alphanumeric};
 use crate::{Service, ServiceError};
@@ -290,9 +291,18 @@ impl Service {
             .collect()
     }
 
-    /// The room's current state as client events; only for members (joined now).
+    /// The room's state as client events: the current state for members (and anyone while the
+    /// room is world-readable), the state at their leave for former members.
     pub async fn room_state(&self, user_id: &UserId, room_id: &RoomId) -> Result<Vec<Value>, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
+        let viewer = self.reader(user_id, room_id).await?;
+        if let StateView::AtGroup(group) = self.state_view(&viewer).await? {
+            let state = super::state_store::load(self.kv.as_ref(), group).await?;
+            let mut events = Vec::with_capacity(state.len());
+            for id in state.values() {
+                events.push(self.client_event(id.as_str()).await?);
+            }
+            return Ok(events);
+        }
         let prefix = keys::room_rows(room_id.as_str());
         let rows = self
             .kv
@@ -313,28 +323,33 @@ impl Service {
         kind: &str,
         key: &str,
     ) -> Result<Value, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
-        let Some(event_id) =
-            self.kv.get(Table::CurrentState, &keys::current_state(room_id.as_str(), kind, key)).await?
-        else {
+        let viewer = self.reader(user_id, room_id).await?;
+        let event_id = match self.state_view(&viewer).await? {
+            StateView::Current => self
+                .kv
+                .get(Table::CurrentState, &keys::current_state(room_id.as_str(), kind, key))
+                .await?
+                .map(|id| String::from_utf8_lossy(&id).into_owned()),
+            StateView::AtGroup(group) => {
+                super::state_store::lookup(self.kv.as_ref(), group, &[(kind, key)]).await?.pop().flatten()
+            }
+        };
+        let Some(event_id) = event_id else {
             return Err(ServiceError::NotFound(format!("no {kind} state with key {key:?}")));
         };
-        let event = self.client_event(&String::from_utf8_lossy(&event_id)).await?;
+        let event = self.client_event(&event_id).await?;
         Ok(event["content"].clone())
     }
 
-    /// `GET /rooms/{roomId}/event/{eventId}`: an event of a room the user is in.
+    /// `GET /rooms/{roomId}/event/{eventId}`: an event of the room that the user may see.
     pub async fn room_event(&self, user_id: &UserId, room_id: &RoomId, event_id: &str) -> Result<Value, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
-        let not_found = || ServiceError::NotFound(format!("no event {event_id} in {room_id}"));
-        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
-            .await?
-            .ok_or_else(not_found)?;
-        // Rejected and soft-failed events are not part of the room as clients see it.
-        if record.value.room_id != room_id.as_str() || record.value.stream_position.is_none() {
-            return Err(not_found());
+        let viewer = &mut self.reader(user_id, room_id).await?;
+        // Rejected and soft-failed events, events of other rooms and events hidden by the
+        // history visibility are all equally unknown.
+        if !self.may_see_id(viewer, event_id).await? {
+            return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
         }
-        self.timeline_event(user_id, event_id).await
+        self.timeline_event(viewer, event_id).await
     }
 
     /// The room's current member events, optionally only those with (or without) a membership.
@@ -345,8 +360,20 @@ impl Service {
         membership: Option<&str>,
         not_membership: Option<&str>,
     ) -> Result<Vec<Value>, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
-        let rows = self.member_event_ids(room_id).await?;
+        let viewer = self.reader(user_id, room_id).await?;
+        let rows = match self.state_view(&viewer).await? {
+            StateView::Current => self.member_event_ids(room_id).await?,
+            StateView::AtGroup(group) => {
+                let state = super::state_store::load(self.kv.as_ref(), group).await?;
+                let mut rows: Vec<(String, String)> = state
+                    .into_iter()
+                    .filter(|((kind, _), _)| *kind == ruma::events::StateEventType::RoomMember)
+                    .map(|((_, user), id)| (user, id.to_string()))
+                    .collect();
+                rows.sort_unstable();
+                rows
+            }
+        };
         let mut members = Vec::with_capacity(rows.len());
         for (_, event_id) in rows {
             let event = self.client_event(&event_id).await?;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::filter::EventFilter;
 use super::state_store;
 use super::sync::MAX_TIMELINE_LIMIT;
+use super::visibility::Viewer;
 use crate::{Service, ServiceError};
 
 /// Context events `/context` returns when the client does not say.
@@ -45,26 +46,26 @@ impl Service {
         limit: usize,
         filter: &EventFilter,
     ) -> Result<Value, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
+        let viewer = &mut self.reader(user_id, room_id).await?;
         let not_found = || ServiceError::NotFound(format!("no event {event_id} in {room_id}"));
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
             .await?
             .ok_or_else(not_found)?
             .value;
-        if record.room_id != room_id.as_str() {
+        // Rejected and soft-failed events, those of other rooms and those the reader may not see
+        // are all equally unknown.
+        if !self.may_see(viewer, event_id, &record).await? {
             return Err(not_found());
         }
-        // Only accepted events have a stream position; clients never see the others.
         let position = record.stream_position.ok_or_else(not_found)?;
         let limit = limit.min(MAX_TIMELINE_LIMIT);
         let before_limit = limit / 2;
         let room = room_id.as_str();
         let before = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, position));
-        let before = self.filtered_timeline(user_id, room, before, Direction::Backward, before_limit, filter).await?;
+        let before = self.filtered_timeline(viewer, before, Direction::Backward, before_limit, filter).await?;
         let after =
             KeyRange::between(&keys::timeline(room, position.saturating_add(1)), &keys::timeline(room, u64::MAX));
-        let after =
-            self.filtered_timeline(user_id, room, after, Direction::Forward, limit - before_limit, filter).await?;
+        let after = self.filtered_timeline(viewer, after, Direction::Forward, limit - before_limit, filter).await?;
 
         // Tokens name the last position a client has seen: `/messages` backward from `start`
         // holds positions ≤ start, forward from `end` positions > end.
@@ -80,7 +81,7 @@ impl Service {
             }
             None => record.state_group,
         };
-        let event = self.timeline_event(user_id, event_id).await?;
+        let event = self.timeline_event(viewer, event_id).await?;
         // Lazy loading: only the members who sent the returned events.
         let senders: HashSet<&str> =
             before.events.iter().chain(&after.events).chain([&event]).filter_map(|e| e["sender"].as_str()).collect();
@@ -104,12 +105,11 @@ impl Service {
         }))
     }
 
-    /// Up to `limit` events of `range` in `direction` that `filter` lets through, stepping over
-    /// at most `MAX_CONTEXT_SCAN_ROWS` timeline rows.
+    /// Up to `limit` events of `range` in `direction` that `filter` lets through and the viewer
+    /// may see, stepping over at most `MAX_CONTEXT_SCAN_ROWS` timeline rows.
     async fn filtered_timeline(
         &self,
-        viewer: &UserId,
-        room_id: &str,
+        viewer: &mut Viewer,
         mut range: KeyRange,
         direction: Direction,
         limit: usize,
@@ -117,6 +117,8 @@ impl Service {
     ) -> Result<Side, ServiceError> {
         let mut side = Side { events: Vec::new(), last_examined: None, last_kept: None };
         let mut examined = 0;
+        let room_id = viewer.room_id.as_str().to_owned();
+        let room_id = room_id.as_str();
         while side.events.len() < limit && examined < MAX_CONTEXT_SCAN_ROWS {
             let chunk = (limit - side.events.len()).max(MIN_SCAN_CHUNK).min(MAX_CONTEXT_SCAN_ROWS - examined);
             let rows = self.kv.scan(Table::Timeline, &range, direction, chunk).await?;
@@ -126,6 +128,9 @@ impl Service {
                 let position = super::sync::position_of(&key);
                 side.last_examined = Some(position);
                 let event_id = String::from_utf8_lossy(&event_id).into_owned();
+                if !self.may_see_at(viewer, &event_id, position).await? {
+                    continue;
+                }
                 let event = self.timeline_event(viewer, &event_id).await?;
                 if filter.allows(&event) {
                     side.events.push(event);
@@ -157,12 +162,16 @@ impl Service {
         membership: Option<&str>,
         not_membership: Option<&str>,
     ) -> Result<Vec<Value>, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
+        let viewer = &mut self.reader(user_id, room_id).await?;
         let room = room_id.as_str();
         let range = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, at.saturating_add(1)));
         let rows = self.kv.scan(Table::Timeline, &range, Direction::Backward, 1).await?;
-        let Some((_, event_id)) = rows.first() else { return Ok(Vec::new()) };
+        let Some((key, event_id)) = rows.first() else { return Ok(Vec::new()) };
         let event_id = String::from_utf8_lossy(event_id);
+        // The members at a point in history are as private as the history there.
+        if !self.may_see_at(viewer, &event_id, super::sync::position_of(key)).await? {
+            return Err(ServiceError::Forbidden(format!("{user_id} may not read {room_id} at {at}")));
+        }
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&event_id))
             .await?
             .ok_or_else(|| ServiceError::Internal(format!("timeline event {event_id} is not stored")))?;

@@ -87,7 +87,7 @@ impl Service {
     }
 
     /// Whether `/sync` leaves the room out: the user forgot it and has not changed membership since.
-    pub(super) async fn is_forgotten(
+    pub(crate) async fn is_forgotten(
         &self,
         user_id: &UserId,
         room_id: &RoomId,

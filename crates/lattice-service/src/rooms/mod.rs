@@ -16,6 +16,7 @@ mod sync;
 mod timestamps;
 pub(crate) mod typing;
 mod upgrade;
+mod visibility;
 
 #[cfg(test)]
 mod tests;

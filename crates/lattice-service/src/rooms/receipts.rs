@@ -1,7 +1,7 @@
 //! Read receipts (`m.read`, `m.read.private`, threaded or not), stored with a stream position
 //! so `/sync` delivers each change once.
 
-use lattice_storage::records::{EventRecord, ReceiptRecord};
+use lattice_storage::records::ReceiptRecord;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
@@ -26,10 +26,7 @@ impl Service {
             return Err(ServiceError::InvalidParam(format!("receipt type must be one of {RECEIPT_TYPES:?}")));
         }
         self.require_member(user_id, room_id).await?;
-        let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
-        if !event.is_some_and(|e| e.value.room_id == room_id.as_str() && e.value.stream_position.is_some()) {
-            return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
-        }
+        self.require_visible(user_id, room_id, event_id).await?;
         let key = keys::receipt(room_id.as_str(), user_id.as_str(), receipt_type, thread_id.as_deref().unwrap_or(""));
         let mut batch = WriteBatch::new();
         let _stream = self.lock_stream().await;
@@ -61,10 +58,7 @@ impl Service {
     ) -> Result<(), ServiceError> {
         self.require_member(user_id, room_id).await?;
         if let Some(event_id) = fully_read {
-            let event = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
-            if event.is_none_or(|e| e.value.room_id != room_id.as_str()) {
-                return Err(ServiceError::NotFound(format!("no event {event_id} in {room_id}")));
-            }
+            self.require_visible(user_id, room_id, event_id).await?;
             let content = serde_json::from_value(json!({ "event_id": event_id }))
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
             self.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;

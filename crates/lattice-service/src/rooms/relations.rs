@@ -10,6 +10,7 @@ use ruma::{CanonicalJsonValue, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::sync::{MAX_TIMELINE_LIMIT, position_of};
+use super::visibility::Viewer;
 use crate::{Service, ServiceError};
 
 /// Writers a thread summary remembers; later ones still count, they are just not listed.
@@ -170,7 +171,7 @@ impl Service {
 
     /// An event as a client sees it in a timeline: the client format with its bundled
     /// aggregations in `unsigned["m.relations"]`.
-    pub(crate) async fn timeline_event(&self, viewer: &UserId, event_id: &str) -> Result<Value, ServiceError> {
+    pub(crate) async fn timeline_event(&self, viewer: &mut Viewer, event_id: &str) -> Result<Value, ServiceError> {
         let mut event = self.client_event(event_id).await?;
         if let Some(bundled) = self.bundled_aggregations(viewer, &event).await? {
             event["unsigned"]["m.relations"] = bundled;
@@ -178,7 +179,9 @@ impl Service {
         Ok(event)
     }
 
-    async fn bundled_aggregations(&self, viewer: &UserId, event: &Value) -> Result<Option<Value>, ServiceError> {
+    /// What relates to `event`, as far as `viewer` may see: a relating event the reader may not
+    /// see is neither bundled nor counted as the latest of a thread.
+    async fn bundled_aggregations(&self, viewer: &mut Viewer, event: &Value) -> Result<Option<Value>, ServiceError> {
         let event_id = event["event_id"].as_str().unwrap_or_default();
         // Most events have no relations: one probe answers that.
         let any = KeyRange::prefix(&keys::relations_of(event_id, ""));
@@ -186,12 +189,13 @@ impl Service {
             return Ok(None);
         }
         let mut bundled = serde_json::Map::new();
-        if let Some(edit) = self.latest_edit(event).await? {
+        if let Some(edit) = self.latest_edit(viewer, event).await? {
             bundled.insert("m.replace".into(), edit);
         }
         let room_id = event["room_id"].as_str().unwrap_or_default();
         if let Some(thread) =
             lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &keys::thread(room_id, event_id)).await?
+            && self.may_see_id(viewer, &thread.value.latest_event_id).await?
         {
             let thread = thread.value;
             bundled.insert(
@@ -199,18 +203,20 @@ impl Service {
                 json!({
                     "latest_event": self.client_event(&thread.latest_event_id).await?,
                     "count": thread.count,
-                    "current_user_participated": thread.participants.iter().any(|p| p == viewer.as_str()),
+                    "current_user_participated": thread.participants.iter().any(|p| p == viewer.user_id.as_str()),
                 }),
             );
         }
         let references = KeyRange::prefix(&keys::relations_of(event_id, "m.reference"));
         let rows = self.kv.scan(Table::Relations, &references, Direction::Forward, MAX_BUNDLED_REFERENCES).await?;
-        if !rows.is_empty() {
-            let chunk: Vec<Value> = rows
-                .iter()
-                .filter_map(|(_, raw)| serde_json::from_slice::<RelationRecord>(raw).ok())
-                .map(|r| json!({ "event_id": r.event_id }))
-                .collect();
+        let mut chunk = Vec::new();
+        for (key, raw) in rows {
+            let Ok(reference) = serde_json::from_slice::<RelationRecord>(&raw) else { continue };
+            if self.may_see_at(viewer, &reference.event_id, position_of(&key)).await? {
+                chunk.push(json!({ "event_id": reference.event_id }));
+            }
+        }
+        if !chunk.is_empty() {
             bundled.insert("m.reference".into(), json!({ "chunk": chunk }));
         }
         Ok((!bundled.is_empty()).then_some(Value::Object(bundled)))
@@ -218,16 +224,19 @@ impl Service {
 
     /// The newest valid edit of `original`: same sender, same type, and the original is not a
     /// state event (spec "Validity of replacement events").
-    async fn latest_edit(&self, original: &Value) -> Result<Option<Value>, ServiceError> {
+    async fn latest_edit(&self, viewer: &mut Viewer, original: &Value) -> Result<Option<Value>, ServiceError> {
         if original.get("state_key").is_some() {
             return Ok(None);
         }
         let event_id = original["event_id"].as_str().unwrap_or_default();
         let edits = KeyRange::prefix(&keys::relations_of(event_id, "m.replace"));
-        for (_, raw) in self.kv.scan(Table::Relations, &edits, Direction::Backward, MAX_EDITS_SCANNED).await? {
+        for (key, raw) in self.kv.scan(Table::Relations, &edits, Direction::Backward, MAX_EDITS_SCANNED).await? {
             let edit: RelationRecord =
                 serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
-            if original["sender"] == edit.sender.as_str() && original["type"] == edit.event_type.as_str() {
+            if original["sender"] == edit.sender.as_str()
+                && original["type"] == edit.event_type.as_str()
+                && self.may_see_at(viewer, &edit.event_id, position_of(&key)).await?
+            {
                 return Ok(Some(self.client_event(&edit.event_id).await?));
             }
         }
@@ -238,14 +247,14 @@ impl Service {
     /// relate to a parent, newest first by default, paginated by stream position.
     pub async fn relations(
         &self,
-        viewer: &UserId,
+        user_id: &UserId,
         room_id: &RoomId,
         parent: &str,
         query: RelationsQuery<'_>,
     ) -> Result<Value, ServiceError> {
-        self.require_joined(viewer, room_id).await?;
-        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(parent)).await?;
-        if record.is_none_or(|r| r.value.room_id != room_id.as_str() || r.value.stream_position.is_none()) {
+        let viewer = &mut self.reader(user_id, room_id).await?;
+        // A parent the reader may not see is as unknown as one of another room.
+        if !self.may_see_id(viewer, parent).await? {
             return Err(ServiceError::NotFound(format!("no event {parent} in {room_id}")));
         }
         let limit = query.limit.clamp(1, MAX_TIMELINE_LIMIT);
@@ -260,7 +269,7 @@ impl Service {
         let direction = if query.backward { Direction::Backward } else { Direction::Forward };
         let scan_limit = if query.event_type.is_some() { MAX_RELATIONS_SCANNED } else { limit + 1 };
         let rows = self.kv.scan(Table::Relations, &range, direction, scan_limit).await?;
-        let ignored = self.ignored_users(viewer).await?;
+        let ignored = self.ignored_users(user_id).await?;
         let mut chunk = Vec::new();
         let mut next = None;
         for (key, raw) in rows {
@@ -274,6 +283,9 @@ impl Service {
             }
             let position = position_of(&key);
             next = Some(if query.backward { position.saturating_sub(1) } else { position });
+            if !self.may_see_at(viewer, &relation.event_id, position).await? {
+                continue;
+            }
             chunk.push(self.timeline_event(viewer, &relation.event_id).await?);
         }
         let mut page = json!({ "chunk": chunk });
@@ -288,13 +300,13 @@ impl Service {
     /// `GET /rooms/{roomId}/threads`: thread roots, most recently active first.
     pub async fn threads(
         &self,
-        viewer: &UserId,
+        user_id: &UserId,
         room_id: &RoomId,
         participated_only: bool,
         from: Option<u64>,
         limit: usize,
     ) -> Result<Value, ServiceError> {
-        self.require_joined(viewer, room_id).await?;
+        let viewer = &mut self.reader(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
         let high = from.map_or(u64::MAX, |from| from.saturating_add(1));
         let range = KeyRange::between(
@@ -311,7 +323,7 @@ impl Service {
                 let thread =
                     lattice_storage::get::<ThreadRecord>(self.kv.as_ref(), &keys::thread(room_id.as_str(), &root))
                         .await?;
-                if !thread.is_some_and(|t| t.value.participants.iter().any(|p| p == viewer.as_str())) {
+                if !thread.is_some_and(|t| t.value.participants.iter().any(|p| p == user_id.as_str())) {
                     continue;
                 }
             }
@@ -319,6 +331,9 @@ impl Service {
                 break;
             }
             next = Some(position_of(&key).saturating_sub(1));
+            if !self.may_see_id(viewer, &root).await? {
+                continue;
+            }
             chunk.push(self.timeline_event(viewer, &root).await?);
         }
         let mut page = json!({ "chunk": chunk });

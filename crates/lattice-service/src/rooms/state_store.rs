@@ -98,3 +98,43 @@ fn delta(from: &StateMap, to: &StateMap) -> Vec<(String, String, String)> {
     changes.sort();
     changes
 }
+
+/// The event IDs holding `slots` (`(type, state_key)`) in the state of `group`, read from the
+/// group's delta chain and stopping as soon as every slot is decided — usually after the first
+/// few links, without loading the whole state.
+pub(super) async fn lookup(
+    kv: &dyn KvRead,
+    group: u64,
+    slots: &[(&str, &str)],
+) -> Result<Vec<Option<String>>, ServiceError> {
+    // `None`: not decided yet; `Some(None)`: decided absent (removed, or not in the snapshot).
+    let mut decided: Vec<Option<Option<String>>> = vec![None; slots.len()];
+    let mut next = Some(group);
+    let mut links = 0;
+    while let Some(id) = next {
+        if decided.iter().all(Option::is_some) {
+            break;
+        }
+        if links > SNAPSHOT_INTERVAL {
+            return Err(ServiceError::Internal(format!("state group {group} has an over-long delta chain")));
+        }
+        let record = lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(id))
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("state group {id} is missing")))?
+            .value;
+        for (slot, decision) in slots.iter().zip(decided.iter_mut()) {
+            if decision.is_some() {
+                continue;
+            }
+            // A delta is sorted and holds each slot at most once.
+            let found = record.delta.binary_search_by(|(kind, key, _)| (kind.as_str(), key.as_str()).cmp(slot));
+            if let Ok(index) = found {
+                let event_id = &record.delta[index].2;
+                *decision = Some((!event_id.is_empty()).then(|| event_id.clone()));
+            }
+        }
+        next = record.parent;
+        links += 1;
+    }
+    Ok(decided.into_iter().map(Option::flatten).collect())
+}

@@ -10,6 +10,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
 use super::filter::{EventFilter, SyncFilter};
+use super::visibility::{MAX_HIDDEN_RUN, StateView, Viewer};
 use crate::{Service, ServiceError};
 
 /// Most timeline events one room gets in one sync or one page of `/messages`.
@@ -350,8 +351,8 @@ impl Service {
     ) -> Result<Option<Value>, ServiceError> {
         let filter = &scope.filter.room.timeline;
         let limit = filter.limit.map_or(DEFAULT_TIMELINE_LIMIT, |l| l as usize).clamp(1, MAX_TIMELINE_LIMIT);
-        let page =
-            self.timeline_page(scope.user_id, room_id, (scope.since, upto), limit, filter, scope.ignored).await?;
+        let viewer = &mut self.viewer(scope.user_id, room_id).await?;
+        let page = self.timeline_page(viewer, (scope.since, upto), limit, filter, scope.ignored).await?;
         if page.events.is_empty() && !scope.initial && !scope.full_state {
             return Ok(None);
         }
@@ -371,11 +372,11 @@ impl Service {
         Ok(Some(room))
     }
 
-    /// The newest `limit` events in `(from, upto]` that pass `filter`, oldest first.
+    /// The newest `limit` events in `(from, upto]` that pass `filter` and that the viewer may
+    /// see, oldest first.
     async fn timeline_page(
         &self,
-        viewer: &UserId,
-        room_id: &RoomId,
+        viewer: &mut Viewer,
         (from, upto): (u64, u64),
         limit: usize,
         filter: &EventFilter,
@@ -386,6 +387,8 @@ impl Service {
         let mut first_position = upto;
         let mut scanned = 0;
         let mut limited = false;
+        let mut hidden_run = 0;
+        let room_id = viewer.room_id.clone();
         'scan: while scanned < MAX_FILTERED_SCAN {
             let range =
                 KeyRange::between(&keys::timeline(room_id.as_str(), from + 1), &keys::timeline(room_id.as_str(), end));
@@ -398,7 +401,17 @@ impl Service {
             for (key, event_id) in rows {
                 let position = position_of(&key);
                 end = position;
-                let event = self.timeline_event(viewer, &String::from_utf8_lossy(&event_id)).await?;
+                let event_id = String::from_utf8_lossy(&event_id);
+                if !self.may_see_at(viewer, &event_id, position).await? {
+                    hidden_run += 1;
+                    if hidden_run == MAX_HIDDEN_RUN {
+                        limited = true;
+                        break 'scan;
+                    }
+                    continue;
+                }
+                hidden_run = 0;
+                let event = self.timeline_event(viewer, &event_id).await?;
                 if !visible(&event, filter, ignored) {
                     continue;
                 }
@@ -602,7 +615,7 @@ impl Service {
         limit: usize,
         filter: &EventFilter,
     ) -> Result<Value, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
+        let viewer = &mut self.reader(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
         let now = self.stream_position().await?;
         let from = from.unwrap_or(if backward { now } else { 0 });
@@ -612,8 +625,9 @@ impl Service {
         let mut cursor = from;
         let mut chunk = Vec::with_capacity(limit);
         let mut scanned = 0;
+        let mut hidden_run = 0;
         let mut exhausted = false;
-        while chunk.len() < limit && scanned < MAX_FILTERED_SCAN && !exhausted {
+        while chunk.len() < limit && scanned < MAX_FILTERED_SCAN && hidden_run < MAX_HIDDEN_RUN && !exhausted {
             let (range, direction) = if backward {
                 (
                     KeyRange::between(
@@ -638,7 +652,13 @@ impl Service {
             for (key, event_id) in rows {
                 let position = position_of(&key);
                 cursor = if backward { position.saturating_sub(1) } else { position };
-                let event = self.timeline_event(user_id, &String::from_utf8_lossy(&event_id)).await?;
+                let event_id = String::from_utf8_lossy(&event_id);
+                if !self.may_see_at(viewer, &event_id, position).await? {
+                    hidden_run += 1;
+                    continue;
+                }
+                hidden_run = 0;
+                let event = self.timeline_event(viewer, &event_id).await?;
                 if visible(&event, filter, &ignored) {
                     chunk.push(event);
                 }
@@ -649,23 +669,35 @@ impl Service {
             page["end"] = json!(token(cursor));
         }
         if filter.lazy_load_members {
-            page["state"] = json!(self.members_of_senders(room_id, &chunk).await?);
+            let at = self.state_view(viewer).await?;
+            page["state"] = json!(self.members_of_senders(room_id, at, &chunk).await?);
         }
         Ok(page)
     }
 
-    /// The current member events of the senders of `events`, for lazy-loading clients.
+    /// The member events of the senders of `events` in the state the reader may read (the
+    /// current state, or the state at their leave), for lazy-loading clients.
     pub(crate) async fn members_of_senders(
         &self,
         room_id: &RoomId,
+        at: StateView,
         events: &[Value],
     ) -> Result<Vec<Value>, ServiceError> {
         let senders: BTreeSet<&str> = events.iter().filter_map(|e| e["sender"].as_str()).collect();
         let mut members = Vec::with_capacity(senders.len());
         for sender in senders {
-            let key = keys::current_state(room_id.as_str(), "m.room.member", sender);
-            if let Some(id) = self.kv.get(Table::CurrentState, &key).await? {
-                members.push(self.client_event(&String::from_utf8_lossy(&id)).await?);
+            let id = match at {
+                StateView::Current => {
+                    let key = keys::current_state(room_id.as_str(), "m.room.member", sender);
+                    self.kv.get(Table::CurrentState, &key).await?.map(|id| String::from_utf8_lossy(&id).into_owned())
+                }
+                StateView::AtGroup(group) => {
+                    let slots = [("m.room.member", sender)];
+                    super::state_store::lookup(self.kv.as_ref(), group, &slots).await?.pop().flatten()
+                }
+            };
+            if let Some(id) = id {
+                members.push(self.client_event(&id).await?);
             }
         }
         Ok(members)

@@ -20,6 +20,9 @@ pub(super) fn index_event(batch: &mut WriteBatch, room_id: &RoomId, event: &Pdu,
     );
 }
 
+/// Index rows `timestamp_to_event` steps over looking for an event the user may see.
+const MAX_HIDDEN_STEPS: usize = 100;
+
 /// The event `timestamp_to_event` found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventAtTime {
@@ -29,7 +32,7 @@ pub struct EventAtTime {
 
 impl Service {
     /// `GET /rooms/{roomId}/timestamp_to_event`: the first event at or after `ts` (`forward`),
-    /// or the last one at or before it; members only.
+    /// or the last one at or before it, among those the user may see.
     pub async fn timestamp_to_event(
         &self,
         user_id: &UserId,
@@ -37,7 +40,7 @@ impl Service {
         ts: u64,
         forward: bool,
     ) -> Result<EventAtTime, ServiceError> {
-        self.require_joined(user_id, room_id).await?;
+        let viewer = &mut self.reader(user_id, room_id).await?;
         let room = room_id.as_str();
         let room_rows = KeyRange::prefix(&keys::room_rows(room));
         let (range, direction) = if forward {
@@ -47,15 +50,15 @@ impl Service {
             let end = Bound::Included(keys::event_timestamp(room, ts, u64::MAX));
             (KeyRange { start: room_rows.start, end }, Direction::Backward)
         };
-        let rows = self.kv.scan(Table::EventTimestamps, &range, direction, 1).await?;
-        let Some((key, event_id)) = rows.into_iter().next() else {
-            let dir = if forward { "after" } else { "before" };
-            return Err(ServiceError::NotFound(format!("no event in {room_id} at or {dir} {ts}")));
-        };
-        Ok(EventAtTime {
-            event_id: String::from_utf8_lossy(&event_id).into_owned(),
-            origin_server_ts: timestamp_of(&key),
-        })
+        let rows = self.kv.scan(Table::EventTimestamps, &range, direction, MAX_HIDDEN_STEPS).await?;
+        for (key, event_id) in rows {
+            let event_id = String::from_utf8_lossy(&event_id).into_owned();
+            if self.may_see_at(viewer, &event_id, super::sync::position_of(&key)).await? {
+                return Ok(EventAtTime { event_id, origin_server_ts: timestamp_of(&key) });
+            }
+        }
+        let dir = if forward { "after" } else { "before" };
+        Err(ServiceError::NotFound(format!("no event in {room_id} at or {dir} {ts}")))
     }
 }
 
