@@ -138,3 +138,53 @@ pub(super) async fn lookup(
     }
     Ok(decided.into_iter().map(Option::flatten).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use lattice_storage::MemoryStore;
+
+    use super::*;
+
+    fn slot(kind: &str, key: &str) -> (StateEventType, String) {
+        (StateEventType::from(kind), key.to_owned())
+    }
+
+    fn id(n: usize) -> OwnedEventId {
+        OwnedEventId::try_from(format!("$e{n}")).expect("valid event ID")
+    }
+
+    /// A chain longer than a snapshot interval, where members come, change and go and the
+    /// setting changes now and then: a lookup agrees with the full state at every group.
+    #[tokio::test]
+    async fn a_lookup_agrees_with_the_full_state_along_a_long_chain() {
+        let kv = MemoryStore::new();
+        let mut state = StateMap::new();
+        let mut previous: Option<(u64, StateMap)> = None;
+        let mut groups = Vec::new();
+        for step in 0..150usize {
+            match step % 5 {
+                0 => state.insert(slot("m.room.history_visibility", ""), id(step)),
+                4 => state.remove(&slot("m.room.member", &format!("@u{}:hs", step % 7))),
+                _ => state.insert(slot("m.room.member", &format!("@u{}:hs", step % 7)), id(step)),
+            };
+            let mut batch = WriteBatch::new();
+            let base = previous.as_ref().map(|(group, state)| Base { group: *group, state });
+            let group = save(&kv, &mut batch, base, &state).await.expect("saved");
+            kv.write(batch).await.expect("written");
+            groups.push((group, state.clone()));
+            previous = Some((group, state.clone()));
+        }
+        for (group, expected) in &groups {
+            for user in 0..8 {
+                let member = format!("@u{user}:hs");
+                let slots = [("m.room.history_visibility", ""), ("m.room.member", member.as_str())];
+                let found = lookup(&kv, *group, &slots).await.expect("looked up");
+                let want: Vec<Option<String>> = [slot(slots[0].0, slots[0].1), slot(slots[1].0, slots[1].1)]
+                    .iter()
+                    .map(|s| expected.get(s).map(|id| id.to_string()))
+                    .collect();
+                assert_eq!(found, want, "group {group}, {member}");
+            }
+        }
+    }
+}
