@@ -351,7 +351,7 @@ impl Service {
     ) -> Result<Option<Value>, ServiceError> {
         let filter = &scope.filter.room.timeline;
         let limit = filter.limit.map_or(DEFAULT_TIMELINE_LIMIT, |l| l as usize).clamp(1, MAX_TIMELINE_LIMIT);
-        let viewer = &mut self.viewer(scope.user_id, room_id).await?;
+        let viewer = &mut Viewer::lazy(scope.user_id, room_id);
         let page = self.timeline_page(viewer, (scope.since, upto), limit, filter, scope.ignored).await?;
         if page.events.is_empty() && !scope.initial && !scope.full_state {
             return Ok(None);

@@ -35,6 +35,24 @@ pub(crate) struct Viewer {
     last_join: Option<u64>,
     /// Facts by state group: the events of a page mostly share a few groups.
     facts: HashMap<u64, StateFacts>,
+    /// Whether the membership fields above have been read yet (see [`Viewer::lazy`]).
+    known: bool,
+}
+
+impl Viewer {
+    /// A viewer that reads nothing until its first question: a sync looks at many rooms where
+    /// nothing happened, and those should cost no membership reads.
+    pub(crate) fn lazy(user_id: &UserId, room_id: &RoomId) -> Self {
+        Self {
+            user_id: user_id.to_owned(),
+            room_id: room_id.to_owned(),
+            membership: None,
+            joined_since: None,
+            last_join: None,
+            facts: HashMap::new(),
+            known: false,
+        }
+    }
 }
 
 /// Which state a reader may read.
@@ -73,16 +91,21 @@ impl EventShape {
 impl Service {
     /// The facts about `user_id` in `room_id` that every later check builds on.
     pub(crate) async fn viewer(&self, user_id: &UserId, room_id: &RoomId) -> Result<Viewer, ServiceError> {
-        let mut viewer = Viewer {
-            user_id: user_id.to_owned(),
-            room_id: room_id.to_owned(),
-            membership: None,
-            joined_since: None,
-            last_join: None,
-            facts: HashMap::new(),
-        };
+        let mut viewer = Viewer::lazy(user_id, room_id);
+        self.get_to_know(&mut viewer).await?;
+        Ok(viewer)
+    }
+
+    /// Reads the reader's membership now, and walks their member events back to their latest
+    /// join; once per viewer.
+    async fn get_to_know(&self, viewer: &mut Viewer) -> Result<(), ServiceError> {
+        if viewer.known {
+            return Ok(());
+        }
+        viewer.known = true;
+        let (user_id, room_id) = (viewer.user_id.clone(), viewer.room_id.clone());
         let key = keys::current_state(room_id.as_str(), "m.room.member", user_id.as_str());
-        let Some(member_id) = self.kv.get(Table::CurrentState, &key).await? else { return Ok(viewer) };
+        let Some(member_id) = self.kv.get(Table::CurrentState, &key).await? else { return Ok(()) };
         let mut member_id = String::from_utf8_lossy(&member_id).into_owned();
         for step in 0..MAX_MEMBERSHIP_WALK {
             let Some(record) = self.event_record(&member_id).await? else { break };
@@ -99,10 +122,10 @@ impl Service {
                 break;
             }
             // The member event before this one: the reader's slot in the state it was built on.
-            let Some(previous) = self.member_event_before(&shape, user_id).await? else { break };
+            let Some(previous) = self.member_event_before(&shape, &user_id).await? else { break };
             member_id = previous;
         }
-        Ok(viewer)
+        Ok(())
     }
 
     /// A viewer for a read endpoint: the room exists (else 404) and the reader is joined, has
@@ -164,6 +187,7 @@ impl Service {
         event_id: &str,
         position: u64,
     ) -> Result<bool, ServiceError> {
+        self.get_to_know(viewer).await?;
         if viewer.joined_since.is_some_and(|since| position >= since) {
             return Ok(true);
         }
@@ -183,6 +207,7 @@ impl Service {
         if record.room_id != viewer.room_id.as_str() {
             return Ok(false);
         }
+        self.get_to_know(viewer).await?;
         if viewer.joined_since.is_some_and(|since| position >= since) {
             return Ok(true);
         }
