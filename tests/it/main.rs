@@ -10,6 +10,8 @@ mod process;
 mod relations;
 mod rooms;
 mod sdk_client;
+mod sdk_join_by_alias;
 mod support;
 mod sync;
+mod sync_correctness;
 mod to_device;
