@@ -3,8 +3,12 @@
 //! 1. messages per second spread over 100 rooms (10 concurrent senders);
 //! 2. send → `/sync` latency: 10 clients long-polling one room while messages arrive at 20/s;
 //! 3. initial `/sync` of a user in 100 rooms × 1,000 events, lazy-loading members, and the
-//!    server's RSS after it.
+//!    server's RSS after it;
+//! 4. incremental `/sync` of a user in 500 rooms when one of them changed;
+//! 5. empty wake-ups of 100 idle long-polls while 10 other users send 20 msg/s in their own
+//!    rooms (a `/sync` that returns before its timeout with nothing in it).
 //!
+//! `--sync-only` runs only 4 and 5.
 //! Usage: `cargo run --release --example room_bench -- [path/to/lattice] [--quick]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 //! `--rooms N --per-room M --seconds S` shrink the load for slow servers; `--url URL --pid PID` runs the same load against a server that is already running (e.g. a
@@ -288,6 +292,107 @@ async fn fill_rooms(
     Ok(start.elapsed())
 }
 
+/// Incremental `/sync` latencies (ms, sorted) of a user in `rooms_n` rooms, each sync after
+/// one message in one of the rooms.
+async fn incremental_sync_latency(server: &Arc<Server>, rooms_n: usize, samples: usize) -> Result<Vec<f64>, Error> {
+    let member = server.register("many_rooms").await?;
+    let mut rooms = Vec::new();
+    for i in 0..rooms_n {
+        rooms.push(server.create_room(&member, json!({ "name": format!("busy {i}") })).await?);
+    }
+    let first = server.sync(&member, "").await?;
+    let mut since = first["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
+    let mut times = Vec::new();
+    for n in 0..samples {
+        server.send(&member, &rooms[(n * 7919) % rooms.len()], &format!("inc-{n}"), "one change").await?;
+        let start = Instant::now();
+        let batch = server.sync(&member, &format!("since={since}&timeout=0")).await?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        let changed = batch["rooms"]["join"].as_object().map_or(0, |j| j.len());
+        if changed != 1 {
+            return Err(format!("expected one changed room, got {changed}").into());
+        }
+        since = batch["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// `idle` users long-poll (`timeout_ms`) while `talkers` users send `rate` messages per second
+/// in total, each in a room of their own, for `duration`. Returns (empty early answers, answers).
+async fn empty_wakeups(
+    server: &Arc<Server>,
+    idle: usize,
+    talkers: usize,
+    rate: u32,
+    duration: Duration,
+    timeout_ms: u64,
+) -> Result<(u64, u64), Error> {
+    let mut talking = Vec::new();
+    for i in 0..talkers {
+        let token = server.register(&format!("talker_idle{i}")).await?;
+        let room = server.create_room(&token, json!({ "name": format!("chatter {i}") })).await?;
+        talking.push((token, room));
+    }
+    let empty = Arc::new(AtomicU64::new(0));
+    let answers = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for i in 0..idle {
+        let token = server.register(&format!("idle{i}")).await?;
+        let first = server.sync(&token, "").await?;
+        let mut since = first["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
+        let (server, empty, answers) = (server.clone(), empty.clone(), answers.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                let Ok(batch) = server.sync(&token, &format!("since={since}&timeout={timeout_ms}")).await else {
+                    break;
+                };
+                answers.fetch_add(1, Ordering::Relaxed);
+                let nothing = batch["rooms"]
+                    .as_object()
+                    .is_none_or(|rooms| rooms.values().all(|section| section.as_object().is_none_or(|s| s.is_empty())));
+                if nothing && start.elapsed() < Duration::from_millis(timeout_ms) {
+                    empty.fetch_add(1, Ordering::Relaxed);
+                }
+                since = batch["next_batch"].as_str().unwrap_or(&since).to_owned();
+            }
+        }));
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut n = 0usize;
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let (token, room) = &talking[n % talking.len()];
+        server.send(token, room, &format!("idle-{n}"), "chatter").await?;
+        n += 1;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok((empty.load(Ordering::Relaxed), answers.load(Ordering::Relaxed)))
+}
+
+/// Sections 4 and 5: incremental sync cost and empty long-poll wake-ups.
+async fn sync_sections(server: &Arc<Server>, quick: bool) -> Result<(), Error> {
+    let rooms_n = if quick { 100 } else { 500 };
+    let times = incremental_sync_latency(server, rooms_n, if quick { 20 } else { 100 }).await?;
+    let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+    eprintln!("incremental sync in {rooms_n} rooms, one changed: p50 {p50:.2} ms, p99 {p99:.2} ms");
+    let seconds = if quick { 5 } else { 20 };
+    let (empty, answers) = empty_wakeups(server, 100, 10, 20, Duration::from_secs(seconds), 5_000).await?;
+    eprintln!("idle long-polls: {empty} empty early answers of {answers}");
+    println!(
+        "| incremental /sync of a user in {rooms_n} rooms, one room changed ({} samples) | p50 **{p50:.2} ms**, p99 **{p99:.2} ms** |",
+        times.len()
+    );
+    println!(
+        "| empty wake-ups of 100 idle long-polls (timeout 5 s) while 10 others send 20 msg/s for {seconds} s | **{empty}** of {answers} answers |"
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -306,6 +411,11 @@ async fn main() -> Result<(), Error> {
         None => Server::start(&binary, data.path()).await?,
     });
     eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
+    if args.iter().any(|a| a == "--sync-only") {
+        println!("| measure | {} |", if option("--url").is_some() { "server at --url" } else { "Lattice" });
+        println!("|---|---|");
+        return sync_sections(&server, quick).await;
+    }
 
     // 1. Send rate across 100 rooms.
     let owner = server.register("owner").await?;
@@ -392,5 +502,5 @@ async fn main() -> Result<(), Error> {
         percentile(&times, 0.5)
     );
     println!("| server RSS after that | **{rss:.1} MiB** |");
-    Ok(())
+    sync_sections(&server, quick).await
 }

@@ -90,6 +90,8 @@ pub struct Running {
     pub address: SocketAddr,
     /// The registration token created because this start made a new data directory.
     pub first_registration_token: Option<String>,
+    /// How many `/sync` long-polls are asleep (tests wait for one before writing).
+    pub sync_waiters: lattice_service::SyncWaiters,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -126,6 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("listening on {} (key `listen.address`)", config.listen.address))?;
     let address = listener.local_addr()?;
     let service = opened.service.clone();
+    let sync_waiters = service.sync_waiters();
     let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)))
         .into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
@@ -153,7 +156,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Ok(())
     });
     tracing::info!(address = %address, server_name = %config.server_name, elapsed_ms = started.elapsed().as_millis() as u64, "serving the client API");
-    Ok(Running { address, first_registration_token, shutdown, task })
+    Ok(Running { address, first_registration_token, sync_waiters, shutdown, task })
 }
 
 async fn sweep_uia_sessions(service: Arc<Service>) {

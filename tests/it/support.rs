@@ -66,6 +66,25 @@ impl TestServer {
         session["access_token"].as_str().expect("access token").to_owned()
     }
 
+    /// How many `/sync` long-polls are waiting in the server right now.
+    pub fn sync_waiters(&self) -> usize {
+        self.running.as_ref().map_or(0, |running| running.sync_waiters.count())
+    }
+
+    /// Wake-ups the server has sent to waiting `/sync` requests so far.
+    pub fn sync_wakeups(&self) -> u64 {
+        self.running.as_ref().map_or(0, |running| running.sync_waiters.wakeups())
+    }
+
+    /// Waits until `count` long-polls are asleep in the server: proof that a request is waiting
+    /// before the test writes.
+    pub async fn until_sync_waiters(&self, count: usize) {
+        while self.sync_waiters() < count {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await.expect("clean stop");

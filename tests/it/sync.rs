@@ -109,7 +109,8 @@ async fn incremental_sync_waits_for_news_and_never_repeats_it() {
             (body, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The request is asleep in the server before alice speaks.
+    server.until_sync_waiters(1).await;
     say(http, &alice, &room, "wake up").await;
     let (woken, waited) = waiting.await.unwrap();
     assert!(waited < Duration::from_secs(15), "woken by the send, not the timeout");

@@ -2,7 +2,7 @@
 
 use lattice_core::limits::{MAX_ACCOUNT_DATA_BYTES, MAX_EVENT_TYPE_BYTES, MAX_FILTER_BYTES};
 use lattice_storage::records::{AccountDataRecord, FilterRecord, JsonObject};
-use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use lattice_storage::{KeyRange, Table, WriteBatch, keys};
 use ruma::api::client::filter::FilterDefinition;
 use ruma::{RoomId, UserId};
 
@@ -105,7 +105,7 @@ impl Service {
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
         batch.put(Table::AccountDataPositions, key, position.to_be_bytes().to_vec());
         self.kv.write(batch).await?;
-        self.announce(position);
+        self.notifier.notify_user(user_id);
         Ok(())
     }
 
@@ -118,14 +118,7 @@ impl Service {
         now: u64,
     ) -> Result<Vec<(Option<String>, String, JsonObject)>, ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
-        let rows = self
-            .kv
-            .scan(
-                Table::AccountDataPositions,
-                &KeyRange::prefix(&prefix),
-                Direction::Forward,
-                lattice_storage::MAX_SCAN_ROWS,
-            )
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::AccountDataPositions, &KeyRange::prefix(&prefix))
             .await?;
         let mut changed = Vec::new();
         for (key, raw) in rows {

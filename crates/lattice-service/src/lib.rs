@@ -6,6 +6,7 @@ mod accounts;
 mod clock;
 mod devices;
 mod error;
+mod notifier;
 mod profile;
 mod registration_tokens;
 mod reports;
@@ -28,6 +29,7 @@ pub use clock::{Clock, SystemClock};
 pub use devices::DeviceInfo;
 pub use error::ServiceError;
 pub use lattice_storage::records::JsonObject;
+pub use notifier::SyncWaiters;
 pub use profile::Profile;
 pub use profile::ProfileField;
 pub use registration_tokens::{RegistrationTokenInfo, valid_registration_token_format};
@@ -66,8 +68,6 @@ pub struct Service {
     hasher: PasswordHasher,
     /// Signs the events this server creates (and, later, its federation requests).
     signing_key: Arc<Ed25519KeyPair>,
-    /// The newest stream position written; `/sync` long-polls wait on it.
-    stream: tokio::sync::watch::Sender<u64>,
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
@@ -76,6 +76,8 @@ pub struct Service {
     stream_writer: tokio::sync::Mutex<()>,
     /// Who is typing where; in memory only, since notices last seconds.
     typing: std::sync::Mutex<rooms::typing::Typing>,
+    /// Wakes each waiting `/sync` only for writes that concern its user.
+    notifier: Arc<notifier::Notifier>,
 }
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
@@ -96,11 +98,16 @@ impl Service {
             clock,
             hasher,
             signing_key,
-            stream: tokio::sync::watch::Sender::new(0),
             room_locks,
             stream_writer: tokio::sync::Mutex::new(()),
             typing: Default::default(),
+            notifier: Default::default(),
         }
+    }
+
+    /// The number of `/sync` requests waiting for news, readable after the service is gone.
+    pub fn sync_waiters(&self) -> SyncWaiters {
+        SyncWaiters(self.notifier.clone())
     }
 
     pub fn config(&self) -> &ServiceConfig {
@@ -114,15 +121,6 @@ impl Service {
     /// Makes every acknowledged write durable; called at shutdown.
     pub async fn flush(&self) -> Result<(), ServiceError> {
         Ok(self.kv.flush().await?)
-    }
-
-    /// Publishes a new stream position to waiting `/sync` requests.
-    fn announce(&self, position: u64) {
-        self.stream.send_if_modified(|newest| {
-            let newer = position > *newest;
-            *newest = (*newest).max(position);
-            newer
-        });
     }
 
     /// Waits for this process's turn to take a stream position and write its batch.

@@ -59,7 +59,9 @@ impl Service {
             match self.kv.write(batch).await {
                 Ok(()) => {
                     tracing::debug!(sender = %sender, event_type, queued, "queued to-device messages");
-                    self.announce(position);
+                    for recipient in messages.keys() {
+                        self.notifier.notify_user(recipient);
+                    }
                     return Ok(());
                 }
                 Err(StorageError::Conflict) => continue,

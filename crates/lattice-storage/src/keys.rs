@@ -112,6 +112,12 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
+/// `room\0position`, big-endian: a room's receipt changes in stream order, so a sync finds
+/// the receipts changed since its token without reading the room's other receipts.
+pub fn receipt_position(room_id: &str, position: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &position.to_be_bytes()])
+}
+
 /// A device's to-device inbox in stream order: `user\0device\0position·seq` (one send may
 /// put several messages into one inbox under one position).
 pub fn to_device(user_id: &str, device_id: &str, position: u64, seq: u32) -> Vec<u8> {

@@ -19,7 +19,7 @@ pub use memory::MemoryStore;
 pub use rocks::{RocksOptions, RocksStore};
 pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
 pub use table::Table;
-pub use typed::{Fetched, Record, counter, counter_in_batch, get, next_counter, put, scan_prefix};
+pub use typed::{Fetched, Record, counter, counter_in_batch, get, next_counter, put, scan_all, scan_prefix};
 
 #[cfg(test)]
 mod suite;

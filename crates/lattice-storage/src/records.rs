@@ -194,6 +194,10 @@ pub struct EventRecord {
     pub stream_position: Option<u64>,
     /// The state of the room after this event (before it, for rejected events).
     pub state_group: u64,
+    /// The redaction that took effect on this event, written in the redaction's own batch, so
+    /// clients are told who removed it (`unsigned.redacted_because`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redacted_by: Option<String>,
 }
 
 impl Record for EventRecord {

@@ -39,6 +39,7 @@ tables! {
     PendingRedactions => "pending_redactions",
     Transactions => "transactions",
     Receipts => "receipts",
+    ReceiptPositions => "receipt_positions",
     AccountDataPositions => "account_data_positions",
     ToDevice => "to_device",
     ToDeviceTransactions => "to_device_transactions",

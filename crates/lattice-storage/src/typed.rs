@@ -4,7 +4,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::kv::{Direction, KeyRange, KvRead, KvStore, WriteBatch};
+use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch};
 use crate::{StorageError, Table};
 
 /// A value stored in exactly one table.
@@ -47,6 +47,24 @@ pub async fn scan_prefix<R: Record>(
 ) -> Result<Vec<(Vec<u8>, R)>, StorageError> {
     let rows = kv.scan(R::TABLE, &KeyRange::prefix(prefix), Direction::Forward, limit).await?;
     rows.into_iter().map(|(key, raw)| Ok((key, decode(&raw)?))).collect()
+}
+
+/// Every row of `range`, in key order, read in pages of [`MAX_SCAN_ROWS`](crate::MAX_SCAN_ROWS):
+/// for reads that must not stop at a page (a room's whole state, a user's rooms).
+pub async fn scan_all(kv: &dyn KvRead, table: Table, range: &KeyRange) -> Result<Vec<Row>, StorageError> {
+    let mut rows = Vec::new();
+    let mut page_range = range.clone();
+    loop {
+        let page = kv.scan(table, &page_range, Direction::Forward, crate::MAX_SCAN_ROWS).await?;
+        let full = page.len() == crate::MAX_SCAN_ROWS;
+        if let Some((last, _)) = page.last() {
+            page_range.start = std::ops::Bound::Excluded(last.clone());
+        }
+        rows.extend(page);
+        if !full {
+            return Ok(rows);
+        }
+    }
 }
 
 /// Reads the named counter and adds its increment to `batch`, conditional on the value read:
@@ -94,4 +112,24 @@ pub async fn next_counter(kv: &dyn KvStore, name: &str) -> Result<u64, StorageEr
         }
     }
     Err(StorageError::Conflict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn scan_all_reads_past_one_page() {
+        let kv = crate::MemoryStore::new();
+        let rows = crate::MAX_SCAN_ROWS * 2 + 3;
+        let mut batch = WriteBatch::new();
+        for i in 0..rows as u32 {
+            batch.put(Table::Memberships, [b"u\0".as_slice(), &i.to_be_bytes()].concat(), vec![]);
+        }
+        batch.put(Table::Memberships, b"v\0other".to_vec(), vec![]);
+        kv.write(batch).await.unwrap();
+        let all = scan_all(&kv, Table::Memberships, &KeyRange::prefix(b"u\0")).await.unwrap();
+        assert_eq!(all.len(), rows);
+        assert!(all.windows(2).all(|pair| pair[0].0 < pair[1].0), "in key order, no repeats");
+    }
 }

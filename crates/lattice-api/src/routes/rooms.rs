@@ -24,6 +24,11 @@ pub fn routes() -> Router<AppState> {
             "/_matrix/client/v3/rooms/{room_id}/state/{event_type}",
             get(get_state_empty_key).put(put_state_empty_key),
         )
+        // A trailing slash names the empty state key, as clients write it.
+        .route(
+            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}/",
+            get(get_state_empty_key).put(put_state_empty_key),
+        )
         .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))

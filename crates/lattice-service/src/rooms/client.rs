@@ -17,9 +17,6 @@ use crate::{Service, ServiceError};
 /// asks for another: the spec's recommendation.
 pub const DEFAULT_ROOM_VERSION: &str = "11";
 
-/// Rooms one user may be listed in by `joined_rooms`.
-const MAX_ROOMS_PER_LIST: usize = 10_000;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
     PrivateChat,
@@ -187,39 +184,59 @@ impl Service {
         if kind == "m.room.canonical_alias" && state_key.is_some() {
             self.check_canonical_alias(room_id, &content).await?;
         }
-        let mut extra = WriteBatch::new();
-        if let Some(txn) = &txn {
+        // Concurrent retries of one transaction line up behind the room's lock, so the later
+        // ones find the first one's record and answer with its event.
+        let _room = self.room_lock(room_id.as_str()).lock().await;
+        let txn_key = txn.as_ref().map(|txn| {
             let key = keys::room_transaction(sender.as_str(), txn.device_id, room_id.as_str(), txn.txn_id);
             let request_hash = hex(&Sha256::digest(json!([kind, state_key, content]).to_string().as_bytes()));
-            if let Some(done) = lattice_storage::get::<TransactionRecord>(self.kv.as_ref(), &key).await? {
-                if done.value.request_hash != request_hash {
-                    return Err(ServiceError::InvalidParam(
-                        "this transaction ID was used for a different request".into(),
-                    ));
-                }
-                return OwnedEventId::try_from(done.value.event_id).map_err(|e| ServiceError::Internal(e.to_string()));
-            }
-            extra.expect(Table::Transactions, key.clone(), None);
-            lattice_storage::put(&mut extra, key, &TransactionRecord { event_id: String::new(), request_hash });
+            (key, request_hash)
+        });
+        if let Some((key, request_hash)) = &txn_key
+            && let Some(done) = self.transaction_event(key, request_hash).await?
+        {
+            return Ok(done);
         }
         // Building on the newest extremities and writing happen under the room's lock, so
         // concurrent sends line up instead of forking the room.
-        let _room = self.room_lock(room_id.as_str()).lock().await;
         let event = LocalEvent { room_id: Some(room_id), sender, kind, state_key, content };
         let event = self.build_local_event(&version, event).await?;
-        if let Some(lattice_storage::WriteOp::Put { value, .. }) = extra.ops.first_mut() {
-            let record = TransactionRecord {
-                event_id: event.id().to_string(),
-                ..serde_json::from_slice(value).map_err(|e| ServiceError::Internal(e.to_string()))?
-            };
-            *value = serde_json::to_vec(&record).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let mut extra = WriteBatch::new();
+        if let Some((key, request_hash)) = &txn_key {
+            extra.expect(Table::Transactions, key.clone(), None);
+            let record = TransactionRecord { event_id: event.id().to_string(), request_hash: request_hash.clone() };
+            lattice_storage::put(&mut extra, key.clone(), &record);
         }
         let id = event.id().to_owned();
-        let ingested = self.ingest_unlocked(&version, event, &extra).await?;
+        let ingested = match self.ingest_unlocked(&version, event, &extra).await {
+            Ok(ingested) => ingested,
+            Err(e) => {
+                // Another process may have stored the same transaction meanwhile (the batch's
+                // condition failed): its event is the answer.
+                if let Some((key, request_hash)) = &txn_key
+                    && let Some(done) = self.transaction_event(key, request_hash).await?
+                {
+                    return Ok(done);
+                }
+                return Err(e);
+            }
+        };
         match ingested.outcome {
             Outcome::Accepted => Ok(id),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
         }
+    }
+
+    /// The event a stored transaction produced; the same transaction ID with another request
+    /// is `M_INVALID_PARAM`.
+    async fn transaction_event(&self, key: &[u8], request_hash: &str) -> Result<Option<OwnedEventId>, ServiceError> {
+        let Some(done) = lattice_storage::get::<TransactionRecord>(self.kv.as_ref(), key).await? else {
+            return Ok(None);
+        };
+        if done.value.request_hash != request_hash {
+            return Err(ServiceError::InvalidParam("this transaction ID was used for a different request".into()));
+        }
+        OwnedEventId::try_from(done.value.event_id).map(Some).map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
     async fn send_state(
@@ -278,10 +295,7 @@ impl Service {
     /// `GET /joined_rooms`.
     pub async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>, ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
-        let rows = self
-            .kv
-            .scan(Table::Memberships, &KeyRange::prefix(&prefix), Direction::Forward, MAX_ROOMS_PER_LIST)
-            .await?;
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::Memberships, &KeyRange::prefix(&prefix)).await?;
         rows.into_iter()
             .filter(|(_, membership)| membership == b"join")
             .map(|(key, _)| {
@@ -304,10 +318,7 @@ impl Service {
             return Ok(events);
         }
         let prefix = keys::room_rows(room_id.as_str());
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::CurrentState, &KeyRange::prefix(&prefix)).await?;
         let mut events = Vec::with_capacity(rows.len());
         for (_, event_id) in rows {
             events.push(self.client_event(&String::from_utf8_lossy(&event_id)).await?);
@@ -389,7 +400,9 @@ impl Service {
     /// Every user with a member event in the room's current state (any membership), with the
     /// event's ID, in user-ID order.
     pub(crate) async fn member_event_ids(&self, room_id: &RoomId) -> Result<Vec<(String, String)>, ServiceError> {
-        self.first_member_event_ids(room_id, lattice_storage::MAX_SCAN_ROWS).await
+        let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::CurrentState, &KeyRange::prefix(&prefix)).await?;
+        Ok(member_rows(&prefix, rows))
     }
 
     /// [`Service::member_event_ids`], the first `limit` of them.
@@ -400,12 +413,7 @@ impl Service {
     ) -> Result<Vec<(String, String)>, ServiceError> {
         let prefix = keys::current_state(room_id.as_str(), "m.room.member", "");
         let rows = self.kv.scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, limit).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(key, id)| {
-                (String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), String::from_utf8_lossy(&id).into_owned())
-            })
-            .collect())
+        Ok(member_rows(&prefix, rows))
     }
 
     /// The room exists (else 404) and the user is joined to it (else 403).
@@ -422,25 +430,54 @@ impl Service {
         Ok(())
     }
 
-    /// A stored event in the client format (no hashes, signatures or graph fields).
+    /// A stored event in the client format (no hashes, signatures or graph fields); a redacted
+    /// event carries the redaction that removed its content as `unsigned.redacted_because`.
     pub(crate) async fn client_event(&self, event_id: &str) -> Result<Value, ServiceError> {
-        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
-            .await?
-            .ok_or_else(|| ServiceError::Internal(format!("state event {event_id} is not stored")))?;
-        let mut event: Value =
-            serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        if let Some(object) = event.as_object_mut() {
-            for field in
-                ["hashes", "signatures", "auth_events", "prev_events", "depth", "origin", "prev_state", "membership"]
-            {
-                object.remove(field);
-            }
-            object.insert("event_id".into(), json!(event_id));
-            object.insert("room_id".into(), json!(record.value.room_id));
-            object.entry("unsigned").or_insert_with(|| json!({}));
+        let record = self.stored_event(event_id).await?;
+        let mut event = client_format(event_id, &record)?;
+        if let Some(redaction_id) = &record.redacted_by {
+            // The redaction is shown in its own client format, without following its own redaction.
+            let redaction = client_format(redaction_id, &self.stored_event(redaction_id).await?)?;
+            event["unsigned"]["redacted_because"] = redaction;
         }
         Ok(event)
     }
+
+    async fn stored_event(&self, event_id: &str) -> Result<EventRecord, ServiceError> {
+        Ok(lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
+            .await?
+            .ok_or_else(|| ServiceError::Internal(format!("event {event_id} is not stored")))?
+            .value)
+    }
+}
+
+/// A stored event's JSON as clients see it: no hashes, signatures or graph fields, with its ID
+/// and room, and always an `unsigned` object.
+fn client_format(event_id: &str, record: &EventRecord) -> Result<Value, ServiceError> {
+    let mut event: Value = serde_json::from_str(&record.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    if let Some(object) = event.as_object_mut() {
+        for field in
+            ["hashes", "signatures", "auth_events", "prev_events", "depth", "origin", "prev_state", "membership"]
+        {
+            object.remove(field);
+        }
+        object.insert("event_id".into(), json!(event_id));
+        object.insert("room_id".into(), json!(record.room_id));
+        // Writers below index into `unsigned`, which must be an object for that.
+        if !object.get("unsigned").is_some_and(Value::is_object) {
+            object.insert("unsigned".into(), json!({}));
+        }
+    }
+    Ok(event)
+}
+
+/// `(user ID, member event ID)` of current-state member rows under `prefix`.
+fn member_rows(prefix: &[u8], rows: Vec<lattice_storage::Row>) -> Vec<(String, String)> {
+    rows.into_iter()
+        .map(|(key, id)| {
+            (String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), String::from_utf8_lossy(&id).into_owned())
+        })
+        .collect()
 }
 
 fn check_event_type(kind: &str) -> Result<(), ServiceError> {

@@ -192,11 +192,13 @@ impl Service {
             },
             stream_position,
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
+            redacted_by: None,
         };
         let mut record = record;
         let redacted_on_arrival = match self.redact_if_pending(version, event, &mut loaded, &mut batch).await? {
-            Some(json) => {
+            Some((json, redaction_id)) => {
                 record.json = json;
+                record.redacted_by = Some(redaction_id);
                 true
             }
             None => false,
@@ -260,9 +262,15 @@ impl Service {
             batch.conditions.extend(extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
-        if let Some(position) = stream_position {
-            // Wake waiting /sync requests.
-            self.announce(position);
+        if stream_position.is_some() {
+            // Wake the /sync requests of the room's members, and of the user whose membership
+            // this is (who may not be a member yet).
+            self.notifier.notify_room(&room_id);
+            if *event.kind() == TimelineEventType::RoomMember
+                && let Some(target) = event.state_key().and_then(|key| ruma::UserId::parse(key).ok())
+            {
+                self.notifier.notify_user(&target);
+            }
         }
         Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
     }
@@ -495,7 +503,11 @@ impl Service {
         self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.stream_position, batch).await?;
         let json = redacted_json(target_event.object(), version)?;
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));
-        lattice_storage::put(batch, keys::event(target_id.as_str()), &EventRecord { json, ..target.value });
+        lattice_storage::put(
+            batch,
+            keys::event(target_id.as_str()),
+            &EventRecord { json, redacted_by: Some(redaction.id().to_string()), ..target.value },
+        );
         Ok(())
     }
 
@@ -519,15 +531,16 @@ impl Service {
         Ok(may_redact_others(loaded.get(power_id), redaction.sender().as_str()))
     }
 
-    /// For an event arriving after redactions of it were accepted: its redacted JSON when one of
-    /// them takes effect. The pending rows are removed in `batch` either way.
+    /// For an event arriving after redactions of it were accepted: its redacted JSON and the
+    /// redaction's ID when one of them takes effect. The pending rows are removed in `batch`
+    /// either way.
     async fn redact_if_pending(
         &self,
         version: &RoomVersion,
         event: &Pdu,
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
-    ) -> Result<Option<String>, ServiceError> {
+    ) -> Result<Option<(String, String)>, ServiceError> {
         const MAX_PENDING: usize = 100;
         let prefix = keys::pending_redactions_of(event.id().as_str());
         let rows = self
@@ -539,7 +552,7 @@ impl Service {
                 MAX_PENDING,
             )
             .await?;
-        let mut takes_effect = false;
+        let mut takes_effect: Option<String> = None;
         for (key, _) in rows {
             let redaction_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             batch.delete(Table::PendingRedactions, key);
@@ -548,7 +561,7 @@ impl Service {
             else {
                 continue;
             };
-            if takes_effect
+            if takes_effect.is_some()
                 || !matches!(record.value.status, EventStatus::Accepted)
                 || record.value.room_id != room_id_of(event)?.as_str()
             {
@@ -559,9 +572,14 @@ impl Service {
             let redaction = stored_pdu(version, &redaction_id, record.clone())?;
             // The state after a redaction (a message event) is the state before it.
             let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
-            takes_effect = self.redaction_takes_effect(version, &redaction, event, &state, loaded).await?;
+            if self.redaction_takes_effect(version, &redaction, event, &state, loaded).await? {
+                takes_effect = Some(redaction_id.to_string());
+            }
         }
-        if takes_effect { Ok(Some(redacted_json(event.object(), version)?)) } else { Ok(None) }
+        match takes_effect {
+            Some(redaction_id) => Ok(Some((redacted_json(event.object(), version)?, redaction_id))),
+            None => Ok(None),
+        }
     }
 
     /// Loads the given events (that are not loaded yet) from storage.

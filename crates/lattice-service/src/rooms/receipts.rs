@@ -2,15 +2,15 @@
 //! so `/sync` delivers each change once.
 
 use lattice_storage::records::ReceiptRecord;
-use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use lattice_storage::{KeyRange, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
 
 use crate::{Service, ServiceError};
 
 const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
-/// Receipts one room may report in one sync.
-const MAX_RECEIPTS_PER_ROOM: usize = 10_000;
+/// The read marker, which `/receipt` also sets (spec v1.4+), stored as room account data.
+const FULLY_READ: &str = "m.fully_read";
 
 impl Service {
     /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
@@ -22,14 +22,44 @@ impl Service {
         event_id: &str,
         thread_id: Option<String>,
     ) -> Result<(), ServiceError> {
-        if !RECEIPT_TYPES.contains(&receipt_type) {
-            return Err(ServiceError::InvalidParam(format!("receipt type must be one of {RECEIPT_TYPES:?}")));
+        if receipt_type == FULLY_READ {
+            // Since v1.4 the read marker may come this way too; it is not a receipt.
+            if thread_id.is_some() {
+                return Err(ServiceError::InvalidParam("m.fully_read takes no thread_id".into()));
+            }
+            return self.set_read_markers(user_id, room_id, Some(event_id), None, None).await;
         }
+        if !RECEIPT_TYPES.contains(&receipt_type) {
+            return Err(ServiceError::InvalidParam(format!(
+                "receipt type must be one of {RECEIPT_TYPES:?} or {FULLY_READ}"
+            )));
+        }
+        self.store_receipt(user_id, room_id, receipt_type, event_id, thread_id).await
+    }
+
+    /// Stores a receipt with a new stream position, and moves its row in the room's
+    /// position index (`receipt_positions`) in the same batch.
+    async fn store_receipt(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        receipt_type: &str,
+        event_id: &str,
+        thread_id: Option<String>,
+    ) -> Result<(), ServiceError> {
         self.require_member(user_id, room_id).await?;
         self.require_visible(user_id, room_id, event_id).await?;
         let key = keys::receipt(room_id.as_str(), user_id.as_str(), receipt_type, thread_id.as_deref().unwrap_or(""));
         let mut batch = WriteBatch::new();
         let _stream = self.lock_stream().await;
+        let previous = lattice_storage::get::<ReceiptRecord>(self.kv.as_ref(), &key).await?;
+        if let Some(previous) = &previous {
+            batch.delete(
+                Table::ReceiptPositions,
+                keys::receipt_position(room_id.as_str(), previous.value.stream_position),
+            );
+        }
+        batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
         // The position and the receipt commit together, like an event and its position.
         let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
         let record = ReceiptRecord {
@@ -40,9 +70,10 @@ impl Service {
             ts: self.now_ms(),
             stream_position: position,
         };
+        batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position), key.clone());
         lattice_storage::put(&mut batch, key, &record);
         self.kv.write(batch).await?;
-        self.announce(position);
+        self.notifier.notify_room(room_id);
         Ok(())
     }
 
@@ -65,14 +96,15 @@ impl Service {
         }
         for (kind, event_id) in [("m.read", read), ("m.read.private", read_private)] {
             if let Some(event_id) = event_id {
-                self.set_receipt(user_id, room_id, kind, event_id, None).await?;
+                self.store_receipt(user_id, room_id, kind, event_id, None).await?;
             }
         }
         Ok(())
     }
 
     /// The room's `m.receipt` event for `viewer` with the receipts changed in `(since, now]`
-    /// (private receipts only the viewer's own), if any.
+    /// (private receipts only the viewer's own), if any. An incremental sync reads only the
+    /// changed ones, from the room's position index; an initial one (`since` 0) every receipt.
     pub(crate) async fn receipts_since(
         &self,
         viewer: &UserId,
@@ -80,13 +112,18 @@ impl Service {
         since: u64,
         now: u64,
     ) -> Result<Option<Value>, ServiceError> {
-        let prefix = keys::room_rows(room_id.as_str());
-        let rows = self
-            .kv
-            .scan(Table::Receipts, &KeyRange::prefix(&prefix), Direction::Forward, MAX_RECEIPTS_PER_ROOM)
-            .await?;
+        let receipts = if since == 0 {
+            let prefix = keys::room_rows(room_id.as_str());
+            lattice_storage::scan_all(self.kv.as_ref(), Table::Receipts, &KeyRange::prefix(&prefix))
+                .await?
+                .into_iter()
+                .map(|(_, raw)| raw)
+                .collect()
+        } else {
+            self.changed_receipts(room_id, since, now).await?
+        };
         let mut content: Map<String, Value> = Map::new();
-        for (_, raw) in rows {
+        for raw in receipts {
             let receipt: ReceiptRecord =
                 serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
             let fresh = receipt.stream_position > since && receipt.stream_position <= now;
@@ -102,5 +139,20 @@ impl Service {
             by_type[&receipt.receipt_type][&receipt.user_id] = entry;
         }
         Ok((!content.is_empty()).then(|| json!({ "type": "m.receipt", "content": content })))
+    }
+
+    /// The stored receipts of the room whose position is in `(since, now]`, via the index.
+    async fn changed_receipts(&self, room_id: &RoomId, since: u64, now: u64) -> Result<Vec<Vec<u8>>, ServiceError> {
+        let range = KeyRange::between(
+            &keys::receipt_position(room_id.as_str(), since.saturating_add(1)),
+            &keys::receipt_position(room_id.as_str(), now.saturating_add(1)),
+        );
+        let mut receipts = Vec::new();
+        for (_, receipt_key) in lattice_storage::scan_all(self.kv.as_ref(), Table::ReceiptPositions, &range).await? {
+            if let Some(raw) = self.kv.get(Table::Receipts, &receipt_key).await? {
+                receipts.push(raw);
+            }
+        }
+        Ok(receipts)
     }
 }

@@ -76,6 +76,7 @@ fn token(position: u64) -> String {
 }
 
 /// What one sync is about, shared by every room it looks at.
+#[derive(Clone, Copy)]
 pub(super) struct SyncScope<'a> {
     user_id: &'a UserId,
     since: u64,
@@ -87,6 +88,24 @@ pub(super) struct SyncScope<'a> {
     ignored: &'a HashSet<String>,
 }
 
+impl SyncScope<'_> {
+    /// This sync as an initial one, for a room new to the user.
+    fn as_initial(&self) -> Self {
+        Self { since: 0, initial: true, ..*self }
+    }
+}
+
+/// Whether a sync response holds anything for the client (its token aside).
+fn has_news(response: &Value) -> bool {
+    let non_empty = |value: &Value| {
+        value.as_array().is_some_and(|a| !a.is_empty()) || value.as_object().is_some_and(|o| !o.is_empty())
+    };
+    let rooms = &response["rooms"];
+    ["join", "invite", "leave", "knock"].iter().any(|kind| non_empty(&rooms[*kind]))
+        || non_empty(&response["account_data"]["events"])
+        || non_empty(&response["to_device"]["events"])
+}
+
 /// One room's timeline page and the state that goes with it.
 struct TimelinePage {
     events: Vec<Value>,
@@ -95,37 +114,57 @@ struct TimelinePage {
 }
 
 impl Service {
-    /// The newest stream position.
+    /// The newest stream position, read under the stream writers' lock: every change up to it
+    /// is visible then (typing, kept in memory, is stamped under that lock too).
     async fn stream_position(&self) -> Result<u64, ServiceError> {
+        let _stream = self.lock_stream().await;
         Ok(lattice_storage::counter(self.kv.as_ref(), "stream").await?)
     }
 
     /// `GET /sync`: rooms the user is in, invited to or has left since `since`, with their new
     /// timeline events, ephemeral events, account data and to-device messages. With nothing
-    /// new it waits up to `timeout` for the next change.
+    /// new for the user it waits up to `timeout`, woken only by writes that concern the user;
+    /// a wake-up that brings nothing for them goes back to waiting.
     pub async fn sync(&self, user_id: &UserId, request: SyncRequest) -> Result<Value, ServiceError> {
-        let mut now = self.stream_position().await?;
+        let Some(since) = request.since else {
+            let now = self.stream_position().await?;
+            return self.sync_once(user_id, &request, now).await;
+        };
+        if since.position > self.stream_position().await? {
+            return Err(ServiceError::InvalidParam("the since token is from the future".into()));
+        }
+        if let Some(device) = &request.device_id {
+            let acknowledged = since.to_device_delivered.unwrap_or(since.position);
+            self.acknowledge_to_device(user_id, device, acknowledged).await?;
+        }
+        if request.timeout.is_zero() {
+            let now = self.stream_position().await?;
+            return self.sync_once(user_id, &request, now).await;
+        }
+        let deadline = tokio::time::Instant::now() + request.timeout.min(MAX_SYNC_TIMEOUT);
+        // Listening starts before the first look, so a write after that look still wakes it.
+        let listener = self.listen_for_sync(user_id).await?;
+        loop {
+            let now = self.stream_position().await?;
+            let response = self.sync_once(user_id, &request, now).await?;
+            if has_news(&response) || tokio::time::timeout_at(deadline, listener.notified()).await.is_err() {
+                return Ok(response);
+            }
+        }
+    }
+
+    /// Registers a waiting sync for the user's own news and the rooms they are in, invited to
+    /// or knocking on.
+    async fn listen_for_sync(&self, user_id: &UserId) -> Result<crate::notifier::Listener, ServiceError> {
+        let rooms = self.memberships_of(user_id).await?;
+        let watched = rooms.iter().filter(|(_, membership)| matches!(membership.as_str(), "join" | "invite" | "knock"));
+        Ok(self.notifier.listen(user_id, watched.map(|(room, _)| &**room)))
+    }
+
+    /// One look at what is new for the user in `(since, now]`, without waiting.
+    async fn sync_once(&self, user_id: &UserId, request: &SyncRequest, now: u64) -> Result<Value, ServiceError> {
         let since = request.since.map(|s| s.position);
-        if let Some(since) = request.since {
-            if since.position > now {
-                return Err(ServiceError::InvalidParam("the since token is from the future".into()));
-            }
-            if let Some(device) = &request.device_id {
-                let acknowledged = since.to_device_delivered.unwrap_or(since.position);
-                self.acknowledge_to_device(user_id, device, acknowledged).await?;
-            }
-        }
-        let mut to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
-        if since == Some(now) && !request.timeout.is_zero() && to_device.events.is_empty() {
-            let mut waiter = self.stream.subscribe();
-            let _ = tokio::time::timeout(
-                request.timeout.min(MAX_SYNC_TIMEOUT),
-                waiter.wait_for(|newest| Some(*newest) > since),
-            )
-            .await;
-            now = self.stream_position().await?;
-            to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
-        }
+        let to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
         let ignored = self.ignored_users(user_id).await?;
         let scope = SyncScope {
             user_id,
@@ -147,7 +186,12 @@ impl Service {
             let data = room_data.remove(room_id.as_str()).unwrap_or_default();
             match membership.as_str() {
                 "join" => {
-                    if let Some(room) = self.joined_room(&scope, &room_id, data).await? {
+                    let changed = scope.initial || scope.full_state || self.room_changed(&room_id, scope.since).await?;
+                    // A room new to the user comes whole, as in an initial sync.
+                    let fresh =
+                        !scope.initial && changed && self.newly_joined(scope.user_id, &room_id, scope.since).await?;
+                    let room_scope = if fresh { scope.as_initial() } else { scope };
+                    if let Some(room) = self.joined_room(&room_scope, &room_id, data, changed).await? {
                         join.insert(room_id.to_string(), room);
                     }
                 }
@@ -162,7 +206,9 @@ impl Service {
                     }
                 }
                 "leave" | "ban" if !scope.initial || scope.filter.room.include_leave => {
-                    if let Some(room) = self.left_room(&scope, &room_id).await? {
+                    // A room the user just left comes with its whole state at the leave.
+                    let leave_scope = SyncScope { full_state: true, ..scope };
+                    if let Some(room) = self.left_room(&leave_scope, &room_id).await? {
                         leave.insert(room_id.to_string(), room);
                     }
                 }
@@ -229,10 +275,7 @@ impl Service {
 
     async fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>, ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
-        let rows = self
-            .kv
-            .scan(Table::Memberships, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::Memberships, &KeyRange::prefix(&prefix)).await?;
         rows.into_iter()
             .map(|(key, membership)| {
                 let room = OwnedRoomId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
@@ -243,15 +286,18 @@ impl Service {
     }
 
     /// A joined room's part of the sync: timeline, state, ephemeral events, account data and
-    /// summary; `None` when nothing in it changed.
+    /// summary; `None` when nothing in it changed. `changed`: the room has events after `since`
+    /// (when it has none, its timeline is not read at all).
     async fn joined_room(
         &self,
         scope: &SyncScope<'_>,
         room_id: &RoomId,
         account_data: Vec<Value>,
+        changed: bool,
     ) -> Result<Option<Value>, ServiceError> {
         let ephemeral = self.ephemeral_events(scope, room_id).await?;
-        let room = match self.room_sync(scope, room_id, (scope.now, None)).await? {
+        let timeline = if changed { self.room_sync(scope, room_id, (scope.now, None)).await? } else { None };
+        let room = match timeline {
             Some(room) => room,
             // Only ephemeral or account-data news: the room still appears, with an empty timeline.
             None if !ephemeral.is_empty() || !account_data.is_empty() => json!({
@@ -293,6 +339,40 @@ impl Service {
             return Ok(None);
         };
         self.room_sync(scope, room_id, (left_at, Some(leave.value.state_group))).await
+    }
+
+    /// Whether the room has events after `since`, from its record alone (one read), so an
+    /// incremental sync's cost does not grow with the user's quiet rooms. Rooms stored before
+    /// the record kept a position count as changed.
+    async fn room_changed(&self, room_id: &RoomId, since: u64) -> Result<bool, ServiceError> {
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        Ok(room.is_none_or(|room| room.value.last_stream_position == 0 || room.value.last_stream_position > since))
+    }
+
+    /// Whether the user joined the room after `since`, from not being joined at `since`.
+    async fn newly_joined(&self, user_id: &UserId, room_id: &RoomId, since: u64) -> Result<bool, ServiceError> {
+        if self.membership_position(user_id, room_id).await?.is_none_or(|position| position <= since) {
+            return Ok(false);
+        }
+        Ok(!self.was_joined_at(user_id, room_id, since).await?)
+    }
+
+    /// Whether the user was joined in the state after the room's last event at or before
+    /// `position`.
+    async fn was_joined_at(&self, user_id: &UserId, room_id: &RoomId, position: u64) -> Result<bool, ServiceError> {
+        let room = room_id.as_str();
+        let range = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, position.saturating_add(1)));
+        let Some((_, event_id)) = self.kv.scan(Table::Timeline, &range, Direction::Backward, 1).await?.pop() else {
+            return Ok(false);
+        };
+        let key = keys::event(&String::from_utf8_lossy(&event_id));
+        let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &key).await? else {
+            return Ok(false);
+        };
+        let state = super::state_store::load(self.kv.as_ref(), record.value.state_group).await?;
+        let slot = (ruma::events::StateEventType::RoomMember, user_id.to_string());
+        let Some(member) = state.get(&slot) else { return Ok(false) };
+        Ok(self.client_event(member.as_str()).await?["content"]["membership"] == "join")
     }
 
     async fn current_member_event(&self, user_id: &UserId, room_id: &RoomId) -> Result<Option<String>, ServiceError> {
@@ -493,10 +573,7 @@ impl Service {
             return Ok(state.into_iter().map(|((kind, key), id)| (kind.to_string(), key, id.to_string())).collect());
         }
         let prefix = keys::room_rows(room_id.as_str());
-        let rows = self
-            .kv
-            .scan(Table::CurrentState, &KeyRange::prefix(&prefix), Direction::Forward, lattice_storage::MAX_SCAN_ROWS)
-            .await?;
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::CurrentState, &KeyRange::prefix(&prefix)).await?;
         Ok(rows
             .into_iter()
             .filter_map(|(key, id)| {

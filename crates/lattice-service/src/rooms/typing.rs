@@ -71,22 +71,24 @@ impl Service {
         Ok(changed.len())
     }
 
-    /// Gives the rooms' typing state a new stream position and wakes waiting syncs.
+    /// Gives the rooms' typing state a new stream position and wakes the syncs of their members.
+    /// The position is taken and stamped under the stream writers' lock, under which `/sync`
+    /// also reads its `now`: no sync can pass the position before the change carries it.
     async fn stamp_typing(&self, rooms: &[OwnedRoomId]) -> Result<(), ServiceError> {
         if rooms.is_empty() {
             return Ok(());
         }
-        let position = {
-            let _stream = self.lock_stream().await;
-            lattice_storage::next_counter(self.kv.as_ref(), "stream").await?
-        };
         {
+            let _stream = self.lock_stream().await;
+            let position = lattice_storage::next_counter(self.kv.as_ref(), "stream").await?;
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
             for room_id in rooms {
                 all.rooms.entry(room_id.clone()).or_default().position = position;
             }
         }
-        self.announce(position);
+        for room_id in rooms {
+            self.notifier.notify_room(room_id);
+        }
         Ok(())
     }
 
