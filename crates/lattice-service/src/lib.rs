@@ -56,6 +56,8 @@ pub struct ServiceConfig {
     pub refreshable_token_lifetime_ms: u64,
     /// The room version `createRoom` uses when the client names none (one of 1–12).
     pub default_room_version: String,
+    /// How long the sorted public room directory is reused before it is read again.
+    pub public_rooms_cache_ms: u64,
 }
 
 /// The application state shared by every request.
@@ -76,6 +78,8 @@ pub struct Service {
     stream_writer: tokio::sync::Mutex<()>,
     /// Who is typing where; in memory only, since notices last seconds.
     typing: std::sync::Mutex<rooms::typing::Typing>,
+    /// The public room directory as last listed.
+    directory_cache: rooms::DirectoryCache,
 }
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
@@ -100,6 +104,7 @@ impl Service {
             room_locks,
             stream_writer: tokio::sync::Mutex::new(()),
             typing: Default::default(),
+            directory_cache: Default::default(),
         }
     }
 
