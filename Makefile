@@ -30,3 +30,10 @@ bench: setup
 	cargo run --release --example room_bench
 	cargo run --release -p lattice-core --example pdu_check_rate
 	cargo run --release -p lattice-core --example state_resolution_time
+
+# `make install` (PREFIX=/usr/local, DESTDIR for staging): the release binary with its debug
+# info split into bin/.debug/lattice.debug, see scripts/install.sh. Builds like `make run`.
+.PHONY: install
+install: setup
+	cargo build --release --workspace --all-targets
+	scripts/install.sh

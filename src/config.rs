@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use ruma::OwnedServerName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server_name: OwnedServerName,
@@ -23,28 +23,39 @@ pub struct Config {
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
     pub rooms: RoomsConfig,
+    /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
+    /// script's own `LATTICE_BIN`: ignored, and logged at start.
+    #[serde(skip)]
+    pub ignored_environment: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoomsConfig {
     pub default_room_version: String,
+    /// Seconds the sorted public room directory is served from memory (0: read it every time).
+    pub public_rooms_cache_secs: u64,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { default_room_version: lattice_service::rooms::DEFAULT_ROOM_VERSION.to_owned() }
+        Self {
+            default_room_version: lattice_service::rooms::DEFAULT_ROOM_VERSION.to_owned(),
+            public_rooms_cache_secs: 10,
+        }
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
     pub address: SocketAddr,
     pub trust_x_forwarded_for: bool,
+    /// Peers (CIDR blocks) whose `X-Forwarded-For` hops are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RegistrationModeConfig {
     Token,
@@ -52,7 +63,7 @@ pub enum RegistrationModeConfig {
     Disabled,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
     pub mode: RegistrationModeConfig,
@@ -60,36 +71,63 @@ pub struct RegistrationConfig {
     pub first_token_valid_days: u32,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
     pub client_base_url: Option<String>,
     pub server_delegation: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_request_bytes: usize,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RateConfig {
     pub per_second: f64,
     pub burst: u32,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitsConfig {
     pub enabled: bool,
     pub login_per_ip: RateConfig,
     pub login_per_user: RateConfig,
     pub registration_per_ip: RateConfig,
+    pub uia_password_per_ip: RateConfig,
+    pub uia_password_per_user: RateConfig,
+    pub public_rooms_per_ip: RateConfig,
+    pub message_per_user: RateConfig,
+    pub room_creation_per_user: RateConfig,
+    pub invite_per_user: RateConfig,
+    pub join_per_user: RateConfig,
+    pub to_device_per_user: RateConfig,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+impl RateLimitsConfig {
+    /// Every limit with its key under `[rate_limits]`.
+    pub fn all(&self) -> [(&'static str, RateConfig); 11] {
+        [
+            ("login_per_ip", self.login_per_ip),
+            ("login_per_user", self.login_per_user),
+            ("registration_per_ip", self.registration_per_ip),
+            ("uia_password_per_ip", self.uia_password_per_ip),
+            ("uia_password_per_user", self.uia_password_per_user),
+            ("public_rooms_per_ip", self.public_rooms_per_ip),
+            ("message_per_user", self.message_per_user),
+            ("room_creation_per_user", self.room_creation_per_user),
+            ("invite_per_user", self.invite_per_user),
+            ("join_per_user", self.join_per_user),
+            ("to_device_per_user", self.to_device_per_user),
+        ]
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub refreshable_token_lifetime_secs: u64,
@@ -97,21 +135,21 @@ pub struct AuthConfig {
     pub password_hash_iterations: u32,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     pub sync_writes: bool,
     pub block_cache_mib: usize,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Human,
     Json,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     pub format: LogFormat,
@@ -132,13 +170,19 @@ impl Default for Config {
             storage: StorageConfig::default(),
             logging: LoggingConfig::default(),
             rooms: RoomsConfig::default(),
+            ignored_environment: Vec::new(),
         }
     }
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { address: SocketAddr::from(([127, 0, 0, 1], 8008)), trust_x_forwarded_for: false }
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            trust_x_forwarded_for: false,
+            // A reverse proxy on the same host, the usual deployment.
+            trusted_proxies: vec!["127.0.0.1/32".into(), "::1/128".into()],
+        }
     }
 }
 
@@ -161,6 +205,16 @@ impl Default for RateLimitsConfig {
             login_per_ip: RateConfig { per_second: 0.2, burst: 10 },
             login_per_user: RateConfig { per_second: 0.1, burst: 5 },
             registration_per_ip: RateConfig { per_second: 0.1, burst: 5 },
+            // Password guesses through user-interactive auth: fewer than login allows, since a
+            // client asks for the password there only before a rare, sensitive change.
+            uia_password_per_ip: RateConfig { per_second: 0.1, burst: 10 },
+            uia_password_per_user: RateConfig { per_second: 0.05, burst: 5 },
+            public_rooms_per_ip: RateConfig { per_second: 1.0, burst: 20 },
+            message_per_user: RateConfig { per_second: 5.0, burst: 30 },
+            room_creation_per_user: RateConfig { per_second: 0.05, burst: 5 },
+            invite_per_user: RateConfig { per_second: 0.5, burst: 20 },
+            join_per_user: RateConfig { per_second: 0.5, burst: 20 },
+            to_device_per_user: RateConfig { per_second: 10.0, burst: 100 },
         }
     }
 }
@@ -199,14 +253,19 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let known_keys = serde_json::to_value(Config::default()).context("listing the configuration keys")?;
+        let mut ignored_environment = Vec::new();
         for (name, value) in env {
-            apply_env_override(&mut table, &name, &value)?;
+            if !apply_env_override(&mut table, &known_keys, &name, &value)? {
+                ignored_environment.push(name);
+            }
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
             anyhow::anyhow!("invalid configuration at key `{key}`: {}", e.into_inner())
         })?;
         config.validate()?;
+        config.ignored_environment = ignored_environment;
         Ok(config)
     }
 
@@ -214,11 +273,7 @@ impl Config {
         if self.limits.max_request_bytes < 1024 {
             bail!("invalid configuration at key `limits.max_request_bytes`: must be at least 1024");
         }
-        for (key, rate) in [
-            ("login_per_ip", self.rate_limits.login_per_ip),
-            ("login_per_user", self.rate_limits.login_per_user),
-            ("registration_per_ip", self.rate_limits.registration_per_ip),
-        ] {
+        for (key, rate) in self.rate_limits.all() {
             if !(rate.per_second > 0.0 && rate.per_second.is_finite()) || rate.burst == 0 {
                 bail!("invalid configuration at key `rate_limits.{key}`: per_second and burst must be positive");
             }
@@ -229,6 +284,7 @@ impl Config {
         if self.auth.refreshable_token_lifetime_secs < 60 {
             bail!("invalid configuration at key `auth.refreshable_token_lifetime_secs`: must be at least 60");
         }
+        self.trusted_proxies()?;
         if let Some(url) = &self.discovery.client_base_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
@@ -248,6 +304,17 @@ impl Config {
         Ok(())
     }
 
+    /// `listen.trusted_proxies`, parsed.
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<lattice_api::IpNetwork>> {
+        self.listen
+            .trusted_proxies
+            .iter()
+            .map(|block| {
+                block.parse().map_err(|e| anyhow::anyhow!("invalid configuration at key `listen.trusted_proxies`: {e}"))
+            })
+            .collect()
+    }
+
     pub fn database_dir(&self) -> PathBuf {
         self.data_dir.join("db")
     }
@@ -259,15 +326,22 @@ impl Config {
 
 /// `LATTICE_LISTEN__ADDRESS=0.0.0.0:8008` sets `listen.address`: `__` separates levels.
 /// Values are read as TOML when they parse as one (numbers, booleans, inline tables), else as
-/// strings.
-fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> anyhow::Result<()> {
-    let Some(path) = name.strip_prefix("LATTICE_") else { return Ok(()) };
+/// strings. Returns `false` for a `LATTICE_*` variable that names no key of `known_keys` (the
+/// default configuration as JSON): the `LATTICE_` prefix is shared with wrapper scripts and
+/// tools, so such a variable is left alone rather than refused. Keys in the file stay strict.
+fn apply_env_override(
+    table: &mut toml::Table,
+    known_keys: &serde_json::Value,
+    name: &str,
+    value: &str,
+) -> anyhow::Result<bool> {
+    let Some(path) = name.strip_prefix("LATTICE_") else { return Ok(true) };
     if CLI_VARIABLES.contains(&name) {
-        return Ok(());
+        return Ok(true);
     }
     let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
-    if keys.iter().any(String::is_empty) {
-        bail!("environment variable {name}: empty key segment");
+    if !names_a_key(known_keys, &keys) {
+        return Ok(false);
     }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
@@ -282,7 +356,19 @@ fn apply_env_override(table: &mut toml::Table, name: &str, value: &str) -> anyho
             entry.as_table_mut().with_context(|| format!("environment variable {name}: `{key}` is not a section"))?;
     }
     current.insert(last.clone(), parsed);
-    Ok(())
+    Ok(true)
+}
+
+/// Whether `keys` is a path of sections and keys in `known_keys`.
+fn names_a_key(known_keys: &serde_json::Value, keys: &[String]) -> bool {
+    let mut node = known_keys;
+    for key in keys {
+        match node.as_object().and_then(|section| section.get(key)) {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    !keys.is_empty()
 }
 
 /// The commented default configuration printed by `lattice config example`.
@@ -325,12 +411,52 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_refused_by_name() {
+    fn unknown_keys_in_the_file_are_refused_by_name() {
         let err = load_text("server_name = \"a.example\"\n[listen]\nadress = \"1.2.3.4:1\"\n", &[]).unwrap_err();
         let message = format!("{err:#}");
         assert!(message.contains("adress"), "{message}");
-        let err = Config::load(None, env(&[("LATTICE_NO_SUCH_KEY", "1")])).unwrap_err();
-        assert!(format!("{err:#}").contains("no_such_key"), "{err:#}");
+        let err = load_text("lattice_bin = \"/usr/bin/lattice\"\n", &[("LATTICE_BIN", "x")]).unwrap_err();
+        assert!(format!("{err:#}").contains("lattice_bin"), "{err:#}");
+    }
+
+    #[test]
+    fn environment_variables_that_name_no_key_are_ignored_and_reported() {
+        let config = load_text(
+            "server_name = \"file.example\"\n",
+            &[
+                ("LATTICE_BIN", "/opt/lattice/bin/lattice"),
+                ("LATTICE_LISTEN__PORT", "8448"),
+                ("LATTICE_RATE_LIMITS__LOGIN_PER_IP__BURST__X", "1"),
+                ("LATTICE___", "1"),
+                ("LATTICE_", "1"),
+                ("LATTICE_LISTEN__TRUST_X_FORWARDED_FOR", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.ignored_environment,
+            [
+                "LATTICE_BIN",
+                "LATTICE_LISTEN__PORT",
+                "LATTICE_RATE_LIMITS__LOGIN_PER_IP__BURST__X",
+                "LATTICE___",
+                "LATTICE_"
+            ]
+        );
+        assert!(config.listen.trust_x_forwarded_for, "known keys still apply");
+        // A known key with a bad value is still an error.
+        let err = Config::load(None, env(&[("LATTICE_BIN", "x"), ("LATTICE_LISTEN__ADDRESS", "nowhere")])).unwrap_err();
+        assert!(format!("{err:#}").contains("listen.address"), "{err:#}");
+    }
+
+    #[test]
+    fn every_rate_limit_and_proxy_block_is_checked() {
+        let err = load_text("[rate_limits]\nmessage_per_user = { per_second = 0.0, burst = 1 }\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("rate_limits.message_per_user"), "{err:#}");
+        let err = load_text("[listen]\ntrusted_proxies = [\"10.0.0.0/40\"]\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("listen.trusted_proxies"), "{err:#}");
+        let config = load_text("[listen]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::/8\"]\n", &[]).unwrap();
+        assert_eq!(config.trusted_proxies().unwrap().len(), 2);
     }
 
     #[test]

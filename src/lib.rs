@@ -53,12 +53,15 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     })?;
     let kv: Arc<dyn KvStore> = Arc::new(store);
     let found = lattice_storage::open_schema(kv.as_ref()).await.context("checking the database schema")?;
+    // Before anything takes a stream position: none may repeat one a client saw before a crash.
+    lattice_storage::recover_counters(kv.as_ref()).await.context("moving counters past their reservations")?;
     let key = signing_key::load_or_create(&config.signing_key_path())?;
     tracing::info!(key_id = %key.key_id(), public_key = %key.public_key_base64(), "signing key loaded");
     let hasher = PasswordHasher::new(config.auth.password_hash_memory_kib, config.auth.password_hash_iterations)?;
     let service_config = ServiceConfig {
         server_name: config.server_name.clone(),
         default_room_version: config.rooms.default_room_version.clone(),
+        public_rooms_cache_ms: config.rooms.public_rooms_cache_secs.saturating_mul(1000),
         registration: match config.registration.mode {
             config::RegistrationModeConfig::Token => RegistrationMode::Token,
             config::RegistrationModeConfig::Open => RegistrationMode::Open,
@@ -70,19 +73,28 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     Ok(Opened { service, fresh: found.is_none() })
 }
 
-fn api_config(config: &Config) -> ApiConfig {
+fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
     let limit = |rate: config::RateConfig| {
         config.rate_limits.enabled.then_some(RateLimit { per_second: rate.per_second, burst: rate.burst })
     };
-    ApiConfig {
+    Ok(ApiConfig {
         max_request_bytes: config.limits.max_request_bytes,
         client_base_url: config.discovery.client_base_url.clone(),
         well_known_server: config.discovery.server_delegation.clone(),
         trust_x_forwarded_for: config.listen.trust_x_forwarded_for,
+        trusted_proxies: config.trusted_proxies()?,
         login_per_ip: limit(config.rate_limits.login_per_ip),
         login_per_user: limit(config.rate_limits.login_per_user),
         registration_per_ip: limit(config.rate_limits.registration_per_ip),
-    }
+        uia_password_per_ip: limit(config.rate_limits.uia_password_per_ip),
+        uia_password_per_user: limit(config.rate_limits.uia_password_per_user),
+        public_rooms_per_ip: limit(config.rate_limits.public_rooms_per_ip),
+        message_per_user: limit(config.rate_limits.message_per_user),
+        room_creation_per_user: limit(config.rate_limits.room_creation_per_user),
+        invite_per_user: limit(config.rate_limits.invite_per_user),
+        join_per_user: limit(config.rate_limits.join_per_user),
+        to_device_per_user: limit(config.rate_limits.to_device_per_user),
+    })
 }
 
 /// A server that is accepting requests.
@@ -114,6 +126,9 @@ impl Running {
 /// Opens the data directory, binds the listener and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let started = Instant::now();
+    for name in &config.ignored_environment {
+        tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration key");
+    }
     let opened = open(&config).await?;
     let first_registration_token =
         if opened.fresh && config.registration.mode != config::RegistrationModeConfig::Disabled {
@@ -129,7 +144,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let address = listener.local_addr()?;
     let service = opened.service.clone();
     let sync_waiters = service.sync_waiters();
-    let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)))
+    let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)?))
         .into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
     let typing_sweeper = tokio::spawn(expire_typing(service.clone()));

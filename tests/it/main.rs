@@ -1,11 +1,13 @@
 //! Integration tests: real Lattice servers on loopback, driven over HTTP, by the `matrix-sdk`
 //! client, and as a child process.
 
+mod abuse;
 mod accounts;
 mod bad_input;
 mod directory;
 mod history;
 mod membership;
+mod operations;
 mod process;
 mod relations;
 mod rooms;

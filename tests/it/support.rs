@@ -22,6 +22,8 @@ pub fn test_config(data_dir: &Path, server_name: &str) -> Config {
     };
     config.listen.address = SocketAddr::from(([127, 0, 0, 1], 0));
     config.rate_limits.enabled = false;
+    // Tests look at the directory right after changing it.
+    config.rooms.public_rooms_cache_secs = 0;
     config.auth.password_hash_memory_kib = 1024;
     config.auth.password_hash_iterations = 1;
     config

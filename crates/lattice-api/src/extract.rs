@@ -8,8 +8,8 @@ use axum::http::request::Parts;
 use lattice_service::Session;
 use serde::de::DeserializeOwned;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, client_ip};
 
 /// A JSON request body parsed into `T`. Not JSON at all → `M_NOT_JSON`; JSON of the wrong
 /// shape → `M_BAD_JSON`; over the configured size → `M_TOO_LARGE`. An empty body reads as `{}`
@@ -75,26 +75,31 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// The client's address: the peer, or the first `X-Forwarded-For` hop when the operator says
-/// a trusted reverse proxy sets it.
+/// The client's address: the peer, or with `trust_x_forwarded_for`, the right-most
+/// `X-Forwarded-For` hop not added by a trusted proxy (see [`crate::client_ip`]).
 pub struct ClientIp(pub Option<IpAddr>);
+
+impl ClientIp {
+    /// The rate-limit bucket of this client (IPv6 per /64); empty when the peer is unknown.
+    pub fn rate_key(&self) -> String {
+        self.0.map(client_ip::rate_limit_key).unwrap_or_default()
+    }
+}
 
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if state.config.trust_x_forwarded_for
-            && let Some(ip) = parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .and_then(|v| v.trim().parse().ok())
-        {
-            return Ok(ClientIp(Some(ip)));
+        let Some(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()) else {
+            return Ok(ClientIp(None));
+        };
+        if !state.config.trust_x_forwarded_for {
+            return Ok(ClientIp(Some(peer.to_canonical())));
         }
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        Ok(ClientIp(peer))
+        // Several X-Forwarded-For headers are one list, in order.
+        let hops: Vec<&str> = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        let header = (!hops.is_empty()).then(|| hops.join(","));
+        Ok(ClientIp(Some(client_ip::client_address(peer, header.as_deref(), &state.config.trusted_proxies))))
     }
 }
 

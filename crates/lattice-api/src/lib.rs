@@ -1,6 +1,7 @@
 //! The HTTP edge of Lattice: routes, request parsing, authentication, rate limits, CORS, and
 //! the mapping from service errors to Matrix errors.
 
+mod client_ip;
 mod error;
 mod extract;
 mod rate_limit;
@@ -15,6 +16,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+pub use client_ip::IpNetwork;
 pub use error::ApiError;
 pub use rate_limit::{KeyedLimiter, RateLimit, RateLimits};
 
@@ -28,9 +30,23 @@ pub struct ApiConfig {
     /// Served at `/.well-known/matrix/server` as `m.server`, when set.
     pub well_known_server: Option<String>,
     pub trust_x_forwarded_for: bool,
+    /// Peers whose `X-Forwarded-For` hops are believed (with `trust_x_forwarded_for`).
+    pub trusted_proxies: Vec<IpNetwork>,
     pub login_per_ip: Option<RateLimit>,
     pub login_per_user: Option<RateLimit>,
     pub registration_per_ip: Option<RateLimit>,
+    /// `m.login.password` stages of user-interactive auth.
+    pub uia_password_per_ip: Option<RateLimit>,
+    pub uia_password_per_user: Option<RateLimit>,
+    /// The unauthenticated `GET /publicRooms`, and its authenticated `POST` search.
+    pub public_rooms_per_ip: Option<RateLimit>,
+    /// Events sent by clients: messages, state events, redactions.
+    pub message_per_user: Option<RateLimit>,
+    pub room_creation_per_user: Option<RateLimit>,
+    pub invite_per_user: Option<RateLimit>,
+    /// Joins and knocks.
+    pub join_per_user: Option<RateLimit>,
+    pub to_device_per_user: Option<RateLimit>,
 }
 
 #[derive(Clone)]
@@ -46,6 +62,14 @@ impl AppState {
             login_per_ip: KeyedLimiter::new(config.login_per_ip),
             login_per_user: KeyedLimiter::new(config.login_per_user),
             registration_per_ip: KeyedLimiter::new(config.registration_per_ip),
+            uia_password_per_ip: KeyedLimiter::new(config.uia_password_per_ip),
+            uia_password_per_user: KeyedLimiter::new(config.uia_password_per_user),
+            public_rooms_per_ip: KeyedLimiter::new(config.public_rooms_per_ip),
+            message_per_user: KeyedLimiter::new(config.message_per_user),
+            room_creation_per_user: KeyedLimiter::new(config.room_creation_per_user),
+            invite_per_user: KeyedLimiter::new(config.invite_per_user),
+            join_per_user: KeyedLimiter::new(config.join_per_user),
+            to_device_per_user: KeyedLimiter::new(config.to_device_per_user),
         };
         Self { service, config: Arc::new(config), limits: Arc::new(limits) }
     }

@@ -1,4 +1,5 @@
-//! Per-key token buckets for the endpoints that attract abuse (login, registration).
+//! Per-key token buckets for the endpoints that attract abuse: guessing passwords, registering,
+//! the unauthenticated directory, and flooding rooms or devices.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,6 +7,8 @@ use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
+use ruma::UserId;
+use ruma::api::client::uiaa::AuthData;
 
 use crate::error::ApiError;
 
@@ -52,6 +55,27 @@ pub struct RateLimits {
     pub login_per_ip: KeyedLimiter,
     pub login_per_user: KeyedLimiter,
     pub registration_per_ip: KeyedLimiter,
+    pub uia_password_per_ip: KeyedLimiter,
+    pub uia_password_per_user: KeyedLimiter,
+    pub public_rooms_per_ip: KeyedLimiter,
+    pub message_per_user: KeyedLimiter,
+    pub room_creation_per_user: KeyedLimiter,
+    pub invite_per_user: KeyedLimiter,
+    pub join_per_user: KeyedLimiter,
+    pub to_device_per_user: KeyedLimiter,
+}
+
+impl RateLimits {
+    /// Counts an `m.login.password` stage of user-interactive auth against the client's address
+    /// and the account: a stolen access token must not become a way to guess the password
+    /// without the login limits. Other stages (and bodies without `auth`) pass.
+    pub fn check_password_stage(&self, ip_key: &str, user: &UserId, auth: Option<&AuthData>) -> Result<(), ApiError> {
+        if !matches!(auth, Some(AuthData::Password(_))) {
+            return Ok(());
+        }
+        self.uia_password_per_ip.check(ip_key)?;
+        self.uia_password_per_user.check(user.as_str())
+    }
 }
 
 #[cfg(test)]

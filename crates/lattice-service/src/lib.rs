@@ -58,6 +58,8 @@ pub struct ServiceConfig {
     pub refreshable_token_lifetime_ms: u64,
     /// The room version `createRoom` uses when the client names none (one of 1–12).
     pub default_room_version: String,
+    /// How long the sorted public room directory is reused before it is read again.
+    pub public_rooms_cache_ms: u64,
 }
 
 /// The application state shared by every request.
@@ -78,6 +80,8 @@ pub struct Service {
     typing: std::sync::Mutex<rooms::typing::Typing>,
     /// Wakes each waiting `/sync` only for writes that concern its user.
     notifier: Arc<notifier::Notifier>,
+    /// The public room directory as last listed.
+    directory_cache: rooms::DirectoryCache,
 }
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
@@ -102,6 +106,7 @@ impl Service {
             stream_writer: tokio::sync::Mutex::new(()),
             typing: Default::default(),
             notifier: Default::default(),
+            directory_cache: Default::default(),
         }
     }
 

@@ -31,6 +31,7 @@ fn service() -> (Service, Arc<ManualClock>) {
         registration: RegistrationMode::Token,
         refreshable_token_lifetime_ms: 60_000,
         default_room_version: "11".into(),
+        public_rooms_cache_ms: 0,
     };
     let hasher = PasswordHasher::new(64, 1).unwrap();
     (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher, crate::test_signing_key()), clock)

@@ -193,6 +193,14 @@ pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
 
+/// The first byte of counter reservation keys: never the first byte of a UTF-8 counter name.
+pub const COUNTER_RESERVATION_PREFIX: u8 = 0xFF;
+
+/// `0xFF name`: how far the named counter may go before another durable reservation.
+pub fn counter_reservation(name: &str) -> Vec<u8> {
+    [&[COUNTER_RESERVATION_PREFIX], name.as_bytes()].concat()
+}
+
 pub fn meta(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

@@ -148,6 +148,11 @@ pub trait KvStore: KvRead {
     /// writing anything when a condition does not hold.
     async fn write(&self, batch: WriteBatch) -> Result<(), StorageError>;
 
+    /// [`KvStore::write`], durable on disk before it returns and before any reader sees it,
+    /// whatever `sync_writes` says. For the rare writes that promise something about the future
+    /// (counter reservations).
+    async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError>;
+
     /// A read-only view of the store as it is now, unaffected by later writes.
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError>;
 

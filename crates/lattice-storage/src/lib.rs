@@ -19,7 +19,10 @@ pub use memory::MemoryStore;
 pub use rocks::{RocksOptions, RocksStore};
 pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
 pub use table::Table;
-pub use typed::{Fetched, Record, counter, counter_in_batch, get, next_counter, put, scan_all, scan_prefix};
+pub use typed::{
+    COUNTER_RESERVATION_BLOCK, Fetched, Record, counter, counter_in_batch, get, next_counter, put, recover_counters,
+    scan_all, scan_prefix,
+};
 
 #[cfg(test)]
 mod suite;

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
@@ -14,11 +15,18 @@ type Tables = HashMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 #[derive(Default)]
 pub struct MemoryStore {
     tables: RwLock<Tables>,
+    rows_read: AtomicU64,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Rows read so far: one per `get`, one per row a scan returns (at least one per scan).
+    /// Lets tests prove what a request costs.
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read.load(Ordering::Relaxed)
     }
 }
 
@@ -54,6 +62,7 @@ fn as_ref(bound: &Bound<Vec<u8>>) -> Bound<&[u8]> {
 #[async_trait]
 impl KvRead for MemoryStore {
     async fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.rows_read.fetch_add(1, Ordering::Relaxed);
         Ok(read_tables(&self.tables).get(&table).and_then(|m| m.get(key).cloned()))
     }
 
@@ -65,7 +74,9 @@ impl KvRead for MemoryStore {
         limit: usize,
     ) -> Result<Vec<Row>, StorageError> {
         check_scan_limit(limit)?;
-        Ok(scan_map(read_tables(&self.tables).get(&table), range, direction, limit))
+        let rows = scan_map(read_tables(&self.tables).get(&table), range, direction, limit);
+        self.rows_read.fetch_add(rows.len().max(1) as u64, Ordering::Relaxed);
+        Ok(rows)
     }
 }
 
@@ -95,6 +106,10 @@ impl KvStore for MemoryStore {
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {
         let copy = read_tables(&self.tables).clone();
         Ok(Box::new(MemorySnapshot { tables: Arc::new(copy) }))
+    }
+
+    async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.write(batch).await
     }
 
     async fn flush(&self) -> Result<(), StorageError> {

@@ -179,6 +179,12 @@ impl KvStore for RocksStore {
         blocking(move || write_batch(&db, &lock, batch, sync)).await
     }
 
+    async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        // RocksDB syncs the WAL before it makes the batch visible.
+        let (db, lock) = (self.db.clone(), self.write_lock.clone());
+        blocking(move || write_batch(&db, &lock, batch, true)).await
+    }
+
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {
         Ok(Box::new(RocksSnapshot(SnapshotCell::new(self.db.clone(), |db| db.snapshot()))))
     }

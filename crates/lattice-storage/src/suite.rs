@@ -122,6 +122,36 @@ async fn schema_is_stamped_and_checked(kv: Arc<dyn KvStore>) {
     assert!(crate::migrate_with(kv, crate::SCHEMA_VERSION + 3, &migrations).await.is_err());
 }
 
+async fn counters_recover_past_every_value_they_may_have_handed_out(kv: Arc<dyn KvStore>) {
+    let kv = kv.as_ref();
+    let block = crate::COUNTER_RESERVATION_BLOCK;
+    for expected in 1..=3 {
+        assert_eq!(crate::next_counter(kv, "stream").await.unwrap(), expected);
+    }
+    assert_eq!(crate::next_counter(kv, "filter\0@a:hs").await.unwrap(), 1);
+    let reserved = |name: &str| {
+        let key = crate::keys::counter_reservation(name);
+        async move { u64::from_be_bytes(kv.get(Table::Counters, &key).await.unwrap().unwrap().try_into().unwrap()) }
+    };
+    assert_eq!(reserved("stream").await, 1 + block, "reserved a block ahead of the first value");
+    // A power loss drops the unsynced writes that took 2 and 3, which clients have seen.
+    let mut lost = WriteBatch::new();
+    lost.put(Table::Counters, crate::keys::counter("stream"), 1u64.to_be_bytes().to_vec());
+    kv.write(lost).await.unwrap();
+
+    assert_eq!(crate::recover_counters(kv).await.unwrap(), 2);
+    assert_eq!(crate::counter(kv, "stream").await.unwrap(), 1 + block);
+    assert_eq!(crate::counter(kv, "filter\0@a:hs").await.unwrap(), 1 + block);
+    let next = crate::next_counter(kv, "stream").await.unwrap();
+    assert_eq!(next, 2 + block, "never 2 or 3 again");
+    assert_eq!(reserved("stream").await, next + block);
+    // Nothing to move when every counter is at its reservation.
+    let mut at_mark = WriteBatch::new();
+    at_mark.put(Table::Counters, crate::keys::counter("stream"), (next + block).to_be_bytes().to_vec());
+    kv.write(at_mark).await.unwrap();
+    assert_eq!(crate::recover_counters(kv).await.unwrap(), 0);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -151,6 +181,7 @@ suite!(
     snapshots_do_not_see_later_writes,
     concurrent_counters_never_repeat,
     schema_is_stamped_and_checked,
+    counters_recover_past_every_value_they_may_have_handed_out,
 );
 
 #[tokio::test]
@@ -162,4 +193,21 @@ async fn rocksdb_keeps_data_across_reopen() {
     }
     let kv = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
     assert_eq!(kv.get(Table::Users, b"@a:hs").await.unwrap(), Some(b"kept".to_vec()));
+}
+
+#[tokio::test]
+async fn counters_keep_increasing_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        let kv = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+        crate::recover_counters(&kv).await.unwrap();
+        let reserved = kv.get(Table::Counters, &crate::keys::counter_reservation("stream")).await.unwrap();
+        let reserved = reserved.map_or(0, |raw| u64::from_be_bytes(raw.try_into().unwrap()));
+        let first = crate::next_counter(&kv, "stream").await.unwrap();
+        assert!(first > last && first > reserved, "{first} after {last}, reservation {reserved}");
+        for _ in 0..5 {
+            last = crate::next_counter(&kv, "stream").await.unwrap();
+        }
+    }
 }

@@ -50,7 +50,7 @@ struct RegisterBody {
 }
 
 fn ip_key(ip: &ClientIp) -> String {
-    ip.0.map(|ip| ip.to_string()).unwrap_or_default()
+    ip.rate_key()
 }
 
 async fn register(
@@ -135,8 +135,10 @@ fn default_true() -> bool {
 async fn change_password(
     State(state): State<AppState>,
     Auth(session): Auth,
+    ip: ClientIp,
     JsonBody(body): JsonBody<ChangePasswordBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
     state
         .service
         .change_password(
@@ -158,8 +160,10 @@ struct DeactivateBody {
 async fn deactivate(
     State(state): State<AppState>,
     Auth(session): Auth,
+    ip: ClientIp,
     JsonBody(body): JsonBody<DeactivateBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
     state.service.deactivate(&session.user_id, body.auth.as_ref()).await?;
     // Lattice never binds identifiers at an identity server, so there is nothing to unbind.
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, JsonBody, PathParams};
+use crate::extract::{Auth, ClientIp, JsonBody, PathParams};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -69,9 +69,11 @@ struct DeleteDeviceBody {
 async fn delete_device(
     State(state): State<AppState>,
     Auth(session): Auth,
+    ip: ClientIp,
     PathParams(device_id): PathParams<String>,
     JsonBody(body): JsonBody<DeleteDeviceBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
     state.service.device(&session.user_id, &device_id).await?;
     state.service.delete_devices_with_auth(&session.user_id, &[device_id], body.auth.as_ref()).await?;
     Ok(Json(json!({})))
@@ -86,8 +88,10 @@ struct DeleteDevicesBody {
 async fn delete_devices(
     State(state): State<AppState>,
     Auth(session): Auth,
+    ip: ClientIp,
     JsonBody(body): JsonBody<DeleteDevicesBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
     state.service.delete_devices_with_auth(&session.user_id, &body.devices, body.auth.as_ref()).await?;
     Ok(Json(json!({})))
 }

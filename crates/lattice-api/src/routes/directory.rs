@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, JsonBody, PathParams, QueryParams, parse_alias, parse_room};
+use crate::extract::{Auth, ClientIp, JsonBody, PathParams, QueryParams, parse_alias, parse_room};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -121,8 +121,10 @@ fn page_json(page: PublicRoomsPage) -> Json<Value> {
 /// No access token needed (the spec leaves this listing open).
 async fn public_rooms(
     State(state): State<AppState>,
+    ip: ClientIp,
     QueryParams(params): QueryParams<PublicRoomsParams>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.public_rooms_per_ip.check(&ip.rate_key())?;
     require_local_directory(&state, params.server.as_deref())?;
     let query = PublicRoomsQuery { limit: params.limit, since: params.since, ..Default::default() };
     Ok(page_json(state.service.public_rooms(query).await?))
@@ -131,9 +133,11 @@ async fn public_rooms(
 async fn search_public_rooms(
     State(state): State<AppState>,
     Auth(_session): Auth,
+    ip: ClientIp,
     QueryParams(params): QueryParams<ServerParam>,
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.public_rooms_per_ip.check(&ip.rate_key())?;
     require_local_directory(&state, params.server.as_deref())?;
     if let Some(instance) = body.third_party_instance_id {
         return Err(ServiceError::NotFound(format!("no third-party network {instance:?} is bridged here")).into());

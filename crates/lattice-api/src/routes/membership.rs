@@ -38,6 +38,7 @@ async fn knock(
     PathParams(room_id_or_alias): PathParams<String>,
     JsonBody(body): JsonBody<KnockBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.join_per_user.check(session.user_id.as_str())?;
     let room_id = resolve_room(&state, &room_id_or_alias).await?;
     state.service.knock(&session.user_id, &room_id, body.reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
@@ -66,6 +67,7 @@ async fn upgrade(
     PathParams(room_id): PathParams<String>,
     JsonBody(body): JsonBody<UpgradeBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.room_creation_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(&room_id)?;
     let request = UpgradeRoom { new_version: body.new_version, additional_creators: body.additional_creators };
     let replacement = state.service.upgrade_room(&session.user_id, &room_id, request).await?;

@@ -86,6 +86,7 @@ async fn create_room(
     Auth(session): Auth,
     JsonBody(body): JsonBody<CreateRoomBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.room_creation_per_user.check(session.user_id.as_str())?;
     let public_visibility = match body.visibility.as_deref() {
         None | Some("private") => false,
         Some("public") => true,
@@ -129,6 +130,7 @@ async fn send(
     PathParams((room_id, event_type, txn_id)): PathParams<(String, String, String)>,
     JsonBody(content): JsonBody<JsonObject>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.message_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(&room_id)?;
     let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
@@ -180,6 +182,7 @@ async fn write_state(
     key: &str,
     content: JsonObject,
 ) -> ApiResult<Json<Value>> {
+    state.limits.message_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(room_id)?;
     let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let event_id = state.service.send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
@@ -266,6 +269,7 @@ async fn join_room(
     room_id: OwnedRoomId,
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.join_per_user.check(session.user_id.as_str())?;
     if room_id.server_name().is_some_and(|server| server != state.service.server_name())
         && state.service.membership(&session.user_id, &room_id).await.is_err()
     {
@@ -307,6 +311,7 @@ async fn invite(
     PathParams(room_id): PathParams<String>,
     JsonBody(body): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.invite_per_user.check(session.user_id.as_str())?;
     on_target(state, session, room_id, body, "invite").await
 }
 
@@ -396,6 +401,7 @@ async fn redact(
     PathParams((room_id, event_id, txn_id)): PathParams<(String, String, String)>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.message_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(&room_id)?;
     let event_id =
         ruma::OwnedEventId::try_from(event_id).map_err(|e| ApiError::InvalidParam(format!("invalid event ID: {e}")))?;

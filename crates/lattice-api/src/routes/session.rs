@@ -51,8 +51,8 @@ fn login_user(info: LoginInfo) -> ApiResult<(String, String)> {
 }
 
 async fn login(State(state): State<AppState>, ip: ClientIp, JsonBody(body): JsonBody<Value>) -> ApiResult<Json<Value>> {
+    state.limits.login_per_ip.check(&ip.rate_key())?;
     let ip = ip.0.map(|ip| ip.to_string());
-    state.limits.login_per_ip.check(ip.as_deref().unwrap_or_default())?;
     // ruma 0.17's LoginInfo deserializer panics on an object without `type` (it indexes the
     // map directly), so that case is answered here first.
     if !body["type"].is_string() {

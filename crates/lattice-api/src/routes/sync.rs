@@ -192,6 +192,7 @@ async fn send_to_device(
     PathParams((event_type, txn_id)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<ToDeviceBody>,
 ) -> ApiResult<Json<Value>> {
+    state.limits.to_device_per_user.check(session.user_id.as_str())?;
     state
         .service
         .send_to_device(&session.user_id, session.device_id.as_str(), &event_type, &txn_id, body.messages)

@@ -2,9 +2,17 @@
 //! pagination. Rooms are ordered by joined members (most first), then room ID; a page token
 //! names the sort key of the room it continues from, so paging never repeats or skips a room
 //! whose member count stays put.
+//!
+//! Anyone may list the directory without a token, so a listing must not cost what the rooms
+//! weigh: entries come from the member counts ingest keeps in each room record and a fixed
+//! number of current-state reads, and the sorted list is kept in memory for
+//! `ServiceConfig::public_rooms_cache_ms` (dropped at once when a room is published or hidden).
 
 use std::cmp::Reverse;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use lattice_storage::records::RoomRecord;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
@@ -37,6 +45,27 @@ pub struct PublicRoomsPage {
     pub next_batch: Option<String>,
     pub prev_batch: Option<String>,
     pub total_room_count_estimate: usize,
+}
+
+/// The sorted directory as last built, shared by every listing until it expires.
+#[derive(Default)]
+pub(crate) struct DirectoryCache {
+    /// Held while the list is rebuilt, so concurrent listings wait for one build.
+    built: tokio::sync::Mutex<Option<BuiltDirectory>>,
+    /// Bumped whenever the set of published rooms changes; a list built before is stale.
+    generation: AtomicU64,
+}
+
+struct BuiltDirectory {
+    built_ms: u64,
+    generation: u64,
+    rooms: Arc<Vec<Summary>>,
+}
+
+impl DirectoryCache {
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Where a page starts: after (`n…`) or before (`p…`) a room's sort key.
@@ -83,10 +112,15 @@ impl Service {
         }
         let mut batch = WriteBatch::new();
         self.publish_in_batch(&mut batch, room_id, public);
-        Ok(self.kv.write(batch).await?)
+        self.kv.write(batch).await?;
+        // Again after the write: a listing built between the first invalidation and the write
+        // would otherwise be kept.
+        self.directory_cache.invalidate();
+        Ok(())
     }
 
     pub(crate) fn publish_in_batch(&self, batch: &mut WriteBatch, room_id: &RoomId, public: bool) {
+        self.directory_cache.invalidate();
         let key = keys::public_room(room_id.as_str());
         if public {
             batch.put(Table::PublicRooms, key, Vec::new());
@@ -112,25 +146,47 @@ impl Service {
         if query.room_types.as_ref().is_some_and(|t| t.len() > MAX_ROOM_TYPES) {
             return Err(ServiceError::InvalidParam(format!("at most {MAX_ROOM_TYPES} room types")));
         }
+        let directory = self.sorted_directory().await?;
+        let rooms: Vec<&Summary> =
+            directory.iter().filter(|room| matches_filter(room, search, query.room_types.as_deref())).collect();
+        let total_room_count_estimate = rooms.len();
+        let (start, end) =
+            page_bounds(&rooms.iter().map(|room| sort_key(room)).collect::<Vec<_>>(), token.as_ref(), limit);
+        let next_batch =
+            (end < rooms.len() && end > start).then(|| PageToken::After(sort_key(rooms[end - 1])).render());
+        let prev_batch = (start > 0 && end > start).then(|| PageToken::Before(sort_key(rooms[start])).render());
+        let chunk = rooms[start..end].iter().map(|room| Value::Object(room.0.clone())).collect();
+        Ok(PublicRoomsPage { chunk, next_batch, prev_batch, total_room_count_estimate })
+    }
+
+    /// Every published room's entry, sorted: from the cache while it is fresh, else rebuilt.
+    async fn sorted_directory(&self) -> Result<Arc<Vec<Summary>>, ServiceError> {
+        let cache = &self.directory_cache;
+        let mut built = cache.built.lock().await;
+        let now = self.now_ms();
+        let generation = cache.generation.load(Ordering::SeqCst);
+        if let Some(fresh) = built.as_ref().filter(|b| {
+            b.generation == generation && now.saturating_sub(b.built_ms) < self.config.public_rooms_cache_ms
+        }) {
+            return Ok(fresh.rooms.clone());
+        }
+        let rooms = Arc::new(self.build_directory().await?);
+        *built = Some(BuiltDirectory { built_ms: now, generation, rooms: rooms.clone() });
+        Ok(rooms)
+    }
+
+    /// Reads every published room's entry (a fixed number of reads per room) and sorts them.
+    async fn build_directory(&self) -> Result<Vec<Summary>, ServiceError> {
         let published =
             self.kv.scan(Table::PublicRooms, &KeyRange::all(), Direction::Forward, MAX_DIRECTORY_ROOMS).await?;
         let mut rooms = Vec::with_capacity(published.len());
         for (key, _) in published {
             let room_id = String::from_utf8_lossy(&key).into_owned();
             let room_id = <&RoomId>::try_from(room_id.as_str()).map_err(|e| ServiceError::Internal(e.to_string()))?;
-            let summary = self.directory_entry(room_id).await?;
-            if matches_filter(&summary, search, query.room_types.as_deref()) {
-                rooms.push(summary);
-            }
+            rooms.push(self.directory_entry(room_id).await?);
         }
         rooms.sort_by_cached_key(sort_key);
-        let total_room_count_estimate = rooms.len();
-        let (start, end) = page_bounds(&rooms.iter().map(sort_key).collect::<Vec<_>>(), token.as_ref(), limit);
-        let next_batch =
-            (end < rooms.len() && end > start).then(|| PageToken::After(sort_key(&rooms[end - 1])).render());
-        let prev_batch = (start > 0 && end > start).then(|| PageToken::Before(sort_key(&rooms[start])).render());
-        let chunk = rooms.drain(start..end).map(|room| Value::Object(room.0)).collect();
-        Ok(PublicRoomsPage { chunk, next_batch, prev_batch, total_room_count_estimate })
+        Ok(rooms)
     }
 
     /// The directory entry of a room, from its current state; absent optional fields are left out.
@@ -161,8 +217,18 @@ impl Service {
         entry.insert("world_readable".into(), json!(visibility.as_deref() == Some("world_readable")));
         let guest_access = text(state("m.room.guest_access").await?, "guest_access");
         entry.insert("guest_can_join".into(), json!(guest_access.as_deref() == Some("can_join")));
-        entry.insert("num_joined_members".into(), json!(self.joined_member_count(room_id).await?));
+        entry.insert("num_joined_members".into(), json!(self.joined_members_kept(room_id).await?));
         Ok(Summary(entry))
+    }
+
+    /// The joined-member count ingest keeps in the room record; rooms stored before it kept
+    /// counts are counted from their members.
+    async fn joined_members_kept(&self, room_id: &RoomId) -> Result<u64, ServiceError> {
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        match room.and_then(|r| r.value.member_counts) {
+            Some(counts) => Ok(counts.joined),
+            None => self.joined_member_count(room_id).await,
+        }
     }
 
     /// Members whose current membership is `join` (a bounded scan of the room's member state).
@@ -233,7 +299,73 @@ fn page_bounds(keys: &[SortKey], token: Option<&PageToken>, limit: usize) -> (us
 
 #[cfg(test)]
 mod tests {
+    use lattice_storage::MemoryStore;
+
     use super::*;
+    use crate::rooms::{CreateRoom, Preset};
+    use crate::{PasswordHasher, RegistrationMode, ServiceConfig, SystemClock};
+
+    fn cached_service(kv: Arc<MemoryStore>) -> Service {
+        let config = ServiceConfig {
+            server_name: "hs.test".try_into().unwrap(),
+            registration: RegistrationMode::Token,
+            refreshable_token_lifetime_ms: 60_000,
+            default_room_version: "11".into(),
+            public_rooms_cache_ms: 3_600_000,
+        };
+        let hasher = PasswordHasher::new(64, 1).unwrap();
+        Service::new(config, kv, Arc::new(SystemClock), hasher, crate::test_signing_key())
+    }
+
+    async fn join_members(service: &Service, room: &RoomId, from: usize, to: usize) {
+        for i in from..to {
+            let user = UserId::parse(format!("@member{i}:hs.test")).unwrap();
+            service.join_room(&user, room, None).await.unwrap();
+        }
+    }
+
+    async fn rows_read_listing(service: &Service, kv: &MemoryStore) -> (u64, PublicRoomsPage) {
+        let before = kv.rows_read();
+        let page = service.public_rooms(PublicRoomsQuery { limit: Some(1), ..Default::default() }).await.unwrap();
+        (kv.rows_read() - before, page)
+    }
+
+    #[tokio::test]
+    async fn a_listing_reads_nothing_per_member_and_nothing_at_all_while_cached() {
+        let kv = Arc::new(MemoryStore::new());
+        let service = cached_service(kv.clone());
+        let alice = UserId::parse("@alice:hs.test").unwrap();
+        let public = || CreateRoom { preset: Some(Preset::PublicChat), public_visibility: true, ..Default::default() };
+        service.create_room(&alice, public()).await.unwrap();
+        let big = service.create_room(&alice, public()).await.unwrap();
+        join_members(&service, &big, 0, 20).await;
+
+        let (built, page) = rows_read_listing(&service, &kv).await;
+        assert_eq!(page.chunk[0]["num_joined_members"], 21, "the counts ingest keeps");
+        assert_eq!(page.total_room_count_estimate, 2);
+        let (cached, _) = rows_read_listing(&service, &kv).await;
+        assert_eq!(cached, 0, "a cached listing reads nothing");
+
+        // Five times the members; publishing again drops the cache.
+        join_members(&service, &big, 20, 100).await;
+        service.set_room_visibility(&alice, &big, true).await.unwrap();
+        let (rebuilt, page) = rows_read_listing(&service, &kv).await;
+        assert_eq!(page.chunk[0]["num_joined_members"], 101);
+        assert_eq!(rebuilt, built, "a rebuild costs the same whatever the rooms weigh");
+        assert!(built < 2 * 40, "a fixed number of reads per published room: {built}");
+    }
+
+    #[tokio::test]
+    async fn hiding_a_room_drops_it_from_the_cached_listing_at_once() {
+        let kv = Arc::new(MemoryStore::new());
+        let service = cached_service(kv.clone());
+        let alice = UserId::parse("@alice:hs.test").unwrap();
+        let room =
+            service.create_room(&alice, CreateRoom { public_visibility: true, ..Default::default() }).await.unwrap();
+        assert_eq!(rows_read_listing(&service, &kv).await.1.chunk.len(), 1);
+        service.set_room_visibility(&alice, &room, false).await.unwrap();
+        assert!(rows_read_listing(&service, &kv).await.1.chunk.is_empty());
+    }
 
     fn key(members: u64, room: &str) -> SortKey {
         (Reverse(members), room.to_owned())

@@ -23,6 +23,7 @@ mod tests;
 
 pub use aliases::MAX_ALIASES_PER_ROOM;
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
+pub(crate) use directory::DirectoryCache;
 pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
