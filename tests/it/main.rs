@@ -2,6 +2,7 @@
 //! client, and as a child process.
 
 mod accounts;
+mod authorisation;
 mod bad_input;
 mod directory;
 mod history;

@@ -56,7 +56,12 @@ pub struct ServiceConfig {
     pub refreshable_token_lifetime_ms: u64,
     /// The room version `createRoom` uses when the client names none (one of 1–12).
     pub default_room_version: String,
+    /// How long the original of a redacted event stays readable to server admins; 0 keeps none.
+    pub redaction_retention_ms: u64,
 }
+
+/// Seven days, as Synapse keeps redacted content by default.
+pub const DEFAULT_REDACTION_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// The application state shared by every request.
 pub struct Service {

@@ -22,6 +22,7 @@ pub(super) fn service() -> (Service, Arc<MemoryStore>) {
         registration: RegistrationMode::Token,
         refreshable_token_lifetime_ms: 60_000,
         default_room_version: "11".into(),
+        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
     };
     (
         Service::new(
