@@ -35,6 +35,9 @@ pub struct RoomsConfig {
     pub default_room_version: String,
     /// Seconds the sorted public room directory is served from memory (0: read it every time).
     pub public_rooms_cache_secs: u64,
+    /// How long server admins can still read what a redaction removed: a number with a unit
+    /// (`s`, `m`, `h`, `d`, …), e.g. `"7d"`; `"0"` keeps nothing.
+    pub redaction_retention: String,
 }
 
 impl Default for RoomsConfig {
@@ -42,8 +45,24 @@ impl Default for RoomsConfig {
         Self {
             default_room_version: lattice_service::rooms::DEFAULT_ROOM_VERSION.to_owned(),
             public_rooms_cache_secs: 10,
+            redaction_retention: "7d".to_owned(),
         }
     }
+}
+
+impl RoomsConfig {
+    /// `redaction_retention` in milliseconds (checked when the configuration is loaded).
+    pub fn redaction_retention_ms(&self) -> anyhow::Result<u64> {
+        parse_duration_ms(&self.redaction_retention).with_context(|| {
+            format!("invalid configuration at key `rooms.redaction_retention`: {:?}", self.redaction_retention)
+        })
+    }
+}
+
+/// A duration as humantime reads it (`"90s"`, `"30m"`, `"12h"`, `"7d"`, `"0"`), in milliseconds.
+fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
+    let duration = humantime::parse_duration(text.trim())?;
+    u64::try_from(duration.as_millis()).context("duration too long")
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -296,6 +315,7 @@ impl Config {
                 self.rooms.default_room_version
             );
         }
+        self.rooms.redaction_retention_ms()?;
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"
@@ -408,6 +428,7 @@ mod tests {
         assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
         assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
+        assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
     }
 
     #[test]
@@ -469,6 +490,27 @@ mod tests {
         assert!(format!("{err:#}").contains("registration.mode"), "{err:#}");
         let err = load_text("[rooms]\ndefault_room_version = \"13\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("rooms.default_room_version"), "{err:#}");
+        for bad in ["7", "soon", "d", "-1d", "99999999999999999999d"] {
+            let err = load_text(&format!("[rooms]\nredaction_retention = \"{bad}\"\n"), &[]).unwrap_err();
+            assert!(format!("{err:#}").contains("rooms.redaction_retention"), "{bad}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn redaction_retention_takes_a_unit() {
+        let retention = |text: &str| {
+            load_text(&format!("[rooms]\nredaction_retention = \"{text}\"\n"), &[])
+                .unwrap()
+                .rooms
+                .redaction_retention_ms()
+                .unwrap()
+        };
+        assert_eq!(retention("7d"), 7 * 86_400_000);
+        assert_eq!(retention("12h"), 12 * 3_600_000);
+        assert_eq!(retention("30m"), 30 * 60_000);
+        assert_eq!(retention("90s"), 90_000);
+        assert_eq!(retention("0"), 0);
+        assert_eq!(Config::default().rooms.redaction_retention_ms().unwrap(), 7 * 86_400_000);
     }
 
     #[test]

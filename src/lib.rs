@@ -68,6 +68,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
             config::RegistrationModeConfig::Disabled => RegistrationMode::Disabled,
         },
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
+        redaction_retention_ms: config.rooms.redaction_retention_ms()?,
     };
     let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher, Arc::new(key.key_pair)));
     Ok(Opened { service, fresh: found.is_none() })
@@ -148,6 +149,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
     let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
+    let redaction_purger = tokio::spawn(purge_redacted_originals(service.clone()));
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -166,6 +168,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         sweeper.abort();
         typing_sweeper.abort();
+        redaction_purger.abort();
         service.flush().await.context("flushing storage")?;
         tracing::info!("storage flushed; stopped");
         Ok(())
@@ -195,6 +198,22 @@ async fn expire_typing(service: Arc<Service>) {
         interval.tick().await;
         if let Err(error) = service.expire_typing().await {
             tracing::warn!(%error, "expiring typing notices failed");
+        }
+    }
+}
+
+/// How often kept originals of redacted events past their retention are deleted (the first
+/// run is at start).
+const REDACTION_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+async fn purge_redacted_originals(service: Arc<Service>) {
+    let mut interval = tokio::time::interval(REDACTION_PURGE_INTERVAL);
+    loop {
+        interval.tick().await;
+        match service.purge_expired_redacted_originals().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "deleted originals of redacted events past their retention"),
+            Err(error) => tracing::warn!(%error, "purging originals of redacted events failed"),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod abuse;
 mod accounts;
+mod authorisation;
 mod bad_input;
 mod directory;
 mod history;

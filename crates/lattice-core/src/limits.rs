@@ -46,3 +46,48 @@ pub const MAX_REPORT_REASON_BYTES: usize = 4_096;
 
 /// A room tag's name (spec: "Room Tagging", at most 255 bytes).
 pub const MAX_TAG_BYTES: usize = 255;
+
+/// A state key (spec: "Size limits", at most 255 bytes).
+pub const MAX_STATE_KEY_BYTES: usize = 255;
+
+/// An event type fit to be stored: 1 to 255 bytes, no control characters. Types are parts of
+/// storage keys joined by NUL, so a NUL inside one would let it pose as another key's prefix.
+pub fn check_event_type(kind: &str) -> Result<(), String> {
+    if kind.is_empty() || kind.len() > MAX_EVENT_TYPE_BYTES {
+        return Err(format!("event type must be 1 to {MAX_EVENT_TYPE_BYTES} bytes"));
+    }
+    if kind.chars().any(char::is_control) {
+        return Err("event type must not contain NUL or other control characters".into());
+    }
+    Ok(())
+}
+
+/// A state key fit to be stored: at most 255 bytes, no NUL.
+pub fn check_state_key(key: &str) -> Result<(), String> {
+    if key.len() > MAX_STATE_KEY_BYTES {
+        return Err(format!("state key must be at most {MAX_STATE_KEY_BYTES} bytes"));
+    }
+    if key.contains('\0') {
+        return Err("state key must not contain NUL".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_and_state_keys_that_could_break_keys_are_refused() {
+        assert!(check_event_type("m.room.message").is_ok());
+        assert!(check_event_type(&"a".repeat(MAX_EVENT_TYPE_BYTES)).is_ok());
+        for bad in ["", "m.room\0.member", "m.room.\n", "\u{7f}x"] {
+            assert!(check_event_type(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_event_type(&"a".repeat(MAX_EVENT_TYPE_BYTES + 1)).is_err());
+        assert!(check_state_key("").is_ok());
+        assert!(check_state_key("@alice:hs.test").is_ok());
+        assert!(check_state_key("a\0b").is_err());
+        assert!(check_state_key(&"k".repeat(MAX_STATE_KEY_BYTES + 1)).is_err());
+    }
+}

@@ -69,6 +69,46 @@ impl<'a> RoomPower<'a> {
     pub fn may_invite(&self, user: &UserId) -> Result<bool, String> {
         Ok(self.user_level(user)? >= self.field_level(RoomPowerLevelsIntField::Invite)?)
     }
+
+    /// Whether `user` has the `redact` level, which redacting other users' events needs
+    /// (everyone may redact their own).
+    pub fn may_redact(&self, user: &UserId) -> Result<bool, String> {
+        Ok(self.user_level(user)? >= self.field_level(RoomPowerLevelsIntField::Redact)?)
+    }
+}
+
+/// The largest magnitude of a power level (canonical JSON integers).
+const MAX_LEVEL: i64 = (1 << 53) - 1;
+
+/// The shape the auth rules demand of `m.room.power_levels` content: the integer fields, and
+/// `events`, `notifications` and `users` as maps to integers (strings of integers before v10),
+/// `users` keyed by user IDs. Lets a server refuse content before it sends anything.
+pub fn check_power_levels_content(content: &serde_json::Value, version: &RoomVersion) -> Result<(), String> {
+    let integers_only = version.rules().authorization.integer_power_levels;
+    let is_level = |value: &serde_json::Value| match value {
+        serde_json::Value::Number(n) => n.as_i64().is_some_and(|level| level.abs() <= MAX_LEVEL),
+        serde_json::Value::String(s) if !integers_only => s.trim().parse::<i64>().is_ok_and(|l| l.abs() <= MAX_LEVEL),
+        _ => false,
+    };
+    let object = content.as_object().ok_or("power levels content must be an object")?;
+    for field in ["users_default", "events_default", "state_default", "ban", "redact", "kick", "invite"] {
+        if object.get(field).is_some_and(|level| !is_level(level)) {
+            return Err(format!("power level `{field}` must be an integer"));
+        }
+    }
+    for map in ["events", "notifications", "users"] {
+        let Some(entries) = object.get(map) else { continue };
+        let entries = entries.as_object().ok_or_else(|| format!("power levels `{map}` must be an object"))?;
+        for (key, level) in entries {
+            if !is_level(level) {
+                return Err(format!("power level `{map}.{key}` must be an integer"));
+            }
+            if map == "users" && UserId::parse(key.as_str()).is_err() {
+                return Err(format!("power levels `users` key {key:?} is not a user ID"));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -98,6 +138,9 @@ mod tests {
         assert!(power.may_send_state(&user("@mod:hs.test"), "m.room.name").unwrap());
         assert!(power.may_invite(&user("@mod:hs.test")).unwrap());
         assert!(!power.may_invite(&user("@bob:hs.test")).unwrap());
+        // `redact` is not set: the spec's default, 50.
+        assert!(power.may_redact(&user("@mod:hs.test")).unwrap());
+        assert!(!power.may_redact(&user("@bob:hs.test")).unwrap());
     }
 
     #[test]
@@ -110,6 +153,29 @@ mod tests {
         let alice = UserId::parse("@alice:hs.test").unwrap();
         assert_eq!(power.user_level(&alice).unwrap(), UserPowerLevel::Infinite);
         assert!(power.may_send_state(&alice, "m.room.tombstone").unwrap());
+        // Not listed in `users`, yet above any `redact` level.
+        assert!(power.may_redact(&alice).unwrap());
+        assert!(!power.may_redact(&UserId::parse("@bob:hs.test").unwrap()).unwrap());
+    }
+
+    #[test]
+    fn power_levels_content_must_have_the_shape_the_auth_rules_read() {
+        let v9 = RoomVersion::parse("9").unwrap();
+        let v11 = RoomVersion::parse("11").unwrap();
+        assert!(check_power_levels_content(&levels(), &v11).is_ok());
+        assert!(check_power_levels_content(&json!({ "ban": "50" }), &v9).is_ok());
+        assert!(check_power_levels_content(&json!({ "ban": "50" }), &v11).is_err());
+        for bad in [
+            json!([]),
+            json!({ "kick": "a lot" }),
+            json!({ "users": { "not a user": 50 } }),
+            json!({ "users": { "@a:hs.test": 1.5 } }),
+            json!({ "events": [] }),
+            json!({ "notifications": { "room": null } }),
+            json!({ "redact": 9_007_199_254_740_992_i64 }),
+        ] {
+            assert!(check_power_levels_content(&bad, &v9).is_err(), "{bad}");
+        }
     }
 
     #[test]

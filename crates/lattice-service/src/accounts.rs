@@ -221,7 +221,8 @@ impl Service {
     }
 
     /// `POST /account/deactivate`: the account can never log in again and its name is never
-    /// reused; devices, tokens and profile are removed.
+    /// reused; devices, tokens and profile are removed. Then the user leaves every room (and
+    /// rejects invites, withdraws knocks), so nothing of theirs stays in member lists.
     pub async fn deactivate(&self, user_id: &UserId, auth: Option<&AuthData>) -> Result<(), ServiceError> {
         self.user_interactive_auth(Purpose::Deactivate, Some(user_id), PASSWORD_FLOWS, auth).await?;
         let fetched = self.existing_user(user_id).await?;
@@ -234,7 +235,8 @@ impl Service {
         lattice_storage::put(&mut batch, keys::user(user_id.as_str()), &ProfileRecord::default());
         self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
         self.kv.write(batch).await?;
-        tracing::info!(user_id = %user_id, "deactivated account");
+        let rooms_left = self.leave_every_room(user_id).await?;
+        tracing::info!(user_id = %user_id, rooms_left, "deactivated account");
         Ok(())
     }
 

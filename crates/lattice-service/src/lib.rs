@@ -60,7 +60,12 @@ pub struct ServiceConfig {
     pub default_room_version: String,
     /// How long the sorted public room directory is reused before it is read again.
     pub public_rooms_cache_ms: u64,
+    /// How long the original of a redacted event stays readable to server admins; 0 keeps none.
+    pub redaction_retention_ms: u64,
 }
+
+/// Seven days, as Synapse keeps redacted content by default.
+pub const DEFAULT_REDACTION_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// The application state shared by every request.
 pub struct Service {

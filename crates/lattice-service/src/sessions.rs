@@ -84,13 +84,14 @@ impl Service {
         };
         check_device_fields(&device)?;
         let record = self.user_record(&user_id).await?.map(|f| f.value);
+        // The hash work is done for unknown and deactivated accounts too, and a wrong password
+        // gets one answer: neither its content nor its timing says whether the account exists.
         let stored_hash = record.as_ref().and_then(|r| r.password_hash.clone());
-        let matches = self.hasher.verify(request.password, stored_hash).await?;
+        if !self.hasher.verify(request.password, stored_hash).await? {
+            return Err(invalid());
+        }
         if record.as_ref().is_some_and(|r| r.deactivated) {
             return Err(ServiceError::UserDeactivated);
-        }
-        if !matches {
-            return Err(invalid());
         }
         let tokens = self.write_device_session(&user_id, device).await?;
         tracing::info!(user_id = %user_id, device_id = %tokens.device_id, "logged in");

@@ -32,6 +32,7 @@ fn service() -> (Service, Arc<ManualClock>) {
         refreshable_token_lifetime_ms: 60_000,
         default_room_version: "11".into(),
         public_rooms_cache_ms: 0,
+        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
     };
     let hasher = PasswordHasher::new(64, 1).unwrap();
     (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher, crate::test_signing_key()), clock)
@@ -148,4 +149,28 @@ async fn concurrent_registrations_share_an_unlimited_token() {
         task.await.unwrap().unwrap();
     }
     assert_eq!(service.registration_tokens().await.unwrap()[0].completed, 8);
+}
+
+/// The original of a redacted event is readable by a server admin for the retention, then the
+/// purge deletes it and the admin sees the redacted event like everyone.
+#[tokio::test]
+async fn redacted_originals_are_kept_for_the_retention_then_purged() {
+    let (service, clock) = service();
+    let account = |name: &str, admin| crate::NewAccount { username: name.into(), password: "pw".into(), admin };
+    let admin = service.create_user(account("admin", true)).await.unwrap();
+    let room = service.create_room(&admin, crate::rooms::CreateRoom::default()).await.unwrap();
+    let content = serde_json::json!({ "msgtype": "m.text", "body": "evidence" });
+    let message = service.send_event(&admin, &room, "m.room.message", None, content, None).await.unwrap();
+    let redaction = serde_json::json!({ "redacts": message });
+    service.send_event(&admin, &room, "m.room.redaction", None, redaction, None).await.unwrap();
+
+    let original = service.room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
+    assert_eq!(original["content"]["body"], "evidence");
+    clock.advance(crate::DEFAULT_REDACTION_RETENTION_MS - 1);
+    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 0, "not yet past the retention");
+    clock.advance(1);
+    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 1);
+    let redacted = service.room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
+    assert_eq!(redacted["content"], serde_json::json!({}));
+    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 0);
 }

@@ -1,8 +1,11 @@
 //! Key encoding for every table, in one place.
 //!
-//! Composite keys join their parts with a 0x00 byte. Matrix user IDs, room IDs and event types
-//! never contain NUL (they are validated at the edge), so a prefix scan over `user\0` finds
-//! exactly one user's rows. The last part of a key may hold any bytes. Numbers are big-endian
+//! Composite keys join their parts with a 0x00 byte. Matrix user IDs and room IDs never contain
+//! NUL (their grammar forbids it), nor do event types (checked for every event built or received,
+//! `lattice_core::limits::check_event_type`), so a prefix scan over `user\0` or `room\0type\0`
+//! finds exactly one user's or one type's rows. The last part of a key may hold any bytes; state
+//! keys, which come last, are still kept free of NUL (`check_state_key`) so a
+//! `room\0type\0state_key` row can be split back into its parts. Numbers are big-endian
 //! so that byte order is numeric order.
 
 const SEPARATOR: u8 = 0;
@@ -189,6 +192,21 @@ pub fn report(id: u64) -> Vec<u8> {
     id.to_be_bytes().to_vec()
 }
 
+/// The unredacted original of a redacted event, by its event ID.
+pub fn redacted_original(event_id: &str) -> Vec<u8> {
+    event_id.as_bytes().to_vec()
+}
+
+/// `redacted_ms\0event_id` (big-endian): kept originals in the order they expire.
+pub fn redacted_original_by_time(redacted_ms: u64, event_id: &str) -> Vec<u8> {
+    join(&[&redacted_ms.to_be_bytes(), event_id.as_bytes()])
+}
+
+/// The event ID part of a [`redacted_original_by_time`] key.
+pub fn event_of_redacted_original_by_time(key: &[u8]) -> Option<&[u8]> {
+    key.get(9..)
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
@@ -221,6 +239,13 @@ mod tests {
         assert!(event_timestamp("!r:hs", 255, 9) < event_timestamp("!r:hs", 256, 1));
         assert!(event_timestamp("!r:hs", 5, 1) < event_timestamp("!r:hs", 5, 2));
         assert!(event_timestamp("!r:hs", u64::MAX, u64::MAX).starts_with(&room_rows("!r:hs")));
+    }
+
+    #[test]
+    fn kept_originals_sort_by_time_and_name_their_event() {
+        let key = redacted_original_by_time(256, "$e:hs");
+        assert!(redacted_original_by_time(255, "$z:hs") < key);
+        assert_eq!(event_of_redacted_original_by_time(&key), Some(&b"$e:hs"[..]));
     }
 
     #[test]

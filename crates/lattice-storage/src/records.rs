@@ -344,6 +344,21 @@ impl Record for ReportRecord {
     const TABLE: Table = Table::Reports;
 }
 
+/// An event's JSON as it was before a redaction took effect, kept for server admins for the
+/// configured retention (`rooms.redaction_retention`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedactedOriginalRecord {
+    /// The whole event, as stored before the redaction.
+    pub json: String,
+    pub redaction_id: String,
+    /// When the redaction took effect here; the row is deleted once the retention has passed.
+    pub redacted_ms: u64,
+}
+
+impl Record for RedactedOriginalRecord {
+    const TABLE: Table = Table::RedactedOriginals;
+}
+
 #[cfg(test)]
 mod tests {
     use super::MemberCounts;

@@ -52,4 +52,6 @@ tables! {
     PublicRooms => "public_rooms",
     EventTimestamps => "event_timestamps",
     Reports => "reports",
+    RedactedOriginals => "redacted_originals",
+    RedactedOriginalsByTime => "redacted_originals_by_time",
 }

@@ -25,8 +25,8 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn versions() -> Json<Value> {
-    // No unstable features are implemented, so none are advertised.
-    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+    // MSC2815: server admins may read redacted content (clients look for this flag).
+    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": { "fi.mau.msc2815": true } }))
 }
 
 async fn capabilities(State(state): State<AppState>, _auth: Auth) -> Json<Value> {

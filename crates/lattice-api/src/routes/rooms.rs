@@ -339,15 +339,28 @@ async fn unban(
     PathParams(room_id): PathParams<String>,
     JsonBody(body): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
-    on_target(state, session, room_id, body, "leave").await
+    let room_id = parse_room(&room_id)?;
+    state.service.unban(&session.user_id, &room_id, &body.user_id, body.reason).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    /// MSC2815: server admins may ask for the content a redaction removed.
+    #[serde(rename = "fi.mau.msc2815.include_unredacted_content", default)]
+    include_unredacted_content: bool,
 }
 
 async fn get_event(
     State(state): State<AppState>,
     Auth(session): Auth,
     PathParams((room_id, event_id)): PathParams<(String, String)>,
+    QueryParams(query): QueryParams<EventQuery>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
+    if query.include_unredacted_content {
+        return Ok(Json(state.service.room_event_unredacted(&session.user_id, &room_id, &event_id).await?));
+    }
     Ok(Json(state.service.room_event(&session.user_id, &room_id, &event_id).await?))
 }
 

@@ -8,6 +8,7 @@ use ruma::{OwnedEventId, OwnedRoomId, RoomId, UserId};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::local_events::check_type_and_state_key;
 use super::visibility::StateView;
 use super::{LocalEvent, Outcome};
 use crate::secrets::{hex, random_alphanumeric};
@@ -55,12 +56,17 @@ impl Service {
     pub async fn create_room(&self, creator: &UserId, request: CreateRoom) -> Result<OwnedRoomId, ServiceError> {
         let version =
             RoomVersion::parse(request.room_version.as_deref().unwrap_or(&self.config().default_room_version))?;
+        // Checked before the create event, so a bad request leaves no half-made room behind.
+        for (kind, key, _) in &request.initial_state {
+            check_type_and_state_key(kind, Some(key))?;
+        }
+        let preset = preset_of(&request);
+        let power = power_levels(creator, &request.invite, preset, &version, request.power_level_content_override)?;
+        lattice_core::power::check_power_levels_content(&power, &version).map_err(ServiceError::BadJson)?;
         let alias = match &request.room_alias_name {
             Some(name) => Some(self.free_local_alias(name).await?),
             None => None,
         };
-        let preset =
-            request.preset.unwrap_or(if request.public_visibility { Preset::PublicChat } else { Preset::PrivateChat });
         let create_content = serde_json::to_value(request.creation_content.unwrap_or(JsonObject(Default::default())))
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
         // The alias and the directory entry are written in the create event's own batch.
@@ -88,7 +94,6 @@ impl Service {
 
         let member = json!({ "membership": "join" });
         self.send_state(&version, creator, &room_id, "m.room.member", creator.as_str(), member).await?;
-        let power = power_levels(creator, &request.invite, preset, &version, request.power_level_content_override)?;
         self.send_state(&version, creator, &room_id, "m.room.power_levels", "", power).await?;
         if let Some(alias) = &alias {
             let content = super::aliases::canonical_alias_content(alias);
@@ -179,7 +184,6 @@ impl Service {
         content: Value,
         txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId, ServiceError> {
-        check_event_type(kind)?;
         let version = self.room_version(room_id).await?;
         if kind == "m.room.canonical_alias" && state_key.is_some() {
             self.check_canonical_alias(room_id, &content).await?;
@@ -480,14 +484,9 @@ fn member_rows(prefix: &[u8], rows: Vec<lattice_storage::Row>) -> Vec<(String, S
         .collect()
 }
 
-fn check_event_type(kind: &str) -> Result<(), ServiceError> {
-    if kind.is_empty() || kind.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES || kind.contains('\0') {
-        return Err(ServiceError::BadJson(format!(
-            "event type must be 1 to {} bytes",
-            lattice_core::limits::MAX_EVENT_TYPE_BYTES
-        )));
-    }
-    Ok(())
+/// The preset the client chose, or the one its visibility implies.
+fn preset_of(request: &CreateRoom) -> Preset {
+    request.preset.unwrap_or(if request.public_visibility { Preset::PublicChat } else { Preset::PrivateChat })
 }
 
 /// The power levels `createRoom` starts a room with: the spec's defaults, the creator at 100

@@ -312,6 +312,7 @@ mod tests {
             refreshable_token_lifetime_ms: 60_000,
             default_room_version: "11".into(),
             public_rooms_cache_ms: 3_600_000,
+            redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
         };
         let hasher = PasswordHasher::new(64, 1).unwrap();
         Service::new(config, kv, Arc::new(SystemClock), hasher, crate::test_signing_key())

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use lattice_core::auth;
 use lattice_core::event::Pdu;
+use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::{self, StateMap};
 use lattice_storage::records::{AuthChainRecord, EventRecord, EventStatus, MemberCounts, RoomRecord};
@@ -73,7 +74,10 @@ impl Service {
         let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
             lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
         };
-        self.ingest(version, Pdu::new(object, version)?).await
+        let event = Pdu::new(object, version)?;
+        // The same check as for local events: types and state keys become parts of storage keys.
+        super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
+        self.ingest(version, event).await
     }
 
     /// Checks `event` and stores it with everything it changes, atomically. Idempotent: an event
@@ -502,6 +506,7 @@ impl Service {
         }
         self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.stream_position, batch).await?;
         let json = redacted_json(target_event.object(), version)?;
+        self.keep_redacted_original(batch, target_id, redaction.id(), &target.value.json, &json);
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));
         lattice_storage::put(
             batch,
@@ -512,7 +517,9 @@ impl Service {
     }
 
     /// Whether `redaction` may redact `target`: the spec lets it when the redacting user has the
-    /// `redact` power level in the state before the redaction, or is on the target sender's server.
+    /// `redact` power level in the state before the redaction, or is on the target sender's server
+    /// (the server rule; this server's own clients are held to the stricter user rule before
+    /// their redaction is built, in `check_client_redaction`).
     async fn redaction_takes_effect(
         &self,
         version: &RoomVersion,
@@ -524,11 +531,17 @@ impl Service {
         if target.sender().server_name() == redaction.sender().server_name() {
             return Ok(true);
         }
-        let Some(power_id) = state_before_redaction.get(&(StateEventType::RoomPowerLevels, String::new())) else {
-            return Ok(false);
-        };
-        self.load_events(version, std::slice::from_ref(power_id), loaded).await?;
-        Ok(may_redact_others(loaded.get(power_id), redaction.sender().as_str()))
+        let slot = |kind: StateEventType| state_before_redaction.get(&(kind, String::new())).cloned();
+        let Some(create_id) = slot(StateEventType::RoomCreate) else { return Ok(false) };
+        let power_id = slot(StateEventType::RoomPowerLevels);
+        let ids: Vec<OwnedEventId> = std::iter::once(create_id.clone()).chain(power_id.clone()).collect();
+        self.load_events(version, &ids, loaded).await?;
+        let Some(create) = loaded.get(&create_id) else { return Ok(false) };
+        // Levels the auth rules could not read grant nothing.
+        let power_levels = power_id.as_ref().and_then(|id| loaded.get(id));
+        Ok(RoomPower::new(version, create, power_levels)
+            .and_then(|power| power.may_redact(redaction.sender()))
+            .unwrap_or(false))
     }
 
     /// For an event arriving after redactions of it were accepted: its redacted JSON and the
@@ -552,7 +565,7 @@ impl Service {
                 MAX_PENDING,
             )
             .await?;
-        let mut takes_effect: Option<String> = None;
+        let mut effective: Option<OwnedEventId> = None;
         for (key, _) in rows {
             let redaction_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             batch.delete(Table::PendingRedactions, key);
@@ -561,7 +574,7 @@ impl Service {
             else {
                 continue;
             };
-            if takes_effect.is_some()
+            if effective.is_some()
                 || !matches!(record.value.status, EventStatus::Accepted)
                 || record.value.room_id != room_id_of(event)?.as_str()
             {
@@ -573,13 +586,14 @@ impl Service {
             // The state after a redaction (a message event) is the state before it.
             let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
             if self.redaction_takes_effect(version, &redaction, event, &state, loaded).await? {
-                takes_effect = Some(redaction_id.to_string());
+                effective = Some(redaction_id);
             }
         }
-        match takes_effect {
-            Some(redaction_id) => Ok(Some((redacted_json(event.object(), version)?, redaction_id))),
-            None => Ok(None),
-        }
+        let Some(redaction_id) = effective else { return Ok(None) };
+        let json = redacted_json(event.object(), version)?;
+        let original = serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        self.keep_redacted_original(batch, event.id(), &redaction_id, &original, &json);
+        Ok(Some((json, redaction_id.to_string())))
     }
 
     /// Loads the given events (that are not loaded yet) from storage.
@@ -734,22 +748,4 @@ fn redacted_json(object: &CanonicalJsonObject, version: &RoomVersion) -> Result<
     let redacted =
         lattice_core::pdu::redacted(object.clone(), version).map_err(|e| ServiceError::Internal(e.to_string()))?;
     serde_json::to_string(&redacted).map_err(|e| ServiceError::Internal(e.to_string()))
-}
-
-/// Whether `user`'s power level reaches the `redact` level (spec defaults: users 0, redact 50;
-/// without a power levels event only the creator could act, and the creator passes auth anyway).
-fn may_redact_others(power_levels: Option<&Pdu>, user: &str) -> bool {
-    let Some(event) = power_levels else { return false };
-    let Ok(content) = serde_json::from_str::<serde_json::Value>(event.content().get()) else { return false };
-    // Levels are integers, or strings of integers in rooms before v10.
-    let level = |value: Option<&serde_json::Value>, default: i64| -> i64 {
-        match value {
-            Some(serde_json::Value::Number(n)) => n.as_i64().unwrap_or(default),
-            Some(serde_json::Value::String(s)) => s.trim().parse().unwrap_or(default),
-            _ => default,
-        }
-    };
-    let users_default = level(content.get("users_default"), 0);
-    let user_level = level(content.get("users").and_then(|u| u.get(user)), users_default);
-    user_level >= level(content.get("redact"), 50)
 }

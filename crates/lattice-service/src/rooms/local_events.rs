@@ -29,8 +29,16 @@ pub struct LocalEvent<'a> {
 }
 
 impl Service {
-    /// Builds and signs `event` on top of the room's current state.
+    /// Builds and signs `event` on top of the room's current state. A redaction must pass the
+    /// client rule (own event, or the `redact` level); callers hold the room's lock, so it is
+    /// checked against the state the event is built on.
     pub async fn build_local_event(&self, version: &RoomVersion, event: LocalEvent<'_>) -> Result<Pdu, ServiceError> {
+        check_type_and_state_key(event.kind, event.state_key)?;
+        if event.kind == TimelineEventType::RoomRedaction.to_string()
+            && let Some(room_id) = event.room_id
+        {
+            self.check_client_redaction(version, event.sender, room_id, &event.content).await?;
+        }
         let content =
             serde_json::value::to_raw_value(&event.content).map_err(|e| ServiceError::BadJson(e.to_string()))?;
         let (prev, auth) = match event.room_id {
@@ -127,6 +135,16 @@ impl Service {
         }
         Pdu::new(object, version).map_err(|e| ServiceError::BadJson(e.to_string()))
     }
+}
+
+/// The one check of an event's type and state key, for every event this server builds (and
+/// `createRoom` before it starts a room).
+pub(crate) fn check_type_and_state_key(kind: &str, state_key: Option<&str>) -> Result<(), ServiceError> {
+    lattice_core::limits::check_event_type(kind).map_err(ServiceError::BadJson)?;
+    if let Some(key) = state_key {
+        lattice_core::limits::check_state_key(key).map_err(ServiceError::BadJson)?;
+    }
+    Ok(())
 }
 
 /// How a PDU of this room version refers to another event.

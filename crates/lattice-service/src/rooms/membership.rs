@@ -2,11 +2,13 @@
 //! rooms (the server names a local user who vouches for the join), knocking, and forgetting
 //! rooms one has left.
 
+use std::ops::Bound;
+
 use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::{EventRecord, ForgottenRoomRecord};
-use lattice_storage::{StorageError, Table, WriteBatch, keys};
+use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
@@ -55,6 +57,72 @@ impl Service {
         }
         let content = member_content("knock", reason);
         self.send_event(user_id, room_id, "m.room.member", Some(user_id.as_str()), content, None).await
+    }
+
+    /// `POST /unban`: lifts a ban, leaving the target with membership `leave`. Refused unless the
+    /// target is banned now, so that an unban can never act as a kick. Checked under the room's
+    /// lock, so no local membership change slips in between the check and the event.
+    pub async fn unban(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &UserId,
+        reason: Option<String>,
+    ) -> Result<OwnedEventId, ServiceError> {
+        let version = self.room_version(room_id).await?;
+        let _room = self.room_lock(room_id.as_str()).lock().await;
+        if self.membership(target, room_id).await?.as_deref() != Some("ban") {
+            return Err(ServiceError::Forbidden(format!("{target} is not banned from {room_id}")));
+        }
+        let content = member_content("leave", reason);
+        let event = super::LocalEvent {
+            room_id: Some(room_id),
+            sender,
+            kind: "m.room.member",
+            state_key: Some(target.as_str()),
+            content,
+        };
+        let event = self.build_local_event(&version, event).await?;
+        let event_id = event.id().to_owned();
+        match self.ingest_unlocked(&version, event, &WriteBatch::new()).await?.outcome {
+            super::Outcome::Accepted => Ok(event_id),
+            super::Outcome::Rejected(reason) | super::Outcome::SoftFailed(reason) => {
+                Err(ServiceError::Forbidden(reason))
+            }
+        }
+    }
+
+    /// For a deactivated account: leaves every room the user is joined to, rejects their
+    /// pending invites and withdraws their knocks, each with a bare `leave` (no display name or
+    /// avatar). Pages through all their memberships; a room that refuses is logged and skipped.
+    /// Returns how many rooms were left.
+    pub(crate) async fn leave_every_room(&self, user_id: &UserId) -> Result<usize, ServiceError> {
+        const PAGE_ROWS: usize = 1_000;
+        let prefix = keys::user_rows(user_id.as_str());
+        let mut range = KeyRange::prefix(&prefix);
+        let mut left = 0;
+        loop {
+            let rows = self.kv.scan(Table::Memberships, &range, Direction::Forward, PAGE_ROWS).await?;
+            let last_page = rows.len() < PAGE_ROWS;
+            if let Some((last, _)) = rows.last() {
+                range.start = Bound::Excluded(last.clone());
+            }
+            for (key, membership) in rows {
+                if !matches!(membership.as_slice(), b"join" | b"invite" | b"knock") {
+                    continue;
+                }
+                let room_id = RoomId::parse(String::from_utf8_lossy(&key[prefix.len()..]).as_ref())
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                let content = member_content("leave", None);
+                match self.send_event(user_id, &room_id, "m.room.member", Some(user_id.as_str()), content, None).await {
+                    Ok(_) => left += 1,
+                    Err(error) => tracing::warn!(%user_id, %room_id, %error, "deactivated user could not leave room"),
+                }
+            }
+            if last_page {
+                return Ok(left);
+            }
+        }
     }
 
     /// `POST /forget`: the user no longer sees the room in `/sync`. Only for rooms they have left

@@ -10,6 +10,7 @@ mod ingest;
 mod local_events;
 mod membership;
 mod receipts;
+mod redactions;
 mod relations;
 mod state_store;
 mod sync;

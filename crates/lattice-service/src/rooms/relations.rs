@@ -62,6 +62,11 @@ impl Service {
         batch: &mut WriteBatch,
     ) -> Result<(), ServiceError> {
         let Some(relation) = relation_of(event) else { return Ok(()) };
+        if !self.is_event_of_room(&relation.parent, room_id).await? {
+            // A relation to another room's event (or one not stored) would serve that event,
+            // its edits and its thread to readers of this room: it is not indexed.
+            return Ok(());
+        }
         let record = RelationRecord {
             event_id: event.id().to_string(),
             rel_type: relation.rel_type.clone(),
@@ -111,6 +116,12 @@ impl Service {
         batch.put(Table::ThreadActivity, keys::thread_activity(room_id.as_str(), position), root.as_bytes().to_vec());
         lattice_storage::put(batch, key, &thread);
         Ok(())
+    }
+
+    /// Whether `event_id` is stored as an accepted event of `room_id`.
+    async fn is_event_of_room(&self, event_id: &str, room_id: &RoomId) -> Result<bool, ServiceError> {
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
+        Ok(record.is_some_and(|r| r.value.room_id == room_id.as_str() && r.value.stream_position.is_some()))
     }
 
     async fn sender_of(&self, event_id: &str) -> Result<Option<String>, ServiceError> {

@@ -23,6 +23,7 @@ pub(super) fn service() -> (Service, Arc<MemoryStore>) {
         refreshable_token_lifetime_ms: 60_000,
         default_room_version: "11".into(),
         public_rooms_cache_ms: 0,
+        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
     };
     (
         Service::new(
