@@ -8,6 +8,7 @@ mod history;
 mod membership;
 mod process;
 mod relations;
+mod restart;
 mod rooms;
 mod sdk_client;
 mod support;
