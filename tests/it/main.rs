@@ -6,6 +6,7 @@ mod bad_input;
 mod directory;
 mod history;
 mod membership;
+mod no_panic;
 mod process;
 mod relations;
 mod restart;
