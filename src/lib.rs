@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use lattice_api::{ApiConfig, AppState, RateLimit};
 use lattice_service::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
-use lattice_storage::{KvStore, RocksOptions, RocksStore};
+use lattice_storage::{KvStore, RocksOptions, RocksStore, StoreClosed};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -32,6 +32,9 @@ pub struct Opened {
     pub service: Arc<Service>,
     /// `true` when the data directory was created by this open.
     pub fresh: bool,
+    /// Completes once the service and everything else holding the database are dropped and the
+    /// database is closed, so the data directory can be opened again.
+    pub closed: StoreClosed,
 }
 
 /// Opens (or creates) the data directory: RocksDB, schema check, signing key.
@@ -51,6 +54,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         };
         anyhow::anyhow!("opening database {}: {e}{hint}", db_dir.display())
     })?;
+    let closed = store.closed();
     let kv: Arc<dyn KvStore> = Arc::new(store);
     let found = lattice_storage::open_schema(kv.as_ref()).await.context("checking the database schema")?;
     // Before anything takes a stream position: none may repeat one a client saw before a crash.
@@ -71,7 +75,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
     };
     let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher, Arc::new(key.key_pair)));
-    Ok(Opened { service, fresh: found.is_none() })
+    Ok(Opened { service, fresh: found.is_none(), closed })
 }
 
 fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
@@ -110,7 +114,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish, flushes storage.
+    /// Stops accepting, lets in-flight requests finish, flushes storage and closes the database:
+    /// when this returns, the data directory can be opened again (unless requests were still
+    /// running after the grace period; they hold the database until they end).
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(());
         self.task.await.context("server task")?
@@ -145,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let address = listener.local_addr()?;
     let service = opened.service.clone();
     let sync_waiters = service.sync_waiters();
+    let closed = opened.closed;
     let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)?))
         .into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
@@ -162,14 +169,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             let _ = draining_rx.await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
-        tokio::select! {
-            result = serve => result.context("serving HTTP")?,
-            () = grace => tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing them"),
+        let drained = tokio::select! {
+            result = serve => {
+                result.context("serving HTTP")?;
+                true
+            }
+            () = grace => {
+                tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}; closing them");
+                false
+            }
+        };
+        for background in [sweeper, typing_sweeper, redaction_purger] {
+            background.abort();
+            let _ = background.await;
         }
-        sweeper.abort();
-        typing_sweeper.abort();
-        redaction_purger.abort();
         service.flush().await.context("flushing storage")?;
+        drop(service);
+        if drained {
+            // Every holder of the database has been dropped or is finishing its drop.
+            tokio::time::timeout(SHUTDOWN_GRACE, closed.wait())
+                .await
+                .context("the database was still in use after shutdown")?;
+        }
         tracing::info!("storage flushed; stopped");
         Ok(())
     });

@@ -121,6 +121,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("First start: registration token (shown only now): {token}");
                 println!("Create more with `lattice registration-token create`.");
             }
+            // The bound address, for `listen.address` with port 0 (tests, supervisors).
+            println!("Serving the client API on http://{}", running.address);
             running.run_until(lattice::shutdown_signal()).await
         }
         Command::User(command) => {

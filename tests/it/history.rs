@@ -259,7 +259,8 @@ async fn reports_are_checked_and_kept_for_the_operator() {
     running.stop().await.unwrap();
 
     // What `lattice report list` reads, with the server stopped: newest first.
-    let opened = reopen(&config).await;
+    // `stop` returned, so the database is closed and opens at once.
+    let opened = lattice::open(&config).await.expect("the stopped server released its database");
     let reports = opened.service.list_reports(10).await.unwrap();
     let summary: Vec<String> = reports
         .iter()
@@ -276,18 +277,6 @@ async fn reports_are_checked_and_kept_for_the_operator() {
     assert_eq!(reports[1].room_id.as_deref(), Some(room.as_str()));
     assert_eq!(reports[2].reason.as_deref(), Some("spam"));
     assert_eq!(opened.service.list_reports(1).await.unwrap().len(), 1);
-}
-
-/// Opens a stopped server's data directory, as the CLI does. The stopped server's background
-/// tasks let go of the database a moment after `stop` returns, so this waits for that.
-async fn reopen(config: &lattice::Config) -> lattice::Opened {
-    for _ in 0..200 {
-        match lattice::open(config).await {
-            Ok(opened) => return opened,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-    lattice::open(config).await.expect("the stopped server releases its database")
 }
 
 #[tokio::test]

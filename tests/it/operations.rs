@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, binary, create_room, free_port, process_env, register, test_config};
+use crate::support::{Http, binary, create_room, process_env, register, test_config};
 
 /// The stream position in a sync token (its first run of digits).
 fn position(token: &str) -> u64 {
@@ -58,33 +58,37 @@ async fn stream_positions_keep_increasing_across_restarts_and_skip_the_reserved_
     }
 }
 
-/// Starts the binary with `extra` environment; returns whether it came up and served.
+/// Starts the binary with `extra` environment; returns whether it came up and served (it says
+/// so on standard output once it listens, on a port of its own choosing).
 async fn serves_with(extra: &[(&str, &str)]) -> bool {
+    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let address = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut child = tokio::process::Command::new(binary())
         .arg("serve")
         .envs(process_env(dir.path(), address))
         .envs(extra.iter().copied())
         .env_remove("LATTICE_CONFIG")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build().unwrap();
-    let versions = format!("http://{address}/_matrix/client/versions");
-    for _ in 0..600 {
-        if child.try_wait().unwrap().is_some() {
-            return false;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let reading = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(serving) = line.strip_prefix("Serving the client API on ") {
+                let client = reqwest::Client::builder().no_proxy().build().unwrap();
+                let response = client.get(format!("{serving}/_matrix/client/versions")).send().await.unwrap();
+                return response.status() == 200;
+            }
         }
-        if client.get(&versions).send().await.is_ok_and(|response| response.status() == 200) {
-            child.kill().await.unwrap();
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("lattice neither served nor exited");
+        false // the binary exited without serving
+    };
+    let served =
+        tokio::time::timeout(Duration::from_secs(60), reading).await.expect("lattice neither served nor exited");
+    child.kill().await.ok();
+    served
 }
 
 #[tokio::test]

@@ -13,7 +13,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// A config for tests: loopback on a free port, cheap password hashing, no rate limits.
+/// A config for tests: loopback port 0 (the OS picks a free port), cheap password hashing, no rate
+/// limits.
 pub fn test_config(data_dir: &Path, server_name: &str) -> Config {
     let mut config = Config {
         server_name: server_name.try_into().expect("valid server name"),
@@ -185,11 +186,6 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_lattice")
 }
 
-/// A free loopback port (bound then released; the child binds it right after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// Environment that points the binary at `data_dir` with test-friendly settings.
 pub fn process_env(data_dir: &Path, address: SocketAddr) -> Vec<(String, String)> {
     vec![
@@ -203,34 +199,25 @@ pub fn process_env(data_dir: &Path, address: SocketAddr) -> Vec<(String, String)
 }
 
 impl ProcessServer {
+    /// Starts the binary on port 0 and reads the address it bound (and, on a first start, the
+    /// registration token printed before it) from its standard output.
     pub async fn start(data_dir: &Path) -> Self {
-        let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut child = Command::new(binary())
             .arg("serve")
-            .envs(process_env(data_dir, address))
+            .envs(process_env(data_dir, SocketAddr::from(([127, 0, 0, 1], 0))))
             .env_remove("LATTICE_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn lattice");
-        let stdout = child.stdout.take().expect("stdout");
-        let (token_tx, token_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            let mut token_tx = Some(token_tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(token) = line.strip_prefix("First start: registration token (shown only now): ")
-                    && let Some(tx) = token_tx.take()
-                {
-                    let _ = tx.send(token.trim().to_owned());
-                }
-            }
-        });
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(read_start_up(child.stdout.take().expect("stdout"), started_tx));
+        let started = tokio::time::timeout(Duration::from_secs(60), started_rx).await.expect("lattice starts");
+        let Ok((address, first_registration_token)) = started else {
+            panic!("lattice exited during start-up: {:?}", child.wait().await);
+        };
         let http = Http::new(format!("http://{address}"));
-        wait_until_serving(&http, &mut child).await;
-        let first_registration_token =
-            tokio::time::timeout(Duration::from_millis(500), token_rx).await.ok().and_then(Result::ok);
         Self { http, first_registration_token, child }
     }
 
@@ -250,21 +237,23 @@ impl ProcessServer {
     }
 }
 
-async fn wait_until_serving(http: &Http, child: &mut Child) {
-    for _ in 0..300 {
-        if let Some(status) = child.try_wait().expect("child status") {
-            panic!("lattice exited during start-up: {status}");
-        }
-        if let Ok(Ok(response)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            http.client.get(format!("{}/_matrix/client/versions", http.base)).send(),
-        )
-        .await
-            && response.status().is_success()
+/// Reads the binary's standard output: the registration token of a first start, then the line
+/// with the bound address, sent once that line arrives (the listener is bound by then). Keeps
+/// reading so the child never blocks on a full pipe.
+async fn read_start_up(
+    stdout: tokio::process::ChildStdout,
+    started: tokio::sync::oneshot::Sender<(SocketAddr, Option<String>)>,
+) {
+    let mut lines = BufReader::new(stdout).lines();
+    let mut started = Some(started);
+    let mut token = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(first) = line.strip_prefix("First start: registration token (shown only now): ") {
+            token = Some(first.trim().to_owned());
+        } else if let Some(address) = line.strip_prefix("Serving the client API on http://")
+            && let Some(started) = started.take()
         {
-            return;
+            let _ = started.send((address.trim().parse().expect("bound address"), token.take()));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("lattice did not start serving within 15 s");
 }

@@ -75,6 +75,12 @@ impl AppState {
     }
 }
 
+/// The path template of every route the application serves (e.g.
+/// `/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}`), in registration order.
+pub fn route_paths() -> Vec<&'static str> {
+    routes::all().paths().to_vec()
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     // The spec's CORS requirements (client-server API, "Web Browser Clients").
@@ -83,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
         .allow_headers([HeaderName::from_static("x-requested-with"), header::CONTENT_TYPE, header::AUTHORIZATION]);
     routes::all()
+        .into_router()
         .fallback(routes::unknown_endpoint)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .with_state(state)

@@ -16,7 +16,7 @@ mod typed;
 pub use error::StorageError;
 pub use kv::{Condition, Direction, KeyRange, KvRead, KvStore, MAX_SCAN_ROWS, Row, WriteBatch, WriteOp};
 pub use memory::MemoryStore;
-pub use rocks::{RocksOptions, RocksStore};
+pub use rocks::{RocksOptions, RocksStore, StoreClosed};
 pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
 pub use table::Table;
 pub use typed::{

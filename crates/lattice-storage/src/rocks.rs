@@ -1,6 +1,6 @@
 //! The RocksDB backend: one column family per [`Table`], WAL always on.
 
-use std::ops::Bound;
+use std::ops::{Bound, Deref};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, ReadOptions, Snapshot, WriteOptions,
 };
+use tokio::sync::watch;
 
 use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, WriteOp, check_scan_limit};
 use crate::{StorageError, Table};
@@ -30,10 +31,38 @@ impl Default for RocksOptions {
 }
 
 pub struct RocksStore {
-    db: Arc<DB>,
+    db: Arc<OpenDb>,
     sync_writes: bool,
     /// Serialises writers so a batch's conditions are checked and applied as one step.
     write_lock: Arc<Mutex<()>>,
+    closed: watch::Receiver<()>,
+}
+
+/// The open database. Scans on blocking threads and snapshots hold it too, so it closes when the
+/// last of them lets go; then `_closed` is dropped, which tells [`StoreClosed`] waiters.
+struct OpenDb {
+    // Fields drop in order: the database (and its LOCK file) first, then the signal.
+    db: DB,
+    _closed: watch::Sender<()>,
+}
+
+impl Deref for OpenDb {
+    type Target = DB;
+
+    fn deref(&self) -> &DB {
+        &self.db
+    }
+}
+
+/// Completes once a [`RocksStore`]'s database is closed and its directory can be opened again.
+pub struct StoreClosed(watch::Receiver<()>);
+
+impl StoreClosed {
+    pub async fn wait(mut self) {
+        // Nothing is ever sent: `changed` fails exactly when the sender, inside the database
+        // handle, is dropped.
+        while self.0.changed().await.is_ok() {}
+    }
 }
 
 impl RocksStore {
@@ -59,7 +88,15 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(table.name(), cf_options)
         });
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
-        Ok(Self { db: Arc::new(db), sync_writes: options.sync_writes, write_lock: Arc::new(Mutex::new(())) })
+        let (closed_tx, closed) = watch::channel(());
+        let db = Arc::new(OpenDb { db, _closed: closed_tx });
+        Ok(Self { db, sync_writes: options.sync_writes, write_lock: Arc::new(Mutex::new(())), closed })
+    }
+
+    /// What completes once this store and every handle derived from it (snapshots, scans still
+    /// running) are dropped and the database is closed.
+    pub fn closed(&self) -> StoreClosed {
+        StoreClosed(self.closed.clone())
     }
 }
 
@@ -204,7 +241,7 @@ type DbSnapshot<'a> = Snapshot<'a>;
 self_cell::self_cell!(
     /// A RocksDB snapshot together with the database handle it borrows from.
     struct SnapshotCell {
-        owner: Arc<DB>,
+        owner: Arc<OpenDb>,
         #[covariant]
         dependent: DbSnapshot,
     }

@@ -211,3 +211,17 @@ async fn counters_keep_increasing_across_reopens() {
         }
     }
 }
+
+#[tokio::test]
+async fn rocksdb_signals_closed_once_the_last_handle_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+    let closed = kv.closed();
+    let snapshot = kv.snapshot().await.unwrap();
+    drop(kv);
+    // The snapshot still holds the database open, so its directory stays locked.
+    assert!(RocksStore::open(dir.path(), &RocksOptions::default()).is_err());
+    drop(snapshot);
+    closed.wait().await;
+    RocksStore::open(dir.path(), &RocksOptions::default()).expect("the closed database opens again");
+}

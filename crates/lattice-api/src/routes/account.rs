@@ -1,19 +1,20 @@
 //! Registration, passwords, deactivation and third-party identifiers.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use lattice_service::{RegisterRequest, ServiceError};
 use ruma::api::client::uiaa::AuthData;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, ClientIp, JsonBody, QueryParams};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/register", post(register))
         .route("/_matrix/client/v3/register/available", get(username_available))
         .route("/_matrix/client/v1/register/m.login.registration_token/validity", get(registration_token_validity))

@@ -1,19 +1,20 @@
 //! `/devices` and `/delete_devices`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use lattice_service::DeviceInfo;
 use ruma::api::client::uiaa::AuthData;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, ClientIp, JsonBody, PathParams};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/devices", get(list_devices))
         .route("/_matrix/client/v3/devices/{device_id}", get(get_device).put(rename_device).delete(delete_device))
         .route("/_matrix/client/v3/delete_devices", post(delete_devices))

@@ -1,19 +1,20 @@
 //! Room aliases and the public room directory.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
-use axum::{Json, Router};
 use lattice_service::ServiceError;
 use lattice_service::rooms::{PublicRoomsPage, PublicRoomsQuery};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, ClientIp, JsonBody, PathParams, QueryParams, parse_alias, parse_room};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route(
             "/_matrix/client/v3/directory/room/{room_alias}",
             put(create_alias).get(resolve_alias).delete(delete_alias),

@@ -1,10 +1,11 @@
 //! What a client asks before it logs in: versions, capabilities, .well-known.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Auth;
@@ -16,8 +17,8 @@ const SPEC_VERSIONS: &[&str] = &[
     "v1.14", "v1.15", "v1.16",
 ];
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/versions", get(versions))
         .route("/_matrix/client/v3/capabilities", get(capabilities))
         .route("/.well-known/matrix/client", get(well_known_client))

@@ -1,18 +1,19 @@
 //! Reading a room's past: `/context` around an event and `timestamp_to_event`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router};
 use lattice_service::rooms::{DEFAULT_CONTEXT_LIMIT, EventFilter};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, PathParams, QueryParams, parse_room};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/rooms/{room_id}/context/{event_id}", get(context))
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(timestamp_to_event))
 }

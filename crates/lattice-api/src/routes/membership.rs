@@ -1,19 +1,20 @@
 //! Membership beyond join and leave: knocking, forgetting rooms, and room upgrades.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use lattice_service::rooms::UpgradeRoom;
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, JsonBody, PathParams, parse_room};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/knock/{room_id_or_alias}", post(knock))
         .route("/_matrix/client/v3/rooms/{room_id}/forget", post(forget))
         .route("/_matrix/client/v3/rooms/{room_id}/upgrade", post(upgrade))

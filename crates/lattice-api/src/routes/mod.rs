@@ -18,12 +18,47 @@ use std::any::Any;
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
 
 use crate::AppState;
 use crate::error::ApiError;
 
-pub fn all() -> Router<AppState> {
-    Router::new()
+/// An axum router that also keeps the path template of every route it holds, so the route table
+/// can be listed ([`crate::route_paths`]) and the no-panic test can prove it reaches every route.
+#[derive(Default)]
+pub struct Routes {
+    router: Router<AppState>,
+    paths: Vec<&'static str>,
+}
+
+impl Routes {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn route(mut self, path: &'static str, methods: MethodRouter<AppState>) -> Self {
+        self.router = self.router.route(path, methods);
+        self.paths.push(path);
+        self
+    }
+
+    pub fn merge(mut self, other: Routes) -> Self {
+        self.router = self.router.merge(other.router);
+        self.paths.extend(other.paths);
+        self
+    }
+
+    pub fn paths(&self) -> &[&'static str] {
+        &self.paths
+    }
+
+    pub fn into_router(self) -> Router<AppState> {
+        self.router
+    }
+}
+
+pub fn all() -> Routes {
+    Routes::new()
         .merge(discovery::routes())
         .merge(account::routes())
         .merge(session::routes())

@@ -1,17 +1,18 @@
 //! `/profile/{userId}` and its `displayname` and `avatar_url` fields.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router};
 use lattice_service::{ProfileField, ServiceError};
 use serde_json::{Map, Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, parse_user};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/profile/{user_id}", get(get_profile))
         .route("/_matrix/client/v3/profile/{user_id}/{field}", get(get_field).put(set_field).delete(delete_field))
 }

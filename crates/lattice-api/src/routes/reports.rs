@@ -1,17 +1,18 @@
 //! Reporting events, rooms and users to the server's operators.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, JsonBody, PathParams, parse_room, parse_user};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/rooms/{room_id}/report/{event_id}", post(report_event))
         .route("/_matrix/client/v3/rooms/{room_id}/report", post(report_room))
         .route("/_matrix/client/v3/users/{user_id}/report", post(report_user))

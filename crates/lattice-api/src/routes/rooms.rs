@@ -1,20 +1,21 @@
 //! Rooms: creating them, sending events, reading state, membership.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
 use lattice_service::rooms::{CreateRoom, Preset, Txn};
 use lattice_service::{JsonObject, ServiceError};
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, QueryParams};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/createRoom", post(create_room))
         .route("/_matrix/client/v3/joined_rooms", get(joined_rooms))
         .route("/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}", put(send))

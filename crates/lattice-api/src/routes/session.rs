@@ -1,20 +1,21 @@
 //! Logging in and out, refresh tokens, whoami.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use lattice_service::{LoginRequest, SessionTokens};
 use ruma::api::client::session::login::v3::LoginInfo;
 use ruma::api::client::uiaa::UserIdentifier;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, ClientIp, JsonBody};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/login", get(login_flows).post(login))
         .route("/_matrix/client/v3/logout", post(logout))
         .route("/_matrix/client/v3/logout/all", post(logout_all))

@@ -2,20 +2,21 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
-use axum::{Json, Router};
 use lattice_service::rooms::{EventFilter, RelationsQuery, SyncFilter, SyncRequest, SyncToken, parse_token};
 use lattice_service::{Session, ToDeviceMessages};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, QueryParams, parse_room};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/sync", get(sync))
         .route("/_matrix/client/v3/rooms/{room_id}/messages", get(messages))
         .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations))

@@ -1,17 +1,18 @@
 //! Room tags under `/user/{userId}/rooms/{roomId}/tags`, stored as `m.tag` room account data.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
-use axum::{Json, Router};
 use lattice_service::JsonObject;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, JsonBody, PathParams, parse_room, parse_user};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route("/_matrix/client/v3/user/{user_id}/rooms/{room_id}/tags", get(tags))
         .route("/_matrix/client/v3/user/{user_id}/rooms/{room_id}/tags/{tag}", put(set_tag).delete(delete_tag))
 }

@@ -1,17 +1,18 @@
 //! Global account data and filters under `/user/{userId}`.
 
+use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use lattice_service::JsonObject;
 use serde_json::{Value, json};
 
+use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, JsonBody, PathParams, parse_room, parse_user};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub fn routes() -> Routes {
+    Routes::new()
         .route(
             "/_matrix/client/v3/user/{user_id}/account_data/{event_type}",
             get(get_account_data).put(set_account_data),

@@ -126,13 +126,13 @@ impl Service {
             Ok(_) => return Err(ServiceError::Internal("event is not an object".into())),
             Err(e) => return Err(ServiceError::BadJson(format!("content is not canonical JSON: {e}"))),
         };
+        // The signer refuses more than MAX_PDU_BYTES - 1 bytes (an event that big cannot fit once
+        // signed anyway); that is the client's error, so it is said before signing.
+        check_pdu_size(&object, lattice_core::limits::MAX_PDU_BYTES - 1)?;
         pdu::hash_and_sign(&mut object, self.server_name().as_str(), &self.signing_key, version)
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        // Checked on the signed event, as other servers will see it.
-        let size = serde_json::to_vec(&object).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
-        if size > lattice_core::limits::MAX_PDU_BYTES {
-            return Err(ServiceError::TooLarge { what: "the event", limit: lattice_core::limits::MAX_PDU_BYTES });
-        }
+        // The limit itself applies to the signed event, as other servers will see it.
+        check_pdu_size(&object, lattice_core::limits::MAX_PDU_BYTES)?;
         Pdu::new(object, version).map_err(|e| ServiceError::BadJson(e.to_string()))
     }
 }
@@ -143,6 +143,15 @@ pub(crate) fn check_type_and_state_key(kind: &str, state_key: Option<&str>) -> R
     lattice_core::limits::check_event_type(kind).map_err(ServiceError::BadJson)?;
     if let Some(key) = state_key {
         lattice_core::limits::check_state_key(key).map_err(ServiceError::BadJson)?;
+    }
+    Ok(())
+}
+
+/// Refuses an event whose JSON is longer than `limit` bytes with `M_TOO_LARGE`.
+fn check_pdu_size(object: &CanonicalJsonObject, limit: usize) -> Result<(), ServiceError> {
+    let size = serde_json::to_vec(object).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+    if size > limit {
+        return Err(ServiceError::TooLarge { what: "the event", limit: lattice_core::limits::MAX_PDU_BYTES });
     }
     Ok(())
 }
