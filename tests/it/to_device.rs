@@ -86,7 +86,8 @@ async fn star_reaches_every_device_and_wakes_a_waiting_sync() {
         let (http, token, since) = (http.clone(), devices[0].token.clone(), since.clone());
         tokio::spawn(async move { sync(&http, &token, Some(&since), 20_000).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The request is asleep in the server before the message is sent.
+    server.until_sync_waiters(1).await;
     assert_eq!(send(&http, &alice, "t2", json!({ bob.clone(): { "*": { "hello": true } } })).await.0, 200);
     let woken = waiting.await.unwrap();
     assert_eq!(to_device(&woken).len(), 1, "{woken}");
