@@ -383,23 +383,7 @@ impl Service {
     /// Whether the user was joined just before `membership_id` (their leave or ban) took effect:
     /// the membership in the state after the event it was built on.
     async fn was_joined_before(&self, user_id: &UserId, membership_id: &str) -> Result<bool, ServiceError> {
-        let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(membership_id)).await?
-        else {
-            return Ok(false);
-        };
-        let event: Value =
-            serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        // Room versions 1 and 2 cite `[id, hashes]` pairs, later ones plain IDs.
-        let prev = &event["prev_events"][0];
-        let Some(prev_id) = prev.as_str().or_else(|| prev[0].as_str()) else { return Ok(false) };
-        let Some(prev) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(prev_id)).await? else {
-            return Ok(false);
-        };
-        let state = super::state_store::load(self.kv.as_ref(), prev.value.state_group).await?;
-        let slot = (ruma::events::StateEventType::RoomMember, user_id.to_string());
-        let Some(before) = state.get(&slot) else { return Ok(false) };
-        let before = self.client_event(before.as_str()).await?;
-        Ok(before["content"]["membership"] == "join")
+        Ok(self.membership_before(membership_id, user_id).await?.as_deref() == Some("join"))
     }
 
     /// Typing and receipts changed in the sync's range, as the filter and ignore list allow.

@@ -281,6 +281,21 @@ impl Service {
         }
     }
 
+    /// The membership `user_id` had in the state `member_event_id` was built on (for a leave:
+    /// what they left from).
+    pub(crate) async fn membership_before(
+        &self,
+        member_event_id: &str,
+        user_id: &UserId,
+    ) -> Result<Option<String>, ServiceError> {
+        let Some(record) = self.event_record(member_event_id).await? else { return Ok(None) };
+        let Some(previous) = self.member_event_before(&EventShape::parse(&record)?, user_id).await? else {
+            return Ok(None);
+        };
+        let Some(previous) = self.event_record(&previous).await? else { return Ok(None) };
+        Ok(EventShape::parse(&previous)?.content["membership"].as_str().map(str::to_owned))
+    }
+
     /// The reader's member event in the state `shape` was built on.
     async fn member_event_before(&self, shape: &EventShape, user_id: &UserId) -> Result<Option<String>, ServiceError> {
         let Some(prev) = shape.first_prev() else { return Ok(None) };
