@@ -157,6 +157,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
     let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
     let redaction_purger = tokio::spawn(purge_redacted_originals(service.clone()));
+    let front_merger = tokio::spawn(merge_wide_fronts(service.clone()));
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -179,7 +180,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 false
             }
         };
-        for background in [sweeper, typing_sweeper, redaction_purger] {
+        for background in [sweeper, typing_sweeper, redaction_purger, front_merger] {
             background.abort();
             let _ = background.await;
         }
@@ -226,6 +227,16 @@ async fn expire_typing(service: Arc<Service>) {
 /// How often kept originals of redacted events past their retention are deleted (the first
 /// run is at start).
 const REDACTION_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Sends merge events into rooms whose forward extremities grew past the threshold.
+async fn merge_wide_fronts(service: Arc<Service>) {
+    loop {
+        let sent = service.merge_wide_fronts().await;
+        if sent > 0 {
+            tracing::info!(events = sent, "merged wide room fronts");
+        }
+    }
+}
 
 async fn purge_redacted_originals(service: Arc<Service>) {
     let mut interval = tokio::time::interval(REDACTION_PURGE_INTERVAL);

@@ -87,6 +87,8 @@ pub struct Service {
     notifier: Arc<notifier::Notifier>,
     /// The public room directory as last listed.
     directory_cache: rooms::DirectoryCache,
+    /// Rooms whose forward extremities are waiting to be merged.
+    merges: rooms::MergeQueue,
 }
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
@@ -112,6 +114,7 @@ impl Service {
             typing: Default::default(),
             notifier: Default::default(),
             directory_cache: Default::default(),
+            merges: Default::default(),
         }
     }
 

@@ -70,6 +70,20 @@ pub fn timeline(room_id: &str, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// A room's history in the order of its graph: `room\0depth order`, both big-endian; `order`
+/// breaks ties between events of one depth (see `EventRecord::order`).
+pub fn topological(room_id: &str, depth: u64, order: u64) -> Vec<u8> {
+    let mut key = join(&[room_id.as_bytes(), &depth.to_be_bytes()]);
+    key.extend_from_slice(&order.to_be_bytes());
+    key
+}
+
+/// `room\0event`: a prev event some stored event of the room cites but that is not stored (or
+/// only as an outlier): a gap in the history that backfill fills.
+pub fn backward_extremity(room_id: &str, event_id: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), event_id.as_bytes()])
+}
+
 /// The prefix of every per-room row keyed `room\0…`.
 pub fn room_rows(room_id: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), b""])

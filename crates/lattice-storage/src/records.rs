@@ -145,6 +145,11 @@ pub struct RoomRecord {
     /// no member scan. `None` for rooms stored before the counts existed (readers then count).
     #[serde(default)]
     pub member_counts: Option<MemberCounts>,
+    /// How many of `forward_extremities` are at each state group (`(group, count)`, sorted), so
+    /// a new event learns whether the room's front has one state or must be resolved without
+    /// reading every extremity. `None` for rooms stored before it (rebuilt on the next event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extremity_groups: Option<Vec<(u64, u32)>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +186,10 @@ pub enum EventStatus {
     Rejected {
         reason: String,
     },
+    /// Stored without knowing the state before it (an auth event or state from another server's
+    /// answer, an invite from another server, a fetched event): checked against its own auth
+    /// events only, in no timeline and no state group until it is ingested again with its state.
+    Outlier,
 }
 
 /// An event as stored: its canonical JSON and what ingest decided.
@@ -198,6 +207,19 @@ pub struct EventRecord {
     /// clients are told who removed it (`unsigned.redacted_because`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacted_by: Option<String>,
+    /// The tiebreak between events of one depth in the room's topological order (`topological`
+    /// table): the stream position for events that arrived live; a value from the same counter
+    /// for backfilled history, which has no stream position. `None` for outliers and rejected
+    /// events, and for events stored before this field (readers use `stream_position`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u64>,
+}
+
+impl EventRecord {
+    /// The position in the room's topological order, when the event has one.
+    pub fn order(&self) -> Option<u64> {
+        self.order.or(self.stream_position)
+    }
 }
 
 impl Record for EventRecord {

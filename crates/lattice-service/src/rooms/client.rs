@@ -228,6 +228,7 @@ impl Service {
         match ingested.outcome {
             Outcome::Accepted => Ok(id),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+            Outcome::Outlier => Err(ServiceError::Internal("a local event was stored as an outlier".into())),
         }
     }
 
@@ -258,6 +259,7 @@ impl Service {
         match self.ingest_unlocked(version, event, &WriteBatch::new()).await?.outcome {
             Outcome::Accepted => Ok(()),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+            Outcome::Outlier => Err(ServiceError::Internal("a local event was stored as an outlier".into())),
         }
     }
 
@@ -271,6 +273,7 @@ impl Service {
         match self.ingest_with(version, event, extra).await?.outcome {
             Outcome::Accepted => Ok(()),
             Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => Err(ServiceError::Forbidden(reason)),
+            Outcome::Outlier => Err(ServiceError::Internal("a local event was stored as an outlier".into())),
         }
     }
 

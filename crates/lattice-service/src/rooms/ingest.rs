@@ -2,8 +2,27 @@
 //!
 //! The caller has parsed the PDU, checked its signatures and content hash (`lattice_core::pdu`)
 //! and typed it (`Pdu::new`). Here: auth against its auth events, auth against the state before
-//! it, soft-fail against the current state, then one atomic write of the event, its state, the
-//! timeline position, forward extremities, current state and the membership index.
+//! it, soft-fail against the current state (live events only), then one atomic write of the
+//! event, its state group, its positions (stream and topological), the forward and backward
+//! extremities, the current state and the membership index.
+//!
+//! Three ways in, one path:
+//! - **live** ([`Arrival::Live`]): a new event at the front of the room; it gets a stream
+//!   position, so `/sync` shows it, and moves the forward extremities and the current state;
+//! - **backfill** ([`Arrival::Backfill`]): older history filling a gap; placed in the room's
+//!   topological order for `/messages`, never in `/sync`, never changing the current state;
+//! - **outlier** ([`Service::ingest_outlier`]): an event whose state is unknown (auth chains and
+//!   state from another server's answer, an invite from another server, a fetched event),
+//!   checked against its own auth events only, in no timeline, until it is ingested again.
+//!
+//! An event whose prev events are not all stored needs the state before it from the caller
+//! (federation fetches it with `/state_ids`); the missing prev events are recorded as backward
+//! extremities (gaps) that backfill later fills.
+//!
+//! The cost of an event does not grow with the room's state: the auth checks read only the slots
+//! the rules look at, a message keeps the state group of its prev event, a state event adds a
+//! one-entry delta, and the current state moves by its changed slots. Whole states are read only
+//! at forks, gaps and snapshot points.
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,13 +31,14 @@ use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::{self, StateMap};
-use lattice_storage::records::{AuthChainRecord, EventRecord, EventStatus, MemberCounts, RoomRecord};
+use lattice_storage::records::{EventRecord, EventStatus, RoomRecord};
 use lattice_storage::{Fetched, StorageError, Table, WriteBatch, keys};
 use ruma::events::{StateEventType, TimelineEventType};
 use ruma::state_res::Event;
-use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId};
+use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, ServerName};
 
-use super::state_store::{self, Base};
+use super::front::{self, MERGE_THRESHOLD};
+use super::state_store::{self, StateRef};
 use crate::{Service, ServiceError};
 
 /// What ingest decided about an event.
@@ -27,63 +47,123 @@ pub enum Outcome {
     Accepted,
     SoftFailed(String),
     Rejected(String),
+    /// Stored as an outlier: allowed by its own auth events; its state is not known yet.
+    Outlier,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ingested {
     pub event_id: OwnedEventId,
     pub outcome: Outcome,
-    /// The stream position of an accepted event.
+    /// The stream position of an accepted live event.
     pub stream_position: Option<u64>,
+}
+
+/// How an event reaches the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// New at the front of the room: shown by `/sync`, moves the current state.
+    Live,
+    /// Older history (backfill): shown by `/messages` in its place, never by `/sync`.
+    Backfill,
+}
+
+/// How ingest should place one event.
+pub(crate) struct Placement<'a> {
+    pub arrival: Arrival,
+    /// The state before the event, for an event whose prev events are not all stored.
+    pub supplied_state: Option<&'a StateMap>,
+    /// Writes (and conditions) stored with the event when it is accepted.
+    pub extra: &'a WriteBatch,
 }
 
 /// How often ingest recomputes when a concurrent write to the same room wins the race.
 const ROOM_WRITE_RETRIES: usize = 8;
 
-/// Most forward extremities read per room; more means the room needs merging, not more reads.
-const MAX_FORWARD_EXTREMITIES: usize = 1_000;
-
 /// Events loaded for one ingest, by ID.
-type Loaded = HashMap<OwnedEventId, Pdu>;
+pub(super) type Loaded = HashMap<OwnedEventId, Pdu>;
 
-/// Memberships that changed in the current state: (before, after), absent as `None`.
-type MemberChanges = Vec<(Option<String>, Option<String>)>;
-
-/// The room's member counts after `changes`: a new room starts from zero; a room stored before
-/// counts existed (`Some(None)`) stays uncounted.
-fn updated_counts(stored: Option<Option<MemberCounts>>, changes: &MemberChanges) -> Option<MemberCounts> {
-    let start = match stored {
-        None => MemberCounts::default(),
-        Some(counts) => counts?,
-    };
-    Some(changes.iter().fold(start, |counts, (old, new)| counts.moved(old.as_deref(), new.as_deref())))
+/// Where an event's prev events are: stored with their state, or unknown (not stored, or only
+/// as outliers) — a gap.
+pub(super) struct Prevs {
+    pub placed: Vec<(OwnedEventId, u64)>,
+    pub unknown: Vec<OwnedEventId>,
 }
 
 impl Service {
-    /// Receives a PDU as bytes from another server: format, canonical JSON, signatures (against
-    /// `keys`, the origin servers' verified public keys) and content hash, then [`Service::ingest`].
-    /// A PDU failing those first checks is refused with the rule it broke and stores nothing;
-    /// one whose content hash is wrong is kept only in its redacted form.
+    /// Receives a PDU as bytes from another server, `origin`: format, canonical JSON, signatures
+    /// (against `keys`, the origin servers' verified public keys) and content hash, that the
+    /// sender belongs to `origin`, then [`Service::ingest`]. A PDU failing those first checks is
+    /// refused with the rule it broke and stores nothing; one whose content hash is wrong is kept
+    /// only in its redacted form.
     pub async fn receive_pdu(
         &self,
+        origin: &ServerName,
         version: &RoomVersion,
         bytes: &[u8],
         keys: &ruma::signatures::PublicKeyMap,
     ) -> Result<Ingested, ServiceError> {
+        let event = self.check_remote_pdu(origin, version, bytes, keys)?;
+        self.ingest(version, event).await
+    }
+
+    /// The checks [`Service::receive_pdu`] makes before ingest, for callers that place the
+    /// event themselves (as an outlier, as backfill, with a supplied state).
+    pub fn check_remote_pdu(
+        &self,
+        origin: &ServerName,
+        version: &RoomVersion,
+        bytes: &[u8],
+        keys: &ruma::signatures::PublicKeyMap,
+    ) -> Result<Pdu, ServiceError> {
         let object = lattice_core::pdu::parse(bytes, version)?;
         let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
             lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
         };
         let event = Pdu::new(object, version)?;
+        // A server speaks for its own users only: an event pushed by `origin` is from one of them.
+        if event.sender().server_name() != origin {
+            return Err(ServiceError::Forbidden(format!(
+                "event {} is sent by {}, not by a user of {origin}",
+                event.id(),
+                event.sender()
+            )));
+        }
         // The same check as for local events: types and state keys become parts of storage keys.
         super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
-        self.ingest(version, event).await
+        Ok(event)
     }
 
-    /// Checks `event` and stores it with everything it changes, atomically. Idempotent: an event
-    /// already stored answers with its earlier outcome.
+    /// Checks `event` and stores it, live, with everything it changes, atomically. Its prev
+    /// events must be stored. Idempotent: an event already stored answers with its earlier
+    /// outcome.
     pub async fn ingest(&self, version: &RoomVersion, event: Pdu) -> Result<Ingested, ServiceError> {
         self.ingest_with(version, event, &WriteBatch::new()).await
+    }
+
+    /// [`Service::ingest`] for an event that may arrive out of order or as history: when some of
+    /// its prev events are not stored, `supplied_state` is the state before it (as another server
+    /// answered `/state_ids`; those events must be stored, as outliers at least) and the missing
+    /// prev events are recorded as gaps.
+    pub async fn ingest_placed(
+        &self,
+        version: &RoomVersion,
+        event: Pdu,
+        arrival: Arrival,
+        supplied_state: Option<&StateMap>,
+    ) -> Result<Ingested, ServiceError> {
+        let room_id = room_id_of(&event)?;
+        let _room = self.room_lock(room_id.as_str()).lock().await;
+        let placement = Placement { arrival, supplied_state, extra: &WriteBatch::new() };
+        self.ingest_retrying(version, &event, &placement).await
+    }
+
+    /// Stores `event` as an outlier: checked against its own auth events (which must be
+    /// stored), not placed in any timeline or state. An event already stored is left as it is.
+    pub async fn ingest_outlier(&self, version: &RoomVersion, event: Pdu) -> Result<Ingested, ServiceError> {
+        let room_id = room_id_of(&event)?;
+        let _room = self.room_lock(room_id.as_str()).lock().await;
+        self.store_outlier(version, &event, &room_id).await
     }
 
     /// [`Service::ingest`], adding `extra` (writes and their conditions) to the event's batch when
@@ -100,15 +180,25 @@ impl Service {
         self.ingest_unlocked(version, event, extra).await
     }
 
-    /// The ingest retry loop, for callers already holding the room's lock.
+    /// The live ingest retry loop, for callers already holding the room's lock.
     pub(crate) async fn ingest_unlocked(
         &self,
         version: &RoomVersion,
         event: Pdu,
         extra: &WriteBatch,
     ) -> Result<Ingested, ServiceError> {
+        let placement = Placement { arrival: Arrival::Live, supplied_state: None, extra };
+        self.ingest_retrying(version, &event, &placement).await
+    }
+
+    async fn ingest_retrying(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        placement: &Placement<'_>,
+    ) -> Result<Ingested, ServiceError> {
         for _ in 0..ROOM_WRITE_RETRIES {
-            match self.try_ingest(version, &event, extra).await {
+            match self.try_ingest(version, event, placement).await {
                 Err(ServiceError::Storage(StorageError::Conflict)) => continue,
                 other => return other,
             }
@@ -120,85 +210,53 @@ impl Service {
         &self,
         version: &RoomVersion,
         event: &Pdu,
-        extra: &WriteBatch,
+        placement: &Placement<'_>,
     ) -> Result<Ingested, ServiceError> {
-        if let Some(existing) =
-            lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event.id().as_str())).await?
+        let event_key = keys::event(event.id().as_str());
+        let existing = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &event_key).await?;
+        if let Some(existing) = &existing
+            && existing.value.status != EventStatus::Outlier
         {
-            return Ok(already_stored(event.id(), existing.value));
+            return Ok(already_stored(event.id(), existing.value.clone()));
         }
         let room_id = room_id_of(event)?;
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
         check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version)?;
 
+        let mut batch = WriteBatch::new();
+        // An outlier becomes a placed event only once, and an event is stored only once.
+        batch.expect(Table::Events, event_key.clone(), existing.map(|e| e.raw));
         // The event itself takes part in resolving the new current state.
         let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
-        let mut needed: Vec<OwnedEventId> =
-            event.prev_event_ids().iter().chain(event.auth_event_ids()).cloned().collect();
-        // From v12 the create event is an auth event without being cited.
-        if version.rules().authorization.room_create_event_id_as_room_id
-            && let Some(room) = &room
-        {
-            needed.push(
-                OwnedEventId::try_from(room.value.create_event_id.as_str())
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
-            );
-        }
-        self.load_events(version, &needed, &mut loaded).await?;
-        let (before_group, state_before) = self.state_before(version, event, &mut loaded).await?;
+        let prevs = self.place_prevs(event, &room_id).await?;
+        self.load_auth_events(version, event, &room_id, room.as_ref().map(|r| &r.value), &mut loaded).await?;
+        let before = self.state_before(version, &prevs, placement.supplied_state, &mut loaded, &mut batch).await?;
+        let live = placement.arrival == Arrival::Live;
+        let current = room.as_ref().filter(|_| live).map(|r| StateRef::Stored(r.value.current_state_group));
+        let outcome = self.decide(version, event, &before, current.as_ref(), &mut loaded).await?;
+        let accepted = outcome == Outcome::Accepted;
 
-        let current = match &room {
-            Some(room) => Some((
-                room.value.current_state_group,
-                state_store::load(self.kv.as_ref(), room.value.current_state_group).await?,
-            )),
-            None => None,
+        let state_slot = event.state_key().map(|key| (StateEventType::from(event.kind().to_string()), key.to_owned()));
+        let after = match (&outcome, &state_slot) {
+            (Outcome::Rejected(_), _) | (_, None) => None,
+            (_, Some(slot)) => {
+                Some(state_store::extend(self.kv.as_ref(), &mut batch, &before, slot, &event.id().to_owned()).await?)
+            }
         };
-        let current_state = current.as_ref().map(|(_, state)| state);
-        let outcome = self.decide(version, event, &state_before, current_state, &mut loaded).await?;
-
-        let mut batch = WriteBatch::new();
-        let room_key = keys::room(room_id.as_str());
-        batch.expect(Table::Rooms, room_key.clone(), room.as_ref().map(|r| r.raw.clone()));
-
-        let before = before_group.map(|group| Base { group, state: &state_before });
-        let before_group = state_store::save(self.kv.as_ref(), &mut batch, before, &state_before).await?;
-        let mut state_after = state_before.clone();
-        if !matches!(outcome, Outcome::Rejected(_))
-            && let Some(key) = event.state_key()
-        {
-            state_after.insert((event.kind().to_string().into(), key.to_owned()), event.id().to_owned());
-        }
-        let after_group = state_store::save(
-            self.kv.as_ref(),
-            &mut batch,
-            Some(Base { group: before_group, state: &state_before }),
-            &state_after,
-        )
-        .await?;
-
-        let _stream = match outcome {
-            Outcome::Accepted => Some(self.lock_stream().await),
-            _ => None,
-        };
-        let stream_position = match outcome {
-            // Taken inside the event's own batch: no gaps, and no second write per event.
-            Outcome::Accepted => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),
-            _ => None,
-        };
-        let record = EventRecord {
+        let mut record = EventRecord {
             room_id: room_id.to_string(),
             json: serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?,
             status: match &outcome {
                 Outcome::Accepted => EventStatus::Accepted,
                 Outcome::SoftFailed(reason) => EventStatus::SoftFailed { reason: reason.clone() },
                 Outcome::Rejected(reason) => EventStatus::Rejected { reason: reason.clone() },
+                Outcome::Outlier => EventStatus::Outlier,
             },
-            stream_position,
-            state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
+            stream_position: None,
+            state_group: after.as_ref().unwrap_or(&before).group(),
             redacted_by: None,
+            order: None,
         };
-        let mut record = record;
         let redacted_on_arrival = match self.redact_if_pending(version, event, &mut loaded, &mut batch).await? {
             Some((json, redaction_id)) => {
                 record.json = json;
@@ -207,159 +265,253 @@ impl Service {
             }
             None => false,
         };
-        if let Some(position) = stream_position
-            && !redacted_on_arrival
-        {
-            self.index_relation(&room_id, event, position, &mut batch).await?;
+        if accepted && *event.kind() == TimelineEventType::RoomRedaction {
+            self.apply_redaction(version, event, &before, &mut loaded, &mut batch).await?;
         }
-        lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &record);
-        if !matches!(outcome, Outcome::Rejected(_)) && event.state_key().is_some() {
-            let chain = self.auth_chain_through(version, event.auth_event_ids(), &mut loaded).await?;
-            let mut chain: Vec<String> = chain.into_iter().map(|id| id.to_string()).collect();
-            chain.sort();
-            lattice_storage::put(&mut batch, keys::event(event.id().as_str()), &AuthChainRecord(chain));
-        }
-        if outcome == Outcome::Accepted && *event.kind() == TimelineEventType::RoomRedaction {
-            self.apply_redaction(version, event, &state_before, &mut loaded, &mut batch).await?;
-        }
+        let fills_gap = self.record_gaps(&room_id, event, &prevs, &mut batch).await?;
+        // Only a live event that nothing stored cites yet moves the room's front.
+        let front = match live && accepted && !fills_gap {
+            true => {
+                let room = room.as_ref().map(|r| &r.value);
+                let states = (&before, after.as_ref());
+                Some(self.advance_front(version, &room_id, event, &prevs, states, room, &mut loaded, &mut batch).await?)
+            }
+            false => None,
+        };
+        let wide_front = front.as_ref().is_some_and(|front| front.extremities.len() > MERGE_THRESHOLD);
 
-        let new_room = match stream_position {
-            Some(position) => {
+        // Positions are taken last, under the stream writer lock, right before the write: no
+        // other room waits for this one's state resolution.
+        let _stream = match accepted {
+            true => Some(self.lock_stream().await),
+            false => None,
+        };
+        let position = match accepted {
+            // Taken inside the event's own batch: no gaps, and no second write per event.
+            true => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),
+            false => None,
+        };
+        if let Some(position) = position {
+            record.order = Some(position);
+            super::topological::index_event(&mut batch, &room_id, event, position);
+            if !redacted_on_arrival {
+                self.index_relation(&room_id, event, position, &mut batch).await?;
+            }
+            super::timestamps::index_event(&mut batch, &room_id, event, position);
+            if live {
+                record.stream_position = Some(position);
                 batch.put(
                     Table::Timeline,
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
                 );
-                super::timestamps::index_event(&mut batch, &room_id, event, position);
-                let old_extremities = room.as_ref().map(|r| r.value.forward_extremities.clone()).unwrap_or_default();
-                let (current_group, forward_extremities, member_changes) = self
-                    .advance_current_state(
-                        version,
-                        &room_id,
-                        event,
-                        (after_group, &state_after),
-                        current,
-                        &old_extremities,
-                        &mut loaded,
-                        &mut batch,
-                    )
-                    .await?;
-                Some(RoomRecord {
-                    room_version: version.id().to_string(),
-                    create_event_id: room
-                        .as_ref()
-                        .map(|r| r.value.create_event_id.clone())
-                        .unwrap_or_else(|| event.id().to_string()),
-                    current_state_group: current_group,
-                    forward_extremities,
-                    last_stream_position: position,
-                    member_counts: updated_counts(room.as_ref().map(|r| r.value.member_counts), &member_changes),
-                })
+                let room_record = front::updated_room(version, event, room.as_ref().map(|r| &r.value), front, position);
+                lattice_storage::put(&mut batch, keys::room(room_id.as_str()), &room_record);
+                batch.expect(Table::Rooms, keys::room(room_id.as_str()), room.as_ref().map(|r| r.raw.clone()));
             }
-            None => None,
-        };
-        if let Some(new_room) = new_room {
-            lattice_storage::put(&mut batch, room_key, &new_room);
         }
-        if outcome == Outcome::Accepted {
-            batch.ops.extend(extra.ops.iter().cloned());
-            batch.conditions.extend(extra.conditions.iter().cloned());
+        lattice_storage::put(&mut batch, event_key, &record);
+        if accepted {
+            batch.ops.extend(placement.extra.ops.iter().cloned());
+            batch.conditions.extend(placement.extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
-        if stream_position.is_some() {
-            // Wake the /sync requests of the room's members, and of the user whose membership
-            // this is (who may not be a member yet).
-            self.notifier.notify_room(&room_id);
-            if *event.kind() == TimelineEventType::RoomMember
-                && let Some(target) = event.state_key().and_then(|key| ruma::UserId::parse(key).ok())
-            {
-                self.notifier.notify_user(&target);
-            }
+        if record.stream_position.is_some() {
+            self.notify_event(&room_id, event);
         }
-        Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position })
+        if wide_front {
+            self.want_merge(&room_id);
+        }
+        Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position: record.stream_position })
     }
 
-    /// The three auth checks (spec "checks performed on receipt", steps 4–6): against the
-    /// event's auth events, against the state before it (both → `Rejected`), and against the
-    /// room's current state (→ `SoftFailed`). Only the state slots the rules look at are loaded.
-    async fn decide(
+    /// Wakes the `/sync` requests of the room's members, and of the user whose membership this
+    /// is (who may not be a member yet).
+    fn notify_event(&self, room_id: &OwnedRoomId, event: &Pdu) {
+        self.notifier.notify_room(room_id);
+        if *event.kind() == TimelineEventType::RoomMember
+            && let Some(target) = event.state_key().and_then(|key| ruma::UserId::parse(key).ok())
+        {
+            self.notifier.notify_user(&target);
+        }
+    }
+
+    /// Stores an outlier: its auth events must be stored (as outliers at least) and in its room,
+    /// and allow it.
+    async fn store_outlier(
         &self,
         version: &RoomVersion,
         event: &Pdu,
-        state_before: &StateMap,
-        current_state: Option<&StateMap>,
-        loaded: &mut Loaded,
-    ) -> Result<Outcome, ServiceError> {
-        if let Err(e) = auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
-            return Ok(Outcome::Rejected(e.to_string()));
+        room_id: &OwnedRoomId,
+    ) -> Result<Ingested, ServiceError> {
+        let event_key = keys::event(event.id().as_str());
+        if let Some(existing) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &event_key).await? {
+            return Ok(already_stored(event.id(), existing.value));
         }
-        let auth_slots = ruma::state_res::auth_types_for_event(
-            event.kind(),
-            event.sender(),
-            event.state_key(),
-            event.content(),
-            &version.rules().authorization,
-        )
-        .unwrap_or_default();
-        let slots_of = |state: &StateMap| -> Vec<OwnedEventId> {
-            auth_slots.iter().filter_map(|slot| state.get(slot).cloned()).collect()
-        };
-        self.load_events(version, &slots_of(state_before), loaded).await?;
-        let lookup = |kind: &StateEventType, key: &str| {
-            state_before.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
-        };
-        if let Err(e) = auth::check_against_state(event, version, lookup) {
-            return Ok(Outcome::Rejected(e.to_string()));
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        if let Some(room) = &room
+            && room.value.room_version != version.id().as_str()
+        {
+            return Err(ServiceError::BadJson(format!("room {room_id} is version {}", room.value.room_version)));
         }
-        let Some(current_state) = current_state else { return Ok(Outcome::Accepted) };
-        self.load_events(version, &slots_of(current_state), loaded).await?;
-        let lookup = |kind: &StateEventType, key: &str| {
-            current_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(id))
+        let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
+        self.load_auth_events(version, event, room_id, room.as_ref().map(|r| &r.value), &mut loaded).await?;
+        let status = match auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
+            Ok(()) => EventStatus::Outlier,
+            Err(e) => EventStatus::Rejected { reason: e.to_string() },
         };
-        if let Err(e) = auth::check_against_state(event, version, lookup) {
-            return Ok(Outcome::SoftFailed(e.to_string()));
-        }
-        Ok(Outcome::Accepted)
+        let outcome = match &status {
+            EventStatus::Rejected { reason } => Outcome::Rejected(reason.clone()),
+            _ => Outcome::Outlier,
+        };
+        let record = EventRecord {
+            room_id: room_id.to_string(),
+            json: serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?,
+            status,
+            stream_position: None,
+            state_group: 0,
+            redacted_by: None,
+            order: None,
+        };
+        let mut batch = WriteBatch::new();
+        batch.expect(Table::Events, event_key.clone(), None);
+        lattice_storage::put(&mut batch, event_key, &record);
+        self.kv.write(batch).await?;
+        Ok(Ingested { event_id: event.id().to_owned(), outcome, stream_position: None })
     }
 
-    /// The state before `event`: nothing for the create event; the state after its one
-    /// `prev_event`; or the resolution of the states after each of them.
-    async fn state_before(
-        &self,
-        version: &RoomVersion,
-        event: &Pdu,
-        loaded: &mut Loaded,
-    ) -> Result<(Option<u64>, StateMap), ServiceError> {
-        let mut groups = Vec::new();
+    /// Sorts the prev events into those stored with a state (and their state groups) and the
+    /// unknown ones. A prev event of another room is refused; one that was rejected too (its
+    /// successors are built on a state it never had).
+    async fn place_prevs(&self, event: &Pdu, room_id: &OwnedRoomId) -> Result<Prevs, ServiceError> {
+        let mut prevs = Prevs { placed: Vec::new(), unknown: Vec::new() };
         for prev in event.prev_event_ids() {
-            let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(prev.as_str()))
-                .await?
-                .ok_or_else(|| ServiceError::MissingEvents(prev.to_string()))?;
-            let group = match record.value.status {
+            let Some(record) =
+                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(prev.as_str())).await?
+            else {
+                prevs.unknown.push(prev.clone());
+                continue;
+            };
+            if record.value.room_id != room_id.as_str() {
+                return Err(ServiceError::BadJson(format!("prev event {prev} belongs to another room")));
+            }
+            match record.value.status {
                 EventStatus::Rejected { .. } => {
                     return Err(ServiceError::BadJson(format!("prev event {prev} was rejected")));
                 }
-                _ => record.value.state_group,
-            };
-            if !groups.contains(&group) {
-                groups.push(group);
+                EventStatus::Outlier => prevs.unknown.push(prev.clone()),
+                _ => prevs.placed.push((prev.clone(), record.value.state_group)),
             }
         }
+        Ok(prevs)
+    }
+
+    /// Loads the event's auth events (and, from v12, the room's create event, an auth event
+    /// without being cited); each must be stored and belong to the event's room.
+    async fn load_auth_events(
+        &self,
+        version: &RoomVersion,
+        event: &Pdu,
+        room_id: &OwnedRoomId,
+        room: Option<&RoomRecord>,
+        loaded: &mut Loaded,
+    ) -> Result<(), ServiceError> {
+        let mut needed: Vec<OwnedEventId> = event.auth_event_ids().to_vec();
+        if version.rules().authorization.room_create_event_id_as_room_id
+            && let Some(room) = room
+        {
+            needed.push(
+                OwnedEventId::try_from(room.create_event_id.as_str())
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
+            );
+        }
+        self.load_events(version, &needed, loaded).await?;
+        for id in &needed {
+            if let Some(auth_event) = loaded.get(id)
+                && room_id_of(auth_event)? != *room_id
+            {
+                return Err(ServiceError::BadJson(format!("auth event {id} belongs to another room")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The state before an event: nothing for the create event; the state after its one placed
+    /// prev event; the resolution of the states after each of them; and, when some prev events
+    /// are unknown, the state the caller supplied (resolved with the placed ones' states).
+    async fn state_before(
+        &self,
+        version: &RoomVersion,
+        prevs: &Prevs,
+        supplied: Option<&StateMap>,
+        loaded: &mut Loaded,
+        batch: &mut WriteBatch,
+    ) -> Result<StateRef, ServiceError> {
+        let mut groups: Vec<u64> = Vec::new();
+        for (_, group) in &prevs.placed {
+            if !groups.contains(group) {
+                groups.push(*group);
+            }
+        }
+        let kv = self.kv.as_ref();
+        if !prevs.unknown.is_empty() {
+            let supplied = supplied.ok_or_else(|| {
+                ServiceError::MissingEvents(prevs.unknown.iter().map(|id| id.as_str()).collect::<Vec<_>>().join(", "))
+            })?;
+            let ids: Vec<OwnedEventId> = supplied.values().cloned().collect();
+            self.load_events(version, &ids, loaded).await?;
+            let mut states = vec![supplied.clone()];
+            for group in groups {
+                states.push(state_store::load(kv, group).await?);
+            }
+            let state = match states.len() {
+                1 => states.pop().unwrap_or_default(),
+                _ => self.resolve(version, &states, loaded).await?,
+            };
+            return state_store::save_fresh(kv, batch, None, state).await;
+        }
         match groups.as_slice() {
-            [] => Ok((None, StateMap::new())),
-            [group] => Ok((Some(*group), state_store::load(self.kv.as_ref(), *group).await?)),
+            [] => state_store::save_fresh(kv, batch, None, StateMap::new()).await,
+            [group] => Ok(StateRef::Stored(*group)),
             _ => {
                 let mut states = Vec::with_capacity(groups.len());
                 for group in &groups {
-                    states.push(state_store::load(self.kv.as_ref(), *group).await?);
+                    states.push(state_store::load(kv, *group).await?);
                 }
-                Ok((None, self.resolve(version, &states, loaded).await?))
+                let resolved = self.resolve(version, &states, loaded).await?;
+                let base = StateRef::Stored(groups[0]);
+                state_store::save_fresh(kv, batch, Some((&base, &states[0])), resolved).await
             }
         }
     }
 
-    /// Resolves `states`, first loading every event state resolution may look at.
-    async fn resolve(
+    /// Records the event's unknown prev events as gaps, and removes the gap the event fills, if
+    /// any; returns whether it filled one (some stored event already cites it).
+    async fn record_gaps(
+        &self,
+        room_id: &OwnedRoomId,
+        event: &Pdu,
+        prevs: &Prevs,
+        batch: &mut WriteBatch,
+    ) -> Result<bool, ServiceError> {
+        for missing in &prevs.unknown {
+            batch.put(
+                Table::BackwardExtremities,
+                keys::backward_extremity(room_id.as_str(), missing.as_str()),
+                Vec::new(),
+            );
+        }
+        let own = keys::backward_extremity(room_id.as_str(), event.id().as_str());
+        let fills_gap = self.kv.get(Table::BackwardExtremities, &own).await?.is_some();
+        if fills_gap {
+            batch.delete(Table::BackwardExtremities, own);
+        }
+        Ok(fills_gap)
+    }
+
+    /// Resolves `states`, first loading every event state resolution may look at: the states'
+    /// events and their auth chains, walked from the auth event IDs each event names.
+    pub(super) async fn resolve(
         &self,
         version: &RoomVersion,
         states: &[StateMap],
@@ -367,112 +519,75 @@ impl Service {
     ) -> Result<StateMap, ServiceError> {
         let mut auth_chains = Vec::with_capacity(states.len());
         for state in states {
-            let mut chain = HashSet::new();
-            for id in state.values() {
-                chain.extend(self.stored_auth_chain(version, id, loaded).await?);
-            }
+            let ids: Vec<OwnedEventId> = state.values().cloned().collect();
+            self.load_auth_closure(version, &ids, loaded).await?;
+            let chain = state_resolution::auth_chain(ids.iter().map(|id| id.as_ref()), |id| loaded.get(id))
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
             auth_chains.push(chain);
         }
-        let needed: Vec<OwnedEventId> =
-            states.iter().flat_map(|s| s.values().cloned()).chain(auth_chains.iter().flatten().cloned()).collect();
-        self.load_events(version, &needed, loaded).await?;
         state_resolution::resolve_with_auth_chains(version, states, auth_chains, |id| loaded.get(id))
             .map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
-    /// Moves the forward extremities past `event` and sets the current state to the resolution
-    /// of the states at the extremities; returns the current state's group and the extremities.
-    #[allow(clippy::too_many_arguments)]
-    async fn advance_current_state(
+    /// The three auth checks (spec "checks performed on receipt", steps 4–6): against the
+    /// event's auth events, against the state before it (both → `Rejected`), and against the
+    /// room's current state (→ `SoftFailed`; live events only, and only when the current state
+    /// differs from the state before). Only the state slots the rules look at are read.
+    async fn decide(
         &self,
         version: &RoomVersion,
-        room_id: &OwnedRoomId,
         event: &Pdu,
-        (after_group, state_after): (u64, &StateMap),
-        current: Option<(u64, StateMap)>,
-        old_extremities: &[String],
+        before: &StateRef,
+        current: Option<&StateRef>,
         loaded: &mut Loaded,
-        batch: &mut WriteBatch,
-    ) -> Result<(u64, Vec<String>, MemberChanges), ServiceError> {
-        let prevs: HashSet<&str> = event.prev_event_ids().iter().map(|id| id.as_str()).collect();
-        let remaining: Vec<String> =
-            old_extremities.iter().filter(|id| !prevs.contains(id.as_str())).cloned().collect();
-        if remaining.len() >= MAX_FORWARD_EXTREMITIES {
-            return Err(ServiceError::LimitExceeded(format!("room {room_id} has too many forward extremities")));
+    ) -> Result<Outcome, ServiceError> {
+        if let Err(e) = auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
+            return Ok(Outcome::Rejected(e.to_string()));
         }
-        let mut extremities = remaining.clone();
-        extremities.push(event.id().to_string());
-
-        let (current_group, current_state) = if remaining.is_empty() {
-            (after_group, state_after.clone())
-        } else {
-            let mut states = vec![state_after.clone()];
-            for id in &remaining {
-                let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id))
-                    .await?
-                    .ok_or_else(|| ServiceError::Internal(format!("forward extremity {id} is not stored")))?;
-                states.push(state_store::load(self.kv.as_ref(), record.value.state_group).await?);
-            }
-            let resolved = self.resolve(version, &states, loaded).await?;
-            let base = Some(Base { group: after_group, state: state_after });
-            (state_store::save(self.kv.as_ref(), batch, base, &resolved).await?, resolved)
+        let auth_slots: Vec<(StateEventType, String)> = ruma::state_res::auth_types_for_event(
+            event.kind(),
+            event.sender(),
+            event.state_key(),
+            event.content(),
+            &version.rules().authorization,
+        )
+        .unwrap_or_default();
+        // The rules read the create event in every version (from v12 without citing it).
+        let mut auth_slots = auth_slots;
+        let create = (StateEventType::RoomCreate, String::new());
+        if !auth_slots.contains(&create) {
+            auth_slots.push(create);
+        }
+        if let Err(e) = self.check_against(version, event, before, &auth_slots, loaded).await? {
+            return Ok(Outcome::Rejected(e.to_string()));
+        }
+        let Some(current) = current.filter(|current| current.group() != before.group()) else {
+            return Ok(Outcome::Accepted);
         };
-        let old_state = current.map(|(_, state)| state).unwrap_or_default();
-        let member_counts =
-            self.write_current_state(version, room_id, &old_state, &current_state, loaded, batch).await?;
-        Ok((current_group, extremities, member_counts))
+        if let Err(e) = self.check_against(version, event, current, &auth_slots, loaded).await? {
+            return Ok(Outcome::SoftFailed(e.to_string()));
+        }
+        Ok(Outcome::Accepted)
     }
 
-    /// Writes the difference between two current states, and the membership index with it.
-    async fn write_current_state(
+    /// The state-dependent auth rules for `event` against `state`, reading only `slots`.
+    async fn check_against(
         &self,
         version: &RoomVersion,
-        room_id: &OwnedRoomId,
-        old: &StateMap,
-        new: &StateMap,
+        event: &Pdu,
+        state: &StateRef,
+        slots: &[(StateEventType, String)],
         loaded: &mut Loaded,
-        batch: &mut WriteBatch,
-    ) -> Result<MemberChanges, ServiceError> {
-        let mut changes = MemberChanges::new();
-        for ((kind, key), id) in new {
-            let old_id = old.get(&(kind.clone(), key.clone()));
-            if old_id == Some(id) {
-                continue;
-            }
-            let kind_str = kind.to_string();
-            batch.put(
-                Table::CurrentState,
-                keys::current_state(room_id.as_str(), &kind_str, key),
-                id.as_str().as_bytes().to_vec(),
-            );
-            if *kind == StateEventType::RoomMember {
-                self.load_events(version, std::slice::from_ref(id), loaded).await?;
-                let membership = loaded.get(id).map(membership_of).unwrap_or_default();
-                let before = self.membership_in(version, old_id, loaded).await?;
-                changes.push((before, Some(membership.clone())));
-                batch.put(Table::Memberships, keys::membership(key, room_id.as_str()), membership.into_bytes());
-            }
-        }
-        for ((kind, key), old_id) in old.iter().filter(|(slot, _)| !new.contains_key(*slot)) {
-            batch.delete(Table::CurrentState, keys::current_state(room_id.as_str(), &kind.to_string(), key));
-            if *kind == StateEventType::RoomMember {
-                changes.push((self.membership_in(version, Some(old_id), loaded).await?, None));
-                batch.delete(Table::Memberships, keys::membership(key, room_id.as_str()));
-            }
-        }
-        Ok(changes)
-    }
-
-    /// The membership a member event sets, when there is one.
-    async fn membership_in(
-        &self,
-        version: &RoomVersion,
-        event_id: Option<&OwnedEventId>,
-        loaded: &mut Loaded,
-    ) -> Result<Option<String>, ServiceError> {
-        let Some(id) = event_id else { return Ok(None) };
-        self.load_events(version, std::slice::from_ref(id), loaded).await?;
-        Ok(loaded.get(id).map(membership_of))
+    ) -> Result<Result<(), auth::AuthError>, ServiceError> {
+        let ids = state.slots(self.kv.as_ref(), slots).await?;
+        let found: Vec<OwnedEventId> = ids.iter().flatten().cloned().collect();
+        self.load_events(version, &found, loaded).await?;
+        let in_state: HashMap<&(StateEventType, String), &OwnedEventId> =
+            slots.iter().zip(ids.iter()).filter_map(|(slot, id)| Some((slot, id.as_ref()?))).collect();
+        let lookup = |kind: &StateEventType, key: &str| {
+            in_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(*id))
+        };
+        Ok(auth::check_against_state(event, version, lookup))
     }
 
     /// Replaces the stored JSON of the event an accepted redaction names with its redacted form,
@@ -483,7 +598,7 @@ impl Service {
         &self,
         version: &RoomVersion,
         redaction: &Pdu,
-        state_before: &StateMap,
+        state_before: &StateRef,
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
     ) -> Result<(), ServiceError> {
@@ -525,15 +640,19 @@ impl Service {
         version: &RoomVersion,
         redaction: &Pdu,
         target: &Pdu,
-        state_before_redaction: &StateMap,
+        state_before_redaction: &StateRef,
         loaded: &mut Loaded,
     ) -> Result<bool, ServiceError> {
         if target.sender().server_name() == redaction.sender().server_name() {
             return Ok(true);
         }
-        let slot = |kind: StateEventType| state_before_redaction.get(&(kind, String::new())).cloned();
-        let Some(create_id) = slot(StateEventType::RoomCreate) else { return Ok(false) };
-        let power_id = slot(StateEventType::RoomPowerLevels);
+        let slots = [(StateEventType::RoomCreate, String::new()), (StateEventType::RoomPowerLevels, String::new())];
+        let [create_id, power_id]: [Option<OwnedEventId>; 2] = state_before_redaction
+            .slots(self.kv.as_ref(), &slots)
+            .await?
+            .try_into()
+            .map_err(|_| ServiceError::Internal("one answer per slot".into()))?;
+        let Some(create_id) = create_id else { return Ok(false) };
         let ids: Vec<OwnedEventId> = std::iter::once(create_id.clone()).chain(power_id.clone()).collect();
         self.load_events(version, &ids, loaded).await?;
         let Some(create) = loaded.get(&create_id) else { return Ok(false) };
@@ -584,7 +703,7 @@ impl Service {
                 OwnedEventId::try_from(redaction_id).map_err(|e| ServiceError::Internal(e.to_string()))?;
             let redaction = stored_pdu(version, &redaction_id, record.clone())?;
             // The state after a redaction (a message event) is the state before it.
-            let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
+            let state = StateRef::Stored(record.value.state_group);
             if self.redaction_takes_effect(version, &redaction, event, &state, loaded).await? {
                 effective = Some(redaction_id);
             }
@@ -597,7 +716,7 @@ impl Service {
     }
 
     /// Loads the given events (that are not loaded yet) from storage.
-    async fn load_events(
+    pub(super) async fn load_events(
         &self,
         version: &RoomVersion,
         ids: &[OwnedEventId],
@@ -619,48 +738,6 @@ impl Service {
             return Err(ServiceError::MissingEvents(missing.join(", ")));
         }
         Ok(())
-    }
-
-    /// The auth chain through `auth_events`: each of them and its stored chain.
-    async fn auth_chain_through(
-        &self,
-        version: &RoomVersion,
-        auth_events: &[OwnedEventId],
-        loaded: &mut Loaded,
-    ) -> Result<HashSet<OwnedEventId>, ServiceError> {
-        let mut chain = HashSet::new();
-        for id in auth_events {
-            chain.insert(id.clone());
-            chain.extend(self.stored_auth_chain(version, id, loaded).await?);
-        }
-        if chain.len() > lattice_core::limits::MAX_AUTH_CHAIN_EVENTS {
-            return Err(ServiceError::Internal("auth chain over the limit".into()));
-        }
-        Ok(chain)
-    }
-
-    /// The auth chain of a stored event, from the index; for an event without an index row (a
-    /// message, or data written before the index existed) it is walked from its auth events.
-    async fn stored_auth_chain(
-        &self,
-        version: &RoomVersion,
-        id: &OwnedEventId,
-        loaded: &mut Loaded,
-    ) -> Result<Vec<OwnedEventId>, ServiceError> {
-        if let Some(record) =
-            lattice_storage::get::<AuthChainRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await?
-        {
-            return record
-                .value
-                .0
-                .into_iter()
-                .map(|id| OwnedEventId::try_from(id).map_err(|e| ServiceError::Internal(e.to_string())))
-                .collect();
-        }
-        self.load_auth_closure(version, std::slice::from_ref(id), loaded).await?;
-        let chain = lattice_core::state_resolution::auth_chain([id.as_ref()], |id| loaded.get(id))
-            .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        Ok(chain.into_iter().collect())
     }
 
     /// Loads `ids` and everything in their auth chains.
@@ -689,7 +766,7 @@ impl Service {
     }
 }
 
-fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
+pub(super) fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
     match event.room_id() {
         Some(room_id) => Ok(room_id.to_owned()),
         // A v12 create event carries no room ID: the room is named after the event.
@@ -717,7 +794,7 @@ fn check_room_fits(
     }
 }
 
-fn membership_of(event: &Pdu) -> String {
+pub(super) fn membership_of(event: &Pdu) -> String {
     #[derive(serde::Deserialize)]
     struct Membership {
         membership: String,
@@ -740,6 +817,7 @@ fn already_stored(event_id: &EventId, record: EventRecord) -> Ingested {
         EventStatus::Accepted => Outcome::Accepted,
         EventStatus::SoftFailed { reason } => Outcome::SoftFailed(reason),
         EventStatus::Rejected { reason } => Outcome::Rejected(reason),
+        EventStatus::Outlier => Outcome::Outlier,
     };
     Ingested { event_id: event_id.to_owned(), outcome, stream_position: record.stream_position }
 }

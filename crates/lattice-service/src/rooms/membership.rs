@@ -89,6 +89,7 @@ impl Service {
             super::Outcome::Rejected(reason) | super::Outcome::SoftFailed(reason) => {
                 Err(ServiceError::Forbidden(reason))
             }
+            super::Outcome::Outlier => Err(ServiceError::Internal("a local event was stored as an outlier".into())),
         }
     }
 

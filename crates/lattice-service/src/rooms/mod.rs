@@ -5,20 +5,26 @@ mod aliases;
 mod client;
 mod directory;
 mod filter;
+mod front;
+mod graph;
 mod history;
 mod ingest;
 mod local_events;
 mod membership;
+mod merge;
 mod receipts;
 mod redactions;
 mod relations;
 mod state_store;
 mod sync;
 mod timestamps;
+mod topological;
 pub(crate) mod typing;
 mod upgrade;
 mod visibility;
 
+#[cfg(test)]
+mod remote_tests;
 #[cfg(test)]
 mod tests;
 
@@ -28,9 +34,10 @@ pub(crate) use directory::DirectoryCache;
 pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
-pub use ingest::{Ingested, Outcome};
+pub use ingest::{Arrival, Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use membership::member_content;
+pub(crate) use merge::MergeQueue;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;

@@ -43,46 +43,6 @@ pub(super) async fn load(kv: &dyn KvRead, group: u64) -> Result<StateMap, Servic
     Ok(state)
 }
 
-/// A group known to hold `state`, and the state it holds.
-pub(super) struct Base<'a> {
-    pub group: u64,
-    pub state: &'a StateMap,
-}
-
-/// Adds a group holding `state` to `batch`, as a delta against `base` when one is given (and
-/// its chain is short enough); returns its ID. Unchanged state reuses the base group.
-pub(super) async fn save(
-    kv: &dyn KvStore,
-    batch: &mut WriteBatch,
-    base: Option<Base<'_>>,
-    state: &StateMap,
-) -> Result<u64, ServiceError> {
-    if let Some(base) = &base
-        && base.state == state
-    {
-        return Ok(base.group);
-    }
-    let parent = match &base {
-        Some(base) => {
-            let record = lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(base.group)).await?;
-            record
-                .map(|r| r.value.chain_length)
-                .filter(|length| length + 1 < SNAPSHOT_INTERVAL)
-                .map(|length| (base, length))
-        }
-        None => None,
-    };
-    let record = match parent {
-        Some((base, length)) => {
-            StateGroupRecord { parent: Some(base.group), delta: delta(base.state, state), chain_length: length + 1 }
-        }
-        None => StateGroupRecord { parent: None, delta: delta(&StateMap::new(), state), chain_length: 0 },
-    };
-    let id = lattice_storage::next_counter(kv, "state_group").await?;
-    lattice_storage::put(batch, keys::state_group(id), &record);
-    Ok(id)
-}
-
 /// The changes from `from` to `to`, in a stable order.
 fn delta(from: &StateMap, to: &StateMap) -> Vec<(String, String, String)> {
     let mut changes: Vec<(String, String, String)> = to
@@ -139,6 +99,190 @@ pub(super) async fn lookup(
     Ok(decided.into_iter().map(Option::flatten).collect())
 }
 
+/// A state the ingest path works with: one already stored (read slot by slot, never whole unless
+/// it must be), or one just computed — resolved at a fork or supplied by the caller at a gap —
+/// whose group is written in the same batch and so cannot be read back from the store yet.
+#[derive(Clone)]
+pub(super) enum StateRef {
+    Stored(u64),
+    Fresh {
+        group: u64,
+        state: StateMap,
+        chain_length: u32,
+    },
+    /// `parent` with one slot set, written in this batch as a one-entry delta.
+    Extended {
+        group: u64,
+        parent: Box<StateRef>,
+        slot: (StateEventType, String),
+        event_id: OwnedEventId,
+        chain_length: u32,
+    },
+}
+
+impl StateRef {
+    pub(super) fn group(&self) -> u64 {
+        match self {
+            StateRef::Stored(group) | StateRef::Fresh { group, .. } | StateRef::Extended { group, .. } => *group,
+        }
+    }
+
+    /// The event IDs holding `slots`, without loading the whole state of a stored group.
+    pub(super) async fn slots(
+        &self,
+        kv: &dyn KvRead,
+        slots: &[(StateEventType, String)],
+    ) -> Result<Vec<Option<OwnedEventId>>, ServiceError> {
+        match self {
+            StateRef::Fresh { state, .. } => Ok(slots.iter().map(|slot| state.get(slot).cloned()).collect()),
+            StateRef::Extended { parent, slot, event_id, .. } => {
+                let mut found = Box::pin(parent.slots(kv, slots)).await?;
+                for (wanted, found) in slots.iter().zip(found.iter_mut()) {
+                    if wanted == slot {
+                        *found = Some(event_id.clone());
+                    }
+                }
+                Ok(found)
+            }
+            StateRef::Stored(group) => {
+                let names: Vec<String> = slots.iter().map(|(kind, _)| kind.to_string()).collect();
+                let wanted: Vec<(&str, &str)> =
+                    names.iter().zip(slots).map(|(kind, (_, key))| (kind.as_str(), key.as_str())).collect();
+                lookup(kv, *group, &wanted)
+                    .await?
+                    .into_iter()
+                    .map(|found| {
+                        found
+                            .map(|id| OwnedEventId::try_from(id).map_err(|e| ServiceError::Internal(e.to_string())))
+                            .transpose()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The whole state (a fork or a gap needs it; a linear history never does).
+    pub(super) async fn full(&self, kv: &dyn KvRead) -> Result<StateMap, ServiceError> {
+        match self {
+            StateRef::Stored(group) => load(kv, *group).await,
+            StateRef::Fresh { state, .. } => Ok(state.clone()),
+            StateRef::Extended { parent, slot, event_id, .. } => {
+                let mut state = Box::pin(parent.full(kv)).await?;
+                state.insert(slot.clone(), event_id.clone());
+                Ok(state)
+            }
+        }
+    }
+
+    async fn chain_length(&self, kv: &dyn KvRead) -> Result<u32, ServiceError> {
+        match self {
+            StateRef::Fresh { chain_length, .. } | StateRef::Extended { chain_length, .. } => Ok(*chain_length),
+            StateRef::Stored(group) => Ok(lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(*group))
+                .await?
+                .ok_or_else(|| ServiceError::Internal(format!("state group {group} is missing")))?
+                .value
+                .chain_length),
+        }
+    }
+}
+
+/// Adds to `batch` a group holding the state of `parent` with one slot set to `event_id`, and
+/// returns it: one row read and one written, whatever the size of the state — except every
+/// `SNAPSHOT_INTERVAL` links, when the chain is cut with a full snapshot.
+pub(super) async fn extend(
+    kv: &dyn KvStore,
+    batch: &mut WriteBatch,
+    parent: &StateRef,
+    slot: &(StateEventType, String),
+    event_id: &OwnedEventId,
+) -> Result<StateRef, ServiceError> {
+    let length = parent.chain_length(kv).await?;
+    if length + 1 >= SNAPSHOT_INTERVAL {
+        let mut state = parent.full(kv).await?;
+        state.insert(slot.clone(), event_id.clone());
+        return save_fresh(kv, batch, None, state).await;
+    }
+    let change = (slot.0.to_string(), slot.1.clone(), event_id.to_string());
+    let record = StateGroupRecord { parent: Some(parent.group()), delta: vec![change], chain_length: length + 1 };
+    let group = lattice_storage::next_counter(kv, "state_group").await?;
+    lattice_storage::put(batch, keys::state_group(group), &record);
+    Ok(StateRef::Extended {
+        group,
+        parent: Box::new(parent.clone()),
+        slot: slot.clone(),
+        event_id: event_id.clone(),
+        chain_length: length + 1,
+    })
+}
+
+/// Adds `state` to `batch` as a new group (a delta against `base` when given and its chain is
+/// short enough) and returns it as a [`StateRef::Fresh`], readable before the batch is written.
+pub(super) async fn save_fresh(
+    kv: &dyn KvStore,
+    batch: &mut WriteBatch,
+    base: Option<(&StateRef, &StateMap)>,
+    state: StateMap,
+) -> Result<StateRef, ServiceError> {
+    if let Some((base, base_state)) = base
+        && *base_state == state
+    {
+        return Ok(base.clone());
+    }
+    let parent = match base {
+        Some((base, base_state)) => {
+            let length = base.chain_length(kv).await? + 1;
+            (length < SNAPSHOT_INTERVAL).then_some((base.group(), base_state, length))
+        }
+        None => None,
+    };
+    let (record, chain_length) = match parent {
+        Some((group, base_state, length)) => {
+            (StateGroupRecord { parent: Some(group), delta: delta(base_state, &state), chain_length: length }, length)
+        }
+        None => (StateGroupRecord { parent: None, delta: delta(&StateMap::new(), &state), chain_length: 0 }, 0),
+    };
+    let group = lattice_storage::next_counter(kv, "state_group").await?;
+    lattice_storage::put(batch, keys::state_group(group), &record);
+    Ok(StateRef::Fresh { group, state, chain_length })
+}
+
+/// The slots whose event differs between two states, with the event before and after (either
+/// absent). Reads only the changed slots when `new` is `old` extended by `extended` (the common
+/// case of a state event on top of the current state); compares whole states otherwise.
+pub(super) async fn changes(
+    kv: &dyn KvRead,
+    old: &StateRef,
+    new: &StateRef,
+    extended: Option<(&(StateEventType, String), &OwnedEventId)>,
+) -> Result<Vec<SlotChange>, ServiceError> {
+    if old.group() == new.group() {
+        return Ok(Vec::new());
+    }
+    if let Some((slot, id)) = extended {
+        let before = old.slots(kv, std::slice::from_ref(slot)).await?.pop().flatten();
+        return Ok(vec![SlotChange { slot: slot.clone(), old: before, new: Some(id.clone()) }]);
+    }
+    let (old, new) = (old.full(kv).await?, new.full(kv).await?);
+    let mut changes: Vec<SlotChange> = new
+        .iter()
+        .filter(|(slot, id)| old.get(*slot) != Some(*id))
+        .map(|(slot, id)| SlotChange { slot: slot.clone(), old: old.get(slot).cloned(), new: Some(id.clone()) })
+        .collect();
+    changes.extend(old.iter().filter(|(slot, _)| !new.contains_key(*slot)).map(|(slot, id)| SlotChange {
+        slot: slot.clone(),
+        old: Some(id.clone()),
+        new: None,
+    }));
+    Ok(changes)
+}
+
+/// One slot of the current state that changes.
+pub(super) struct SlotChange {
+    pub slot: (StateEventType, String),
+    pub old: Option<OwnedEventId>,
+    pub new: Option<OwnedEventId>,
+}
+
 #[cfg(test)]
 mod tests {
     use lattice_storage::MemoryStore;
@@ -168,8 +312,9 @@ mod tests {
                 _ => state.insert(slot("m.room.member", &format!("@u{}:hs", step % 7)), id(step)),
             };
             let mut batch = WriteBatch::new();
-            let base = previous.as_ref().map(|(group, state)| Base { group: *group, state });
-            let group = save(&kv, &mut batch, base, &state).await.expect("saved");
+            let base = previous.as_ref().map(|(group, state)| (StateRef::Stored(*group), state));
+            let saved = save_fresh(&kv, &mut batch, base.as_ref().map(|(group, state)| (group, *state)), state.clone());
+            let group = saved.await.expect("saved").group();
             kv.write(batch).await.expect("written");
             groups.push((group, state.clone()));
             previous = Some((group, state.clone()));

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use lattice_core::visibility::{EventFacts, HistoryVisibility, StateFacts, may_see};
-use lattice_storage::records::EventRecord;
+use lattice_storage::records::{EventRecord, EventStatus};
 use lattice_storage::{Table, keys};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Deserialize;
@@ -203,12 +203,20 @@ impl Service {
         event_id: &str,
         record: &EventRecord,
     ) -> Result<bool, ServiceError> {
-        let Some(position) = record.stream_position else { return Ok(false) };
+        // Live events have a stream position; backfilled history only an order. Outliers,
+        // soft-failed and rejected events have neither and are never shown.
+        let position = match (record.stream_position, record.order) {
+            (Some(position), _) => Some(position),
+            (None, Some(_)) => None,
+            (None, None) => return Ok(false),
+        };
         if record.room_id != viewer.room_id.as_str() {
             return Ok(false);
         }
         self.get_to_know(viewer).await?;
-        if viewer.joined_since.is_some_and(|since| position >= since) {
+        if let Some(position) = position
+            && viewer.joined_since.is_some_and(|since| position >= since)
+        {
             return Ok(true);
         }
         let shape = EventShape::parse(record)?;
@@ -222,7 +230,11 @@ impl Service {
             true => Some(self.facts_before(viewer, &shape).await?),
             false => None,
         };
-        let joined_later = viewer.last_join.is_some_and(|join| join > position);
+        // Backfilled history lies behind the live timeline the reader's join is in.
+        let joined_later = match position {
+            Some(position) => viewer.last_join.is_some_and(|join| join > position),
+            None => viewer.last_join.is_some(),
+        };
         tracing::trace!(event_id, ?at, joined_later, "history visibility check");
         Ok(may_see(&EventFacts { at, before, joined_later }))
     }
@@ -276,8 +288,9 @@ impl Service {
             return Ok(StateFacts { visibility: HistoryVisibility::Shared, membership: None });
         };
         match self.event_record(prev).await? {
-            Some(record) => self.facts_at(viewer, record.state_group).await,
-            None => Ok(StateFacts { visibility: HistoryVisibility::Shared, membership: None }),
+            Some(record) if record.status != EventStatus::Outlier => self.facts_at(viewer, record.state_group).await,
+            // A prev event not stored, or stored without its state: nothing is known before.
+            _ => Ok(StateFacts { visibility: HistoryVisibility::Shared, membership: None }),
         }
     }
 
@@ -300,6 +313,9 @@ impl Service {
     async fn member_event_before(&self, shape: &EventShape, user_id: &UserId) -> Result<Option<String>, ServiceError> {
         let Some(prev) = shape.first_prev() else { return Ok(None) };
         let Some(record) = self.event_record(prev).await? else { return Ok(None) };
+        if record.status == EventStatus::Outlier {
+            return Ok(None);
+        }
         let slots = [("m.room.member", user_id.as_str())];
         Ok(state_store::lookup(self.kv.as_ref(), record.state_group, &slots).await?.pop().flatten())
     }
