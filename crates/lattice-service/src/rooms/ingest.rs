@@ -177,15 +177,12 @@ impl Service {
         )
         .await?;
 
-        let _stream = match outcome {
-            Outcome::Accepted => Some(self.lock_stream().await),
+        let taken = match outcome {
+            // Recorded only in the event's own batch; published once that batch is written.
+            Outcome::Accepted => Some(self.stream.take().await?),
             _ => None,
         };
-        let stream_position = match outcome {
-            // Taken inside the event's own batch: no gaps, and no second write per event.
-            Outcome::Accepted => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),
-            _ => None,
-        };
+        let stream_position = taken.as_ref().map(|position| position.get());
         let record = EventRecord {
             room_id: room_id.to_string(),
             json: serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?,
@@ -266,7 +263,8 @@ impl Service {
             batch.conditions.extend(extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
-        if stream_position.is_some() {
+        if let Some(taken) = taken {
+            taken.published().await;
             // Wake the /sync requests of the room's members, and of the user whose membership
             // this is (who may not be a member yet).
             self.notifier.notify_room(&room_id);
