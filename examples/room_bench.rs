@@ -8,7 +8,9 @@
 //! 5. empty wake-ups of 100 idle long-polls while 10 other users send 20 msg/s in their own
 //!    rooms (a `/sync` that returns before its timeout with nothing in it).
 //!
-//! `--sync-only` runs only 4 and 5.
+//! `--sync-only` runs only 4 and 5. `--durable-only` runs only 1 across the rooms, on two fresh
+//! servers: `storage.sync_writes` off, then on (issue #10: durable writes), with 10 and with
+//! `--senders N` (default 50) concurrent senders.
 //! Usage: `cargo run --release --example room_bench -- [path/to/lattice] [--quick]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 //! `--rooms N --per-room M --seconds S` shrink the load for slow servers; `--url URL --pid PID` runs the same load against a server that is already running (e.g. a
@@ -37,9 +39,14 @@ struct Server {
 }
 
 impl Server {
-    async fn start(binary: &str, data_dir: &std::path::Path) -> Result<Self, Error> {
+    async fn start(binary: &str, data_dir: &std::path::Path, sync_writes: Option<bool>) -> Result<Self, Error> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        // `None`: the binary's default, whatever it is.
+        if let Some(sync_writes) = sync_writes {
+            command.env("LATTICE_STORAGE__SYNC_WRITES", sync_writes.to_string());
+        }
+        let mut child = command
             .arg("serve")
             .env("LATTICE_DATA_DIR", data_dir)
             .env("LATTICE_LISTEN__ADDRESS", format!("127.0.0.1:{port}"))
@@ -393,6 +400,40 @@ async fn sync_sections(server: &Arc<Server>, quick: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// Section 1 with `storage.sync_writes` off and on, each on a fresh server and data directory.
+async fn durable_section(binary: &str, rooms_n: usize, senders: usize, duration: Duration) -> Result<(), Error> {
+    println!("| measure | sync_writes = false | sync_writes = true |");
+    println!("|---|---|---|");
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    for sync_writes in [false, true] {
+        let data = tempfile::tempdir()?;
+        let server = Arc::new(Server::start(binary, data.path(), Some(sync_writes)).await?);
+        let owner = server.register("owner").await?;
+        let mut rooms = Vec::new();
+        for i in 0..rooms_n {
+            rooms.push(server.create_room(&owner, json!({ "name": format!("rate {i}") })).await?);
+        }
+        for (row, concurrency) in [10, senders].into_iter().enumerate() {
+            let (rate, failed) = send_rate(&server, &owner, &rooms, concurrency, duration).await;
+            eprintln!(
+                "sync_writes={sync_writes}: {rate:.0} msg/s over {rooms_n} rooms, {concurrency} senders ({failed} failed)"
+            );
+            if rows.len() <= row {
+                let label = format!(
+                    "messages/s across {rooms_n} rooms ({concurrency} concurrent senders, {}s)",
+                    duration.as_secs()
+                );
+                rows.push((label, Vec::new()));
+            }
+            rows[row].1.push(format!("**{rate:.0}** ({failed} failed)"));
+        }
+    }
+    for (label, cells) in rows {
+        println!("| {label} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -404,11 +445,15 @@ async fn main() -> Result<(), Error> {
     let rooms_n = number("--rooms", if quick { 10 } else { 100 }) as usize;
     let per_room = number("--per-room", if quick { 50 } else { 1_000 }) as usize;
     let duration = Duration::from_secs(number("--seconds", if quick { 2 } else { 10 }));
+    if args.iter().any(|a| a == "--durable-only") {
+        let senders = number("--senders", 50) as usize;
+        return durable_section(&binary, rooms_n, senders, duration).await;
+    }
 
     let data = tempfile::tempdir()?;
     let server = Arc::new(match option("--url") {
         Some(url) => Server::existing(&url, option("--pid").and_then(|p| p.parse().ok()).unwrap_or(0)).await?,
-        None => Server::start(&binary, data.path()).await?,
+        None => Server::start(&binary, data.path(), None).await?,
     });
     eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
     if args.iter().any(|a| a == "--sync-only") {

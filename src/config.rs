@@ -159,6 +159,9 @@ pub struct AuthConfig {
 pub struct StorageConfig {
     pub sync_writes: bool,
     pub block_cache_mib: usize,
+    /// Testing only: keep unsynced WAL writes in process memory, so `kill -9` loses them as a
+    /// power cut would (the power-loss test runs the binary with it).
+    pub testing_wal_in_process_memory: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -247,7 +250,8 @@ impl Default for AuthConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { sync_writes: false, block_cache_mib: 8 }
+        // Durable by default: group commit makes the fsync cheap (docs/benchmarks.md, issue #10).
+        Self { sync_writes: true, block_cache_mib: 8, testing_wal_in_process_memory: false }
     }
 }
 
@@ -427,6 +431,7 @@ mod tests {
         assert_eq!(example.auth.password_hash_memory_kib, default.auth.password_hash_memory_kib);
         assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
         assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
+        assert_eq!(example.storage.sync_writes, default.storage.sync_writes);
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
         assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
     }

@@ -44,6 +44,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     let options = RocksOptions {
         sync_writes: config.storage.sync_writes,
         block_cache_bytes: config.storage.block_cache_mib << 20,
+        wal_in_process_memory: config.storage.testing_wal_in_process_memory,
     };
     let db_dir = config.database_dir();
     let store = RocksStore::open(&db_dir, &options).map_err(|e| {

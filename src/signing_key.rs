@@ -59,7 +59,28 @@ fn create(path: &Path) -> anyhow::Result<()> {
     file.write_all(line.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("saving signing key {}", path.display()))?;
+    sync_parent_directory(path)?;
     tracing::info!(path = %path.display(), "generated a new signing key");
+    Ok(())
+}
+
+/// The rename is an entry in the directory: until the directory itself is fsynced, a power loss
+/// can forget it and leave no key (or the temporary file) behind, though the server already
+/// signed with the new key.
+#[cfg(unix)]
+fn sync_parent_directory(path: &Path) -> anyhow::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let directory = std::fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+    directory.sync_all().with_context(|| format!("syncing directory {}", parent.display()))?;
+    Ok(())
+}
+
+/// Windows cannot open a directory as a file; its renames are journaled by NTFS.
+#[cfg(not(unix))]
+fn sync_parent_directory(_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 

@@ -10,6 +10,7 @@ mod history;
 mod membership;
 mod no_panic;
 mod operations;
+mod power_loss;
 mod process;
 mod relations;
 mod restart;

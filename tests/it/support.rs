@@ -202,9 +202,15 @@ impl ProcessServer {
     /// Starts the binary on port 0 and reads the address it bound (and, on a first start, the
     /// registration token printed before it) from its standard output.
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with_env(data_dir, &[]).await
+    }
+
+    /// [`ProcessServer::start`] with more `LATTICE_*` variables.
+    pub async fn start_with_env(data_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(binary())
             .arg("serve")
             .envs(process_env(data_dir, SocketAddr::from(([127, 0, 0, 1], 0))))
+            .envs(extra_env.iter().copied())
             .env_remove("LATTICE_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

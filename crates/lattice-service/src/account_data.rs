@@ -97,14 +97,14 @@ impl Service {
         }
         let key = keys::account_data(user_id.as_str(), room_id.map(|r| r.as_str()), event_type);
         let mut batch = WriteBatch::new();
-        let _stream = self.lock_stream().await;
         if let Some(expected) = expected {
             batch.expect(Table::AccountData, key.clone(), expected);
         }
-        let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
+        let position = self.stream.take().await?;
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
-        batch.put(Table::AccountDataPositions, key, position.to_be_bytes().to_vec());
+        batch.put(Table::AccountDataPositions, key, position.get().to_be_bytes().to_vec());
         self.kv.write(batch).await?;
+        position.published().await;
         self.notifier.notify_user(user_id);
         Ok(())
     }

@@ -78,9 +78,10 @@ pub struct Service {
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
-    /// Held from taking a stream position to writing its batch, so this process's writers line
-    /// up instead of failing each other's counter condition (which stays the guarantee).
-    stream_writer: tokio::sync::Mutex<()>,
+    /// Hands out stream positions without a lock across the writes that use them; `/sync` reads
+    /// up to its completed mark. A writer takes a position after any room lock it needs (never
+    /// the other way round) and publishes it before it wakes anyone.
+    stream: lattice_storage::StreamPositions,
     /// Who is typing where; in memory only, since notices last seconds.
     typing: std::sync::Mutex<rooms::typing::Typing>,
     /// Wakes each waiting `/sync` only for writes that concern its user.
@@ -103,6 +104,7 @@ impl Service {
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
         let room_locks = (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        let stream = lattice_storage::StreamPositions::new(kv.clone(), "stream");
         Self {
             config,
             kv,
@@ -110,7 +112,7 @@ impl Service {
             hasher,
             signing_key,
             room_locks,
-            stream_writer: tokio::sync::Mutex::new(()),
+            stream,
             typing: Default::default(),
             notifier: Default::default(),
             directory_cache: Default::default(),
@@ -134,11 +136,6 @@ impl Service {
     /// Makes every acknowledged write durable; called at shutdown.
     pub async fn flush(&self) -> Result<(), ServiceError> {
         Ok(self.kv.flush().await?)
-    }
-
-    /// Waits for this process's turn to take a stream position and write its batch.
-    async fn lock_stream(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.stream_writer.lock().await
     }
 
     /// The lock stripe of a room (see `room_locks`).

@@ -51,13 +51,13 @@ impl Service {
                 return Ok(());
             }
             let mut batch = WriteBatch::new();
-            let _stream = self.lock_stream().await;
             batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
             batch.put(Table::ToDeviceTransactions, txn_key.clone(), Vec::new());
-            let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
-            let queued = self.queue_messages(&mut batch, sender, event_type, &messages, position).await?;
+            let position = self.stream.take().await?;
+            let queued = self.queue_messages(&mut batch, sender, event_type, &messages, position.get()).await?;
             match self.kv.write(batch).await {
                 Ok(()) => {
+                    position.published().await;
                     tracing::debug!(sender = %sender, event_type, queued, "queued to-device messages");
                     for recipient in messages.keys() {
                         self.notifier.notify_user(recipient);

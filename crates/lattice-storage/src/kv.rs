@@ -146,6 +146,10 @@ pub trait KvRead: Send + Sync {
 pub trait KvStore: KvRead {
     /// Applies the whole batch atomically, or fails with [`StorageError::Conflict`] without
     /// writing anything when a condition does not hold.
+    ///
+    /// Writes apply in the order they are submitted, even when a caller stops waiting: a write
+    /// submitted after another (whose call was polled at least once) is answered only after that
+    /// one is applied or refused. Abandoned stream positions rely on it (`positions.rs`).
     async fn write(&self, batch: WriteBatch) -> Result<(), StorageError>;
 
     /// [`KvStore::write`], durable on disk before it returns and before any reader sees it,

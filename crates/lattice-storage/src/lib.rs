@@ -4,9 +4,11 @@
 //! No RocksDB type leaves this crate.
 
 mod error;
+mod group_commit;
 pub mod keys;
 mod kv;
 mod memory;
+mod positions;
 pub mod records;
 mod rocks;
 mod schema;
@@ -16,6 +18,7 @@ mod typed;
 pub use error::StorageError;
 pub use kv::{Condition, Direction, KeyRange, KvRead, KvStore, MAX_SCAN_ROWS, Row, WriteBatch, WriteOp};
 pub use memory::MemoryStore;
+pub use positions::{StreamPosition, StreamPositions};
 pub use rocks::{RocksOptions, RocksStore, StoreClosed};
 pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
 pub use table::Table;

@@ -1,16 +1,16 @@
-//! The RocksDB backend: one column family per [`Table`], WAL always on.
+//! The RocksDB backend: one column family per [`Table`], WAL always on, writes through one
+//! committer thread that groups them (`group_commit.rs`).
 
 use std::ops::{Bound, Deref};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, ReadOptions, Snapshot, WriteOptions,
-};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, ReadOptions, Snapshot};
 use tokio::sync::watch;
 
-use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, WriteOp, check_scan_limit};
+use crate::group_commit::Committer;
+use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, check_scan_limit};
 use crate::{StorageError, Table};
 
 /// Scans longer than this run on a blocking thread instead of the async worker.
@@ -18,29 +18,35 @@ const INLINE_SCAN_ROWS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct RocksOptions {
-    /// fsync the WAL on every write: survives power loss, not only a process crash.
+    /// fsync the WAL before acknowledging a write: survives power loss, not only a process
+    /// crash. Writers that arrive together share one fsync (group commit).
     pub sync_writes: bool,
     /// Block cache shared by all tables, in bytes.
     pub block_cache_bytes: usize,
+    /// For tests only: keep the WAL in this process's memory until a synced write or
+    /// [`KvStore::flush`] writes it out, so a SIGKILL loses unsynced writes exactly as a power cut
+    /// loses what the operating system had not yet written to disk.
+    pub wal_in_process_memory: bool,
 }
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        Self { sync_writes: false, block_cache_bytes: 8 << 20 }
+        Self { sync_writes: true, block_cache_bytes: 8 << 20, wal_in_process_memory: false }
     }
 }
 
 pub struct RocksStore {
-    db: Arc<OpenDb>,
-    sync_writes: bool,
-    /// Serialises writers so a batch's conditions are checked and applied as one step.
-    write_lock: Arc<Mutex<()>>,
+    pub(crate) db: Arc<OpenDb>,
+    /// Every write goes through it, which is what makes a batch's condition check and its write
+    /// one step.
+    committer: Committer,
     closed: watch::Receiver<()>,
 }
 
-/// The open database. Scans on blocking threads and snapshots hold it too, so it closes when the
-/// last of them lets go; then `_closed` is dropped, which tells [`StoreClosed`] waiters.
-struct OpenDb {
+/// The open database. Scans on blocking threads, snapshots and the committer thread hold it too,
+/// so it closes when the last of them lets go; then `_closed` is dropped, which tells
+/// [`StoreClosed`] waiters.
+pub(crate) struct OpenDb {
     // Fields drop in order: the database (and its LOCK file) first, then the signal.
     db: DB,
     _closed: watch::Sender<()>,
@@ -76,6 +82,7 @@ impl RocksStore {
         db_options.set_write_buffer_size(4 << 20);
         db_options.set_max_write_buffer_number(2);
         db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_options.set_manual_wal_flush(options.wal_in_process_memory);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
         let descriptors = Table::ALL.iter().map(|table| {
             let mut cf_options = Options::default();
@@ -90,7 +97,8 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
         let (closed_tx, closed) = watch::channel(());
         let db = Arc::new(OpenDb { db, _closed: closed_tx });
-        Ok(Self { db, sync_writes: options.sync_writes, write_lock: Arc::new(Mutex::new(())), closed })
+        let committer = Committer::start(db.clone(), options.sync_writes)?;
+        Ok(Self { db, committer, closed })
     }
 
     /// What completes once this store and every handle derived from it (snapshots, scans still
@@ -100,7 +108,7 @@ impl RocksStore {
     }
 }
 
-fn cf(db: &DB, table: Table) -> &rocksdb::ColumnFamily {
+pub(crate) fn cf(db: &DB, table: Table) -> &rocksdb::ColumnFamily {
     // Every table's column family is created at open, so a missing one is a programming error.
     db.cf_handle(table.name()).expect("column family created at open")
 }
@@ -157,27 +165,6 @@ fn scan_db(
     collect_rows(iter, limit)
 }
 
-fn write_batch(db: &DB, lock: &Mutex<()>, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
-    let _guard = lock.lock().unwrap_or_else(|poison| poison.into_inner());
-    for condition in &batch.conditions {
-        let current = db.get_pinned_cf(cf(db, condition.table), &condition.key)?;
-        if current.as_deref() != condition.expected.as_deref() {
-            return Err(StorageError::Conflict);
-        }
-    }
-    let mut rocks_batch = rocksdb::WriteBatch::default();
-    for op in batch.ops {
-        match op {
-            WriteOp::Put { table, key, value } => rocks_batch.put_cf(cf(db, table), key, value),
-            WriteOp::Delete { table, key } => rocks_batch.delete_cf(cf(db, table), key),
-        }
-    }
-    let mut options = WriteOptions::default();
-    options.set_sync(sync);
-    db.write_opt(rocks_batch, &options)?;
-    Ok(())
-}
-
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
@@ -209,17 +196,11 @@ impl KvRead for RocksStore {
 #[async_trait]
 impl KvStore for RocksStore {
     async fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        if !self.sync_writes && batch.ops.len() <= INLINE_SCAN_ROWS {
-            return write_batch(&self.db, &self.write_lock, batch, false);
-        }
-        let (db, lock, sync) = (self.db.clone(), self.write_lock.clone(), self.sync_writes);
-        blocking(move || write_batch(&db, &lock, batch, sync)).await
+        self.committer.write(batch, false).await
     }
 
     async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        // RocksDB syncs the WAL before it makes the batch visible.
-        let (db, lock) = (self.db.clone(), self.write_lock.clone());
-        blocking(move || write_batch(&db, &lock, batch, true)).await
+        self.committer.write(batch, true).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {

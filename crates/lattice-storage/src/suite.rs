@@ -70,6 +70,41 @@ async fn a_failed_condition_writes_nothing(kv: Arc<dyn KvStore>) {
     assert_eq!(kv.get(Table::Counters, b"n").await.unwrap(), Some(b"2".to_vec()));
 }
 
+/// Writers race compare-and-set increments of one key, each success also claiming the value it
+/// moved from. Batches written together in one group must see each other's writes: if two that
+/// expect the same value both passed, a value would be claimed twice and the count would lag.
+async fn racing_conditions_never_both_pass(kv: Arc<dyn KvStore>) {
+    let mut tasks = Vec::new();
+    for writer in 0..16u32 {
+        let kv = kv.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0u64;
+            for attempt in 0..20u32 {
+                let current = kv.get(Table::Counters, b"cas").await.unwrap();
+                let value = current.as_deref().map_or(0, |raw| u64::from_be_bytes(raw.try_into().unwrap()));
+                let mut batch = WriteBatch::new();
+                batch.expect(Table::Counters, b"cas".to_vec(), current);
+                batch.put(Table::Counters, b"cas".to_vec(), (value + 1).to_be_bytes().to_vec());
+                batch.put(Table::Users, value.to_be_bytes().to_vec(), format!("{writer}/{attempt}").into_bytes());
+                match kv.write(batch).await {
+                    Ok(()) => won += 1,
+                    Err(StorageError::Conflict) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            won
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        won += task.await.unwrap();
+    }
+    let last = kv.get(Table::Counters, b"cas").await.unwrap().unwrap();
+    assert_eq!(u64::from_be_bytes(last.try_into().unwrap()), won, "every success moved the counter once");
+    let claimed = kv.scan(Table::Users, &KeyRange::all(), Direction::Forward, 1_000).await.unwrap();
+    assert_eq!(claimed.len() as u64, won, "every value was claimed by exactly one writer");
+}
+
 async fn snapshots_do_not_see_later_writes(kv: Arc<dyn KvStore>) {
     let kv = kv.as_ref();
     put(kv, Table::Profiles, "p", "old").await;
@@ -178,6 +213,7 @@ suite!(
     get_put_delete,
     scans_in_both_directions,
     a_failed_condition_writes_nothing,
+    racing_conditions_never_both_pass,
     snapshots_do_not_see_later_writes,
     concurrent_counters_never_repeat,
     schema_is_stamped_and_checked,

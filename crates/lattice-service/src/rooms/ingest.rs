@@ -280,17 +280,14 @@ impl Service {
         };
         let wide_front = front.as_ref().is_some_and(|front| front.extremities.len() > MERGE_THRESHOLD);
 
-        // Positions are taken last, under the stream writer lock, right before the write: no
-        // other room waits for this one's state resolution.
-        let _stream = match accepted {
-            true => Some(self.lock_stream().await),
+        // Positions are taken last, right before the write, and published once it is written:
+        // no other room waits for this one's state resolution or write. Backfilled history
+        // takes its order from the same allocator, with no stream position.
+        let taken = match accepted {
+            true => Some(self.stream.take().await?),
             false => None,
         };
-        let position = match accepted {
-            // Taken inside the event's own batch: no gaps, and no second write per event.
-            true => Some(lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?),
-            false => None,
-        };
+        let position = taken.as_ref().map(|position| position.get());
         if let Some(position) = position {
             record.order = Some(position);
             super::topological::index_event(&mut batch, &room_id, event, position);
@@ -316,6 +313,9 @@ impl Service {
             batch.conditions.extend(placement.extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
+        if let Some(taken) = taken {
+            taken.published().await;
+        }
         if record.stream_position.is_some() {
             self.notify_event(&room_id, event);
         }

@@ -2,7 +2,7 @@
 //! so `/sync` delivers each change once.
 
 use lattice_storage::records::ReceiptRecord;
-use lattice_storage::{KeyRange, Table, WriteBatch, keys};
+use lattice_storage::{KeyRange, StorageError, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
 
@@ -11,6 +11,9 @@ use crate::{Service, ServiceError};
 const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
 /// The read marker, which `/receipt` also sets (spec v1.4+), stored as room account data.
 const FULLY_READ: &str = "m.fully_read";
+/// How often a receipt is re-read and written again when the same user's other receipt for the
+/// same slot keeps winning the race.
+const RECEIPT_WRITE_RETRIES: usize = 8;
 
 impl Service {
     /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
@@ -50,31 +53,40 @@ impl Service {
         self.require_member(user_id, room_id).await?;
         self.require_visible(user_id, room_id, event_id).await?;
         let key = keys::receipt(room_id.as_str(), user_id.as_str(), receipt_type, thread_id.as_deref().unwrap_or(""));
-        let mut batch = WriteBatch::new();
-        let _stream = self.lock_stream().await;
-        let previous = lattice_storage::get::<ReceiptRecord>(self.kv.as_ref(), &key).await?;
-        if let Some(previous) = &previous {
-            batch.delete(
-                Table::ReceiptPositions,
-                keys::receipt_position(room_id.as_str(), previous.value.stream_position),
-            );
+        // Two receipts of one user in one room race only with each other: the loser re-reads.
+        for _ in 0..RECEIPT_WRITE_RETRIES {
+            let mut batch = WriteBatch::new();
+            let previous = lattice_storage::get::<ReceiptRecord>(self.kv.as_ref(), &key).await?;
+            if let Some(previous) = &previous {
+                batch.delete(
+                    Table::ReceiptPositions,
+                    keys::receipt_position(room_id.as_str(), previous.value.stream_position),
+                );
+            }
+            batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
+            // The position and the receipt commit together, like an event and its position.
+            let position = self.stream.take().await?;
+            let record = ReceiptRecord {
+                user_id: user_id.to_string(),
+                receipt_type: receipt_type.to_owned(),
+                event_id: event_id.to_owned(),
+                thread_id: thread_id.clone(),
+                ts: self.now_ms(),
+                stream_position: position.get(),
+            };
+            batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position.get()), key.clone());
+            lattice_storage::put(&mut batch, key.clone(), &record);
+            match self.kv.write(batch).await {
+                Ok(()) => {
+                    position.published().await;
+                    self.notifier.notify_room(room_id);
+                    return Ok(());
+                }
+                Err(StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
-        // The position and the receipt commit together, like an event and its position.
-        let position = lattice_storage::counter_in_batch(self.kv.as_ref(), &mut batch, "stream").await?;
-        let record = ReceiptRecord {
-            user_id: user_id.to_string(),
-            receipt_type: receipt_type.to_owned(),
-            event_id: event_id.to_owned(),
-            thread_id,
-            ts: self.now_ms(),
-            stream_position: position,
-        };
-        batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position), key.clone());
-        lattice_storage::put(&mut batch, key, &record);
-        self.kv.write(batch).await?;
-        self.notifier.notify_room(room_id);
-        Ok(())
+        Err(ServiceError::LimitExceeded("too many concurrent receipts; try again".into()))
     }
 
     /// `POST /rooms/{roomId}/read_markers`: the fully-read marker (room account data

@@ -114,11 +114,10 @@ struct TimelinePage {
 }
 
 impl Service {
-    /// The newest stream position, read under the stream writers' lock: every change up to it
-    /// is visible then (typing, kept in memory, is stamped under that lock too).
+    /// The stream's completed mark: every change up to it is visible (typing, kept in memory,
+    /// is stamped before its position is published).
     async fn stream_position(&self) -> Result<u64, ServiceError> {
-        let _stream = self.lock_stream().await;
-        Ok(lattice_storage::counter(self.kv.as_ref(), "stream").await?)
+        Ok(self.stream.completed().await?)
     }
 
     /// `GET /sync`: rooms the user is in, invited to or has left since `since`, with their new

@@ -1,5 +1,5 @@
 //! Typing notifications: kept in memory (they last seconds), each change stamped with a position
-//! from the one stream counter so `/sync` delivers it exactly once (architecture invariant 3).
+//! from the one stream so `/sync` delivers it exactly once (architecture invariant 2).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -72,20 +72,22 @@ impl Service {
     }
 
     /// Gives the rooms' typing state a new stream position and wakes the syncs of their members.
-    /// The position is taken and stamped under the stream writers' lock, under which `/sync`
-    /// also reads its `now`: no sync can pass the position before the change carries it.
+    /// The change is stamped before its position is published, and `/sync` reads only up to the
+    /// completed mark: no sync can pass the position before the change carries it. A room keeps
+    /// the highest position stamped on it, so a slower, older stamp never hides a newer one.
     async fn stamp_typing(&self, rooms: &[OwnedRoomId]) -> Result<(), ServiceError> {
         if rooms.is_empty() {
             return Ok(());
         }
+        let position = self.stream.take().await?;
         {
-            let _stream = self.lock_stream().await;
-            let position = lattice_storage::next_counter(self.kv.as_ref(), "stream").await?;
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
             for room_id in rooms {
-                all.rooms.entry(room_id.clone()).or_default().position = position;
+                let room = all.rooms.entry(room_id.clone()).or_default();
+                room.position = room.position.max(position.get());
             }
         }
+        position.published().await;
         for room_id in rooms {
             self.notifier.notify_room(room_id);
         }

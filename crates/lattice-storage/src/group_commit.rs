@@ -1,0 +1,216 @@
+//! Group commit for the RocksDB backend: one committer thread takes every queued batch, checks
+//! each batch's conditions in queue order, and writes all the batches that pass as one RocksDB
+//! write, with one fsync when any of them must be durable.
+//!
+//! A batch's conditions see the database *and* the batches accepted before it in the same group,
+//! so the group's outcome is exactly that of writing its batches one by one in queue order. One
+//! fsync then covers as many writers as arrived while the previous group was being written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use rocksdb::WriteOptions;
+use tokio::sync::oneshot;
+
+use crate::kv::{WriteBatch, WriteOp};
+use crate::rocks::{OpenDb, cf};
+use crate::{StorageError, Table};
+
+/// At most this many batches are written together, so one group's reply is never held back
+/// behind an unbounded queue.
+const MAX_GROUP_BATCHES: usize = 1_024;
+
+/// One queued write and where its outcome goes.
+struct Queued {
+    batch: WriteBatch,
+    /// The caller asked for this batch to be on disk before it returns.
+    sync: bool,
+    reply: oneshot::Sender<Result<(), StorageError>>,
+}
+
+/// The writers' end of the committer thread's queue. Dropping it ends the thread once the queue
+/// is empty, and waits for that, so the thread's hold on the database is gone by then.
+pub(crate) struct Committer {
+    queue: Option<mpsc::Sender<Queued>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    /// Starts the committer thread. `sync_all` makes every group durable (`storage.sync_writes`).
+    pub(crate) fn start(db: Arc<OpenDb>, sync_all: bool) -> Result<Self, StorageError> {
+        let (queue, incoming) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("lattice-commit".into())
+            .spawn(move || run(&db, &incoming, sync_all))
+            .map_err(|e| StorageError::Task(format!("starting the committer thread: {e}")))?;
+        Ok(Self { queue: Some(queue), thread: Some(thread) })
+    }
+
+    /// Queues the batch and waits for its group to be written (or for its conditions to fail).
+    /// A caller that stops waiting does not take the batch back: once queued, it is applied or
+    /// refused as if the caller had waited, in queue order.
+    pub(crate) async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let (reply, outcome) = oneshot::channel();
+        let queue = self.queue.as_ref().ok_or_else(stopped)?;
+        queue.send(Queued { batch, sync, reply }).map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread after the batches already queued; the wait is one
+        // group write at most.
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn stopped() -> StorageError {
+    StorageError::Task("the committer thread stopped".into())
+}
+
+fn run(db: &OpenDb, incoming: &mpsc::Receiver<Queued>, sync_all: bool) {
+    while let Ok(first) = incoming.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_BATCHES {
+            match incoming.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        commit(db, group, sync_all);
+    }
+}
+
+/// Writes the batches of `group` whose conditions hold, in one RocksDB write, and answers each.
+fn commit(db: &OpenDb, group: Vec<Queued>, sync_all: bool) {
+    let mut staged = Staged::default();
+    let mut accepted = Vec::with_capacity(group.len());
+    let mut sync = sync_all;
+    for queued in group {
+        match staged.conditions_hold(db, &queued.batch) {
+            Ok(true) => {
+                sync |= queued.sync;
+                staged.add(db, queued.batch);
+                accepted.push(queued.reply);
+            }
+            Ok(false) => {
+                let _ = queued.reply.send(Err(StorageError::Conflict));
+            }
+            Err(e) => {
+                let _ = queued.reply.send(Err(e));
+            }
+        }
+    }
+    let outcome = staged.write(db, sync);
+    for reply in accepted {
+        // A caller that stopped waiting has nobody to tell.
+        let _ = reply.send(outcome.clone().map_err(StorageError::Rocks));
+    }
+}
+
+/// The accepted batches of a group: one RocksDB batch, and what they wrote, so that the
+/// conditions of later batches in the group see it.
+#[derive(Default)]
+struct Staged {
+    rocks: rocksdb::WriteBatch,
+    /// Table → key → the value the group's accepted batches left there (`None`: deleted).
+    written: HashMap<Table, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl Staged {
+    fn conditions_hold(&self, db: &OpenDb, batch: &WriteBatch) -> Result<bool, StorageError> {
+        for condition in &batch.conditions {
+            let staged = self.written.get(&condition.table).and_then(|keys| keys.get(condition.key.as_slice()));
+            let holds = match staged {
+                Some(staged) => staged.as_deref() == condition.expected.as_deref(),
+                None => {
+                    let current = db.get_pinned_cf(cf(db, condition.table), &condition.key)?;
+                    current.as_deref() == condition.expected.as_deref()
+                }
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn add(&mut self, db: &OpenDb, batch: WriteBatch) {
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { table, key, value } => {
+                    self.rocks.put_cf(cf(db, table), &key, &value);
+                    self.written.entry(table).or_default().insert(key, Some(value));
+                }
+                WriteOp::Delete { table, key } => {
+                    self.rocks.delete_cf(cf(db, table), &key);
+                    self.written.entry(table).or_default().insert(key, None);
+                }
+            }
+        }
+    }
+
+    fn write(self, db: &OpenDb, sync: bool) -> Result<(), rocksdb::Error> {
+        if self.rocks.is_empty() {
+            return Ok(());
+        }
+        let mut options = WriteOptions::default();
+        // RocksDB syncs the WAL before it makes the group visible to readers.
+        options.set_sync(sync);
+        db.write_opt(self.rocks, &options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{RocksOptions, RocksStore};
+
+    fn queued(batch: WriteBatch) -> (Queued, oneshot::Receiver<Result<(), StorageError>>) {
+        let (reply, outcome) = oneshot::channel();
+        (Queued { batch, sync: false, reply }, outcome)
+    }
+
+    fn outcome(mut receiver: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {
+        receiver.try_recv().expect("answered when the group is written")
+    }
+
+    #[test]
+    fn each_batch_in_a_group_sees_the_writes_of_the_batches_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+        let key = || b"k".to_vec();
+        let mut create = WriteBatch::new();
+        create.expect(Table::Users, key(), None);
+        create.put(Table::Users, key(), b"1".to_vec());
+        let mut update = WriteBatch::new();
+        update.expect(Table::Users, key(), Some(b"1".to_vec()));
+        update.put(Table::Users, key(), b"2".to_vec());
+        let mut stale = WriteBatch::new();
+        stale.expect(Table::Users, key(), None);
+        stale.put(Table::Users, b"stale".to_vec(), b"written".to_vec());
+        let mut remove = WriteBatch::new();
+        remove.expect(Table::Users, key(), Some(b"2".to_vec()));
+        remove.delete(Table::Users, key());
+        let mut after_remove = WriteBatch::new();
+        after_remove.expect(Table::Users, key(), None);
+        after_remove.put(Table::Users, b"after".to_vec(), b"written".to_vec());
+
+        let batches = [create, update, stale, remove, after_remove];
+        let (group, answers): (Vec<_>, Vec<_>) = batches.into_iter().map(queued).unzip();
+        commit(&store.db, group, false);
+        let outcomes: Vec<_> = answers.into_iter().map(outcome).collect();
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+        assert!(matches!(outcomes[2], Err(StorageError::Conflict)), "the key exists after the first batch");
+        assert!(outcomes[3].is_ok() && outcomes[4].is_ok(), "{outcomes:?}");
+        let stored = |key: &[u8]| store.db.get_cf(cf(&store.db, Table::Users), key).unwrap();
+        assert_eq!(stored(b"k"), None);
+        assert_eq!(stored(b"stale"), None, "a refused batch writes nothing");
+        assert_eq!(stored(b"after"), Some(b"written".to_vec()));
+    }
+}
