@@ -54,4 +54,6 @@ tables! {
     Reports => "reports",
     RedactedOriginals => "redacted_originals",
     RedactedOriginalsByTime => "redacted_originals_by_time",
+    Topological => "topological",
+    BackwardExtremities => "backward_extremities",
 }

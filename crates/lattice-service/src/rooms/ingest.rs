@@ -195,6 +195,7 @@ impl Service {
                 Outcome::Rejected(reason) => EventStatus::Rejected { reason: reason.clone() },
             },
             stream_position,
+            order: stream_position,
             state_group: if matches!(outcome, Outcome::Rejected(_)) { before_group } else { after_group },
             redacted_by: None,
         };
@@ -231,6 +232,7 @@ impl Service {
                     event.id().as_str().as_bytes().to_vec(),
                 );
                 super::timestamps::index_event(&mut batch, &room_id, event, position);
+                super::topological::index_topological(&mut batch, &room_id, event, position);
                 let old_extremities = room.as_ref().map(|r| r.value.forward_extremities.clone()).unwrap_or_default();
                 let (current_group, forward_extremities, member_changes) = self
                     .advance_current_state(
@@ -504,7 +506,7 @@ impl Service {
         if !self.redaction_takes_effect(version, redaction, &target_event, state_before, loaded).await? {
             return Ok(());
         }
-        self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.stream_position, batch).await?;
+        self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.history_order(), batch).await?;
         let json = redacted_json(target_event.object(), version)?;
         self.keep_redacted_original(batch, target_id, redaction.id(), &target.value.json, &json);
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));

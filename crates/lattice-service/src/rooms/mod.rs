@@ -15,10 +15,13 @@ mod relations;
 mod state_store;
 mod sync;
 mod timestamps;
+mod topological;
 pub(crate) mod typing;
 mod upgrade;
 mod visibility;
 
+#[cfg(test)]
+mod history_order_tests;
 #[cfg(test)]
 mod tests;
 
@@ -34,5 +37,6 @@ pub use membership::member_content;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
+pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
