@@ -123,10 +123,7 @@ impl Service {
             for (position, event_id) in rows {
                 examined += 1;
                 side.last_examined = Some(position);
-                if !self.may_see_in_history(viewer, &event_id).await? {
-                    continue;
-                }
-                let event = self.timeline_event(viewer, &event_id).await?;
+                let Some(event) = self.history_event(viewer, &event_id).await? else { continue };
                 if filter.allows(&event) {
                     side.events.push(event);
                     side.last_kept = Some(event_id);

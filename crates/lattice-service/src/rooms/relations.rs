@@ -190,7 +190,22 @@ impl Service {
     /// An event as a client sees it in a timeline: the client format with its bundled
     /// aggregations in `unsigned["m.relations"]`.
     pub(crate) async fn timeline_event(&self, viewer: &mut Viewer, event_id: &str) -> Result<Value, ServiceError> {
-        let mut event = self.client_event(event_id).await?;
+        let event = self.client_event(event_id).await?;
+        self.with_aggregations(viewer, event).await
+    }
+
+    /// [`Service::timeline_event`] from a record already read.
+    pub(crate) async fn timeline_event_of(
+        &self,
+        viewer: &mut Viewer,
+        event_id: &str,
+        record: &EventRecord,
+    ) -> Result<Value, ServiceError> {
+        let event = self.client_event_of(event_id, record).await?;
+        self.with_aggregations(viewer, event).await
+    }
+
+    async fn with_aggregations(&self, viewer: &mut Viewer, mut event: Value) -> Result<Value, ServiceError> {
         if let Some(bundled) = self.bundled_aggregations(viewer, &event).await? {
             event["unsigned"]["m.relations"] = bundled;
         }
@@ -305,10 +320,9 @@ impl Service {
             }
             let position = TopoPos::of_key(&key);
             next = Some(if query.backward { position.before() } else { position });
-            if !self.may_see_in_history(viewer, &relation.event_id).await? {
-                continue;
+            if let Some(event) = self.history_event(viewer, &relation.event_id).await? {
+                chunk.push(event);
             }
-            chunk.push(self.timeline_event(viewer, &relation.event_id).await?);
         }
         let mut page = json!({ "chunk": chunk });
         if chunk_full(&page, limit)

@@ -731,14 +731,14 @@ impl Service {
             scanned += rows.len();
             for (position, event_id) in rows {
                 cursor = if backward { position.before() } else { position };
-                if self.may_see_in_history(viewer, &event_id).await? {
-                    hidden_run = 0;
-                    let event = self.timeline_event(viewer, &event_id).await?;
-                    if visible(&event, filter, &ignored) {
-                        chunk.push(event);
+                match self.history_event(viewer, &event_id).await? {
+                    Some(event) => {
+                        hidden_run = 0;
+                        if visible(&event, filter, &ignored) {
+                            chunk.push(event);
+                        }
                     }
-                } else {
-                    hidden_run += 1;
+                    None => hidden_run += 1,
                 }
                 if gaps_possible {
                     let missing = self.missing_prevs(room_id, &event_id).await?;

@@ -199,6 +199,20 @@ impl Service {
         self.may_see_id(viewer, event_id).await
     }
 
+    /// An event of a history index as `viewer` sees it in a timeline, or `None` when they may
+    /// not see it ([`Service::may_see_in_history`]); its record is read once for both.
+    pub(crate) async fn history_event(
+        &self,
+        viewer: &mut Viewer,
+        event_id: &str,
+    ) -> Result<Option<Value>, ServiceError> {
+        let Some(record) = self.event_record(event_id).await? else { return Ok(None) };
+        if !self.may_see(viewer, event_id, &record).await? {
+            return Ok(None);
+        }
+        Ok(Some(self.timeline_event_of(viewer, event_id, &record).await?))
+    }
+
     /// Whether the room has any recorded gap: most rooms have none, and then a page needs no
     /// per-event look at prev events.
     pub(crate) async fn room_has_gaps(&self, room_id: &RoomId) -> Result<bool, ServiceError> {
