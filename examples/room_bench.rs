@@ -8,7 +8,11 @@
 //! 5. empty wake-ups of 100 idle long-polls while 10 other users send 20 msg/s in their own
 //!    rooms (a `/sync` that returns before its timeout with nothing in it).
 //!
-//! `--sync-only` runs only 4 and 5. `--durable-only` runs only 1 across the rooms, on two fresh
+//! 6. `/messages` page latency: a reader pages back through the history rooms of 3, 20 events
+//!    a page, 10 pages a room (issue #10: history in topological order).
+//!
+//! `--sync-only` runs only 4 and 5; `--history-only` only the history rooms and 6.
+//! `--durable-only` runs only 1 across the rooms, on two fresh
 //! servers: `storage.sync_writes` off, then on (issue #10: durable writes), with 10 and with
 //! `--senders N` (default 50) concurrent senders.
 //! Usage: `cargo run --release --example room_bench -- [path/to/lattice] [--quick]`
@@ -462,6 +466,13 @@ async fn main() -> Result<(), Error> {
         return sync_sections(&server, quick).await;
     }
 
+    if args.iter().any(|a| a == "--history-only") {
+        let (reader, history_rooms, _) = history_rooms(&server, rooms_n, per_room).await?;
+        println!("| measure | {} |", if option("--url").is_some() { "server at --url" } else { "Lattice" });
+        println!("|---|---|");
+        return print_messages_latency(&server, &reader, &history_rooms).await;
+    }
+
     // 1. Send rate across 100 rooms.
     let owner = server.register("owner").await?;
     let mut rate_rooms = Vec::new();
@@ -488,23 +499,8 @@ async fn main() -> Result<(), Error> {
     eprintln!("send→sync latency over {} samples: p50 {p50:.2} ms, p99 {p99:.2} ms", latencies.len());
 
     // 3. Initial sync of a user in 100 rooms × 1,000 events, lazy-loading members.
-    let mut senders = Vec::new();
-    for i in 0..5 {
-        senders.push(server.register(&format!("talker{i}")).await?);
-    }
-    let reader = server.register("historian").await?;
-    let mut history_rooms = Vec::new();
-    for i in 0..rooms_n {
-        let room =
-            server.create_room(&senders[0], json!({ "preset": "public_chat", "name": format!("history {i}") })).await?;
-        for token in senders.iter().skip(1).chain([&reader]) {
-            server.join(token, &room).await?;
-        }
-        history_rooms.push(room);
-    }
-    let fill_time = fill_rooms(&server, &senders, &history_rooms, per_room).await?;
-    let fill_rate = (rooms_n * per_room) as f64 / fill_time.as_secs_f64();
-    eprintln!("filled {rooms_n} rooms × {per_room} events in {:.1} s ({fill_rate:.0} msg/s)", fill_time.as_secs_f64());
+    let (reader, history_rooms, fill_rate) = history_rooms(&server, rooms_n, per_room).await?;
+    let fill_time = Duration::from_secs_f64((rooms_n * per_room) as f64 / fill_rate);
     let filter = urlencode(
         &json!({ "room": { "state": { "lazy_load_members": true }, "timeline": { "limit": 20 } } }).to_string(),
     );
@@ -547,5 +543,66 @@ async fn main() -> Result<(), Error> {
         percentile(&times, 0.5)
     );
     println!("| server RSS after that | **{rss:.1} MiB** |");
+    print_messages_latency(&server, &reader, &history_rooms).await?;
     sync_sections(&server, quick).await
+}
+
+/// Creates `rooms_n` public rooms that 5 talkers fill with `per_room` messages each and a
+/// reader joins: the reader's token, the rooms, and the fill rate.
+async fn history_rooms(
+    server: &Arc<Server>,
+    rooms_n: usize,
+    per_room: usize,
+) -> Result<(String, Vec<String>, f64), Error> {
+    let mut senders = Vec::new();
+    for i in 0..5 {
+        senders.push(server.register(&format!("talker{i}")).await?);
+    }
+    let reader = server.register("historian").await?;
+    let mut history_rooms = Vec::new();
+    for i in 0..rooms_n {
+        let room =
+            server.create_room(&senders[0], json!({ "preset": "public_chat", "name": format!("history {i}") })).await?;
+        for token in senders.iter().skip(1).chain([&reader]) {
+            server.join(token, &room).await?;
+        }
+        history_rooms.push(room);
+    }
+    let fill_time = fill_rooms(server, &senders, &history_rooms, per_room).await?;
+    let fill_rate = (rooms_n * per_room) as f64 / fill_time.as_secs_f64();
+    eprintln!("filled {rooms_n} rooms × {per_room} events in {:.1} s ({fill_rate:.0} msg/s)", fill_time.as_secs_f64());
+    Ok((reader, history_rooms, fill_rate))
+}
+
+/// Measure 6: the reader pages back through the rooms' history, 20 events a page, 10 pages a
+/// room, one request at a time; prints the page latency.
+async fn print_messages_latency(server: &Server, reader: &str, rooms: &[String]) -> Result<(), Error> {
+    let mut times = Vec::new();
+    let mut events = 0;
+    for room in rooms {
+        let mut from: Option<String> = None;
+        for _ in 0..10 {
+            let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20");
+            if let Some(from) = &from {
+                path.push_str(&format!("&from={from}"));
+            }
+            let start = Instant::now();
+            let page = server.call(reqwest::Method::GET, &path, Some(reader), None).await?;
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+            events += page["chunk"].as_array().map_or(0, Vec::len);
+            match page["end"].as_str() {
+                Some(end) => from = Some(end.to_owned()),
+                None => break,
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+    eprintln!("/messages: {} pages, {events} events, p50 {p50:.2} ms, p99 {p99:.2} ms", times.len());
+    println!(
+        "| /messages backward, 20 events a page, {} pages over {} rooms | p50 **{p50:.2} ms**, p99 **{p99:.2} ms** |",
+        times.len(),
+        rooms.len()
+    );
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod authorisation;
 mod bad_input;
 mod directory;
 mod history;
+mod history_order;
 mod membership;
 mod no_panic;
 mod operations;

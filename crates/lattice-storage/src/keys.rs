@@ -70,20 +70,6 @@ pub fn timeline(room_id: &str, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &position.to_be_bytes()])
 }
 
-/// A room's history in the order of its graph: `room\0depth order`, both big-endian; `order`
-/// breaks ties between events of one depth (see `EventRecord::order`).
-pub fn topological(room_id: &str, depth: u64, order: u64) -> Vec<u8> {
-    let mut key = join(&[room_id.as_bytes(), &depth.to_be_bytes()]);
-    key.extend_from_slice(&order.to_be_bytes());
-    key
-}
-
-/// `room\0event`: a prev event some stored event of the room cites but that is not stored (or
-/// only as an outlier): a gap in the history that backfill fills.
-pub fn backward_extremity(room_id: &str, event_id: &str) -> Vec<u8> {
-    join(&[room_id.as_bytes(), event_id.as_bytes()])
-}
-
 /// The prefix of every per-room row keyed `room\0…`.
 pub fn room_rows(room_id: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), b""])
@@ -154,15 +140,42 @@ pub fn to_device_position(key: &[u8]) -> Option<u64> {
     order.try_into().ok().map(u64::from_be_bytes)
 }
 
-/// `parent\0rel_type\0position`: the relations of an event by type, in stream order. An empty
-/// relation type holds every relation of the parent, so one scan answers unfiltered requests.
-pub fn relation(parent_id: &str, rel_type: &str, position: u64) -> Vec<u8> {
-    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position.to_be_bytes()])
+/// `parent\0rel_type\0depth·order` (both big-endian): the relations of an event by type, in the
+/// room's topological order (see [`topological`]). An empty relation type holds every relation of
+/// the parent, so one scan answers unfiltered requests.
+pub fn relation(parent_id: &str, rel_type: &str, depth: u64, order: u64) -> Vec<u8> {
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &depth_and_order(depth, order)])
 }
 
 /// The prefix of [`relation`] keys of one parent and relation type (`""`: all types).
 pub fn relations_of(parent_id: &str, rel_type: &str) -> Vec<u8> {
     join(&[parent_id.as_bytes(), rel_type.as_bytes(), b""])
+}
+
+/// `room\0depth·order` (both big-endian): a room's history in topological order — the event's
+/// `depth`, then its `order` (the stream counter value it was stored with) breaking ties.
+pub fn topological(room_id: &str, depth: u64, order: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &depth_and_order(depth, order)])
+}
+
+/// The `(depth, order)` that end a [`topological`] or [`relation`] key.
+pub fn depth_and_order_of(key: &[u8]) -> Option<(u64, u64)> {
+    let tail = key.get(key.len().checked_sub(16)?..)?;
+    let (depth, order) = tail.split_at(8);
+    Some((u64::from_be_bytes(depth.try_into().ok()?), u64::from_be_bytes(order.try_into().ok()?)))
+}
+
+fn depth_and_order(depth: u64, order: u64) -> [u8; 16] {
+    let mut both = [0; 16];
+    both[..8].copy_from_slice(&depth.to_be_bytes());
+    both[8..].copy_from_slice(&order.to_be_bytes());
+    both
+}
+
+/// `room\0event`: a prev event of the room's history that is not stored (a gap before the events
+/// that cite it).
+pub fn backward_extremity(room_id: &str, event_id: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), event_id.as_bytes()])
 }
 
 /// `room\0root`: a thread's summary.
@@ -260,6 +273,17 @@ mod tests {
         let key = redacted_original_by_time(256, "$e:hs");
         assert!(redacted_original_by_time(255, "$z:hs") < key);
         assert_eq!(event_of_redacted_original_by_time(&key), Some(&b"$e:hs"[..]));
+    }
+
+    #[test]
+    fn topological_keys_sort_by_depth_then_order_within_a_room() {
+        assert!(topological("!r:hs", 1, u64::MAX) < topological("!r:hs", 2, 0));
+        assert!(topological("!r:hs", 255, 7) < topological("!r:hs", 256, 1));
+        assert!(topological("!r:hs", 3, 1) < topological("!r:hs", 3, 2));
+        assert!(topological("!r:hs", u64::MAX, u64::MAX).starts_with(&room_rows("!r:hs")));
+        assert_eq!(depth_and_order_of(&topological("!r:hs", 9, 300)), Some((9, 300)));
+        assert_eq!(depth_and_order_of(&relation("$p", "m.thread", 4, 5)), Some((4, 5)));
+        assert_eq!(depth_and_order_of(b"short"), None);
     }
 
     #[test]

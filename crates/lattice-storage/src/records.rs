@@ -199,31 +199,31 @@ pub struct EventRecord {
     /// The event's canonical JSON (its redacted form when its content hash did not match).
     pub json: String,
     pub status: EventStatus,
-    /// Position in the global stream, for events clients see.
+    /// Position in the global stream, for events that arrived live (what `/sync` delivers).
     pub stream_position: Option<u64>,
+    /// The tiebreak after `depth` in the room's topological order (`keys::topological`): the
+    /// stream position for live events, a stream counter value for backfilled ones (which have
+    /// no stream position); `None` for outliers and events not accepted. Rows written before
+    /// this field existed lack it: their order is their stream position ([`EventRecord::history_order`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u64>,
     /// The state of the room after this event (before it, for rejected events).
     pub state_group: u64,
     /// The redaction that took effect on this event, written in the redaction's own batch, so
     /// clients are told who removed it (`unsigned.redacted_because`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacted_by: Option<String>,
-    /// The tiebreak between events of one depth in the room's topological order (`topological`
-    /// table): the stream position for events that arrived live; a value from the same counter
-    /// for backfilled history, which has no stream position. `None` for outliers and rejected
-    /// events, and for events stored before this field (readers use `stream_position`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub order: Option<u64>,
-}
-
-impl EventRecord {
-    /// The position in the room's topological order, when the event has one.
-    pub fn order(&self) -> Option<u64> {
-        self.order.or(self.stream_position)
-    }
 }
 
 impl Record for EventRecord {
     const TABLE: Table = Table::Events;
+}
+
+impl EventRecord {
+    /// The event's order in its room's history, when it is part of that history.
+    pub fn history_order(&self) -> Option<u64> {
+        self.order.or(self.stream_position)
+    }
 }
 
 /// Room state stored as a delta against a parent group, so storage grows with the changes and

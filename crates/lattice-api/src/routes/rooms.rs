@@ -380,7 +380,7 @@ async fn members(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     let (membership, not_membership) = (query.membership.as_deref(), query.not_membership.as_deref());
-    let chunk = match query.at.as_deref().map(lattice_service::rooms::parse_token).transpose()? {
+    let chunk = match query.at.as_deref().map(lattice_service::rooms::HistoryToken::parse).transpose()? {
         Some(at) => state.service.members_at(&session.user_id, &room_id, at, membership, not_membership).await?,
         None => state.service.members(&session.user_id, &room_id, membership, not_membership).await?,
     };

@@ -5,7 +5,9 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
-use lattice_service::rooms::{EventFilter, RelationsQuery, SyncFilter, SyncRequest, SyncToken, parse_token};
+use lattice_service::rooms::{
+    EventFilter, HistoryToken, RelationsQuery, SyncFilter, SyncRequest, SyncToken, parse_token,
+};
 use lattice_service::{Session, ToDeviceMessages};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -92,14 +94,15 @@ async fn messages(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     let backward = direction(&query.dir)?;
-    let from = query.from.as_deref().map(parse_token).transpose()?;
-    let to = query.to.as_deref().map(parse_token).transpose()?;
+    let from = query.from.as_deref().map(HistoryToken::parse).transpose()?;
+    let to = query.to.as_deref().map(HistoryToken::parse).transpose()?;
     let filter = match &query.filter {
         Some(filter) => EventFilter::from_json(filter_json(&state, &session, filter).await?)?,
         None => EventFilter::default(),
     };
     let limit = query.limit.or(filter.limit.map(|l| l as usize)).unwrap_or(10);
-    Ok(Json(state.service.messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?))
+    let page = state.service.messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?;
+    Ok(Json(page.response))
 }
 
 #[derive(Deserialize)]
@@ -121,8 +124,8 @@ async fn list_relations(
     let query = RelationsQuery {
         rel_type,
         event_type,
-        from: params.from.as_deref().map(parse_token).transpose()?,
-        to: params.to.as_deref().map(parse_token).transpose()?,
+        from: params.from.as_deref().map(HistoryToken::parse).transpose()?,
+        to: params.to.as_deref().map(HistoryToken::parse).transpose()?,
         limit: params.limit.unwrap_or(50),
         backward: direction(params.dir.as_deref().unwrap_or("b"))?,
     };

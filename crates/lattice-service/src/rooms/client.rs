@@ -440,8 +440,12 @@ impl Service {
     /// A stored event in the client format (no hashes, signatures or graph fields); a redacted
     /// event carries the redaction that removed its content as `unsigned.redacted_because`.
     pub(crate) async fn client_event(&self, event_id: &str) -> Result<Value, ServiceError> {
-        let record = self.stored_event(event_id).await?;
-        let mut event = client_format(event_id, &record)?;
+        self.client_event_of(event_id, &self.stored_event(event_id).await?).await
+    }
+
+    /// [`Service::client_event`] from a record already read.
+    pub(crate) async fn client_event_of(&self, event_id: &str, record: &EventRecord) -> Result<Value, ServiceError> {
+        let mut event = client_format(event_id, record)?;
         if let Some(redaction_id) = &record.redacted_by {
             // The redaction is shown in its own client format, without following its own redaction.
             let redaction = client_format(redaction_id, &self.stored_event(redaction_id).await?)?;

@@ -3,10 +3,9 @@
 //! (`EventRecord::state_group`), so nothing is recomputed.
 
 use std::collections::HashSet;
-use std::ops::Bound;
 
 use lattice_storage::records::EventRecord;
-use lattice_storage::{Direction, KeyRange, Table, keys};
+use lattice_storage::{Direction, keys};
 use ruma::events::StateEventType;
 use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
@@ -14,6 +13,7 @@ use serde_json::{Value, json};
 use super::filter::EventFilter;
 use super::state_store;
 use super::sync::MAX_TIMELINE_LIMIT;
+use super::topological::{HistoryToken, TopoPos, history_position};
 use super::visibility::Viewer;
 use crate::{Service, ServiceError};
 
@@ -27,15 +27,15 @@ const MIN_SCAN_CHUNK: usize = 20;
 /// Events read from one side of an event, and how far the read went.
 struct Side {
     events: Vec<Value>,
-    /// The stream position of the last timeline row looked at, matching or not.
-    last_examined: Option<u64>,
+    /// The history position of the last row looked at, matching or not.
+    last_examined: Option<TopoPos>,
     /// The ID of the last event kept (the one furthest from the starting point).
     last_kept: Option<String>,
 }
 
 impl Service {
-    /// `GET /rooms/{roomId}/context/{eventId}`: up to `limit` events around the event (half
-    /// before, newest first; the rest after, oldest first), tokens that continue with
+    /// `GET /rooms/{roomId}/context/{eventId}`: up to `limit` events around the event in the
+    /// room's topological order (half before, newest first; the rest after, oldest first), tokens that continue with
     /// `/messages` in both directions, and the state at the last event returned. Members only;
     /// an unknown event, one of another room, or a rejected or soft-failed one is `M_NOT_FOUND`.
     pub async fn event_context(
@@ -57,19 +57,17 @@ impl Service {
         if !self.may_see(viewer, event_id, &record).await? {
             return Err(not_found());
         }
-        let position = record.stream_position.ok_or_else(not_found)?;
+        let position = history_position(&record)?.ok_or_else(not_found)?;
         let limit = limit.min(MAX_TIMELINE_LIMIT);
         let before_limit = limit / 2;
-        let room = room_id.as_str();
-        let before = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, position));
+        let before = (None, Some(position.before()));
         let before = self.filtered_timeline(viewer, before, Direction::Backward, before_limit, filter).await?;
-        let after =
-            KeyRange::between(&keys::timeline(room, position.saturating_add(1)), &keys::timeline(room, u64::MAX));
+        let after = (Some(position), None);
         let after = self.filtered_timeline(viewer, after, Direction::Forward, limit - before_limit, filter).await?;
 
         // Tokens name the last position a client has seen: `/messages` backward from `start`
         // holds positions ≤ start, forward from `end` positions > end.
-        let start = before.last_examined.unwrap_or(position).saturating_sub(1);
+        let start = before.last_examined.unwrap_or(position).before();
         let end = after.last_examined.unwrap_or(position);
         let state_group = match &after.last_kept {
             Some(last) => {
@@ -99,39 +97,33 @@ impl Service {
             "event": event,
             "events_before": before.events,
             "events_after": after.events,
-            "start": format!("s{start}"),
-            "end": format!("s{end}"),
+            "start": start.render(),
+            "end": end.render(),
             "state": state,
         }))
     }
 
-    /// Up to `limit` events of `range` in `direction` that `filter` lets through and the viewer
-    /// may see, stepping over at most `MAX_CONTEXT_SCAN_ROWS` timeline rows.
+    /// Up to `limit` events of the history in `(after, upto]` in `direction` that `filter` lets
+    /// through and the viewer may see, stepping over at most `MAX_CONTEXT_SCAN_ROWS` rows.
     async fn filtered_timeline(
         &self,
         viewer: &mut Viewer,
-        mut range: KeyRange,
+        (mut after, mut upto): (Option<TopoPos>, Option<TopoPos>),
         direction: Direction,
         limit: usize,
         filter: &EventFilter,
     ) -> Result<Side, ServiceError> {
         let mut side = Side { events: Vec::new(), last_examined: None, last_kept: None };
         let mut examined = 0;
-        let room_id = viewer.room_id.as_str().to_owned();
-        let room_id = room_id.as_str();
+        let room_id = viewer.room_id.clone();
         while side.events.len() < limit && examined < MAX_CONTEXT_SCAN_ROWS {
             let chunk = (limit - side.events.len()).max(MIN_SCAN_CHUNK).min(MAX_CONTEXT_SCAN_ROWS - examined);
-            let rows = self.kv.scan(Table::Timeline, &range, direction, chunk).await?;
+            let rows = self.history_rows(&room_id, (after, upto), direction, chunk).await?;
             let exhausted = rows.len() < chunk;
-            for (key, event_id) in rows {
+            for (position, event_id) in rows {
                 examined += 1;
-                let position = super::sync::position_of(&key);
                 side.last_examined = Some(position);
-                let event_id = String::from_utf8_lossy(&event_id).into_owned();
-                if !self.may_see_at(viewer, &event_id, position).await? {
-                    continue;
-                }
-                let event = self.timeline_event(viewer, &event_id).await?;
+                let Some(event) = self.history_event(viewer, &event_id).await? else { continue };
                 if filter.allows(&event) {
                     side.events.push(event);
                     side.last_kept = Some(event_id);
@@ -145,34 +137,32 @@ impl Service {
                 break;
             }
             match direction {
-                Direction::Forward => range.start = Bound::Included(keys::timeline(room_id, last.saturating_add(1))),
-                Direction::Backward => range.end = Bound::Excluded(keys::timeline(room_id, last)),
+                Direction::Forward => after = Some(last),
+                Direction::Backward => upto = Some(last.before()),
             }
         }
         Ok(side)
     }
 
-    /// `GET /rooms/{roomId}/members?at=`: the member events of the state after the room's newest
-    /// timeline event at or before stream position `at` (none before the room existed).
+    /// `GET /rooms/{roomId}/members?at=`: the member events of the state after the room's last
+    /// event at or before the token `at` in its history (none before the room existed).
     pub async fn members_at(
         &self,
         user_id: &UserId,
         room_id: &RoomId,
-        at: u64,
+        at: HistoryToken,
         membership: Option<&str>,
         not_membership: Option<&str>,
     ) -> Result<Vec<Value>, ServiceError> {
         let viewer = &mut self.reader(user_id, room_id).await?;
-        let room = room_id.as_str();
-        let range = KeyRange::between(&keys::timeline(room, 0), &keys::timeline(room, at.saturating_add(1)));
-        let rows = self.kv.scan(Table::Timeline, &range, Direction::Backward, 1).await?;
-        let Some((key, event_id)) = rows.first() else { return Ok(Vec::new()) };
-        let event_id = String::from_utf8_lossy(event_id);
+        let at = self.history_point(room_id, at).await?;
+        let rows = self.history_rows(room_id, (None, Some(at)), Direction::Backward, 1).await?;
+        let Some((_, event_id)) = rows.first() else { return Ok(Vec::new()) };
         // The members at a point in history are as private as the history there.
-        if !self.may_see_at(viewer, &event_id, super::sync::position_of(key)).await? {
-            return Err(ServiceError::Forbidden(format!("{user_id} may not read {room_id} at {at}")));
+        if !self.may_see_in_history(viewer, event_id).await? {
+            return Err(ServiceError::Forbidden(format!("{user_id} may not read {room_id} at {}", at.render())));
         }
-        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&event_id))
+        let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id))
             .await?
             .ok_or_else(|| ServiceError::Internal(format!("timeline event {event_id} is not stored")))?;
         let state = state_store::load(self.kv.as_ref(), record.value.state_group).await?;
@@ -199,6 +189,7 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use lattice_core::room_builder::RoomBuilder;
+    use lattice_storage::{KeyRange, Table};
 
     use super::*;
     use crate::rooms::Outcome;

@@ -290,7 +290,7 @@ impl Service {
         let position = taken.as_ref().map(|position| position.get());
         if let Some(position) = position {
             record.order = Some(position);
-            super::topological::index_event(&mut batch, &room_id, event, position);
+            super::topological::index_topological(&mut batch, &room_id, event, position);
             if !redacted_on_arrival {
                 self.index_relation(&room_id, event, position, &mut batch).await?;
             }
@@ -619,7 +619,7 @@ impl Service {
         if !self.redaction_takes_effect(version, redaction, &target_event, state_before, loaded).await? {
             return Ok(());
         }
-        self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.stream_position, batch).await?;
+        self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.history_order(), batch).await?;
         let json = redacted_json(target_event.object(), version)?;
         self.keep_redacted_original(batch, target_id, redaction.id(), &target.value.json, &json);
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));

@@ -24,6 +24,8 @@ mod upgrade;
 mod visibility;
 
 #[cfg(test)]
+mod history_order_tests;
+#[cfg(test)]
 mod remote_tests;
 #[cfg(test)]
 mod tests;
@@ -41,5 +43,6 @@ pub(crate) use merge::MergeQueue;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
+pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;

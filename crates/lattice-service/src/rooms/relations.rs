@@ -2,6 +2,8 @@
 //! aggregations bundled into events' `unsigned` (`m.replace`, `m.thread`, `m.reference`).
 //! Annotations (reactions) are served by `/relations`; the spec no longer bundles them.
 
+use std::ops::Bound;
+
 use lattice_core::event::Pdu;
 use lattice_storage::records::{EventRecord, RelationRecord, ThreadRecord};
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
@@ -10,6 +12,7 @@ use ruma::{CanonicalJsonValue, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::sync::{MAX_TIMELINE_LIMIT, position_of};
+use super::topological::{HistoryToken, TopoPos, depth_of};
 use super::visibility::Viewer;
 use crate::{Service, ServiceError};
 
@@ -46,14 +49,15 @@ pub(crate) fn relation_of(event: &Pdu) -> Option<Relation> {
 pub struct RelationsQuery<'a> {
     pub rel_type: Option<&'a str>,
     pub event_type: Option<&'a str>,
-    pub from: Option<u64>,
-    pub to: Option<u64>,
+    pub from: Option<HistoryToken>,
+    pub to: Option<HistoryToken>,
     pub limit: usize,
     pub backward: bool,
 }
 
 impl Service {
-    /// Adds an accepted event's relation to the index (and its thread's summary) in its batch.
+    /// Adds an accepted event's relation to the index (and its thread's summary) in its batch;
+    /// `position`: the event's order in the room's history (`EventRecord::order`).
     pub(crate) async fn index_relation(
         &self,
         room_id: &RoomId,
@@ -73,8 +77,9 @@ impl Service {
             event_type: event.kind().to_string(),
             sender: event.sender().to_string(),
         };
-        lattice_storage::put(batch, keys::relation(&relation.parent, "", position), &record);
-        lattice_storage::put(batch, keys::relation(&relation.parent, &relation.rel_type, position), &record);
+        let depth = depth_of(event.depth());
+        lattice_storage::put(batch, keys::relation(&relation.parent, "", depth, position), &record);
+        lattice_storage::put(batch, keys::relation(&relation.parent, &relation.rel_type, depth, position), &record);
         if relation.rel_type == "m.thread" {
             self.add_thread_reply(room_id, &relation.parent, event, position, batch).await?;
         }
@@ -121,7 +126,7 @@ impl Service {
     /// Whether `event_id` is stored as an accepted event of `room_id`.
     async fn is_event_of_room(&self, event_id: &str, room_id: &RoomId) -> Result<bool, ServiceError> {
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(event_id)).await?;
-        Ok(record.is_some_and(|r| r.value.room_id == room_id.as_str() && r.value.stream_position.is_some()))
+        Ok(record.is_some_and(|r| r.value.room_id == room_id.as_str() && r.value.history_order().is_some()))
     }
 
     async fn sender_of(&self, event_id: &str) -> Result<Option<String>, ServiceError> {
@@ -134,6 +139,7 @@ impl Service {
     }
 
     /// Removes a redacted event's relation from the index: redaction strips `m.relates_to`.
+    /// `position`: the target's order in the room's history.
     pub(crate) async fn unindex_relation(
         &self,
         room_id: &RoomId,
@@ -142,8 +148,9 @@ impl Service {
         batch: &mut WriteBatch,
     ) -> Result<(), ServiceError> {
         let (Some(relation), Some(position)) = (relation_of(target), position) else { return Ok(()) };
-        batch.delete(Table::Relations, keys::relation(&relation.parent, "", position));
-        batch.delete(Table::Relations, keys::relation(&relation.parent, &relation.rel_type, position));
+        let depth = depth_of(target.depth());
+        batch.delete(Table::Relations, keys::relation(&relation.parent, "", depth, position));
+        batch.delete(Table::Relations, keys::relation(&relation.parent, &relation.rel_type, depth, position));
         if relation.rel_type != "m.thread" {
             return Ok(());
         }
@@ -183,7 +190,22 @@ impl Service {
     /// An event as a client sees it in a timeline: the client format with its bundled
     /// aggregations in `unsigned["m.relations"]`.
     pub(crate) async fn timeline_event(&self, viewer: &mut Viewer, event_id: &str) -> Result<Value, ServiceError> {
-        let mut event = self.client_event(event_id).await?;
+        let event = self.client_event(event_id).await?;
+        self.with_aggregations(viewer, event).await
+    }
+
+    /// [`Service::timeline_event`] from a record already read.
+    pub(crate) async fn timeline_event_of(
+        &self,
+        viewer: &mut Viewer,
+        event_id: &str,
+        record: &EventRecord,
+    ) -> Result<Value, ServiceError> {
+        let event = self.client_event_of(event_id, record).await?;
+        self.with_aggregations(viewer, event).await
+    }
+
+    async fn with_aggregations(&self, viewer: &mut Viewer, mut event: Value) -> Result<Value, ServiceError> {
         if let Some(bundled) = self.bundled_aggregations(viewer, &event).await? {
             event["unsigned"]["m.relations"] = bundled;
         }
@@ -221,9 +243,9 @@ impl Service {
         let references = KeyRange::prefix(&keys::relations_of(event_id, "m.reference"));
         let rows = self.kv.scan(Table::Relations, &references, Direction::Forward, MAX_BUNDLED_REFERENCES).await?;
         let mut chunk = Vec::new();
-        for (key, raw) in rows {
+        for (_, raw) in rows {
             let Ok(reference) = serde_json::from_slice::<RelationRecord>(&raw) else { continue };
-            if self.may_see_at(viewer, &reference.event_id, position_of(&key)).await? {
+            if self.may_see_in_history(viewer, &reference.event_id).await? {
                 chunk.push(json!({ "event_id": reference.event_id }));
             }
         }
@@ -241,12 +263,12 @@ impl Service {
         }
         let event_id = original["event_id"].as_str().unwrap_or_default();
         let edits = KeyRange::prefix(&keys::relations_of(event_id, "m.replace"));
-        for (key, raw) in self.kv.scan(Table::Relations, &edits, Direction::Backward, MAX_EDITS_SCANNED).await? {
+        for (_, raw) in self.kv.scan(Table::Relations, &edits, Direction::Backward, MAX_EDITS_SCANNED).await? {
             let edit: RelationRecord =
                 serde_json::from_slice(&raw).map_err(|e| ServiceError::Internal(e.to_string()))?;
             if original["sender"] == edit.sender.as_str()
                 && original["type"] == edit.event_type.as_str()
-                && self.may_see_at(viewer, &edit.event_id, position_of(&key)).await?
+                && self.may_see_in_history(viewer, &edit.event_id).await?
             {
                 return Ok(Some(self.client_event(&edit.event_id).await?));
             }
@@ -255,7 +277,7 @@ impl Service {
     }
 
     /// `GET /rooms/{roomId}/relations/{eventId}[/{relType}[/{eventType}]]`: the events that
-    /// relate to a parent, newest first by default, paginated by stream position.
+    /// relate to a parent, newest first by default, paginated in the room's topological order.
     pub async fn relations(
         &self,
         user_id: &UserId,
@@ -270,13 +292,17 @@ impl Service {
         }
         let limit = query.limit.clamp(1, MAX_TIMELINE_LIMIT);
         let rel_type = query.rel_type.unwrap_or("");
-        // Tokens as in `/messages`: backward pages hold positions ≤ from, forward ones > from.
-        let (low, high) = if query.backward {
-            (query.to.map_or(0, |to| to.saturating_add(1)), query.from.map_or(u64::MAX, |from| from.saturating_add(1)))
-        } else {
-            (query.from.map_or(0, |from| from.saturating_add(1)), query.to.map_or(u64::MAX, |to| to.saturating_add(1)))
+        let from = match query.from {
+            Some(token) => Some(self.history_point(room_id, token).await?),
+            None => None,
         };
-        let range = KeyRange::between(&keys::relation(parent, rel_type, low), &keys::relation(parent, rel_type, high));
+        let to = match query.to {
+            Some(token) => Some(self.history_point(room_id, token).await?),
+            None => None,
+        };
+        // Tokens as in `/messages`: backward pages hold positions ≤ from, forward ones > from.
+        let (after, upto) = if query.backward { (to, from) } else { (from, to) };
+        let range = relation_range(parent, rel_type, after, upto);
         let direction = if query.backward { Direction::Backward } else { Direction::Forward };
         let scan_limit = if query.event_type.is_some() { MAX_RELATIONS_SCANNED } else { limit + 1 };
         let rows = self.kv.scan(Table::Relations, &range, direction, scan_limit).await?;
@@ -292,18 +318,17 @@ impl Service {
             if chunk.len() == limit {
                 break;
             }
-            let position = position_of(&key);
-            next = Some(if query.backward { position.saturating_sub(1) } else { position });
-            if !self.may_see_at(viewer, &relation.event_id, position).await? {
-                continue;
+            let position = TopoPos::of_key(&key);
+            next = Some(if query.backward { position.before() } else { position });
+            if let Some(event) = self.history_event(viewer, &relation.event_id).await? {
+                chunk.push(event);
             }
-            chunk.push(self.timeline_event(viewer, &relation.event_id).await?);
         }
         let mut page = json!({ "chunk": chunk });
         if chunk_full(&page, limit)
             && let Some(next) = next
         {
-            page["next_batch"] = json!(format!("s{next}"));
+            page["next_batch"] = json!(next.render());
         }
         Ok(page)
     }
@@ -354,6 +379,16 @@ impl Service {
             page["next_batch"] = json!(format!("s{next}"));
         }
         Ok(page)
+    }
+}
+
+/// The relation rows of `parent` and `rel_type` in `(after, upto]` (`None`: unbounded).
+fn relation_range(parent: &str, rel_type: &str, after: Option<TopoPos>, upto: Option<TopoPos>) -> KeyRange {
+    let all = KeyRange::prefix(&keys::relations_of(parent, rel_type));
+    let key = |pos: TopoPos| keys::relation(parent, rel_type, pos.depth, pos.order);
+    KeyRange {
+        start: after.map_or(all.start, |pos| Bound::Excluded(key(pos))),
+        end: upto.map_or(all.end, |pos| Bound::Included(key(pos))),
     }
 }
 

@@ -10,6 +10,7 @@ use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
 use super::filter::{EventFilter, SyncFilter};
+use super::topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos, history_position};
 use super::visibility::{MAX_HIDDEN_RUN, StateView, Viewer};
 use crate::{Service, ServiceError};
 
@@ -111,6 +112,8 @@ struct TimelinePage {
     events: Vec<Value>,
     limited: bool,
     first_position: u64,
+    /// The oldest event of the page, where `prev_batch` continues into the room's history.
+    first_event: Option<String>,
 }
 
 impl Service {
@@ -422,7 +425,7 @@ impl Service {
         let whole_state = scope.initial || page.limited || scope.full_state;
         let state = self.state_for(scope, room_id, at_group, &page.events, whole_state).await?;
         let mut room = json!({
-            "timeline": { "events": page.events, "limited": page.limited, "prev_batch": token(page.first_position.saturating_sub(1)) },
+            "timeline": { "events": page.events, "limited": page.limited, "prev_batch": self.prev_batch(&page).await? },
             "state": { "events": state },
         });
         let members_changed = room["timeline"]["events"]
@@ -433,6 +436,17 @@ impl Service {
             room["summary"] = self.room_summary(scope.user_id, room_id).await?;
         }
         Ok(Some(room))
+    }
+
+    /// The token `/messages` continues backward from, before a sync's timeline: just before its
+    /// oldest event in the room's topological order (a stream token when it has no events).
+    async fn prev_batch(&self, page: &TimelinePage) -> Result<String, ServiceError> {
+        let Some(first) = &page.first_event else { return Ok(token(page.first_position.saturating_sub(1))) };
+        let record = self.event_record(first).await?;
+        Ok(match record.as_ref().map(history_position).transpose()?.flatten() {
+            Some(position) => position.before().render(),
+            None => token(page.first_position.saturating_sub(1)),
+        })
     }
 
     /// The newest `limit` events in `(from, upto]` that pass `filter` and that the viewer may
@@ -448,6 +462,7 @@ impl Service {
         let mut end = upto.saturating_add(1);
         let mut events = Vec::new();
         let mut first_position = upto;
+        let mut first_event = None;
         let mut scanned = 0;
         let mut limited = false;
         let mut hidden_run = 0;
@@ -483,6 +498,7 @@ impl Service {
                     break 'scan;
                 }
                 first_position = position;
+                first_event = Some(event_id.into_owned());
                 events.push(event);
             }
             if exhausted {
@@ -490,7 +506,7 @@ impl Service {
             }
         }
         events.reverse();
-        Ok(TimelinePage { events, limited, first_position })
+        Ok(TimelinePage { events, limited, first_position, first_event })
     }
 
     /// The state section: the whole state (less the timeline's own events) when the client
@@ -663,76 +679,84 @@ impl Service {
         Ok(Some(json!({ "invite_state": { "events": stripped } })))
     }
 
-    /// `GET /rooms/{roomId}/messages`: a page of the timeline before (`backward`) or after
-    /// `from`, not past `to`, as `filter` allows; with lazy loading, the senders' member events
-    /// in `state`.
+    /// `GET /rooms/{roomId}/messages`: a page of the room's history in topological order,
+    /// before (`backward`) or after `from`, not past `to`, as `filter` allows; with lazy
+    /// loading, the senders' member events in `state`. A backward page stops at the first event
+    /// that cites a prev event recorded as missing, and says so in [`HistoryPage::gap`].
     pub async fn messages(
         &self,
         user_id: &UserId,
         room_id: &RoomId,
-        (from, to): (Option<u64>, Option<u64>),
+        (from, to): (Option<HistoryToken>, Option<HistoryToken>),
         backward: bool,
         limit: usize,
         filter: &EventFilter,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<HistoryPage, ServiceError> {
         let viewer = &mut self.reader(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
-        let now = self.stream_position().await?;
-        let from = from.unwrap_or(if backward { now } else { 0 });
+        let from = match from {
+            Some(token) => self.history_point(room_id, token).await?,
+            None if backward => self.history_end(room_id).await?,
+            None => TopoPos::START,
+        };
+        let to = match to {
+            Some(token) => Some(self.history_point(room_id, token).await?),
+            None => None,
+        };
         let ignored = self.ignored_users(user_id).await?;
+        let gaps_possible = backward && self.room_has_gaps(room_id).await?;
         // Tokens name the last position a client has seen: backward pages hold positions ≤ from,
         // forward pages positions > from.
         let mut cursor = from;
         let mut chunk = Vec::with_capacity(limit);
+        let mut gap = None;
         let mut scanned = 0;
         let mut hidden_run = 0;
         let mut exhausted = false;
-        while chunk.len() < limit && scanned < MAX_FILTERED_SCAN && hidden_run < MAX_HIDDEN_RUN && !exhausted {
-            let (range, direction) = if backward {
-                (
-                    KeyRange::between(
-                        &keys::timeline(room_id.as_str(), to.map_or(0, |to| to.saturating_add(1))),
-                        &keys::timeline(room_id.as_str(), cursor.saturating_add(1)),
-                    ),
-                    Direction::Backward,
-                )
+        while chunk.len() < limit
+            && scanned < MAX_FILTERED_SCAN
+            && hidden_run < MAX_HIDDEN_RUN
+            && !exhausted
+            && gap.is_none()
+        {
+            let (bounds, direction) = if backward {
+                ((to, Some(cursor)), Direction::Backward)
             } else {
-                (
-                    KeyRange::between(
-                        &keys::timeline(room_id.as_str(), cursor.saturating_add(1)),
-                        &keys::timeline(room_id.as_str(), to.map_or(u64::MAX, |to| to.saturating_add(1))),
-                    ),
-                    Direction::Forward,
-                )
+                ((Some(cursor), to), Direction::Forward)
             };
             let want = limit - chunk.len();
-            let rows = self.kv.scan(Table::Timeline, &range, direction, want).await?;
+            let rows = self.history_rows(room_id, bounds, direction, want).await?;
             exhausted = rows.len() < want;
             scanned += rows.len();
-            for (key, event_id) in rows {
-                let position = position_of(&key);
-                cursor = if backward { position.saturating_sub(1) } else { position };
-                let event_id = String::from_utf8_lossy(&event_id);
-                if !self.may_see_at(viewer, &event_id, position).await? {
-                    hidden_run += 1;
-                    continue;
+            for (position, event_id) in rows {
+                cursor = if backward { position.before() } else { position };
+                match self.history_event(viewer, &event_id).await? {
+                    Some(event) => {
+                        hidden_run = 0;
+                        if visible(&event, filter, &ignored) {
+                            chunk.push(event);
+                        }
+                    }
+                    None => hidden_run += 1,
                 }
-                hidden_run = 0;
-                let event = self.timeline_event(viewer, &event_id).await?;
-                if visible(&event, filter, &ignored) {
-                    chunk.push(event);
+                if gaps_possible {
+                    let missing = self.missing_prevs(room_id, &event_id).await?;
+                    if !missing.is_empty() {
+                        gap = Some(HistoryGap { missing, token: cursor.render() });
+                        break;
+                    }
                 }
             }
         }
-        let mut page = json!({ "chunk": chunk, "start": token(from) });
-        if !exhausted {
-            page["end"] = json!(token(cursor));
+        let mut page = json!({ "chunk": chunk, "start": from.render() });
+        if !exhausted || gap.is_some() {
+            page["end"] = json!(cursor.render());
         }
         if filter.lazy_load_members {
             let at = self.state_view(viewer).await?;
             page["state"] = json!(self.members_of_senders(room_id, at, &chunk).await?);
         }
-        Ok(page)
+        Ok(HistoryPage { response: page, gap })
     }
 
     /// The member events of the senders of `events` in the state the reader may read (the

@@ -13,6 +13,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Deserialize;
 
 use super::state_store;
+use super::topological::{TopoPos, history_position};
 use crate::{Service, ServiceError};
 
 /// Membership events walked back to find a reader's latest join.
@@ -33,6 +34,9 @@ pub(crate) struct Viewer {
     joined_since: Option<u64>,
     /// The position of the reader's latest join, for `shared` history.
     last_join: Option<u64>,
+    /// Where that join sits in the room's history, for backfilled events (which have no
+    /// stream position to compare).
+    last_join_in_history: Option<TopoPos>,
     /// Facts by state group: the events of a page mostly share a few groups.
     facts: HashMap<u64, StateFacts>,
     /// Whether the membership fields above have been read yet (see [`Viewer::lazy`]).
@@ -49,6 +53,7 @@ impl Viewer {
             membership: None,
             joined_since: None,
             last_join: None,
+            last_join_in_history: None,
             facts: HashMap::new(),
             known: false,
         }
@@ -116,6 +121,7 @@ impl Service {
             }
             if membership.as_deref() == Some("join") {
                 viewer.last_join = record.stream_position;
+                viewer.last_join_in_history = history_position(&record)?;
                 if step == 0 {
                     viewer.joined_since = record.stream_position;
                 }
@@ -203,20 +209,12 @@ impl Service {
         event_id: &str,
         record: &EventRecord,
     ) -> Result<bool, ServiceError> {
-        // Live events have a stream position; backfilled history only an order. Outliers,
-        // soft-failed and rejected events have neither and are never shown.
-        let position = match (record.stream_position, record.order) {
-            (Some(position), _) => Some(position),
-            (None, Some(_)) => None,
-            (None, None) => return Ok(false),
-        };
-        if record.room_id != viewer.room_id.as_str() {
+        // Part of the room's history: arrived live, or backfilled (no stream position).
+        if record.history_order().is_none() || record.room_id != viewer.room_id.as_str() {
             return Ok(false);
         }
         self.get_to_know(viewer).await?;
-        if let Some(position) = position
-            && viewer.joined_since.is_some_and(|since| position >= since)
-        {
+        if viewer.joined_since.is_some_and(|since| record.stream_position.is_some_and(|position| position >= since)) {
             return Ok(true);
         }
         let shape = EventShape::parse(record)?;
@@ -230,10 +228,12 @@ impl Service {
             true => Some(self.facts_before(viewer, &shape).await?),
             false => None,
         };
-        // Backfilled history lies behind the live timeline the reader's join is in.
-        let joined_later = match position {
+        let joined_later = match record.stream_position {
             Some(position) => viewer.last_join.is_some_and(|join| join > position),
-            None => viewer.last_join.is_some(),
+            None => {
+                let at = history_position(record)?;
+                viewer.last_join_in_history.is_some_and(|join| Some(join) > at)
+            }
         };
         tracing::trace!(event_id, ?at, joined_later, "history visibility check");
         Ok(may_see(&EventFacts { at, before, joined_later }))
