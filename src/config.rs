@@ -159,6 +159,8 @@ pub struct AuthConfig {
 pub struct StorageConfig {
     pub sync_writes: bool,
     pub block_cache_mib: usize,
+    /// Rows one chunk of a schema migration reads (each chunk is one atomic write).
+    pub migration_chunk_rows: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -247,7 +249,11 @@ impl Default for AuthConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { sync_writes: false, block_cache_mib: 8 }
+        Self {
+            sync_writes: false,
+            block_cache_mib: 8,
+            migration_chunk_rows: lattice_storage::DEFAULT_MIGRATION_CHUNK_ROWS,
+        }
     }
 }
 
@@ -304,6 +310,12 @@ impl Config {
             bail!("invalid configuration at key `auth.refreshable_token_lifetime_secs`: must be at least 60");
         }
         self.trusted_proxies()?;
+        if !(1..=lattice_storage::MAX_SCAN_ROWS).contains(&self.storage.migration_chunk_rows) {
+            bail!(
+                "invalid configuration at key `storage.migration_chunk_rows`: must be 1 to {}",
+                lattice_storage::MAX_SCAN_ROWS
+            );
+        }
         if let Some(url) = &self.discovery.client_base_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
@@ -427,6 +439,7 @@ mod tests {
         assert_eq!(example.auth.password_hash_memory_kib, default.auth.password_hash_memory_kib);
         assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
         assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
+        assert_eq!(example.storage.migration_chunk_rows, default.storage.migration_chunk_rows);
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
         assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
     }

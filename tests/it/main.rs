@@ -8,6 +8,7 @@ mod bad_input;
 mod directory;
 mod history;
 mod membership;
+mod migration;
 mod no_panic;
 mod operations;
 mod process;

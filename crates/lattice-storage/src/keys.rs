@@ -146,6 +146,20 @@ pub fn relation(parent_id: &str, rel_type: &str, position: u64) -> Vec<u8> {
     join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `parent\0rel_type\0depth·order` (both big-endian): the relations of an event by type, in the
+/// room's topological order (the relating event's depth, then its order). Schema 2's layout.
+pub fn relation_in_order(parent_id: &str, rel_type: &str, depth: u64, order: u64) -> Vec<u8> {
+    let mut position = depth.to_be_bytes().to_vec();
+    position.extend_from_slice(&order.to_be_bytes());
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position])
+}
+
+/// Schema 1's relations key, `parent\0rel_type\0position`: only the migration to schema 2
+/// still names it, to delete those rows.
+pub fn relation_schema1(parent_id: &str, rel_type: &str, position: u64) -> Vec<u8> {
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position.to_be_bytes()])
+}
+
 /// The prefix of [`relation`] keys of one parent and relation type (`""`: all types).
 pub fn relations_of(parent_id: &str, rel_type: &str) -> Vec<u8> {
     join(&[parent_id.as_bytes(), rel_type.as_bytes(), b""])
@@ -185,6 +199,23 @@ pub fn public_room(room_id: &str) -> Vec<u8> {
 /// stream position breaking ties, for `timestamp_to_event`.
 pub fn event_timestamp(room_id: &str, ts: u64, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &ts.to_be_bytes(), &position.to_be_bytes()])
+}
+
+/// `room\0depth·order` (both big-endian): a room's events in topological order, for history.
+pub fn topological(room: &str, depth: u64, order: u64) -> Vec<u8> {
+    let mut position = depth.to_be_bytes().to_vec();
+    position.extend_from_slice(&order.to_be_bytes());
+    join(&[room.as_bytes(), &position])
+}
+
+/// `room\0event`: a forward extremity of the room (an event nothing cites yet).
+pub fn forward_extremity(room: &str, event: &str) -> Vec<u8> {
+    join(&[room.as_bytes(), event.as_bytes()])
+}
+
+/// `room\0event`: a prev event of the room that is not stored (a gap in its history).
+pub fn backward_extremity(room: &str, event: &str) -> Vec<u8> {
+    join(&[room.as_bytes(), event.as_bytes()])
 }
 
 /// Reports are numbered by a counter; big-endian so the newest sorts last.
@@ -246,6 +277,15 @@ mod tests {
         let key = redacted_original_by_time(256, "$e:hs");
         assert!(redacted_original_by_time(255, "$z:hs") < key);
         assert_eq!(event_of_redacted_original_by_time(&key), Some(&b"$e:hs"[..]));
+    }
+
+    #[test]
+    fn topological_keys_sort_by_depth_then_order_within_a_room() {
+        assert!(topological("!r:hs", 1, u64::MAX) < topological("!r:hs", 2, 0));
+        assert!(topological("!r:hs", 256, 1) < topological("!r:hs", 256, 2));
+        assert!(topological("!r:hs", u64::MAX, u64::MAX).starts_with(&room_rows("!r:hs")));
+        assert!(relation_in_order("$p", "m.thread", 1, 9) < relation_in_order("$p", "m.thread", 2, 1));
+        assert!(relation_in_order("$p", "", 1, 1).starts_with(&relations_of("$p", "")));
     }
 
     #[test]

@@ -54,4 +54,7 @@ tables! {
     Reports => "reports",
     RedactedOriginals => "redacted_originals",
     RedactedOriginalsByTime => "redacted_originals_by_time",
+    Topological => "topological",
+    ForwardExtremities => "forward_extremities",
+    BackwardExtremities => "backward_extremities",
 }
