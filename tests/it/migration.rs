@@ -151,12 +151,14 @@ async fn a_migration_killed_midway_resumes_and_ends_identical_to_an_uninterrupte
     assert_eq!(rows(&resumed, Table::ForwardExtremities).len(), 3, "one extremity per room (no forks)");
 }
 
-/// Removes what stores older than each index lack: relation, timestamp and receipt-position
-/// rows, `redacted_by` and member counts.
+/// Removes what stores older than each index lack: relation, thread, timestamp and
+/// receipt-position rows, `redacted_by` and member counts.
 async fn strip_later_indexes(data_dir: &Path) {
     with_store(data_dir, async |kv| {
         let mut batch = WriteBatch::new();
-        for table in [Table::Relations, Table::EventTimestamps, Table::ReceiptPositions] {
+        let tables =
+            [Table::Relations, Table::Threads, Table::ThreadActivity, Table::EventTimestamps, Table::ReceiptPositions];
+        for table in tables {
             for (key, _) in lattice_storage::scan_all(kv, table, &KeyRange::all()).await.unwrap() {
                 batch.delete(table, key);
             }
@@ -283,6 +285,12 @@ async fn the_migrated_server_serves_the_old_rooms() {
     assert_eq!(reactions[0]["content"]["m.relates_to"]["key"], "👍");
     assert!(relations(message(4), "").await.is_empty(), "the redacted reaction is not a relation");
     assert_eq!(relations(message(3), "/m.reference").await.len(), 1);
+    let threads = get_ok(&http, &bob, &format!("/_matrix/client/v1/rooms/{room}/threads")).await;
+    let roots: Vec<&Value> = threads["chunk"].as_array().unwrap().iter().map(|e| &e["event_id"]).collect();
+    assert_eq!(roots, [&message(1)["event_id"]], "{threads}");
+    let thread = &threads["chunk"][0]["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!(thread["latest_event"]["content"]["body"], "thread reply 1", "{thread}");
+    assert_eq!(thread["current_user_participated"], true, "bob replied: {thread}");
 
     // Receipts in /sync (read through the receipt-position index).
     let synced = get_ok(&http, &bob, "/_matrix/client/v3/sync").await;

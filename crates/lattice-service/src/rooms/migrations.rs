@@ -7,13 +7,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
-use lattice_storage::records::{EventRecord, EventStatus, MemberCounts, ReceiptRecord, RelationRecord, RoomRecord};
+use lattice_storage::records::{
+    EventRecord, EventStatus, MemberCounts, ReceiptRecord, RelationRecord, RoomRecord, ThreadRecord,
+};
 use lattice_storage::{DropTable, KeyRange, KvRead, Migration, MigrationStep, StorageError, Table, WriteBatch, keys};
 use ruma::events::TimelineEventType;
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, OwnedEventId};
 
-use super::relations::relation_of;
+use super::relations::{MAX_THREAD_PARTICIPANTS, relation_of};
 
 /// Every migration this binary knows, oldest first, for `lattice_storage::open_schema`.
 pub fn schema_migrations() -> Vec<Migration> {
@@ -31,6 +33,13 @@ fn schema_2() -> Migration {
             Arc::new(ForwardExtremityRows),
             Arc::new(RedactedBy),
             Arc::new(RelationsInOrder),
+            Arc::new(DropTable { name: "drop_thread_summaries", table: Table::Threads, writes: &[Table::Threads] }),
+            Arc::new(DropTable {
+                name: "drop_thread_activity",
+                table: Table::ThreadActivity,
+                writes: &[Table::ThreadActivity],
+            }),
+            Arc::new(ThreadSummaries),
             Arc::new(EventTimestamps),
             Arc::new(ReceiptPositions),
             Arc::new(CountedMembers),
@@ -240,6 +249,68 @@ impl MigrationStep for RelationsInOrder {
 async fn is_event_of_room(kv: &dyn KvRead, event_id: &str, room_id: &str) -> Result<bool, StorageError> {
     let record = lattice_storage::get::<EventRecord>(kv, &keys::event(event_id)).await?;
     Ok(record.is_some_and(|r| r.value.room_id == room_id && r.value.stream_position.is_some()))
+}
+
+/// Thread summaries and the `/threads` order, rebuilt from the (just rebuilt) `m.thread`
+/// relation rows as ingest keeps them: the root's sender first among the participants, then
+/// each replier; the newest reply by stream position is the latest. The two steps before this
+/// one empty both tables, so counting from zero is right, and a chunk that runs again after a
+/// crash starts from the summaries its predecessor committed.
+struct ThreadSummaries;
+
+#[async_trait]
+impl MigrationStep for ThreadSummaries {
+    fn name(&self) -> &'static str {
+        "thread_summaries"
+    }
+    fn reads(&self) -> Table {
+        Table::Relations
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::Threads, Table::ThreadActivity]
+    }
+    async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        // Parent event IDs hold no NUL (`relation_of`), so the parent is the key's first part.
+        let root = String::from_utf8_lossy(key.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
+        let typed_prefix = keys::relations_of(&root, "m.thread");
+        let reply: RelationRecord = decode(Table::Relations, raw)?;
+        // Each relation has a row under its type and one under "": count the typed one.
+        if reply.rel_type != "m.thread" || key.len() != typed_prefix.len() + 16 || !key.starts_with(&typed_prefix) {
+            return Ok(());
+        }
+        let position = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+        let Some(root_record) = lattice_storage::get::<EventRecord>(kv, &keys::event(&root)).await? else {
+            return Ok(());
+        };
+        let room = root_record.value.room_id.clone();
+        let thread_key = keys::thread(&room, &root);
+        let mut thread = match lattice_storage::read_through(kv, batch, Table::Threads, &thread_key).await? {
+            Some(stored) => decode::<ThreadRecord>(Table::Threads, &stored)?,
+            None => ThreadRecord {
+                participants: sender_of(&root_record.value)?.into_iter().collect(),
+                ..Default::default()
+            },
+        };
+        if thread.count == 0 || position > thread.latest_position {
+            if thread.count > 0 {
+                batch.delete(Table::ThreadActivity, keys::thread_activity(&room, thread.latest_position));
+            }
+            thread.latest_event_id = reply.event_id.clone();
+            thread.latest_position = position;
+            batch.put(Table::ThreadActivity, keys::thread_activity(&room, position), root.as_bytes().to_vec());
+        }
+        thread.count += 1;
+        if !thread.participants.contains(&reply.sender) && thread.participants.len() < MAX_THREAD_PARTICIPANTS {
+            thread.participants.push(reply.sender);
+        }
+        batch.put(Table::Threads, thread_key, encode(&thread));
+        Ok(())
+    }
+}
+
+fn sender_of(record: &EventRecord) -> Result<Option<String>, StorageError> {
+    let event: serde_json::Value = serde_json::from_str(&record.json).map_err(|e| corrupt(Table::Events, e))?;
+    Ok(event["sender"].as_str().map(str::to_owned))
 }
 
 /// `event_timestamps` rows for events stored before that index existed.
