@@ -162,6 +162,8 @@ pub struct StorageConfig {
     /// Testing only: keep unsynced WAL writes in process memory, so `kill -9` loses them as a
     /// power cut would (the power-loss test runs the binary with it).
     pub testing_wal_in_process_memory: bool,
+    /// Rows one chunk of a schema migration reads (each chunk is one atomic write).
+    pub migration_chunk_rows: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -251,7 +253,12 @@ impl Default for AuthConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         // Durable by default: group commit makes the fsync cheap (docs/benchmarks.md, issue #10).
-        Self { sync_writes: true, block_cache_mib: 8, testing_wal_in_process_memory: false }
+        Self {
+            sync_writes: true,
+            block_cache_mib: 8,
+            testing_wal_in_process_memory: false,
+            migration_chunk_rows: lattice_storage::DEFAULT_MIGRATION_CHUNK_ROWS,
+        }
     }
 }
 
@@ -308,6 +315,12 @@ impl Config {
             bail!("invalid configuration at key `auth.refreshable_token_lifetime_secs`: must be at least 60");
         }
         self.trusted_proxies()?;
+        if !(1..=lattice_storage::MAX_SCAN_ROWS).contains(&self.storage.migration_chunk_rows) {
+            bail!(
+                "invalid configuration at key `storage.migration_chunk_rows`: must be 1 to {}",
+                lattice_storage::MAX_SCAN_ROWS
+            );
+        }
         if let Some(url) = &self.discovery.client_base_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
         {
@@ -432,6 +445,7 @@ mod tests {
         assert_eq!(example.rate_limits.login_per_ip, default.rate_limits.login_per_ip);
         assert_eq!(example.storage.block_cache_mib, default.storage.block_cache_mib);
         assert_eq!(example.storage.sync_writes, default.storage.sync_writes);
+        assert_eq!(example.storage.migration_chunk_rows, default.storage.migration_chunk_rows);
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
         assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
     }

@@ -57,7 +57,10 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     })?;
     let closed = store.closed();
     let kv: Arc<dyn KvStore> = Arc::new(store);
-    let found = lattice_storage::open_schema(kv.as_ref()).await.context("checking the database schema")?;
+    let migrations = lattice_service::rooms::schema_migrations();
+    let found = lattice_storage::open_schema(kv.as_ref(), &migrations, config.storage.migration_chunk_rows)
+        .await
+        .context("checking (and migrating) the database schema")?;
     // Before anything takes a stream position: none may repeat one a client saw before a crash.
     lattice_storage::recover_counters(kv.as_ref()).await.context("moving counters past their reservations")?;
     let key = signing_key::load_or_create(&config.signing_key_path())?;

@@ -9,6 +9,7 @@ mod directory;
 mod history;
 mod history_order;
 mod membership;
+mod migration;
 mod no_panic;
 mod operations;
 mod power_loss;

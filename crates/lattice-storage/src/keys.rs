@@ -147,6 +147,12 @@ pub fn relation(parent_id: &str, rel_type: &str, depth: u64, order: u64) -> Vec<
     join(&[parent_id.as_bytes(), rel_type.as_bytes(), &depth_and_order(depth, order)])
 }
 
+/// Schema 1's relations key, `parent\0rel_type\0position`: only the migration to schema 2
+/// still names it, to delete those rows.
+pub fn relation_schema1(parent_id: &str, rel_type: &str, position: u64) -> Vec<u8> {
+    join(&[parent_id.as_bytes(), rel_type.as_bytes(), &position.to_be_bytes()])
+}
+
 /// The prefix of [`relation`] keys of one parent and relation type (`""`: all types).
 pub fn relations_of(parent_id: &str, rel_type: &str) -> Vec<u8> {
     join(&[parent_id.as_bytes(), rel_type.as_bytes(), b""])
@@ -284,6 +290,7 @@ mod tests {
         assert_eq!(depth_and_order_of(&topological("!r:hs", 9, 300)), Some((9, 300)));
         assert_eq!(depth_and_order_of(&relation("$p", "m.thread", 4, 5)), Some((4, 5)));
         assert_eq!(depth_and_order_of(b"short"), None);
+        assert!(relation("$p", "", 1, 1).starts_with(&relations_of("$p", "")));
     }
 
     #[test]

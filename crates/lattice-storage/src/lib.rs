@@ -20,7 +20,10 @@ pub use kv::{Condition, Direction, KeyRange, KvRead, KvStore, MAX_SCAN_ROWS, Row
 pub use memory::MemoryStore;
 pub use positions::{StreamPosition, StreamPositions};
 pub use rocks::{RocksOptions, RocksStore, StoreClosed};
-pub use schema::{Migration, SCHEMA_VERSION, migrate_with, open_schema};
+pub use schema::{
+    DEFAULT_MIGRATION_CHUNK_ROWS, DropTable, Migration, MigrationStep, SCHEMA_VERSION, migrate_with, open_schema,
+    read_through,
+};
 pub use table::Table;
 pub use typed::{
     COUNTER_RESERVATION_BLOCK, Fetched, Record, counter, counter_in_batch, get, next_counter, put, recover_counters,

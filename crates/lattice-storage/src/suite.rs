@@ -139,22 +139,22 @@ async fn concurrent_counters_never_repeat(kv: Arc<dyn KvStore>) {
 
 async fn schema_is_stamped_and_checked(kv: Arc<dyn KvStore>) {
     let kv = kv.as_ref();
-    assert_eq!(crate::open_schema(kv).await.unwrap(), None);
-    assert_eq!(crate::open_schema(kv).await.unwrap(), Some(crate::SCHEMA_VERSION));
-    let newer = crate::migrate_with(kv, crate::SCHEMA_VERSION - 1, &[]).await;
+    let chunk = crate::DEFAULT_MIGRATION_CHUNK_ROWS;
+    assert_eq!(crate::open_schema(kv, &[], chunk).await.unwrap(), None);
+    assert_eq!(crate::open_schema(kv, &[], chunk).await.unwrap(), Some(crate::SCHEMA_VERSION));
+    let newer = crate::migrate_with(kv, crate::SCHEMA_VERSION - 1, &[], chunk).await;
     assert!(matches!(newer, Err(StorageError::SchemaTooNew { .. })));
 
-    fn add_marker() -> WriteBatch {
-        let mut batch = WriteBatch::new();
-        batch.put(Table::Meta, b"migrated".to_vec(), b"yes".to_vec());
-        batch
-    }
-    let migrations = [crate::Migration { from: crate::SCHEMA_VERSION, describe: "test", build: add_marker }];
-    let found = crate::migrate_with(kv, crate::SCHEMA_VERSION + 1, &migrations).await.unwrap();
+    let mut batch = WriteBatch::new();
+    batch.put(Table::AuthChains, b"$state".to_vec(), b"[]".to_vec());
+    kv.write(batch).await.unwrap();
+    let drop = crate::DropTable { name: "drop", table: Table::AuthChains, writes: &[Table::AuthChains] };
+    let migrations = [crate::Migration { from: crate::SCHEMA_VERSION, describe: "test", steps: vec![Arc::new(drop)] }];
+    let found = crate::migrate_with(kv, crate::SCHEMA_VERSION + 1, &migrations, chunk).await.unwrap();
     assert_eq!(found, Some(crate::SCHEMA_VERSION));
-    assert_eq!(kv.get(Table::Meta, b"migrated").await.unwrap(), Some(b"yes".to_vec()));
+    assert_eq!(kv.get(Table::AuthChains, b"$state").await.unwrap(), None);
     // A gap with no migration is an error, not a silent skip.
-    assert!(crate::migrate_with(kv, crate::SCHEMA_VERSION + 3, &migrations).await.is_err());
+    assert!(crate::migrate_with(kv, crate::SCHEMA_VERSION + 3, &migrations, chunk).await.is_err());
 }
 
 async fn counters_recover_past_every_value_they_may_have_handed_out(kv: Arc<dyn KvStore>) {

@@ -17,7 +17,7 @@ use super::visibility::Viewer;
 use crate::{Service, ServiceError};
 
 /// Writers a thread summary remembers; later ones still count, they are just not listed.
-const MAX_THREAD_PARTICIPANTS: usize = 1_000;
+pub(super) const MAX_THREAD_PARTICIPANTS: usize = 1_000;
 /// Edits looked at to find the newest valid one.
 const MAX_EDITS_SCANNED: usize = 50;
 /// References bundled into one event.
