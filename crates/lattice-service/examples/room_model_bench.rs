@@ -1,4 +1,4 @@
-//! Benchmark of the room model on RocksDB (WAL, no fsync), one thread, through the service:
+//! Benchmark of the room model on RocksDB (default options: durable writes), one thread, through the service:
 //!
 //! 1. Send rate into a room with 10,000 joined members against a room with 3: a message must
 //!    cost the same whatever the room's state (issue #10's target: ≥ 80 %).
@@ -77,7 +77,9 @@ async fn main() {
     let (members, backfilled) = if quick { (1_000, 1_000) } else { (10_000, 10_000) };
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
 
-    println!("room version 12, RocksDB (WAL, no fsync), one thread, {MESSAGES} messages per room");
+    println!(
+        "room version 12, RocksDB with its default options (durable writes), one thread, {MESSAGES} messages per room"
+    );
     let small = service(dirs[0].path(), "small.test", key("1"));
     let room = public_room(&small, 3).await;
     let small_rate = send_rate(&small, &room, MESSAGES).await;

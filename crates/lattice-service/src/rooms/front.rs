@@ -79,7 +79,7 @@ impl Service {
                 .map(|(slot, id)| SlotChange { slot, old: None, new: Some(id) })
                 .collect(),
             Some(room) => {
-                let old = StateRef::Stored(room.current_state_group);
+                let old = StateRef::Current { group: room.current_state_group, room_id: room_id.to_string() };
                 // The event's own slot is the only change when it extends the current state.
                 let extended = match (after, event.state_key()) {
                     (Some(after), Some(key))
@@ -195,16 +195,19 @@ fn count(groups: &mut Vec<(u64, u32)>, group: u64, add: bool) {
 
 /// The room record after a live event at `position`; `front` is `None` for an event that
 /// filled a gap (it is older than the front, which stays where it is).
+/// A room new to this server starts with `create_event_id` (the event itself when it is the
+/// create event).
 pub(super) fn updated_room(
     version: &RoomVersion,
     event: &Pdu,
     room: Option<&RoomRecord>,
+    create_event_id: Option<String>,
     front: Option<Front>,
     position: u64,
 ) -> RoomRecord {
     let mut record = room.cloned().unwrap_or_else(|| RoomRecord {
         room_version: version.id().to_string(),
-        create_event_id: event.id().to_string(),
+        create_event_id: create_event_id.unwrap_or_else(|| event.id().to_string()),
         current_state_group: 0,
         forward_extremities: Vec::new(),
         last_stream_position: 0,

@@ -221,7 +221,7 @@ impl Service {
         }
         let room_id = room_id_of(event)?;
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
-        check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version)?;
+        check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version, placement.supplied_state)?;
 
         let mut batch = WriteBatch::new();
         // An outlier becomes a placed event only once, and an event is stored only once.
@@ -231,8 +231,17 @@ impl Service {
         let prevs = self.place_prevs(event, &room_id).await?;
         self.load_auth_events(version, event, &room_id, room.as_ref().map(|r| &r.value), &mut loaded).await?;
         let before = self.state_before(version, &prevs, placement.supplied_state, &mut loaded, &mut batch).await?;
+        let current_of =
+            |room: &RoomRecord| StateRef::Current { group: room.current_state_group, room_id: room_id.to_string() };
+        // Built on the current state (the usual case): read its slots from the current-state rows.
+        let before = match (&before, room.as_ref()) {
+            (StateRef::Stored(group), Some(room)) if *group == room.value.current_state_group => {
+                current_of(&room.value)
+            }
+            _ => before,
+        };
         let live = placement.arrival == Arrival::Live;
-        let current = room.as_ref().filter(|_| live).map(|r| StateRef::Stored(r.value.current_state_group));
+        let current = room.as_ref().filter(|_| live).map(|r| current_of(&r.value));
         let outcome = self.decide(version, event, &before, current.as_ref(), &mut loaded).await?;
         let accepted = outcome == Outcome::Accepted;
 
@@ -302,7 +311,14 @@ impl Service {
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
                 );
-                let room_record = front::updated_room(version, event, room.as_ref().map(|r| &r.value), front, position);
+                let create_id = match (placement.supplied_state, room.is_none()) {
+                    (Some(state), true) => {
+                        state.get(&(StateEventType::RoomCreate, String::new())).map(|id| id.to_string())
+                    }
+                    _ => None,
+                };
+                let room_record =
+                    front::updated_room(version, event, room.as_ref().map(|r| &r.value), create_id, front, position);
                 lattice_storage::put(&mut batch, keys::room(room_id.as_str()), &room_record);
                 batch.expect(Table::Rooms, keys::room(room_id.as_str()), room.as_ref().map(|r| r.raw.clone()));
             }
@@ -418,12 +434,14 @@ impl Service {
     ) -> Result<(), ServiceError> {
         let mut needed: Vec<OwnedEventId> = event.auth_event_ids().to_vec();
         if version.rules().authorization.room_create_event_id_as_room_id
-            && let Some(room) = room
+            && *event.kind() != TimelineEventType::RoomCreate
         {
-            needed.push(
-                OwnedEventId::try_from(room.create_event_id.as_str())
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?,
-            );
+            // The room ID names the create event (`!x` for `$x`), known or not.
+            let create_id = match room {
+                Some(room) => room.create_event_id.clone(),
+                None => format!("${}", &room_id.as_str()[1..]),
+            };
+            needed.push(OwnedEventId::try_from(create_id).map_err(|e| ServiceError::BadJson(e.to_string()))?);
         }
         self.load_events(version, &needed, loaded).await?;
         for id in &needed {
@@ -777,16 +795,21 @@ pub(super) fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
 
 /// A create event needs a room that does not exist yet; any other event one that exists, of the
 /// event's room version.
+/// A room this server does not have yet is also entered by an event that comes with the state
+/// before it (joining through another server).
 fn check_room_fits(
     event: &Pdu,
     room_id: &OwnedRoomId,
     room: Option<&RoomRecord>,
     version: &RoomVersion,
+    supplied: Option<&StateMap>,
 ) -> Result<(), ServiceError> {
     let is_create = *event.kind() == TimelineEventType::RoomCreate;
+    let entered_with_state =
+        supplied.is_some_and(|state| state.contains_key(&(StateEventType::RoomCreate, String::new())));
     match (room, is_create) {
         (Some(_), true) => Err(ServiceError::Forbidden("the room already has a create event".into())),
-        (None, false) => Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
+        (None, false) if !entered_with_state => Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
         (Some(room), false) if room.room_version != version.id().as_str() => {
             Err(ServiceError::BadJson(format!("room {room_id} is version {}", room.room_version)))
         }

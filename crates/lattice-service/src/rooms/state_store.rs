@@ -105,6 +105,12 @@ pub(super) async fn lookup(
 #[derive(Clone)]
 pub(super) enum StateRef {
     Stored(u64),
+    /// The room's current state, stored as `group`: its slots are read from the room's
+    /// `current_state` rows, one point read each, however big the state is.
+    Current {
+        group: u64,
+        room_id: String,
+    },
     Fresh {
         group: u64,
         state: StateMap,
@@ -123,7 +129,10 @@ pub(super) enum StateRef {
 impl StateRef {
     pub(super) fn group(&self) -> u64 {
         match self {
-            StateRef::Stored(group) | StateRef::Fresh { group, .. } | StateRef::Extended { group, .. } => *group,
+            StateRef::Stored(group)
+            | StateRef::Current { group, .. }
+            | StateRef::Fresh { group, .. }
+            | StateRef::Extended { group, .. } => *group,
         }
     }
 
@@ -135,6 +144,20 @@ impl StateRef {
     ) -> Result<Vec<Option<OwnedEventId>>, ServiceError> {
         match self {
             StateRef::Fresh { state, .. } => Ok(slots.iter().map(|slot| state.get(slot).cloned()).collect()),
+            StateRef::Current { room_id, .. } => {
+                let mut found = Vec::with_capacity(slots.len());
+                for (kind, key) in slots {
+                    let row = keys::current_state(room_id, &kind.to_string(), key);
+                    found.push(match kv.get(lattice_storage::Table::CurrentState, &row).await? {
+                        Some(id) => Some(
+                            OwnedEventId::try_from(String::from_utf8_lossy(&id).into_owned())
+                                .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                        ),
+                        None => None,
+                    });
+                }
+                Ok(found)
+            }
             StateRef::Extended { parent, slot, event_id, .. } => {
                 let mut found = Box::pin(parent.slots(kv, slots)).await?;
                 for (wanted, found) in slots.iter().zip(found.iter_mut()) {
@@ -164,7 +187,7 @@ impl StateRef {
     /// The whole state (a fork or a gap needs it; a linear history never does).
     pub(super) async fn full(&self, kv: &dyn KvRead) -> Result<StateMap, ServiceError> {
         match self {
-            StateRef::Stored(group) => load(kv, *group).await,
+            StateRef::Stored(group) | StateRef::Current { group, .. } => load(kv, *group).await,
             StateRef::Fresh { state, .. } => Ok(state.clone()),
             StateRef::Extended { parent, slot, event_id, .. } => {
                 let mut state = Box::pin(parent.full(kv)).await?;
@@ -177,11 +200,13 @@ impl StateRef {
     async fn chain_length(&self, kv: &dyn KvRead) -> Result<u32, ServiceError> {
         match self {
             StateRef::Fresh { chain_length, .. } | StateRef::Extended { chain_length, .. } => Ok(*chain_length),
-            StateRef::Stored(group) => Ok(lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(*group))
-                .await?
-                .ok_or_else(|| ServiceError::Internal(format!("state group {group} is missing")))?
-                .value
-                .chain_length),
+            StateRef::Stored(group) | StateRef::Current { group, .. } => {
+                Ok(lattice_storage::get::<StateGroupRecord>(kv, &keys::state_group(*group))
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal(format!("state group {group} is missing")))?
+                    .value
+                    .chain_length)
+            }
         }
     }
 }
