@@ -466,3 +466,66 @@ async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
     let big = reads_for_one_message(2 + 5 * 64).await;
     assert_eq!(small, big, "rows read for one message: {small} with 67 members, {big} with 323");
 }
+
+/// A room this server has never seen is entered by an event that comes with its state (as a
+/// join through another server will): the state events arrive as outliers, the event is placed
+/// with that state, the room's current state and front are set from it, and a local user can
+/// then join with an event the other server accepts.
+#[tokio::test]
+async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_gives() {
+    let (local, remote) = (server("hs.test"), server("remote.test"));
+    let keys = keys_of(&[&local, &remote]);
+    let rita = UserId::parse("@rita:remote.test").unwrap();
+    let bob = UserId::parse("@bob:hs.test").unwrap();
+    let request =
+        CreateRoom { preset: Some(super::Preset::PublicChat), name: Some("Far away".into()), ..Default::default() };
+    let room = remote.service.create_room(&rita, request).await.unwrap();
+    let version = remote.service.room_version(&room).await.unwrap();
+    let latest = say(&remote, &room, &rita, "hello from afar").await;
+    let state = state_ids(&remote, &room).await;
+    let origin = remote.service.server_name();
+
+    let unknown = local
+        .service
+        .ingest_placed(
+            &version,
+            {
+                let bytes = serde_json::to_vec(&json_of(&remote, &latest).await).unwrap();
+                local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap()
+            },
+            Arrival::Live,
+            None,
+        )
+        .await;
+    assert!(matches!(unknown, Err(ServiceError::NotFound(_))), "without state the room is unknown: {unknown:?}");
+
+    let mut by_depth = Vec::new();
+    for id in state.values() {
+        let bytes = serde_json::to_vec(&json_of(&remote, id).await).unwrap();
+        let pdu = local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
+        by_depth.push((u64::from(pdu.depth()), pdu));
+    }
+    by_depth.sort_by_key(|(depth, _)| *depth);
+    for (_, pdu) in by_depth {
+        assert_eq!(local.service.ingest_outlier(&version, pdu).await.unwrap().outcome, Outcome::Outlier);
+    }
+    let bytes = serde_json::to_vec(&json_of(&remote, &latest).await).unwrap();
+    let pdu = local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
+    let entered = local.service.ingest_placed(&version, pdu, Arrival::Live, Some(&state)).await.unwrap();
+    assert_eq!(entered.outcome, Outcome::Accepted);
+
+    assert_eq!(state_ids(&local, &room).await, state, "the current state is the one given");
+    let record = room_record(&local, &room).await;
+    assert_eq!(record.forward_extremities, [latest.to_string()]);
+    assert_eq!(
+        Some(record.create_event_id.as_str()),
+        state.get(&(ruma::events::StateEventType::RoomCreate, String::new())).map(|id| id.as_str())
+    );
+    assert_eq!(record.member_counts.map(|counts| counts.joined), Some(1));
+    assert!(current(&local, &room, "m.room.member", rita.as_str()).await.is_some());
+
+    let join = local.service.join_room(&bob, &room, None).await.unwrap();
+    let shared = Shared { local, remote, keys, room: room.clone(), version, alice: bob.clone(), rita };
+    assert_eq!(relay(&shared, &shared.local, &shared.remote, &join).await, Outcome::Accepted);
+    assert_eq!(current(&shared.remote, &room, "m.room.member", bob.as_str()).await.as_deref(), Some(join.as_str()));
+}
