@@ -82,6 +82,9 @@ pub struct Service {
     /// up to its completed mark. A writer takes a position after any room lock it needs (never
     /// the other way round) and publishes it before it wakes anyone.
     stream: lattice_storage::StreamPositions,
+    /// State group IDs, from reserved blocks like stream positions, so a state event's group is
+    /// written only in the event's own batch.
+    state_group_ids: lattice_storage::StreamPositions,
     /// Who is typing where; in memory only, since notices last seconds.
     typing: std::sync::Mutex<rooms::typing::Typing>,
     /// Wakes each waiting `/sync` only for writes that concern its user.
@@ -105,6 +108,7 @@ impl Service {
     ) -> Self {
         let room_locks = (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
         let stream = lattice_storage::StreamPositions::new(kv.clone(), "stream");
+        let state_group_ids = lattice_storage::StreamPositions::new(kv.clone(), "state_group");
         Self {
             config,
             kv,
@@ -113,6 +117,7 @@ impl Service {
             signing_key,
             room_locks,
             stream,
+            state_group_ids,
             typing: Default::default(),
             notifier: Default::default(),
             directory_cache: Default::default(),

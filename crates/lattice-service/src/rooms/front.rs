@@ -118,7 +118,14 @@ impl Service {
             states.push(state_store::load(self.kv.as_ref(), *group).await?);
         }
         let resolved = self.resolve(version, &states, loaded).await?;
-        state_store::save_fresh(self.kv.as_ref(), batch, Some((event_state, &event_full)), resolved).await
+        state_store::save_fresh(
+            self.kv.as_ref(),
+            &self.state_group_ids,
+            batch,
+            Some((event_state, &event_full)),
+            resolved,
+        )
+        .await
     }
 
     /// How many extremities are at each state group, read from the events (rooms stored before

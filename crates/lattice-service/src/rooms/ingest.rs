@@ -248,9 +248,17 @@ impl Service {
         let state_slot = event.state_key().map(|key| (StateEventType::from(event.kind().to_string()), key.to_owned()));
         let after = match (&outcome, &state_slot) {
             (Outcome::Rejected(_), _) | (_, None) => None,
-            (_, Some(slot)) => {
-                Some(state_store::extend(self.kv.as_ref(), &mut batch, &before, slot, &event.id().to_owned()).await?)
-            }
+            (_, Some(slot)) => Some(
+                state_store::extend(
+                    self.kv.as_ref(),
+                    &self.state_group_ids,
+                    &mut batch,
+                    &before,
+                    slot,
+                    &event.id().to_owned(),
+                )
+                .await?,
+            ),
         };
         let mut record = EventRecord {
             room_id: room_id.to_string(),
@@ -486,10 +494,10 @@ impl Service {
                 1 => states.pop().unwrap_or_default(),
                 _ => self.resolve(version, &states, loaded).await?,
             };
-            return state_store::save_fresh(kv, batch, None, state).await;
+            return state_store::save_fresh(kv, &self.state_group_ids, batch, None, state).await;
         }
         match groups.as_slice() {
-            [] => state_store::save_fresh(kv, batch, None, StateMap::new()).await,
+            [] => state_store::save_fresh(kv, &self.state_group_ids, batch, None, StateMap::new()).await,
             [group] => Ok(StateRef::Stored(*group)),
             _ => {
                 let mut states = Vec::with_capacity(groups.len());
@@ -498,7 +506,7 @@ impl Service {
                 }
                 let resolved = self.resolve(version, &states, loaded).await?;
                 let base = StateRef::Stored(groups[0]);
-                state_store::save_fresh(kv, batch, Some((&base, &states[0])), resolved).await
+                state_store::save_fresh(kv, &self.state_group_ids, batch, Some((&base, &states[0])), resolved).await
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use lattice_core::state_resolution::StateMap;
 use lattice_storage::records::StateGroupRecord;
-use lattice_storage::{KvRead, KvStore, WriteBatch, keys};
+use lattice_storage::{KvRead, KvStore, StreamPositions, WriteBatch, keys};
 use ruma::OwnedEventId;
 use ruma::events::StateEventType;
 
@@ -211,11 +211,22 @@ impl StateRef {
     }
 }
 
+/// A new state group ID from the allocator's reserved block: no write of its own (a block of
+/// IDs is reserved with one synced write), so the group is written only in the event's batch.
+/// IDs need no order, so it is released at once.
+async fn new_group_id(ids: &StreamPositions) -> Result<u64, ServiceError> {
+    let id = ids.take().await?;
+    let value = id.get();
+    id.published().await;
+    Ok(value)
+}
+
 /// Adds to `batch` a group holding the state of `parent` with one slot set to `event_id`, and
 /// returns it: one row read and one written, whatever the size of the state — except every
 /// `SNAPSHOT_INTERVAL` links, when the chain is cut with a full snapshot.
 pub(super) async fn extend(
     kv: &dyn KvStore,
+    ids: &StreamPositions,
     batch: &mut WriteBatch,
     parent: &StateRef,
     slot: &(StateEventType, String),
@@ -225,11 +236,11 @@ pub(super) async fn extend(
     if length + 1 >= SNAPSHOT_INTERVAL {
         let mut state = parent.full(kv).await?;
         state.insert(slot.clone(), event_id.clone());
-        return save_fresh(kv, batch, None, state).await;
+        return save_fresh(kv, ids, batch, None, state).await;
     }
     let change = (slot.0.to_string(), slot.1.clone(), event_id.to_string());
     let record = StateGroupRecord { parent: Some(parent.group()), delta: vec![change], chain_length: length + 1 };
-    let group = lattice_storage::next_counter(kv, "state_group").await?;
+    let group = new_group_id(ids).await?;
     lattice_storage::put(batch, keys::state_group(group), &record);
     Ok(StateRef::Extended {
         group,
@@ -244,6 +255,7 @@ pub(super) async fn extend(
 /// short enough) and returns it as a [`StateRef::Fresh`], readable before the batch is written.
 pub(super) async fn save_fresh(
     kv: &dyn KvStore,
+    ids: &StreamPositions,
     batch: &mut WriteBatch,
     base: Option<(&StateRef, &StateMap)>,
     state: StateMap,
@@ -266,7 +278,7 @@ pub(super) async fn save_fresh(
         }
         None => (StateGroupRecord { parent: None, delta: delta(&StateMap::new(), &state), chain_length: 0 }, 0),
     };
-    let group = lattice_storage::next_counter(kv, "state_group").await?;
+    let group = new_group_id(ids).await?;
     lattice_storage::put(batch, keys::state_group(group), &record);
     Ok(StateRef::Fresh { group, state, chain_length })
 }
@@ -326,7 +338,8 @@ mod tests {
     /// setting changes now and then: a lookup agrees with the full state at every group.
     #[tokio::test]
     async fn a_lookup_agrees_with_the_full_state_along_a_long_chain() {
-        let kv = MemoryStore::new();
+        let kv = std::sync::Arc::new(MemoryStore::new());
+        let ids = StreamPositions::new(kv.clone(), "state_group");
         let mut state = StateMap::new();
         let mut previous: Option<(u64, StateMap)> = None;
         let mut groups = Vec::new();
@@ -338,7 +351,13 @@ mod tests {
             };
             let mut batch = WriteBatch::new();
             let base = previous.as_ref().map(|(group, state)| (StateRef::Stored(*group), state));
-            let saved = save_fresh(&kv, &mut batch, base.as_ref().map(|(group, state)| (group, *state)), state.clone());
+            let saved = save_fresh(
+                kv.as_ref(),
+                &ids,
+                &mut batch,
+                base.as_ref().map(|(group, state)| (group, *state)),
+                state.clone(),
+            );
             let group = saved.await.expect("saved").group();
             kv.write(batch).await.expect("written");
             groups.push((group, state.clone()));
@@ -348,7 +367,7 @@ mod tests {
             for user in 0..8 {
                 let member = format!("@u{user}:hs");
                 let slots = [("m.room.history_visibility", ""), ("m.room.member", member.as_str())];
-                let found = lookup(&kv, *group, &slots).await.expect("looked up");
+                let found = lookup(kv.as_ref(), *group, &slots).await.expect("looked up");
                 let want: Vec<Option<String>> = [slot(slots[0].0, slots[0].1), slot(slots[1].0, slots[1].1)]
                     .iter()
                     .map(|s| expected.get(s).map(|id| id.to_string()))
