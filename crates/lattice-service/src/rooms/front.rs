@@ -186,7 +186,7 @@ impl Service {
 }
 
 /// Adds one extremity at `group` to the sorted counts, or takes one away.
-fn count(groups: &mut Vec<(u64, u32)>, group: u64, add: bool) {
+pub(super) fn count(groups: &mut Vec<(u64, u32)>, group: u64, add: bool) {
     match groups.binary_search_by_key(&group, |(g, _)| *g) {
         Ok(index) if add => groups[index].1 += 1,
         Ok(index) => {

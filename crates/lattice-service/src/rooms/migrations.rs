@@ -139,10 +139,7 @@ impl MigrationStep for ExtremityGroups {
             let event = lattice_storage::get::<EventRecord>(kv, &keys::event(extremity))
                 .await?
                 .ok_or_else(|| corrupt(Table::Rooms, format!("forward extremity {extremity} is not stored")))?;
-            match groups.binary_search_by_key(&event.value.state_group, |(group, _)| *group) {
-                Ok(index) => groups[index].1 += 1,
-                Err(index) => groups.insert(index, (event.value.state_group, 1)),
-            }
+            super::front::count(&mut groups, event.value.state_group, true);
         }
         room.extremity_groups = Some(groups);
         batch.put(Table::Rooms, key.to_vec(), encode(&room));
@@ -279,7 +276,7 @@ impl MigrationStep for ThreadSummaries {
         if reply.rel_type != "m.thread" || key.len() != typed_prefix.len() + 16 || !key.starts_with(&typed_prefix) {
             return Ok(());
         }
-        let position = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+        let Some((_, position)) = keys::depth_and_order_of(key) else { return Ok(()) };
         let Some(root_record) = lattice_storage::get::<EventRecord>(kv, &keys::event(&root)).await? else {
             return Ok(());
         };

@@ -16,7 +16,7 @@ use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, O
 use serde_json::json;
 
 use super::{Arrival, CreateRoom, Outcome, SyncRequest};
-use crate::{PasswordHasher, RegistrationMode, Service, ServiceConfig, ServiceError, SystemClock};
+use crate::{Service, ServiceError};
 
 struct Server {
     service: Service,
@@ -24,22 +24,7 @@ struct Server {
 }
 
 fn server(name: &str) -> Server {
-    let kv = Arc::new(MemoryStore::new());
-    let config = ServiceConfig {
-        server_name: name.try_into().unwrap(),
-        registration: RegistrationMode::Token,
-        refreshable_token_lifetime_ms: 60_000,
-        default_room_version: "11".into(),
-        public_rooms_cache_ms: 0,
-        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
-    };
-    let service = Service::new(
-        config,
-        kv.clone(),
-        Arc::new(SystemClock),
-        PasswordHasher::new(64, 1).unwrap(),
-        crate::test_signing_key(),
-    );
+    let (service, kv) = super::tests::service_named(name);
     Server { service, kv }
 }
 

@@ -16,9 +16,14 @@ const BOB: &str = "@bob:hs.test";
 const DAVE: &str = "@dave:hs.test";
 
 pub(super) fn service() -> (Service, Arc<MemoryStore>) {
+    service_named("hs.test")
+}
+
+/// A service on an in-memory store for the server `name`.
+pub(super) fn service_named(name: &str) -> (Service, Arc<MemoryStore>) {
     let kv = Arc::new(MemoryStore::new());
     let config = ServiceConfig {
-        server_name: "hs.test".try_into().unwrap(),
+        server_name: name.try_into().unwrap(),
         registration: RegistrationMode::Token,
         refreshable_token_lifetime_ms: 60_000,
         default_room_version: "11".into(),
