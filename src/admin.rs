@@ -99,6 +99,31 @@ pub async fn delete_registration_token(config: &Config, token: &str) -> anyhow::
     Ok(())
 }
 
+/// Rotates the signing key (the server must be stopped: opening the database makes sure).
+pub async fn rotate_signing_key(config: &Config) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let (new_id, old_id) =
+        crate::signing_key::rotate(&config.signing_key_path(), &config.old_signing_keys_path(), SystemClock.now_ms())?;
+    drop(opened);
+    println!("new signing key {new_id}; {old_id} is now listed in old_verify_keys");
+    Ok(())
+}
+
+/// Prints the current signing key and the old ones.
+pub async fn show_signing_keys(config: &Config) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let public = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        opened.signing_key.public_key(),
+    );
+    println!("current ed25519:{} {public}", opened.signing_key.version());
+    for old in crate::signing_key::load_old_keys(&config.old_signing_keys_path())? {
+        let expired = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(old.expired_ts));
+        println!("old     {} {} expired {expired}", old.key_id, old.public_key);
+    }
+    Ok(())
+}
+
 /// Prints the newest `limit` reports, newest first, one line each.
 pub async fn list_reports(config: &Config, limit: usize) -> anyhow::Result<()> {
     let opened = open(config).await?;

@@ -2,6 +2,7 @@
 //! and `LATTICE_*` environment variables. Unknown keys and invalid values are refused with the
 //! key's name.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -23,10 +24,96 @@ pub struct Config {
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
     pub rooms: RoomsConfig,
+    pub federation: FederationConfig,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
     #[serde(skip)]
     pub ignored_environment: Vec<String>,
+}
+
+/// `[federation]`: the TLS listener for other servers, how their certificates are checked,
+/// where their keys come from, and name pins for test networks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// The TLS listener for the server-server API (e.g. `0.0.0.0:8448`). Unset: federation is
+    /// off, and the server-server routes answer `404 M_UNRECOGNIZED` everywhere.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain (leaf first) of the federation listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Check other servers' certificates. `false` only on test networks.
+    pub verify_peer_tls: bool,
+    /// Extra PEM certificates trusted as roots for other servers (e.g. a test network's CA or
+    /// self-signed certificates).
+    pub trusted_ca: Option<PathBuf>,
+    /// Notary servers asked for a server's keys when it cannot be reached itself. Empty by
+    /// default: keys come only from their own server.
+    pub trusted_key_servers: Vec<String>,
+    /// Server name -> `ip:port`, skipping DNS and `.well-known` for these names (test
+    /// networks, split-horizon setups). The certificate must still be valid for the name.
+    pub resolve: BTreeMap<String, SocketAddr>,
+    /// How long other servers may cache this server's keys (`valid_until_ts`), e.g. `"1d"`.
+    pub key_valid_for: String,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            verify_peer_tls: true,
+            trusted_ca: None,
+            trusted_key_servers: Vec::new(),
+            resolve: BTreeMap::new(),
+            key_valid_for: "1d".to_owned(),
+        }
+    }
+}
+
+impl FederationConfig {
+    /// `key_valid_for` in milliseconds (checked when the configuration is loaded).
+    pub fn key_valid_for_ms(&self) -> anyhow::Result<u64> {
+        let ms = parse_duration_ms(&self.key_valid_for)
+            .with_context(|| format!("invalid configuration at key `federation.key_valid_for`: {:?}", self.key_valid_for))?;
+        if !(1000..=lattice_federation::key_cache::MAX_VALIDITY_AHEAD_MS).contains(&ms) {
+            bail!("invalid configuration at key `federation.key_valid_for`: must be from 1s to 7d");
+        }
+        Ok(ms)
+    }
+
+    /// `trusted_key_servers`, parsed.
+    pub fn notaries(&self) -> anyhow::Result<Vec<OwnedServerName>> {
+        self.trusted_key_servers
+            .iter()
+            .map(|name| {
+                OwnedServerName::try_from(name.as_str()).map_err(|_| {
+                    anyhow::anyhow!("invalid configuration at key `federation.trusted_key_servers`: {name:?} is not a server name")
+                })
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.key_valid_for_ms()?;
+        self.notaries()?;
+        for name in self.resolve.keys() {
+            if <&ruma::ServerName>::try_from(name.as_str()).is_err() {
+                bail!("invalid configuration at key `federation.resolve`: {name:?} is not a server name");
+            }
+        }
+        if self.listen.is_some() {
+            if self.tls_cert.is_none() {
+                bail!("invalid configuration at key `federation.tls_cert`: required when federation.listen is set");
+            }
+            if self.tls_key.is_none() {
+                bail!("invalid configuration at key `federation.tls_key`: required when federation.listen is set");
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -194,6 +281,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             logging: LoggingConfig::default(),
             rooms: RoomsConfig::default(),
+            federation: FederationConfig::default(),
             ignored_environment: Vec::new(),
         }
     }
@@ -333,6 +421,7 @@ impl Config {
             );
         }
         self.rooms.redaction_retention_ms()?;
+        self.federation.validate()?;
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"
@@ -358,6 +447,11 @@ impl Config {
 
     pub fn signing_key_path(&self) -> PathBuf {
         self.data_dir.join("signing.key")
+    }
+
+    /// The keys this server signed with before rotations (`lattice key rotate`).
+    pub fn old_signing_keys_path(&self) -> PathBuf {
+        self.data_dir.join("old_signing_keys")
     }
 }
 
@@ -530,6 +624,49 @@ mod tests {
         assert_eq!(retention("90s"), 90_000);
         assert_eq!(retention("0"), 0);
         assert_eq!(Config::default().rooms.redaction_retention_ms().unwrap(), 7 * 86_400_000);
+    }
+
+    #[test]
+    fn federation_options_load_from_file_and_environment() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert!(config.federation.listen.is_none(), "federation is off by default");
+        assert!(config.federation.verify_peer_tls);
+        assert!(config.federation.trusted_key_servers.is_empty());
+        let config = load_text(
+            "[federation]\nlisten = \"127.0.0.1:8448\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+             resolve = { \"lat2.test\" = \"127.0.0.2:8448\" }\n",
+            &[
+                ("LATTICE_FEDERATION__VERIFY_PEER_TLS", "false"),
+                ("LATTICE_FEDERATION__TRUSTED_CA", "/etc/ca.pem"),
+                ("LATTICE_FEDERATION__TRUSTED_KEY_SERVERS", "[\"notary.example\"]"),
+                ("LATTICE_FEDERATION__KEY_VALID_FOR", "2h"),
+            ],
+        )
+        .unwrap();
+        let federation = &config.federation;
+        assert_eq!(federation.listen, Some("127.0.0.1:8448".parse().unwrap()));
+        assert!(!federation.verify_peer_tls);
+        assert_eq!(federation.trusted_ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert_eq!(federation.notaries().unwrap()[0].as_str(), "notary.example");
+        assert_eq!(federation.resolve["lat2.test"], "127.0.0.2:8448".parse().unwrap());
+        assert_eq!(federation.key_valid_for_ms().unwrap(), 2 * 3_600_000);
+        let config = Config::load(
+            None,
+            env(&[("LATTICE_FEDERATION__RESOLVE", "{ \"lat3.test\" = \"127.0.0.3:1\" }")]),
+        )
+        .unwrap();
+        assert_eq!(config.federation.resolve.len(), 1);
+
+        let err = load_text("[federation]\nlisten = \"127.0.0.1:8448\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("federation.tls_cert"), "{err:#}");
+        let err = load_text("[federation]\ntrusted_key_servers = [\"not a name\"]\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("federation.trusted_key_servers"), "{err:#}");
+        let err = load_text("[federation]\nkey_valid_for = \"30d\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("federation.key_valid_for"), "{err:#}");
+        let err = load_text("[federation]\nresolve = { \"bad name\" = \"127.0.0.1:1\" }\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("federation.resolve"), "{err:#}");
+        let err = load_text("[federation]\nlisten_on = \"x\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("listen_on"), "{err:#}");
     }
 
     #[test]

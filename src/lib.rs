@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod logging;
 mod signing_key;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use lattice_api::{ApiConfig, AppState, RateLimit};
+use lattice_federation::{
+    ClientLimits, ClientSettings, FederationClient, HickoryResolver, KeyCache, NameResolver, NoDns, OwnKeys,
+    TlsSettings,
+};
+use ruma::signatures::Ed25519KeyPair;
 use lattice_service::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
 use lattice_storage::{KvStore, RocksOptions, RocksStore, StoreClosed};
 use tokio::net::TcpListener;
@@ -30,6 +36,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The opened database and the application on top of it.
 pub struct Opened {
     pub service: Arc<Service>,
+    /// The store under the service, for the parts composed beside it (federation's key cache).
+    pub kv: Arc<dyn KvStore>,
+    /// The server's current signing key (the service signs events with it).
+    pub signing_key: Arc<Ed25519KeyPair>,
     /// `true` when the data directory was created by this open.
     pub fresh: bool,
     /// Completes once the service and everything else holding the database are dropped and the
@@ -78,8 +88,9 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
     };
-    let service = Arc::new(Service::new(service_config, kv, Arc::new(SystemClock), hasher, Arc::new(key.key_pair)));
-    Ok(Opened { service, fresh: found.is_none(), closed })
+    let signing_key = Arc::new(key.key_pair);
+    let service = Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
+    Ok(Opened { service, kv, signing_key, fresh: found.is_none(), closed })
 }
 
 fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
@@ -109,6 +120,8 @@ fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
 /// A server that is accepting requests.
 pub struct Running {
     pub address: SocketAddr,
+    /// The federation (TLS) listener's address, when `[federation] listen` is set.
+    pub federation_address: Option<SocketAddr>,
     /// The registration token created because this start made a new data directory.
     pub first_registration_token: Option<String>,
     /// How many `/sync` long-polls are asleep (tests wait for one before writing).
@@ -156,8 +169,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let service = opened.service.clone();
     let sync_waiters = service.sync_waiters();
     let closed = opened.closed;
-    let app = lattice_api::router(AppState::new(service.clone(), api_config(&config)?))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let mut state = AppState::new(service.clone(), api_config(&config)?);
+    let federation = match start_federation(&config, &opened.kv, &opened.signing_key).await? {
+        Some((keys, listener)) => {
+            state = state.with_federation(keys);
+            Some((lattice_api::federation_router(state.clone()), listener))
+        }
+        None => None,
+    };
+    drop(opened.kv);
+    let federation_address =
+        federation.as_ref().map(|(_, listener)| axum::serve::Listener::local_addr(listener)).transpose()?;
+    let (federation_stop, on_federation_stop) = oneshot::channel::<()>();
+    let federation_task = federation.map(|(router, listener)| {
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = on_federation_stop.await;
+                })
+                .await
+        })
+    });
+    let app = lattice_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
     let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
     let redaction_purger = tokio::spawn(purge_redacted_originals(service.clone()));
@@ -167,6 +200,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = on_shutdown.await;
+            let _ = federation_stop.send(());
             let _ = draining_tx.send(());
         });
         let serve = std::future::IntoFuture::into_future(serve);
@@ -184,6 +218,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 false
             }
         };
+        let mut drained = drained;
+        if let Some(mut federation_task) = federation_task {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut federation_task).await {
+                Ok(result) => result.context("federation server task")?.context("serving federation")?,
+                Err(_) => {
+                    tracing::warn!("in-flight federation requests did not finish within {SHUTDOWN_GRACE:?}");
+                    federation_task.abort();
+                    let _ = federation_task.await;
+                    drained = false;
+                }
+            }
+        }
         for background in [sweeper, typing_sweeper, redaction_purger, front_merger] {
             background.abort();
             let _ = background.await;
@@ -200,7 +246,57 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Ok(())
     });
     tracing::info!(address = %address, server_name = %config.server_name, elapsed_ms = started.elapsed().as_millis() as u64, "serving the client API");
-    Ok(Running { address, first_registration_token, sync_waiters, shutdown, task })
+    if let Some(address) = federation_address {
+        tracing::info!(address = %address, "serving federation over TLS");
+    }
+    Ok(Running { address, federation_address, first_registration_token, sync_waiters, shutdown, task })
+}
+
+/// The key cache and the bound TLS listener, when `[federation] listen` is set.
+async fn start_federation(
+    config: &Config,
+    kv: &Arc<dyn KvStore>,
+    signing_key: &Arc<Ed25519KeyPair>,
+) -> anyhow::Result<Option<(Arc<KeyCache>, tls::TlsListener)>> {
+    let federation = &config.federation;
+    let Some(listen) = federation.listen else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&federation.tls_cert, &federation.tls_key) else {
+        anyhow::bail!("federation.listen is set without federation.tls_cert and federation.tls_key");
+    };
+    let tls_config = tls::server_config(cert, key)?;
+    let trusted_ca_pem = match &federation.trusted_ca {
+        Some(path) => Some(
+            std::fs::read(path).with_context(|| format!("reading federation.trusted_ca {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let old_keys = signing_key::load_old_keys(&config.old_signing_keys_path())?;
+    let own = Arc::new(OwnKeys::new(
+        config.server_name.clone(),
+        signing_key.clone(),
+        old_keys,
+        federation.key_valid_for_ms()?,
+    )?);
+    let resolver: Arc<dyn NameResolver> = match HickoryResolver::from_system() {
+        Ok(resolver) => Arc::new(resolver),
+        Err(error) => {
+            tracing::warn!(%error, "no DNS: only IP literals and federation.resolve names can be reached");
+            Arc::new(NoDns)
+        }
+    };
+    let settings = ClientSettings {
+        tls: TlsSettings { verify_peer_tls: federation.verify_peer_tls, trusted_ca_pem },
+        limits: ClientLimits::default(),
+        resolve_overrides: federation.resolve.iter().map(|(name, addr)| (name.clone(), *addr)).collect(),
+    };
+    let client = FederationClient::new(own, settings, resolver, Arc::new(lattice_federation::SystemClock))
+        .map_err(|e| anyhow::anyhow!("federation client (check federation.trusted_ca): {e}"))?;
+    let keys = Arc::new(KeyCache::new(kv.clone(), Arc::new(client), federation.notaries()?));
+    let tcp = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen} (key `federation.listen`)"))?;
+    let listener = tls::TlsListener::new(tcp, tls_config)?;
+    Ok(Some((keys, listener)))
 }
 
 async fn sweep_uia_sessions(service: Arc<Service>) {

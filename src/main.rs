@@ -34,6 +34,33 @@ enum Command {
     /// Read what users reported (with the server stopped).
     #[command(subcommand)]
     Report(ReportCommand),
+    /// The server's signing key (with the server stopped).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// TLS certificates for test networks.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print the current key and the old ones other servers still see.
+    Show,
+    /// Make a new current key; the old one stays published in `old_verify_keys`, with the
+    /// time it stopped being used, so events it signed stay verifiable.
+    Rotate,
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a self-signed certificate (cert.pem) and its key (key.pem) for HOST into DIR.
+    SelfSigned {
+        /// The server's host name or IP address (a port, if given, is ignored).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,6 +150,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // The bound address, for `listen.address` with port 0 (tests, supervisors).
             println!("Serving the client API on http://{}", running.address);
+            if let Some(address) = running.federation_address {
+                println!("Serving federation on https://{address}");
+            }
             running.run_until(lattice::shutdown_signal()).await
         }
         Command::User(command) => {
@@ -147,6 +177,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 TokenCommand::List => admin::list_registration_tokens(&config).await,
                 TokenCommand::Delete { token } => admin::delete_registration_token(&config, &token).await,
             }
+        }
+        Command::Key(command) => {
+            let config = load(cli.config.as_ref())?;
+            lattice::logging::init(&config::LoggingConfig { level: "warn".into(), ..config.logging.clone() });
+            match command {
+                KeyCommand::Show => admin::show_signing_keys(&config).await,
+                KeyCommand::Rotate => admin::rotate_signing_key(&config).await,
+            }
+        }
+        Command::Tls(TlsCommand::SelfSigned { name, out }) => {
+            let (cert, key) = lattice::tls::write_self_signed(&name, &out)?;
+            println!("certificate: {}", cert.display());
+            println!("private key: {}", key.display());
+            println!("Peers trust it with `federation.trusted_ca = \"{}\"`.", cert.display());
+            Ok(())
         }
         Command::Report(ReportCommand::List { limit }) => {
             let config = load(cli.config.as_ref())?;

@@ -6,6 +6,7 @@ mod accounts;
 mod authorisation;
 mod bad_input;
 mod directory;
+mod federation_keys;
 mod history;
 mod history_order;
 mod membership;

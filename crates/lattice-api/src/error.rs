@@ -2,6 +2,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use lattice_federation::FederationError;
 use lattice_service::ServiceError;
 use serde_json::{Value, json};
 
@@ -18,6 +19,7 @@ pub enum ApiError {
     ThreepidNotFound,
     InvalidParam(String),
     Unsupported(String),
+    Federation(FederationError),
 }
 
 impl From<ServiceError> for ApiError {
@@ -69,6 +71,23 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
     }
 }
 
+fn federation_error(error: FederationError) -> (StatusCode, Value) {
+    use FederationError as E;
+    let message = error.to_string();
+    match error {
+        E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, body("M_UNAUTHORIZED", message)),
+        E::InvalidServerName(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
+        // Another server failed us: the caller learns which, not our internals.
+        E::Resolve { .. } | E::BackingOff { .. } | E::Transport { .. } | E::Status { .. } | E::InvalidResponse { .. } => {
+            (StatusCode::BAD_GATEWAY, body("M_UNKNOWN", message))
+        }
+        E::Storage(_) | E::Invalid(_) => {
+            tracing::error!(error = %message, "internal federation error");
+            (StatusCode::INTERNAL_SERVER_ERROR, body("M_UNKNOWN", "internal server error"))
+        }
+    }
+}
+
 impl ApiError {
     fn status_and_body(self) -> (StatusCode, Value) {
         match self {
@@ -94,6 +113,7 @@ impl ApiError {
             }
             ApiError::InvalidParam(m) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", m)),
             ApiError::Unsupported(m) => (StatusCode::BAD_REQUEST, body("M_UNKNOWN", m)),
+            ApiError::Federation(error) => federation_error(error),
         }
     }
 }
@@ -149,6 +169,16 @@ mod tests {
         }
         let (_, body) = ApiError::Service(ServiceError::UnknownToken { soft_logout: true }).status_and_body();
         assert_eq!(body["soft_logout"], true);
+        let federation: Vec<(FederationError, u16, &str)> = vec![
+            (FederationError::Unauthorized("bad sig".into()), 401, "M_UNAUTHORIZED"),
+            (FederationError::InvalidServerName("x y".into()), 400, "M_INVALID_PARAM"),
+            (FederationError::Transport { server: "a".into(), detail: "refused".into() }, 502, "M_UNKNOWN"),
+            (FederationError::Invalid("bug".into()), 500, "M_UNKNOWN"),
+        ];
+        for (error, status, errcode) in federation {
+            let (got_status, body) = ApiError::Federation(error).status_and_body();
+            assert_eq!((got_status.as_u16(), body["errcode"].as_str().unwrap()), (status, errcode));
+        }
         let (_, body) = ApiError::RateLimited { retry_after_ms: 1500 }.status_and_body();
         assert_eq!(body["retry_after_ms"], 1500);
     }

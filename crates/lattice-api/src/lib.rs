@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::http::{HeaderName, Method, header};
+use lattice_federation::KeyCache;
 use lattice_service::Service;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{Any, CorsLayer};
@@ -54,6 +55,9 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub config: Arc<ApiConfig>,
     pub limits: Arc<RateLimits>,
+    /// Federation (keys, notary, X-Matrix checks); `None` when `[federation] listen` is unset,
+    /// and then every server-server route answers `404 M_UNRECOGNIZED`.
+    pub federation: Option<Arc<KeyCache>>,
 }
 
 impl AppState {
@@ -71,7 +75,13 @@ impl AppState {
             join_per_user: KeyedLimiter::new(config.join_per_user),
             to_device_per_user: KeyedLimiter::new(config.to_device_per_user),
         };
-        Self { service, config: Arc::new(config), limits: Arc::new(limits) }
+        Self { service, config: Arc::new(config), limits: Arc::new(limits), federation: None }
+    }
+
+    /// Turns on the server-server routes, served by `keys`.
+    pub fn with_federation(mut self, keys: Arc<KeyCache>) -> Self {
+        self.federation = Some(keys);
+        self
     }
 }
 
@@ -81,14 +91,25 @@ pub fn route_paths() -> Vec<&'static str> {
     routes::all().paths().to_vec()
 }
 
-/// The whole HTTP application.
+/// The whole HTTP application: the client API, and the server-server routes (answering only
+/// when federation is on, so a reverse proxy may send both to this listener).
 pub fn router(state: AppState) -> Router {
+    finish(routes::all(), state)
+}
+
+/// The application of the TLS federation listener: the server-server and key routes only;
+/// everything else is `404 M_UNRECOGNIZED`.
+pub fn federation_router(state: AppState) -> Router {
+    finish(routes::federation_only(), state)
+}
+
+fn finish(routes: routes::Routes, state: AppState) -> Router {
     // The spec's CORS requirements (client-server API, "Web Browser Clients").
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
         .allow_headers([HeaderName::from_static("x-requested-with"), header::CONTENT_TYPE, header::AUTHORIZATION]);
-    routes::all()
+    routes
         .into_router()
         .fallback(routes::unknown_endpoint)
         .method_not_allowed_fallback(routes::method_not_allowed)

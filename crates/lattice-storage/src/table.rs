@@ -56,4 +56,5 @@ tables! {
     RedactedOriginalsByTime => "redacted_originals_by_time",
     Topological => "topological",
     BackwardExtremities => "backward_extremities",
+    ServerKeys => "server_keys",
 }

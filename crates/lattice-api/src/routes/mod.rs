@@ -4,6 +4,7 @@ mod account;
 mod devices;
 mod directory;
 mod discovery;
+mod federation;
 mod history;
 mod membership;
 mod profile;
@@ -72,6 +73,12 @@ pub fn all() -> Routes {
         .merge(history::routes())
         .merge(reports::routes())
         .merge(tags::routes())
+        .merge(federation::routes())
+}
+
+/// The routes of the federation listener: the server-server and key APIs only.
+pub fn federation_only() -> Routes {
+    federation::routes()
 }
 
 pub async fn unknown_endpoint() -> ApiError {

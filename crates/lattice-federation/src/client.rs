@@ -1,0 +1,307 @@
+//! The outbound server-server HTTP client: discovery, TLS (rustls; peers verified unless
+//! `verify_peer_tls` is off, extra roots from `trusted_ca`), connection pooling, timeouts,
+//! `X-Matrix` signing, bounded response bodies, and per-destination back-off.
+//!
+//! reqwest connects to the addresses discovery found through a resolver that answers only
+//! pinned names ([`PinnedNames`]): the URL carries the certificate name (so TLS verifies it and
+//! sends it as SNI), the `Host` header is set from discovery, and the port comes from the URL.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Method};
+use ruma::ServerName;
+
+use crate::backoff::Backoff;
+use crate::bounded::BoundedMap;
+use crate::clock::Clock;
+use crate::discovery::{Discovery, NameResolver, WELL_KNOWN_MAX_BYTES, WellKnownFetcher, WellKnownResponse};
+use crate::error::{FederationError, Result};
+use crate::own_keys::OwnKeys;
+
+/// How peers' certificates are checked.
+#[derive(Clone, Debug, Default)]
+pub struct TlsSettings {
+    /// `false` only on test networks: any certificate is accepted.
+    pub verify_peer_tls: bool,
+    /// PEM certificates trusted as roots in addition to the system's.
+    pub trusted_ca_pem: Option<Vec<u8>>,
+}
+
+/// Timeouts and limits of the outbound client.
+#[derive(Clone, Debug)]
+pub struct ClientLimits {
+    pub connect_timeout: Duration,
+    /// Whole request, response body included.
+    pub request_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_host: 8,
+        }
+    }
+}
+
+/// Whether a request carries this server's `X-Matrix` signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    Signed,
+    /// The key endpoints (`/_matrix/key/*`) need no signature.
+    Unsigned,
+}
+
+/// How many names discovery may have pinned at once.
+const MAX_PINNED_NAMES: usize = 10_000;
+
+/// The addresses discovery chose per certificate name, for reqwest's resolver hook.
+#[derive(Clone)]
+struct PinnedNames {
+    pins: Arc<Mutex<BoundedMap<String, Vec<SocketAddr>>>>,
+}
+
+impl PinnedNames {
+    fn pin(&self, name: &str, addrs: Vec<SocketAddr>, now_ms: u64) {
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), addrs, now_ms);
+    }
+}
+
+impl reqwest::dns::Resolve for PinnedNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let found = self.pins.lock().unwrap_or_else(|e| e.into_inner()).get(name.as_str()).cloned();
+        let name = name.as_str().to_owned();
+        Box::pin(async move {
+            match found {
+                Some(addrs) => Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs),
+                None => Err(format!("{name} was not resolved by server discovery").into()),
+            }
+        })
+    }
+}
+
+fn tls_builder(mut builder: reqwest::ClientBuilder, tls: &TlsSettings) -> Result<reqwest::ClientBuilder> {
+    builder = builder.tls_backend_rustls().https_only(true);
+    if !tls.verify_peer_tls {
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    if let Some(pem) = &tls.trusted_ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| FederationError::Invalid(format!("trusted_ca is not a PEM certificate bundle: {e}")))?;
+        if certs.is_empty() {
+            return Err(FederationError::Invalid("trusted_ca holds no certificate".into()));
+        }
+        builder = builder.tls_certs_merge(certs);
+    }
+    Ok(builder)
+}
+
+/// Fetches `.well-known/matrix/server` over HTTPS with ordinary DNS, following up to five
+/// redirects, reading at most [`WELL_KNOWN_MAX_BYTES`].
+pub struct HttpWellKnown {
+    http: reqwest::Client,
+}
+
+impl HttpWellKnown {
+    pub fn new(tls: &TlsSettings, limits: &ClientLimits) -> Result<Self> {
+        let builder = reqwest::Client::builder()
+            .connect_timeout(limits.connect_timeout)
+            .timeout(limits.request_timeout)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("Lattice/", env!("CARGO_PKG_VERSION")));
+        let http = tls_builder(builder, tls)?
+            .build()
+            .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
+        Ok(Self { http })
+    }
+}
+
+#[async_trait]
+impl WellKnownFetcher for HttpWellKnown {
+    async fn fetch(&self, hostname: &str) -> WellKnownResponse {
+        let failed = |error: String| WellKnownResponse { status: Err(error), body: Vec::new(), cache_control: None };
+        let response = match self.http.get(format!("https://{hostname}/.well-known/matrix/server")).send().await {
+            Ok(response) => response,
+            Err(error) => return failed(error.to_string()),
+        };
+        let status = response.status().as_u16();
+        let cache_control = response.headers().get(CACHE_CONTROL).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        match read_limited(response, WELL_KNOWN_MAX_BYTES).await {
+            Ok(body) => WellKnownResponse { status: Ok(status), body, cache_control },
+            Err(error) => failed(error),
+        }
+    }
+}
+
+/// Reads a response body, refusing one longer than `max_bytes`.
+async fn read_limited(mut response: reqwest::Response, max_bytes: usize) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|length| length > max_bytes as u64) {
+        return Err(format!("response body larger than {max_bytes} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(format!("response body larger than {max_bytes} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Everything the client needs that the binary decides.
+pub struct ClientSettings {
+    pub tls: TlsSettings,
+    pub limits: ClientLimits,
+    /// `server name -> address` pins (the `[federation] resolve` option).
+    pub resolve_overrides: HashMap<String, SocketAddr>,
+}
+
+pub struct FederationClient {
+    keys: Arc<OwnKeys>,
+    discovery: Discovery,
+    pins: PinnedNames,
+    http: reqwest::Client,
+    backoff: Backoff,
+    clock: Arc<dyn Clock>,
+}
+
+impl FederationClient {
+    /// A client that resolves names with `resolver` (DNS) and fetches `.well-known` over HTTPS.
+    pub fn new(
+        keys: Arc<OwnKeys>,
+        settings: ClientSettings,
+        resolver: Arc<dyn NameResolver>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        let well_known = Arc::new(HttpWellKnown::new(&settings.tls, &settings.limits)?);
+        let discovery = Discovery::new(settings.resolve_overrides, resolver, well_known, clock.clone());
+        let pins = PinnedNames { pins: Arc::new(Mutex::new(BoundedMap::new(MAX_PINNED_NAMES))) };
+        let builder = reqwest::Client::builder()
+            .dns_resolver(Arc::new(pins.clone()))
+            .connect_timeout(settings.limits.connect_timeout)
+            .timeout(settings.limits.request_timeout)
+            .pool_idle_timeout(settings.limits.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.limits.pool_max_idle_per_host)
+            // Federation requests are never redirected: the signature names the target.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("Lattice/", env!("CARGO_PKG_VERSION")));
+        let http = tls_builder(builder, &settings.tls)?
+            .build()
+            .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
+        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock })
+    }
+
+    pub fn own_keys(&self) -> &Arc<OwnKeys> {
+        &self.keys
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Sends one request to `destination` and returns the body of a 2xx answer. Transport
+    /// failures and 5xx answers put the destination into back-off; while it lasts, requests to
+    /// it fail at once with [`FederationError::BackingOff`].
+    pub async fn request(
+        &self,
+        destination: &ServerName,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+        auth: Auth,
+        max_response_bytes: usize,
+    ) -> Result<Vec<u8>> {
+        let server = destination.as_str();
+        if let Err(retry_in_ms) = self.backoff.check(server, self.clock.now_ms()) {
+            return Err(FederationError::BackingOff { server: server.to_owned(), retry_in_ms });
+        }
+        let outcome = self.send(destination, method, path_and_query, body, auth, max_response_bytes).await;
+        match &outcome {
+            Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => self.backoff.succeeded(server),
+            Err(FederationError::InvalidServerName(_) | FederationError::Invalid(_)) => {}
+            Err(error) => {
+                tracing::debug!(destination = server, %error, "federation request failed; backing off");
+                self.backoff.failed(server, self.clock.now_ms());
+            }
+        }
+        outcome
+    }
+
+    async fn send(
+        &self,
+        destination: &ServerName,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&serde_json::Value>,
+        auth: Auth,
+        max_response_bytes: usize,
+    ) -> Result<Vec<u8>> {
+        let server = destination.as_str();
+        let resolved = self.discovery.resolve(server).await?;
+        let endpoint = &resolved.endpoint;
+        self.pins.pin(&endpoint.tls_name, resolved.addrs.clone(), self.clock.now_ms());
+        let url_host = if endpoint.tls_name.contains(':') {
+            format!("[{}]", endpoint.tls_name)
+        } else {
+            endpoint.tls_name.clone()
+        };
+        let url = format!("https://{url_host}:{}{path_and_query}", endpoint.port);
+        let body_bytes = match body {
+            Some(value) => serde_json::to_vec(value).map_err(|e| FederationError::Invalid(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let host = HeaderValue::from_str(&endpoint.host_header)
+            .map_err(|_| FederationError::InvalidServerName(endpoint.host_header.clone()))?;
+        let mut request = self.http.request(method.clone(), url).header(HOST, host);
+        if auth == Auth::Signed {
+            let authorization = crate::x_matrix::sign_request(
+                self.keys.server_name(),
+                destination,
+                self.keys.key_pair(),
+                &method,
+                path_and_query,
+                &body_bytes,
+            )?;
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        if body.is_some() {
+            request = request.header(CONTENT_TYPE, "application/json").body(body_bytes);
+        }
+        let transport = |detail: String| FederationError::Transport { server: server.to_owned(), detail };
+        let response = request.send().await.map_err(|e| transport(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let bytes = read_limited(response, max_response_bytes).await.map_err(transport)?;
+        if !(200..300).contains(&status) {
+            let mut text = String::from_utf8_lossy(&bytes).into_owned();
+            let mut end = text.len().min(500);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            return Err(FederationError::Status { server: server.to_owned(), status, body: text });
+        }
+        Ok(bytes)
+    }
+}
+
+/// An error with its causes, so a TLS failure says why (reqwest's top line only says
+/// "error sending request").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
