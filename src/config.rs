@@ -54,6 +54,9 @@ pub struct FederationConfig {
     /// Server name -> `ip:port`, skipping DNS and `.well-known` for these names (test
     /// networks, split-horizon setups). The certificate must still be valid for the name.
     pub resolve: BTreeMap<String, SocketAddr>,
+    /// `false`: no DNS lookups (and so no `.well-known`): only IP-literal server names and
+    /// `resolve` pins are reachable. For closed test networks.
+    pub dns: bool,
     /// How long other servers may cache this server's keys (`valid_until_ts`), e.g. `"1d"`.
     pub key_valid_for: String,
 }
@@ -68,6 +71,7 @@ impl Default for FederationConfig {
             trusted_ca: None,
             trusted_key_servers: Vec::new(),
             resolve: BTreeMap::new(),
+            dns: true,
             key_valid_for: "1d".to_owned(),
         }
     }

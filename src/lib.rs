@@ -277,17 +277,25 @@ async fn start_federation(
         old_keys,
         federation.key_valid_for_ms()?,
     )?);
-    let resolver: Arc<dyn NameResolver> = match HickoryResolver::from_system() {
-        Ok(resolver) => Arc::new(resolver),
-        Err(error) => {
-            tracing::warn!(%error, "no DNS: only IP literals and federation.resolve names can be reached");
-            Arc::new(NoDns)
-        }
+    let system_dns = if federation.dns {
+        HickoryResolver::from_system()
+            .inspect_err(|error| {
+                tracing::warn!(%error, "no DNS: only IP literals and federation.resolve names can be reached");
+            })
+            .ok()
+    } else {
+        None
+    };
+    let dns = system_dns.is_some();
+    let resolver: Arc<dyn NameResolver> = match system_dns {
+        Some(resolver) => Arc::new(resolver),
+        None => Arc::new(NoDns),
     };
     let settings = ClientSettings {
         tls: TlsSettings { verify_peer_tls: federation.verify_peer_tls, trusted_ca_pem },
         limits: ClientLimits::default(),
         resolve_overrides: federation.resolve.iter().map(|(name, addr)| (name.clone(), *addr)).collect(),
+        dns,
     };
     let client = FederationClient::new(own, settings, resolver, Arc::new(lattice_federation::SystemClock))
         .map_err(|e| anyhow::anyhow!("federation client (check federation.trusted_ca): {e}"))?;

@@ -132,14 +132,20 @@ impl axum::serve::Listener for TlsListener {
 /// self-signed certificate valid for server authentication, for test networks. Peers trust it
 /// through their `federation.trusted_ca` (or run with `verify_peer_tls = false`).
 pub fn write_self_signed(name: &str, out: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let host = name.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(name, |(host, _)| host);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    // A server name may carry a port (`lat1.test:8448`, `[::1]:8448`); the certificate names
+    // the host only. A bare IPv6 address has colons but no port.
+    let host = if name.parse::<std::net::IpAddr>().is_ok() {
+        name
+    } else {
+        let host = name.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(name, |(host, _)| host);
+        host.trim_start_matches('[').trim_end_matches(']')
+    };
     let mut params = rcgen::CertificateParams::new(vec![host.to_owned()])
         .with_context(|| format!("{host:?} is not a DNS name or IP address"))?;
     params.distinguished_name.push(rcgen::DnType::CommonName, host);
     params.extended_key_usages =
         vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     let key = rcgen::KeyPair::generate().context("generating a key")?;
     let cert = params.self_signed(&key).context("signing the certificate")?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -171,6 +177,9 @@ mod tests {
         let (other_cert, _) = write_self_signed("other.test", &dir.path().join("other")).unwrap();
         let err = server_config(&other_cert, &key).unwrap_err();
         assert!(format!("{err:#}").contains("usable pair"), "{err:#}");
-        write_self_signed("127.0.0.1", &dir.path().join("ip")).unwrap();
+        for name in ["127.0.0.1", "127.0.0.1:8448", "::1", "[::1]:8448"] {
+            let (cert, key) = write_self_signed(name, &dir.path().join("ip")).unwrap();
+            server_config(&cert, &key).unwrap();
+        }
     }
 }

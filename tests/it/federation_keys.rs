@@ -76,6 +76,8 @@ impl Network {
         config.federation.tls_key = Some(member.key.clone());
         config.federation.trusted_ca = Some(self.ca.clone());
         config.federation.resolve = self.members.iter().map(|m| (m.name.clone(), m.federation)).collect();
+        // No DNS: names outside the network fail at once rather than leave the machine.
+        config.federation.dns = false;
         config
     }
 

@@ -7,7 +7,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, assert_error, create_room};
+use crate::support::{TestServer, assert_error, create_room, enable_federation};
 
 const METHODS: [Method; 4] = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
 
@@ -88,6 +88,8 @@ fn hostile_bodies() -> Vec<Vec<u8>> {
 /// one message, a stored filter.
 struct Fixture {
     server: TestServer,
+    /// The federation listener's certificate (federation is on, so its routes are swept too).
+    _tls: tempfile::TempDir,
     token: String,
     device_id: String,
     filter_id: String,
@@ -95,7 +97,8 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let server = TestServer::start().await;
+        let tls = tempfile::tempdir().expect("temp dir");
+        let server = TestServer::start_with(|config| enable_federation(config, tls.path())).await;
         let token = server.register("target", "pw").await;
         server.register("other", "pw").await;
         server.register("leaver", "pw").await;
@@ -105,7 +108,7 @@ impl Fixture {
         let (_, filter) =
             server.http.post(&path, Some(&token), &json!({ "room": { "timeline": { "limit": 5 } } })).await;
         let filter_id = filter["filter_id"].as_str().expect("filter_id").to_owned();
-        Self { server, token, device_id, filter_id }
+        Self { server, _tls: tls, token, device_id, filter_id }
     }
 
     /// A room of the target's, fresh for each route so one route's effects (a leave, a ban,
@@ -135,6 +138,7 @@ impl Fixture {
             "rel_type" => "m.thread".to_owned(),
             "tag" => "u.work".to_owned(),
             "room_alias" => "#sweep:hs1.localhost".to_owned(),
+            "server_name" => "hs1.localhost".to_owned(),
             other => panic!("the sweep has no valid value for the path parameter {{{other}}}: add one here"),
         };
         encode_segment(&value)

@@ -30,6 +30,17 @@ pub fn test_config(data_dir: &Path, server_name: &str) -> Config {
     config
 }
 
+/// Turns federation on for a test server: a self-signed certificate for its name written into
+/// `tls_dir`, a TLS listener on a free loopback port, and no DNS (tests never query DNS).
+pub fn enable_federation(config: &mut Config, tls_dir: &Path) {
+    let (cert, key) =
+        lattice::tls::write_self_signed(config.server_name.as_str(), tls_dir).expect("self-signed certificate");
+    config.federation.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.federation.tls_cert = Some(cert);
+    config.federation.tls_key = Some(key);
+    config.federation.dns = false;
+}
+
 /// A server running inside the test process.
 pub struct TestServer {
     pub http: Http,

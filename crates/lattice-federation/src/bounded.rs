@@ -45,12 +45,9 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         self.entries.remove(key).map(|(value, _)| value)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

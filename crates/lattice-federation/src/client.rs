@@ -163,6 +163,19 @@ pub struct ClientSettings {
     pub limits: ClientLimits,
     /// `server name -> address` pins (the `[federation] resolve` option).
     pub resolve_overrides: HashMap<String, SocketAddr>,
+    /// `false`: no DNS and no `.well-known` (which needs DNS); only IP literals and pinned
+    /// names are reachable. For closed test networks.
+    pub dns: bool,
+}
+
+/// The `.well-known` step without DNS: always "no delegation".
+struct NoWellKnown;
+
+#[async_trait]
+impl WellKnownFetcher for NoWellKnown {
+    async fn fetch(&self, _hostname: &str) -> WellKnownResponse {
+        WellKnownResponse { status: Err("DNS is off".to_owned()), body: Vec::new(), cache_control: None }
+    }
 }
 
 pub struct FederationClient {
@@ -182,7 +195,11 @@ impl FederationClient {
         resolver: Arc<dyn NameResolver>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
-        let well_known = Arc::new(HttpWellKnown::new(&settings.tls, &settings.limits)?);
+        let well_known: Arc<dyn WellKnownFetcher> = if settings.dns {
+            Arc::new(HttpWellKnown::new(&settings.tls, &settings.limits)?)
+        } else {
+            Arc::new(NoWellKnown)
+        };
         let discovery = Discovery::new(settings.resolve_overrides, resolver, well_known, clock.clone());
         let pins = PinnedNames { pins: Arc::new(Mutex::new(BoundedMap::new(MAX_PINNED_NAMES))) };
         let builder = reqwest::Client::builder()

@@ -289,7 +289,7 @@ impl KeyCache {
     /// The public key (unpadded base64) `key_id` of `origin`, valid for a request now: from the
     /// cache, else fetched. Unknown, expired or old keys are [`FederationError::Unauthorized`].
     pub async fn request_key(&self, origin: &ServerName, key_id: &str) -> Result<String> {
-        if origin == self.own.server_name() {
+        if origin.as_str() == self.own.server_name().as_str() {
             return self
                 .own
                 .request_key(key_id)
@@ -324,7 +324,7 @@ impl KeyCache {
         let valid = |key: &Option<StoredKey>| {
             key.as_ref().filter(|k| k.valid_for_event(origin_server_ts, enforce_valid_until)).map(|k| k.key.clone())
         };
-        if server == self.own.server_name() {
+        if server.as_str() == self.own.server_name().as_str() {
             if let Some(key) = self.own.request_key(key_id) {
                 return Ok(Some(key));
             }
@@ -370,7 +370,7 @@ impl KeyCache {
             Err(error) => error,
         };
         for notary in &self.notaries {
-            if notary == server || notary == self.own.server_name() {
+            if notary.as_str() == server.as_str() || notary.as_str() == self.own.server_name().as_str() {
                 continue;
             }
             match self.fetch_from_notary(notary, server).await {
@@ -488,7 +488,7 @@ impl KeyCache {
         minimum_valid_until_ts: u64,
     ) -> Result<Option<CanonicalJsonObject>> {
         let now = self.now_ms();
-        if server == self.own.server_name() {
+        if server.as_str() == self.own.server_name().as_str() {
             return Ok(Some(self.own.key_document(now)?));
         }
         let mut stored = self.stored_document(server.as_str()).await?;

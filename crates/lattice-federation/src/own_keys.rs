@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
-use ruma::signatures::{Ed25519KeyPair, KeyPair};
+use ruma::signatures::Ed25519KeyPair;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
 
 use crate::error::{FederationError, Result};
