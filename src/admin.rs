@@ -112,10 +112,8 @@ pub async fn rotate_signing_key(config: &Config) -> anyhow::Result<()> {
 /// Prints the current signing key and the old ones.
 pub async fn show_signing_keys(config: &Config) -> anyhow::Result<()> {
     let opened = open(config).await?;
-    let public = base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD_NO_PAD,
-        opened.signing_key.public_key(),
-    );
+    let public =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD_NO_PAD, opened.signing_key.public_key());
     println!("current ed25519:{} {public}", opened.signing_key.version());
     for old in crate::signing_key::load_old_keys(&config.old_signing_keys_path())? {
         let expired = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(old.expired_ts));

@@ -80,8 +80,9 @@ impl Default for FederationConfig {
 impl FederationConfig {
     /// `key_valid_for` in milliseconds (checked when the configuration is loaded).
     pub fn key_valid_for_ms(&self) -> anyhow::Result<u64> {
-        let ms = parse_duration_ms(&self.key_valid_for)
-            .with_context(|| format!("invalid configuration at key `federation.key_valid_for`: {:?}", self.key_valid_for))?;
+        let ms = parse_duration_ms(&self.key_valid_for).with_context(|| {
+            format!("invalid configuration at key `federation.key_valid_for`: {:?}", self.key_valid_for)
+        })?;
         if !(1000..=lattice_federation::key_cache::MAX_VALIDITY_AHEAD_MS).contains(&ms) {
             bail!("invalid configuration at key `federation.key_valid_for`: must be from 1s to 7d");
         }
@@ -94,7 +95,9 @@ impl FederationConfig {
             .iter()
             .map(|name| {
                 OwnedServerName::try_from(name.as_str()).map_err(|_| {
-                    anyhow::anyhow!("invalid configuration at key `federation.trusted_key_servers`: {name:?} is not a server name")
+                    anyhow::anyhow!(
+                        "invalid configuration at key `federation.trusted_key_servers`: {name:?} is not a server name"
+                    )
                 })
             })
             .collect()
@@ -654,11 +657,8 @@ mod tests {
         assert_eq!(federation.notaries().unwrap()[0].as_str(), "notary.example");
         assert_eq!(federation.resolve["lat2.test"], "127.0.0.2:8448".parse().unwrap());
         assert_eq!(federation.key_valid_for_ms().unwrap(), 2 * 3_600_000);
-        let config = Config::load(
-            None,
-            env(&[("LATTICE_FEDERATION__RESOLVE", "{ \"lat3.test\" = \"127.0.0.3:1\" }")]),
-        )
-        .unwrap();
+        let config =
+            Config::load(None, env(&[("LATTICE_FEDERATION__RESOLVE", "{ \"lat3.test\" = \"127.0.0.3:1\" }")])).unwrap();
         assert_eq!(config.federation.resolve.len(), 1);
 
         let err = load_text("[federation]\nlisten = \"127.0.0.1:8448\"\n", &[]).unwrap_err();

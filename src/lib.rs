@@ -18,9 +18,9 @@ use lattice_federation::{
     ClientLimits, ClientSettings, FederationClient, HickoryResolver, KeyCache, NameResolver, NoDns, OwnKeys,
     TlsSettings,
 };
-use ruma::signatures::Ed25519KeyPair;
 use lattice_service::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
 use lattice_storage::{KvStore, RocksOptions, RocksStore, StoreClosed};
+use ruma::signatures::Ed25519KeyPair;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -89,7 +89,8 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
     };
     let signing_key = Arc::new(key.key_pair);
-    let service = Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
+    let service =
+        Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
     Ok(Opened { service, kv, signing_key, fresh: found.is_none(), closed })
 }
 
@@ -265,9 +266,9 @@ async fn start_federation(
     };
     let tls_config = tls::server_config(cert, key)?;
     let trusted_ca_pem = match &federation.trusted_ca {
-        Some(path) => Some(
-            std::fs::read(path).with_context(|| format!("reading federation.trusted_ca {}", path.display()))?,
-        ),
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading federation.trusted_ca {}", path.display()))?)
+        }
         None => None,
     };
     let old_keys = signing_key::load_old_keys(&config.old_signing_keys_path())?;
@@ -300,9 +301,8 @@ async fn start_federation(
     let client = FederationClient::new(own, settings, resolver, Arc::new(lattice_federation::SystemClock))
         .map_err(|e| anyhow::anyhow!("federation client (check federation.trusted_ca): {e}"))?;
     let keys = Arc::new(KeyCache::new(kv.clone(), Arc::new(client), federation.notaries()?));
-    let tcp = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening on {listen} (key `federation.listen`)"))?;
+    let tcp =
+        TcpListener::bind(listen).await.with_context(|| format!("listening on {listen} (key `federation.listen`)"))?;
     let listener = tls::TlsListener::new(tcp, tls_config)?;
     Ok(Some((keys, listener)))
 }

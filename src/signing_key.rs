@@ -99,7 +99,9 @@ pub fn load_old_keys(path: &Path) -> anyhow::Result<Vec<OldVerifyKey>> {
     };
     let mut keys = Vec::new();
     for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let malformed = || anyhow::anyhow!("{} line {}: expected `ed25519:<version> <key> <expired_ts>`", path.display(), number + 1);
+        let malformed = || {
+            anyhow::anyhow!("{} line {}: expected `ed25519:<version> <key> <expired_ts>`", path.display(), number + 1)
+        };
         let parts: Vec<&str> = line.split_whitespace().collect();
         let [key_id, public_key, expired_ts] = parts.as_slice() else { return Err(malformed()) };
         if !key_id.starts_with("ed25519:") || STANDARD_NO_PAD.decode(public_key).map(|k| k.len()) != Ok(32) {
@@ -192,7 +194,10 @@ mod tests {
         assert_ne!(new_id, old_id);
         assert_eq!(load_or_create(&path).unwrap().key_id(), new_id);
         let old = load_old_keys(&old_path).unwrap();
-        assert_eq!(old, [OldVerifyKey { key_id: old_id.clone(), public_key: first.public_key_base64(), expired_ts: 1_000 }]);
+        assert_eq!(
+            old,
+            [OldVerifyKey { key_id: old_id.clone(), public_key: first.public_key_base64(), expired_ts: 1_000 }]
+        );
         let (third, second) = rotate(&path, &old_path, 2_000).unwrap();
         assert_eq!(second, new_id);
         let ids: Vec<String> = load_old_keys(&old_path).unwrap().into_iter().map(|k| k.key_id).collect();

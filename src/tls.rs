@@ -31,8 +31,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The rustls server configuration from `federation.tls_cert` (PEM chain, leaf first) and
 /// `federation.tls_key` (PEM private key).
 pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let cert_text = std::fs::read(cert_path)
-        .with_context(|| format!("reading federation.tls_cert {}", cert_path.display()))?;
+    let cert_text =
+        std::fs::read(cert_path).with_context(|| format!("reading federation.tls_cert {}", cert_path.display()))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_text)
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("federation.tls_cert {} is not valid PEM: {e}", cert_path.display()))?;
@@ -41,8 +41,9 @@ pub fn server_config(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<ru
     }
     let key_text =
         std::fs::read(key_path).with_context(|| format!("reading federation.tls_key {}", key_path.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_text)
-        .map_err(|e| anyhow::anyhow!("federation.tls_key {} holds no usable PEM private key: {e}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_text).map_err(|e| {
+        anyhow::anyhow!("federation.tls_key {} holds no usable PEM private key: {e}", key_path.display())
+    })?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?

@@ -273,12 +273,18 @@ async fn signed_requests_are_accepted_and_every_bad_one_is_refused() {
         ("signed for another target", Some(x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, "/other", b""))),
         ("signed for another method", Some(x_matrix(&key1, "lat1.test", "lat2.test", &Method::POST, path, b""))),
         ("signed for another destination", Some(x_matrix(&key1, "lat1.test", "lat3.test", &Method::GET, path, b""))),
-        ("signed with another key under lat1's key ID", Some(x_matrix(&stranger, "lat1.test", "lat2.test", &Method::GET, path, b""))),
+        (
+            "signed with another key under lat1's key ID",
+            Some(x_matrix(&stranger, "lat1.test", "lat2.test", &Method::GET, path, b"")),
+        ),
         ("a key ID lat1 never had", {
             let other = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "never".to_owned()).unwrap();
             Some(x_matrix(&other, "lat1.test", "lat2.test", &Method::GET, path, b""))
         }),
-        ("an origin that cannot be reached", Some(x_matrix(&key1, "127.0.0.1:1", "lat2.test", &Method::GET, path, b""))),
+        (
+            "an origin that cannot be reached",
+            Some(x_matrix(&key1, "127.0.0.1:1", "lat2.test", &Method::GET, path, b"")),
+        ),
         ("a mangled signature", Some(signed.replace("sig=", "sig=AAAA"))),
     ];
     for (case, authorization) in refused {
@@ -295,10 +301,18 @@ async fn signed_requests_are_accepted_and_every_bad_one_is_refused() {
     // A signed request for a user of another server, and for an unknown one.
     let remote = "/_matrix/federation/v1/query/profile?user_id=%40bob%3Alat1.test";
     let signed_remote = x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, remote, b"");
-    assert_error(&net.request("lat2.test", Method::GET, remote, Some(&signed_remote), None).await, 400, "M_INVALID_PARAM");
+    assert_error(
+        &net.request("lat2.test", Method::GET, remote, Some(&signed_remote), None).await,
+        400,
+        "M_INVALID_PARAM",
+    );
     let unknown = "/_matrix/federation/v1/query/profile?user_id=%40nobody%3Alat2.test";
     let signed_unknown = x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, unknown, b"");
-    assert_error(&net.request("lat2.test", Method::GET, unknown, Some(&signed_unknown), None).await, 404, "M_NOT_FOUND");
+    assert_error(
+        &net.request("lat2.test", Method::GET, unknown, Some(&signed_unknown), None).await,
+        404,
+        "M_NOT_FOUND",
+    );
     lat1.stop().await;
     lat2.stop().await;
 }
@@ -346,11 +360,19 @@ async fn a_rotated_key_is_published_as_old_and_no_longer_signs_requests() {
     // A request signed with the new key: lat2 does not know it yet, fetches, accepts.
     let profile_path = "/_matrix/federation/v1/query/profile?user_id=%40nobody%3Alat2.test";
     let signed_new = x_matrix(&new_key, "lat1.test", "lat2.test", &Method::GET, profile_path, b"");
-    assert_error(&net.request("lat2.test", Method::GET, profile_path, Some(&signed_new), None).await, 404, "M_NOT_FOUND");
+    assert_error(
+        &net.request("lat2.test", Method::GET, profile_path, Some(&signed_new), None).await,
+        404,
+        "M_NOT_FOUND",
+    );
     // Having seen the new document, lat2 knows the old key is old: it no longer signs
     // requests, though lat2 still lists it (for events signed before it expired).
     let signed_old = x_matrix(&old_key, "lat1.test", "lat2.test", &Method::GET, profile_path, b"");
-    assert_error(&net.request("lat2.test", Method::GET, profile_path, Some(&signed_old), None).await, 401, "M_UNAUTHORIZED");
+    assert_error(
+        &net.request("lat2.test", Method::GET, profile_path, Some(&signed_old), None).await,
+        401,
+        "M_UNAUTHORIZED",
+    );
     let far_future = 4_000_000_000_000u64;
     let (_, answer) =
         net.get("lat2.test", &format!("/_matrix/key/v2/query/lat1.test?minimum_valid_until_ts={far_future}")).await;

@@ -78,9 +78,11 @@ fn federation_error(error: FederationError) -> (StatusCode, Value) {
         E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, body("M_UNAUTHORIZED", message)),
         E::InvalidServerName(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
         // Another server failed us: the caller learns which, not our internals.
-        E::Resolve { .. } | E::BackingOff { .. } | E::Transport { .. } | E::Status { .. } | E::InvalidResponse { .. } => {
-            (StatusCode::BAD_GATEWAY, body("M_UNKNOWN", message))
-        }
+        E::Resolve { .. }
+        | E::BackingOff { .. }
+        | E::Transport { .. }
+        | E::Status { .. }
+        | E::InvalidResponse { .. } => (StatusCode::BAD_GATEWAY, body("M_UNKNOWN", message)),
         E::Storage(_) | E::Invalid(_) => {
             tracing::error!(error = %message, "internal federation error");
             (StatusCode::INTERNAL_SERVER_ERROR, body("M_UNKNOWN", "internal server error"))

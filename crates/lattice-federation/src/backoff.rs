@@ -48,7 +48,8 @@ impl Backoff {
     pub fn failed(&self, destination: &str, now_ms: u64) {
         let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
         let failures = failing.get(destination).map_or(0, |s| s.consecutive_failures).saturating_add(1);
-        let state = Failing { consecutive_failures: failures, retry_at_ms: now_ms.saturating_add(backoff_ms(failures)) };
+        let state =
+            Failing { consecutive_failures: failures, retry_at_ms: now_ms.saturating_add(backoff_ms(failures)) };
         failing.insert(destination.to_owned(), state, now_ms);
     }
 

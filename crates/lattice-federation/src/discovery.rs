@@ -119,7 +119,9 @@ pub fn split_server_name(name: &str) -> Result<NameParts> {
 pub enum FirstStep {
     Done(Endpoint),
     /// Step 3: ask `https://<hostname>/.well-known/matrix/server`.
-    WellKnown { hostname: String },
+    WellKnown {
+        hostname: String,
+    },
 }
 
 pub fn first_step(server_name: &str) -> Result<FirstStep> {
@@ -146,7 +148,9 @@ pub fn first_step(server_name: &str) -> Result<FirstStep> {
 pub enum Delegated {
     Done(Endpoint),
     /// Steps 3.3–3.5: look up SRV records for the delegated host name.
-    Srv { hostname: String },
+    Srv {
+        hostname: String,
+    },
 }
 
 pub fn delegated_step(m_server: &str) -> Result<Delegated> {
@@ -380,7 +384,9 @@ impl Discovery {
         };
         let failures = match (&parsed, &previous) {
             (Ok(_), _) => 0,
-            (Err(_), Some(previous)) if previous.delegation.is_none() => previous.consecutive_failures.saturating_add(1),
+            (Err(_), Some(previous)) if previous.delegation.is_none() => {
+                previous.consecutive_failures.saturating_add(1)
+            }
             (Err(_), _) => 1,
         };
         if let Err(error) = &parsed {
@@ -388,8 +394,11 @@ impl Discovery {
         }
         let cache_ms = well_known_cache_ms(parsed.is_ok(), response.cache_control.as_deref(), failures);
         let delegation = parsed.ok();
-        let entry =
-            CachedWellKnown { delegation: delegation.clone(), expires_ms: now.saturating_add(cache_ms), consecutive_failures: failures };
+        let entry = CachedWellKnown {
+            delegation: delegation.clone(),
+            expires_ms: now.saturating_add(cache_ms),
+            consecutive_failures: failures,
+        };
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(hostname.to_owned(), entry, now);
         delegation
     }
@@ -478,8 +487,14 @@ mod tests {
             ("1.2.3.4", FirstStep::Done(endpoint(ip("1.2.3.4"), 8448, "1.2.3.4", "1.2.3.4"))),
             ("1.2.3.4:8000", FirstStep::Done(endpoint(ip("1.2.3.4"), 8000, "1.2.3.4:8000", "1.2.3.4"))),
             ("[::1]", FirstStep::Done(endpoint(ip("::1"), 8448, "[::1]", "::1"))),
-            ("[2001:db8::1]:443", FirstStep::Done(endpoint(ip("2001:db8::1"), 443, "[2001:db8::1]:443", "2001:db8::1"))),
-            ("example.org:8449", FirstStep::Done(endpoint(host("example.org"), 8449, "example.org:8449", "example.org"))),
+            (
+                "[2001:db8::1]:443",
+                FirstStep::Done(endpoint(ip("2001:db8::1"), 443, "[2001:db8::1]:443", "2001:db8::1")),
+            ),
+            (
+                "example.org:8449",
+                FirstStep::Done(endpoint(host("example.org"), 8449, "example.org:8449", "example.org")),
+            ),
             ("example.org", FirstStep::WellKnown { hostname: "example.org".into() }),
             ("Example.ORG", FirstStep::WellKnown { hostname: "example.org".into() }),
         ];
@@ -500,7 +515,15 @@ mod tests {
         let cases = [
             ("10.0.0.1", Delegated::Done(endpoint(ip("10.0.0.1"), 8448, "10.0.0.1", "10.0.0.1"))),
             ("10.0.0.1:99", Delegated::Done(endpoint(ip("10.0.0.1"), 99, "10.0.0.1:99", "10.0.0.1"))),
-            ("matrix.example.org:443", Delegated::Done(endpoint(host("matrix.example.org"), 443, "matrix.example.org:443", "matrix.example.org"))),
+            (
+                "matrix.example.org:443",
+                Delegated::Done(endpoint(
+                    host("matrix.example.org"),
+                    443,
+                    "matrix.example.org:443",
+                    "matrix.example.org",
+                )),
+            ),
             ("matrix.example.org", Delegated::Srv { hostname: "matrix.example.org".into() }),
         ];
         for (m_server, expected) in cases {
@@ -647,14 +670,42 @@ mod tests {
         let (discovery, _, _) = world();
         let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
         let cases = [
-            ("pinned.test", endpoint(ip("127.0.0.2"), 8448, "pinned.test", "pinned.test"), vec![addr("127.0.0.2:8448")]),
-            ("wk.example", endpoint(host("fed-target.example"), 9000, "delegated.example", "delegated.example"), vec![addr("10.0.0.10:9000")]),
-            ("wk-legacy.example", endpoint(host("legacy-target.example"), 9001, "legacy.example", "legacy.example"), vec![addr("10.0.0.11:9001")]),
-            ("wk-port.example", endpoint(host("ported.example"), 7000, "ported.example:7000", "ported.example"), vec![addr("10.0.0.13:7000")]),
+            (
+                "pinned.test",
+                endpoint(ip("127.0.0.2"), 8448, "pinned.test", "pinned.test"),
+                vec![addr("127.0.0.2:8448")],
+            ),
+            (
+                "wk.example",
+                endpoint(host("fed-target.example"), 9000, "delegated.example", "delegated.example"),
+                vec![addr("10.0.0.10:9000")],
+            ),
+            (
+                "wk-legacy.example",
+                endpoint(host("legacy-target.example"), 9001, "legacy.example", "legacy.example"),
+                vec![addr("10.0.0.11:9001")],
+            ),
+            (
+                "wk-port.example",
+                endpoint(host("ported.example"), 7000, "ported.example:7000", "ported.example"),
+                vec![addr("10.0.0.13:7000")],
+            ),
             ("wk-ip.example", endpoint(ip("10.0.0.99"), 8448, "10.0.0.99", "10.0.0.99"), vec![addr("10.0.0.99:8448")]),
-            ("plain-srv.example", endpoint(host("srv-target.example"), 9002, "plain-srv.example", "plain-srv.example"), vec![addr("10.0.0.12:9002")]),
-            ("nothing.example", endpoint(host("nothing.example"), 8448, "nothing.example", "nothing.example"), vec![addr("10.0.0.14:8448"), addr("[::14]:8448")]),
-            ("127.0.0.5:1234", endpoint(ip("127.0.0.5"), 1234, "127.0.0.5:1234", "127.0.0.5"), vec![addr("127.0.0.5:1234")]),
+            (
+                "plain-srv.example",
+                endpoint(host("srv-target.example"), 9002, "plain-srv.example", "plain-srv.example"),
+                vec![addr("10.0.0.12:9002")],
+            ),
+            (
+                "nothing.example",
+                endpoint(host("nothing.example"), 8448, "nothing.example", "nothing.example"),
+                vec![addr("10.0.0.14:8448"), addr("[::14]:8448")],
+            ),
+            (
+                "127.0.0.5:1234",
+                endpoint(ip("127.0.0.5"), 1234, "127.0.0.5:1234", "127.0.0.5"),
+                vec![addr("127.0.0.5:1234")],
+            ),
         ];
         for (name, expected, addrs) in cases {
             let resolved = discovery.resolve(name).await.unwrap();

@@ -215,7 +215,8 @@ pub fn validate_key_document(expected: &ServerName, object: CanonicalJsonObject)
                     Some(CanonicalJsonValue::String(key)) if decode_key(key).is_some() => key.clone(),
                     _ => return Err(format!("old verify key {key_id} is not a base64 ed25519 key")),
                 };
-                let expired_ts = as_u64(entry.get("expired_ts")).ok_or(format!("old key {key_id} has no expired_ts"))?;
+                let expired_ts =
+                    as_u64(entry.get("expired_ts")).ok_or(format!("old key {key_id} has no expired_ts"))?;
                 old_verify_keys.insert(key_id.clone(), (key, expired_ts));
             }
         }
@@ -305,9 +306,9 @@ impl KeyCache {
         }
         match self.stored_key(origin.as_str(), key_id).await? {
             Some(key) if key.valid_for_request(self.now_ms()) => Ok(key.key),
-            Some(_) => Err(FederationError::Unauthorized(format!(
-                "key {key_id} of {origin} is expired or no longer in use"
-            ))),
+            Some(_) => {
+                Err(FederationError::Unauthorized(format!("key {key_id} of {origin} is expired or no longer in use")))
+            }
             None => Err(FederationError::Unauthorized(format!("unknown key {key_id} of {origin}"))),
         }
     }
@@ -425,9 +426,8 @@ impl KeyCache {
             if !matches!(object.get("server_name"), Some(CanonicalJsonValue::String(name)) if name == server.as_str()) {
                 continue;
             }
-            let countersigned = notary_keys
-                .iter()
-                .any(|(key_id, key)| verify_signature(object, notary.as_str(), key_id, key).is_ok());
+            let countersigned =
+                notary_keys.iter().any(|(key_id, key)| verify_signature(object, notary.as_str(), key_id, key).is_ok());
             if !countersigned {
                 tracing::info!(%notary, %server, "notary answer without a valid notary signature");
                 continue;
@@ -456,7 +456,10 @@ impl KeyCache {
             if document.verify_keys.contains_key(key_id) {
                 continue;
             }
-            rows.push((key_id.clone(), StoredKey { key: key.clone(), valid_until_ms: *expired_ts, expired_ms: Some(*expired_ts) }));
+            rows.push((
+                key_id.clone(),
+                StoredKey { key: key.clone(), valid_until_ms: *expired_ts, expired_ms: Some(*expired_ts) },
+            ));
         }
         let mut batch = WriteBatch::new();
         for (key_id, stored) in &rows {
@@ -526,7 +529,11 @@ mod tests {
 
     #[test]
     fn a_published_document_validates_with_its_old_keys() {
-        let old = OldVerifyKey { key_id: "ed25519:old".into(), public_key: own("a.test", "x", vec![]).public_key(), expired_ts: 500 };
+        let old = OldVerifyKey {
+            key_id: "ed25519:old".into(),
+            public_key: own("a.test", "x", vec![]).public_key(),
+            expired_ts: 500,
+        };
         let keys = own("a.test", "cur", vec![old.clone()]);
         let document = validate_key_document(server("a.test"), keys.key_document(1_000).unwrap()).unwrap();
         assert_eq!(document.verify_keys.get("ed25519:cur"), Some(&keys.public_key()));
@@ -564,7 +571,10 @@ mod tests {
         if let Some(CanonicalJsonValue::Object(verify)) = bad_key.get_mut("verify_keys") {
             verify.insert(
                 "ed25519:cur".into(),
-                CanonicalJsonValue::Object(BTreeMap::from([("key".into(), CanonicalJsonValue::String("short".into()))])),
+                CanonicalJsonValue::Object(BTreeMap::from([(
+                    "key".into(),
+                    CanonicalJsonValue::String("short".into()),
+                )])),
             );
         }
         assert!(validate_key_document(server("a.test"), bad_key).is_err());

@@ -99,7 +99,8 @@ impl OwnKeys {
             .old
             .iter()
             .map(|old| {
-                let mut entry = BTreeMap::from([("key".to_owned(), CanonicalJsonValue::String(old.public_key.clone()))]);
+                let mut entry =
+                    BTreeMap::from([("key".to_owned(), CanonicalJsonValue::String(old.public_key.clone()))]);
                 entry.insert("expired_ts".to_owned(), integer(old.expired_ts));
                 (old.key_id.clone(), CanonicalJsonValue::Object(entry))
             })

@@ -61,13 +61,10 @@ pub fn verify_request(
     let request = build(method, path_and_query, body)?;
     let key = Base64::parse(public_key)
         .map_err(|_| FederationError::Unauthorized(format!("the stored key of {} is not base64", x_matrix.origin)))?;
-    let keys = BTreeMap::from([(
-        x_matrix.origin.to_string(),
-        BTreeMap::from([(x_matrix.key.to_string(), key)]),
-    )]);
-    x_matrix
-        .verify_http_request(&request, our_name, &keys)
-        .map_err(|e| FederationError::Unauthorized(format!("X-Matrix signature of {} does not verify: {e}", x_matrix.origin)))
+    let keys = BTreeMap::from([(x_matrix.origin.to_string(), BTreeMap::from([(x_matrix.key.to_string(), key)]))]);
+    x_matrix.verify_http_request(&request, our_name, &keys).map_err(|e| {
+        FederationError::Unauthorized(format!("X-Matrix signature of {} does not verify: {e}", x_matrix.origin))
+    })
 }
 
 fn build<'a>(method: &Method, path_and_query: &str, body: &'a [u8]) -> Result<http::Request<&'a [u8]>> {
@@ -121,7 +118,8 @@ mod tests {
         }
         let other = STANDARD_NO_PAD.encode(key("k1").public_key());
         assert!(verify_request(&x, us, &Method::POST, "/_matrix/federation/v1/x?y=1", body, &other).is_err());
-        let wrong_destination = verify_request(&x, name("else.test"), &Method::POST, "/_matrix/federation/v1/x?y=1", body, &public);
+        let wrong_destination =
+            verify_request(&x, name("else.test"), &Method::POST, "/_matrix/federation/v1/x?y=1", body, &public);
         assert!(matches!(wrong_destination, Err(FederationError::Unauthorized(m)) if m.contains("signed for")));
     }
 
@@ -157,12 +155,16 @@ mod tests {
         let pair = key("k1");
         let public = STANDARD_NO_PAD.encode(pair.public_key());
         let us = name("dest.test");
-        let value = sign_request(name("origin.test"), us, &pair, &Method::GET, "/_matrix/federation/v1/version", b"").unwrap();
+        let value =
+            sign_request(name("origin.test"), us, &pair, &Method::GET, "/_matrix/federation/v1/version", b"").unwrap();
         let signed = parse_authorization(&headers(value)).unwrap();
         // The same signature without the destination parameter: older servers send this.
         let legacy = format!(r#"X-Matrix origin="origin.test",key="ed25519:k1",sig="{}""#, signed.sig.encode());
         let x = parse_authorization(&headers(HeaderValue::from_str(&legacy).unwrap())).unwrap();
         verify_request(&x, us, &Method::GET, "/_matrix/federation/v1/version", b"", &public).unwrap();
-        assert!(verify_request(&x, name("other.test"), &Method::GET, "/_matrix/federation/v1/version", b"", &public).is_err());
+        assert!(
+            verify_request(&x, name("other.test"), &Method::GET, "/_matrix/federation/v1/version", b"", &public)
+                .is_err()
+        );
     }
 }
