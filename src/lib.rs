@@ -36,8 +36,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The opened database and the application on top of it.
 pub struct Opened {
     pub service: Arc<Service>,
-    /// The store under the service, for the parts composed beside it (federation's key cache).
-    pub kv: Arc<dyn KvStore>,
     /// The server's current signing key (the service signs events with it).
     pub signing_key: Arc<Ed25519KeyPair>,
     /// `true` when the data directory was created by this open.
@@ -49,6 +47,13 @@ pub struct Opened {
 
 /// Opens (or creates) the data directory: RocksDB, schema check, signing key.
 pub async fn open(config: &Config) -> anyhow::Result<Opened> {
+    Ok(open_with_store(config).await?.0)
+}
+
+/// [`open`], also handing out the store for the parts composed beside the service
+/// (federation's key cache). Drop it with the service: the database closes only once both
+/// are gone.
+async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvStore>)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let options = RocksOptions {
@@ -91,7 +96,7 @@ pub async fn open(config: &Config) -> anyhow::Result<Opened> {
     let signing_key = Arc::new(key.key_pair);
     let service =
         Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
-    Ok(Opened { service, kv, signing_key, fresh: found.is_none(), closed })
+    Ok((Opened { service, signing_key, fresh: found.is_none(), closed }, kv))
 }
 
 fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
@@ -154,7 +159,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for name in &config.ignored_environment {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration key");
     }
-    let opened = open(&config).await?;
+    let (opened, kv) = open_with_store(&config).await?;
     let first_registration_token =
         if opened.fresh && config.registration.mode != config::RegistrationModeConfig::Disabled {
             let valid_ms = u64::from(config.registration.first_token_valid_days) * 24 * 3600 * 1000;
@@ -171,14 +176,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let sync_waiters = service.sync_waiters();
     let closed = opened.closed;
     let mut state = AppState::new(service.clone(), api_config(&config)?);
-    let federation = match start_federation(&config, &opened.kv, &opened.signing_key).await? {
+    let federation = match start_federation(&config, &kv, &opened.signing_key).await? {
         Some((keys, listener)) => {
             state = state.with_federation(keys);
             Some((lattice_api::federation_router(state.clone()), listener))
         }
         None => None,
     };
-    drop(opened.kv);
+    drop(kv);
     let federation_address =
         federation.as_ref().map(|(_, listener)| axum::serve::Listener::local_addr(listener)).transpose()?;
     let (federation_stop, on_federation_stop) = oneshot::channel::<()>();
