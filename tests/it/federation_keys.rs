@@ -456,3 +456,47 @@ async fn keys_of_an_unreachable_server_come_from_a_trusted_notary() {
     lat3.stop().await;
     lat1.stop().await;
 }
+
+#[tokio::test]
+async fn bad_certificate_files_stop_start_up_naming_the_option() {
+    let net = Network::new(&["lat1.test"]);
+    let garbage = net.dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM").expect("write");
+    let cases: [(&str, Box<dyn Fn(&mut Config)>); 3] = [
+        ("federation.tls_cert", Box::new(|config| config.federation.tls_cert = Some("/nonexistent/cert.pem".into()))),
+        ("federation.tls_key", Box::new(|config| config.federation.tls_key = Some(garbage.clone()))),
+        ("federation.trusted_ca", Box::new(|config| config.federation.trusted_ca = Some(garbage.clone()))),
+    ];
+    for (option, adjust) in cases {
+        let mut config = net.config("lat1.test");
+        adjust(&mut config);
+        let error = match lattice::start(config).await {
+            Ok(running) => {
+                running.stop().await.expect("stop");
+                panic!("started despite a bad {option}");
+            }
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains(option), "{option}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn the_cli_writes_a_certificate_the_federation_listener_accepts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("tls");
+    let output = std::process::Command::new(crate::support::binary())
+        .args(["tls", "self-signed", "--name", "cli.test:8448", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run lattice");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    lattice::tls::server_config(&cert, &key).expect("a usable pair");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the private key is readable by others: {mode:o}");
+    }
+}
