@@ -462,7 +462,8 @@ async fn bad_certificate_files_stop_start_up_naming_the_option() {
     let net = Network::new(&["lat1.test"]);
     let garbage = net.dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not PEM").expect("write");
-    let cases: [(&str, Box<dyn Fn(&mut Config)>); 3] = [
+    type Adjust<'a> = Box<dyn Fn(&mut Config) + 'a>;
+    let cases: [(&str, Adjust); 3] = [
         ("federation.tls_cert", Box::new(|config| config.federation.tls_cert = Some("/nonexistent/cert.pem".into()))),
         ("federation.tls_key", Box::new(|config| config.federation.tls_key = Some(garbage.clone()))),
         ("federation.trusted_ca", Box::new(|config| config.federation.trusted_ca = Some(garbage.clone()))),
