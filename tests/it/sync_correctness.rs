@@ -6,20 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
-
-async fn say(http: &Http, token: &str, room: &str, txn: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": txn })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
-
-async fn sync(http: &Http, token: &str, query: &str) -> Value {
-    let (status, body) = http.get(&format!("/_matrix/client/v3/sync?{query}"), Some(token)).await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
+use crate::support::{TestServer, assert_error, create_room, say, sync};
 
 fn next_batch(body: &Value) -> String {
     body["next_batch"].as_str().unwrap().to_owned()

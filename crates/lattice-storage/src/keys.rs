@@ -40,6 +40,12 @@ pub fn account_data(user_id: &str, room_id: Option<&str>, event_type: &str) -> V
     join(&[user_id.as_bytes(), room_id.unwrap_or("").as_bytes(), event_type.as_bytes()])
 }
 
+/// A change of a user's account data in stream order: `user\0position`; the value is the
+/// changed entry's `account_data` key.
+pub fn account_data_change(user_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &position.to_be_bytes()])
+}
+
 pub fn filter(user_id: &str, filter_id: u64) -> Vec<u8> {
     join(&[user_id.as_bytes(), &filter_id.to_be_bytes()])
 }

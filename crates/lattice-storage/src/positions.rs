@@ -25,6 +25,7 @@ use crate::{COUNTER_RESERVATION_BLOCK, StorageError, Table};
 const CLAIM_RETRIES: usize = 64;
 
 /// The positions of one named stream, for one process.
+#[derive(Clone)]
 pub struct StreamPositions {
     inner: Arc<Inner>,
 }

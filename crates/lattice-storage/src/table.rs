@@ -41,6 +41,7 @@ tables! {
     Receipts => "receipts",
     ReceiptPositions => "receipt_positions",
     AccountDataPositions => "account_data_positions",
+    AccountDataChanges => "account_data_changes",
     ToDevice => "to_device",
     ToDeviceTransactions => "to_device_transactions",
     Relations => "relations",

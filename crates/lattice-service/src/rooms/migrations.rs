@@ -19,7 +19,13 @@ use super::relations::{MAX_THREAD_PARTICIPANTS, relation_of};
 
 /// Every migration this binary knows, oldest first, for `lattice_storage::open_schema`.
 pub fn schema_migrations() -> Vec<Migration> {
-    vec![schema_2()]
+    vec![schema_2(), schema_3()]
+}
+
+/// Schema 2 → 3: the account-data change index, so an incremental `/sync` reads the entries
+/// changed since its token instead of every entry of the user.
+fn schema_3() -> Migration {
+    Migration { from: 2, describe: "account data change index", steps: vec![Arc::new(AccountDataChanges)] }
 }
 
 /// Schema 1 → 2 (issue #10): the topological index, the state groups of each room's front, relations in
@@ -355,6 +361,33 @@ impl MigrationStep for ReceiptPositions {
         let room = key.split(|b| *b == 0).next().unwrap_or_default();
         let room = String::from_utf8_lossy(room);
         batch.put(Table::ReceiptPositions, keys::receipt_position(&room, receipt.stream_position), key.to_vec());
+        Ok(())
+    }
+}
+
+/// `account_data_changes` rows for account data written before that index existed: one per
+/// entry, under the entry's stored position.
+struct AccountDataChanges;
+
+#[async_trait]
+impl MigrationStep for AccountDataChanges {
+    fn name(&self) -> &'static str {
+        "account_data_changes"
+    }
+    fn reads(&self) -> Table {
+        Table::AccountDataPositions
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::AccountDataChanges]
+    }
+    async fn row(&self, _: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let position = <[u8; 8]>::try_from(raw)
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt(Table::AccountDataPositions, "a position is not eight bytes"))?;
+        // `user\0room\0type`: user IDs hold no NUL, so the user is the first part.
+        let user = key.split(|b| *b == 0).next().unwrap_or_default();
+        let user = String::from_utf8_lossy(user);
+        batch.put(Table::AccountDataChanges, keys::account_data_change(&user, position), key.to_vec());
         Ok(())
     }
 }

@@ -6,7 +6,8 @@ use lattice_storage::{KeyRange, StorageError, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
 /// The read marker, which `/receipt` also sets (spec v1.4+), stored as room account data.
@@ -15,7 +16,7 @@ const FULLY_READ: &str = "m.fully_read";
 /// same slot keeps winning the race.
 const RECEIPT_WRITE_RETRIES: usize = 8;
 
-impl Service {
+impl Rooms {
     /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
     pub async fn set_receipt(
         &self,
@@ -104,7 +105,7 @@ impl Service {
             self.require_visible(user_id, room_id, event_id).await?;
             let content = serde_json::from_value(json!({ "event_id": event_id }))
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
-            self.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;
+            self.account_data.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;
         }
         for (kind, event_id) in [("m.read", read), ("m.read.private", read_private)] {
             if let Some(event_id) = event_id {

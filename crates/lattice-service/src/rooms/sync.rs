@@ -9,10 +9,11 @@ use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
+use super::Rooms;
 use super::filter::{EventFilter, SyncFilter};
 use super::topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos, history_position};
 use super::visibility::{MAX_HIDDEN_RUN, StateView, Viewer};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Most timeline events one room gets in one sync or one page of `/messages`.
 pub const MAX_TIMELINE_LIMIT: usize = 1_000;
@@ -116,7 +117,7 @@ struct TimelinePage {
     first_event: Option<String>,
 }
 
-impl Service {
+impl Rooms {
     /// The stream's completed mark: every change up to it is visible (typing, kept in memory,
     /// is stamped before its position is published).
     async fn stream_position(&self) -> Result<u64, ServiceError> {
@@ -137,7 +138,7 @@ impl Service {
         }
         if let Some(device) = &request.device_id {
             let acknowledged = since.to_device_delivered.unwrap_or(since.position);
-            self.acknowledge_to_device(user_id, device, acknowledged).await?;
+            self.to_device.acknowledge_to_device(user_id, device, acknowledged).await?;
         }
         if request.timeout.is_zero() {
             let now = self.stream_position().await?;
@@ -167,7 +168,7 @@ impl Service {
     async fn sync_once(&self, user_id: &UserId, request: &SyncRequest, now: u64) -> Result<Value, ServiceError> {
         let since = request.since.map(|s| s.position);
         let to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
-        let ignored = self.ignored_users(user_id).await?;
+        let ignored = self.account_data.ignored_users(user_id).await?;
         let scope = SyncScope {
             user_id,
             since: since.unwrap_or(0),
@@ -238,7 +239,7 @@ impl Service {
         now: u64,
     ) -> Result<crate::to_device::ToDeviceBatch, ServiceError> {
         match device_id {
-            Some(device) => self.pending_to_device(user_id, device, now).await,
+            Some(device) => self.to_device.pending_to_device(user_id, device, now).await,
             None => Ok(crate::to_device::ToDeviceBatch { events: Vec::new(), delivered_up_to: None }),
         }
     }
@@ -250,7 +251,8 @@ impl Service {
     ) -> Result<(Vec<Value>, HashMap<String, Vec<Value>>), ServiceError> {
         let mut global = Vec::new();
         let mut by_room: HashMap<String, Vec<Value>> = HashMap::new();
-        for (room, kind, content) in self.account_data_since(scope.user_id, scope.since, scope.now).await? {
+        for (room, kind, content) in self.account_data.account_data_since(scope.user_id, scope.since, scope.now).await?
+        {
             let event = json!({ "type": kind, "content": content });
             match room {
                 Some(room) if scope.filter.room.account_data.allows_type(&kind) => {
@@ -261,18 +263,6 @@ impl Service {
             }
         }
         Ok((global, by_room))
-    }
-
-    /// The senders a user ignores.
-    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
-        let key = keys::account_data(user_id.as_str(), None, "m.ignored_user_list");
-        let Some(record) =
-            lattice_storage::get::<lattice_storage::records::AccountDataRecord>(self.kv.as_ref(), &key).await?
-        else {
-            return Ok(HashSet::new());
-        };
-        let ignored = record.value.0.0.get("ignored_users").and_then(Value::as_object);
-        Ok(ignored.map(|users| users.keys().cloned().collect()).unwrap_or_default())
     }
 
     async fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>, ServiceError> {
@@ -703,7 +693,7 @@ impl Service {
             Some(token) => Some(self.history_point(room_id, token).await?),
             None => None,
         };
-        let ignored = self.ignored_users(user_id).await?;
+        let ignored = self.account_data.ignored_users(user_id).await?;
         let gaps_possible = backward && self.room_has_gaps(room_id).await?;
         // Tokens name the last position a client has seen: backward pages hold positions ≤ from,
         // forward pages positions > from.

@@ -17,8 +17,9 @@ use ruma::{RoomId, UInt};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::Rooms;
 use super::visibility::Viewer;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Adds the topological-index row of an event that joins its room's history (accepted, not an
 /// outlier) at `order` to its batch.
@@ -140,7 +141,7 @@ pub(crate) fn history_position(record: &EventRecord) -> Result<Option<TopoPos>, 
     Ok(Some(TopoPos { depth, order }))
 }
 
-impl Service {
+impl Rooms {
     /// The position a token stands for in `room_id`'s history. A `/sync` token stands for the
     /// room's last event with a stream position at or before it (one timeline row), or the
     /// start when there is none.
@@ -200,7 +201,7 @@ impl Service {
     }
 
     /// An event of a history index as `viewer` sees it in a timeline, or `None` when they may
-    /// not see it ([`Service::may_see_in_history`]); its record is read once for both.
+    /// not see it ([`Rooms::may_see_in_history`]); its record is read once for both.
     pub(crate) async fn history_event(
         &self,
         viewer: &mut Viewer,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Longest a client may claim to keep typing without renewing it.
 pub const MAX_TYPING_TIMEOUT: Duration = Duration::from_secs(120);
@@ -26,7 +27,7 @@ pub(crate) struct Typing {
     rooms: HashMap<OwnedRoomId, RoomTyping>,
 }
 
-impl Service {
+impl Rooms {
     /// `PUT /rooms/{roomId}/typing/{userId}`.
     pub async fn set_typing(
         &self,
