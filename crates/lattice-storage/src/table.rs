@@ -57,4 +57,5 @@ tables! {
     RedactedOriginalsByTime => "redacted_originals_by_time",
     Topological => "topological",
     BackwardExtremities => "backward_extremities",
+    RoomActivity => "room_activity",
 }

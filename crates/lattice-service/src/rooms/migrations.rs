@@ -22,10 +22,18 @@ pub fn schema_migrations() -> Vec<Migration> {
     vec![schema_2(), schema_3()]
 }
 
-/// Schema 2 → 3: the account-data change index, so an incremental `/sync` reads the entries
-/// changed since its token instead of every entry of the user.
+/// Schema 2 → 3: the account-data change index and the room activity index, so an incremental
+/// `/sync` reads what changed since its token instead of every entry and room of the user.
 fn schema_3() -> Migration {
-    Migration { from: 2, describe: "account data change index", steps: vec![Arc::new(AccountDataChanges)] }
+    Migration {
+        from: 2,
+        describe: "account data change index, room activity index",
+        steps: vec![
+            Arc::new(AccountDataChanges),
+            Arc::new(RoomActivity { name: "room_activity_of_events", reads: Table::Timeline }),
+            Arc::new(RoomActivity { name: "room_activity_of_receipts", reads: Table::ReceiptPositions }),
+        ],
+    }
 }
 
 /// Schema 1 → 2 (issue #10): the topological index, the state groups of each room's front, relations in
@@ -388,6 +396,35 @@ impl MigrationStep for AccountDataChanges {
         let user = key.split(|b| *b == 0).next().unwrap_or_default();
         let user = String::from_utf8_lossy(user);
         batch.put(Table::AccountDataChanges, keys::account_data_change(&user, position), key.to_vec());
+        Ok(())
+    }
+}
+
+/// `room_activity` rows for the events and receipts stored before that index existed, from the
+/// `timeline` and `receipt_positions` rows, which share the key `room\0position`.
+struct RoomActivity {
+    name: &'static str,
+    reads: Table,
+}
+
+#[async_trait]
+impl MigrationStep for RoomActivity {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn reads(&self) -> Table {
+        self.reads
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::RoomActivity]
+    }
+    async fn row(&self, _: &dyn KvRead, key: &[u8], _: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        // The position is the last eight bytes, after the room and its separator.
+        let split = key.len().checked_sub(9).ok_or_else(|| corrupt(self.reads, "a key too short for a position"))?;
+        let position =
+            <[u8; 8]>::try_from(&key[split + 1..]).map(u64::from_be_bytes).map_err(|e| corrupt(self.reads, e))?;
+        let room = String::from_utf8_lossy(&key[..split]);
+        batch.put(Table::RoomActivity, keys::room_activity(position, &room), Vec::new());
         Ok(())
     }
 }

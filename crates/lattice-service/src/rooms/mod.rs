@@ -91,6 +91,7 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::RedactedOriginalsByTime,
         Table::Topological,
         Table::BackwardExtremities,
+        Table::RoomActivity,
     ],
 };
 

@@ -59,10 +59,9 @@ impl Rooms {
             let mut batch = WriteBatch::new();
             let previous = lattice_storage::get::<ReceiptRecord>(self.kv.as_ref(), &key).await?;
             if let Some(previous) = &previous {
-                batch.delete(
-                    Table::ReceiptPositions,
-                    keys::receipt_position(room_id.as_str(), previous.value.stream_position),
-                );
+                let moved = previous.value.stream_position;
+                batch.delete(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), moved));
+                batch.delete(Table::RoomActivity, keys::room_activity(moved, room_id.as_str()));
             }
             batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
             // The position and the receipt commit together, like an event and its position.
@@ -76,6 +75,7 @@ impl Rooms {
                 stream_position: position.get(),
             };
             batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position.get()), key.clone());
+            batch.put(Table::RoomActivity, keys::room_activity(position.get(), room_id.as_str()), Vec::new());
             lattice_storage::put(&mut batch, key.clone(), &record);
             match self.kv.write(batch).await {
                 Ok(()) => {

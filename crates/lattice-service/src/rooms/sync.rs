@@ -179,9 +179,18 @@ impl Rooms {
             ignored: &ignored,
         };
         let (global_data, mut room_data) = self.account_data_for(&scope).await?;
+        // Rooms with nothing new since the token are passed over without a read, so an
+        // incremental sync costs what changed, not how many rooms the user is in.
+        let active = match scope.initial || scope.full_state {
+            true => None,
+            false => self.rooms_active_in(scope.since, scope.now).await?,
+        };
         let (mut join, mut invite, mut leave, mut knock) = (Map::new(), Map::new(), Map::new(), Map::new());
         for (room_id, membership) in self.memberships_of(user_id).await? {
-            if !scope.filter.includes_room(room_id.as_str())
+            let quiet = active.as_ref().is_some_and(|active| !active.contains(room_id.as_str()))
+                && !room_data.contains_key(room_id.as_str());
+            if quiet
+                || !scope.filter.includes_room(room_id.as_str())
                 || self.is_forgotten(user_id, &room_id, &membership).await?
             {
                 continue;
@@ -336,6 +345,23 @@ impl Rooms {
     /// Whether the room has events after `since`, from its record alone (one read), so an
     /// incremental sync's cost does not grow with the user's quiet rooms. Rooms stored before
     /// the record kept a position count as changed.
+    /// The rooms with events, receipts or typing changes in `(since, now]`; `None` when more
+    /// changed than one read of the activity index holds, and every room must be looked at.
+    async fn rooms_active_in(&self, since: u64, now: u64) -> Result<Option<HashSet<String>>, ServiceError> {
+        let range = KeyRange::between(
+            &keys::room_activity_from(since.saturating_add(1)),
+            &keys::room_activity_from(now.saturating_add(1)),
+        );
+        let limit = lattice_storage::MAX_SCAN_ROWS;
+        let rows = self.kv.scan(Table::RoomActivity, &range, Direction::Forward, limit).await?;
+        if rows.len() == limit {
+            return Ok(None);
+        }
+        let mut active = self.typing_rooms_since(since, now);
+        active.extend(rows.iter().filter_map(|(key, _)| keys::room_activity_room(key)).map(str::to_owned));
+        Ok(Some(active))
+    }
+
     async fn room_changed(&self, room_id: &RoomId, since: u64) -> Result<bool, ServiceError> {
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
         Ok(room.is_none_or(|room| room.value.last_stream_position == 0 || room.value.last_stream_position > since))

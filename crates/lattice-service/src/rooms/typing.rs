@@ -96,6 +96,13 @@ impl Rooms {
     }
 
     /// The room's typing users, if that changed in `(since, now]` (or, initially, if anyone types).
+    /// The rooms whose typing notices changed in `(since, now]`.
+    pub(crate) fn typing_rooms_since(&self, since: u64, now: u64) -> std::collections::HashSet<String> {
+        let all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = all.rooms.iter().filter(|(_, room)| room.position > since && room.position <= now);
+        changed.map(|(room_id, _)| room_id.to_string()).collect()
+    }
+
     pub(crate) fn typing_since(
         &self,
         room_id: &RoomId,
