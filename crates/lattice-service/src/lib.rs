@@ -23,7 +23,7 @@ pub mod to_device;
 
 use std::sync::Arc;
 
-use lattice_storage::{KvStore, WriteBatch};
+use lattice_storage::{KvStore, StreamPositions, WriteBatch};
 use ruma::signatures::Ed25519KeyPair;
 use ruma::{OwnedServerName, ServerName};
 
@@ -93,19 +93,27 @@ impl Service {
         hasher: PasswordHasher,
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
-        // One stream orders everything `/sync` delivers; its writers share it.
-        let stream = lattice_storage::StreamPositions::new(kv.clone(), "stream");
+        // Each stream `/sync` reads has its own positions. `stream` (events) is the stream all
+        // writers shared before; the others start above it, so positions in tokens and rows
+        // written before the split stay below theirs.
+        let streams = rooms::RoomStreams {
+            events: StreamPositions::new(kv.clone(), "stream"),
+            receipts: StreamPositions::above(kv.clone(), "stream.receipts", "stream"),
+            typing: StreamPositions::above(kv.clone(), "stream.typing", "stream"),
+        };
+        let account_data_stream = StreamPositions::above(kv.clone(), "stream.account_data", "stream");
+        let to_device_stream = StreamPositions::above(kv.clone(), "stream.to_device", "stream");
         let notifier: Arc<notifier::Notifier> = Default::default();
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
-        let account_data = Arc::new(AccountData::new(kv.clone(), stream.clone(), notifier.clone()));
-        let to_device = Arc::new(ToDevice::new(kv.clone(), stream.clone(), notifier.clone()));
+        let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
+        let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
         let neighbours = rooms::Neighbours {
             accounts: accounts.clone(),
             account_data: account_data.clone(),
             to_device: to_device.clone(),
         };
         let rooms =
-            Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, stream, notifier.clone(), neighbours);
+            Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, streams, notifier.clone(), neighbours);
         Self {
             config,
             reports: Reports::new(kv.clone(), clock),

@@ -43,6 +43,7 @@ pub(crate) type RecipientDevices = HashMap<OwnedUserId, Vec<String>>;
 
 pub struct ToDevice {
     kv: Arc<dyn KvStore>,
+    /// The to-device stream (`stream.to_device`): inbox keys are its positions.
     stream: StreamPositions,
     notifier: Arc<Notifier>,
 }
@@ -50,6 +51,11 @@ pub struct ToDevice {
 impl ToDevice {
     pub(crate) fn new(kv: Arc<dyn KvStore>, stream: StreamPositions, notifier: Arc<Notifier>) -> Self {
         Self { kv: ScopedStore::new(kv, TABLES), stream, notifier }
+    }
+
+    /// The completed mark of the to-device stream: every message up to it is readable.
+    pub(crate) async fn position(&self) -> Result<u64, ServiceError> {
+        Ok(self.stream.completed().await?)
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: queues each message in its recipient devices'

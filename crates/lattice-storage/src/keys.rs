@@ -121,23 +121,29 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
-/// `position·room` (position big-endian, eight bytes): the rooms that changed at each stream
-/// position (events and receipts), so an incremental `/sync` finds the rooms that changed since
-/// its token without looking at the user's other rooms.
-pub fn room_activity(position: u64, room_id: &str) -> Vec<u8> {
-    let mut key = position.to_be_bytes().to_vec();
+/// Which stream a [`room_activity`] row belongs to.
+pub const ACTIVITY_EVENTS: u8 = b'e';
+pub const ACTIVITY_RECEIPTS: u8 = b'r';
+
+/// `stream·position·room` (a stream tag byte, the position big-endian in eight bytes): the rooms
+/// that changed at each position of the events and receipts streams, so an incremental `/sync`
+/// finds the rooms that changed since its token without looking at the user's other rooms.
+pub fn room_activity(stream: u8, position: u64, room_id: &str) -> Vec<u8> {
+    let mut key = room_activity_from(stream, position);
     key.extend_from_slice(room_id.as_bytes());
     key
 }
 
-/// The first key of [`room_activity`] at `position`.
-pub fn room_activity_from(position: u64) -> Vec<u8> {
-    position.to_be_bytes().to_vec()
+/// The first key of [`room_activity`] at `position` of `stream`.
+pub fn room_activity_from(stream: u8, position: u64) -> Vec<u8> {
+    let mut key = vec![stream];
+    key.extend_from_slice(&position.to_be_bytes());
+    key
 }
 
 /// The room of a [`room_activity`] key.
 pub fn room_activity_room(key: &[u8]) -> Option<&str> {
-    key.get(8..).and_then(|room| std::str::from_utf8(room).ok())
+    key.get(9..).and_then(|room| std::str::from_utf8(room).ok())
 }
 
 /// `room\0position`, big-endian: a room's receipt changes in stream order, so a sync finds

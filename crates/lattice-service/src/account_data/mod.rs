@@ -52,7 +52,8 @@ pub type AccountDataEntry = (Option<String>, String, JsonObject);
 
 pub struct AccountData {
     kv: Arc<dyn KvStore>,
-    /// The one stream that orders everything `/sync` delivers.
+    /// The account-data stream (`stream.account_data`): its positions order account-data
+    /// changes for `/sync`, independent of the other streams.
     stream: StreamPositions,
     notifier: Arc<Notifier>,
 }
@@ -78,6 +79,11 @@ impl AccountData {
         }
     }
 
+    /// The completed mark of the account-data stream: every change up to it is readable.
+    pub(crate) async fn position(&self) -> Result<u64, ServiceError> {
+        Ok(self.stream.completed().await?)
+    }
+
     /// The checks of `PUT /user/{userId}[/rooms/{roomId}]/account_data/{type}` that need no
     /// room: the caller's own data, a valid type, not one the server manages (`m.fully_read`,
     /// `m.push_rules`).
@@ -94,7 +100,7 @@ impl AccountData {
         Ok(())
     }
 
-    /// Stores account data with a stream position from the one counter, in one batch, so
+    /// Stores account data with a position of the account-data stream, in one batch, so
     /// `/sync` delivers the change exactly once.
     pub(crate) async fn write_account_data(
         &self,

@@ -10,7 +10,7 @@ use ruma::{OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::tests::service;
-use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, SyncFilter, SyncRequest, SyncToken};
+use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, StreamSet, SyncFilter, SyncRequest, SyncToken};
 use crate::Service;
 
 const ALICE: &str = "@alice:hs.test";
@@ -148,16 +148,10 @@ async fn page_all(service: &Service, from: Option<HistoryToken>, backward: bool,
     panic!("pagination did not end: {seen:?}");
 }
 
-fn sync_request(since: Option<u64>, limit: u64) -> SyncRequest {
+fn sync_request(since: Option<SyncToken>, limit: u64) -> SyncRequest {
     let mut filter = SyncFilter::default();
     filter.room.timeline.limit = Some(limit);
-    SyncRequest {
-        since: since.map(|position| SyncToken { position, to_device_delivered: None }),
-        timeout: Duration::ZERO,
-        device_id: None,
-        filter,
-        full_state: false,
-    }
+    SyncRequest { since, timeout: Duration::ZERO, device_id: None, filter, full_state: false }
 }
 
 #[tokio::test]
@@ -180,7 +174,7 @@ async fn messages_follow_depth_while_sync_follows_arrival() {
     assert_eq!(ids(&initial["rooms"]["join"][ROOM]["timeline"]["events"]), arrival);
     // Synced up to m2, then incrementally: the rest in arrival order, once; then nothing.
     let mut delivered: Vec<String> = arrival.iter().take_while(|id| id.as_str() != f.m[2].as_str()).cloned().collect();
-    let mut since = f.position(&f.m[1]);
+    let mut since = SyncToken { streams: StreamSet { events: f.position(&f.m[1]), ..Default::default() } };
     for _ in 0..2 {
         let body = service.rooms().sync(&alice, sync_request(Some(since), 100)).await.unwrap();
         let timeline = &body["rooms"]["join"][ROOM]["timeline"];
@@ -188,7 +182,7 @@ async fn messages_follow_depth_while_sync_follows_arrival() {
             assert_eq!(timeline["limited"], false);
             delivered.extend(ids(&timeline["events"]));
         }
-        since = SyncToken::parse(body["next_batch"].as_str().unwrap()).unwrap().position;
+        since = SyncToken::parse(body["next_batch"].as_str().unwrap()).unwrap();
     }
     assert_eq!(delivered, arrival, "each event once, in arrival order");
 

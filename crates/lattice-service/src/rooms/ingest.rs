@@ -320,7 +320,11 @@ impl Rooms {
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
                 );
-                batch.put(Table::RoomActivity, keys::room_activity(position, room_id.as_str()), Vec::new());
+                batch.put(
+                    Table::RoomActivity,
+                    keys::room_activity(keys::ACTIVITY_EVENTS, position, room_id.as_str()),
+                    Vec::new(),
+                );
                 let create_id = match (placement.supplied_state, room.is_none()) {
                     (Some(state), true) => {
                         state.get(&(StateEventType::RoomCreate, String::new())).map(|id| id.to_string())

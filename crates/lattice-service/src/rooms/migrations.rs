@@ -30,8 +30,16 @@ fn schema_3() -> Migration {
         describe: "account data change index, room activity index",
         steps: vec![
             Arc::new(AccountDataChanges),
-            Arc::new(RoomActivity { name: "room_activity_of_events", reads: Table::Timeline }),
-            Arc::new(RoomActivity { name: "room_activity_of_receipts", reads: Table::ReceiptPositions }),
+            Arc::new(RoomActivity {
+                name: "room_activity_of_events",
+                reads: Table::Timeline,
+                stream: keys::ACTIVITY_EVENTS,
+            }),
+            Arc::new(RoomActivity {
+                name: "room_activity_of_receipts",
+                reads: Table::ReceiptPositions,
+                stream: keys::ACTIVITY_RECEIPTS,
+            }),
         ],
     }
 }
@@ -405,6 +413,8 @@ impl MigrationStep for AccountDataChanges {
 struct RoomActivity {
     name: &'static str,
     reads: Table,
+    /// The stream tag of the rows written (`keys::ACTIVITY_*`).
+    stream: u8,
 }
 
 #[async_trait]
@@ -424,7 +434,7 @@ impl MigrationStep for RoomActivity {
         let position =
             <[u8; 8]>::try_from(&key[split + 1..]).map(u64::from_be_bytes).map_err(|e| corrupt(self.reads, e))?;
         let room = String::from_utf8_lossy(&key[..split]);
-        batch.put(Table::RoomActivity, keys::room_activity(position, &room), Vec::new());
+        batch.put(Table::RoomActivity, keys::room_activity(self.stream, position, &room), Vec::new());
         Ok(())
     }
 }

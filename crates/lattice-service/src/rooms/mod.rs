@@ -58,7 +58,7 @@ pub use membership::member_content;
 pub(crate) use merge::MergeQueue;
 pub use migrations::schema_migrations;
 pub use relations::RelationsQuery;
-pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
+pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, StreamSet, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
@@ -98,6 +98,17 @@ pub(crate) const TABLES: TableScope = TableScope {
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
 const ROOM_LOCK_STRIPES: usize = 64;
 
+/// The streams `/sync` reads that the rooms service writes: each has its own positions, so a
+/// write to one never holds back what another shows.
+pub(crate) struct RoomStreams {
+    /// Timeline events (`stream`, the stream all writers shared before the split).
+    pub events: StreamPositions,
+    /// Read receipts (`stream.receipts`).
+    pub receipts: StreamPositions,
+    /// Typing notices (`stream.typing`), kept in memory and stamped with these positions.
+    pub typing: StreamPositions,
+}
+
 /// The services the rooms service reads (and, for `m.fully_read`, writes) through their APIs.
 pub(crate) struct Neighbours {
     pub accounts: Arc<Accounts>,
@@ -117,10 +128,14 @@ pub struct Rooms {
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
-    /// Hands out stream positions without a lock across the writes that use them; `/sync` reads
+    /// Hands out event positions without a lock across the writes that use them; `/sync` reads
     /// up to its completed mark. A writer takes a position after any room lock it needs (never
     /// the other way round) and publishes it before it wakes anyone.
     stream: StreamPositions,
+    /// Receipt positions, taken and published the same way.
+    receipts_stream: StreamPositions,
+    /// Typing positions: a stamp per change of a room's typing users.
+    typing_stream: StreamPositions,
     /// State group IDs, from reserved blocks like stream positions, so a state event's group is
     /// written only in the event's own batch.
     state_group_ids: StreamPositions,
@@ -140,11 +155,12 @@ impl Rooms {
         kv: Arc<dyn KvStore>,
         clock: Arc<dyn Clock>,
         signing_key: Arc<Ed25519KeyPair>,
-        stream: StreamPositions,
+        streams: RoomStreams,
         notifier: Arc<Notifier>,
         neighbours: Neighbours,
     ) -> Self {
         let Neighbours { accounts, account_data, to_device } = neighbours;
+        let RoomStreams { events: stream, receipts: receipts_stream, typing: typing_stream } = streams;
         Self {
             config,
             state_group_ids: StreamPositions::new(kv.clone(), "state_group"),
@@ -156,6 +172,8 @@ impl Rooms {
             to_device,
             room_locks: (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stream,
+            receipts_stream,
+            typing_stream,
             typing: Default::default(),
             notifier,
             directory_cache: Default::default(),

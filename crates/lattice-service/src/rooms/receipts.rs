@@ -61,11 +61,12 @@ impl Rooms {
             if let Some(previous) = &previous {
                 let moved = previous.value.stream_position;
                 batch.delete(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), moved));
-                batch.delete(Table::RoomActivity, keys::room_activity(moved, room_id.as_str()));
+                batch
+                    .delete(Table::RoomActivity, keys::room_activity(keys::ACTIVITY_RECEIPTS, moved, room_id.as_str()));
             }
             batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
             // The position and the receipt commit together, like an event and its position.
-            let position = self.stream.take().await?;
+            let position = self.receipts_stream.take().await?;
             let record = ReceiptRecord {
                 user_id: user_id.to_string(),
                 receipt_type: receipt_type.to_owned(),
@@ -75,7 +76,11 @@ impl Rooms {
                 stream_position: position.get(),
             };
             batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position.get()), key.clone());
-            batch.put(Table::RoomActivity, keys::room_activity(position.get(), room_id.as_str()), Vec::new());
+            batch.put(
+                Table::RoomActivity,
+                keys::room_activity(keys::ACTIVITY_RECEIPTS, position.get(), room_id.as_str()),
+                Vec::new(),
+            );
             lattice_storage::put(&mut batch, key.clone(), &record);
             match self.kv.write(batch).await {
                 Ok(()) => {

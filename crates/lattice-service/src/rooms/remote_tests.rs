@@ -149,7 +149,7 @@ async fn state_ids(server: &Server, room: &RoomId) -> StateMap {
 /// Bodies of the timeline of an incremental sync since `since`.
 async fn synced_bodies(server: &Server, user: &UserId, room: &RoomId, since: u64) -> Vec<String> {
     let request = SyncRequest {
-        since: Some(super::SyncToken { position: since, to_device_delivered: None }),
+        since: Some(super::SyncToken { streams: super::StreamSet { events: since, ..Default::default() } }),
         timeout: std::time::Duration::ZERO,
         device_id: None,
         filter: Default::default(),

@@ -84,7 +84,8 @@ pub enum HistoryToken {
 impl HistoryToken {
     pub fn parse(token: &str) -> Result<Self, ServiceError> {
         let invalid = || ServiceError::InvalidParam(format!("invalid pagination token {token:?}"));
-        if token.starts_with('s') {
+        // A `/sync` token (`m…`, or `s…` of the single shared stream) stands for its events position.
+        if token.starts_with(['s', 'm']) {
             return super::sync::parse_token(token).map(HistoryToken::Stream).map_err(|_| invalid());
         }
         let rest = token.strip_prefix('t').ok_or_else(invalid)?;

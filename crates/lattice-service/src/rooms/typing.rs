@@ -80,7 +80,7 @@ impl Rooms {
         if rooms.is_empty() {
             return Ok(());
         }
-        let position = self.stream.take().await?;
+        let position = self.typing_stream.take().await?;
         {
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
             for room_id in rooms {
