@@ -489,7 +489,7 @@ async fn main() -> Result<(), Error> {
     let data = tempfile::tempdir()?;
     let server = Arc::new(match option("--url") {
         Some(url) => Server::existing(&url, option("--pid").and_then(|p| p.parse().ok()).unwrap_or(0)).await?,
-        None => Server::start(&binary, data.path(), None).await?,
+        None => Server::start(&binary, data.path(), option("--sync-writes").and_then(|v| v.parse().ok())).await?,
     });
     eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
     if args.iter().any(|a| a == "--sync-only") {
