@@ -28,6 +28,7 @@ lint: setup
 bench: setup
 	scripts/bench.sh
 	cargo run --release --example room_bench
+	cargo run --release --example room_bench -- --sync-only --sync-rooms 1000 --idle 10000
 	cargo run --release --workspace --example room_model_bench
 	cargo run --release -p lattice-core --example pdu_check_rate
 	cargo run --release -p lattice-core --example state_resolution_time

@@ -329,8 +329,16 @@ async fn incremental_sync_latency(server: &Arc<Server>, rooms_n: usize, samples:
     Ok(times)
 }
 
-/// `idle` users long-poll (`timeout_ms`) while `talkers` users send `rate` messages per second
-/// in total, each in a room of their own, for `duration`. Returns (empty early answers, answers).
+/// What the idle long-polls of [`empty_wakeups`] saw: empty early answers, all answers, and the
+/// server's RSS while they all waited.
+struct IdlePolls {
+    empty: u64,
+    answers: u64,
+    rss_waiting_mib: f64,
+}
+
+/// `idle` long-polls (`timeout_ms`), spread over at most 1,000 users in no room, while `talkers`
+/// users send `rate` messages per second in total, each in a room of their own, for `duration`.
 async fn empty_wakeups(
     server: &Arc<Server>,
     idle: usize,
@@ -338,7 +346,7 @@ async fn empty_wakeups(
     rate: u32,
     duration: Duration,
     timeout_ms: u64,
-) -> Result<(u64, u64), Error> {
+) -> Result<IdlePolls, Error> {
     let mut talking = Vec::new();
     for i in 0..talkers {
         let token = server.register(&format!("talker_idle{i}")).await?;
@@ -349,10 +357,14 @@ async fn empty_wakeups(
     let answers = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
-    for i in 0..idle {
+    let mut users = Vec::new();
+    for i in 0..idle.min(1_000) {
         let token = server.register(&format!("idle{i}")).await?;
         let first = server.sync(&token, "").await?;
-        let mut since = first["next_batch"].as_str().ok_or("no next_batch")?.to_owned();
+        users.push((token, first["next_batch"].as_str().ok_or("no next_batch")?.to_owned()));
+    }
+    for i in 0..idle {
+        let (token, mut since) = users[i % users.len()].clone();
         let (server, empty, answers) = (server.clone(), empty.clone(), answers.clone());
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
@@ -373,7 +385,9 @@ async fn empty_wakeups(
     }
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     let mut n = 0usize;
+    let mut rss_waiting_mib = 0.0f64;
     while Instant::now() < deadline {
+        rss_waiting_mib = rss_waiting_mib.max(server.rss_mib());
         ticker.tick().await;
         let (token, room) = &talking[n % talking.len()];
         server.send(token, room, &format!("idle-{n}"), "chatter").await?;
@@ -382,24 +396,38 @@ async fn empty_wakeups(
     for task in tasks {
         let _ = task.await;
     }
-    Ok((empty.load(Ordering::Relaxed), answers.load(Ordering::Relaxed)))
+    Ok(IdlePolls { empty: empty.load(Ordering::Relaxed), answers: answers.load(Ordering::Relaxed), rss_waiting_mib })
+}
+
+/// How big the sync sections are: rooms of the incremental-sync user, idle long-polls.
+#[derive(Clone, Copy)]
+struct SyncScale {
+    rooms: usize,
+    idle: usize,
 }
 
 /// Sections 4 and 5: incremental sync cost and empty long-poll wake-ups.
-async fn sync_sections(server: &Arc<Server>, quick: bool) -> Result<(), Error> {
-    let rooms_n = if quick { 100 } else { 500 };
+async fn sync_sections(server: &Arc<Server>, quick: bool, scale: SyncScale) -> Result<(), Error> {
+    let SyncScale { rooms: rooms_n, idle } = scale;
     let times = incremental_sync_latency(server, rooms_n, if quick { 20 } else { 100 }).await?;
     let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
     eprintln!("incremental sync in {rooms_n} rooms, one changed: p50 {p50:.2} ms, p99 {p99:.2} ms");
     let seconds = if quick { 5 } else { 20 };
-    let (empty, answers) = empty_wakeups(server, 100, 10, 20, Duration::from_secs(seconds), 5_000).await?;
-    eprintln!("idle long-polls: {empty} empty early answers of {answers}");
+    let rss_before = server.rss_mib();
+    let polls = empty_wakeups(server, idle, 10, 20, Duration::from_secs(seconds), 5_000).await?;
+    let IdlePolls { empty, answers, rss_waiting_mib } = polls;
+    eprintln!(
+        "idle long-polls: {empty} empty early answers of {answers}; RSS {rss_before:.1} → {rss_waiting_mib:.1} MiB"
+    );
     println!(
         "| incremental /sync of a user in {rooms_n} rooms, one room changed ({} samples) | p50 **{p50:.2} ms**, p99 **{p99:.2} ms** |",
         times.len()
     );
     println!(
-        "| empty wake-ups of 100 idle long-polls (timeout 5 s) while 10 others send 20 msg/s for {seconds} s | **{empty}** of {answers} answers |"
+        "| empty wake-ups of {idle} idle long-polls (timeout 5 s) while 10 others send 20 msg/s for {seconds} s | **{empty}** of {answers} answers |"
+    );
+    println!(
+        "| server RSS before / while {idle} long-polls wait | {rss_before:.1} MiB / **{rss_waiting_mib:.1} MiB** |"
     );
     Ok(())
 }
@@ -449,6 +477,10 @@ async fn main() -> Result<(), Error> {
     let rooms_n = number("--rooms", if quick { 10 } else { 100 }) as usize;
     let per_room = number("--per-room", if quick { 50 } else { 1_000 }) as usize;
     let duration = Duration::from_secs(number("--seconds", if quick { 2 } else { 10 }));
+    let sync_scale = SyncScale {
+        rooms: number("--sync-rooms", if quick { 100 } else { 500 }) as usize,
+        idle: number("--idle", 100) as usize,
+    };
     if args.iter().any(|a| a == "--durable-only") {
         let senders = number("--senders", 50) as usize;
         return durable_section(&binary, rooms_n, senders, duration).await;
@@ -457,13 +489,13 @@ async fn main() -> Result<(), Error> {
     let data = tempfile::tempdir()?;
     let server = Arc::new(match option("--url") {
         Some(url) => Server::existing(&url, option("--pid").and_then(|p| p.parse().ok()).unwrap_or(0)).await?,
-        None => Server::start(&binary, data.path(), None).await?,
+        None => Server::start(&binary, data.path(), option("--sync-writes").and_then(|v| v.parse().ok())).await?,
     });
     eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
     if args.iter().any(|a| a == "--sync-only") {
         println!("| measure | {} |", if option("--url").is_some() { "server at --url" } else { "Lattice" });
         println!("|---|---|");
-        return sync_sections(&server, quick).await;
+        return sync_sections(&server, quick, sync_scale).await;
     }
 
     if args.iter().any(|a| a == "--history-only") {
@@ -475,6 +507,17 @@ async fn main() -> Result<(), Error> {
 
     // 1. Send rate across 100 rooms.
     let owner = server.register("owner").await?;
+    if args.iter().any(|a| a == "--latency-only") {
+        let messages = number("--messages", 1_000) as usize;
+        let (latencies, p50, p99) = latency_section(&server, &owner, messages).await?;
+        println!("| measure | Lattice |");
+        println!("|---|---|");
+        println!(
+            "| send → /sync latency, 10 long-polling clients, 20 msg/s ({} samples) | p50 **{p50:.2} ms**, p99 **{p99:.2} ms** |",
+            latencies.len()
+        );
+        return Ok(());
+    }
     let mut rate_rooms = Vec::new();
     for i in 0..rooms_n {
         rate_rooms.push(server.create_room(&owner, json!({ "name": format!("rate {i}") })).await?);
@@ -486,17 +529,8 @@ async fn main() -> Result<(), Error> {
     );
 
     // 2. send → sync latency with 10 waiting clients at 20 msg/s.
-    let latency_room = server.create_room(&owner, json!({ "preset": "public_chat" })).await?;
-    let mut readers = Vec::new();
-    for i in 0..10 {
-        let token = server.register(&format!("reader{i}")).await?;
-        server.join(&token, &latency_room).await?;
-        readers.push(token);
-    }
     let messages = if quick { 40 } else { 200 };
-    let latencies = sync_latency(&server, &readers, &owner, &latency_room, 20, messages).await?;
-    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-    eprintln!("send→sync latency over {} samples: p50 {p50:.2} ms, p99 {p99:.2} ms", latencies.len());
+    let (latencies, p50, p99) = latency_section(&server, &owner, messages).await?;
 
     // 3. Initial sync of a user in 100 rooms × 1,000 events, lazy-loading members.
     let (reader, history_rooms, fill_rate) = history_rooms(&server, rooms_n, per_room).await?;
@@ -544,7 +578,23 @@ async fn main() -> Result<(), Error> {
     );
     println!("| server RSS after that | **{rss:.1} MiB** |");
     print_messages_latency(&server, &reader, &history_rooms).await?;
-    sync_sections(&server, quick).await
+    sync_sections(&server, quick, sync_scale).await
+}
+
+/// Section 2: `messages` sends at 20 msg/s into a room where 10 readers long-poll; the
+/// latencies (ms, sorted) from each send's answer to each reader's sync answer, with p50 and p99.
+async fn latency_section(server: &Arc<Server>, owner: &str, messages: usize) -> Result<(Vec<f64>, f64, f64), Error> {
+    let latency_room = server.create_room(owner, json!({ "preset": "public_chat" })).await?;
+    let mut readers = Vec::new();
+    for i in 0..10 {
+        let token = server.register(&format!("reader{i}")).await?;
+        server.join(&token, &latency_room).await?;
+        readers.push(token);
+    }
+    let latencies = sync_latency(server, &readers, owner, &latency_room, 20, messages as u32).await?;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    eprintln!("send→sync latency over {} samples: p50 {p50:.2} ms, p99 {p99:.2} ms", latencies.len());
+    Ok((latencies, p50, p99))
 }
 
 /// Creates `rooms_n` public rooms that 5 talkers fill with `per_room` messages each and a

@@ -38,8 +38,11 @@ fn read_password(source: &PasswordSource) -> anyhow::Result<(String, bool)> {
 pub async fn create_user(config: &Config, name: &str, admin: bool, source: PasswordSource) -> anyhow::Result<()> {
     let opened = open(config).await?;
     let (password, generated) = read_password(&source)?;
-    let user_id =
-        opened.service.create_user(NewAccount { username: name.to_owned(), password: password.clone(), admin }).await?;
+    let user_id = opened
+        .service
+        .accounts()
+        .create_user(NewAccount { username: name.to_owned(), password: password.clone(), admin })
+        .await?;
     opened.service.flush().await?;
     println!("created {user_id}{}", if admin { " (server admin)" } else { "" });
     if generated {
@@ -67,7 +70,7 @@ pub async fn create_registration_token(
 ) -> anyhow::Result<()> {
     let opened = open(config).await?;
     let expiry = expires.map(|d| SystemClock.now_ms().saturating_add(d.as_millis() as u64));
-    let info = opened.service.create_registration_token(uses, expiry).await?;
+    let info = opened.service.accounts().create_registration_token(uses, expiry).await?;
     opened.service.flush().await?;
     println!("{}", info.token);
     Ok(())
@@ -77,7 +80,7 @@ pub async fn list_registration_tokens(config: &Config) -> anyhow::Result<()> {
     let opened = open(config).await?;
     let now = SystemClock.now_ms();
     println!("{:<24} {:>9} {:>7}  expires", "token", "used", "allowed");
-    for token in opened.service.registration_tokens().await? {
+    for token in opened.service.accounts().registration_tokens().await? {
         let allowed = token.uses_allowed.map(|n| n.to_string()).unwrap_or_else(|| "∞".into());
         let expires = match token.expiry_ms {
             None => "never".to_owned(),
@@ -91,7 +94,7 @@ pub async fn list_registration_tokens(config: &Config) -> anyhow::Result<()> {
 
 pub async fn delete_registration_token(config: &Config, token: &str) -> anyhow::Result<()> {
     let opened = open(config).await?;
-    if !opened.service.delete_registration_token(token).await? {
+    if !opened.service.accounts().delete_registration_token(token).await? {
         bail!("no registration token {token}");
     }
     opened.service.flush().await?;
@@ -125,7 +128,7 @@ pub async fn show_signing_keys(config: &Config) -> anyhow::Result<()> {
 /// Prints the newest `limit` reports, newest first, one line each.
 pub async fn list_reports(config: &Config, limit: usize) -> anyhow::Result<()> {
     let opened = open(config).await?;
-    for report in opened.service.list_reports(limit).await? {
+    for report in opened.service.reports().list(limit).await? {
         println!("{}", report_line(&report));
     }
     Ok(())

@@ -164,7 +164,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         if opened.fresh && config.registration.mode != config::RegistrationModeConfig::Disabled {
             let valid_ms = u64::from(config.registration.first_token_valid_days) * 24 * 3600 * 1000;
             let expiry = lattice_service::Clock::now_ms(&SystemClock).saturating_add(valid_ms);
-            Some(opened.service.create_registration_token(None, Some(expiry)).await?.token)
+            Some(opened.service.accounts().create_registration_token(None, Some(expiry)).await?.token)
         } else {
             None
         };
@@ -316,7 +316,7 @@ async fn sweep_uia_sessions(service: Arc<Service>) {
     let mut interval = tokio::time::interval(UIA_SWEEP_INTERVAL);
     loop {
         interval.tick().await;
-        match service.sweep_expired_uia_sessions().await {
+        match service.accounts().sweep_expired_uia_sessions().await {
             Ok(0) => {}
             Ok(swept) => tracing::debug!(swept, "deleted expired UIA sessions"),
             Err(error) => tracing::warn!(%error, "sweeping UIA sessions failed"),
@@ -331,7 +331,7 @@ async fn expire_typing(service: Arc<Service>) {
     let mut interval = tokio::time::interval(TYPING_SWEEP_INTERVAL);
     loop {
         interval.tick().await;
-        if let Err(error) = service.expire_typing().await {
+        if let Err(error) = service.rooms().expire_typing().await {
             tracing::warn!(%error, "expiring typing notices failed");
         }
     }
@@ -344,7 +344,7 @@ const REDACTION_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Sends merge events into rooms whose forward extremities grew past the threshold.
 async fn merge_wide_fronts(service: Arc<Service>) {
     loop {
-        let sent = service.merge_wide_fronts().await;
+        let sent = service.rooms().merge_wide_fronts().await;
         if sent > 0 {
             tracing::info!(events = sent, "merged wide room fronts");
         }
@@ -355,7 +355,7 @@ async fn purge_redacted_originals(service: Arc<Service>) {
     let mut interval = tokio::time::interval(REDACTION_PURGE_INTERVAL);
     loop {
         interval.tick().await;
-        match service.purge_expired_redacted_originals().await {
+        match service.rooms().purge_expired_redacted_originals().await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "deleted originals of redacted events past their retention"),
             Err(error) => tracing::warn!(%error, "purging originals of redacted events failed"),

@@ -121,7 +121,7 @@ impl ServerWithAccounts {
             for (name, admin) in accounts {
                 let account =
                     lattice_service::NewAccount { username: (*name).into(), password: "pw".into(), admin: *admin };
-                opened.service.create_user(account).await.expect("create user");
+                opened.service.accounts().create_user(account).await.expect("create user");
             }
             opened.service.flush().await.expect("flush");
         }

@@ -6,14 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room, register, test_config};
-
-async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, register, say, test_config};
 
 async fn get_ok(http: &Http, token: &str, path: &str) -> Value {
     let (status, body) = http.get(path, Some(token)).await;
@@ -24,10 +17,6 @@ async fn get_ok(http: &Http, token: &str, path: &str) -> Value {
 async fn join(http: &Http, token: &str, room: &str) {
     let (status, body) = http.post(&format!("/_matrix/client/v3/join/{room}"), Some(token), &json!({})).await;
     assert_eq!(status, 200, "{body}");
-}
-
-fn bodies(events: &Value) -> Vec<String> {
-    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
 }
 
 fn types(events: &Value) -> Vec<String> {
@@ -261,7 +250,7 @@ async fn reports_are_checked_and_kept_for_the_operator() {
     // What `lattice report list` reads, with the server stopped: newest first.
     // `stop` returned, so the database is closed and opens at once.
     let opened = lattice::open(&config).await.expect("the stopped server released its database");
-    let reports = opened.service.list_reports(10).await.unwrap();
+    let reports = opened.service.reports().list(10).await.unwrap();
     let summary: Vec<String> = reports
         .iter()
         .map(|r| format!("{} {} {:?} {:?} {:?}", r.id, r.reporter, r.event_id, r.user_id, r.score))
@@ -276,7 +265,7 @@ async fn reports_are_checked_and_kept_for_the_operator() {
     );
     assert_eq!(reports[1].room_id.as_deref(), Some(room.as_str()));
     assert_eq!(reports[2].reason.as_deref(), Some("spam"));
-    assert_eq!(opened.service.list_reports(1).await.unwrap().len(), 1);
+    assert_eq!(opened.service.reports().list(1).await.unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -5,23 +5,12 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
-
-async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, say};
 
 async fn get(http: &Http, token: &str, path: &str) -> Value {
     let (status, body) = http.get(path, Some(token)).await;
     assert_eq!(status, 200, "{path}: {body}");
     body
-}
-
-fn bodies(events: &Value) -> Vec<String> {
-    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
 }
 
 fn numbered(range: impl Iterator<Item = usize>) -> Vec<String> {

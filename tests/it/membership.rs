@@ -381,3 +381,49 @@ async fn hostile_input_to_the_new_routes_gets_matrix_errors() {
     assert_eq!(http.get("/_matrix/client/v3/account/whoami", Some(&alice)).await.0, 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn member_events_carry_profiles_and_a_profile_change_reaches_every_joined_room() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let carol = server.register("carol", "pw").await;
+    let (alice_id, bob_id, carol_id) = (server.user_id("alice"), server.user_id("bob"), server.user_id("carol"));
+    let name = |user: &str| format!("/_matrix/client/v3/profile/{user}/displayname");
+    ok(http.put(&name(&bob_id), Some(&bob), &json!({ "displayname": "Bob B." })).await);
+
+    let room = create_room(http, &alice, json!({ "preset": "private_chat" })).await;
+    let other = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    assert_eq!(state(http, &alice, &room, &format!("m.room.member/{alice_id}")).await["displayname"], "alice");
+    membership_action(http, &alice, &room, "invite", &bob_id).await;
+    let invite = state(http, &alice, &room, &format!("m.room.member/{bob_id}")).await;
+    assert_eq!((invite["membership"].as_str(), invite["displayname"].as_str()), (Some("invite"), Some("Bob B.")));
+    ok(join(http, &bob, &room).await);
+    ok(join(http, &bob, &other).await);
+    assert_eq!(state(http, &alice, &room, &format!("m.room.member/{bob_id}")).await["displayname"], "Bob B.");
+
+    let since = sync(http, &alice, None).await["next_batch"].as_str().unwrap().to_owned();
+    ok(http.put(&name(&bob_id), Some(&bob), &json!({ "displayname": "Robert" })).await);
+    let avatar = format!("/_matrix/client/v3/profile/{bob_id}/avatar_url");
+    ok(http.put(&avatar, Some(&bob), &json!({ "avatar_url": "mxc://hs1.localhost/bob" })).await);
+    for room in [&room, &other] {
+        let member = state(http, &alice, room, &format!("m.room.member/{bob_id}")).await;
+        assert_eq!(member["membership"], "join");
+        assert_eq!(member["displayname"], "Robert", "the new name in {room}");
+        assert_eq!(member["avatar_url"], "mxc://hs1.localhost/bob");
+    }
+    let news = sync(http, &alice, Some(&since)).await;
+    let timeline = news["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e["type"] == "m.room.member" && e["state_key"] == bob_id.as_str())
+        .filter_map(|e| e["content"]["displayname"].as_str())
+        .collect();
+    assert_eq!(names, ["Robert", "Robert"], "the rename, then the new avatar, as member events");
+
+    // A room carol was never in hears nothing of her rename.
+    ok(http.put(&name(&carol_id), Some(&carol), &json!({ "displayname": "Caz" })).await);
+    let member = http.get(&room_path(&room, &format!("state/m.room.member/{carol_id}")), Some(&alice)).await;
+    assert_error(&member, 404, "M_NOT_FOUND");
+}

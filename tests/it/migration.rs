@@ -137,9 +137,15 @@ async fn a_migration_killed_midway_resumes_and_ends_identical_to_an_uninterrupte
     assert_same_dump(&resumed, &expected);
 
     let meta = rows(&resumed, Table::Meta);
-    assert!(meta.contains(&(b"schema_version".to_vec(), 2u32.to_be_bytes().to_vec())), "{meta:?}");
+    let current = lattice_storage::SCHEMA_VERSION.to_be_bytes().to_vec();
+    assert!(meta.contains(&(b"schema_version".to_vec(), current)), "{meta:?}");
     assert!(!meta.iter().any(|(key, _)| key == b"migration_progress"));
     assert!(rows(&resumed, Table::AuthChains).is_empty());
+    let account_data = rows(&resumed, Table::AccountDataPositions).len();
+    assert!(account_data > 0, "the fixture has account data");
+    assert_eq!(rows(&resumed, Table::AccountDataChanges).len(), account_data, "one change row per entry");
+    let activity = rows(&resumed, Table::Timeline).len() + rows(&resumed, Table::ReceiptPositions).len();
+    assert_eq!(rows(&resumed, Table::RoomActivity).len(), activity, "one activity row per event and receipt");
     let timeline = rows(&resumed, Table::Timeline).len();
     assert_eq!(rows(&resumed, Table::Topological).len(), timeline, "one topological row per timeline event");
     let rooms = rows(&resumed, Table::Rooms);

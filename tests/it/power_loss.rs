@@ -45,6 +45,10 @@ async fn write_then_cut_power(dir: &std::path::Path, sync_writes: &str) -> Ackno
     let (status, created) = server.http.post("/_matrix/client/v3/createRoom", Some(&token), &json!({})).await;
     assert_eq!(status, 200, "{created}");
     let room = created["room_id"].as_str().unwrap().to_owned();
+    // Each stream claims its first block of positions with a synced write, which makes every
+    // earlier write durable too: the account-data stream claims its block before the messages.
+    let before = "/_matrix/client/v3/user/@alice:hs1.localhost/account_data/m.test.before";
+    assert_eq!(server.http.put(before, Some(&token), &json!({ "first": true })).await.0, 200);
     let mut bodies = send_all(&server.http, &token, &room).await;
     let path = "/_matrix/client/v3/user/@alice:hs1.localhost/account_data/m.test.after";
     assert_eq!(server.http.put(path, Some(&token), &json!({ "last": true })).await.0, 200);

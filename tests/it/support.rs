@@ -274,3 +274,23 @@ async fn read_start_up(
         }
     }
 }
+
+/// Sends a text message whose body is also its transaction ID; returns the event ID.
+pub async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
+    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
+    assert_eq!(status, 200, "{response}");
+    response["event_id"].as_str().unwrap().to_owned()
+}
+
+/// `GET /sync?{query}`, which must answer 200.
+pub async fn sync(http: &Http, token: &str, query: &str) -> Value {
+    let (status, body) = http.get(&format!("/_matrix/client/v3/sync?{query}"), Some(token)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The bodies of the messages among `events` (a JSON array), in order.
+pub fn bodies(events: &Value) -> Vec<String> {
+    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+}

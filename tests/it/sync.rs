@@ -4,24 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
-
-async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
-
-async fn sync(http: &Http, token: &str, query: &str) -> Value {
-    let (status, body) = http.get(&format!("/_matrix/client/v3/sync?{query}"), Some(token)).await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-fn bodies(events: &Value) -> Vec<String> {
-    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
-}
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, say, sync};
 
 #[tokio::test]
 async fn initial_sync_is_limited_and_pagination_reaches_the_create_event() {

@@ -6,20 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
-
-async fn say(http: &Http, token: &str, room: &str, txn: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": txn })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
-
-async fn sync(http: &Http, token: &str, query: &str) -> Value {
-    let (status, body) = http.get(&format!("/_matrix/client/v3/sync?{query}"), Some(token)).await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
+use crate::support::{TestServer, assert_error, create_room, say, sync};
 
 fn next_batch(body: &Value) -> String {
     body["next_batch"].as_str().unwrap().to_owned()
@@ -322,4 +309,39 @@ async fn redacted_events_say_which_redaction_removed_them() {
     let incremental = sync(http, &alice, &format!("since={since}")).await;
     assert_eq!(types(&incremental["rooms"]["join"][&room]["timeline"]["events"]), ["m.room.redaction"]);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_carry_a_position_per_stream_and_single_stream_tokens_still_work() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let room = create_room(http, &alice, json!({})).await;
+    let first = sync(http, &alice, "timeout=0").await;
+    let token = first["next_batch"].as_str().unwrap().to_owned();
+    let parts: Vec<u64> = token.strip_prefix('m').unwrap().split('_').map(|p| p.parse().unwrap()).collect();
+    assert_eq!(parts.len(), 5, "events, receipts, typing, account data, to-device: {token}");
+
+    // A receipt moves only its own stream; the events part stays where it was.
+    let event = say(http, &alice, &room, "hello").await;
+    let since_message = sync(http, &alice, &format!("timeout=0&since={token}")).await;
+    let after_message = since_message["next_batch"].as_str().unwrap().to_owned();
+    let receipt = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}");
+    assert_eq!(http.post(&receipt, Some(&alice), &json!({})).await.0, 200);
+    let since_receipt = sync(http, &alice, &format!("timeout=0&since={after_message}")).await;
+    let after_receipt = since_receipt["next_batch"].as_str().unwrap();
+    let events_part = |token: &str| token.strip_prefix('m').unwrap().split('_').next().unwrap().to_owned();
+    assert_eq!(events_part(after_receipt), events_part(&after_message), "{after_message} → {after_receipt}");
+    assert_ne!(after_receipt, after_message);
+    let ephemeral = &since_receipt["rooms"]["join"][&room]["ephemeral"]["events"];
+    assert_eq!(ephemeral[0]["type"], "m.receipt", "{since_receipt}");
+
+    // A token of the single shared stream (before the split) means every stream at it.
+    let everything = sync(http, &alice, "timeout=0&since=s0").await;
+    let timeline = &everything["rooms"]["join"][&room]["timeline"]["events"];
+    assert!(timeline.as_array().unwrap().iter().any(|e| e["content"]["body"] == "hello"), "{everything}");
+    let future = http.get("/_matrix/client/v3/sync?timeout=0&since=s18446744073709551615", Some(&alice)).await;
+    assert_error(&future, 400, "M_INVALID_PARAM");
+    let future = format!("/_matrix/client/v3/sync?timeout=0&since=m0_0_0_0_{}", u64::MAX);
+    assert_error(&http.get(&future, Some(&alice)).await, 400, "M_INVALID_PARAM");
 }

@@ -4,14 +4,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room};
-
-async fn say(http: &Http, token: &str, room: &str, body: &str) -> String {
-    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}");
-    let (status, response) = http.put(&path, Some(token), &json!({ "msgtype": "m.text", "body": body })).await;
-    assert_eq!(status, 200, "{response}");
-    response["event_id"].as_str().unwrap().to_owned()
-}
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, say};
 
 async fn post_ok(http: &Http, token: &str, path: &str, body: Value) -> Value {
     let (status, response) = http.post(path, Some(token), &body).await;
@@ -23,10 +16,6 @@ async fn get_ok(http: &Http, token: &str, path: &str) -> Value {
     let (status, body) = http.get(path, Some(token)).await;
     assert_eq!(status, 200, "{path}: {body}");
     body
-}
-
-fn bodies(events: &Value) -> Vec<String> {
-    events.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
 }
 
 /// The message bodies `token`'s user reads going back through the whole room.

@@ -71,7 +71,7 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = access_token(parts).ok_or(ApiError::MissingToken)?;
-        Ok(Auth(state.service.authenticate(&token).await?))
+        Ok(Auth(state.service.accounts().authenticate(&token).await?))
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use http::Method;
-use lattice_storage::{KvStore, Record, Table, WriteBatch};
+use lattice_storage::{KvStore, Record, ScopedStore, Table, TableScope, WriteBatch};
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,9 @@ use crate::bounded::BoundedMap;
 use crate::client::{Auth, FederationClient};
 use crate::error::{FederationError, Result};
 use crate::own_keys::OwnKeys;
+
+/// The tables the key cache owns: it reaches the store only through a scope of these.
+pub const TABLES: TableScope = TableScope { owner: "federation keys", tables: &[Table::ServerKeys] };
 
 /// The largest key document (or notary answer) read.
 pub const MAX_KEY_RESPONSE_BYTES: usize = 512 * 1024;
@@ -251,7 +254,7 @@ impl KeyCache {
     pub fn new(kv: Arc<dyn KvStore>, client: Arc<FederationClient>, notaries: Vec<OwnedServerName>) -> Self {
         let own = client.own_keys().clone();
         Self {
-            kv,
+            kv: ScopedStore::new(kv, TABLES),
             client,
             own,
             notaries,

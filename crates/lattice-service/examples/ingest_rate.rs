@@ -45,6 +45,7 @@ async fn main() {
     let alice = UserId::parse("@alice:origin.test").unwrap();
 
     let create = origin
+        .rooms()
         .build_local_event(
             &version,
             LocalEvent {
@@ -59,13 +60,14 @@ async fn main() {
         .unwrap();
     let room_id: OwnedRoomId = format!("!{}", &create.id().as_str()[1..]).try_into().unwrap();
     let mut sent: Vec<Pdu> = vec![create.clone()];
-    origin.ingest(&version, create).await.unwrap();
+    origin.rooms().ingest(&version, create).await.unwrap();
     for (kind, key, content) in [
         ("m.room.member", Some("@alice:origin.test"), json!({ "membership": "join" })),
         ("m.room.power_levels", Some(""), json!({})),
         ("m.room.join_rules", Some(""), json!({ "join_rule": "invite" })),
     ] {
         let event = origin
+            .rooms()
             .build_local_event(
                 &version,
                 LocalEvent { room_id: Some(&room_id), sender: &alice, kind, state_key: key, content },
@@ -73,13 +75,14 @@ async fn main() {
             .await
             .unwrap();
         sent.push(event.clone());
-        assert_eq!(origin.ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
+        assert_eq!(origin.rooms().ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
     }
 
     let start = Instant::now();
     for i in 0..MESSAGES {
         let content = json!({ "msgtype": "m.text", "body": format!("message number {i} with a little text in it") });
         let event = origin
+            .rooms()
             .build_local_event(
                 &version,
                 LocalEvent {
@@ -93,7 +96,7 @@ async fn main() {
             .await
             .unwrap();
         sent.push(event.clone());
-        assert_eq!(origin.ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
+        assert_eq!(origin.rooms().ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
     }
     let local = MESSAGES as f64 / start.elapsed().as_secs_f64();
 
@@ -108,7 +111,7 @@ async fn main() {
             panic!("hash mismatch")
         };
         let event = Pdu::new(object, &version).unwrap();
-        assert_eq!(receiver.ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
+        assert_eq!(receiver.rooms().ingest(&version, event).await.unwrap().outcome, Outcome::Accepted);
     }
     let remote = wire.len() as f64 / start.elapsed().as_secs_f64();
 

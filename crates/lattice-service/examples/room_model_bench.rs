@@ -44,11 +44,11 @@ fn key(version: &str) -> Arc<Ed25519KeyPair> {
 async fn public_room(service: &Service, members: usize) -> OwnedRoomId {
     let alice = UserId::parse(format!("@alice:{}", service.server_name())).unwrap();
     let request = CreateRoom { preset: Some(Preset::PublicChat), ..Default::default() };
-    let room = service.create_room(&alice, request).await.unwrap();
+    let room = service.rooms().create_room(&alice, request).await.unwrap();
     let started = Instant::now();
     for n in 1..members {
         let user = UserId::parse(format!("@member{n}:{}", service.server_name())).unwrap();
-        service.join_room(&user, &room, None).await.unwrap();
+        service.rooms().join_room(&user, &room, None).await.unwrap();
     }
     if members > 100 {
         println!("  {members} joins in {:.1} s", started.elapsed().as_secs_f64());
@@ -62,13 +62,13 @@ async fn send_rate(service: &Service, room: &RoomId, messages: usize) -> f64 {
     let started = Instant::now();
     for n in 0..messages {
         let content = json!({ "msgtype": "m.text", "body": format!("message {n}") });
-        service.send_event(&alice, room, "m.room.message", None, content, None).await.unwrap();
+        service.rooms().send_event(&alice, room, "m.room.message", None, content, None).await.unwrap();
     }
     messages as f64 / started.elapsed().as_secs_f64()
 }
 
 async fn event_bytes(service: &Service, id: &OwnedEventId) -> Vec<u8> {
-    service.stored_pdu_json(id).await.unwrap().expect("stored").into_bytes()
+    service.rooms().stored_pdu_json(id).await.unwrap().expect("stored").into_bytes()
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -101,10 +101,13 @@ async fn main() {
     let mut history = Vec::with_capacity(backfilled);
     for n in 0..backfilled {
         let content = json!({ "msgtype": "m.text", "body": format!("history {n}") });
-        history.push(origin.send_event(&alice, &room, "m.room.message", None, content, None).await.unwrap());
+        history.push(origin.rooms().send_event(&alice, &room, "m.room.message", None, content, None).await.unwrap());
     }
-    let newest =
-        origin.send_event(&alice, &room, "m.room.message", None, json!({ "body": "newest" }), None).await.unwrap();
+    let newest = origin
+        .rooms()
+        .send_event(&alice, &room, "m.room.message", None, json!({ "body": "newest" }), None)
+        .await
+        .unwrap();
     let mut keys = PublicKeyMap::new();
     keys.insert("origin.test".into(), [("ed25519:1".to_owned(), Base64::new(origin_key.public_key().to_vec()))].into());
     let receiver = service(dirs[3].path(), "receiver.test", key("1"));
@@ -112,22 +115,22 @@ async fn main() {
 
     // The room's state events arrive as outliers (as in a join's answer), then the newest
     // message live with its state.
-    let state = origin.room_state_ids(&room).await.unwrap();
+    let state = origin.rooms().room_state_ids(&room).await.unwrap();
     let mut state_events: Vec<(u64, OwnedEventId)> = Vec::new();
     for id in state.values() {
         let bytes = event_bytes(&origin, id).await;
-        let pdu = receiver.check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
+        let pdu = receiver.rooms().check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
         state_events.push((u64::from(pdu.depth()), id.clone()));
     }
     state_events.sort();
     for (_, id) in &state_events {
         let bytes = event_bytes(&origin, id).await;
-        let pdu = receiver.check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
-        receiver.ingest_outlier(&version, pdu).await.unwrap();
+        let pdu = receiver.rooms().check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
+        receiver.rooms().ingest_outlier(&version, pdu).await.unwrap();
     }
     let bytes = event_bytes(&origin, &newest).await;
-    let pdu = receiver.check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
-    let ingested = receiver.ingest_placed(&version, pdu, Arrival::Live, Some(&state)).await.unwrap();
+    let pdu = receiver.rooms().check_remote_pdu(&origin_name, &version, &bytes, &keys).unwrap();
+    let ingested = receiver.rooms().ingest_placed(&version, pdu, Arrival::Live, Some(&state)).await.unwrap();
     assert_eq!(ingested.outcome, Outcome::Accepted);
 
     // Backfill: the prev event of the oldest message is a state event stored as an outlier, so
@@ -138,9 +141,9 @@ async fn main() {
     }
     let started = Instant::now();
     for (n, bytes) in wire.iter().enumerate() {
-        let pdu = receiver.check_remote_pdu(&origin_name, &version, bytes, &keys).unwrap();
+        let pdu = receiver.rooms().check_remote_pdu(&origin_name, &version, bytes, &keys).unwrap();
         let supplied = (n == 0).then_some(&state);
-        let ingested = receiver.ingest_placed(&version, pdu, Arrival::Backfill, supplied).await.unwrap();
+        let ingested = receiver.rooms().ingest_placed(&version, pdu, Arrival::Backfill, supplied).await.unwrap();
         assert_eq!(ingested.outcome, Outcome::Accepted);
     }
     let rate = backfilled as f64 / started.elapsed().as_secs_f64();

@@ -1,43 +1,45 @@
-//! The application: accounts, devices, sessions, profiles and per-user data, on top of
-//! `lattice-storage`. Business rules live here; HTTP and RocksDB do not.
+//! The application, as domain services on top of `lattice-storage`. Business rules live here;
+//! HTTP and RocksDB do not.
+//!
+//! Each domain service owns its tables and reaches the store through a
+//! [`ScopedStore`](lattice_storage::ScopedStore) that refuses every other table:
+//! [`Accounts`] (users, UIA, registration tokens, devices, sessions, profiles),
+//! [`AccountData`] (account data, tags, filters), [`ToDevice`] (device inboxes), [`Reports`],
+//! and [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
+//! directory, and `/sync`, which also reads account data and inboxes). [`Service`] composes them: it builds them in
+//! [`Service::new`], runs the rules that span several (a room's account data needs a
+//! membership; a device's deletion clears its inbox in the same batch), and hands out each one.
 
-mod account_data;
-mod accounts;
+pub mod account_data;
+pub mod accounts;
 mod clock;
-mod devices;
+mod composed;
 mod error;
 mod notifier;
-mod profile;
-mod registration_tokens;
 mod reports;
 pub mod rooms;
 mod secrets;
-mod sessions;
-mod tags;
-mod to_device;
-mod uia;
+pub mod to_device;
 
 use std::sync::Arc;
 
-use lattice_storage::KvStore;
+use lattice_storage::{KvStore, StreamPositions, WriteBatch};
 use ruma::signatures::Ed25519KeyPair;
 use ruma::{OwnedServerName, ServerName};
 
-pub use account_data::FilterId;
-pub use accounts::{NewAccount, RegisterRequest, Registered};
+pub use account_data::{AccountData, FilterId};
+pub use accounts::{
+    Accounts, DeviceInfo, LoginRequest, LoginResult, NewAccount, Profile, ProfileField, RegisterRequest, Registered,
+    RegistrationTokenInfo, Session, SessionTokens, UiaChallenge, valid_registration_token_format,
+};
 pub use clock::{Clock, SystemClock};
-pub use devices::DeviceInfo;
 pub use error::ServiceError;
 pub use lattice_storage::records::JsonObject;
 pub use notifier::SyncWaiters;
-pub use profile::Profile;
-pub use profile::ProfileField;
-pub use registration_tokens::{RegistrationTokenInfo, valid_registration_token_format};
-pub use reports::Report;
+pub use reports::{Report, Reports};
+pub use rooms::Rooms;
 pub use secrets::PasswordHasher;
-pub use sessions::{LoginRequest, LoginResult, Session, SessionTokens};
-pub use to_device::{MAX_TO_DEVICE_PER_SYNC, ToDeviceMessages};
-pub use uia::UiaChallenge;
+pub use to_device::{MAX_TO_DEVICE_PER_SYNC, ToDevice, ToDeviceMessages};
 
 /// Who may create accounts through the client API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,36 +69,21 @@ pub struct ServiceConfig {
 /// Seven days, as Synapse keeps redacted content by default.
 pub const DEFAULT_REDACTION_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
-/// The application state shared by every request.
+/// The application: the domain services, composed. Each request reaches the service it needs
+/// through an accessor, or one of the composed operations (`composed.rs`, `reports.rs`) when a
+/// rule spans several services.
 pub struct Service {
     config: ServiceConfig,
-    kv: Arc<dyn KvStore>,
-    clock: Arc<dyn Clock>,
-    hasher: PasswordHasher,
-    /// Signs the events this server creates (and, later, its federation requests).
-    signing_key: Arc<Ed25519KeyPair>,
-    /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
-    /// retrying against each other. Correctness comes from the batches' conditions, not these.
-    room_locks: Vec<tokio::sync::Mutex<()>>,
-    /// Hands out stream positions without a lock across the writes that use them; `/sync` reads
-    /// up to its completed mark. A writer takes a position after any room lock it needs (never
-    /// the other way round) and publishes it before it wakes anyone.
-    stream: lattice_storage::StreamPositions,
-    /// State group IDs, from reserved blocks like stream positions, so a state event's group is
-    /// written only in the event's own batch.
-    state_group_ids: lattice_storage::StreamPositions,
-    /// Who is typing where; in memory only, since notices last seconds.
-    typing: std::sync::Mutex<rooms::typing::Typing>,
-    /// Wakes each waiting `/sync` only for writes that concern its user.
+    /// The whole store: only for writes composed from several services' parts (see
+    /// [`Service::commit_composed`]) and for flushing.
+    store: Arc<dyn KvStore>,
+    accounts: Arc<Accounts>,
+    account_data: Arc<AccountData>,
+    to_device: Arc<ToDevice>,
+    reports: Reports,
+    rooms: Rooms,
     notifier: Arc<notifier::Notifier>,
-    /// The public room directory as last listed.
-    directory_cache: rooms::DirectoryCache,
-    /// Rooms whose forward extremities are waiting to be merged.
-    merges: rooms::MergeQueue,
 }
-
-/// How many room locks there are; rooms share a lock when their IDs hash alike.
-const ROOM_LOCK_STRIPES: usize = 64;
 
 impl Service {
     pub fn new(
@@ -106,22 +93,36 @@ impl Service {
         hasher: PasswordHasher,
         signing_key: Arc<Ed25519KeyPair>,
     ) -> Self {
-        let room_locks = (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        let stream = lattice_storage::StreamPositions::new(kv.clone(), "stream");
-        let state_group_ids = lattice_storage::StreamPositions::new(kv.clone(), "state_group");
+        // Each stream `/sync` reads has its own positions. `stream` (events) is the stream all
+        // writers shared before; the others start above it, so positions in tokens and rows
+        // written before the split stay below theirs.
+        let streams = rooms::RoomStreams {
+            events: StreamPositions::new(kv.clone(), "stream"),
+            receipts: StreamPositions::above(kv.clone(), "stream.receipts", "stream"),
+            typing: StreamPositions::above(kv.clone(), "stream.typing", "stream"),
+        };
+        let account_data_stream = StreamPositions::above(kv.clone(), "stream.account_data", "stream");
+        let to_device_stream = StreamPositions::above(kv.clone(), "stream.to_device", "stream");
+        let notifier: Arc<notifier::Notifier> = Default::default();
+        let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
+        let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
+        let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
+        let neighbours = rooms::Neighbours {
+            accounts: accounts.clone(),
+            account_data: account_data.clone(),
+            to_device: to_device.clone(),
+        };
+        let rooms =
+            Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, streams, notifier.clone(), neighbours);
         Self {
             config,
-            kv,
-            clock,
-            hasher,
-            signing_key,
-            room_locks,
-            stream,
-            state_group_ids,
-            typing: Default::default(),
-            notifier: Default::default(),
-            directory_cache: Default::default(),
-            merges: Default::default(),
+            reports: Reports::new(kv.clone(), clock),
+            store: kv,
+            accounts,
+            account_data,
+            to_device,
+            rooms,
+            notifier,
         }
     }
 
@@ -140,19 +141,33 @@ impl Service {
 
     /// Makes every acknowledged write durable; called at shutdown.
     pub async fn flush(&self) -> Result<(), ServiceError> {
-        Ok(self.kv.flush().await?)
+        Ok(self.store.flush().await?)
     }
 
-    /// The lock stripe of a room (see `room_locks`).
-    fn room_lock(&self, room_id: &str) -> &tokio::sync::Mutex<()> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        room_id.hash(&mut hasher);
-        &self.room_locks[(hasher.finish() as usize) % ROOM_LOCK_STRIPES]
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
     }
 
-    fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
+    pub fn account_data(&self) -> &AccountData {
+        &self.account_data
+    }
+
+    pub fn to_device(&self) -> &ToDevice {
+        &self.to_device
+    }
+
+    pub fn reports(&self) -> &Reports {
+        &self.reports
+    }
+
+    pub fn rooms(&self) -> &Rooms {
+        &self.rooms
+    }
+
+    /// Commits a batch that several services filled, each with rows of its own tables only
+    /// (through their `…_to_batch` methods), so a change that spans them stays atomic.
+    async fn commit_composed(&self, batch: WriteBatch) -> Result<(), lattice_storage::StorageError> {
+        self.store.write(batch).await
     }
 }
 

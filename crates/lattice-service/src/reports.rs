@@ -1,12 +1,19 @@
 //! Reports of events, rooms and users (spec: "Reporting content"), kept for the server's
-//! operators, who read them with `lattice report list`.
+//! operators, who read them with `lattice report list`. The reports service owns the `reports`
+//! table; the checks that need rooms or accounts (may the reporter see the event?) are the
+//! composer's, in the `impl Service` below.
+
+use std::sync::Arc;
 
 use lattice_core::limits::MAX_REPORT_REASON_BYTES;
 use lattice_storage::records::ReportRecord;
-use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
+use lattice_storage::{Direction, KeyRange, KvStore, ScopedStore, StorageError, Table, TableScope, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 
-use crate::{Service, ServiceError};
+use crate::{Clock, Service, ServiceError};
+
+/// `counters` holds the report numbers (`report`).
+pub(crate) const TABLES: TableScope = TableScope { owner: "reports", tables: &[Table::Reports, Table::Counters] };
 
 /// A stored report, as operators see it.
 pub type Report = ReportRecord;
@@ -17,7 +24,7 @@ const SCORE_RANGE: std::ops::RangeInclusive<i64> = -100..=0;
 const REPORT_WRITE_RETRIES: usize = 16;
 
 /// What a report is about.
-enum Target<'a> {
+pub(crate) enum Target<'a> {
     Event { room_id: &'a RoomId, event_id: &'a str, score: Option<i64> },
     Room(&'a RoomId),
     User(&'a UserId),
@@ -46,14 +53,14 @@ impl Service {
         }
         check_reason(reason.as_deref())?;
         let not_found = || ServiceError::NotFound(format!("no event {event_id} in a room you are joined to"));
-        if self.membership(reporter, room_id).await?.as_deref() != Some("join") {
+        if self.rooms.membership(reporter, room_id).await?.as_deref() != Some("join") {
             return Err(not_found());
         }
-        match self.require_visible(reporter, room_id, event_id).await {
+        match self.rooms.require_visible(reporter, room_id, event_id).await {
             Err(ServiceError::NotFound(_)) => return Err(not_found()),
             other => other?,
         }
-        self.store_report(reporter, Target::Event { room_id, event_id, score }, reason).await
+        self.reports.store(reporter, Target::Event { room_id, event_id, score }, reason).await
     }
 
     /// `POST /rooms/{roomId}/report`: any room this server knows; the reporter need not be in it.
@@ -64,8 +71,8 @@ impl Service {
         reason: Option<String>,
     ) -> Result<u64, ServiceError> {
         check_reason(reason.as_deref())?;
-        self.room_version(room_id).await?;
-        self.store_report(reporter, Target::Room(room_id), reason).await
+        self.rooms.room_version(room_id).await?;
+        self.reports.store(reporter, Target::Room(room_id), reason).await
     }
 
     /// `POST /users/{userId}/report`: any account of this server (remote users are unknown to it
@@ -77,14 +84,25 @@ impl Service {
         reason: Option<String>,
     ) -> Result<u64, ServiceError> {
         check_reason(reason.as_deref())?;
-        if self.user_record(user_id).await?.is_none() {
+        if self.accounts.user_record(user_id).await?.is_none() {
             return Err(ServiceError::NotFound(format!("no such user {user_id}")));
         }
-        self.store_report(reporter, Target::User(user_id), reason).await
+        self.reports.store(reporter, Target::User(user_id), reason).await
+    }
+}
+
+pub struct Reports {
+    kv: Arc<dyn KvStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Reports {
+    pub(crate) fn new(kv: Arc<dyn KvStore>, clock: Arc<dyn Clock>) -> Self {
+        Self { kv: ScopedStore::new(kv, TABLES), clock }
     }
 
     /// Stores a report under the next report number; number and report commit together.
-    async fn store_report(
+    pub(crate) async fn store(
         &self,
         reporter: &UserId,
         target: Target<'_>,
@@ -92,7 +110,7 @@ impl Service {
     ) -> Result<u64, ServiceError> {
         let mut record = ReportRecord {
             id: 0,
-            received_ms: self.now_ms(),
+            received_ms: self.clock.now_ms(),
             reporter: reporter.to_string(),
             room_id: None,
             event_id: None,
@@ -126,7 +144,7 @@ impl Service {
     }
 
     /// The newest `limit` reports, newest first (for operators).
-    pub async fn list_reports(&self, limit: usize) -> Result<Vec<Report>, ServiceError> {
+    pub async fn list(&self, limit: usize) -> Result<Vec<Report>, ServiceError> {
         let limit = limit.min(lattice_storage::MAX_SCAN_ROWS);
         let rows = self.kv.scan(Table::Reports, &KeyRange::all(), Direction::Backward, limit).await?;
         rows.into_iter()

@@ -58,36 +58,39 @@ async fn register_with_token(service: &Service, name: &str, token: &str) -> Resu
         auth: Some(AuthData::RegistrationToken(stage)),
         ..Default::default()
     };
-    service.register(request).await.map(|_| ())
+    service.accounts().register(request).await.map(|_| ())
 }
 
 #[tokio::test]
 async fn refreshable_access_tokens_expire_into_soft_logout() {
     let (service, clock) = service();
-    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let token = service.accounts().create_registration_token(None, None).await.unwrap().token;
     register_with_token(&service, "alice", &token).await.unwrap();
-    let session = service.login(login("alice", true)).await.unwrap();
+    let session = service.accounts().login(login("alice", true)).await.unwrap();
     let access = session.tokens.access_token;
-    assert!(service.authenticate(&access).await.is_ok());
+    assert!(service.accounts().authenticate(&access).await.is_ok());
     clock.advance(60_001);
-    assert!(matches!(service.authenticate(&access).await, Err(ServiceError::UnknownToken { soft_logout: true })));
-    let refreshed = service.refresh(session.tokens.refresh_token.as_deref().unwrap()).await.unwrap();
-    assert!(service.authenticate(&refreshed.access_token).await.is_ok());
+    assert!(matches!(
+        service.accounts().authenticate(&access).await,
+        Err(ServiceError::UnknownToken { soft_logout: true })
+    ));
+    let refreshed = service.accounts().refresh(session.tokens.refresh_token.as_deref().unwrap()).await.unwrap();
+    assert!(service.accounts().authenticate(&refreshed.access_token).await.is_ok());
 }
 
 #[tokio::test]
 async fn registration_tokens_run_out_and_expire() {
     let (service, clock) = service();
-    let once = service.create_registration_token(Some(1), None).await.unwrap().token;
+    let once = service.accounts().create_registration_token(Some(1), None).await.unwrap().token;
     register_with_token(&service, "first", &once).await.unwrap();
-    assert!(!service.registration_token_usable(&once).await.unwrap());
+    assert!(!service.accounts().registration_token_usable(&once).await.unwrap());
     assert!(matches!(register_with_token(&service, "second", &once).await, Err(ServiceError::AuthRequired(_))));
 
-    let brief = service.create_registration_token(None, Some(clock.now_ms() + 1_000)).await.unwrap().token;
-    assert!(service.registration_token_usable(&brief).await.unwrap());
+    let brief = service.accounts().create_registration_token(None, Some(clock.now_ms() + 1_000)).await.unwrap().token;
+    assert!(service.accounts().registration_token_usable(&brief).await.unwrap());
     clock.advance(1_000);
-    assert!(!service.registration_token_usable(&brief).await.unwrap());
-    let tokens = service.registration_tokens().await.unwrap();
+    assert!(!service.accounts().registration_token_usable(&brief).await.unwrap());
+    let tokens = service.accounts().registration_tokens().await.unwrap();
     assert_eq!(tokens.iter().find(|t| t.token == once).unwrap().completed, 1);
 }
 
@@ -96,28 +99,30 @@ async fn abandoned_uia_sessions_expire_and_are_swept() {
     let (service, clock) = service();
     let request =
         || RegisterRequest { username: Some("bob".into()), password: Some("pw".into()), ..Default::default() };
-    let Err(ServiceError::AuthRequired(challenge)) = service.register(request()).await else { panic!("expected UIA") };
-    assert_eq!(service.sweep_expired_uia_sessions().await.unwrap(), 0);
+    let Err(ServiceError::AuthRequired(challenge)) = service.accounts().register(request()).await else {
+        panic!("expected UIA")
+    };
+    assert_eq!(service.accounts().sweep_expired_uia_sessions().await.unwrap(), 0);
     clock.advance(lattice_core::limits::UIA_SESSION_LIFETIME_MS + 1);
 
     // The expired session is refused (a fresh one is offered instead)...
-    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let token = service.accounts().create_registration_token(None, None).await.unwrap().token;
     let mut stage = RegistrationToken::new(token);
     stage.session = Some(challenge.session.clone());
     let stale = RegisterRequest { auth: Some(AuthData::RegistrationToken(stage)), ..request() };
-    let Err(ServiceError::AuthRequired(fresh)) = service.register(stale).await else {
+    let Err(ServiceError::AuthRequired(fresh)) = service.accounts().register(stale).await else {
         panic!("expected a new challenge")
     };
     assert_ne!(fresh.session, challenge.session);
     // ...and the sweep deletes it, leaving the fresh one.
-    assert_eq!(service.sweep_expired_uia_sessions().await.unwrap(), 1);
+    assert_eq!(service.accounts().sweep_expired_uia_sessions().await.unwrap(), 1);
 }
 
 #[tokio::test]
 async fn concurrent_registrations_of_one_name_create_one_account() {
     let (service, _) = service();
     let service = Arc::new(service);
-    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let token = service.accounts().create_registration_token(None, None).await.unwrap().token;
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (service, token) = (service.clone(), token.clone());
@@ -132,14 +137,14 @@ async fn concurrent_registrations_of_one_name_create_one_account() {
         }
     }
     assert_eq!(created, 1);
-    assert_eq!(service.registration_tokens().await.unwrap()[0].completed, 1);
+    assert_eq!(service.accounts().registration_tokens().await.unwrap()[0].completed, 1);
 }
 
 #[tokio::test]
 async fn concurrent_registrations_share_an_unlimited_token() {
     let (service, _) = service();
     let service = Arc::new(service);
-    let token = service.create_registration_token(None, None).await.unwrap().token;
+    let token = service.accounts().create_registration_token(None, None).await.unwrap().token;
     let mut tasks = Vec::new();
     for i in 0..8 {
         let (service, token) = (service.clone(), token.clone());
@@ -148,7 +153,7 @@ async fn concurrent_registrations_share_an_unlimited_token() {
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    assert_eq!(service.registration_tokens().await.unwrap()[0].completed, 8);
+    assert_eq!(service.accounts().registration_tokens().await.unwrap()[0].completed, 8);
 }
 
 /// The original of a redacted event is readable by a server admin for the retention, then the
@@ -157,20 +162,44 @@ async fn concurrent_registrations_share_an_unlimited_token() {
 async fn redacted_originals_are_kept_for_the_retention_then_purged() {
     let (service, clock) = service();
     let account = |name: &str, admin| crate::NewAccount { username: name.into(), password: "pw".into(), admin };
-    let admin = service.create_user(account("admin", true)).await.unwrap();
-    let room = service.create_room(&admin, crate::rooms::CreateRoom::default()).await.unwrap();
+    let admin = service.accounts().create_user(account("admin", true)).await.unwrap();
+    let room = service.rooms().create_room(&admin, crate::rooms::CreateRoom::default()).await.unwrap();
     let content = serde_json::json!({ "msgtype": "m.text", "body": "evidence" });
-    let message = service.send_event(&admin, &room, "m.room.message", None, content, None).await.unwrap();
+    let message = service.rooms().send_event(&admin, &room, "m.room.message", None, content, None).await.unwrap();
     let redaction = serde_json::json!({ "redacts": message });
-    service.send_event(&admin, &room, "m.room.redaction", None, redaction, None).await.unwrap();
+    service.rooms().send_event(&admin, &room, "m.room.redaction", None, redaction, None).await.unwrap();
 
-    let original = service.room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
+    let original = service.rooms().room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
     assert_eq!(original["content"]["body"], "evidence");
     clock.advance(crate::DEFAULT_REDACTION_RETENTION_MS - 1);
-    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 0, "not yet past the retention");
+    assert_eq!(service.rooms().purge_expired_redacted_originals().await.unwrap(), 0, "not yet past the retention");
     clock.advance(1);
-    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 1);
-    let redacted = service.room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
+    assert_eq!(service.rooms().purge_expired_redacted_originals().await.unwrap(), 1);
+    let redacted = service.rooms().room_event_unredacted(&admin, &room, message.as_str()).await.unwrap();
     assert_eq!(redacted["content"], serde_json::json!({}));
-    assert_eq!(service.purge_expired_redacted_originals().await.unwrap(), 0);
+    assert_eq!(service.rooms().purge_expired_redacted_originals().await.unwrap(), 0);
+}
+
+/// Every table has exactly one owning service (the shared `counters` aside, whose rows are
+/// named per owner), except `meta`, which the storage layer's schema code keeps.
+#[test]
+fn every_table_but_meta_has_one_owner() {
+    use lattice_storage::Table;
+    let scopes = [
+        crate::rooms::TABLES,
+        crate::accounts::TABLES,
+        crate::account_data::TABLES,
+        crate::to_device::TABLES,
+        crate::reports::TABLES,
+        lattice_federation::key_cache::TABLES,
+    ];
+    for table in Table::ALL {
+        let owners: Vec<&str> =
+            scopes.iter().filter(|scope| scope.tables.contains(table)).map(|scope| scope.owner).collect();
+        match table {
+            Table::Meta | Table::AuthChains => assert!(owners.is_empty(), "{table:?} is the schema's: {owners:?}"),
+            Table::Counters => assert!(!owners.is_empty()),
+            _ => assert_eq!(owners.len(), 1, "{table:?} is owned by {owners:?}"),
+        }
+    }
 }

@@ -1,15 +1,23 @@
-//! To-device messages between local devices: each waits in its device's inbox, under a stream
-//! position, until the device syncs past it (architecture invariant 3: delivered exactly once,
-//! deleted only once acknowledged).
+//! The to-device service: messages between local devices. Each waits in its device's inbox,
+//! under a stream position, until the device syncs past it (architecture invariant 3: delivered
+//! exactly once, deleted only once acknowledged). It owns the `to_device*` tables; which devices
+//! a user has is the accounts' business, so callers pass the recipients' devices in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use lattice_storage::records::{DeviceRecord, JsonObject, ToDeviceRecord};
-use lattice_storage::{Direction, KeyRange, StorageError, Table, WriteBatch, keys};
-use ruma::UserId;
+use lattice_storage::records::{JsonObject, ToDeviceRecord};
+use lattice_storage::{
+    Direction, KeyRange, KvStore, ScopedStore, StorageError, StreamPositions, Table, TableScope, WriteBatch, keys,
+};
+use ruma::{OwnedUserId, UserId};
 use serde_json::{Value, json};
 
-use crate::{Service, ServiceError};
+use crate::ServiceError;
+use crate::notifier::Notifier;
+
+pub(crate) const TABLES: TableScope =
+    TableScope { owner: "to-device", tables: &[Table::ToDevice, Table::ToDeviceTransactions] };
 
 /// Messages one `/sync` delivers; the rest follow in the next sync.
 pub const MAX_TO_DEVICE_PER_SYNC: usize = 100;
@@ -30,17 +38,38 @@ pub struct ToDeviceBatch {
     pub delivered_up_to: Option<u64>,
 }
 
-impl Service {
+/// The devices of each local recipient, as the accounts service lists them.
+pub(crate) type RecipientDevices = HashMap<OwnedUserId, Vec<String>>;
+
+pub struct ToDevice {
+    kv: Arc<dyn KvStore>,
+    /// The to-device stream (`stream.to_device`): inbox keys are its positions.
+    stream: StreamPositions,
+    notifier: Arc<Notifier>,
+}
+
+impl ToDevice {
+    pub(crate) fn new(kv: Arc<dyn KvStore>, stream: StreamPositions, notifier: Arc<Notifier>) -> Self {
+        Self { kv: ScopedStore::new(kv, TABLES), stream, notifier }
+    }
+
+    /// The completed mark of the to-device stream: every message up to it is readable.
+    pub(crate) async fn position(&self) -> Result<u64, ServiceError> {
+        Ok(self.stream.completed().await?)
+    }
+
     /// `PUT /sendToDevice/{eventType}/{txnId}`: queues each message in its recipient devices'
     /// inboxes, all in one batch. Repeating a transaction ID does nothing a second time.
-    /// Recipients on other servers are skipped until federation exists.
-    pub async fn send_to_device(
+    /// Recipients missing from `devices` (users of other servers, until federation exists) are
+    /// skipped.
+    pub(crate) async fn send(
         &self,
         sender: &UserId,
         sender_device: &str,
         event_type: &str,
         txn_id: &str,
-        messages: ToDeviceMessages,
+        messages: &ToDeviceMessages,
+        devices: &RecipientDevices,
     ) -> Result<(), ServiceError> {
         if event_type.is_empty() || event_type.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES {
             return Err(ServiceError::BadJson("invalid event type".into()));
@@ -54,7 +83,7 @@ impl Service {
             batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
             batch.put(Table::ToDeviceTransactions, txn_key.clone(), Vec::new());
             let position = self.stream.take().await?;
-            let queued = self.queue_messages(&mut batch, sender, event_type, &messages, position.get()).await?;
+            let queued = queue_messages(&mut batch, sender, event_type, messages, devices, position.get())?;
             match self.kv.write(batch).await {
                 Ok(()) => {
                     position.published().await;
@@ -69,58 +98,6 @@ impl Service {
             }
         }
         Err(ServiceError::LimitExceeded("too many concurrent writes; try again".into()))
-    }
-
-    async fn queue_messages(
-        &self,
-        batch: &mut WriteBatch,
-        sender: &UserId,
-        event_type: &str,
-        messages: &ToDeviceMessages,
-        position: u64,
-    ) -> Result<usize, ServiceError> {
-        let mut seq: u32 = 0;
-        for (user, devices) in messages {
-            if user.server_name() != self.server_name() {
-                tracing::debug!(recipient = %user, "skipping a to-device message for another server");
-                continue;
-            }
-            let known = self.device_ids(user).await?;
-            for (device, content) in devices {
-                let targets: Vec<&String> = if device == "*" {
-                    known.iter().collect()
-                } else {
-                    // Unknown devices are skipped, as the spec asks.
-                    known.iter().filter(|d| *d == device).collect()
-                };
-                for target in targets {
-                    if seq as usize >= MAX_TO_DEVICE_RECIPIENTS {
-                        return Err(ServiceError::LimitExceeded(format!(
-                            "one request may reach at most {MAX_TO_DEVICE_RECIPIENTS} devices"
-                        )));
-                    }
-                    let record = ToDeviceRecord {
-                        sender: sender.to_string(),
-                        event_type: event_type.to_owned(),
-                        content: content.clone(),
-                    };
-                    lattice_storage::put(batch, keys::to_device(user.as_str(), target, position, seq), &record);
-                    seq += 1;
-                }
-            }
-        }
-        Ok(seq as usize)
-    }
-
-    async fn device_ids(&self, user_id: &UserId) -> Result<Vec<String>, ServiceError> {
-        let prefix = keys::user_rows(user_id.as_str());
-        let rows = lattice_storage::scan_prefix::<DeviceRecord>(
-            self.kv.as_ref(),
-            &prefix,
-            lattice_core::limits::MAX_DEVICES_PER_USER,
-        )
-        .await?;
-        Ok(rows.into_iter().map(|(_, device)| device.device_id).collect())
     }
 
     /// Deletes the messages a device acknowledged by syncing with a token past them.
@@ -189,4 +166,40 @@ impl Service {
         let delivered_up_to = cut.map(|cut| cut.saturating_sub(1));
         Ok(ToDeviceBatch { events, delivered_up_to })
     }
+}
+
+/// Puts each message into its recipients' inboxes under one position.
+fn queue_messages(
+    batch: &mut WriteBatch,
+    sender: &UserId,
+    event_type: &str,
+    messages: &ToDeviceMessages,
+    devices: &RecipientDevices,
+    position: u64,
+) -> Result<usize, ServiceError> {
+    let mut seq: u32 = 0;
+    for (user, wanted) in messages {
+        let Some(known) = devices.get(user) else {
+            tracing::debug!(recipient = %user, "skipping a to-device message for a user with no local devices");
+            continue;
+        };
+        for (device, content) in wanted {
+            // `*` means every device; unknown devices are skipped, as the spec asks.
+            for target in known.iter().filter(|d| device == "*" || *d == device) {
+                if seq as usize >= MAX_TO_DEVICE_RECIPIENTS {
+                    return Err(ServiceError::LimitExceeded(format!(
+                        "one request may reach at most {MAX_TO_DEVICE_RECIPIENTS} devices"
+                    )));
+                }
+                let record = ToDeviceRecord {
+                    sender: sender.to_string(),
+                    event_type: event_type.to_owned(),
+                    content: content.clone(),
+                };
+                lattice_storage::put(batch, keys::to_device(user.as_str(), target, position, seq), &record);
+                seq += 1;
+            }
+        }
+    }
+    Ok(seq as usize)
 }

@@ -40,6 +40,12 @@ pub fn account_data(user_id: &str, room_id: Option<&str>, event_type: &str) -> V
     join(&[user_id.as_bytes(), room_id.unwrap_or("").as_bytes(), event_type.as_bytes()])
 }
 
+/// A change of a user's account data in stream order: `user\0position`; the value is the
+/// changed entry's `account_data` key.
+pub fn account_data_change(user_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &position.to_be_bytes()])
+}
+
 pub fn filter(user_id: &str, filter_id: u64) -> Vec<u8> {
     join(&[user_id.as_bytes(), &filter_id.to_be_bytes()])
 }
@@ -113,6 +119,31 @@ pub fn room_transaction(user_id: &str, device_id: &str, room_id: &str, txn_id: &
 /// `room\0user\0receipt type\0thread`: one receipt per user, type and thread in a room.
 pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
+}
+
+/// Which stream a [`room_activity`] row belongs to.
+pub const ACTIVITY_EVENTS: u8 = b'e';
+pub const ACTIVITY_RECEIPTS: u8 = b'r';
+
+/// `stream·position·room` (a stream tag byte, the position big-endian in eight bytes): the rooms
+/// that changed at each position of the events and receipts streams, so an incremental `/sync`
+/// finds the rooms that changed since its token without looking at the user's other rooms.
+pub fn room_activity(stream: u8, position: u64, room_id: &str) -> Vec<u8> {
+    let mut key = room_activity_from(stream, position);
+    key.extend_from_slice(room_id.as_bytes());
+    key
+}
+
+/// The first key of [`room_activity`] at `position` of `stream`.
+pub fn room_activity_from(stream: u8, position: u64) -> Vec<u8> {
+    let mut key = vec![stream];
+    key.extend_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// The room of a [`room_activity`] key.
+pub fn room_activity_room(key: &[u8]) -> Option<&str> {
+    key.get(9..).and_then(|room| std::str::from_utf8(room).ok())
 }
 
 /// `room\0position`, big-endian: a room's receipt changes in stream order, so a sync finds

@@ -12,6 +12,7 @@ mod positions;
 pub mod records;
 mod rocks;
 mod schema;
+mod scoped;
 mod table;
 mod typed;
 
@@ -24,6 +25,7 @@ pub use schema::{
     DEFAULT_MIGRATION_CHUNK_ROWS, DropTable, Migration, MigrationStep, SCHEMA_VERSION, migrate_with, open_schema,
     read_through,
 };
+pub use scoped::{ScopedStore, TableScope};
 pub use table::Table;
 pub use typed::{
     COUNTER_RESERVATION_BLOCK, Fetched, Record, counter, counter_in_batch, get, next_counter, put, recover_counters,

@@ -25,6 +25,7 @@ use crate::{COUNTER_RESERVATION_BLOCK, StorageError, Table};
 const CLAIM_RETRIES: usize = 64;
 
 /// The positions of one named stream, for one process.
+#[derive(Clone)]
 pub struct StreamPositions {
     inner: Arc<Inner>,
 }
@@ -32,6 +33,8 @@ pub struct StreamPositions {
 struct Inner {
     kv: Arc<dyn KvStore>,
     name: String,
+    /// Another stream this one starts above (see [`StreamPositions::above`]).
+    floor: Option<String>,
     state: Mutex<State>,
     /// Reads the stored reservation once, before the first position or mark.
     started: OnceCell<()>,
@@ -67,10 +70,22 @@ pub struct StreamPosition {
 
 impl StreamPositions {
     pub fn new(kv: Arc<dyn KvStore>, name: &str) -> Self {
+        Self::with_floor(kv, name, None)
+    }
+
+    /// A stream that starts above everything `floor` may have handed out: for a stream split off
+    /// another, so that positions of the old shared stream (in clients' tokens and stored rows)
+    /// stay below every position the new one hands out.
+    pub fn above(kv: Arc<dyn KvStore>, name: &str, floor: &str) -> Self {
+        Self::with_floor(kv, name, Some(floor.to_owned()))
+    }
+
+    fn with_floor(kv: Arc<dyn KvStore>, name: &str, floor: Option<String>) -> Self {
         let (completed, _) = watch::channel(0);
         let inner = Inner {
             kv,
             name: name.to_owned(),
+            floor,
             state: Mutex::new(State::default()),
             started: OnceCell::new(),
             claiming: tokio::sync::Mutex::new(()),
@@ -148,7 +163,10 @@ impl Inner {
     async fn start(&self) -> Result<(), StorageError> {
         self.started
             .get_or_try_init(|| async {
-                let start = self.stored_high_water().await?.0;
+                let mut start = self.stored_high_water().await?.0;
+                if let Some(floor) = &self.floor {
+                    start = start.max(high_water_of(self.kv.as_ref(), floor).await?.0);
+                }
                 let mut state = self.lock();
                 state.last = start;
                 state.block_end = start;
@@ -162,11 +180,7 @@ impl Inner {
     /// The highest value any process may have handed out: the reservation (or the counter, for
     /// a counter stored before reservations existed), with the reservation's stored bytes.
     async fn stored_high_water(&self) -> Result<(u64, Option<Vec<u8>>), StorageError> {
-        let reservation = self.kv.get(Table::Counters, &crate::keys::counter_reservation(&self.name)).await?;
-        let counter = self.kv.get(Table::Counters, &crate::keys::counter(&self.name)).await?;
-        let high =
-            counter_value(&self.name, reservation.as_deref())?.max(counter_value(&self.name, counter.as_deref())?);
-        Ok((high, reservation))
+        high_water_of(self.kv.as_ref(), &self.name).await
     }
 
     fn take_in_block(&self) -> Option<u64> {
@@ -220,6 +234,15 @@ impl Inner {
         let mark = state.completed();
         self.completed.send_if_modified(|completed| advance(completed, mark));
     }
+}
+
+/// The highest value the named stream may have handed out: its reservation (or its counter,
+/// for a counter stored before reservations existed), with the reservation's stored bytes.
+async fn high_water_of(kv: &dyn KvStore, name: &str) -> Result<(u64, Option<Vec<u8>>), StorageError> {
+    let reservation = kv.get(Table::Counters, &crate::keys::counter_reservation(name)).await?;
+    let counter = kv.get(Table::Counters, &crate::keys::counter(name)).await?;
+    let high = counter_value(name, reservation.as_deref())?.max(counter_value(name, counter.as_deref())?);
+    Ok((high, reservation))
 }
 
 /// Moves the mark forward only: readers must never see it go back.
@@ -324,5 +347,17 @@ mod tests {
         let stream = StreamPositions::new(kv.clone(), "stream");
         assert_eq!(stream.completed().await.unwrap(), 41);
         assert_eq!(stream.take().await.unwrap().get(), 42);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_split_off_another_starts_above_everything_it_handed_out() {
+        let kv = memory();
+        let shared = StreamPositions::new(kv.clone(), "stream");
+        let taken = shared.take().await.unwrap();
+        taken.published().await;
+        let receipts = StreamPositions::above(kv.clone(), "stream.receipts", "stream");
+        let floor = COUNTER_RESERVATION_BLOCK;
+        assert_eq!(receipts.completed().await.unwrap(), floor, "the shared stream's whole reservation lies below");
+        assert_eq!(receipts.take().await.unwrap().get(), floor + 1);
     }
 }

@@ -41,6 +41,7 @@ tables! {
     Receipts => "receipts",
     ReceiptPositions => "receipt_positions",
     AccountDataPositions => "account_data_positions",
+    AccountDataChanges => "account_data_changes",
     ToDevice => "to_device",
     ToDeviceTransactions => "to_device_transactions",
     Relations => "relations",
@@ -56,5 +57,6 @@ tables! {
     RedactedOriginalsByTime => "redacted_originals_by_time",
     Topological => "topological",
     BackwardExtremities => "backward_extremities",
+    RoomActivity => "room_activity",
     ServerKeys => "server_keys",
 }

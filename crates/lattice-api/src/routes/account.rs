@@ -77,7 +77,7 @@ async fn register(
         auth: body.auth,
         ip: ip.0.map(|ip| ip.to_string()),
     };
-    let registered = state.service.register(request).await?;
+    let registered = state.service.accounts().register(request).await?;
     let mut response = json!({
         "user_id": registered.user_id,
         "home_server": state.service.server_name(),
@@ -99,7 +99,7 @@ async fn username_available(
     QueryParams(query): QueryParams<UsernameQuery>,
 ) -> ApiResult<Json<Value>> {
     state.limits.registration_per_ip.check(&ip_key(&ip))?;
-    state.service.username_available(&query.username).await?;
+    state.service.accounts().username_available(&query.username).await?;
     Ok(Json(json!({ "available": true })))
 }
 
@@ -117,7 +117,7 @@ async fn registration_token_validity(
     if state.service.config().registration == lattice_service::RegistrationMode::Disabled {
         return Err(ServiceError::RegistrationDisabled.into());
     }
-    let valid = state.service.registration_token_usable(&query.token).await?;
+    let valid = state.service.accounts().registration_token_usable(&query.token).await?;
     Ok(Json(json!({ "valid": valid })))
 }
 

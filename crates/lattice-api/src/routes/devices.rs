@@ -35,7 +35,7 @@ fn device_json(device: DeviceInfo) -> Value {
 }
 
 async fn list_devices(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
-    let devices = state.service.devices(&session.user_id).await?;
+    let devices = state.service.accounts().devices(&session.user_id).await?;
     Ok(Json(json!({ "devices": devices.into_iter().map(device_json).collect::<Vec<_>>() })))
 }
 
@@ -44,7 +44,7 @@ async fn get_device(
     Auth(session): Auth,
     PathParams(device_id): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(device_json(state.service.device(&session.user_id, &device_id).await?)))
+    Ok(Json(device_json(state.service.accounts().device(&session.user_id, &device_id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -58,7 +58,7 @@ async fn rename_device(
     PathParams(device_id): PathParams<String>,
     JsonBody(body): JsonBody<RenameBody>,
 ) -> ApiResult<Json<Value>> {
-    state.service.rename_device(&session.user_id, &device_id, body.display_name).await?;
+    state.service.accounts().rename_device(&session.user_id, &device_id, body.display_name).await?;
     Ok(Json(json!({})))
 }
 
@@ -75,7 +75,7 @@ async fn delete_device(
     JsonBody(body): JsonBody<DeleteDeviceBody>,
 ) -> ApiResult<Json<Value>> {
     state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
-    state.service.device(&session.user_id, &device_id).await?;
+    state.service.accounts().device(&session.user_id, &device_id).await?;
     state.service.delete_devices_with_auth(&session.user_id, &[device_id], body.auth.as_ref()).await?;
     Ok(Json(json!({})))
 }

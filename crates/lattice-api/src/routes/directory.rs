@@ -37,14 +37,14 @@ async fn create_alias(
 ) -> ApiResult<Json<Value>> {
     let alias = parse_alias(&alias)?;
     let room_id = parse_room(&body.room_id)?;
-    state.service.create_alias(&session.user_id, &alias, &room_id).await?;
+    state.service.rooms().create_alias(&session.user_id, &alias, &room_id).await?;
     Ok(Json(json!({})))
 }
 
 /// No access token needed: aliases are public names.
 async fn resolve_alias(State(state): State<AppState>, PathParams(alias): PathParams<String>) -> ApiResult<Json<Value>> {
     let alias = parse_alias(&alias)?;
-    let room_id = state.service.resolve_alias(&alias).await?;
+    let room_id = state.service.rooms().resolve_alias(&alias).await?;
     // Only local aliases resolve, and only this server is known to be in their rooms' directory.
     Ok(Json(json!({ "room_id": room_id, "servers": [state.service.server_name()] })))
 }
@@ -55,7 +55,7 @@ async fn delete_alias(
     PathParams(alias): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let alias = parse_alias(&alias)?;
-    state.service.delete_alias(&session.user_id, &alias).await?;
+    state.service.rooms().delete_alias(&session.user_id, &alias).await?;
     Ok(Json(json!({})))
 }
 
@@ -65,7 +65,7 @@ async fn room_aliases(
     PathParams(room_id): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    Ok(Json(json!({ "aliases": state.service.room_aliases(&session.user_id, &room_id).await? })))
+    Ok(Json(json!({ "aliases": state.service.rooms().room_aliases(&session.user_id, &room_id).await? })))
 }
 
 #[derive(Deserialize)]
@@ -128,7 +128,7 @@ async fn public_rooms(
     state.limits.public_rooms_per_ip.check(&ip.rate_key())?;
     require_local_directory(&state, params.server.as_deref())?;
     let query = PublicRoomsQuery { limit: params.limit, since: params.since, ..Default::default() };
-    Ok(page_json(state.service.public_rooms(query).await?))
+    Ok(page_json(state.service.rooms().public_rooms(query).await?))
 }
 
 async fn search_public_rooms(
@@ -149,13 +149,13 @@ async fn search_public_rooms(
         generic_search_term: body.filter.generic_search_term,
         room_types: body.filter.room_types,
     };
-    Ok(page_json(state.service.public_rooms(query).await?))
+    Ok(page_json(state.service.rooms().public_rooms(query).await?))
 }
 
 /// No access token needed.
 async fn visibility(State(state): State<AppState>, PathParams(room_id): PathParams<String>) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    let public = state.service.room_is_public(&room_id).await?;
+    let public = state.service.rooms().room_is_public(&room_id).await?;
     Ok(Json(json!({ "visibility": if public { "public" } else { "private" } })))
 }
 
@@ -181,6 +181,10 @@ async fn set_visibility(
     JsonBody(body): JsonBody<VisibilityBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    state.service.set_room_visibility(&session.user_id, &room_id, body.visibility == Visibility::Public).await?;
+    state
+        .service
+        .rooms()
+        .set_room_visibility(&session.user_id, &room_id, body.visibility == Visibility::Public)
+        .await?;
     Ok(Json(json!({})))
 }

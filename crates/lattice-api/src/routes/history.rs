@@ -39,7 +39,7 @@ async fn context(
         None => EventFilter::default(),
     };
     let limit = query.limit.unwrap_or(DEFAULT_CONTEXT_LIMIT);
-    Ok(Json(state.service.event_context(&session.user_id, &room_id, &event_id, limit, &filter).await?))
+    Ok(Json(state.service.rooms().event_context(&session.user_id, &room_id, &event_id, limit, &filter).await?))
 }
 
 #[derive(Deserialize)]
@@ -60,6 +60,6 @@ async fn timestamp_to_event(
         "b" => false,
         other => return Err(ApiError::InvalidParam(format!("dir must be f or b, not {other:?}"))),
     };
-    let found = state.service.timestamp_to_event(&session.user_id, &room_id, query.ts, forward).await?;
+    let found = state.service.rooms().timestamp_to_event(&session.user_id, &room_id, query.ts, forward).await?;
     Ok(Json(json!({ "event_id": found.event_id, "origin_server_ts": found.origin_server_ts })))
 }

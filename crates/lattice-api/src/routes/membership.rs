@@ -23,7 +23,7 @@ pub fn routes() -> Routes {
 /// A room ID, or the room a local alias points to.
 async fn resolve_room(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
     if target.starts_with('#') {
-        return Ok(state.service.resolve_alias(&crate::extract::parse_alias(target)?).await?);
+        return Ok(state.service.rooms().resolve_alias(&crate::extract::parse_alias(target)?).await?);
     }
     parse_room(target)
 }
@@ -41,7 +41,7 @@ async fn knock(
 ) -> ApiResult<Json<Value>> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
     let room_id = resolve_room(&state, &room_id_or_alias).await?;
-    state.service.knock(&session.user_id, &room_id, body.reason).await?;
+    state.service.rooms().knock(&session.user_id, &room_id, body.reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -51,7 +51,7 @@ async fn forget(
     PathParams(room_id): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    state.service.forget_room(&session.user_id, &room_id).await?;
+    state.service.rooms().forget_room(&session.user_id, &room_id).await?;
     Ok(Json(json!({})))
 }
 
@@ -71,6 +71,6 @@ async fn upgrade(
     state.limits.room_creation_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(&room_id)?;
     let request = UpgradeRoom { new_version: body.new_version, additional_creators: body.additional_creators };
-    let replacement = state.service.upgrade_room(&session.user_id, &room_id, request).await?;
+    let replacement = state.service.rooms().upgrade_room(&session.user_id, &room_id, request).await?;
     Ok(Json(json!({ "replacement_room": replacement })))
 }

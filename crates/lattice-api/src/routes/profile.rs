@@ -31,7 +31,7 @@ fn custom_field_refused(field: &str) -> ApiError {
 }
 
 async fn get_profile(State(state): State<AppState>, PathParams(user_id): PathParams<String>) -> ApiResult<Json<Value>> {
-    let profile = state.service.profile(&parse_user(&user_id)?).await?;
+    let profile = state.service.accounts().profile(&parse_user(&user_id)?).await?;
     let mut body = Map::new();
     if let Some(name) = profile.displayname {
         body.insert("displayname".into(), json!(name));
@@ -46,7 +46,7 @@ async fn get_field(
     State(state): State<AppState>,
     PathParams((user_id, field)): PathParams<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let profile = state.service.profile(&parse_user(&user_id)?).await?;
+    let profile = state.service.accounts().profile(&parse_user(&user_id)?).await?;
     let value = match parse_field(&field) {
         Some(ProfileField::DisplayName) => profile.displayname,
         Some(ProfileField::AvatarUrl) => profile.avatar_url,

@@ -117,12 +117,12 @@ async fn create_room(
         is_direct: body.is_direct,
         room_alias_name: body.room_alias_name,
     };
-    let room_id = state.service.create_room(&session.user_id, request).await?;
+    let room_id = state.service.rooms().create_room(&session.user_id, request).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
 async fn joined_rooms(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({ "joined_rooms": state.service.joined_rooms(&session.user_id).await? })))
+    Ok(Json(json!({ "joined_rooms": state.service.rooms().joined_rooms(&session.user_id).await? })))
 }
 
 async fn send(
@@ -135,7 +135,8 @@ async fn send(
     let room_id = parse_room(&room_id)?;
     let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
-    let event_id = state.service.send_event(&session.user_id, &room_id, &event_type, None, content, Some(txn)).await?;
+    let event_id =
+        state.service.rooms().send_event(&session.user_id, &room_id, &event_type, None, content, Some(txn)).await?;
     Ok(Json(json!({ "event_id": event_id })))
 }
 
@@ -145,7 +146,7 @@ async fn all_state(
     PathParams(room_id): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    Ok(Json(Value::Array(state.service.room_state(&session.user_id, &room_id).await?)))
+    Ok(Json(Value::Array(state.service.rooms().room_state(&session.user_id, &room_id).await?)))
 }
 
 async fn read_state(
@@ -156,7 +157,7 @@ async fn read_state(
     key: &str,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(room_id)?;
-    Ok(Json(state.service.state_content(&session.user_id, &room_id, kind, key).await?))
+    Ok(Json(state.service.rooms().state_content(&session.user_id, &room_id, kind, key).await?))
 }
 
 async fn get_state(
@@ -186,7 +187,7 @@ async fn write_state(
     state.limits.message_per_user.check(session.user_id.as_str())?;
     let room_id = parse_room(room_id)?;
     let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let event_id = state.service.send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
+    let event_id = state.service.rooms().send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
     Ok(Json(json!({ "event_id": event_id })))
 }
 
@@ -219,20 +220,6 @@ struct TargetBody {
     reason: Option<String>,
 }
 
-/// Sets `target`'s membership in the room, as `session`'s user.
-async fn set_membership(
-    state: &AppState,
-    session: &lattice_service::Session,
-    room_id: &OwnedRoomId,
-    target: &str,
-    membership: &str,
-    reason: Option<String>,
-) -> ApiResult<()> {
-    let content = lattice_service::rooms::member_content(membership, reason);
-    state.service.send_event(&session.user_id, room_id, "m.room.member", Some(target), content, None).await?;
-    Ok(())
-}
-
 async fn join(
     State(state): State<AppState>,
     Auth(session): Auth,
@@ -257,7 +244,7 @@ async fn join_by_id_or_alias(
             .map_err(|e| ApiError::InvalidParam(format!("invalid server name {server:?}: {e}")))?;
     }
     let room_id = if target.starts_with('#') {
-        state.service.resolve_alias(&crate::extract::parse_alias(&target)?).await?
+        state.service.rooms().resolve_alias(&crate::extract::parse_alias(&target)?).await?
     } else {
         parse_room(&target)?
     };
@@ -272,14 +259,14 @@ async fn join_room(
 ) -> ApiResult<Json<Value>> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
     if room_id.server_name().is_some_and(|server| server != state.service.server_name())
-        && state.service.membership(&session.user_id, &room_id).await.is_err()
+        && state.service.rooms().membership(&session.user_id, &room_id).await.is_err()
     {
         return Err(ServiceError::NotFound(
             "joining rooms on other servers needs federation, which is not built yet".into(),
         )
         .into());
     }
-    state.service.join_room(&session.user_id, &room_id, reason).await?;
+    state.service.rooms().join_room(&session.user_id, &room_id, reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -290,7 +277,7 @@ async fn leave(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    set_membership(&state, &session, &room_id, session.user_id.as_str(), "leave", body.reason).await?;
+    state.service.rooms().set_membership(&session.user_id, &room_id, &session.user_id, "leave", body.reason).await?;
     Ok(Json(json!({})))
 }
 
@@ -302,7 +289,7 @@ async fn on_target(
     membership: &str,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    set_membership(&state, &session, &room_id, body.user_id.as_str(), membership, body.reason).await?;
+    state.service.rooms().set_membership(&session.user_id, &room_id, &body.user_id, membership, body.reason).await?;
     Ok(Json(json!({})))
 }
 
@@ -341,7 +328,7 @@ async fn unban(
     JsonBody(body): JsonBody<TargetBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    state.service.unban(&session.user_id, &room_id, &body.user_id, body.reason).await?;
+    state.service.rooms().unban(&session.user_id, &room_id, &body.user_id, body.reason).await?;
     Ok(Json(json!({})))
 }
 
@@ -360,9 +347,9 @@ async fn get_event(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     if query.include_unredacted_content {
-        return Ok(Json(state.service.room_event_unredacted(&session.user_id, &room_id, &event_id).await?));
+        return Ok(Json(state.service.rooms().room_event_unredacted(&session.user_id, &room_id, &event_id).await?));
     }
-    Ok(Json(state.service.room_event(&session.user_id, &room_id, &event_id).await?))
+    Ok(Json(state.service.rooms().room_event(&session.user_id, &room_id, &event_id).await?))
 }
 
 #[derive(Deserialize)]
@@ -381,8 +368,10 @@ async fn members(
     let room_id = parse_room(&room_id)?;
     let (membership, not_membership) = (query.membership.as_deref(), query.not_membership.as_deref());
     let chunk = match query.at.as_deref().map(lattice_service::rooms::HistoryToken::parse).transpose()? {
-        Some(at) => state.service.members_at(&session.user_id, &room_id, at, membership, not_membership).await?,
-        None => state.service.members(&session.user_id, &room_id, membership, not_membership).await?,
+        Some(at) => {
+            state.service.rooms().members_at(&session.user_id, &room_id, at, membership, not_membership).await?
+        }
+        None => state.service.rooms().members(&session.user_id, &room_id, membership, not_membership).await?,
     };
     Ok(Json(json!({ "chunk": chunk })))
 }
@@ -393,7 +382,7 @@ async fn joined_members(
     PathParams(room_id): PathParams<String>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    let members = state.service.members(&session.user_id, &room_id, Some("join"), None).await?;
+    let members = state.service.rooms().members(&session.user_id, &room_id, Some("join"), None).await?;
     let mut joined = serde_json::Map::new();
     for member in members {
         let mut profile = serde_json::Map::new();
@@ -424,8 +413,11 @@ async fn redact(
         content["reason"] = json!(reason);
     }
     let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
-    let redaction =
-        state.service.send_event(&session.user_id, &room_id, "m.room.redaction", None, content, Some(txn)).await?;
+    let redaction = state
+        .service
+        .rooms()
+        .send_event(&session.user_id, &room_id, "m.room.redaction", None, content, Some(txn))
+        .await?;
     Ok(Json(json!({ "event_id": redaction })))
 }
 
@@ -447,7 +439,7 @@ async fn typing(
         return Err(ServiceError::Forbidden("you can only set your own typing state".into()).into());
     }
     let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(30_000));
-    state.service.set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
+    state.service.rooms().set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
     Ok(Json(json!({})))
 }
 
@@ -463,7 +455,7 @@ async fn receipt(
     JsonBody(body): JsonBody<ReceiptBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    state.service.set_receipt(&session.user_id, &room_id, &receipt_type, &event_id, body.thread_id).await?;
+    state.service.rooms().set_receipt(&session.user_id, &room_id, &receipt_type, &event_id, body.thread_id).await?;
     Ok(Json(json!({})))
 }
 
@@ -486,6 +478,7 @@ async fn read_markers(
     let room_id = parse_room(&room_id)?;
     state
         .service
+        .rooms()
         .set_read_markers(
             &session.user_id,
             &room_id,

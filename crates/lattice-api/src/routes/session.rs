@@ -71,7 +71,7 @@ async fn login(State(state): State<AppState>, ip: ClientIp, JsonBody(body): Json
         refresh_token: options.refresh_token,
         ip,
     };
-    let result = state.service.login(request).await?;
+    let result = state.service.accounts().login(request).await?;
     let mut response = json!({ "user_id": result.user_id, "home_server": state.service.server_name() });
     if let Some(url) = &state.config.client_base_url {
         response["well_known"] = json!({ "m.homeserver": { "base_url": url } });
@@ -108,7 +108,7 @@ struct RefreshBody {
 }
 
 async fn refresh(State(state): State<AppState>, JsonBody(body): JsonBody<RefreshBody>) -> ApiResult<Json<Value>> {
-    let tokens = state.service.refresh(&body.refresh_token).await?;
+    let tokens = state.service.accounts().refresh(&body.refresh_token).await?;
     let mut response = json!({});
     add_tokens(&mut response, tokens);
     // The refresh response has no device_id field.

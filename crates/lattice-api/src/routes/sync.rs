@@ -45,7 +45,7 @@ async fn filter_json(state: &AppState, session: &Session, filter: &str) -> ApiRe
     if filter.trim_start().starts_with('{') {
         return serde_json::from_str(filter).map_err(|e| ApiError::BadJson(format!("invalid inline filter: {e}")));
     }
-    let stored = state.service.filter(&session.user_id, &session.user_id, filter).await?;
+    let stored = state.service.account_data().filter(&session.user_id, &session.user_id, filter).await?;
     serde_json::to_value(stored).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 
@@ -66,7 +66,7 @@ async fn sync(
         filter,
         full_state: query.full_state,
     };
-    Ok(Json(state.service.sync(&session.user_id, request).await?))
+    Ok(Json(state.service.rooms().sync(&session.user_id, request).await?))
 }
 
 #[derive(Deserialize)]
@@ -101,7 +101,7 @@ async fn messages(
         None => EventFilter::default(),
     };
     let limit = query.limit.or(filter.limit.map(|l| l as usize)).unwrap_or(10);
-    let page = state.service.messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?;
+    let page = state.service.rooms().messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?;
     Ok(Json(page.response))
 }
 
@@ -129,7 +129,7 @@ async fn list_relations(
         limit: params.limit.unwrap_or(50),
         backward: direction(params.dir.as_deref().unwrap_or("b"))?,
     };
-    Ok(Json(state.service.relations(&session.user_id, &room_id, &event_id, query).await?))
+    Ok(Json(state.service.rooms().relations(&session.user_id, &room_id, &event_id, query).await?))
 }
 
 async fn relations(
@@ -181,7 +181,11 @@ async fn threads(
         }
     };
     let from = query.from.as_deref().map(parse_token).transpose()?;
-    let page = state.service.threads(&session.user_id, &room_id, participated, from, query.limit.unwrap_or(50)).await?;
+    let page = state
+        .service
+        .rooms()
+        .threads(&session.user_id, &room_id, participated, from, query.limit.unwrap_or(50))
+        .await?;
     Ok(Json(page))
 }
 

@@ -23,7 +23,7 @@ async fn tags(
     PathParams((user_id, room_id)): PathParams<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let (user, room) = (parse_user(&user_id)?, parse_room(&room_id)?);
-    Ok(Json(json!({ "tags": state.service.room_tags(&session.user_id, &user, &room).await? })))
+    Ok(Json(json!({ "tags": state.service.account_data().room_tags(&session.user_id, &user, &room).await? })))
 }
 
 async fn set_tag(
@@ -43,6 +43,6 @@ async fn delete_tag(
     PathParams((user_id, room_id, tag)): PathParams<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
     let (user, room) = (parse_user(&user_id)?, parse_room(&room_id)?);
-    state.service.delete_room_tag(&session.user_id, &user, &room, &tag).await?;
+    state.service.account_data().delete_room_tag(&session.user_id, &user, &room, &tag).await?;
     Ok(Json(json!({})))
 }

@@ -30,7 +30,7 @@ async fn get_account_data(
     Auth(session): Auth,
     PathParams((user_id, event_type)): PathParams<(String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
-    Ok(Json(state.service.account_data(&session.user_id, &parse_user(&user_id)?, None, &event_type).await?))
+    Ok(Json(state.service.account_data().get(&session.user_id, &parse_user(&user_id)?, None, &event_type).await?))
 }
 
 async fn set_account_data(
@@ -49,7 +49,7 @@ async fn create_filter(
     PathParams(user_id): PathParams<String>,
     JsonBody(filter): JsonBody<JsonObject>,
 ) -> ApiResult<Json<Value>> {
-    let id = state.service.create_filter(&session.user_id, &parse_user(&user_id)?, filter).await?;
+    let id = state.service.account_data().create_filter(&session.user_id, &parse_user(&user_id)?, filter).await?;
     Ok(Json(json!({ "filter_id": id.to_string() })))
 }
 
@@ -58,7 +58,7 @@ async fn get_filter(
     Auth(session): Auth,
     PathParams((user_id, filter_id)): PathParams<(String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
-    Ok(Json(state.service.filter(&session.user_id, &parse_user(&user_id)?, &filter_id).await?))
+    Ok(Json(state.service.account_data().filter(&session.user_id, &parse_user(&user_id)?, &filter_id).await?))
 }
 
 async fn get_room_account_data(
@@ -67,7 +67,7 @@ async fn get_room_account_data(
     PathParams((user_id, room_id, event_type)): PathParams<(String, String, String)>,
 ) -> ApiResult<Json<JsonObject>> {
     let (user, room) = (parse_user(&user_id)?, parse_room(&room_id)?);
-    Ok(Json(state.service.account_data(&session.user_id, &user, Some(&room), &event_type).await?))
+    Ok(Json(state.service.account_data().get(&session.user_id, &user, Some(&room), &event_type).await?))
 }
 
 async fn set_room_account_data(

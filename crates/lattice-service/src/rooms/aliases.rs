@@ -3,19 +3,20 @@
 //! servers need federation, which is not built yet: they resolve to `M_NOT_FOUND` saying so.
 
 use lattice_core::power::RoomPower;
-use lattice_storage::records::{RoomAliasRecord, UserRecord};
+use lattice_storage::records::RoomAliasRecord;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomId, UserId};
 use serde_json::{Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Local aliases one room may have; `GET /rooms/{roomId}/aliases` lists them all.
 pub const MAX_ALIASES_PER_ROOM: usize = 100;
 
 const CANONICAL_ALIAS: &str = "m.room.canonical_alias";
 
-impl Service {
+impl Rooms {
     /// `PUT /directory/room/{roomAlias}`: maps a new local alias to a room the user is in.
     pub async fn create_alias(&self, user: &UserId, alias: &RoomAliasId, room_id: &RoomId) -> Result<(), ServiceError> {
         self.require_local_alias_grammar(alias)?;
@@ -267,7 +268,7 @@ impl Service {
     }
 
     pub(crate) async fn is_server_admin(&self, user: &UserId) -> Result<bool, ServiceError> {
-        let record = lattice_storage::get::<UserRecord>(self.kv.as_ref(), &keys::user(user.as_str())).await?;
+        let record = self.accounts.user_record(user).await?;
         Ok(record.is_some_and(|r| r.value.admin && !r.value.deactivated))
     }
 
@@ -390,22 +391,25 @@ mod tests {
     async fn server_admins_delete_aliases_and_publish_rooms_of_rooms_they_are_not_in() {
         let (service, _) = crate::rooms::tests::service();
         let account = |name: &str, admin| crate::NewAccount { username: name.into(), password: "pw".into(), admin };
-        let alice = service.create_user(account("alice", false)).await.unwrap();
-        let admin = service.create_user(account("admin", true)).await.unwrap();
-        let bob = service.create_user(account("bob", false)).await.unwrap();
+        let alice = service.accounts().create_user(account("alice", false)).await.unwrap();
+        let admin = service.accounts().create_user(account("admin", true)).await.unwrap();
+        let bob = service.accounts().create_user(account("bob", false)).await.unwrap();
         let request = crate::rooms::CreateRoom { room_alias_name: Some("lobby".into()), ..Default::default() };
-        let room = service.create_room(&alice, request).await.unwrap();
+        let room = service.rooms().create_room(&alice, request).await.unwrap();
         let alias = <&RoomAliasId>::try_from("#lobby:hs.test").unwrap();
-        assert_eq!(service.resolve_alias(alias).await.unwrap(), room);
+        assert_eq!(service.rooms().resolve_alias(alias).await.unwrap(), room);
 
-        assert!(matches!(service.set_room_visibility(&bob, &room, true).await, Err(ServiceError::Forbidden(_))));
-        service.set_room_visibility(&admin, &room, true).await.unwrap();
-        assert!(service.room_is_public(&room).await.unwrap());
-        assert!(matches!(service.delete_alias(&bob, alias).await, Err(ServiceError::Forbidden(_))));
-        service.delete_alias(&admin, alias).await.unwrap();
-        assert!(matches!(service.resolve_alias(alias).await, Err(ServiceError::NotFound(_))));
+        assert!(matches!(
+            service.rooms().set_room_visibility(&bob, &room, true).await,
+            Err(ServiceError::Forbidden(_))
+        ));
+        service.rooms().set_room_visibility(&admin, &room, true).await.unwrap();
+        assert!(service.rooms().room_is_public(&room).await.unwrap());
+        assert!(matches!(service.rooms().delete_alias(&bob, alias).await, Err(ServiceError::Forbidden(_))));
+        service.rooms().delete_alias(&admin, alias).await.unwrap();
+        assert!(matches!(service.rooms().resolve_alias(alias).await, Err(ServiceError::NotFound(_))));
         // The admin is not in the room, so the canonical alias stays as it was (the spec's advice).
-        let content = service.current_state_content(&room, CANONICAL_ALIAS, "").await.unwrap();
+        let content = service.rooms().current_state_content(&room, CANONICAL_ALIAS, "").await.unwrap();
         assert_eq!(content, Some(json!({ "alias": "#lobby:hs.test" })));
     }
 }

@@ -8,11 +8,13 @@ use ruma::{OwnedEventId, OwnedRoomId, RoomId, UserId};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::Rooms;
 use super::local_events::check_type_and_state_key;
 use super::visibility::StateView;
 use super::{LocalEvent, Outcome};
+use crate::ServiceError;
+use crate::accounts::profile_content;
 use crate::secrets::{hex, random_alphanumeric};
-use crate::{Service, ServiceError};
 
 /// The room version new rooms get unless the client or the operator (`rooms.default_room_version`)
 /// asks for another: the spec's recommendation.
@@ -48,7 +50,7 @@ pub struct Txn<'a> {
     pub txn_id: &'a str,
 }
 
-impl Service {
+impl Rooms {
     /// `POST /createRoom`: the create event, the creator's join, power levels, canonical alias,
     /// join rules, history visibility, guest access, initial state, name, topic, invites — each
     /// through ingest, in the spec's order. A requested alias is checked before any event exists
@@ -92,7 +94,7 @@ impl Service {
             }
         };
 
-        let member = json!({ "membership": "join" });
+        let member = profile_content(json!({ "membership": "join" }), &self.accounts.member_profile(creator).await?);
         self.send_state(&version, creator, &room_id, "m.room.member", creator.as_str(), member).await?;
         self.send_state(&version, creator, &room_id, "m.room.power_levels", "", power).await?;
         if let Some(alias) = &alias {
@@ -133,6 +135,7 @@ impl Service {
         }
         for invitee in &request.invite {
             let content = json!({ "membership": "invite", "is_direct": request.is_direct });
+            let content = profile_content(content, &self.accounts.member_profile(invitee).await?);
             self.send_state(&version, creator, &room_id, "m.room.member", invitee.as_str(), content).await?;
         }
         tracing::info!(room_id = %room_id, creator = %creator, version = %version.id(), "created room");
@@ -412,7 +415,7 @@ impl Service {
         Ok(member_rows(&prefix, rows))
     }
 
-    /// [`Service::member_event_ids`], the first `limit` of them.
+    /// [`Rooms::member_event_ids`], the first `limit` of them.
     pub(crate) async fn first_member_event_ids(
         &self,
         room_id: &RoomId,
@@ -443,7 +446,7 @@ impl Service {
         self.client_event_of(event_id, &self.stored_event(event_id).await?).await
     }
 
-    /// [`Service::client_event`] from a record already read.
+    /// [`Rooms::client_event`] from a record already read.
     pub(crate) async fn client_event_of(&self, event_id: &str, record: &EventRecord) -> Result<Value, ServiceError> {
         let mut event = client_format(event_id, record)?;
         if let Some(redaction_id) = &record.redacted_by {

@@ -17,7 +17,8 @@ use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Published rooms one listing looks at; past this the directory needs a stored ranking.
 pub const MAX_DIRECTORY_ROOMS: usize = 1_000;
@@ -100,7 +101,7 @@ impl PageToken {
     }
 }
 
-impl Service {
+impl Rooms {
     /// `PUT /directory/list/room/{roomId}`: for users who may change the room's canonical alias,
     /// and server admins.
     pub async fn set_room_visibility(&self, user: &UserId, room_id: &RoomId, public: bool) -> Result<(), ServiceError> {
@@ -303,7 +304,7 @@ mod tests {
 
     use super::*;
     use crate::rooms::{CreateRoom, Preset};
-    use crate::{PasswordHasher, RegistrationMode, ServiceConfig, SystemClock};
+    use crate::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
 
     fn cached_service(kv: Arc<MemoryStore>) -> Service {
         let config = ServiceConfig {
@@ -321,13 +322,14 @@ mod tests {
     async fn join_members(service: &Service, room: &RoomId, from: usize, to: usize) {
         for i in from..to {
             let user = UserId::parse(format!("@member{i}:hs.test")).unwrap();
-            service.join_room(&user, room, None).await.unwrap();
+            service.rooms().join_room(&user, room, None).await.unwrap();
         }
     }
 
     async fn rows_read_listing(service: &Service, kv: &MemoryStore) -> (u64, PublicRoomsPage) {
         let before = kv.rows_read();
-        let page = service.public_rooms(PublicRoomsQuery { limit: Some(1), ..Default::default() }).await.unwrap();
+        let page =
+            service.rooms().public_rooms(PublicRoomsQuery { limit: Some(1), ..Default::default() }).await.unwrap();
         (kv.rows_read() - before, page)
     }
 
@@ -337,8 +339,8 @@ mod tests {
         let service = cached_service(kv.clone());
         let alice = UserId::parse("@alice:hs.test").unwrap();
         let public = || CreateRoom { preset: Some(Preset::PublicChat), public_visibility: true, ..Default::default() };
-        service.create_room(&alice, public()).await.unwrap();
-        let big = service.create_room(&alice, public()).await.unwrap();
+        service.rooms().create_room(&alice, public()).await.unwrap();
+        let big = service.rooms().create_room(&alice, public()).await.unwrap();
         join_members(&service, &big, 0, 20).await;
 
         let (built, page) = rows_read_listing(&service, &kv).await;
@@ -349,7 +351,7 @@ mod tests {
 
         // Five times the members; publishing again drops the cache.
         join_members(&service, &big, 20, 100).await;
-        service.set_room_visibility(&alice, &big, true).await.unwrap();
+        service.rooms().set_room_visibility(&alice, &big, true).await.unwrap();
         let (rebuilt, page) = rows_read_listing(&service, &kv).await;
         assert_eq!(page.chunk[0]["num_joined_members"], 101);
         assert_eq!(rebuilt, built, "a rebuild costs the same whatever the rooms weigh");
@@ -361,10 +363,13 @@ mod tests {
         let kv = Arc::new(MemoryStore::new());
         let service = cached_service(kv.clone());
         let alice = UserId::parse("@alice:hs.test").unwrap();
-        let room =
-            service.create_room(&alice, CreateRoom { public_visibility: true, ..Default::default() }).await.unwrap();
+        let room = service
+            .rooms()
+            .create_room(&alice, CreateRoom { public_visibility: true, ..Default::default() })
+            .await
+            .unwrap();
         assert_eq!(rows_read_listing(&service, &kv).await.1.chunk.len(), 1);
-        service.set_room_visibility(&alice, &room, false).await.unwrap();
+        service.rooms().set_room_visibility(&alice, &room, false).await.unwrap();
         assert!(rows_read_listing(&service, &kv).await.1.chunk.is_empty());
     }
 

@@ -12,9 +12,10 @@ use ruma::events::StateEventType;
 use ruma::state_res::Event;
 use ruma::{OwnedEventId, OwnedRoomId};
 
+use super::Rooms;
 use super::ingest::{Loaded, Prevs, membership_of};
 use super::state_store::{self, SlotChange, StateRef};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Forward extremities above which the room is merged by dummy events (see `merge.rs`).
 pub(crate) const MERGE_THRESHOLD: usize = 10;
@@ -30,7 +31,7 @@ pub(super) struct Front {
     pub member_changes: MemberChanges,
 }
 
-impl Service {
+impl Rooms {
     /// Moves the forward extremities past `event` and the current state to the resolution of
     /// the states at the extremities, writing the changed current-state slots and memberships.
     /// When every extremity has one state (a linear room, or a wide front of messages), nothing

@@ -7,10 +7,11 @@ use lattice_storage::keys;
 use lattice_storage::records::{EventRecord, EventStatus, RoomRecord};
 use ruma::{EventId, RoomId};
 
+use super::Rooms;
 use super::state_store;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
-impl Service {
+impl Rooms {
     /// The event's stored PDU JSON (its redacted form once redacted), when it is stored and was
     /// not rejected.
     pub async fn stored_pdu_json(&self, event_id: &EventId) -> Result<Option<String>, ServiceError> {

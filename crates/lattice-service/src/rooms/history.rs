@@ -10,12 +10,13 @@ use ruma::events::StateEventType;
 use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
 
+use super::Rooms;
 use super::filter::EventFilter;
 use super::state_store;
 use super::sync::MAX_TIMELINE_LIMIT;
 use super::topological::{HistoryToken, TopoPos, history_position};
 use super::visibility::Viewer;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Context events `/context` returns when the client does not say.
 pub const DEFAULT_CONTEXT_LIMIT: usize = 10;
@@ -33,7 +34,7 @@ struct Side {
     last_kept: Option<String>,
 }
 
-impl Service {
+impl Rooms {
     /// `GET /rooms/{roomId}/context/{eventId}`: up to `limit` events around the event in the
     /// room's topological order (half before, newest first; the rest after, oldest first), tokens that continue with
     /// `/messages` in both directions, and the state at the last event returned. Members only;
@@ -216,15 +217,15 @@ mod tests {
         let intruder = room.event(BOB, "m.room.message", None, json!({ "body": "hi" }), &[&power], &[&create, &power]);
         let mut outcomes = Vec::new();
         for id in [&create, &alice, &power, &intruder] {
-            outcomes.push(service.ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap().outcome);
+            outcomes.push(service.rooms().ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap().outcome);
         }
         assert!(matches!(outcomes[3], Outcome::Rejected(_)), "{outcomes:?}");
 
         let (alice_id, room_id) = (UserId::parse(ALICE).unwrap(), RoomId::parse("!room:hs.test").unwrap());
         let all = EventFilter::default();
-        let refused = service.event_context(&alice_id, &room_id, intruder.as_str(), 10, &all).await;
+        let refused = service.rooms().event_context(&alice_id, &room_id, intruder.as_str(), 10, &all).await;
         assert!(matches!(refused, Err(ServiceError::NotFound(_))), "{refused:?}");
-        let context = service.event_context(&alice_id, &room_id, power.as_str(), 10, &all).await.unwrap();
+        let context = service.rooms().event_context(&alice_id, &room_id, power.as_str(), 10, &all).await.unwrap();
         let ids = |events: &Value| -> Vec<String> {
             events.as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect()
         };
@@ -233,8 +234,12 @@ mod tests {
         assert_eq!(context["state"].as_array().unwrap().len(), 3);
 
         let prefix = keys::room_rows(room_id.as_str());
-        let indexed =
-            service.kv.scan(Table::EventTimestamps, &KeyRange::prefix(&prefix), Direction::Forward, 10).await.unwrap();
+        let indexed = service
+            .rooms()
+            .kv
+            .scan(Table::EventTimestamps, &KeyRange::prefix(&prefix), Direction::Forward, 10)
+            .await
+            .unwrap();
         let indexed: Vec<String> = indexed.into_iter().map(|(_, id)| String::from_utf8(id).unwrap()).collect();
         assert_eq!(indexed, [&create, &alice, &power].map(|id| id.to_string()));
     }

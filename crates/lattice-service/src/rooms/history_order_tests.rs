@@ -10,7 +10,7 @@ use ruma::{OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::tests::service;
-use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, SyncFilter, SyncRequest, SyncToken};
+use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, StreamSet, SyncFilter, SyncRequest, SyncToken};
 use crate::Service;
 
 const ALICE: &str = "@alice:hs.test";
@@ -61,7 +61,7 @@ fn message(
 async fn ingest_all(service: &Service, room: &RoomBuilder, ids: &[&OwnedEventId]) -> Vec<(OwnedEventId, u64)> {
     let mut positions = Vec::new();
     for id in ids {
-        let ingested = service.ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap();
+        let ingested = service.rooms().ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap();
         assert_eq!(ingested.outcome, Outcome::Accepted, "{id}");
         positions.push(((*id).clone(), ingested.stream_position.unwrap()));
     }
@@ -133,8 +133,11 @@ async fn page_all(service: &Service, from: Option<HistoryToken>, backward: bool,
     let mut from = from;
     let mut seen = Vec::new();
     for _ in 0..50 {
-        let page =
-            service.messages(&alice, &room, (from, None), backward, limit, &EventFilter::default()).await.unwrap();
+        let page = service
+            .rooms()
+            .messages(&alice, &room, (from, None), backward, limit, &EventFilter::default())
+            .await
+            .unwrap();
         assert!(page.gap.is_none(), "no gap recorded");
         seen.extend(ids(&page.response["chunk"]));
         match page.response["end"].as_str() {
@@ -145,16 +148,10 @@ async fn page_all(service: &Service, from: Option<HistoryToken>, backward: bool,
     panic!("pagination did not end: {seen:?}");
 }
 
-fn sync_request(since: Option<u64>, limit: u64) -> SyncRequest {
+fn sync_request(since: Option<SyncToken>, limit: u64) -> SyncRequest {
     let mut filter = SyncFilter::default();
     filter.room.timeline.limit = Some(limit);
-    SyncRequest {
-        since: since.map(|position| SyncToken { position, to_device_delivered: None }),
-        timeout: Duration::ZERO,
-        device_id: None,
-        filter,
-        full_state: false,
-    }
+    SyncRequest { since, timeout: Duration::ZERO, device_id: None, filter, full_state: false }
 }
 
 #[tokio::test]
@@ -172,20 +169,20 @@ async fn messages_follow_depth_while_sync_follows_arrival() {
 
     // /sync: arrival order, each event exactly once across incremental syncs.
     let (alice, room) = who(ALICE);
-    let initial = service.sync(&alice, sync_request(None, 100)).await.unwrap();
+    let initial = service.rooms().sync(&alice, sync_request(None, 100)).await.unwrap();
     let arrival: Vec<String> = f.positions.iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(ids(&initial["rooms"]["join"][ROOM]["timeline"]["events"]), arrival);
     // Synced up to m2, then incrementally: the rest in arrival order, once; then nothing.
     let mut delivered: Vec<String> = arrival.iter().take_while(|id| id.as_str() != f.m[2].as_str()).cloned().collect();
-    let mut since = f.position(&f.m[1]);
+    let mut since = SyncToken { streams: StreamSet { events: f.position(&f.m[1]), ..Default::default() } };
     for _ in 0..2 {
-        let body = service.sync(&alice, sync_request(Some(since), 100)).await.unwrap();
+        let body = service.rooms().sync(&alice, sync_request(Some(since), 100)).await.unwrap();
         let timeline = &body["rooms"]["join"][ROOM]["timeline"];
         if !timeline.is_null() {
             assert_eq!(timeline["limited"], false);
             delivered.extend(ids(&timeline["events"]));
         }
-        since = SyncToken::parse(body["next_batch"].as_str().unwrap()).unwrap().position;
+        since = SyncToken::parse(body["next_batch"].as_str().unwrap()).unwrap();
     }
     assert_eq!(delivered, arrival, "each event once, in arrival order");
 
@@ -195,7 +192,7 @@ async fn messages_follow_depth_while_sync_follows_arrival() {
     let from_m4 = page_all(&service, token(&before_x), true, 4).await;
     assert_eq!(from_m4, newest_first[1..]);
     let all = EventFilter::default();
-    let after_m4 = service.messages(&alice, &room, (token(&before_x), None), false, 10, &all).await.unwrap();
+    let after_m4 = service.rooms().messages(&alice, &room, (token(&before_x), None), false, 10, &all).await.unwrap();
     assert_eq!(ids(&after_m4.response["chunk"]), ids_of(&[&f.merge]));
 }
 
@@ -205,7 +202,7 @@ async fn prev_batch_continues_into_the_history_below_the_sync_timeline() {
     let f = fork(&service).await;
     let (alice, _) = who(ALICE);
     // The newest three arrivals: m4, x, merge. History continues below m4, the oldest of them.
-    let body = service.sync(&alice, sync_request(None, 3)).await.unwrap();
+    let body = service.rooms().sync(&alice, sync_request(None, 3)).await.unwrap();
     let timeline = &body["rooms"]["join"][ROOM]["timeline"];
     assert_eq!(ids(&timeline["events"]), ids_of(&[&f.m[3], &f.x, &f.merge]));
     assert_eq!(timeline["limited"], true);
@@ -222,13 +219,13 @@ async fn context_of_an_event_on_a_branch_is_its_neighbourhood_by_depth() {
     let f = fork(&service).await;
     let (alice, room) = who(ALICE);
     let all = EventFilter::default();
-    let context = service.event_context(&alice, &room, f.x.as_str(), 4, &all).await.unwrap();
+    let context = service.rooms().event_context(&alice, &room, f.x.as_str(), 4, &all).await.unwrap();
     let bob = &f.setup[4];
     assert_eq!(ids(&context["events_before"]), ids_of(&[&f.m[0], bob]));
     assert_eq!(ids(&context["events_after"]), ids_of(&[&f.m[1], &f.m[2]]));
     // Its tokens continue with /messages on both sides without repeating or skipping.
     let (start, end) = (context["start"].as_str().unwrap(), context["end"].as_str().unwrap());
-    let later = service.messages(&alice, &room, (token(end), None), false, 10, &all).await.unwrap();
+    let later = service.rooms().messages(&alice, &room, (token(end), None), false, 10, &all).await.unwrap();
     assert_eq!(ids(&later.response["chunk"]), ids_of(&[&f.m[3], &f.merge]));
     let earlier = page_all(&service, token(start), true, 10).await;
     assert_eq!(earlier, f.history_backward()[7..]);
@@ -262,7 +259,7 @@ async fn relations_page_in_the_order_of_the_room_graph() {
     let mut seen = Vec::new();
     let mut from = None;
     for _ in 0..5 {
-        let body = service.relations(&alice_id, &room, parent, page(from, true)).await.unwrap();
+        let body = service.rooms().relations(&alice_id, &room, parent, page(from, true)).await.unwrap();
         seen.extend(ids(&body["chunk"]));
         match body["next_batch"].as_str() {
             Some(next) => from = token(next),
@@ -270,7 +267,8 @@ async fn relations_page_in_the_order_of_the_room_graph() {
         }
     }
     assert_eq!(seen, ids_of(&[&high, &low]), "newest by depth first, not by arrival");
-    let forward = service.relations(&alice_id, &room, parent, RelationsQuery { limit: 10, ..page(None, false) });
+    let forward =
+        service.rooms().relations(&alice_id, &room, parent, RelationsQuery { limit: 10, ..page(None, false) });
     assert_eq!(ids(&forward.await.unwrap()["chunk"]), ids_of(&[&low, &high]));
 }
 
@@ -286,19 +284,19 @@ async fn a_backward_page_stops_at_a_recorded_gap_and_says_where() {
     batch.put(Table::BackwardExtremities, keys::backward_extremity(ROOM, bob.as_str()), Vec::new());
     kv.write(batch).await.unwrap();
 
-    let page = service.messages(&alice, &room, (None, None), true, 100, &all).await.unwrap();
+    let page = service.rooms().messages(&alice, &room, (None, None), true, 100, &all).await.unwrap();
     assert_eq!(ids(&page.response["chunk"]), ids_of(&[&f.merge, &f.m[3], &f.m[2], &f.m[1], &f.x]));
     let gap = page.gap.expect("the page reached x, which cites a missing event");
     assert_eq!(gap.missing, [bob.to_string()]);
     assert_eq!(page.response["end"].as_str(), Some(gap.token.as_str()));
 
     // Paging on from the gap's token goes below x, to m1, the next event that cites the gap.
-    let next = service.messages(&alice, &room, (token(&gap.token), None), true, 100, &all).await.unwrap();
+    let next = service.rooms().messages(&alice, &room, (token(&gap.token), None), true, 100, &all).await.unwrap();
     assert_eq!(ids(&next.response["chunk"]), ids_of(&[&f.m[0]]));
     assert_eq!(next.gap.map(|g| g.missing), Some(vec![bob.to_string()]));
 
     // Forward pages and rooms without gaps report none.
-    let forward = service.messages(&alice, &room, (None, None), false, 100, &all).await.unwrap();
+    let forward = service.rooms().messages(&alice, &room, (None, None), false, 100, &all).await.unwrap();
     assert!(forward.gap.is_none());
     assert_eq!(ids(&forward.response["chunk"]).len(), 11);
 }

@@ -11,7 +11,7 @@
 //!   position, so `/sync` shows it, and moves the forward extremities and the current state;
 //! - **backfill** ([`Arrival::Backfill`]): older history filling a gap; placed in the room's
 //!   topological order for `/messages`, never in `/sync`, never changing the current state;
-//! - **outlier** ([`Service::ingest_outlier`]): an event whose state is unknown (auth chains and
+//! - **outlier** ([`Rooms::ingest_outlier`]): an event whose state is unknown (auth chains and
 //!   state from another server's answer, an invite from another server, a fetched event),
 //!   checked against its own auth events only, in no timeline, until it is ingested again.
 //!
@@ -37,9 +37,10 @@ use ruma::events::{StateEventType, TimelineEventType};
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, ServerName};
 
+use super::Rooms;
 use super::front::{self, MERGE_THRESHOLD};
 use super::state_store::{self, StateRef};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// What ingest decided about an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,10 +91,10 @@ pub(super) struct Prevs {
     pub unknown: Vec<OwnedEventId>,
 }
 
-impl Service {
+impl Rooms {
     /// Receives a PDU as bytes from another server, `origin`: format, canonical JSON, signatures
     /// (against `keys`, the origin servers' verified public keys) and content hash, that the
-    /// sender belongs to `origin`, then [`Service::ingest`]. A PDU failing those first checks is
+    /// sender belongs to `origin`, then [`Rooms::ingest`]. A PDU failing those first checks is
     /// refused with the rule it broke and stores nothing; one whose content hash is wrong is kept
     /// only in its redacted form.
     pub async fn receive_pdu(
@@ -107,7 +108,7 @@ impl Service {
         self.ingest(version, event).await
     }
 
-    /// The checks [`Service::receive_pdu`] makes before ingest, for callers that place the
+    /// The checks [`Rooms::receive_pdu`] makes before ingest, for callers that place the
     /// event themselves (as an outlier, as backfill, with a supplied state).
     pub fn check_remote_pdu(
         &self,
@@ -141,7 +142,7 @@ impl Service {
         self.ingest_with(version, event, &WriteBatch::new()).await
     }
 
-    /// [`Service::ingest`] for an event that may arrive out of order or as history: when some of
+    /// [`Rooms::ingest`] for an event that may arrive out of order or as history: when some of
     /// its prev events are not stored, `supplied_state` is the state before it (as another server
     /// answered `/state_ids`; those events must be stored, as outliers at least) and the missing
     /// prev events are recorded as gaps.
@@ -166,7 +167,7 @@ impl Service {
         self.store_outlier(version, &event, &room_id).await
     }
 
-    /// [`Service::ingest`], adding `extra` (writes and their conditions) to the event's batch when
+    /// [`Rooms::ingest`], adding `extra` (writes and their conditions) to the event's batch when
     /// the event is accepted — e.g. the transaction ID of a client send, so that it and the event
     /// are stored together or not at all.
     pub(crate) async fn ingest_with(
@@ -318,6 +319,11 @@ impl Service {
                     Table::Timeline,
                     keys::timeline(room_id.as_str(), position),
                     event.id().as_str().as_bytes().to_vec(),
+                );
+                batch.put(
+                    Table::RoomActivity,
+                    keys::room_activity(keys::ACTIVITY_EVENTS, position, room_id.as_str()),
+                    Vec::new(),
                 );
                 let create_id = match (placement.supplied_state, room.is_none()) {
                     (Some(state), true) => {

@@ -13,7 +13,8 @@ use ruma::signatures::reference_hash;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// The spec's limit on `prev_events` (and so on how many extremities one event merges).
 const MAX_PREV_EVENTS: usize = 20;
@@ -28,7 +29,7 @@ pub struct LocalEvent<'a> {
     pub content: Value,
 }
 
-impl Service {
+impl Rooms {
     /// Builds and signs `event` on top of the room's current state. A redaction must pass the
     /// client rule (own event, or the `redact` level); callers hold the room's lock, so it is
     /// checked against the state the event is built on.

@@ -13,7 +13,9 @@ use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, OwnedEventId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
+use crate::accounts::profile_content;
 
 /// Most `allow` entries of a restricted room looked at for one join.
 const MAX_ALLOW_RULES: usize = 100;
@@ -21,7 +23,7 @@ const MAX_ALLOW_RULES: usize = 100;
 /// How often a forget is retried when the user's membership changes at the same moment.
 const FORGET_RETRIES: usize = 4;
 
-impl Service {
+impl Rooms {
     /// `POST /join`: the user's join event. In a restricted room (`restricted` from v8,
     /// `knock_restricted` from v10) a user who is not invited may join by being in one of the
     /// rooms the join rules allow; the join then names a local member who may invite
@@ -33,7 +35,8 @@ impl Service {
         reason: Option<String>,
     ) -> Result<OwnedEventId, ServiceError> {
         let version = self.room_version(room_id).await?;
-        let mut content = member_content("join", reason);
+        let profile = self.accounts.member_profile(user_id).await?;
+        let mut content = profile_content(member_content("join", reason), &profile);
         if let Some(authoriser) = self.restricted_join_authoriser(&version, user_id, room_id).await? {
             content["join_authorised_via_users_server"] = json!(authoriser);
         }
@@ -55,7 +58,8 @@ impl Service {
                 version.id()
             )));
         }
-        let content = member_content("knock", reason);
+        let profile = self.accounts.member_profile(user_id).await?;
+        let content = profile_content(member_content("knock", reason), &profile);
         self.send_event(user_id, room_id, "m.room.member", Some(user_id.as_str()), content, None).await
     }
 
@@ -91,6 +95,23 @@ impl Service {
             }
             super::Outcome::Outlier => Err(ServiceError::Internal("a local event was stored as an outlier".into())),
         }
+    }
+
+    /// `POST /invite`, `/kick` and `/ban`: `target`'s membership set by `sender`. An invite of a
+    /// local user carries the invitee's display name and avatar, so clients can show who it is.
+    pub async fn set_membership(
+        &self,
+        sender: &UserId,
+        room_id: &RoomId,
+        target: &UserId,
+        membership: &str,
+        reason: Option<String>,
+    ) -> Result<OwnedEventId, ServiceError> {
+        let mut content = member_content(membership, reason);
+        if membership == "invite" {
+            content = profile_content(content, &self.accounts.member_profile(target).await?);
+        }
+        self.send_event(sender, room_id, "m.room.member", Some(target.as_str()), content, None).await
     }
 
     /// For a deactivated account: leaves every room the user is joined to, rejects their

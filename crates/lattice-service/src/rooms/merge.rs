@@ -12,9 +12,10 @@ use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::json;
 
+use super::Rooms;
 use super::front::MERGE_THRESHOLD;
 use super::{LocalEvent, Outcome};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Rooms whose front is waiting to be merged, and the wake-up of the task that merges them.
 #[derive(Default)]
@@ -29,7 +30,7 @@ const DUMMY_EVENT_TYPE: &str = "org.matrix.dummy_event";
 /// Members read when looking for a local one to send the merge.
 const MEMBER_SCAN_ROWS: usize = 10_000;
 
-impl Service {
+impl Rooms {
     /// Queues `room_id` for a merge of its front.
     pub(super) fn want_merge(&self, room_id: &RoomId) {
         self.merges.rooms.lock().unwrap_or_else(|e| e.into_inner()).insert(room_id.to_owned());

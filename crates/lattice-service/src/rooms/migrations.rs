@@ -19,7 +19,29 @@ use super::relations::{MAX_THREAD_PARTICIPANTS, relation_of};
 
 /// Every migration this binary knows, oldest first, for `lattice_storage::open_schema`.
 pub fn schema_migrations() -> Vec<Migration> {
-    vec![schema_2()]
+    vec![schema_2(), schema_3()]
+}
+
+/// Schema 2 → 3: the account-data change index and the room activity index, so an incremental
+/// `/sync` reads what changed since its token instead of every entry and room of the user.
+fn schema_3() -> Migration {
+    Migration {
+        from: 2,
+        describe: "account data change index, room activity index",
+        steps: vec![
+            Arc::new(AccountDataChanges),
+            Arc::new(RoomActivity {
+                name: "room_activity_of_events",
+                reads: Table::Timeline,
+                stream: keys::ACTIVITY_EVENTS,
+            }),
+            Arc::new(RoomActivity {
+                name: "room_activity_of_receipts",
+                reads: Table::ReceiptPositions,
+                stream: keys::ACTIVITY_RECEIPTS,
+            }),
+        ],
+    }
 }
 
 /// Schema 1 → 2 (issue #10): the topological index, the state groups of each room's front, relations in
@@ -355,6 +377,64 @@ impl MigrationStep for ReceiptPositions {
         let room = key.split(|b| *b == 0).next().unwrap_or_default();
         let room = String::from_utf8_lossy(room);
         batch.put(Table::ReceiptPositions, keys::receipt_position(&room, receipt.stream_position), key.to_vec());
+        Ok(())
+    }
+}
+
+/// `account_data_changes` rows for account data written before that index existed: one per
+/// entry, under the entry's stored position.
+struct AccountDataChanges;
+
+#[async_trait]
+impl MigrationStep for AccountDataChanges {
+    fn name(&self) -> &'static str {
+        "account_data_changes"
+    }
+    fn reads(&self) -> Table {
+        Table::AccountDataPositions
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::AccountDataChanges]
+    }
+    async fn row(&self, _: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let position = <[u8; 8]>::try_from(raw)
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt(Table::AccountDataPositions, "a position is not eight bytes"))?;
+        // `user\0room\0type`: user IDs hold no NUL, so the user is the first part.
+        let user = key.split(|b| *b == 0).next().unwrap_or_default();
+        let user = String::from_utf8_lossy(user);
+        batch.put(Table::AccountDataChanges, keys::account_data_change(&user, position), key.to_vec());
+        Ok(())
+    }
+}
+
+/// `room_activity` rows for the events and receipts stored before that index existed, from the
+/// `timeline` and `receipt_positions` rows, which share the key `room\0position`.
+struct RoomActivity {
+    name: &'static str,
+    reads: Table,
+    /// The stream tag of the rows written (`keys::ACTIVITY_*`).
+    stream: u8,
+}
+
+#[async_trait]
+impl MigrationStep for RoomActivity {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn reads(&self) -> Table {
+        self.reads
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::RoomActivity]
+    }
+    async fn row(&self, _: &dyn KvRead, key: &[u8], _: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        // The position is the last eight bytes, after the room and its separator.
+        let split = key.len().checked_sub(9).ok_or_else(|| corrupt(self.reads, "a key too short for a position"))?;
+        let position =
+            <[u8; 8]>::try_from(&key[split + 1..]).map(u64::from_be_bytes).map_err(|e| corrupt(self.reads, e))?;
+        let room = String::from_utf8_lossy(&key[..split]);
+        batch.put(Table::RoomActivity, keys::room_activity(self.stream, position, &room), Vec::new());
         Ok(())
     }
 }

@@ -1,5 +1,8 @@
-//! Rooms: the room graph in storage and the one ingest path every event takes (architecture
-//! invariant 1). Client-facing room APIs build on this.
+//! The rooms service: the room graph in storage and the one ingest path every event takes
+//! (architecture invariant 1), and the client-facing room APIs built on it — state, timelines,
+//! memberships, receipts, typing, relations, aliases, the directory, and `/sync`, which also
+//! reads the account-data and to-device services. It owns the room tables ([`TABLES`]) and
+//! asks the other services through their typed APIs.
 
 mod aliases;
 mod client;
@@ -24,6 +27,18 @@ pub(crate) mod typing;
 mod upgrade;
 mod visibility;
 
+use std::sync::Arc;
+
+use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
+use ruma::ServerName;
+use ruma::signatures::Ed25519KeyPair;
+
+use crate::account_data::AccountData;
+use crate::accounts::Accounts;
+use crate::notifier::Notifier;
+use crate::to_device::ToDevice;
+use crate::{Clock, ServiceConfig};
+
 #[cfg(test)]
 mod history_order_tests;
 #[cfg(test)]
@@ -43,8 +58,146 @@ pub use membership::member_content;
 pub(crate) use merge::MergeQueue;
 pub use migrations::schema_migrations;
 pub use relations::RelationsQuery;
-pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, SyncRequest, SyncToken, parse_token};
+pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, StreamSet, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
+
+/// The room tables. `counters` holds the stream and state-group reservations.
+pub(crate) const TABLES: TableScope = TableScope {
+    owner: "rooms",
+    tables: &[
+        Table::Counters,
+        Table::Rooms,
+        Table::Events,
+        Table::Timeline,
+        Table::StateGroups,
+        Table::CurrentState,
+        Table::Memberships,
+        Table::PendingRedactions,
+        Table::Transactions,
+        Table::Receipts,
+        Table::ReceiptPositions,
+        Table::Relations,
+        Table::Threads,
+        Table::ThreadActivity,
+        Table::ForgottenRooms,
+        Table::RoomAliases,
+        Table::RoomAliasIndex,
+        Table::PublicRooms,
+        Table::EventTimestamps,
+        Table::RedactedOriginals,
+        Table::RedactedOriginalsByTime,
+        Table::Topological,
+        Table::BackwardExtremities,
+        Table::RoomActivity,
+    ],
+};
+
+/// How many room locks there are; rooms share a lock when their IDs hash alike.
+const ROOM_LOCK_STRIPES: usize = 64;
+
+/// The streams `/sync` reads that the rooms service writes: each has its own positions, so a
+/// write to one never holds back what another shows.
+pub(crate) struct RoomStreams {
+    /// Timeline events (`stream`, the stream all writers shared before the split).
+    pub events: StreamPositions,
+    /// Read receipts (`stream.receipts`).
+    pub receipts: StreamPositions,
+    /// Typing notices (`stream.typing`), kept in memory and stamped with these positions.
+    pub typing: StreamPositions,
+}
+
+/// The services the rooms service reads (and, for `m.fully_read`, writes) through their APIs.
+pub(crate) struct Neighbours {
+    pub accounts: Arc<Accounts>,
+    pub account_data: Arc<AccountData>,
+    pub to_device: Arc<ToDevice>,
+}
+
+pub struct Rooms {
+    config: ServiceConfig,
+    kv: Arc<dyn KvStore>,
+    clock: Arc<dyn Clock>,
+    /// Signs the events this server creates (and, later, its federation requests).
+    signing_key: Arc<Ed25519KeyPair>,
+    accounts: Arc<Accounts>,
+    account_data: Arc<AccountData>,
+    to_device: Arc<ToDevice>,
+    /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
+    /// retrying against each other. Correctness comes from the batches' conditions, not these.
+    room_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Hands out event positions without a lock across the writes that use them; `/sync` reads
+    /// up to its completed mark. A writer takes a position after any room lock it needs (never
+    /// the other way round) and publishes it before it wakes anyone.
+    stream: StreamPositions,
+    /// Receipt positions, taken and published the same way.
+    receipts_stream: StreamPositions,
+    /// Typing positions: a stamp per change of a room's typing users.
+    typing_stream: StreamPositions,
+    /// State group IDs, from reserved blocks like stream positions, so a state event's group is
+    /// written only in the event's own batch.
+    state_group_ids: StreamPositions,
+    /// Who is typing where; in memory only, since notices last seconds.
+    typing: std::sync::Mutex<typing::Typing>,
+    /// Wakes each waiting `/sync` only for writes that concern its user.
+    notifier: Arc<Notifier>,
+    /// The public room directory as last listed.
+    directory_cache: DirectoryCache,
+    /// Rooms whose forward extremities are waiting to be merged.
+    merges: MergeQueue,
+}
+
+impl Rooms {
+    pub(crate) fn new(
+        config: ServiceConfig,
+        kv: Arc<dyn KvStore>,
+        clock: Arc<dyn Clock>,
+        signing_key: Arc<Ed25519KeyPair>,
+        streams: RoomStreams,
+        notifier: Arc<Notifier>,
+        neighbours: Neighbours,
+    ) -> Self {
+        let Neighbours { accounts, account_data, to_device } = neighbours;
+        let RoomStreams { events: stream, receipts: receipts_stream, typing: typing_stream } = streams;
+        Self {
+            config,
+            state_group_ids: StreamPositions::new(kv.clone(), "state_group"),
+            kv: ScopedStore::new(kv, TABLES),
+            clock,
+            signing_key,
+            accounts,
+            account_data,
+            to_device,
+            room_locks: (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            stream,
+            receipts_stream,
+            typing_stream,
+            typing: Default::default(),
+            notifier,
+            directory_cache: Default::default(),
+            merges: Default::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    pub fn server_name(&self) -> &ServerName {
+        &self.config.server_name
+    }
+
+    /// The lock stripe of a room (see `room_locks`).
+    fn room_lock(&self, room_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        room_id.hash(&mut hasher);
+        &self.room_locks[(hasher.finish() as usize) % ROOM_LOCK_STRIPES]
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}

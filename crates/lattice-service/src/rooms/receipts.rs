@@ -6,7 +6,8 @@ use lattice_storage::{KeyRange, StorageError, Table, WriteBatch, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value, json};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 const RECEIPT_TYPES: &[&str] = &["m.read", "m.read.private"];
 /// The read marker, which `/receipt` also sets (spec v1.4+), stored as room account data.
@@ -15,7 +16,7 @@ const FULLY_READ: &str = "m.fully_read";
 /// same slot keeps winning the race.
 const RECEIPT_WRITE_RETRIES: usize = 8;
 
-impl Service {
+impl Rooms {
     /// `POST /rooms/{roomId}/receipt/{receiptType}/{eventId}`.
     pub async fn set_receipt(
         &self,
@@ -58,14 +59,14 @@ impl Service {
             let mut batch = WriteBatch::new();
             let previous = lattice_storage::get::<ReceiptRecord>(self.kv.as_ref(), &key).await?;
             if let Some(previous) = &previous {
-                batch.delete(
-                    Table::ReceiptPositions,
-                    keys::receipt_position(room_id.as_str(), previous.value.stream_position),
-                );
+                let moved = previous.value.stream_position;
+                batch.delete(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), moved));
+                batch
+                    .delete(Table::RoomActivity, keys::room_activity(keys::ACTIVITY_RECEIPTS, moved, room_id.as_str()));
             }
             batch.expect(Table::Receipts, key.clone(), previous.map(|p| p.raw));
             // The position and the receipt commit together, like an event and its position.
-            let position = self.stream.take().await?;
+            let position = self.receipts_stream.take().await?;
             let record = ReceiptRecord {
                 user_id: user_id.to_string(),
                 receipt_type: receipt_type.to_owned(),
@@ -75,6 +76,11 @@ impl Service {
                 stream_position: position.get(),
             };
             batch.put(Table::ReceiptPositions, keys::receipt_position(room_id.as_str(), position.get()), key.clone());
+            batch.put(
+                Table::RoomActivity,
+                keys::room_activity(keys::ACTIVITY_RECEIPTS, position.get(), room_id.as_str()),
+                Vec::new(),
+            );
             lattice_storage::put(&mut batch, key.clone(), &record);
             match self.kv.write(batch).await {
                 Ok(()) => {
@@ -104,7 +110,7 @@ impl Service {
             self.require_visible(user_id, room_id, event_id).await?;
             let content = serde_json::from_value(json!({ "event_id": event_id }))
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
-            self.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;
+            self.account_data.write_account_data(user_id, Some(room_id), "m.fully_read", content).await?;
         }
         for (kind, event_id) in [("m.read", read), ("m.read.private", read_private)] {
             if let Some(event_id) = event_id {

@@ -13,12 +13,13 @@ use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::{EventId, RoomId, UserId};
 use serde_json::Value;
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Kept originals deleted per batch by one purge step.
 const PURGE_BATCH_ROWS: usize = 1_000;
 
-impl Service {
+impl Rooms {
     /// Refuses a local user's redaction unless its target is an event of the same room and the
     /// user sent it or has the `redact` power level in the room's current state.
     pub(super) async fn check_client_redaction(

@@ -11,10 +11,11 @@ use ruma::state_res::Event;
 use ruma::{CanonicalJsonValue, RoomId, UserId};
 use serde_json::{Value, json};
 
+use super::Rooms;
 use super::sync::{MAX_TIMELINE_LIMIT, position_of};
 use super::topological::{HistoryToken, TopoPos, depth_of};
 use super::visibility::Viewer;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Writers a thread summary remembers; later ones still count, they are just not listed.
 pub(super) const MAX_THREAD_PARTICIPANTS: usize = 1_000;
@@ -55,7 +56,7 @@ pub struct RelationsQuery<'a> {
     pub backward: bool,
 }
 
-impl Service {
+impl Rooms {
     /// Adds an accepted event's relation to the index (and its thread's summary) in its batch;
     /// `position`: the event's order in the room's history (`EventRecord::order`).
     pub(crate) async fn index_relation(
@@ -194,7 +195,7 @@ impl Service {
         self.with_aggregations(viewer, event).await
     }
 
-    /// [`Service::timeline_event`] from a record already read.
+    /// [`Rooms::timeline_event`] from a record already read.
     pub(crate) async fn timeline_event_of(
         &self,
         viewer: &mut Viewer,
@@ -306,7 +307,7 @@ impl Service {
         let direction = if query.backward { Direction::Backward } else { Direction::Forward };
         let scan_limit = if query.event_type.is_some() { MAX_RELATIONS_SCANNED } else { limit + 1 };
         let rows = self.kv.scan(Table::Relations, &range, direction, scan_limit).await?;
-        let ignored = self.ignored_users(user_id).await?;
+        let ignored = self.account_data.ignored_users(user_id).await?;
         let mut chunk = Vec::new();
         let mut next = None;
         for (key, raw) in rows {

@@ -32,7 +32,7 @@ fn server(name: &str) -> Server {
 fn keys_of(servers: &[&Server]) -> PublicKeyMap {
     let mut keys = PublicKeyMap::new();
     for server in servers {
-        let key = &server.service.signing_key;
+        let key = &server.service.rooms().signing_key;
         keys.insert(
             server.service.server_name().to_string(),
             [(format!("ed25519:{}", key.version()), ruma::serde::Base64::new(key.public_key().to_vec()))].into(),
@@ -65,13 +65,13 @@ async fn shared_room() -> Shared {
         ),
         ..Default::default()
     };
-    let room = local.service.create_room(&alice, request).await.unwrap();
-    let version = local.service.room_version(&room).await.unwrap();
+    let room = local.service.rooms().create_room(&alice, request).await.unwrap();
+    let version = local.service.rooms().room_version(&room).await.unwrap();
     let shared = Shared { local, remote, keys, room, version, alice, rita };
     for id in timeline(&shared.local, &shared.room).await {
         relay(&shared, &shared.local, &shared.remote, &id).await;
     }
-    let join = shared.remote.service.join_room(&shared.rita, &shared.room, None).await.unwrap();
+    let join = shared.remote.service.rooms().join_room(&shared.rita, &shared.room, None).await.unwrap();
     relay(&shared, &shared.remote, &shared.local, &join).await;
     shared
 }
@@ -90,14 +90,20 @@ async fn record_of(server: &Server, id: &OwnedEventId) -> Option<EventRecord> {
 /// Sends an event from one server to the other, live, as a `/send` transaction would.
 async fn relay(shared: &Shared, from: &Server, to: &Server, id: &OwnedEventId) -> Outcome {
     let bytes = serde_json::to_vec(&json_of(from, id).await).unwrap();
-    let ingested = to.service.receive_pdu(from.service.server_name(), &shared.version, &bytes, &shared.keys).await;
+    let ingested =
+        to.service.rooms().receive_pdu(from.service.server_name(), &shared.version, &bytes, &shared.keys).await;
     ingested.unwrap().outcome
 }
 
 /// The event as the receiving server checks it, for placing it another way.
 async fn checked(shared: &Shared, from: &Server, id: &OwnedEventId) -> Pdu {
     let bytes = serde_json::to_vec(&json_of(from, id).await).unwrap();
-    shared.local.service.check_remote_pdu(from.service.server_name(), &shared.version, &bytes, &shared.keys).unwrap()
+    shared
+        .local
+        .service
+        .rooms()
+        .check_remote_pdu(from.service.server_name(), &shared.version, &bytes, &shared.keys)
+        .unwrap()
 }
 
 /// Event IDs of a table's rows under the room's prefix, in key order.
@@ -128,6 +134,7 @@ async fn current(server: &Server, room: &RoomId, kind: &str, key: &str) -> Optio
 async fn say(server: &Server, room: &RoomId, sender: &UserId, body: &str) -> OwnedEventId {
     server
         .service
+        .rooms()
         .send_event(sender, room, "m.room.message", None, json!({ "msgtype": "m.text", "body": body }), None)
         .await
         .unwrap()
@@ -142,13 +149,13 @@ async fn state_ids(server: &Server, room: &RoomId) -> StateMap {
 /// Bodies of the timeline of an incremental sync since `since`.
 async fn synced_bodies(server: &Server, user: &UserId, room: &RoomId, since: u64) -> Vec<String> {
     let request = SyncRequest {
-        since: Some(super::SyncToken { position: since, to_device_delivered: None }),
+        since: Some(super::SyncToken { streams: super::StreamSet { events: since, ..Default::default() } }),
         timeout: std::time::Duration::ZERO,
         device_id: None,
         filter: Default::default(),
         full_state: false,
     };
-    let response = server.service.sync(user, request).await.unwrap();
+    let response = server.service.rooms().sync(user, request).await.unwrap();
     let events = &response["rooms"]["join"][room.as_str()]["timeline"]["events"];
     events
         .as_array()
@@ -173,7 +180,7 @@ fn forged(
     lattice_core::pdu::hash_and_sign(
         &mut object,
         server.service.server_name().as_str(),
-        &server.service.signing_key,
+        &server.service.rooms().signing_key,
         version,
     )
     .unwrap();
@@ -199,7 +206,7 @@ async fn a_gap_is_recorded_then_filled_by_backfill_without_reaching_sync() {
     let old_front = room_record(&s.local, &s.room).await.forward_extremities;
 
     // Without the state before it, an event after a gap is refused with the missing IDs.
-    let error = s.local.service.ingest(&s.version, checked(&s, &s.remote, &last).await).await.unwrap_err();
+    let error = s.local.service.rooms().ingest(&s.version, checked(&s, &s.remote, &last).await).await.unwrap_err();
     assert!(matches!(&error, ServiceError::MissingEvents(ids) if ids.contains(missed[3].as_str())), "{error:?}");
 
     // With it (as `/state_ids` answers), it is accepted live and the gap is recorded.
@@ -207,6 +214,7 @@ async fn a_gap_is_recorded_then_filled_by_backfill_without_reaching_sync() {
     let ingested = s
         .local
         .service
+        .rooms()
         .ingest_placed(&s.version, checked(&s, &s.remote, &last).await, Arrival::Live, Some(&state))
         .await
         .unwrap();
@@ -223,6 +231,7 @@ async fn a_gap_is_recorded_then_filled_by_backfill_without_reaching_sync() {
         let ingested = s
             .local
             .service
+            .rooms()
             .ingest_placed(&s.version, checked(&s, &s.remote, id).await, Arrival::Backfill, None)
             .await
             .unwrap();
@@ -253,19 +262,21 @@ async fn an_outlier_is_stored_apart_until_it_is_placed() {
     let topic = s
         .remote
         .service
+        .rooms()
         .send_event(&s.rita, &s.room, "m.room.topic", Some(""), json!({ "topic": "from afar" }), None)
         .await
         .unwrap();
     let before = room_record(&s.local, &s.room).await;
 
-    let outlier = s.local.service.ingest_outlier(&s.version, checked(&s, &s.remote, &topic).await).await.unwrap();
+    let outlier =
+        s.local.service.rooms().ingest_outlier(&s.version, checked(&s, &s.remote, &topic).await).await.unwrap();
     assert_eq!(outlier.outcome, Outcome::Outlier);
     assert_eq!(outlier.stream_position, None);
     assert_eq!(room_record(&s.local, &s.room).await, before, "the room's front and state are untouched");
     assert_ne!(current(&s.local, &s.room, "m.room.topic", "").await.as_deref(), Some(topic.as_str()));
     assert!(!timeline(&s.local, &s.room).await.contains(&topic));
     assert!(!room_rows(&s.local, Table::Topological, &s.room).await.contains(&topic.to_string()));
-    let error = s.local.service.room_event(&s.alice, &s.room, topic.as_str()).await.unwrap_err();
+    let error = s.local.service.rooms().room_event(&s.alice, &s.room, topic.as_str()).await.unwrap_err();
     assert!(matches!(error, ServiceError::NotFound(_)), "an outlier is not served: {error:?}");
 
     // Received live, it becomes an ordinary event of the room.
@@ -282,12 +293,14 @@ async fn a_partition_heals_to_the_same_state_on_both_servers() {
     let local_topic = s
         .local
         .service
+        .rooms()
         .send_event(&s.alice, &s.room, "m.room.topic", Some(""), json!({ "topic": "here" }), None)
         .await
         .unwrap();
     let remote_topic = s
         .remote
         .service
+        .rooms()
         .send_event(&s.rita, &s.room, "m.room.topic", Some(""), json!({ "topic": "there" }), None)
         .await
         .unwrap();
@@ -324,10 +337,10 @@ async fn a_partition_heals_to_the_same_state_on_both_servers() {
 #[tokio::test]
 async fn foreign_references_and_foreign_senders_are_refused() {
     let s = shared_room().await;
-    let other = s.remote.service.create_room(&s.rita, CreateRoom::default()).await.unwrap();
+    let other = s.remote.service.rooms().create_room(&s.rita, CreateRoom::default()).await.unwrap();
     let other_event = timeline(&s.remote, &other).await.pop().unwrap();
     for id in timeline(&s.remote, &other).await {
-        s.local.service.ingest_outlier(&s.version, checked(&s, &s.remote, &id).await).await.unwrap();
+        s.local.service.rooms().ingest_outlier(&s.version, checked(&s, &s.remote, &id).await).await.unwrap();
     }
     let message = say(&s.remote, &s.room, &s.rita, "hello").await;
     let template = json_of(&s.remote, &message).await;
@@ -351,14 +364,16 @@ async fn foreign_references_and_foreign_senders_are_refused() {
     });
     let before = s.local.kv.snapshot().await.unwrap();
     for (what, bytes) in [("prev", foreign_prev), ("auth", foreign_auth)] {
-        let result = s.local.service.receive_pdu(s.remote.service.server_name(), &s.version, &bytes, &s.keys).await;
+        let result =
+            s.local.service.rooms().receive_pdu(s.remote.service.server_name(), &s.version, &bytes, &s.keys).await;
         assert!(
             matches!(result, Err(ServiceError::BadJson(ref m)) if m.contains("another room")),
             "{what}: {result:?}"
         );
     }
     let bytes = serde_json::to_vec(&template).unwrap();
-    let spoofed = s.local.service.receive_pdu("evil.test".try_into().unwrap(), &s.version, &bytes, &s.keys).await;
+    let spoofed =
+        s.local.service.rooms().receive_pdu("evil.test".try_into().unwrap(), &s.version, &bytes, &s.keys).await;
     assert!(matches!(spoofed, Err(ServiceError::Forbidden(_))), "{spoofed:?}");
     for table in [Table::Events, Table::Timeline, Table::Rooms, Table::BackwardExtremities, Table::CurrentState] {
         let then = before.scan(table, &KeyRange::all(), Direction::Forward, 1000).await.unwrap();
@@ -375,12 +390,14 @@ async fn a_soft_failed_event_is_kept_out_of_state_timelines_and_the_front() {
     let ban = s
         .local
         .service
+        .rooms()
         .send_event(&s.alice, &s.room, "m.room.member", Some(s.rita.as_str()), json!({ "membership": "ban" }), None)
         .await
         .unwrap();
     let late = s
         .remote
         .service
+        .rooms()
         .send_event(&s.rita, &s.room, "m.room.name", Some(""), json!({ "name": "mine now" }), None)
         .await
         .unwrap();
@@ -410,19 +427,25 @@ async fn a_front_of_two_thousand_extremities_is_merged_without_client_errors() {
                 CanonicalJsonValue::try_from(json!({ "msgtype": "m.text", "body": format!("sibling {n}") })).unwrap(),
             );
         });
-        let ingested =
-            s.local.service.receive_pdu(s.remote.service.server_name(), &s.version, &bytes, &s.keys).await.unwrap();
+        let ingested = s
+            .local
+            .service
+            .rooms()
+            .receive_pdu(s.remote.service.server_name(), &s.version, &bytes, &s.keys)
+            .await
+            .unwrap();
         assert_eq!(ingested.outcome, Outcome::Accepted);
     }
     assert_eq!(room_record(&s.local, &s.room).await.forward_extremities.len(), 2_000);
 
     let sent = say(&s.local, &s.room, &s.alice, "still here").await;
     assert!(record_of(&s.local, &sent).await.unwrap().stream_position.is_some());
-    let merged = s.local.service.merge_wide_fronts().await;
+    let merged = s.local.service.rooms().merge_wide_fronts().await;
     let width = room_record(&s.local, &s.room).await.forward_extremities.len();
     assert!(width <= super::front::MERGE_THRESHOLD, "front merged to {width} by {merged} events");
     assert!(merged > 50, "each merge event cites at most 20 extremities: {merged}");
-    let after = s.local.service.send_event(&s.alice, &s.room, "m.room.message", None, json!({ "body": "after" }), None);
+    let after =
+        s.local.service.rooms().send_event(&s.alice, &s.room, "m.room.message", None, json!({ "body": "after" }), None);
     assert!(after.await.is_ok());
 }
 
@@ -434,10 +457,10 @@ async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
         let (local, _) = (server("hs.test"), ());
         let alice = UserId::parse("@alice:hs.test").unwrap();
         let request = CreateRoom { preset: Some(super::Preset::PublicChat), ..Default::default() };
-        let room = local.service.create_room(&alice, request).await.unwrap();
+        let room = local.service.rooms().create_room(&alice, request).await.unwrap();
         for n in 0..members {
             let user = UserId::parse(format!("@u{n}:hs.test")).unwrap();
-            local.service.join_room(&user, &room, None).await.unwrap();
+            local.service.rooms().join_room(&user, &room, None).await.unwrap();
         }
         say(&local, &room, &alice, "warm up").await;
         let before = local.kv.rows_read();
@@ -464,19 +487,20 @@ async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_give
     let bob = UserId::parse("@bob:hs.test").unwrap();
     let request =
         CreateRoom { preset: Some(super::Preset::PublicChat), name: Some("Far away".into()), ..Default::default() };
-    let room = remote.service.create_room(&rita, request).await.unwrap();
-    let version = remote.service.room_version(&room).await.unwrap();
+    let room = remote.service.rooms().create_room(&rita, request).await.unwrap();
+    let version = remote.service.rooms().room_version(&room).await.unwrap();
     let latest = say(&remote, &room, &rita, "hello from afar").await;
     let state = state_ids(&remote, &room).await;
     let origin = remote.service.server_name();
 
     let unknown = local
         .service
+        .rooms()
         .ingest_placed(
             &version,
             {
                 let bytes = serde_json::to_vec(&json_of(&remote, &latest).await).unwrap();
-                local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap()
+                local.service.rooms().check_remote_pdu(origin, &version, &bytes, &keys).unwrap()
             },
             Arrival::Live,
             None,
@@ -487,16 +511,16 @@ async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_give
     let mut by_depth = Vec::new();
     for id in state.values() {
         let bytes = serde_json::to_vec(&json_of(&remote, id).await).unwrap();
-        let pdu = local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
+        let pdu = local.service.rooms().check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
         by_depth.push((u64::from(pdu.depth()), pdu));
     }
     by_depth.sort_by_key(|(depth, _)| *depth);
     for (_, pdu) in by_depth {
-        assert_eq!(local.service.ingest_outlier(&version, pdu).await.unwrap().outcome, Outcome::Outlier);
+        assert_eq!(local.service.rooms().ingest_outlier(&version, pdu).await.unwrap().outcome, Outcome::Outlier);
     }
     let bytes = serde_json::to_vec(&json_of(&remote, &latest).await).unwrap();
-    let pdu = local.service.check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
-    let entered = local.service.ingest_placed(&version, pdu, Arrival::Live, Some(&state)).await.unwrap();
+    let pdu = local.service.rooms().check_remote_pdu(origin, &version, &bytes, &keys).unwrap();
+    let entered = local.service.rooms().ingest_placed(&version, pdu, Arrival::Live, Some(&state)).await.unwrap();
     assert_eq!(entered.outcome, Outcome::Accepted);
 
     assert_eq!(state_ids(&local, &room).await, state, "the current state is the one given");
@@ -509,7 +533,7 @@ async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_give
     assert_eq!(record.member_counts.map(|counts| counts.joined), Some(1));
     assert!(current(&local, &room, "m.room.member", rita.as_str()).await.is_some());
 
-    let join = local.service.join_room(&bob, &room, None).await.unwrap();
+    let join = local.service.rooms().join_room(&bob, &room, None).await.unwrap();
     let shared = Shared { local, remote, keys, room: room.clone(), version, alice: bob.clone(), rita };
     assert_eq!(relay(&shared, &shared.local, &shared.remote, &join).await, Outcome::Accepted);
     assert_eq!(current(&shared.remote, &room, "m.room.member", bob.as_str()).await.as_deref(), Some(join.as_str()));

@@ -9,10 +9,11 @@ use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
+use super::Rooms;
 use super::filter::{EventFilter, SyncFilter};
 use super::topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos, history_position};
 use super::visibility::{MAX_HIDDEN_RUN, StateView, Viewer};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Most timeline events one room gets in one sync or one page of `/messages`.
 pub const MAX_TIMELINE_LIMIT: usize = 1_000;
@@ -36,40 +37,77 @@ pub struct SyncRequest {
     pub full_state: bool,
 }
 
-/// A `/sync` token: the stream position reached, and — when the device's to-device inbox held
-/// more than one sync delivers — how far the inbox was delivered.
+/// A position in each stream `/sync` reads. Each stream has its own positions, so a slow
+/// write in one (an event's batch) never holds back what another shows (a receipt, a typing
+/// notice, a message to a device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamSet {
+    pub events: u64,
+    pub receipts: u64,
+    pub typing: u64,
+    pub account_data: u64,
+    pub to_device: u64,
+}
+
+impl StreamSet {
+    /// Every stream at `position`: what a token of the single shared stream meant.
+    fn all_at(position: u64) -> Self {
+        Self { events: position, receipts: position, typing: position, account_data: position, to_device: position }
+    }
+
+    fn fields(&self) -> [u64; 5] {
+        [self.events, self.receipts, self.typing, self.account_data, self.to_device]
+    }
+
+    /// Whether any stream is past the same stream in `other`.
+    fn any_past(&self, other: &StreamSet) -> bool {
+        self.fields().iter().zip(other.fields()).any(|(mine, theirs)| *mine > theirs)
+    }
+}
+
+/// A `/sync` token: how far each stream was delivered. The to-device part can stay behind the
+/// stream when the device's inbox held more than one sync delivers.
+///
+/// Written `m{events}_{receipts}_{typing}_{account_data}_{to_device}`. Tokens of the single
+/// shared stream, `s{position}` and `s{position}_{to_device}`, are still read: every stream
+/// split off it starts above it. A later multi-writer form will extend each part, not reorder
+/// them (docs/client-api.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncToken {
-    pub position: u64,
-    pub to_device_delivered: Option<u64>,
+    pub streams: StreamSet,
 }
 
 impl SyncToken {
     pub fn parse(token: &str) -> Result<Self, ServiceError> {
         let invalid = || ServiceError::InvalidParam(format!("invalid stream token {token:?}"));
+        let number = |part: &str| part.parse::<u64>().map_err(|_| invalid());
+        if let Some(rest) = token.strip_prefix('m') {
+            let parts = rest.split('_').map(number).collect::<Result<Vec<_>, _>>()?;
+            let [events, receipts, typing, account_data, to_device] = parts[..] else { return Err(invalid()) };
+            return Ok(Self { streams: StreamSet { events, receipts, typing, account_data, to_device } });
+        }
         let rest = token.strip_prefix('s').ok_or_else(invalid)?;
         let (position, to_device) = match rest.split_once('_') {
-            Some((position, to_device)) => (position, Some(to_device.parse().map_err(|_| invalid())?)),
-            None => (rest, None),
+            Some((position, to_device)) => (number(position)?, Some(number(to_device)?)),
+            None => (number(rest)?, None),
         };
-        let position = position.parse().map_err(|_| invalid())?;
         if to_device.is_some_and(|delivered| delivered > position) {
             return Err(invalid());
         }
-        Ok(Self { position, to_device_delivered: to_device })
+        let mut streams = StreamSet::all_at(position);
+        streams.to_device = to_device.unwrap_or(position);
+        Ok(Self { streams })
     }
 
-    fn render(self) -> String {
-        match self.to_device_delivered {
-            Some(delivered) => format!("s{}_{delivered}", self.position),
-            None => token(self.position),
-        }
+    pub fn render(self) -> String {
+        let StreamSet { events, receipts, typing, account_data, to_device } = self.streams;
+        format!("m{events}_{receipts}_{typing}_{account_data}_{to_device}")
     }
 }
 
-/// A stream position from any token this server hands out (`/messages` takes `/sync` tokens).
+/// The events position of any token this server hands out (`/messages` takes `/sync` tokens).
 pub fn parse_token(token: &str) -> Result<u64, ServiceError> {
-    SyncToken::parse(token).map(|t| t.position)
+    SyncToken::parse(token).map(|t| t.streams.events)
 }
 
 fn token(position: u64) -> String {
@@ -80,8 +118,8 @@ fn token(position: u64) -> String {
 #[derive(Clone, Copy)]
 pub(super) struct SyncScope<'a> {
     user_id: &'a UserId,
-    since: u64,
-    now: u64,
+    since: StreamSet,
+    now: StreamSet,
     initial: bool,
     full_state: bool,
     filter: &'a SyncFilter,
@@ -92,7 +130,7 @@ pub(super) struct SyncScope<'a> {
 impl SyncScope<'_> {
     /// This sync as an initial one, for a room new to the user.
     fn as_initial(&self) -> Self {
-        Self { since: 0, initial: true, ..*self }
+        Self { since: StreamSet::default(), initial: true, ..*self }
     }
 }
 
@@ -116,11 +154,17 @@ struct TimelinePage {
     first_event: Option<String>,
 }
 
-impl Service {
-    /// The stream's completed mark: every change up to it is visible (typing, kept in memory,
+impl Rooms {
+    /// Each stream's completed mark: every change up to it is visible (typing, kept in memory,
     /// is stamped before its position is published).
-    async fn stream_position(&self) -> Result<u64, ServiceError> {
-        Ok(self.stream.completed().await?)
+    async fn stream_positions(&self) -> Result<StreamSet, ServiceError> {
+        Ok(StreamSet {
+            events: self.stream.completed().await?,
+            receipts: self.receipts_stream.completed().await?,
+            typing: self.typing_stream.completed().await?,
+            account_data: self.account_data.position().await?,
+            to_device: self.to_device.position().await?,
+        })
     }
 
     /// `GET /sync`: rooms the user is in, invited to or has left since `since`, with their new
@@ -129,25 +173,24 @@ impl Service {
     /// a wake-up that brings nothing for them goes back to waiting.
     pub async fn sync(&self, user_id: &UserId, request: SyncRequest) -> Result<Value, ServiceError> {
         let Some(since) = request.since else {
-            let now = self.stream_position().await?;
+            let now = self.stream_positions().await?;
             return self.sync_once(user_id, &request, now).await;
         };
-        if since.position > self.stream_position().await? {
+        if since.streams.any_past(&self.stream_positions().await?) {
             return Err(ServiceError::InvalidParam("the since token is from the future".into()));
         }
         if let Some(device) = &request.device_id {
-            let acknowledged = since.to_device_delivered.unwrap_or(since.position);
-            self.acknowledge_to_device(user_id, device, acknowledged).await?;
+            self.to_device.acknowledge_to_device(user_id, device, since.streams.to_device).await?;
         }
         if request.timeout.is_zero() {
-            let now = self.stream_position().await?;
+            let now = self.stream_positions().await?;
             return self.sync_once(user_id, &request, now).await;
         }
         let deadline = tokio::time::Instant::now() + request.timeout.min(MAX_SYNC_TIMEOUT);
         // Listening starts before the first look, so a write after that look still wakes it.
         let listener = self.listen_for_sync(user_id).await?;
         loop {
-            let now = self.stream_position().await?;
+            let now = self.stream_positions().await?;
             let response = self.sync_once(user_id, &request, now).await?;
             if has_news(&response) || tokio::time::timeout_at(deadline, listener.notified()).await.is_err() {
                 return Ok(response);
@@ -164,13 +207,13 @@ impl Service {
     }
 
     /// One look at what is new for the user in `(since, now]`, without waiting.
-    async fn sync_once(&self, user_id: &UserId, request: &SyncRequest, now: u64) -> Result<Value, ServiceError> {
-        let since = request.since.map(|s| s.position);
-        let to_device = self.to_device_for(user_id, request.device_id.as_deref(), now).await?;
-        let ignored = self.ignored_users(user_id).await?;
+    async fn sync_once(&self, user_id: &UserId, request: &SyncRequest, now: StreamSet) -> Result<Value, ServiceError> {
+        let since = request.since.map(|s| s.streams);
+        let to_device = self.to_device_for(user_id, request.device_id.as_deref(), now.to_device).await?;
+        let ignored = self.account_data.ignored_users(user_id).await?;
         let scope = SyncScope {
             user_id,
-            since: since.unwrap_or(0),
+            since: since.unwrap_or_default(),
             now,
             initial: since.is_none(),
             full_state: request.full_state,
@@ -178,9 +221,18 @@ impl Service {
             ignored: &ignored,
         };
         let (global_data, mut room_data) = self.account_data_for(&scope).await?;
+        // Rooms with nothing new since the token are passed over without a read, so an
+        // incremental sync costs what changed, not how many rooms the user is in.
+        let active = match scope.initial || scope.full_state {
+            true => None,
+            false => self.rooms_active_in(&scope.since, &scope.now).await?,
+        };
         let (mut join, mut invite, mut leave, mut knock) = (Map::new(), Map::new(), Map::new(), Map::new());
         for (room_id, membership) in self.memberships_of(user_id).await? {
-            if !scope.filter.includes_room(room_id.as_str())
+            let quiet = active.as_ref().is_some_and(|active| !active.contains(room_id.as_str()))
+                && !room_data.contains_key(room_id.as_str());
+            if quiet
+                || !scope.filter.includes_room(room_id.as_str())
                 || self.is_forgotten(user_id, &room_id, &membership).await?
             {
                 continue;
@@ -188,10 +240,12 @@ impl Service {
             let data = room_data.remove(room_id.as_str()).unwrap_or_default();
             match membership.as_str() {
                 "join" => {
-                    let changed = scope.initial || scope.full_state || self.room_changed(&room_id, scope.since).await?;
+                    let changed =
+                        scope.initial || scope.full_state || self.room_changed(&room_id, scope.since.events).await?;
                     // A room new to the user comes whole, as in an initial sync.
-                    let fresh =
-                        !scope.initial && changed && self.newly_joined(scope.user_id, &room_id, scope.since).await?;
+                    let fresh = !scope.initial
+                        && changed
+                        && self.newly_joined(scope.user_id, &room_id, scope.since.events).await?;
                     let room_scope = if fresh { scope.as_initial() } else { scope };
                     if let Some(room) = self.joined_room(&room_scope, &room_id, data, changed).await? {
                         join.insert(room_id.to_string(), room);
@@ -217,7 +271,8 @@ impl Service {
                 _ => {}
             }
         }
-        let next_batch = SyncToken { position: now, to_device_delivered: to_device.delivered_up_to };
+        let delivered = StreamSet { to_device: to_device.delivered_up_to.unwrap_or(now.to_device), ..now };
+        let next_batch = SyncToken { streams: delivered };
         let to_device_events: Vec<Value> = to_device
             .events
             .into_iter()
@@ -238,7 +293,7 @@ impl Service {
         now: u64,
     ) -> Result<crate::to_device::ToDeviceBatch, ServiceError> {
         match device_id {
-            Some(device) => self.pending_to_device(user_id, device, now).await,
+            Some(device) => self.to_device.pending_to_device(user_id, device, now).await,
             None => Ok(crate::to_device::ToDeviceBatch { events: Vec::new(), delivered_up_to: None }),
         }
     }
@@ -250,7 +305,11 @@ impl Service {
     ) -> Result<(Vec<Value>, HashMap<String, Vec<Value>>), ServiceError> {
         let mut global = Vec::new();
         let mut by_room: HashMap<String, Vec<Value>> = HashMap::new();
-        for (room, kind, content) in self.account_data_since(scope.user_id, scope.since, scope.now).await? {
+        for (room, kind, content) in self
+            .account_data
+            .account_data_since(scope.user_id, scope.since.account_data, scope.now.account_data)
+            .await?
+        {
             let event = json!({ "type": kind, "content": content });
             match room {
                 Some(room) if scope.filter.room.account_data.allows_type(&kind) => {
@@ -261,18 +320,6 @@ impl Service {
             }
         }
         Ok((global, by_room))
-    }
-
-    /// The senders a user ignores.
-    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
-        let key = keys::account_data(user_id.as_str(), None, "m.ignored_user_list");
-        let Some(record) =
-            lattice_storage::get::<lattice_storage::records::AccountDataRecord>(self.kv.as_ref(), &key).await?
-        else {
-            return Ok(HashSet::new());
-        };
-        let ignored = record.value.0.0.get("ignored_users").and_then(Value::as_object);
-        Ok(ignored.map(|users| users.keys().cloned().collect()).unwrap_or_default())
     }
 
     async fn memberships_of(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, String)>, ServiceError> {
@@ -298,12 +345,12 @@ impl Service {
         changed: bool,
     ) -> Result<Option<Value>, ServiceError> {
         let ephemeral = self.ephemeral_events(scope, room_id).await?;
-        let timeline = if changed { self.room_sync(scope, room_id, (scope.now, None)).await? } else { None };
+        let timeline = if changed { self.room_sync(scope, room_id, (scope.now.events, None)).await? } else { None };
         let room = match timeline {
             Some(room) => room,
             // Only ephemeral or account-data news: the room still appears, with an empty timeline.
             None if !ephemeral.is_empty() || !account_data.is_empty() => json!({
-                "timeline": { "events": [], "limited": false, "prev_batch": token(scope.now) },
+                "timeline": { "events": [], "limited": false, "prev_batch": token(scope.now.events) },
                 "state": { "events": [] },
             }),
             None => return Ok(None),
@@ -321,8 +368,9 @@ impl Service {
     /// A room the user left or was banned from: its timeline up to the leave, once.
     async fn left_room(&self, scope: &SyncScope<'_>, room_id: &RoomId) -> Result<Option<Value>, ServiceError> {
         // Nothing after the user left is theirs to see.
-        let left_at = self.membership_position(scope.user_id, room_id).await?.unwrap_or(scope.since).min(scope.now);
-        if left_at <= scope.since {
+        let (since, now) = (scope.since.events, scope.now.events);
+        let left_at = self.membership_position(scope.user_id, room_id).await?.unwrap_or(since).min(now);
+        if left_at <= since {
             return Ok(None);
         }
         let Some(membership_id) = self.current_member_event(scope.user_id, room_id).await? else {
@@ -346,6 +394,33 @@ impl Service {
     /// Whether the room has events after `since`, from its record alone (one read), so an
     /// incremental sync's cost does not grow with the user's quiet rooms. Rooms stored before
     /// the record kept a position count as changed.
+    /// The rooms with events, receipts or typing changes in `(since, now]`; `None` when more
+    /// changed than one read of the activity index holds, and every room must be looked at.
+    async fn rooms_active_in(
+        &self,
+        since: &StreamSet,
+        now: &StreamSet,
+    ) -> Result<Option<HashSet<String>>, ServiceError> {
+        let mut active = self.typing_rooms_since(since.typing, now.typing);
+        let ranges = [
+            (keys::ACTIVITY_EVENTS, since.events, now.events),
+            (keys::ACTIVITY_RECEIPTS, since.receipts, now.receipts),
+        ];
+        for (stream, since, now) in ranges {
+            let range = KeyRange::between(
+                &keys::room_activity_from(stream, since.saturating_add(1)),
+                &keys::room_activity_from(stream, now.saturating_add(1)),
+            );
+            let limit = lattice_storage::MAX_SCAN_ROWS;
+            let rows = self.kv.scan(Table::RoomActivity, &range, Direction::Forward, limit).await?;
+            if rows.len() == limit {
+                return Ok(None);
+            }
+            active.extend(rows.iter().filter_map(|(key, _)| keys::room_activity_room(key)).map(str::to_owned));
+        }
+        Ok(Some(active))
+    }
+
     async fn room_changed(&self, room_id: &RoomId, since: u64) -> Result<bool, ServiceError> {
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
         Ok(room.is_none_or(|room| room.value.last_stream_position == 0 || room.value.last_stream_position > since))
@@ -393,13 +468,14 @@ impl Service {
         let filter = &scope.filter.room.ephemeral;
         let mut ephemeral = Vec::new();
         if filter.allows_type("m.typing")
-            && let Some(users) = self.typing_since(room_id, scope.since, scope.now, scope.initial)
+            && let Some(users) = self.typing_since(room_id, scope.since.typing, scope.now.typing, scope.initial)
         {
             let users: Vec<_> = users.into_iter().filter(|u| !scope.ignored.contains(u.as_str())).collect();
             ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
         }
         if filter.allows_type("m.receipt")
-            && let Some(mut receipts) = self.receipts_since(scope.user_id, room_id, scope.since, scope.now).await?
+            && let Some(mut receipts) =
+                self.receipts_since(scope.user_id, room_id, scope.since.receipts, scope.now.receipts).await?
         {
             drop_ignored_receipts(&mut receipts, scope.ignored);
             ephemeral.push(receipts);
@@ -418,7 +494,7 @@ impl Service {
         let filter = &scope.filter.room.timeline;
         let limit = filter.limit.map_or(DEFAULT_TIMELINE_LIMIT, |l| l as usize).clamp(1, MAX_TIMELINE_LIMIT);
         let viewer = &mut Viewer::lazy(scope.user_id, room_id);
-        let page = self.timeline_page(viewer, (scope.since, upto), limit, filter, scope.ignored).await?;
+        let page = self.timeline_page(viewer, (scope.since.events, upto), limit, filter, scope.ignored).await?;
         if page.events.is_empty() && !scope.initial && !scope.full_state {
             return Ok(None);
         }
@@ -654,7 +730,7 @@ impl Service {
         };
         let invite_id = String::from_utf8_lossy(&invite_id).into_owned();
         let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&invite_id)).await?;
-        if record.and_then(|r| r.value.stream_position).is_none_or(|position| position <= scope.since) {
+        if record.and_then(|r| r.value.stream_position).is_none_or(|position| position <= scope.since.events) {
             return Ok(None);
         }
         let mut stripped = Vec::new();
@@ -703,7 +779,7 @@ impl Service {
             Some(token) => Some(self.history_point(room_id, token).await?),
             None => None,
         };
-        let ignored = self.ignored_users(user_id).await?;
+        let ignored = self.account_data.ignored_users(user_id).await?;
         let gaps_possible = backward && self.room_has_gaps(room_id).await?;
         // Tokens name the last position a client has seen: backward pages hold positions ≤ from,
         // forward pages positions > from.
@@ -822,15 +898,34 @@ mod tests {
 
     #[test]
     fn sync_tokens_round_trip() {
-        for (text, token) in [
-            ("s0", SyncToken { position: 0, to_device_delivered: None }),
-            ("s42", SyncToken { position: 42, to_device_delivered: None }),
-            ("s42_40", SyncToken { position: 42, to_device_delivered: Some(40) }),
-        ] {
-            assert_eq!(SyncToken::parse(text).expect("valid"), token);
-            assert_eq!(token.render(), text);
+        let streams =
+            StreamSet { events: 7, receipts: 1_000_003, typing: 1_000_001, account_data: 2_000_005, to_device: 9 };
+        let token = SyncToken { streams };
+        assert_eq!(token.render(), "m7_1000003_1000001_2000005_9");
+        assert_eq!(SyncToken::parse(&token.render()).expect("valid"), token);
+        // Tokens of the single shared stream mean every stream at that position.
+        let shared =
+            |position, to_device| SyncToken { streams: StreamSet { to_device, ..StreamSet::all_at(position) } };
+        for (text, token) in [("s0", shared(0, 0)), ("s42", shared(42, 42)), ("s42_40", shared(42, 40))] {
+            assert_eq!(SyncToken::parse(text).expect("valid"), token, "{text}");
         }
-        for bad in ["", "s", "42", "s-1", "sx", "s4_", "s4_5", "s4_x", "t4"] {
+        assert_eq!(parse_token("m7_1_2_3_4").expect("valid"), 7, "/messages reads the events stream");
+        for bad in [
+            "",
+            "s",
+            "42",
+            "s-1",
+            "sx",
+            "s4_",
+            "s4_5",
+            "s4_x",
+            "t4",
+            "m",
+            "m1_2_3_4",
+            "m1_2_3_4_5_6",
+            "m1__3_4_5",
+            "m1_2_3_4_x",
+        ] {
             assert!(SyncToken::parse(bad).is_err(), "{bad}");
         }
     }

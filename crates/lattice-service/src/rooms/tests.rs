@@ -43,7 +43,7 @@ pub(super) fn service_named(name: &str) -> (Service, Arc<MemoryStore>) {
 }
 
 async fn ingest(service: &Service, room: &RoomBuilder, id: &OwnedEventId) -> Ingested {
-    service.ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap()
+    service.rooms().ingest(room.version(), room.get(id).unwrap().clone()).await.unwrap()
 }
 
 async fn current_state(kv: &MemoryStore, room_id: &str, kind: &str, key: &str) -> Option<String> {
@@ -241,7 +241,7 @@ async fn an_event_with_unknown_prev_events_writes_nothing() {
     let s = setup();
     ingest(&service, &s.room, &s.create).await;
     let before = kv.snapshot().await.unwrap();
-    let result = service.ingest(s.room.version(), s.room.get(&s.power).unwrap().clone()).await;
+    let result = service.rooms().ingest(s.room.version(), s.room.get(&s.power).unwrap().clone()).await;
     assert!(matches!(result, Err(crate::ServiceError::MissingEvents(_))), "{result:?}");
     for table in [Table::Events, Table::Timeline, Table::StateGroups, Table::CurrentState, Table::Rooms] {
         let then = before.scan(table, &KeyRange::all(), Direction::Forward, 100).await.unwrap();
@@ -276,7 +276,9 @@ async fn concurrent_siblings_all_become_forward_extremities() {
         .iter()
         .map(|id| {
             let (service, room, id) = (service.clone(), room.clone(), id.clone());
-            tokio::spawn(async move { service.ingest(room.version(), room.get(&id).unwrap().clone()).await.unwrap() })
+            tokio::spawn(async move {
+                service.rooms().ingest(room.version(), room.get(&id).unwrap().clone()).await.unwrap()
+            })
         })
         .collect();
     for task in tasks {
@@ -350,6 +352,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
         }
         let chosen: OwnedRoomId = "!local:hs.test".try_into().unwrap();
         let create = service
+            .rooms()
             .build_local_event(
                 &version,
                 LocalEvent {
@@ -367,7 +370,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
         } else {
             chosen.clone()
         };
-        assert_eq!(service.ingest(&version, create).await.unwrap().outcome, Outcome::Accepted, "v{id} create");
+        assert_eq!(service.rooms().ingest(&version, create).await.unwrap().outcome, Outcome::Accepted, "v{id} create");
 
         let steps = [
             ("m.room.member", Some(ALICE), json!({ "membership": "join" })),
@@ -382,6 +385,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
         let mut last = None;
         for (kind, key, content) in steps {
             let event = service
+                .rooms()
                 .build_local_event(
                     &version,
                     LocalEvent { room_id: Some(&room_id), sender: &alice, kind, state_key: key, content },
@@ -390,7 +394,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
                 .unwrap();
             // Signed by this server, verifiable with its public key.
             let mut keys = ruma::signatures::PublicKeyMap::new();
-            let key_pair = &service.signing_key;
+            let key_pair = &service.rooms().signing_key;
             keys.insert(
                 "hs.test".into(),
                 [(format!("ed25519:{}", key_pair.version()), ruma::serde::Base64::new(key_pair.public_key().to_vec()))]
@@ -400,7 +404,7 @@ async fn local_events_are_built_signed_and_accepted_in_every_room_version_family
                 lattice_core::pdu::check_signatures_and_hashes(event.object().clone(), &version, &keys).unwrap();
             assert!(matches!(checked, lattice_core::pdu::Checked::Intact(_)), "v{id} {kind}");
             let event_id = event.id().to_owned();
-            let ingested = service.ingest(&version, event).await.unwrap();
+            let ingested = service.rooms().ingest(&version, event).await.unwrap();
             assert_eq!(ingested.outcome, Outcome::Accepted, "v{id} {kind}");
             last = Some(event_id);
         }
@@ -465,12 +469,13 @@ async fn received_pdus_are_checked_before_anything_is_stored() {
     keys.insert(
         "hs.test".into(),
         [(
-            format!("ed25519:{}", origin.signing_key.version()),
-            ruma::serde::Base64::new(origin.signing_key.public_key().to_vec()),
+            format!("ed25519:{}", origin.rooms().signing_key.version()),
+            ruma::serde::Base64::new(origin.rooms().signing_key.public_key().to_vec()),
         )]
         .into(),
     );
     let create = origin
+        .rooms()
         .build_local_event(
             &version,
             LocalEvent {
@@ -485,8 +490,9 @@ async fn received_pdus_are_checked_before_anything_is_stored() {
         .unwrap();
     let room_id: ruma::OwnedRoomId = format!("!{}", &create.id().as_str()[1..]).try_into().unwrap();
     let create_bytes = serde_json::to_vec(create.object()).unwrap();
-    origin.ingest(&version, create).await.unwrap();
+    origin.rooms().ingest(&version, create).await.unwrap();
     let join = origin
+        .rooms()
         .build_local_event(
             &version,
             LocalEvent {
@@ -514,7 +520,7 @@ async fn received_pdus_are_checked_before_anything_is_stored() {
         (serde_json::to_vec(&join_value).unwrap(), |e| matches!(e, crate::ServiceError::NotFound(_))),
     ];
     for (bytes, expected) in bad_inputs {
-        let error = receiver.receive_pdu(alice.server_name(), &version, &bytes, &keys).await.unwrap_err();
+        let error = receiver.rooms().receive_pdu(alice.server_name(), &version, &bytes, &keys).await.unwrap_err();
         assert!(expected(&error), "{error:?}");
     }
     for table in
@@ -527,12 +533,13 @@ async fn received_pdus_are_checked_before_anything_is_stored() {
 
     // Valid bytes go through; a changed content keeps only the redacted event.
     assert_eq!(
-        receiver.receive_pdu(alice.server_name(), &version, &create_bytes, &keys).await.unwrap().outcome,
+        receiver.rooms().receive_pdu(alice.server_name(), &version, &create_bytes, &keys).await.unwrap().outcome,
         Outcome::Accepted
     );
     let mut tampered = join_value.clone();
     tampered["content"]["displayname"] = json!("Mallory");
     let ingested = receiver
+        .rooms()
         .receive_pdu(alice.server_name(), &version, &serde_json::to_vec(&tampered).unwrap(), &keys)
         .await
         .unwrap();

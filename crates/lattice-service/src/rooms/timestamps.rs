@@ -8,7 +8,8 @@ use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::state_res::Event;
 use ruma::{RoomId, UserId};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Adds the timestamp-index row of an accepted event at stream `position` to its batch.
 pub(super) fn index_event(batch: &mut WriteBatch, room_id: &RoomId, event: &Pdu, position: u64) {
@@ -30,7 +31,7 @@ pub struct EventAtTime {
     pub origin_server_ts: u64,
 }
 
-impl Service {
+impl Rooms {
     /// `GET /rooms/{roomId}/timestamp_to_event`: the first event at or after `ts` (`forward`),
     /// or the last one at or before it, among those the user may see.
     pub async fn timestamp_to_event(

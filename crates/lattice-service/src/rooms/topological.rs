@@ -17,8 +17,9 @@ use ruma::{RoomId, UInt};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::Rooms;
 use super::visibility::Viewer;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Adds the topological-index row of an event that joins its room's history (accepted, not an
 /// outlier) at `order` to its batch.
@@ -83,7 +84,8 @@ pub enum HistoryToken {
 impl HistoryToken {
     pub fn parse(token: &str) -> Result<Self, ServiceError> {
         let invalid = || ServiceError::InvalidParam(format!("invalid pagination token {token:?}"));
-        if token.starts_with('s') {
+        // A `/sync` token (`m…`, or `s…` of the single shared stream) stands for its events position.
+        if token.starts_with(['s', 'm']) {
             return super::sync::parse_token(token).map(HistoryToken::Stream).map_err(|_| invalid());
         }
         let rest = token.strip_prefix('t').ok_or_else(invalid)?;
@@ -140,7 +142,7 @@ pub(crate) fn history_position(record: &EventRecord) -> Result<Option<TopoPos>, 
     Ok(Some(TopoPos { depth, order }))
 }
 
-impl Service {
+impl Rooms {
     /// The position a token stands for in `room_id`'s history. A `/sync` token stands for the
     /// room's last event with a stream position at or before it (one timeline row), or the
     /// start when there is none.
@@ -200,7 +202,7 @@ impl Service {
     }
 
     /// An event of a history index as `viewer` sees it in a timeline, or `None` when they may
-    /// not see it ([`Service::may_see_in_history`]); its record is read once for both.
+    /// not see it ([`Rooms::may_see_in_history`]); its record is read once for both.
     pub(crate) async fn history_event(
         &self,
         viewer: &mut Viewer,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 
-use crate::{Service, ServiceError};
+use super::Rooms;
+use crate::ServiceError;
 
 /// Longest a client may claim to keep typing without renewing it.
 pub const MAX_TYPING_TIMEOUT: Duration = Duration::from_secs(120);
@@ -26,7 +27,7 @@ pub(crate) struct Typing {
     rooms: HashMap<OwnedRoomId, RoomTyping>,
 }
 
-impl Service {
+impl Rooms {
     /// `PUT /rooms/{roomId}/typing/{userId}`.
     pub async fn set_typing(
         &self,
@@ -79,7 +80,7 @@ impl Service {
         if rooms.is_empty() {
             return Ok(());
         }
-        let position = self.stream.take().await?;
+        let position = self.typing_stream.take().await?;
         {
             let mut all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
             for room_id in rooms {
@@ -95,6 +96,13 @@ impl Service {
     }
 
     /// The room's typing users, if that changed in `(since, now]` (or, initially, if anyone types).
+    /// The rooms whose typing notices changed in `(since, now]`.
+    pub(crate) fn typing_rooms_since(&self, since: u64, now: u64) -> std::collections::HashSet<String> {
+        let all = self.typing.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = all.rooms.iter().filter(|(_, room)| room.position > since && room.position <= now);
+        changed.map(|(room_id, _)| room_id.to_string()).collect()
+    }
+
     pub(crate) fn typing_since(
         &self,
         room_id: &RoomId,

@@ -13,8 +13,9 @@ use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
+use super::Rooms;
 use super::membership::content_of;
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// State copied to the new room: the spec's recommended list, less the power levels, which are
 /// sent first because every later event is checked against them.
@@ -54,7 +55,7 @@ pub struct UpgradeRoom {
     pub additional_creators: Vec<OwnedUserId>,
 }
 
-impl Service {
+impl Rooms {
     /// Upgrades `old_room` to a new room of `request.new_version`; returns the new room's ID.
     pub async fn upgrade_room(
         &self,

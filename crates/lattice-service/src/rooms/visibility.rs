@@ -1,8 +1,8 @@
 //! Who may read what of a room (architecture invariant 8): one [`Viewer`] per reader and room
 //! gathers the facts the spec's history-visibility rule needs — the setting and the reader's
 //! membership in the state at each event — and `lattice_core::visibility::may_see` decides.
-//! Every path that serves room events to a user asks [`Service::may_see`]; state reads ask
-//! [`Service::state_view`].
+//! Every path that serves room events to a user asks [`Rooms::may_see`]; state reads ask
+//! [`Rooms::state_view`].
 
 use std::collections::HashMap;
 
@@ -12,9 +12,10 @@ use lattice_storage::{Table, keys};
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Deserialize;
 
+use super::Rooms;
 use super::state_store;
 use super::topological::{TopoPos, history_position};
-use crate::{Service, ServiceError};
+use crate::ServiceError;
 
 /// Membership events walked back to find a reader's latest join.
 const MAX_MEMBERSHIP_WALK: usize = 32;
@@ -93,7 +94,7 @@ impl EventShape {
     }
 }
 
-impl Service {
+impl Rooms {
     /// The facts about `user_id` in `room_id` that every later check builds on.
     pub(crate) async fn viewer(&self, user_id: &UserId, room_id: &RoomId) -> Result<Viewer, ServiceError> {
         let mut viewer = Viewer::lazy(user_id, room_id);
@@ -239,7 +240,7 @@ impl Service {
         Ok(may_see(&EventFacts { at, before, joined_later }))
     }
 
-    /// [`Service::may_see`] for an event known only by ID.
+    /// [`Rooms::may_see`] for an event known only by ID.
     pub(crate) async fn may_see_id(&self, viewer: &mut Viewer, event_id: &str) -> Result<bool, ServiceError> {
         match self.event_record(event_id).await? {
             Some(record) => self.may_see(viewer, event_id, &record).await,

@@ -6,8 +6,9 @@ use lattice_storage::records::{AccessTokenRecord, DeviceRecord, RefreshTokenReco
 use lattice_storage::{StorageError, Table, WriteBatch, keys};
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 
+use super::Accounts;
+use crate::ServiceError;
 use crate::secrets::{hex, new_device_id, new_token, token_hash};
-use crate::{Service, ServiceError};
 
 /// The caller of an authenticated request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +70,7 @@ fn check_device_fields(device: &NewDevice) -> Result<(), ServiceError> {
     Ok(())
 }
 
-impl Service {
+impl Accounts {
     /// `POST /login` with `m.login.password`.
     pub async fn login(&self, request: LoginRequest) -> Result<LoginResult, ServiceError> {
         let invalid = || ServiceError::Forbidden("invalid username or password".into());
@@ -243,42 +244,26 @@ impl Service {
         }
     }
 
-    /// `POST /logout`: removes the caller's device and its tokens.
-    pub async fn logout(&self, session: &Session) -> Result<(), ServiceError> {
-        self.delete_devices(&session.user_id, &[session.device_id.to_string()]).await
-    }
-
-    /// `POST /logout/all`.
-    pub async fn logout_all(&self, user_id: &UserId) -> Result<(), ServiceError> {
-        let mut batch = WriteBatch::new();
-        self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
-        Ok(self.kv.write(batch).await?)
-    }
-
-    pub(crate) async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> Result<(), ServiceError> {
-        let mut batch = WriteBatch::new();
-        self.remove_devices_to_batch(&mut batch, user_id, |id| device_ids.iter().any(|d| d == id)).await?;
-        Ok(self.kv.write(batch).await?)
-    }
-
-    /// Adds the removal of every device of `user_id` that `selected` picks, with its tokens.
+    /// Adds the removal of every device of `user_id` that `selected` picks, with its tokens,
+    /// and returns the IDs of the devices removed.
     pub(crate) async fn remove_devices_to_batch(
         &self,
         batch: &mut WriteBatch,
         user_id: &UserId,
         selected: impl Fn(&str) -> bool,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Vec<String>, ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
         let devices =
             lattice_storage::scan_prefix::<DeviceRecord>(self.kv.as_ref(), &prefix, MAX_DEVICES_PER_USER).await?;
+        let mut removed = Vec::new();
         for (key, device) in devices {
             if selected(&device.device_id) {
                 revoke_tokens(batch, &device);
-                self.clear_inbox_to_batch(batch, user_id, &device.device_id).await?;
                 batch.delete(Table::Devices, key);
+                removed.push(device.device_id);
             }
         }
-        Ok(())
+        Ok(removed)
     }
 }
 

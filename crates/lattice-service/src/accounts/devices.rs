@@ -4,11 +4,9 @@ use lattice_core::limits::{MAX_DEVICE_DISPLAY_NAME_BYTES, MAX_DEVICES_PER_USER};
 use lattice_storage::records::DeviceRecord;
 use lattice_storage::{Table, WriteBatch, keys};
 use ruma::UserId;
-use ruma::api::client::uiaa::AuthData;
 
-use crate::accounts::PASSWORD_FLOWS;
-use crate::uia::Purpose;
-use crate::{Service, ServiceError};
+use super::Accounts;
+use crate::ServiceError;
 
 /// What the client API shows of a device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,9 +29,9 @@ impl From<DeviceRecord> for DeviceInfo {
 }
 
 /// The most device IDs one `delete_devices` request may name.
-const MAX_DEVICES_PER_DELETE: usize = MAX_DEVICES_PER_USER;
+pub(crate) const MAX_DEVICES_PER_DELETE: usize = MAX_DEVICES_PER_USER;
 
-impl Service {
+impl Accounts {
     pub async fn devices(&self, user_id: &UserId) -> Result<Vec<DeviceInfo>, ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
         let rows =
@@ -70,18 +68,11 @@ impl Service {
         lattice_storage::put(&mut batch, key, &record);
         Ok(self.kv.write(batch).await?)
     }
+}
 
-    /// `DELETE /devices/{deviceId}` and `POST /delete_devices`, behind UIA with the password.
-    pub async fn delete_devices_with_auth(
-        &self,
-        user_id: &UserId,
-        device_ids: &[String],
-        auth: Option<&AuthData>,
-    ) -> Result<(), ServiceError> {
-        if device_ids.len() > MAX_DEVICES_PER_DELETE {
-            return Err(ServiceError::InvalidParam(format!("at most {MAX_DEVICES_PER_DELETE} devices per request")));
-        }
-        self.user_interactive_auth(Purpose::DeleteDevices, Some(user_id), PASSWORD_FLOWS, auth).await?;
-        self.delete_devices(user_id, device_ids).await
+impl Accounts {
+    /// The IDs of the user's devices.
+    pub(crate) async fn device_ids(&self, user_id: &UserId) -> Result<Vec<String>, ServiceError> {
+        Ok(self.devices(user_id).await?.into_iter().map(|device| device.device_id).collect())
     }
 }

@@ -9,8 +9,9 @@ use ruma::UserId;
 use ruma::api::client::uiaa::{AuthData, UserIdentifier};
 use serde_json::json;
 
+use super::Accounts;
+use crate::ServiceError;
 use crate::secrets::random_alphanumeric;
-use crate::{Service, ServiceError};
 
 pub const STAGE_PASSWORD: &str = "m.login.password";
 pub const STAGE_DUMMY: &str = "m.login.dummy";
@@ -74,7 +75,7 @@ struct Attempt<'a> {
     flows: &'a [&'a [&'a str]],
 }
 
-impl Service {
+impl Accounts {
     /// Runs one round of UIA for `purpose`. Succeeds once one of `flows` is complete; until then
     /// answers [`ServiceError::AuthRequired`] with what is still missing.
     pub(crate) async fn user_interactive_auth(
@@ -210,7 +211,7 @@ impl Service {
     }
 }
 
-impl Service {
+impl Accounts {
     /// Deletes UIA sessions older than their lifetime; returns how many. Abandoned sessions
     /// would otherwise pile up, since any client can start one.
     pub async fn sweep_expired_uia_sessions(&self) -> Result<usize, ServiceError> {

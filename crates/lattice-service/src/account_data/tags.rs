@@ -8,8 +8,8 @@ use lattice_storage::{StorageError, keys};
 use ruma::{RoomId, UserId};
 use serde_json::{Map, Value};
 
-use crate::account_data::check_owner;
-use crate::{Service, ServiceError};
+use super::{AccountData, check_owner};
+use crate::ServiceError;
 
 const TAG_EVENT_TYPE: &str = "m.tag";
 /// How often a tag edit is retried when another write to the user's tags of the room won.
@@ -43,7 +43,7 @@ impl StoredTags {
     }
 }
 
-impl Service {
+impl AccountData {
     /// `GET /user/{userId}/rooms/{roomId}/tags`.
     pub async fn room_tags(
         &self,
@@ -55,9 +55,9 @@ impl Service {
         Ok(self.stored_tags(target, room_id).await?.tags())
     }
 
-    /// `PUT /user/{userId}/rooms/{roomId}/tags/{tag}`: adds or replaces one tag; like other room
-    /// account data it needs a membership in the room.
-    pub async fn set_room_tag(
+    /// `PUT /user/{userId}/rooms/{roomId}/tags/{tag}`: adds or replaces one tag. Like other
+    /// room account data it needs a membership in the room, which the composer checks first.
+    pub(crate) async fn set_room_tag(
         &self,
         caller: &UserId,
         target: &UserId,
@@ -68,9 +68,6 @@ impl Service {
         check_owner(caller, target)?;
         check_tag(tag)?;
         check_order(&content)?;
-        if self.membership(target, room_id).await?.is_none() {
-            return Err(ServiceError::Forbidden(format!("{target} has no membership in {room_id}")));
-        }
         let value = serde_json::to_value(content).map_err(|e| ServiceError::Internal(e.to_string()))?;
         self.edit_tags(target, room_id, |tags| tags.insert(tag.to_owned(), value.clone()).as_ref() != Some(&value))
             .await

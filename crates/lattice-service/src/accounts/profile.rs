@@ -4,8 +4,10 @@ use lattice_core::limits::{MAX_AVATAR_URL_BYTES, MAX_DISPLAYNAME_BYTES};
 use lattice_storage::records::ProfileRecord;
 use lattice_storage::{WriteBatch, keys};
 use ruma::UserId;
+use serde_json::{Value, json};
 
-use crate::{Service, ServiceError};
+use super::Accounts;
+use crate::ServiceError;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Profile {
@@ -20,7 +22,7 @@ pub enum ProfileField {
     AvatarUrl,
 }
 
-impl Service {
+impl Accounts {
     /// The profile of a local user; remote profiles need federation.
     pub async fn profile(&self, user_id: &UserId) -> Result<Profile, ServiceError> {
         if user_id.server_name() != self.server_name() {
@@ -35,14 +37,15 @@ impl Service {
         Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })
     }
 
-    /// Sets (or with `None`, removes) one field of the caller's own profile.
-    pub async fn set_profile_field(
+    /// Stores (or with `None`, removes) one field of the caller's own profile, and returns
+    /// the profile as it now is.
+    pub(crate) async fn store_profile_field(
         &self,
         caller: &UserId,
         target: &UserId,
         field: ProfileField,
         value: Option<String>,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Profile, ServiceError> {
         if caller != target {
             return Err(ServiceError::Forbidden("you can only change your own profile".into()));
         }
@@ -67,6 +70,29 @@ impl Service {
         let mut batch = WriteBatch::new();
         batch.expect(lattice_storage::Table::Profiles, key.clone(), fetched.map(|f| f.raw));
         lattice_storage::put(&mut batch, key, &record);
-        Ok(self.kv.write(batch).await?)
+        self.kv.write(batch).await?;
+        Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })
     }
+
+    /// A local user's profile for their member events; nothing for users of other servers or
+    /// accounts without one.
+    pub(crate) async fn member_profile(&self, user_id: &UserId) -> Result<Profile, ServiceError> {
+        if user_id.server_name() != self.server_name() {
+            return Ok(Profile::default());
+        }
+        let record = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &keys::user(user_id.as_str())).await?;
+        let record = record.map(|f| f.value).unwrap_or_default();
+        Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })
+    }
+}
+
+/// Adds the profile's fields to member event content, as clients show them.
+pub(crate) fn profile_content(mut content: Value, profile: &Profile) -> Value {
+    if let Some(name) = &profile.displayname {
+        content["displayname"] = json!(name);
+    }
+    if let Some(avatar) = profile.avatar_url.as_ref().filter(|a| !a.is_empty()) {
+        content["avatar_url"] = json!(avatar);
+    }
+    content
 }

@@ -1,12 +1,21 @@
-//! Global account data and filters: JSON objects a client stores for itself.
+//! The account-data service: global and per-room account data and filters, JSON objects a
+//! client stores for itself. It owns the `account_data*` and `filters` tables; rules that need a
+//! room (per-room data needs a membership) are checked by the composer in `lib.rs` first.
 
 use lattice_core::limits::{MAX_ACCOUNT_DATA_BYTES, MAX_EVENT_TYPE_BYTES, MAX_FILTER_BYTES};
 use lattice_storage::records::{AccountDataRecord, FilterRecord, JsonObject};
-use lattice_storage::{KeyRange, Table, WriteBatch, keys};
+mod tags;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use lattice_storage::{KeyRange, KvStore, ScopedStore, StreamPositions, Table, TableScope, WriteBatch, keys};
 use ruma::api::client::filter::FilterDefinition;
 use ruma::{RoomId, UserId};
+use serde_json::Value;
 
-use crate::{Service, ServiceError};
+use crate::ServiceError;
+use crate::notifier::Notifier;
 
 /// Filter IDs are per-user decimal counters.
 pub type FilterId = u64;
@@ -25,9 +34,37 @@ fn serialized_len(object: &JsonObject) -> usize {
     serde_json::to_vec(object).map(|v| v.len()).unwrap_or(usize::MAX)
 }
 
-impl Service {
+/// The tables this service owns. `counters` holds the per-user filter ID counters
+/// (`filter\0{user}`), named so no other counter can collide with them.
+pub(crate) const TABLES: TableScope = TableScope {
+    owner: "account data",
+    tables: &[
+        Table::AccountData,
+        Table::AccountDataPositions,
+        Table::AccountDataChanges,
+        Table::Filters,
+        Table::Counters,
+    ],
+};
+
+/// One changed entry: its room (`None` for global data), type and content.
+pub type AccountDataEntry = (Option<String>, String, JsonObject);
+
+pub struct AccountData {
+    kv: Arc<dyn KvStore>,
+    /// The account-data stream (`stream.account_data`): its positions order account-data
+    /// changes for `/sync`, independent of the other streams.
+    stream: StreamPositions,
+    notifier: Arc<Notifier>,
+}
+
+impl AccountData {
+    pub(crate) fn new(kv: Arc<dyn KvStore>, stream: StreamPositions, notifier: Arc<Notifier>) -> Self {
+        Self { kv: ScopedStore::new(kv, TABLES), stream, notifier }
+    }
+
     /// Global (`room_id` `None`) or per-room account data of the caller.
-    pub async fn account_data(
+    pub async fn get(
         &self,
         caller: &UserId,
         target: &UserId,
@@ -42,16 +79,15 @@ impl Service {
         }
     }
 
-    /// `PUT /user/{userId}[/rooms/{roomId}]/account_data/{type}`: types the server manages
-    /// (`m.fully_read`, `m.push_rules`) are refused; per-room data needs a membership in the room.
-    pub async fn set_account_data(
-        &self,
-        caller: &UserId,
-        target: &UserId,
-        room_id: Option<&RoomId>,
-        event_type: &str,
-        content: JsonObject,
-    ) -> Result<(), ServiceError> {
+    /// The completed mark of the account-data stream: every change up to it is readable.
+    pub(crate) async fn position(&self) -> Result<u64, ServiceError> {
+        Ok(self.stream.completed().await?)
+    }
+
+    /// The checks of `PUT /user/{userId}[/rooms/{roomId}]/account_data/{type}` that need no
+    /// room: the caller's own data, a valid type, not one the server manages (`m.fully_read`,
+    /// `m.push_rules`).
+    pub(crate) fn check_client_write(caller: &UserId, target: &UserId, event_type: &str) -> Result<(), ServiceError> {
         check_owner(caller, target)?;
         if event_type.is_empty() || event_type.len() > MAX_EVENT_TYPE_BYTES || event_type.contains('\0') {
             return Err(ServiceError::InvalidParam(format!("type must be 1 to {MAX_EVENT_TYPE_BYTES} bytes")));
@@ -61,15 +97,10 @@ impl Service {
                 "{event_type} is managed by the server and cannot be set by clients"
             )));
         }
-        if let Some(room_id) = room_id
-            && self.membership(target, room_id).await?.is_none()
-        {
-            return Err(ServiceError::Forbidden(format!("{target} has no membership in {room_id}")));
-        }
-        self.write_account_data(target, room_id, event_type, content).await
+        Ok(())
     }
 
-    /// Stores account data with a stream position from the one counter, in one batch, so
+    /// Stores account data with a position of the account-data stream, in one batch, so
     /// `/sync` delivers the change exactly once.
     pub(crate) async fn write_account_data(
         &self,
@@ -81,7 +112,7 @@ impl Service {
         self.write_account_data_if(user_id, room_id, event_type, content, None).await
     }
 
-    /// [`Service::write_account_data`] for a read-modify-write: with `expected` set, the write
+    /// [`AccountData::write_account_data`] for a read-modify-write: with `expected` set, the write
     /// only happens if the stored value is still the one read (`Some(None)`: still absent),
     /// else it fails with a storage conflict the caller retries.
     pub(crate) async fn write_account_data_if(
@@ -100,41 +131,64 @@ impl Service {
         if let Some(expected) = expected {
             batch.expect(Table::AccountData, key.clone(), expected);
         }
+        // The entry's previous change row goes: a since-read then finds each entry once. A row
+        // left by a concurrent writer is harmless, since readers check it against the position.
+        if let Some(previous) = self.kv.get(Table::AccountDataPositions, &key).await? {
+            batch.delete(Table::AccountDataChanges, change_key(user_id, &previous));
+        }
         let position = self.stream.take().await?;
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
-        batch.put(Table::AccountDataPositions, key, position.get().to_be_bytes().to_vec());
+        batch.put(Table::AccountDataPositions, key.clone(), position.get().to_be_bytes().to_vec());
+        batch.put(Table::AccountDataChanges, keys::account_data_change(user_id.as_str(), position.get()), key);
         self.kv.write(batch).await?;
         position.published().await;
         self.notifier.notify_user(user_id);
         Ok(())
     }
 
-    /// The user's account data changed in `(since, now]`: global entries under `None`, per-room
-    /// ones under their room.
+    /// The user's account data changed in `(since, now]`, oldest first, read from the change
+    /// index: the cost follows the number of entries changed, not the number stored (each entry
+    /// has one current change row).
     pub(crate) async fn account_data_since(
         &self,
         user_id: &UserId,
         since: u64,
         now: u64,
-    ) -> Result<Vec<(Option<String>, String, JsonObject)>, ServiceError> {
+    ) -> Result<Vec<AccountDataEntry>, ServiceError> {
+        let range = KeyRange::between(
+            &keys::account_data_change(user_id.as_str(), since.saturating_add(1)),
+            &keys::account_data_change(user_id.as_str(), now.saturating_add(1)),
+        );
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::AccountDataChanges, &range).await?;
         let prefix = keys::user_rows(user_id.as_str());
-        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::AccountDataPositions, &KeyRange::prefix(&prefix))
-            .await?;
+        let mut seen = HashSet::new();
         let mut changed = Vec::new();
-        for (key, raw) in rows {
-            let position = <[u8; 8]>::try_from(raw.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
-            if position <= since || position > now {
+        for (change, entry_key) in rows {
+            let current = self.kv.get(Table::AccountDataPositions, &entry_key).await?;
+            // A stale row (the entry changed again since) is skipped: the newer row delivers it.
+            if current.as_deref().and_then(be_u64) != position_suffix(&change) || !seen.insert(entry_key.clone()) {
                 continue;
             }
-            let rest = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let Some(rest) = entry_key.strip_prefix(prefix.as_slice()) else { continue };
+            let rest = String::from_utf8_lossy(rest).into_owned();
             let Some((room, event_type)) = rest.split_once('\0') else { continue };
-            let Some(record) = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? else {
+            let Some(record) = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &entry_key).await? else {
                 continue;
             };
             let room = (!room.is_empty()).then(|| room.to_owned());
             changed.push((room, event_type.to_owned(), record.value.0));
         }
         Ok(changed)
+    }
+
+    /// Senders whose events the user asked not to see (`m.ignored_user_list`).
+    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
+        let key = keys::account_data(user_id.as_str(), None, "m.ignored_user_list");
+        let Some(record) = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? else {
+            return Ok(HashSet::new());
+        };
+        let ignored = record.value.0.0.get("ignored_users").and_then(Value::as_object);
+        Ok(ignored.map(|users| users.keys().cloned().collect()).unwrap_or_default())
     }
 
     /// `POST /user/{userId}/filter`: checks the filter's shape, stores it as given.
@@ -167,4 +221,18 @@ impl Service {
             None => Err(not_found()),
         }
     }
+}
+
+fn be_u64(raw: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes)
+}
+
+/// The position at the end of a change key (`user\0position`).
+fn position_suffix(change_key: &[u8]) -> Option<u64> {
+    change_key.len().checked_sub(8).and_then(|start| be_u64(&change_key[start..]))
+}
+
+/// The change row of an entry whose stored position is `raw_position`.
+fn change_key(user_id: &UserId, raw_position: &[u8]) -> Vec<u8> {
+    keys::account_data_change(user_id.as_str(), be_u64(raw_position).unwrap_or(0))
 }

@@ -4,8 +4,9 @@ use lattice_core::limits::MAX_REGISTRATION_TOKEN_BYTES;
 use lattice_storage::records::RegistrationTokenRecord;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 
+use super::Accounts;
+use crate::ServiceError;
 use crate::secrets::random_alphanumeric;
-use crate::{Service, ServiceError};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistrationTokenInfo {
@@ -25,7 +26,7 @@ pub fn valid_registration_token_format(token: &str) -> bool {
 const GENERATED_TOKEN_LENGTH: usize = 20;
 const MAX_LISTED_TOKENS: usize = 1_000;
 
-impl Service {
+impl Accounts {
     /// Creates a token that allows `uses_allowed` registrations (unlimited if `None`) until
     /// `expiry_ms` (forever if `None`).
     pub async fn create_registration_token(

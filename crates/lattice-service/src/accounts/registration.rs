@@ -7,9 +7,10 @@ use lattice_storage::{StorageError, WriteBatch, keys};
 use ruma::api::client::uiaa::AuthData;
 use ruma::{OwnedUserId, UserId};
 
-use crate::sessions::{NewDevice, SessionTokens};
-use crate::uia::{Purpose, STAGE_DUMMY, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
-use crate::{RegistrationMode, Service, ServiceError};
+use super::Accounts;
+use super::sessions::{NewDevice, SessionTokens};
+use super::uia::{Purpose, STAGE_DUMMY, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
+use crate::{RegistrationMode, ServiceError};
 
 /// A registration request as the client sent it, already parsed.
 #[derive(Debug, Default)]
@@ -39,13 +40,6 @@ pub struct NewAccount {
     pub admin: bool,
 }
 
-/// Which devices lose their session when a password changes.
-enum Logout<'a> {
-    Nobody,
-    AllExcept(&'a str),
-    Everyone,
-}
-
 const REGISTER_TOKEN_FLOWS: &[&[&str]] = &[&[STAGE_REGISTRATION_TOKEN]];
 const REGISTER_OPEN_FLOWS: &[&[&str]] = &[&[STAGE_DUMMY], &[STAGE_REGISTRATION_TOKEN]];
 pub(crate) const PASSWORD_FLOWS: &[&[&str]] = &[&[STAGE_PASSWORD]];
@@ -57,7 +51,7 @@ pub(crate) fn check_password_length(password: &str) -> Result<(), ServiceError> 
     Ok(())
 }
 
-impl Service {
+impl Accounts {
     /// `POST /register`: validates the name first (so clients learn of a taken name before
     /// they go through UIA), then runs UIA, then creates the account in one batch.
     pub async fn register(&self, request: RegisterRequest) -> Result<Registered, ServiceError> {
@@ -177,66 +171,38 @@ impl Service {
         Ok(user_id)
     }
 
-    /// `lattice user reset-password`: sets a new password and logs out every device.
-    pub async fn reset_password(&self, username: &str, password: String) -> Result<OwnedUserId, ServiceError> {
-        let user_id = lattice_core::user_id::login_user_id(username, self.server_name())
-            .map_err(|e| ServiceError::InvalidUsername(e.to_string()))?;
-        self.set_password(&user_id, password, Logout::Everyone).await?;
-        Ok(user_id)
-    }
-
-    /// `POST /account/password`.
-    pub async fn change_password(
+    /// Adds a new password for an existing, active user to `batch`, required to commit only
+    /// if the user record is still the one read.
+    pub(crate) async fn set_password_to_batch(
         &self,
+        batch: &mut WriteBatch,
         user_id: &UserId,
-        current_device: &str,
-        new_password: String,
-        logout_devices: bool,
-        auth: Option<&AuthData>,
+        password: String,
     ) -> Result<(), ServiceError> {
-        check_password_length(&new_password)?;
-        self.user_interactive_auth(Purpose::ChangePassword, Some(user_id), PASSWORD_FLOWS, auth).await?;
-        let logout = if logout_devices { Logout::AllExcept(current_device) } else { Logout::Nobody };
-        self.set_password(user_id, new_password, logout).await
-    }
-
-    async fn set_password(&self, user_id: &UserId, password: String, logout: Logout<'_>) -> Result<(), ServiceError> {
         check_password_length(&password)?;
         let hash = self.hasher.hash(password).await?;
         let fetched = self.existing_user(user_id).await?;
         let mut record = fetched.value.clone();
         record.password_hash = Some(hash);
-        let mut batch = WriteBatch::new();
         batch.expect(lattice_storage::Table::Users, keys::user(user_id.as_str()), Some(fetched.raw));
-        lattice_storage::put(&mut batch, keys::user(user_id.as_str()), &record);
-        match logout {
-            Logout::Nobody => {}
-            Logout::AllExcept(kept) => {
-                self.remove_devices_to_batch(&mut batch, user_id, |device| device != kept).await?
-            }
-            Logout::Everyone => self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?,
-        }
-        self.kv.write(batch).await?;
+        lattice_storage::put(batch, keys::user(user_id.as_str()), &record);
         Ok(())
     }
 
-    /// `POST /account/deactivate`: the account can never log in again and its name is never
-    /// reused; devices, tokens and profile are removed. Then the user leaves every room (and
-    /// rejects invites, withdraws knocks), so nothing of theirs stays in member lists.
-    pub async fn deactivate(&self, user_id: &UserId, auth: Option<&AuthData>) -> Result<(), ServiceError> {
-        self.user_interactive_auth(Purpose::Deactivate, Some(user_id), PASSWORD_FLOWS, auth).await?;
+    /// Adds the deactivation of an existing user to `batch`: the account can never log in
+    /// again, its name is never reused, and its profile is emptied.
+    pub(crate) async fn deactivate_to_batch(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: &UserId,
+    ) -> Result<(), ServiceError> {
         let fetched = self.existing_user(user_id).await?;
         let mut record = fetched.value.clone();
         record.deactivated = true;
         record.password_hash = None;
-        let mut batch = WriteBatch::new();
         batch.expect(lattice_storage::Table::Users, keys::user(user_id.as_str()), Some(fetched.raw));
-        lattice_storage::put(&mut batch, keys::user(user_id.as_str()), &record);
-        lattice_storage::put(&mut batch, keys::user(user_id.as_str()), &ProfileRecord::default());
-        self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
-        self.kv.write(batch).await?;
-        let rooms_left = self.leave_every_room(user_id).await?;
-        tracing::info!(user_id = %user_id, rooms_left, "deactivated account");
+        lattice_storage::put(batch, keys::user(user_id.as_str()), &record);
+        lattice_storage::put(batch, keys::user(user_id.as_str()), &ProfileRecord::default());
         Ok(())
     }
 

@@ -1,0 +1,67 @@
+//! The accounts service: users, passwords, user-interactive auth, registration tokens,
+//! devices and their sessions, and profiles. It owns those tables and nothing else; what an
+//! account change means for rooms or device inboxes is composed by [`Service`](crate::Service).
+
+mod devices;
+mod profile;
+mod registration;
+mod registration_tokens;
+mod sessions;
+mod uia;
+
+use std::sync::Arc;
+
+use lattice_storage::{KvStore, ScopedStore, Table, TableScope};
+use ruma::ServerName;
+
+pub use devices::DeviceInfo;
+pub(crate) use devices::MAX_DEVICES_PER_DELETE;
+pub(crate) use profile::profile_content;
+pub use profile::{Profile, ProfileField};
+pub use registration::{NewAccount, RegisterRequest, Registered};
+pub(crate) use registration::{PASSWORD_FLOWS, check_password_length};
+pub use registration_tokens::{RegistrationTokenInfo, valid_registration_token_format};
+pub use sessions::{LoginRequest, LoginResult, Session, SessionTokens};
+pub(crate) use uia::Purpose;
+pub use uia::UiaChallenge;
+
+use crate::{Clock, PasswordHasher, ServiceConfig};
+
+pub(crate) const TABLES: TableScope = TableScope {
+    owner: "accounts",
+    tables: &[
+        Table::Users,
+        Table::Profiles,
+        Table::Devices,
+        Table::AccessTokens,
+        Table::RefreshTokens,
+        Table::RegistrationTokens,
+        Table::UiaSessions,
+    ],
+};
+
+pub struct Accounts {
+    config: ServiceConfig,
+    kv: Arc<dyn KvStore>,
+    clock: Arc<dyn Clock>,
+    hasher: PasswordHasher,
+}
+
+impl Accounts {
+    pub(crate) fn new(
+        config: ServiceConfig,
+        kv: Arc<dyn KvStore>,
+        clock: Arc<dyn Clock>,
+        hasher: PasswordHasher,
+    ) -> Self {
+        Self { config, kv: ScopedStore::new(kv, TABLES), clock, hasher }
+    }
+
+    fn server_name(&self) -> &ServerName {
+        &self.config.server_name
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
