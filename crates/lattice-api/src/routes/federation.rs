@@ -156,7 +156,7 @@ async fn query_profile(
         Some(other) => return Err(ApiError::InvalidParam(format!("unknown profile field {other:?}"))),
     };
     tracing::debug!(origin = %auth.origin, %user_id, "profile query");
-    let profile = state.service.profile(&user_id).await?;
+    let profile = state.service.accounts().profile(&user_id).await?;
     let mut body = Map::new();
     if let Some(name) = profile.displayname.filter(|_| field.is_none_or(|f| f == "displayname")) {
         body.insert("displayname".into(), json!(name));
