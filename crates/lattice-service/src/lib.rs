@@ -174,6 +174,19 @@ impl Service {
 #[cfg(test)]
 mod tests;
 
+/// The configuration the unit tests build their services with, for the server `name`.
+#[cfg(test)]
+fn test_config(name: &str) -> ServiceConfig {
+    ServiceConfig {
+        server_name: name.try_into().expect("a valid test server name"),
+        registration: RegistrationMode::Token,
+        refreshable_token_lifetime_ms: 60_000,
+        default_room_version: "11".into(),
+        public_rooms_cache_ms: 0,
+        redaction_retention_ms: DEFAULT_REDACTION_RETENTION_MS,
+    }
+}
+
 #[cfg(test)]
 fn test_signing_key() -> Arc<Ed25519KeyPair> {
     Arc::new(Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "test".into()).expect("generated key parses"))

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lattice_storage::MemoryStore;
 use ruma::api::client::uiaa::{AuthData, RegistrationToken};
 
-use crate::{
-    Clock, LoginRequest, PasswordHasher, RegisterRequest, RegistrationMode, Service, ServiceConfig, ServiceError,
-};
+use crate::{Clock, LoginRequest, PasswordHasher, RegisterRequest, Service, ServiceError};
 
 struct ManualClock(AtomicU64);
 
@@ -26,14 +24,7 @@ impl ManualClock {
 
 fn service() -> (Service, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock(AtomicU64::new(1_000_000)));
-    let config = ServiceConfig {
-        server_name: "hs.test".try_into().unwrap(),
-        registration: RegistrationMode::Token,
-        refreshable_token_lifetime_ms: 60_000,
-        default_room_version: "11".into(),
-        public_rooms_cache_ms: 0,
-        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
-    };
+    let config = crate::test_config("hs.test");
     let hasher = PasswordHasher::new(64, 1).unwrap();
     (Service::new(config, Arc::new(MemoryStore::new()), clock.clone(), hasher, crate::test_signing_key()), clock)
 }

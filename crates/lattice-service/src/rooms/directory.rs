@@ -304,17 +304,10 @@ mod tests {
 
     use super::*;
     use crate::rooms::{CreateRoom, Preset};
-    use crate::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
+    use crate::{PasswordHasher, Service, ServiceConfig, SystemClock};
 
     fn cached_service(kv: Arc<MemoryStore>) -> Service {
-        let config = ServiceConfig {
-            server_name: "hs.test".try_into().unwrap(),
-            registration: RegistrationMode::Token,
-            refreshable_token_lifetime_ms: 60_000,
-            default_room_version: "11".into(),
-            public_rooms_cache_ms: 3_600_000,
-            redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
-        };
+        let config = ServiceConfig { public_rooms_cache_ms: 3_600_000, ..crate::test_config("hs.test") };
         let hasher = PasswordHasher::new(64, 1).unwrap();
         Service::new(config, kv, Arc::new(SystemClock), hasher, crate::test_signing_key())
     }

@@ -9,7 +9,7 @@ use ruma::OwnedEventId;
 use serde_json::json;
 
 use super::{Ingested, Outcome};
-use crate::{PasswordHasher, RegistrationMode, Service, ServiceConfig, SystemClock};
+use crate::{PasswordHasher, Service, SystemClock};
 
 const ALICE: &str = "@alice:hs.test";
 const BOB: &str = "@bob:hs.test";
@@ -22,14 +22,7 @@ pub(super) fn service() -> (Service, Arc<MemoryStore>) {
 /// A service on an in-memory store for the server `name`.
 pub(super) fn service_named(name: &str) -> (Service, Arc<MemoryStore>) {
     let kv = Arc::new(MemoryStore::new());
-    let config = ServiceConfig {
-        server_name: name.try_into().unwrap(),
-        registration: RegistrationMode::Token,
-        refreshable_token_lifetime_ms: 60_000,
-        default_room_version: "11".into(),
-        public_rooms_cache_ms: 0,
-        redaction_retention_ms: crate::DEFAULT_REDACTION_RETENTION_MS,
-    };
+    let config = crate::test_config(name);
     (
         Service::new(
             config,
