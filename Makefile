@@ -6,7 +6,7 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lattice-target
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench interop
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,12 @@ run: setup
 
 test: setup
 	cargo test --release --workspace
+	tests/interop/synapse_keys.sh
+
+# Federation interop with a real Synapse (PyPI, in a virtualenv under ~/.cache), on loopback.
+interop: setup
+	cargo build --release --workspace --all-targets
+	tests/interop/synapse_keys.sh
 
 lint: setup
 	cargo fmt --all -- --check

@@ -2,6 +2,8 @@
 # Installs the system packages Lattice's build needs, if they are missing:
 #   - libclang (Debian libclang-dev): librocksdb-sys runs bindgen.
 #   - a C++ compiler: RocksDB itself is built from source by the rocksdb crate.
+#   - curl and Python 3 with venv: the Synapse interop test (tests/interop/) drives a real
+#     Synapse from PyPI with them.
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
@@ -11,6 +13,8 @@ have_libclang() {
 }
 have_libclang || need+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
