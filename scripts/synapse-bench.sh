@@ -26,20 +26,9 @@ PYTHON="${PYTHON:-python3}"
 URL="http://127.0.0.1:$SYNAPSE_PORT"
 
 # --- 1. Synapse in a virtualenv outside the repository, installed once and then reused. ---------
-if [ ! -x "$SYNAPSE_VENV/bin/python" ]; then
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || { echo "Synapse $SYNAPSE_VERSION needs Python >= 3.10 (set PYTHON=...)" >&2; exit 1; }
-  echo "creating virtualenv $SYNAPSE_VENV" >&2
-  "$PYTHON" -m venv "$SYNAPSE_VENV" \
-    || { echo "python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2; exit 1; }
-fi
-VPY="$SYNAPSE_VENV/bin/python"
-installed="$("$VPY" -c 'import synapse; print(synapse.__version__)' 2>/dev/null || true)"
-if [ "$installed" != "$SYNAPSE_VERSION" ]; then
-  echo "installing matrix-synapse==$SYNAPSE_VERSION into $SYNAPSE_VENV (was: ${installed:-none})" >&2
-  "$VPY" -m pip install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
-  installed="$("$VPY" -c 'import synapse; print(synapse.__version__)')"
-fi
+source scripts/synapse-venv.sh
+synapse_venv
+installed="$("$VPY" -c 'import synapse; print(synapse.__version__)')"
 
 # --- 5. What ran where, for pasting into docs/benchmarks.md. -------------------------------------
 echo "Synapse $installed (matrix-synapse from PyPI, SQLite, one process, Python $("$VPY" -c 'import platform; print(platform.python_version())'))"

@@ -37,18 +37,8 @@ SYN_NAME="$SYN_IP:$SYN_PORT"
 [ -x "$LATTICE_BIN" ] || { echo "no lattice binary at $LATTICE_BIN (set LATTICE_BIN or build it)" >&2; exit 1; }
 
 # --- Synapse in a virtualenv outside the repository, installed once and then reused. ------------
-if [ ! -x "$SYNAPSE_VENV/bin/python" ]; then
-  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || { echo "Synapse needs Python >= 3.10 (set PYTHON=...)" >&2; exit 1; }
-  "$PYTHON" -m venv "$SYNAPSE_VENV" \
-    || { echo "python3 -m venv failed (on Debian: apt-get install python3-venv)" >&2; exit 1; }
-fi
-VPY="$SYNAPSE_VENV/bin/python"
-installed="$("$VPY" -c 'import synapse; print(synapse.__version__)' 2>/dev/null || true)"
-if [ "$installed" != "$SYNAPSE_VERSION" ]; then
-  echo "installing matrix-synapse==$SYNAPSE_VERSION into $SYNAPSE_VENV" >&2
-  "$VPY" -m pip install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
-fi
+source scripts/synapse-venv.sh
+synapse_venv
 
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/lattice-interop.XXXXXX")"
 SYN_PID=""
