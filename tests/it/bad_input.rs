@@ -51,6 +51,21 @@ const CASES: &[(&str, &str, bool, &str, u16, &str)] = &[
         400,
         "M_INVALID_PARAM",
     ),
+    // Routes whose requests are parsed by ruma's types (`lattice-api/src/typed.rs`).
+    ("PUT", "/_matrix/client/v3/devices/D1", true, "not json", 400, "M_NOT_JSON"),
+    ("PUT", "/_matrix/client/v3/devices/D1", true, "{\"display_name\": 5}", 400, "M_BAD_JSON"),
+    ("GET", "/_matrix/client/v3/devices/NOPE", true, "", 404, "M_NOT_FOUND"),
+    ("GET", "/_matrix/client/v3/user/not-a-user/rooms/!r:hs1.localhost/tags", true, "", 400, "M_INVALID_PARAM"),
+    ("GET", "/_matrix/client/v3/user/@taken:hs1.localhost/rooms/not-a-room/tags", true, "", 400, "M_INVALID_PARAM"),
+    (
+        "PUT",
+        "/_matrix/client/v3/user/@taken:hs1.localhost/rooms/!r:hs1.localhost/tags/u.x",
+        true,
+        "{\"order\": \"high\"}",
+        400,
+        "M_BAD_JSON",
+    ),
+    ("GET", "/_matrix/client/v3/devices", false, "", 401, "M_MISSING_TOKEN"),
 ];
 
 #[tokio::test]

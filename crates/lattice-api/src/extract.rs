@@ -11,6 +11,13 @@ use serde::de::DeserializeOwned;
 use crate::error::ApiError;
 use crate::{AppState, client_ip};
 
+/// The whole request body, at most `limit` bytes (else `M_TOO_LARGE`).
+pub(crate) async fn read_body(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) { ApiError::TooLarge(limit) } else { ApiError::BadJson(format!("reading body: {e}")) }
+    })
+}
+
 /// A JSON request body parsed into `T`. Not JSON at all → `M_NOT_JSON`; JSON of the wrong
 /// shape → `M_BAD_JSON`; over the configured size → `M_TOO_LARGE`. An empty body reads as `{}`
 /// so endpoints whose fields are all optional accept a bodiless request.
@@ -20,14 +27,7 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let limit = state.config.max_request_bytes;
-        let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|e| {
-            if is_length_limit(&e) {
-                ApiError::TooLarge(limit)
-            } else {
-                ApiError::BadJson(format!("reading body: {e}"))
-            }
-        })?;
+        let bytes = read_body(request.into_body(), state.config.max_request_bytes).await?;
         let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| ApiError::NotJson(format!("body is not valid JSON: {e}")))?;

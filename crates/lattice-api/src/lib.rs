@@ -6,6 +6,7 @@ mod error;
 mod extract;
 mod rate_limit;
 mod routes;
+mod typed;
 
 use std::sync::Arc;
 

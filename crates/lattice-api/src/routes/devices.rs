@@ -4,7 +4,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 use lattice_service::DeviceInfo;
+use ruma::api::client::device::{Device, get_device, get_devices, update_device};
 use ruma::api::client::uiaa::AuthData;
+use ruma::{MilliSecondsSinceUnixEpoch, UInt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -12,6 +14,7 @@ use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, ClientIp, JsonBody, PathParams};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -20,46 +23,40 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/delete_devices", post(delete_devices))
 }
 
-fn device_json(device: DeviceInfo) -> Value {
-    let mut value = json!({ "device_id": device.device_id });
-    if let Some(name) = device.display_name {
-        value["display_name"] = json!(name);
-    }
-    if let Some(ip) = device.last_seen_ip {
-        value["last_seen_ip"] = json!(ip);
-    }
-    if let Some(ts) = device.last_seen_ts {
-        value["last_seen_ts"] = json!(ts);
-    }
-    value
+fn device(info: DeviceInfo) -> Device {
+    let mut device = Device::new(info.device_id.into());
+    device.display_name = info.display_name;
+    device.last_seen_ip = info.last_seen_ip;
+    device.last_seen_ts = info.last_seen_ts.and_then(UInt::new).map(MilliSecondsSinceUnixEpoch);
+    device
 }
 
-async fn list_devices(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+async fn list_devices(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(_): Ruma<get_devices::v3::Request>,
+) -> ApiResult<RumaResponse<get_devices::v3::Response>> {
     let devices = state.service.accounts().devices(&session.user_id).await?;
-    Ok(Json(json!({ "devices": devices.into_iter().map(device_json).collect::<Vec<_>>() })))
+    Ok(RumaResponse(get_devices::v3::Response::new(devices.into_iter().map(device).collect())))
 }
 
 async fn get_device(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(device_id): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(device_json(state.service.accounts().device(&session.user_id, &device_id).await?)))
-}
-
-#[derive(Deserialize)]
-struct RenameBody {
-    display_name: Option<String>,
+    Ruma(request): Ruma<get_device::v3::Request>,
+) -> ApiResult<RumaResponse<get_device::v3::Response>> {
+    let info = state.service.accounts().device(&session.user_id, request.device_id.as_str()).await?;
+    Ok(RumaResponse(get_device::v3::Response::new(device(info))))
 }
 
 async fn rename_device(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(device_id): PathParams<String>,
-    JsonBody(body): JsonBody<RenameBody>,
-) -> ApiResult<Json<Value>> {
-    state.service.accounts().rename_device(&session.user_id, &device_id, body.display_name).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<update_device::v3::Request>,
+) -> ApiResult<RumaResponse<update_device::v3::Response>> {
+    let accounts = state.service.accounts();
+    accounts.rename_device(&session.user_id, request.device_id.as_str(), request.display_name).await?;
+    Ok(RumaResponse(update_device::v3::Response::new()))
 }
 
 #[derive(Deserialize)]
