@@ -66,6 +66,16 @@ const CASES: &[(&str, &str, bool, &str, u16, &str)] = &[
         "M_BAD_JSON",
     ),
     ("GET", "/_matrix/client/v3/devices", false, "", 401, "M_MISSING_TOKEN"),
+    ("PUT", "/_matrix/client/v3/user/@taken:hs1.localhost/account_data/m.x", true, "{oops", 400, "M_NOT_JSON"),
+    (
+        "PUT",
+        "/_matrix/client/v3/user/@taken:hs1.localhost/rooms/not-a-room/account_data/m.x",
+        true,
+        "{}",
+        400,
+        "M_INVALID_PARAM",
+    ),
+    ("GET", "/_matrix/client/v3/user/@taken:hs1.localhost/account_data/m.never.set", true, "", 404, "M_NOT_FOUND"),
 ];
 
 #[tokio::test]
