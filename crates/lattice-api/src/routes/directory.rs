@@ -8,10 +8,15 @@ use lattice_service::rooms::{PublicRoomsPage, PublicRoomsQuery};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use ruma::api::client::alias::{create_alias, delete_alias, get_alias};
+use ruma::api::client::directory::get_room_visibility;
+use ruma::api::client::room::{self, aliases};
+
 use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, ClientIp, JsonBody, PathParams, QueryParams, parse_alias, parse_room};
+use crate::extract::{Auth, ClientIp, JsonBody, PathParams, QueryParams, parse_room};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -24,48 +29,42 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/directory/list/room/{room_id}", get(visibility).put(set_visibility))
 }
 
-#[derive(Deserialize)]
-struct CreateAliasBody {
-    room_id: String,
-}
-
 async fn create_alias(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(alias): PathParams<String>,
-    JsonBody(body): JsonBody<CreateAliasBody>,
-) -> ApiResult<Json<Value>> {
-    let alias = parse_alias(&alias)?;
-    let room_id = parse_room(&body.room_id)?;
-    state.service.rooms().create_alias(&session.user_id, &alias, &room_id).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<create_alias::v3::Request>,
+) -> ApiResult<RumaResponse<create_alias::v3::Response>> {
+    state.service.rooms().create_alias(&session.user_id, &request.room_alias, &request.room_id).await?;
+    Ok(RumaResponse(create_alias::v3::Response::new()))
 }
 
 /// No access token needed: aliases are public names.
-async fn resolve_alias(State(state): State<AppState>, PathParams(alias): PathParams<String>) -> ApiResult<Json<Value>> {
-    let alias = parse_alias(&alias)?;
-    let room_id = state.service.rooms().resolve_alias(&alias).await?;
+async fn resolve_alias(
+    State(state): State<AppState>,
+    Ruma(request): Ruma<get_alias::v3::Request>,
+) -> ApiResult<RumaResponse<get_alias::v3::Response>> {
+    let room_id = state.service.rooms().resolve_alias(&request.room_alias).await?;
     // Only local aliases resolve, and only this server is known to be in their rooms' directory.
-    Ok(Json(json!({ "room_id": room_id, "servers": [state.service.server_name()] })))
+    let servers = vec![state.service.server_name().to_owned()];
+    Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)))
 }
 
 async fn delete_alias(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(alias): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    let alias = parse_alias(&alias)?;
-    state.service.rooms().delete_alias(&session.user_id, &alias).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<delete_alias::v3::Request>,
+) -> ApiResult<RumaResponse<delete_alias::v3::Response>> {
+    state.service.rooms().delete_alias(&session.user_id, &request.room_alias).await?;
+    Ok(RumaResponse(delete_alias::v3::Response::new()))
 }
 
 async fn room_aliases(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    Ok(Json(json!({ "aliases": state.service.rooms().room_aliases(&session.user_id, &room_id).await? })))
+    Ruma(request): Ruma<aliases::v3::Request>,
+) -> ApiResult<RumaResponse<aliases::v3::Response>> {
+    let aliases = state.service.rooms().room_aliases(&session.user_id, &request.room_id).await?;
+    Ok(RumaResponse(aliases::v3::Response::new(aliases)))
 }
 
 #[derive(Deserialize)]
@@ -153,10 +152,13 @@ async fn search_public_rooms(
 }
 
 /// No access token needed.
-async fn visibility(State(state): State<AppState>, PathParams(room_id): PathParams<String>) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    let public = state.service.rooms().room_is_public(&room_id).await?;
-    Ok(Json(json!({ "visibility": if public { "public" } else { "private" } })))
+async fn visibility(
+    State(state): State<AppState>,
+    Ruma(request): Ruma<get_room_visibility::v3::Request>,
+) -> ApiResult<RumaResponse<get_room_visibility::v3::Response>> {
+    let public = state.service.rooms().room_is_public(&request.room_id).await?;
+    let visibility = if public { room::Visibility::Public } else { room::Visibility::Private };
+    Ok(RumaResponse(get_room_visibility::v3::Response::new(visibility)))
 }
 
 #[derive(Deserialize, Default, PartialEq, Eq)]
