@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::routing::{get, post, put};
 use lattice_service::rooms::{CreateRoom, Preset, Txn};
 use lattice_service::{JsonObject, ServiceError};
+use ruma::api::client::membership::joined_rooms;
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -13,6 +14,7 @@ use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, QueryParams};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -121,8 +123,13 @@ async fn create_room(
     Ok(Json(json!({ "room_id": room_id })))
 }
 
-async fn joined_rooms(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
-    Ok(Json(json!({ "joined_rooms": state.service.rooms().joined_rooms(&session.user_id).await? })))
+async fn joined_rooms(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(_): Ruma<joined_rooms::v3::Request>,
+) -> ApiResult<RumaResponse<joined_rooms::v3::Response>> {
+    let rooms = state.service.rooms().joined_rooms(&session.user_id).await?;
+    Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
 }
 
 async fn send(

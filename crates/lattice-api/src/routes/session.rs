@@ -4,6 +4,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 use lattice_service::{LoginRequest, SessionTokens};
+use ruma::api::client::account::whoami;
 use ruma::api::client::session::login::v3::LoginInfo;
 use ruma::api::client::uiaa::UserIdentifier;
 use serde::Deserialize;
@@ -13,6 +14,7 @@ use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, ClientIp, JsonBody};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -118,6 +120,8 @@ async fn refresh(State(state): State<AppState>, JsonBody(body): JsonBody<Refresh
     Ok(Json(response))
 }
 
-async fn whoami(Auth(session): Auth) -> Json<Value> {
-    Json(json!({ "user_id": session.user_id, "device_id": session.device_id, "is_guest": false }))
+async fn whoami(Auth(session): Auth, Ruma(_): Ruma<whoami::v3::Request>) -> RumaResponse<whoami::v3::Response> {
+    let mut response = whoami::v3::Response::new(session.user_id, false);
+    response.device_id = Some(session.device_id);
+    RumaResponse(response)
 }
