@@ -53,6 +53,13 @@ fn request_error(error: FromHttpRequestError) -> ApiError {
     }
 }
 
+/// A JSON value the service built, as the raw JSON ruma's response types carry.
+pub fn raw<T, V: serde::Serialize + ?Sized>(value: &V) -> Result<ruma::serde::Raw<T>, ApiError> {
+    serde_json::value::to_raw_value(value)
+        .map(ruma::serde::Raw::from_json)
+        .map_err(|e| ApiError::Service(lattice_service::ServiceError::Internal(e.to_string())))
+}
+
 /// A response in ruma's type for its endpoint.
 pub struct RumaResponse<T>(pub T);
 

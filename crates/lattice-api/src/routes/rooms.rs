@@ -6,6 +6,7 @@ use axum::routing::{get, post, put};
 use lattice_service::rooms::{CreateRoom, Preset, Txn};
 use lattice_service::{JsonObject, ServiceError};
 use ruma::api::client::membership::joined_rooms;
+use ruma::api::client::state::get_state_events;
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -150,10 +151,11 @@ async fn send(
 async fn all_state(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    Ok(Json(Value::Array(state.service.rooms().room_state(&session.user_id, &room_id).await?)))
+    Ruma(request): Ruma<get_state_events::v3::Request>,
+) -> ApiResult<RumaResponse<get_state_events::v3::Response>> {
+    let events = state.service.rooms().room_state(&session.user_id, &request.room_id).await?;
+    let raw = events.iter().map(crate::typed::raw).collect::<Result<Vec<_>, _>>()?;
+    Ok(RumaResponse(get_state_events::v3::Response::new(raw)))
 }
 
 async fn read_state(

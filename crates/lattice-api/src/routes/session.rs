@@ -6,6 +6,7 @@ use axum::routing::{get, post};
 use lattice_service::{LoginRequest, SessionTokens};
 use ruma::api::client::account::whoami;
 use ruma::api::client::session::login::v3::LoginInfo;
+use ruma::api::client::session::{logout, logout_all, refresh_token};
 use ruma::api::client::uiaa::UserIdentifier;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -94,30 +95,33 @@ pub(super) fn add_tokens(response: &mut Value, tokens: SessionTokens) {
     }
 }
 
-async fn logout(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+async fn logout(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(_): Ruma<logout::v3::Request>,
+) -> ApiResult<RumaResponse<logout::v3::Response>> {
     state.service.logout(&session).await?;
-    Ok(Json(json!({})))
+    Ok(RumaResponse(logout::v3::Response::new()))
 }
 
-async fn logout_all(State(state): State<AppState>, Auth(session): Auth) -> ApiResult<Json<Value>> {
+async fn logout_all(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(_): Ruma<logout_all::v3::Request>,
+) -> ApiResult<RumaResponse<logout_all::v3::Response>> {
     state.service.logout_all(&session.user_id).await?;
-    Ok(Json(json!({})))
+    Ok(RumaResponse(logout_all::v3::Response::new()))
 }
 
-#[derive(Deserialize)]
-struct RefreshBody {
-    refresh_token: String,
-}
-
-async fn refresh(State(state): State<AppState>, JsonBody(body): JsonBody<RefreshBody>) -> ApiResult<Json<Value>> {
-    let tokens = state.service.accounts().refresh(&body.refresh_token).await?;
-    let mut response = json!({});
-    add_tokens(&mut response, tokens);
-    // The refresh response has no device_id field.
-    if let Some(object) = response.as_object_mut() {
-        object.remove("device_id");
-    }
-    Ok(Json(response))
+async fn refresh(
+    State(state): State<AppState>,
+    Ruma(request): Ruma<refresh_token::v3::Request>,
+) -> ApiResult<RumaResponse<refresh_token::v3::Response>> {
+    let tokens = state.service.accounts().refresh(&request.refresh_token).await?;
+    let mut response = refresh_token::v3::Response::new(tokens.access_token);
+    response.refresh_token = tokens.refresh_token;
+    response.expires_in_ms = tokens.expires_in_ms.map(std::time::Duration::from_millis);
+    Ok(RumaResponse(response))
 }
 
 async fn whoami(Auth(session): Auth, Ruma(_): Ruma<whoami::v3::Request>) -> RumaResponse<whoami::v3::Response> {

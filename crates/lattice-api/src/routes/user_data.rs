@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
-use lattice_service::{JsonObject, ServiceError};
+use lattice_service::JsonObject;
 use ruma::api::client::config::{
     get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data,
 };
@@ -30,13 +30,6 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/user/{user_id}/filter/{filter_id}", get(get_filter))
 }
 
-/// Stored content as the raw JSON ruma's response types carry.
-fn raw_content<T>(content: &JsonObject) -> ApiResult<Raw<T>> {
-    let json = serde_json::value::to_raw_value(content)
-        .map_err(|e| ApiError::Service(ServiceError::Internal(e.to_string())))?;
-    Ok(Raw::from_json(json))
-}
-
 /// A request's content: any JSON object (account data types are open-ended).
 fn object_content<T>(data: &Raw<T>) -> ApiResult<JsonObject> {
     data.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(format!("content must be a JSON object: {e}")))
@@ -49,7 +42,7 @@ async fn get_account_data(
 ) -> ApiResult<RumaResponse<get_global_account_data::v3::Response>> {
     let event_type = request.event_type.to_string();
     let content = state.service.account_data().get(&session.user_id, &request.user_id, None, &event_type).await?;
-    Ok(RumaResponse(get_global_account_data::v3::Response::new(raw_content(&content)?)))
+    Ok(RumaResponse(get_global_account_data::v3::Response::new(crate::typed::raw(&content)?)))
 }
 
 async fn set_account_data(
@@ -87,7 +80,7 @@ async fn get_room_account_data(
 ) -> ApiResult<RumaResponse<get_room_account_data::v3::Response>> {
     let (user, room, event_type) = (&request.user_id, &request.room_id, request.event_type.to_string());
     let content = state.service.account_data().get(&session.user_id, user, Some(room), &event_type).await?;
-    Ok(RumaResponse(get_room_account_data::v3::Response::new(raw_content(&content)?)))
+    Ok(RumaResponse(get_room_account_data::v3::Response::new(crate::typed::raw(&content)?)))
 }
 
 async fn set_room_account_data(
