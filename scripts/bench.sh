@@ -11,7 +11,9 @@ THREADS="${THREADS:-2}"
 PORT="${PORT:-18008}"
 
 command -v wrk >/dev/null || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq wrk >/dev/null || sudo apt-get install -y -qq wrk; }
-cargo build --release --quiet
+# Every target, as `make run` builds: the binary alone would resolve other host features and
+# compile RocksDB a second time.
+cargo build --release --workspace --all-targets --quiet
 BIN="$CARGO_TARGET_DIR/release/lattice"
 DATA="$(mktemp -d)"
 LOG="$DATA/server.log"
