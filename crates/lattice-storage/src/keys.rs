@@ -121,6 +121,16 @@ pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])
 }
 
+/// A position stored as a value: eight bytes, big-endian.
+pub fn stored_position(raw: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes)
+}
+
+/// The position a key ends with (`…\0position`, the last eight bytes, big-endian).
+pub fn trailing_position(key: &[u8]) -> Option<u64> {
+    key.len().checked_sub(8).and_then(|start| stored_position(&key[start..]))
+}
+
 /// Which stream a [`room_activity`] row belongs to.
 pub const ACTIVITY_EVENTS: u8 = b'e';
 pub const ACTIVITY_RECEIPTS: u8 = b'r';

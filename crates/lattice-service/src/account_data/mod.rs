@@ -166,7 +166,9 @@ impl AccountData {
         for (change, entry_key) in rows {
             let current = self.kv.get(Table::AccountDataPositions, &entry_key).await?;
             // A stale row (the entry changed again since) is skipped: the newer row delivers it.
-            if current.as_deref().and_then(be_u64) != position_suffix(&change) || !seen.insert(entry_key.clone()) {
+            if current.as_deref().and_then(keys::stored_position) != keys::trailing_position(&change)
+                || !seen.insert(entry_key.clone())
+            {
                 continue;
             }
             let Some(rest) = entry_key.strip_prefix(prefix.as_slice()) else { continue };
@@ -223,16 +225,7 @@ impl AccountData {
     }
 }
 
-fn be_u64(raw: &[u8]) -> Option<u64> {
-    <[u8; 8]>::try_from(raw).ok().map(u64::from_be_bytes)
-}
-
-/// The position at the end of a change key (`user\0position`).
-fn position_suffix(change_key: &[u8]) -> Option<u64> {
-    change_key.len().checked_sub(8).and_then(|start| be_u64(&change_key[start..]))
-}
-
 /// The change row of an entry whose stored position is `raw_position`.
 fn change_key(user_id: &UserId, raw_position: &[u8]) -> Vec<u8> {
-    keys::account_data_change(user_id.as_str(), be_u64(raw_position).unwrap_or(0))
+    keys::account_data_change(user_id.as_str(), keys::stored_position(raw_position).unwrap_or(0))
 }

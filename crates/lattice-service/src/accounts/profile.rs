@@ -32,9 +32,7 @@ impl Accounts {
         if user.is_none_or(|u| u.value.deactivated) {
             return Err(ServiceError::NotFound(format!("no such user {user_id}")));
         }
-        let record = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &keys::user(user_id.as_str())).await?;
-        let record = record.map(|f| f.value).unwrap_or_default();
-        Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })
+        self.stored_profile(user_id).await
     }
 
     /// Stores (or with `None`, removes) one field of the caller's own profile, and returns
@@ -80,6 +78,11 @@ impl Accounts {
         if user_id.server_name() != self.server_name() {
             return Ok(Profile::default());
         }
+        self.stored_profile(user_id).await
+    }
+
+    /// The stored profile record, empty when there is none.
+    async fn stored_profile(&self, user_id: &UserId) -> Result<Profile, ServiceError> {
         let record = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &keys::user(user_id.as_str())).await?;
         let record = record.map(|f| f.value).unwrap_or_default();
         Ok(Profile { displayname: record.displayname, avatar_url: record.avatar_url })

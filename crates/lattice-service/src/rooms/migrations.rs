@@ -397,9 +397,8 @@ impl MigrationStep for AccountDataChanges {
         &[Table::AccountDataChanges]
     }
     async fn row(&self, _: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
-        let position = <[u8; 8]>::try_from(raw)
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt(Table::AccountDataPositions, "a position is not eight bytes"))?;
+        let position = keys::stored_position(raw)
+            .ok_or_else(|| corrupt(Table::AccountDataPositions, "a position is not eight bytes"))?;
         // `user\0room\0type`: user IDs hold no NUL, so the user is the first part.
         let user = key.split(|b| *b == 0).next().unwrap_or_default();
         let user = String::from_utf8_lossy(user);
@@ -430,10 +429,10 @@ impl MigrationStep for RoomActivity {
     }
     async fn row(&self, _: &dyn KvRead, key: &[u8], _: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         // The position is the last eight bytes, after the room and its separator.
-        let split = key.len().checked_sub(9).ok_or_else(|| corrupt(self.reads, "a key too short for a position"))?;
-        let position =
-            <[u8; 8]>::try_from(&key[split + 1..]).map(u64::from_be_bytes).map_err(|e| corrupt(self.reads, e))?;
-        let room = String::from_utf8_lossy(&key[..split]);
+        let too_short = || corrupt(self.reads, "a key too short for a position");
+        let position = keys::trailing_position(key).ok_or_else(too_short)?;
+        let room_end = key.len().checked_sub(9).ok_or_else(too_short)?;
+        let room = String::from_utf8_lossy(&key[..room_end]);
         batch.put(Table::RoomActivity, keys::room_activity(self.stream, position, &room), Vec::new());
         Ok(())
     }

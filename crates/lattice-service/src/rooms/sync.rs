@@ -888,8 +888,7 @@ fn drop_ignored_receipts(receipts: &mut Value, ignored: &HashSet<String>) {
 
 /// The stream position that ends a timeline (or relation, or thread-activity) key.
 pub(super) fn position_of(timeline_key: &[u8]) -> u64 {
-    let tail = &timeline_key[timeline_key.len().saturating_sub(8)..];
-    <[u8; 8]>::try_from(tail).map(u64::from_be_bytes).unwrap_or(0)
+    keys::trailing_position(timeline_key).unwrap_or(0)
 }
 
 #[cfg(test)]
