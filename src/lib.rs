@@ -178,6 +178,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut state = AppState::new(service.clone(), api_config(&config)?);
     let federation = match start_federation(&config, &kv, &opened.signing_key).await? {
         Some((keys, listener)) => {
+            service.federation().enable(keys.clone()).await.context("starting the federation queues")?;
             state = state.with_federation(keys);
             Some((lattice_api::federation_router(state.clone()), listener))
         }
@@ -201,6 +202,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
     let redaction_purger = tokio::spawn(purge_redacted_originals(service.clone()));
     let front_merger = tokio::spawn(merge_wide_fronts(service.clone()));
+    let forwarder = {
+        let service = service.clone();
+        tokio::spawn(async move { service.federation().forward_forever().await })
+    };
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -236,10 +241,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        for background in [sweeper, typing_sweeper, redaction_purger, front_merger] {
+        for background in [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder] {
             background.abort();
             let _ = background.await;
         }
+        service.federation().stop();
         service.flush().await.context("flushing storage")?;
         drop(service);
         if drained {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Federation interop, part 1 (keys and signed requests) between a real Synapse and Lattice on
-# loopback, in both directions:
+# Federation interop between a real Synapse and Lattice on loopback, in both directions:
 #   1. Lattice, asked as a notary, fetches Synapse's keys from Synapse and checks them;
 #   2. Synapse, asked as a notary, fetches Lattice's keys from Lattice and checks them;
 #   3. a Synapse user reads a Lattice user's profile: Synapse sends a signed
-#      GET /_matrix/federation/v1/query/profile, which Lattice verifies with Synapse's key.
+#      GET /_matrix/federation/v1/query/profile, which Lattice verifies with Synapse's key;
+#   4. a Synapse user joins a Lattice room by alias, and messages flow both ways;
+#   5. a Lattice user joins a Synapse room by alias, and messages flow both ways.
 #
 # Usage: tests/interop/synapse_keys.sh
 #
@@ -185,6 +186,48 @@ if curl -sk "https://$SYN_NAME/_matrix/client/v3/profile/@carol:$LAT_NAME" -H "A
 else
   check "Synapse's signed profile query was verified and answered by Lattice" no
 fi
+
+# --- Rooms across the two servers (federation part 2). -------------------------------------------
+lat() { curl -sk "$@" -H "Authorization: Bearer $CAROL" -H 'Content-Type: application/json'; }
+syn() { curl -sk "$@" -H "Authorization: Bearer $DAVE" -H 'Content-Type: application/json'; }
+LAT_C="http://$LAT_IP:$LAT_CLIENT_PORT/_matrix/client/v3"
+SYN_C="https://$SYN_NAME/_matrix/client/v3"
+CAROL="$(curl -sk -X POST "$LAT_C/login" \
+  -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"carol"},"password":"correct horse battery"}' \
+  | "$VPY" -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')"
+field() { "$VPY" -c "import json,sys; print(json.load(sys.stdin).get('$1',''))"; }
+# Waits until `$1` (a command printing JSON) satisfies the Python expression `$2` on `d`.
+eventually() {
+  for _ in $(seq 1 150); do
+    if eval "$1" | json_has "$2" 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  return 1
+}
+messages() { "$1" "$2/rooms/$3/messages?dir=b&limit=50"; }
+has_body() { echo "any(e.get('content',{}).get('body')=='$1' for e in d.get('chunk',[]))"; }
+
+# 4. A Synapse user joins a Lattice room by its alias, and they chat both ways.
+LAT_ROOM="$(lat -X POST "$LAT_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"interop","name":"On Lattice"}' | field room_id)"
+JOINED="$(syn -X POST "$SYN_C/join/%23interop:$LAT_NAME" -d '{}' | field room_id)"
+check "Synapse joined a Lattice room by alias (make_join/send_join to Lattice)" "$([ -n "$LAT_ROOM" ] && [ "$JOINED" = "$LAT_ROOM" ] && echo yes || echo no)"
+lat -X PUT "$LAT_C/rooms/$LAT_ROOM/send/m.room.message/t1" -d '{"msgtype":"m.text","body":"from-lattice-1"}' >/dev/null
+eventually "messages syn $SYN_C $LAT_ROOM" "$(has_body from-lattice-1)" && ok=yes || ok=no
+check "a Lattice message reached Synapse (Lattice's queue -> Synapse's /send)" "$ok"
+syn -X PUT "$SYN_C/rooms/$LAT_ROOM/send/m.room.message/t2" -d '{"msgtype":"m.text","body":"from-synapse-1"}' >/dev/null
+eventually "messages lat $LAT_C $LAT_ROOM" "$(has_body from-synapse-1)" && ok=yes || ok=no
+check "a Synapse message reached Lattice (Synapse -> Lattice's /send)" "$ok"
+
+# 5. A Lattice user joins a Synapse room by its alias, and they chat both ways.
+SYN_ROOM="$(syn -X POST "$SYN_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"interop2","name":"On Synapse"}' | field room_id)"
+JOINED="$(lat -X POST "$LAT_C/join/%23interop2:$SYN_NAME" -d '{}' | field room_id)"
+check "Lattice joined a Synapse room by alias (query/directory, make_join/send_join to Synapse)" "$([ -n "$SYN_ROOM" ] && [ "$JOINED" = "$SYN_ROOM" ] && echo yes || echo no)"
+syn -X PUT "$SYN_C/rooms/$SYN_ROOM/send/m.room.message/t3" -d '{"msgtype":"m.text","body":"from-synapse-2"}' >/dev/null
+eventually "messages lat $LAT_C $SYN_ROOM" "$(has_body from-synapse-2)" && ok=yes || ok=no
+check "a Synapse message reached Lattice in Synapse's room" "$ok"
+lat -X PUT "$LAT_C/rooms/$SYN_ROOM/send/m.room.message/t4" -d '{"msgtype":"m.text","body":"from-lattice-2"}' >/dev/null
+eventually "messages syn $SYN_C $SYN_ROOM" "$(has_body from-lattice-2)" && ok=yes || ok=no
+check "a Lattice message reached Synapse in Synapse's room" "$ok"
 
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then

@@ -29,7 +29,7 @@ struct Member {
 
 /// Names, addresses and certificates of a few servers, decided before any starts (each one's
 /// configuration pins all the others).
-struct Network {
+pub(crate) struct Network {
     dir: TempDir,
     members: Vec<Member>,
     ca: PathBuf,
@@ -44,7 +44,7 @@ fn free_loopback_address() -> SocketAddr {
 }
 
 impl Network {
-    fn new(names: &[&str]) -> Self {
+    pub(crate) fn new(names: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut members = Vec::new();
         let mut bundle = String::new();
@@ -81,7 +81,7 @@ impl Network {
         config
     }
 
-    async fn start(&self, name: &str) -> Server {
+    pub(crate) async fn start(&self, name: &str) -> Server {
         self.start_with(name, |_| {}).await
     }
 
@@ -93,7 +93,7 @@ impl Network {
 
     /// A request to `to`'s federation listener, over TLS verified against the network's
     /// certificates, with `authorization` as given.
-    async fn request(
+    pub(crate) async fn request(
         &self,
         to: &str,
         method: Method,
@@ -121,11 +121,11 @@ impl Network {
     }
 }
 
-struct Server {
+pub(crate) struct Server {
     config: Config,
     running: Option<lattice::Running>,
-    http: Http,
-    registration_token: String,
+    pub(crate) http: Http,
+    pub(crate) registration_token: String,
 }
 
 impl Server {
@@ -137,21 +137,27 @@ impl Server {
         Self { config, running: Some(running), http, registration_token }
     }
 
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await.expect("clean stop");
         }
     }
 
-    async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.stop().await;
         let running = lattice::start(self.config.clone()).await.expect("server restarts");
         self.http = Http::new(format!("http://{}", running.address));
         self.running = Some(running);
     }
 
+    /// Registers `name` with password `password`; returns the access token.
+    pub(crate) async fn register_user(&self, name: &str) -> String {
+        let session = crate::support::register(&self.http, name, "password", &self.registration_token).await;
+        session["access_token"].as_str().expect("access token").to_owned()
+    }
+
     /// The server's current signing key, read from its data directory as the server reads it.
-    fn signing_key(&self) -> Ed25519KeyPair {
+    pub(crate) fn signing_key(&self) -> Ed25519KeyPair {
         let text = std::fs::read_to_string(self.config.signing_key_path()).expect("signing key file");
         let parts: Vec<&str> = text.split_whitespace().collect();
         let document = STANDARD_NO_PAD.decode(parts[2]).expect("base64");
@@ -160,7 +166,14 @@ impl Server {
 }
 
 /// An `X-Matrix` header for a request from `origin` to `destination`, signed with `key`.
-fn x_matrix(key: &Ed25519KeyPair, origin: &str, destination: &str, method: &Method, path: &str, body: &[u8]) -> String {
+pub(crate) fn x_matrix(
+    key: &Ed25519KeyPair,
+    origin: &str,
+    destination: &str,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> String {
     let value = lattice_federation::x_matrix::sign_request(
         <&ServerName>::try_from(origin).unwrap(),
         <&ServerName>::try_from(destination).unwrap(),
@@ -293,10 +306,15 @@ async fn signed_requests_are_accepted_and_every_bad_one_is_refused() {
         assert_eq!(response.1["errcode"], "M_UNAUTHORIZED", "{case}: {}", response.1);
     }
     // Unbuilt federation endpoints and client routes on the federation listener: 404.
-    let unbuilt = "/_matrix/federation/v1/send/txn1";
-    let signed_put = x_matrix(&key1, "lat1.test", "lat2.test", &Method::PUT, unbuilt, b"{}");
-    let response = net.request("lat2.test", Method::PUT, unbuilt, Some(&signed_put), Some(&json!({}))).await;
+    let unbuilt = "/_matrix/federation/v1/user/devices/%40carol%3Alat2.test";
+    let signed_get = x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, unbuilt, b"");
+    let response = net.request("lat2.test", Method::GET, unbuilt, Some(&signed_get), None).await;
     assert_error(&response, 404, "M_UNRECOGNIZED");
+    // An empty transaction is accepted, with no results.
+    let send = "/_matrix/federation/v1/send/txn1";
+    let signed_put = x_matrix(&key1, "lat1.test", "lat2.test", &Method::PUT, send, b"{}");
+    let response = net.request("lat2.test", Method::PUT, send, Some(&signed_put), Some(&json!({}))).await;
+    assert_eq!((response.0.as_u16(), &response.1), (200, &json!({ "pdus": {} })));
     assert_error(&net.get("lat2.test", "/_matrix/client/versions").await, 404, "M_UNRECOGNIZED");
     // A signed request for a user of another server, and for an unknown one.
     let remote = "/_matrix/federation/v1/query/profile?user_id=%40bob%3Alat1.test";

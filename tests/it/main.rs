@@ -7,6 +7,7 @@ mod authorisation;
 mod bad_input;
 mod directory;
 mod federation_keys;
+mod federation_rooms;
 mod history;
 mod history_order;
 mod membership;

@@ -64,6 +64,13 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::InvalidPdu(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::MissingEvents(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
         E::AuthRequired(challenge) => (StatusCode::UNAUTHORIZED, challenge.to_json()),
+        E::IncompatibleRoomVersion(version) => {
+            let mut value = body("M_INCOMPATIBLE_ROOM_VERSION", message);
+            value["room_version"] = json!(version);
+            (StatusCode::BAD_REQUEST, value)
+        }
+        E::Remote(_) => (StatusCode::BAD_GATEWAY, body("M_UNKNOWN", message)),
+        E::Federation(error) => federation_error(error),
         E::Storage(_) | E::Internal(_) => {
             tracing::error!(error = %message, "internal error");
             (StatusCode::INTERNAL_SERVER_ERROR, body("M_UNKNOWN", "internal server error"))

@@ -12,6 +12,7 @@ pub mod discovery;
 mod error;
 pub mod key_cache;
 pub mod own_keys;
+pub mod sender;
 pub mod x_matrix;
 
 use http::{HeaderMap, Method};
@@ -23,6 +24,7 @@ pub use discovery::{Discovery, HickoryResolver, NameResolver, NoDns};
 pub use error::{FederationError, Result};
 pub use key_cache::{KeyCache, StoredKey};
 pub use own_keys::{OldVerifyKey, OwnKeys};
+pub use sender::Sender;
 
 /// Checks an inbound request's `X-Matrix` authorization and returns the origin server: the
 /// credentials must parse, name this server as destination (when they name one), use a key of

@@ -60,6 +60,15 @@ pub enum ServiceError {
     /// Events an event refers to are not stored (fetching them over federation comes later).
     #[error("unknown events: {0}")]
     MissingEvents(String),
+    /// A room version the other server does not support (`M_INCOMPATIBLE_ROOM_VERSION`).
+    #[error("the room is version {0}, which the asking server does not support")]
+    IncompatibleRoomVersion(String),
+    /// Another server's answer made the request fail (502).
+    #[error("{0}")]
+    Remote(String),
+    /// Talking to another server failed.
+    #[error("federation: {0}")]
+    Federation(#[from] lattice_federation::FederationError),
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]

@@ -15,6 +15,7 @@ pub mod accounts;
 mod clock;
 mod composed;
 mod error;
+pub mod federation;
 mod notifier;
 mod reports;
 pub mod rooms;
@@ -34,6 +35,7 @@ pub use accounts::{
 };
 pub use clock::{Clock, SystemClock};
 pub use error::ServiceError;
+pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
 pub use notifier::SyncWaiters;
 pub use reports::{Report, Reports};
@@ -81,7 +83,8 @@ pub struct Service {
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
     reports: Reports,
-    rooms: Rooms,
+    rooms: Arc<Rooms>,
+    federation: Federation,
     notifier: Arc<notifier::Notifier>,
 }
 
@@ -112,8 +115,16 @@ impl Service {
             account_data: account_data.clone(),
             to_device: to_device.clone(),
         };
-        let rooms =
-            Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, streams, notifier.clone(), neighbours);
+        let rooms = Arc::new(Rooms::new(
+            config.clone(),
+            kv.clone(),
+            clock.clone(),
+            signing_key,
+            streams,
+            notifier.clone(),
+            neighbours,
+        ));
+        let federation = Federation::new(kv.clone(), rooms.clone(), accounts.clone());
         Self {
             config,
             reports: Reports::new(kv.clone(), clock),
@@ -122,6 +133,7 @@ impl Service {
             account_data,
             to_device,
             rooms,
+            federation,
             notifier,
         }
     }
@@ -162,6 +174,58 @@ impl Service {
 
     pub fn rooms(&self) -> &Rooms {
         &self.rooms
+    }
+
+    pub fn federation(&self) -> &Federation {
+        &self.federation
+    }
+
+    /// The room an alias names and servers to join it through: a local alias from this
+    /// server's directory (with the servers in the room, this one first), another server's
+    /// alias by asking that server (`/query/directory`) when federation is on.
+    pub async fn resolve_alias(
+        &self,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<(ruma::OwnedRoomId, Vec<OwnedServerName>), ServiceError> {
+        if alias.server_name() == self.server_name() {
+            let room_id = self.rooms.resolve_alias(alias).await?;
+            let mut servers: Vec<OwnedServerName> = match self.rooms.joined_servers(&room_id).await {
+                Ok(servers) => servers.into_iter().filter(|s| s != self.server_name()).collect(),
+                Err(_) => Vec::new(),
+            };
+            servers.insert(0, self.server_name().to_owned());
+            return Ok((room_id, servers));
+        }
+        if !self.federation.is_enabled() {
+            return Err(ServiceError::NotFound(format!("{alias} is another server's alias, and federation is off")));
+        }
+        self.federation.query_remote_alias(alias).await
+    }
+
+    /// Joins a room: here when this server has a member in it, else over federation through
+    /// `via` (and the server the room ID names, if any).
+    pub async fn join(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        via: &[OwnedServerName],
+        reason: Option<String>,
+    ) -> Result<ruma::OwnedEventId, ServiceError> {
+        let resident = match self.rooms.room_version(room_id).await {
+            Ok(_) => self.rooms.server_in_room(self.server_name(), room_id).await?,
+            Err(ServiceError::NotFound(_)) => false,
+            Err(error) => return Err(error),
+        };
+        if resident || !self.federation.is_enabled() {
+            return self.rooms.join_room(user_id, room_id, reason).await;
+        }
+        let mut servers: Vec<OwnedServerName> = via.to_vec();
+        if let Some(server) = room_id.server_name()
+            && !servers.iter().any(|s| s == server)
+        {
+            servers.push(server.to_owned());
+        }
+        self.federation.join_remote(user_id, room_id, &servers, reason).await
     }
 
     /// Commits a batch that several services filled, each with rows of its own tables only

@@ -183,6 +183,8 @@ fn every_table_but_meta_has_one_owner() {
         crate::to_device::TABLES,
         crate::reports::TABLES,
         lattice_federation::key_cache::TABLES,
+        lattice_federation::sender::TABLES,
+        crate::federation::TABLES,
     ];
     for table in Table::ALL {
         let owners: Vec<&str> =

@@ -59,4 +59,6 @@ tables! {
     BackwardExtremities => "backward_extremities",
     RoomActivity => "room_activity",
     ServerKeys => "server_keys",
+    FederationOutbox => "federation_outbox",
+    FederationTransactions => "federation_transactions",
 }

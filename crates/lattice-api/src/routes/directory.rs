@@ -43,9 +43,7 @@ async fn resolve_alias(
     State(state): State<AppState>,
     Ruma(request): Ruma<get_alias::v3::Request>,
 ) -> ApiResult<RumaResponse<get_alias::v3::Response>> {
-    let room_id = state.service.rooms().resolve_alias(&request.room_alias).await?;
-    // Only local aliases resolve, and only this server is known to be in their rooms' directory.
-    let servers = vec![state.service.server_name().to_owned()];
+    let (room_id, servers) = state.service.resolve_alias(&request.room_alias).await?;
     Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)))
 }
 

@@ -11,17 +11,17 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use lattice_federation::{FederationError, KeyCache};
 use lattice_service::ServiceError;
-use ruma::{CanonicalJsonValue, OwnedServerName};
+use ruma::{CanonicalJsonValue, OwnedEventId, OwnedServerName};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{JsonBody, PathParams, QueryParams, parse_user};
+use crate::extract::{JsonBody, PathParams, QueryParams, parse_room, parse_user};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -30,6 +30,17 @@ pub fn routes() -> Routes {
         .route("/_matrix/key/v2/query", post(query_many))
         .route("/_matrix/federation/v1/version", get(version))
         .route("/_matrix/federation/v1/query/profile", get(query_profile))
+        .route("/_matrix/federation/v1/query/directory", get(query_directory))
+        .route("/_matrix/federation/v1/send/{txn_id}", put(send_transaction))
+        .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
+        .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+        .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+        .route("/_matrix/federation/v1/event/{event_id}", get(event))
+        .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
+        .route("/_matrix/federation/v1/state/{room_id}", get(state_full))
+        .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
+        .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
+        .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
 }
 
 fn federation(state: &AppState) -> ApiResult<&Arc<KeyCache>> {
@@ -41,6 +52,8 @@ fn federation(state: &AppState) -> ApiResult<&Arc<KeyCache>> {
 /// Missing, malformed, misaddressed or wrongly signed → `401 M_UNAUTHORIZED`.
 pub struct ServerAuth {
     pub origin: OwnedServerName,
+    /// The request body, whose signature was checked with the rest.
+    pub body: axum::body::Bytes,
 }
 
 impl FromRequest<AppState> for ServerAuth {
@@ -55,7 +68,7 @@ impl FromRequest<AppState> for ServerAuth {
         let origin =
             lattice_federation::authenticate_request(keys, &parts.method, target, &parts.headers, &body).await?;
         tracing::debug!(%origin, "authenticated server request");
-        Ok(ServerAuth { origin })
+        Ok(ServerAuth { origin, body })
     }
 }
 
@@ -171,4 +184,172 @@ impl From<FederationError> for ApiError {
     fn from(error: FederationError) -> Self {
         ApiError::Federation(error)
     }
+}
+
+fn parse_event_id(id: &str) -> ApiResult<OwnedEventId> {
+    OwnedEventId::try_from(id).map_err(|_| ApiError::InvalidParam(format!("invalid event ID {id:?}")))
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => ApiError::NotJson(e.to_string()),
+        _ => ApiError::BadJson(e.to_string()),
+    })
+}
+
+/// `PUT /send/{txnId}`: the PDUs and EDUs another server pushes; each PDU gets its own result.
+async fn send_transaction(
+    State(state): State<AppState>,
+    PathParams(txn_id): PathParams<String>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let body: lattice_service::federation::TransactionBody = json_body(&auth.body)?;
+    let results = state.service.federation().receive_transaction(&auth.origin, &txn_id, body).await?;
+    Ok(Json(json!({ "pdus": results })))
+}
+
+async fn make_join(
+    State(state): State<AppState>,
+    PathParams((room_id, user_id)): PathParams<(String, String)>,
+    QueryParams(query): QueryParams<Vec<(String, String)>>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, user_id) = (parse_room(&room_id)?, parse_user(&user_id)?);
+    let versions: Vec<String> = query.into_iter().filter(|(key, _)| key == "ver").map(|(_, v)| v).collect();
+    let template =
+        state.service.federation().make_membership(&auth.origin, &room_id, &user_id, "join", &versions).await?;
+    Ok(Json(template))
+}
+
+async fn make_leave(
+    State(state): State<AppState>,
+    PathParams((room_id, user_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, user_id) = (parse_room(&room_id)?, parse_user(&user_id)?);
+    let template = state.service.federation().make_membership(&auth.origin, &room_id, &user_id, "leave", &[]).await?;
+    Ok(Json(template))
+}
+
+async fn send_join(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    let answer = state.service.federation().send_join(&auth.origin, &room_id, &event_id, &auth.body).await?;
+    Ok(Json(answer))
+}
+
+async fn event(
+    State(state): State<AppState>,
+    PathParams(event_id): PathParams<String>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let event_id = parse_event_id(&event_id)?;
+    Ok(Json(state.service.federation().event(&auth.origin, &event_id).await?))
+}
+
+#[derive(Deserialize)]
+struct AtEvent {
+    event_id: String,
+}
+
+async fn state_ids(
+    State(state): State<AppState>,
+    PathParams(room_id): PathParams<String>,
+    QueryParams(query): QueryParams<AtEvent>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&query.event_id)?);
+    Ok(Json(state.service.federation().state_at(&auth.origin, &room_id, &event_id, false).await?))
+}
+
+async fn state_full(
+    State(state): State<AppState>,
+    PathParams(room_id): PathParams<String>,
+    QueryParams(query): QueryParams<AtEvent>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&query.event_id)?);
+    Ok(Json(state.service.federation().state_at(&auth.origin, &room_id, &event_id, true).await?))
+}
+
+async fn event_auth(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    Ok(Json(state.service.federation().event_auth(&auth.origin, &room_id, &event_id).await?))
+}
+
+#[derive(Deserialize)]
+struct MissingEventsBody {
+    #[serde(default)]
+    earliest_events: Vec<OwnedEventId>,
+    latest_events: Vec<OwnedEventId>,
+    #[serde(default = "default_missing_limit")]
+    limit: usize,
+    #[serde(default)]
+    min_depth: u64,
+}
+
+fn default_missing_limit() -> usize {
+    10
+}
+
+async fn get_missing_events(
+    State(state): State<AppState>,
+    PathParams(room_id): PathParams<String>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let body: MissingEventsBody = json_body(&auth.body)?;
+    let answer = state
+        .service
+        .federation()
+        .missing_events(&auth.origin, &room_id, &body.earliest_events, &body.latest_events, body.limit, body.min_depth)
+        .await?;
+    Ok(Json(answer))
+}
+
+async fn backfill(
+    State(state): State<AppState>,
+    PathParams(room_id): PathParams<String>,
+    QueryParams(query): QueryParams<Vec<(String, String)>>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let mut from = Vec::new();
+    let mut limit = None;
+    for (key, value) in query {
+        match key.as_str() {
+            "v" => from.push(parse_event_id(&value)?),
+            "limit" => {
+                limit = Some(value.parse::<usize>().map_err(|_| ApiError::InvalidParam(format!("limit {value:?}")))?)
+            }
+            _ => {}
+        }
+    }
+    let limit = limit.ok_or_else(|| ApiError::InvalidParam("limit is required".into()))?;
+    if from.is_empty() {
+        return Err(ApiError::InvalidParam("at least one `v` is required".into()));
+    }
+    Ok(Json(state.service.federation().backfill(&auth.origin, &room_id, &from, limit).await?))
+}
+
+#[derive(Deserialize)]
+struct DirectoryQuery {
+    room_alias: String,
+}
+
+async fn query_directory(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<DirectoryQuery>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let alias = crate::extract::parse_alias(&query.room_alias)?;
+    tracing::debug!(origin = %auth.origin, %alias, "directory query");
+    Ok(Json(state.service.federation().query_directory(&alias).await?))
 }

@@ -236,7 +236,7 @@ async fn join(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    join_room(&state, &session, room_id, body.reason).await
+    join_room(&state, &session, room_id, &[], body.reason).await
 }
 
 /// `POST /join/{roomIdOrAlias}`: local aliases resolve here. `via` and `server_name` name servers
@@ -248,34 +248,34 @@ async fn join_by_id_or_alias(
     QueryParams(query): QueryParams<Vec<(String, String)>>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
+    let mut via = Vec::new();
     for (_, server) in query.iter().filter(|(key, _)| key == "via" || key == "server_name") {
-        ruma::OwnedServerName::try_from(server.as_str())
-            .map_err(|e| ApiError::InvalidParam(format!("invalid server name {server:?}: {e}")))?;
+        via.push(
+            ruma::OwnedServerName::try_from(server.as_str())
+                .map_err(|e| ApiError::InvalidParam(format!("invalid server name {server:?}: {e}")))?,
+        );
     }
     let room_id = if target.starts_with('#') {
-        state.service.rooms().resolve_alias(&crate::extract::parse_alias(&target)?).await?
+        let alias = crate::extract::parse_alias(&target)?;
+        let (room_id, servers) = state.service.resolve_alias(&alias).await?;
+        via.extend(servers);
+        room_id
     } else {
         parse_room(&target)?
     };
-    join_room(&state, &session, room_id, body.reason).await
+    join_room(&state, &session, room_id, &via, body.reason).await
 }
 
+/// Joins here, or over federation through `via` when this server is not in the room.
 async fn join_room(
     state: &AppState,
     session: &lattice_service::Session,
     room_id: OwnedRoomId,
+    via: &[ruma::OwnedServerName],
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
-    if room_id.server_name().is_some_and(|server| server != state.service.server_name())
-        && state.service.rooms().membership(&session.user_id, &room_id).await.is_err()
-    {
-        return Err(ServiceError::NotFound(
-            "joining rooms on other servers needs federation, which is not built yet".into(),
-        )
-        .into());
-    }
-    state.service.rooms().join_room(&session.user_id, &room_id, reason).await?;
+    state.service.join(&session.user_id, &room_id, via, reason).await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 

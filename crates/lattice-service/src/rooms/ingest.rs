@@ -359,6 +359,7 @@ impl Rooms {
     /// is (who may not be a member yet).
     fn notify_event(&self, room_id: &OwnedRoomId, event: &Pdu) {
         self.notifier.notify_room(room_id);
+        self.events_written.notify_one();
         if *event.kind() == TimelineEventType::RoomMember
             && let Some(target) = event.state_key().and_then(|key| ruma::UserId::parse(key).ok())
         {
@@ -438,7 +439,7 @@ impl Rooms {
 
     /// Loads the event's auth events (and, from v12, the room's create event, an auth event
     /// without being cited); each must be stored and belong to the event's room.
-    async fn load_auth_events(
+    pub(super) async fn load_auth_events(
         &self,
         version: &RoomVersion,
         event: &Pdu,
@@ -565,7 +566,7 @@ impl Rooms {
     /// event's auth events, against the state before it (both → `Rejected`), and against the
     /// room's current state (→ `SoftFailed`; live events only, and only when the current state
     /// differs from the state before). Only the state slots the rules look at are read.
-    async fn decide(
+    pub(super) async fn decide(
         &self,
         version: &RoomVersion,
         event: &Pdu,
@@ -798,7 +799,7 @@ impl Rooms {
     }
 }
 
-pub(super) fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
+pub(crate) fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {
     match event.room_id() {
         Some(room_id) => Ok(room_id.to_owned()),
         // A v12 create event carries no room ID: the room is named after the event.

@@ -213,7 +213,7 @@ impl Rooms {
     /// For a join the restricted join rules decide: a local member who may invite, to vouch
     /// for it. `None` when the join needs no one (another join rule, or the user is invited or
     /// joined already — or banned, which the auth rules refuse with their own reason).
-    async fn restricted_join_authoriser(
+    pub(super) async fn restricted_join_authoriser(
         &self,
         version: &RoomVersion,
         user_id: &UserId,

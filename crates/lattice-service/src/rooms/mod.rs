@@ -16,6 +16,7 @@ mod local_events;
 mod membership;
 mod merge;
 mod migrations;
+mod peers;
 mod receipts;
 mod redactions;
 mod relations;
@@ -52,11 +53,13 @@ pub(crate) use directory::DirectoryCache;
 pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
+pub(crate) use ingest::room_id_of as room_id_of_pdu;
 pub use ingest::{Arrival, Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use membership::member_content;
 pub(crate) use merge::MergeQueue;
 pub use migrations::schema_migrations;
+pub use peers::OwedEvent;
 pub use relations::RelationsQuery;
 pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, StreamSet, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
@@ -147,6 +150,9 @@ pub struct Rooms {
     directory_cache: DirectoryCache,
     /// Rooms whose forward extremities are waiting to be merged.
     merges: MergeQueue,
+    /// Woken after every live event, for the federation forwarder (which reads what is new
+    /// from the stream itself, so one wake-up may cover many events).
+    events_written: Arc<tokio::sync::Notify>,
 }
 
 impl Rooms {
@@ -178,7 +184,13 @@ impl Rooms {
             notifier,
             directory_cache: Default::default(),
             merges: Default::default(),
+            events_written: Default::default(),
         }
+    }
+
+    /// Notified after live events are written (see `events_written`).
+    pub fn events_written(&self) -> Arc<tokio::sync::Notify> {
+        self.events_written.clone()
     }
 
     pub fn config(&self) -> &ServiceConfig {

@@ -1,0 +1,458 @@
+//! The server-server API as this server answers it. Every PDU another server pushes goes
+//! through `Rooms::receive_pdu`'s checks and the one ingest path; every read answers only a
+//! server joined to the room, and only with events that server may see.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+
+use lattice_core::room_version::RoomVersion;
+use lattice_storage::WriteBatch;
+use lattice_storage::records::EventRecord;
+use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, RoomId, ServerName, UserId};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::{Federation, server_of};
+use crate::ServiceError;
+use crate::rooms::Outcome;
+
+/// The spec's limits on one transaction.
+pub const MAX_PDUS: usize = 50;
+pub const MAX_EDUS: usize = 100;
+/// Most events one `/backfill` or `/get_missing_events` answer holds.
+const MAX_EVENTS_PER_READ: usize = 100;
+
+/// The body of `PUT /send/{txnId}`.
+#[derive(Deserialize)]
+pub struct TransactionBody {
+    #[serde(default)]
+    pub pdus: Vec<Box<RawValue>>,
+    #[serde(default)]
+    pub edus: Vec<Box<RawValue>>,
+}
+
+/// Per-PDU results of a transaction: `{}` when accepted, `{"error": …}` when not.
+pub type PduResults = BTreeMap<String, Value>;
+
+fn transaction_key(origin: &ServerName, txn_id: &str) -> Vec<u8> {
+    let mut key = origin.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(txn_id.as_bytes());
+    key
+}
+
+#[derive(Deserialize)]
+struct RoomOf {
+    room_id: Option<String>,
+}
+
+impl Federation {
+    /// `PUT /send/{txnId}`: each PDU through the ingest path, with its own result. A transaction
+    /// already processed answers with its stored results and changes nothing.
+    pub async fn receive_transaction(
+        &self,
+        origin: &ServerName,
+        txn_id: &str,
+        body: TransactionBody,
+    ) -> Result<PduResults, ServiceError> {
+        if body.pdus.len() > MAX_PDUS || body.edus.len() > MAX_EDUS {
+            return Err(ServiceError::BadJson(format!(
+                "a transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs"
+            )));
+        }
+        let key = transaction_key(origin, txn_id);
+        if let Some(stored) = self.kv.get(lattice_storage::Table::FederationTransactions, &key).await? {
+            return serde_json::from_slice(&stored).map_err(|e| ServiceError::Internal(e.to_string()));
+        }
+        let mut results = PduResults::new();
+        for raw in &body.pdus {
+            let (event_id, outcome) = self.receive_one(origin, raw.get().as_bytes()).await;
+            if let Some(event_id) = event_id {
+                let result = match outcome {
+                    Ok(()) => json!({}),
+                    Err(reason) => json!({ "error": reason }),
+                };
+                results.insert(event_id, result);
+            }
+        }
+        let mut batch = WriteBatch::new();
+        let stored = serde_json::to_vec(&results).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        batch.put(lattice_storage::Table::FederationTransactions, key, stored);
+        self.kv.write(batch).await?;
+        Ok(results)
+    }
+
+    /// One pushed PDU: its event ID (when it can be computed) and whether it was accepted.
+    async fn receive_one(&self, origin: &ServerName, bytes: &[u8]) -> (Option<String>, Result<(), String>) {
+        let Ok(RoomOf { room_id: Some(room_id) }) = serde_json::from_slice::<RoomOf>(bytes) else {
+            return (None, Err("no room_id".into()));
+        };
+        let Ok(room_id) = ruma::OwnedRoomId::try_from(room_id) else { return (None, Err("invalid room_id".into())) };
+        // Only rooms this server is in: others' PDUs are dropped, as the spec allows.
+        let Ok(version) = self.rooms.room_version(&room_id).await else {
+            return (None, Err(format!("this server is not in {room_id}")));
+        };
+        let object = match lattice_core::pdu::parse(bytes, &version) {
+            Ok(object) => object,
+            Err(error) => return (None, Err(error.to_string())),
+        };
+        let event_id = lattice_core::pdu::event_id(&object, &version).ok().map(|id| id.to_string());
+        let outcome = self.receive_checked(origin, &version, object, bytes).await;
+        if let Err(reason) = &outcome {
+            tracing::info!(%origin, event_id = event_id.as_deref().unwrap_or("?"), %reason, "a pushed PDU was not accepted");
+        }
+        (event_id, outcome)
+    }
+
+    async fn receive_checked(
+        &self,
+        origin: &ServerName,
+        version: &RoomVersion,
+        object: CanonicalJsonObject,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        let keys = self.keys_for(&object, version).await.map_err(|e| e.to_string())?;
+        let event = self.rooms.check_remote_pdu(origin, version, bytes, &keys).map_err(|e| e.to_string())?;
+        let ingested = match self.rooms.ingest(version, event.clone()).await {
+            Err(ServiceError::MissingEvents(_)) => self.fill_gap_and_ingest(origin, version, event).await,
+            other => other,
+        };
+        match ingested.map_err(|e| e.to_string())?.outcome {
+            Outcome::Accepted | Outcome::SoftFailed(_) | Outcome::Outlier => Ok(()),
+            Outcome::Rejected(reason) => Err(reason),
+        }
+    }
+
+    /// `GET /make_join/{roomId}/{userId}`: a join template for a user of `origin`, only when
+    /// the join would pass this server's auth checks now.
+    pub async fn make_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user_id: &UserId,
+        membership: &str,
+        supported_versions: &[String],
+    ) -> Result<Value, ServiceError> {
+        require_own_user(origin, user_id)?;
+        let version = self.rooms.room_version(room_id).await?;
+        self.require_resident(room_id).await?;
+        let id = version.id().as_str();
+        // The spec's default when the asking server names no versions is version 1 only.
+        let supported = if supported_versions.is_empty() { vec!["1".to_owned()] } else { supported_versions.to_vec() };
+        if membership != "leave" && !supported.iter().any(|v| v == id) {
+            return Err(ServiceError::IncompatibleRoomVersion(id.to_owned()));
+        }
+        let template = self.rooms.membership_template(&version, room_id, user_id, membership).await?;
+        Ok(json!({ "room_version": id, "event": template }))
+    }
+
+    /// `PUT /send_join/v2/{roomId}/{eventId}`: the joining server's signed join, through the
+    /// ingest path; on acceptance, the state before it and the auth chain, and the join is
+    /// passed on to the room's other servers.
+    pub async fn send_join(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        bytes: &[u8],
+    ) -> Result<Value, ServiceError> {
+        let version = self.rooms.room_version(room_id).await?;
+        self.require_resident(room_id).await?;
+        let mut object = lattice_core::pdu::parse(bytes, &version)?;
+        let computed = lattice_core::pdu::event_id(&object, &version)?;
+        if computed != event_id {
+            return Err(ServiceError::BadJson(format!("the event's ID is {computed}, not {event_id}")));
+        }
+        let event = membership_fields(&object)?;
+        if event.room_id.as_deref() != Some(room_id.as_str())
+            || event.kind != "m.room.member"
+            || event.state_key.as_deref() != Some(event.sender.as_str())
+            || event.membership != "join"
+        {
+            return Err(ServiceError::BadJson("not a join of its sender to this room".into()));
+        }
+        require_own_user(origin, &UserId::parse(&event.sender).map_err(|e| ServiceError::BadJson(e.to_string()))?)?;
+        // A restricted join names a user of this server as its authoriser: this server's
+        // signature is part of it, given only because the auth checks below must pass.
+        let countersigned =
+            event.authoriser.as_deref().and_then(server_of).is_some_and(|server| server == self.server_name());
+        if countersigned {
+            self.rooms.countersign(&version, &mut object)?;
+        }
+        let keys = self.keys_for(&object, &version).await?;
+        let signed = serde_json::to_vec(&object).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let pdu = self.rooms.check_remote_pdu(origin, &version, &signed, &keys)?;
+        match self.rooms.ingest(&version, pdu.clone()).await?.outcome {
+            Outcome::Accepted => {}
+            Outcome::SoftFailed(reason) | Outcome::Rejected(reason) => {
+                return Err(ServiceError::Forbidden(format!("the join was refused: {reason}")));
+            }
+            Outcome::Outlier => return Err(ServiceError::Internal("a live join became an outlier".into())),
+        }
+        let state = self.rooms.state_before_event(event_id).await?;
+        let state_ids: Vec<OwnedEventId> = state.values().cloned().collect();
+        let mut chain_roots = state_ids.clone();
+        chain_roots.push(event_id.to_owned());
+        let auth_chain = self.rooms.auth_chain_of(&chain_roots).await?;
+        let mut state_pdus = Vec::with_capacity(state_ids.len());
+        for id in &state_ids {
+            if let Some(json) = self.rooms.stored_pdu_json(id).await? {
+                state_pdus.push(raw(&json)?);
+            }
+        }
+        let auth_pdus: Vec<Box<RawValue>> = auth_chain.iter().map(|(_, json)| raw(json)).collect::<Result<_, _>>()?;
+        let servers = self.rooms.joined_servers(room_id).await?;
+        let others: Vec<OwnedServerName> =
+            servers.iter().filter(|s| *s != origin && *s != self.server_name()).cloned().collect();
+        if let Err(error) = self.queue_now(&others, std::str::from_utf8(&signed).unwrap_or_default()).await {
+            tracing::warn!(%error, "queueing a remote join for the room's other servers failed");
+        }
+        let mut answer = json!({
+            "origin": self.server_name(),
+            "state": state_pdus,
+            "auth_chain": auth_pdus,
+            "members_omitted": false,
+            "servers_in_room": servers,
+        });
+        if countersigned {
+            answer["event"] = serde_json::to_value(&object).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        }
+        Ok(answer)
+    }
+
+    /// `GET /event/{eventId}`.
+    pub async fn event(&self, origin: &ServerName, event_id: &EventId) -> Result<Value, ServiceError> {
+        let record = self
+            .rooms
+            .event_record_visible_to(origin, event_id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("unknown event {event_id}")))?;
+        Ok(json!({ "origin": self.server_name(), "origin_server_ts": self.now_ms(), "pdus": [raw(&record.json)?] }))
+    }
+
+    /// `GET /state_ids/{roomId}?event_id=` (and `/state` when `full`): the state before the
+    /// event and its auth chain.
+    pub async fn state_at(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        full: bool,
+    ) -> Result<Value, ServiceError> {
+        self.require_member_server(origin, room_id).await?;
+        let record = self.rooms.event_in_room(room_id, event_id).await?;
+        if !self.rooms.server_may_see(origin, &record).await? {
+            return Err(ServiceError::Forbidden(format!("{origin} may not see {event_id}")));
+        }
+        let state = self.rooms.state_before_event(event_id).await?;
+        let ids: Vec<OwnedEventId> = state.values().cloned().collect();
+        let chain = self.rooms.auth_chain_of(&ids).await?;
+        if !full {
+            let chain_ids: Vec<&OwnedEventId> = chain.iter().map(|(id, _)| id).collect();
+            return Ok(json!({ "pdu_ids": ids, "auth_chain_ids": chain_ids }));
+        }
+        let mut pdus = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(json) = self.rooms.stored_pdu_json(id).await? {
+                pdus.push(raw(&json)?);
+            }
+        }
+        let auth: Vec<Box<RawValue>> = chain.iter().map(|(_, json)| raw(json)).collect::<Result<_, _>>()?;
+        Ok(json!({ "pdus": pdus, "auth_chain": auth }))
+    }
+
+    /// `GET /event_auth/{roomId}/{eventId}`.
+    pub async fn event_auth(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Value, ServiceError> {
+        self.require_member_server(origin, room_id).await?;
+        let record = self.rooms.event_in_room(room_id, event_id).await?;
+        if !self.rooms.server_may_see(origin, &record).await? {
+            return Err(ServiceError::Forbidden(format!("{origin} may not see {event_id}")));
+        }
+        let chain = self.rooms.auth_chain_of(&[event_id.to_owned()]).await?;
+        let auth: Vec<Box<RawValue>> = chain.iter().map(|(_, json)| raw(json)).collect::<Result<_, _>>()?;
+        Ok(json!({ "auth_chain": auth }))
+    }
+
+    /// `POST /get_missing_events/{roomId}`: walking back from `latest` over prev events, the
+    /// events not at or before `earliest`, at most `limit`, oldest first.
+    pub async fn missing_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: u64,
+    ) -> Result<Value, ServiceError> {
+        self.require_member_server(origin, room_id).await?;
+        let stop: HashSet<&OwnedEventId> = earliest.iter().collect();
+        let walked =
+            self.walk_back(origin, room_id, latest, limit.min(MAX_EVENTS_PER_READ), &stop, min_depth, false).await?;
+        Ok(json!({ "events": walked }))
+    }
+
+    /// `GET /backfill/{roomId}?v=…&limit=`: the events from `from` back, newest first.
+    pub async fn backfill(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Value, ServiceError> {
+        self.require_member_server(origin, room_id).await?;
+        let walked =
+            self.walk_back(origin, room_id, from, limit.min(MAX_EVENTS_PER_READ), &HashSet::new(), 0, true).await?;
+        Ok(json!({ "origin": self.server_name(), "origin_server_ts": self.now_ms(), "pdus": walked }))
+    }
+
+    /// Breadth-first over prev events from `from` (included when `include_start`), skipping
+    /// events the asking server may not see, not entering `stop` or events below `min_depth`.
+    #[allow(clippy::too_many_arguments)]
+    async fn walk_back(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+        stop: &HashSet<&OwnedEventId>,
+        min_depth: u64,
+        include_start: bool,
+    ) -> Result<Vec<Box<RawValue>>, ServiceError> {
+        let mut queue: VecDeque<OwnedEventId> = VecDeque::new();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut found: Vec<(u64, Box<RawValue>)> = Vec::new();
+        for id in from {
+            if include_start {
+                queue.push_back(id.clone());
+            } else {
+                seen.insert(id.clone());
+                if let Ok(record) = self.rooms.event_in_room(room_id, id).await {
+                    queue.extend(prev_ids(&record.json));
+                }
+            }
+        }
+        while let Some(id) = queue.pop_front() {
+            if found.len() >= limit {
+                break;
+            }
+            if stop.contains(&id) || !seen.insert(id.clone()) {
+                continue;
+            }
+            let Ok(record) = self.rooms.event_in_room(room_id, &id).await else { continue };
+            let depth = depth_of(&record.json);
+            if depth < min_depth {
+                continue;
+            }
+            for prev in prev_ids(&record.json) {
+                if !seen.contains(&prev) {
+                    queue.push_back(prev);
+                }
+            }
+            if self.rooms.server_may_see(origin, &record).await? {
+                found.push((depth, raw(&record.json)?));
+            }
+        }
+        if !include_start {
+            found.sort_by_key(|(depth, _)| *depth);
+        }
+        Ok(found.into_iter().map(|(_, pdu)| pdu).collect())
+    }
+
+    /// `GET /query/directory?room_alias=`: a local alias's room and the servers in it.
+    pub async fn query_directory(&self, alias: &ruma::RoomAliasId) -> Result<Value, ServiceError> {
+        if alias.server_name() != self.server_name() {
+            return Err(ServiceError::NotFound(format!("{alias} is not an alias of this server")));
+        }
+        let room_id = self.rooms.resolve_alias(alias).await?;
+        let mut servers: Vec<OwnedServerName> = self.rooms.joined_servers(&room_id).await?.into_iter().collect();
+        // This server first: it certainly knows the room.
+        servers.sort_by_key(|s| s != self.server_name());
+        Ok(json!({ "room_id": room_id, "servers": servers }))
+    }
+
+    /// Only a server with a member in the room can help others into it.
+    async fn require_resident(&self, room_id: &RoomId) -> Result<(), ServiceError> {
+        if !self.rooms.server_in_room(self.server_name(), room_id).await? {
+            return Err(ServiceError::NotFound(format!("this server has no member in {room_id}")));
+        }
+        Ok(())
+    }
+
+    async fn require_member_server(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), ServiceError> {
+        self.rooms.room_version(room_id).await?;
+        if !self.rooms.server_in_room(origin, room_id).await? {
+            return Err(ServiceError::Forbidden(format!("{origin} is not in {room_id}")));
+        }
+        Ok(())
+    }
+}
+
+impl crate::rooms::Rooms {
+    /// A stored event, when `server` is in its room and may see it.
+    pub async fn event_record_visible_to(
+        &self,
+        server: &ServerName,
+        event_id: &EventId,
+    ) -> Result<Option<EventRecord>, ServiceError> {
+        let Some(record) = self.event_record(event_id.as_str()).await? else { return Ok(None) };
+        let Ok(room_id) = ruma::OwnedRoomId::try_from(record.room_id.as_str()) else { return Ok(None) };
+        let Ok(record) = self.event_in_room(&room_id, event_id).await else { return Ok(None) };
+        if !self.server_in_room(server, &room_id).await? || !self.server_may_see(server, &record).await? {
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+}
+
+struct MembershipFields {
+    room_id: Option<String>,
+    kind: String,
+    sender: String,
+    state_key: Option<String>,
+    membership: String,
+    authoriser: Option<String>,
+}
+
+fn membership_fields(object: &CanonicalJsonObject) -> Result<MembershipFields, ServiceError> {
+    let value = serde_json::to_value(object).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    Ok(MembershipFields {
+        room_id: text(&value["room_id"]),
+        kind: text(&value["type"]).unwrap_or_default(),
+        sender: text(&value["sender"]).ok_or_else(|| ServiceError::BadJson("no sender".into()))?,
+        state_key: text(&value["state_key"]),
+        membership: text(&value["content"]["membership"]).unwrap_or_default(),
+        authoriser: text(&value["content"]["join_authorised_via_users_server"]),
+    })
+}
+
+fn require_own_user(origin: &ServerName, user_id: &UserId) -> Result<(), ServiceError> {
+    if user_id.server_name() != origin {
+        return Err(ServiceError::Forbidden(format!("{origin} cannot act for {user_id}")));
+    }
+    Ok(())
+}
+
+fn raw(json: &str) -> Result<Box<RawValue>, ServiceError> {
+    RawValue::from_string(json.to_owned()).map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
+pub(super) fn prev_ids(json: &str) -> Vec<OwnedEventId> {
+    let Ok(value) = serde_json::from_str::<Value>(json) else { return Vec::new() };
+    value["prev_events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().or_else(|| p[0].as_str()))
+        .filter_map(|id| OwnedEventId::try_from(id).ok())
+        .collect()
+}
+
+fn depth_of(json: &str) -> u64 {
+    serde_json::from_str::<Value>(json).ok().and_then(|v| v["depth"].as_u64()).unwrap_or(0)
+}

@@ -1,0 +1,171 @@
+//! Rooms shared between real Lattice servers on loopback (the network of `federation_keys`):
+//! joining a room on another server by alias, messages both ways through `/send`
+//! transactions, and what a server outside the room may not read or do.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::federation_keys::{Network, Server, x_matrix};
+use crate::support::{assert_error, bodies, create_room, say};
+
+/// Syncs (incrementally, from the previous answer) until `found` holds for the answer's
+/// rooms, or fails after 30 seconds.
+async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut since: Option<String> = None;
+    let mut seen = Vec::new();
+    loop {
+        let query = match &since {
+            Some(since) => format!("/_matrix/client/v3/sync?timeout=1000&since={since}"),
+            None => "/_matrix/client/v3/sync?timeout=0".to_owned(),
+        };
+        let (status, body) = server.http.get(&query, Some(token)).await;
+        assert_eq!(status, 200, "{body}");
+        if found(&body) {
+            return body;
+        }
+        seen.push(body["rooms"].clone());
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; syncs saw {seen:?}");
+        since = body["next_batch"].as_str().map(str::to_owned);
+    }
+}
+
+fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
+    bodies(&sync["rooms"]["join"][room]["timeline"]["events"])
+}
+
+/// alice on lat1 has a public room with an alias; bob on lat2 joins it by the alias.
+async fn shared_room(net: &Network, lat1: &Server, lat2: &Server) -> (String, String, String) {
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let room = create_room(
+        &lat1.http,
+        &alice,
+        json!({ "preset": "public_chat", "room_alias_name": "chat", "name": "Across servers" }),
+    )
+    .await;
+    say(&lat1.http, &alice, &room, "before-bob").await;
+    let (status, joined) = lat2.http.post("/_matrix/client/v3/join/%23chat:lat1.test", Some(&bob), &json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+    assert_eq!(joined["room_id"], room.as_str());
+    let _ = net;
+    (alice, bob, room)
+}
+
+#[tokio::test]
+async fn a_user_joins_a_room_on_another_server_and_both_sides_chat() {
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let (alice, bob, room) = shared_room(&net, &lat1, &lat2).await;
+
+    // bob's server now has the room, with its state as lat1 gave it.
+    let sync = sync_until(&lat2, &bob, "the joined room", |s| s["rooms"]["join"][&room].is_object()).await;
+    let (status, name) =
+        lat2.http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"), Some(&bob)).await;
+    assert_eq!((status, &name["name"]), (reqwest::StatusCode::OK, &json!("Across servers")), "{sync}");
+    let (status, members) = lat2.http.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
+    assert_eq!(status, 200, "{members}");
+    let joined: Vec<&String> = members["joined"].as_object().unwrap().keys().collect();
+    assert_eq!(joined, ["@alice:lat1.test", "@bob:lat2.test"], "{members}");
+
+    // lat1 learnt of bob's join through send_join; alice sees him arrive.
+    sync_until(&lat1, &alice, "bob's join on lat1", |s| {
+        s["rooms"]["join"][&room]["timeline"]["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == "@bob:lat2.test")
+        })
+    })
+    .await;
+
+    // Messages flow both ways, through each server's queue to the other's `/send`.
+    say(&lat1.http, &alice, &room, "hello-bob").await;
+    sync_until(&lat2, &bob, "alice's message on lat2", |s| timeline_bodies(s, &room).contains(&"hello-bob".to_owned()))
+        .await;
+    say(&lat2.http, &bob, &room, "hello-alice").await;
+    sync_until(&lat1, &alice, "bob's message on lat1", |s| {
+        timeline_bodies(s, &room).contains(&"hello-alice".to_owned())
+    })
+    .await;
+
+    // Both servers hold the same room state afterwards.
+    let path = format!("/_matrix/client/v3/rooms/{room}/joined_members");
+    let (_, on_lat1) = lat1.http.get(&path, Some(&alice)).await;
+    let (_, on_lat2) = lat2.http.get(&path, Some(&bob)).await;
+    assert_eq!(on_lat1["joined"].as_object().map(|m| m.len()), Some(2), "{on_lat1}");
+    assert_eq!(
+        on_lat1["joined"].as_object().map(|m| m.keys().collect::<Vec<_>>()),
+        on_lat2["joined"].as_object().map(|m| m.keys().collect::<Vec<_>>())
+    );
+
+    lat2.stop().await;
+    lat1.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_outside_the_room_reads_nothing_and_cannot_act_for_others() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let (alice, _bob, room) = shared_room(&net, &lat1, &lat2).await;
+    let secret = say(&lat1.http, &alice, &room, "not-for-lat3").await;
+    let key3 = lat3.signing_key();
+
+    let signed = |method: Method, path: String, body: Option<Value>| {
+        let bytes = body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+        let auth = x_matrix(&key3, "lat3.test", "lat1.test", &method, &path, bytes.as_bytes());
+        (method, path, auth, body)
+    };
+    let room_enc = room.replace('!', "%21");
+    let event_enc = secret.replace('$', "%24");
+    for (method, path, auth, body) in [
+        signed(Method::GET, format!("/_matrix/federation/v1/event/{event_enc}"), None),
+        signed(Method::GET, format!("/_matrix/federation/v1/state_ids/{room_enc}?event_id={event_enc}"), None),
+        signed(Method::GET, format!("/_matrix/federation/v1/state/{room_enc}?event_id={event_enc}"), None),
+        signed(Method::GET, format!("/_matrix/federation/v1/backfill/{room_enc}?v={event_enc}&limit=10"), None),
+        signed(
+            Method::POST,
+            format!("/_matrix/federation/v1/get_missing_events/{room_enc}"),
+            Some(json!({ "earliest_events": [], "latest_events": [secret], "limit": 10 })),
+        ),
+        signed(Method::GET, format!("/_matrix/federation/v1/event_auth/{room_enc}/{event_enc}"), None),
+    ] {
+        let answer = net.request("lat1.test", method, &path, Some(&auth), body.as_ref()).await;
+        assert!(
+            [403, 404].contains(&answer.0.as_u16()) && !answer.1.to_string().contains("not-for-lat3"),
+            "{path}: {answer:?}"
+        );
+    }
+
+    // lat3 may not ask for a join template for a user of another server.
+    let (method, path, auth, _) =
+        signed(Method::GET, format!("/_matrix/federation/v1/make_join/{room_enc}/@bob:lat2.test?ver=11"), None);
+    let answer = net.request("lat1.test", method, &path, Some(&auth), None).await;
+    assert_error(&answer, 403, "M_FORBIDDEN");
+    // A join template names only room versions the asking server supports.
+    let (method, path, auth, _) =
+        signed(Method::GET, format!("/_matrix/federation/v1/make_join/{room_enc}/@mallory:lat3.test?ver=1"), None);
+    let answer = net.request("lat1.test", method, &path, Some(&auth), None).await;
+    assert_error(&answer, 400, "M_INCOMPATIBLE_ROOM_VERSION");
+    // A transaction claiming an event of another server's user gets a per-PDU error.
+    let forged = json!({
+        "type": "m.room.message", "room_id": room, "sender": "@bob:lat2.test", "content": { "body": "forged" },
+        "origin_server_ts": 1, "depth": 10, "prev_events": [secret], "auth_events": [],
+        "hashes": { "sha256": "x" }, "signatures": {}
+    });
+    let txn = json!({ "origin": "lat3.test", "origin_server_ts": 1, "pdus": [forged] });
+    let (method, path, auth, body) = signed(Method::PUT, "/_matrix/federation/v1/send/t1".to_owned(), Some(txn));
+    let answer = net.request("lat1.test", method, &path, Some(&auth), body.as_ref()).await;
+    assert_eq!(answer.0, 200, "{answer:?}");
+    let results = answer.1["pdus"].as_object().expect("per-PDU results");
+    assert!(results.values().all(|r| r["error"].is_string()), "{answer:?}");
+    let (_, messages) =
+        lat1.http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"), Some(&alice)).await;
+    assert!(!messages.to_string().contains("forged"), "{messages}");
+
+    lat3.stop().await;
+    lat2.stop().await;
+    lat1.stop().await;
+}
