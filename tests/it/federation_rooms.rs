@@ -33,7 +33,8 @@ async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Va
 }
 
 fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
-    bodies(&sync["rooms"]["join"][room]["timeline"]["events"])
+    let events = &sync["rooms"]["join"][room]["timeline"]["events"];
+    if events.is_array() { bodies(events) } else { Vec::new() }
 }
 
 /// alice on lat1 has a public room with an alias; bob on lat2 joins it by the alias.
@@ -86,6 +87,23 @@ async fn a_user_joins_a_room_on_another_server_and_both_sides_chat() {
     say(&lat2.http, &bob, &room, "hello-alice").await;
     sync_until(&lat1, &alice, "bob's message on lat1", |s| {
         timeline_bodies(s, &room).contains(&"hello-alice".to_owned())
+    })
+    .await;
+
+    // History from before bob's server joined is backfilled from lat1 when bob pages back.
+    let path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=30");
+    let (status, history) = lat2.http.get(&path, Some(&bob)).await;
+    assert_eq!(status, 200, "{history}");
+    let seen = bodies(&history["chunk"]);
+    assert!(seen.contains(&"before-bob".to_owned()), "backfilled history: {seen:?}");
+    assert_eq!(seen.iter().filter(|b| *b == "hello-bob").count(), 1, "no event twice: {seen:?}");
+
+    // While lat2 is down, lat1 keeps alice's message queued and delivers it once lat2 is back.
+    lat2.stop().await;
+    say(&lat1.http, &alice, &room, "while-lat2-was-down").await;
+    lat2.restart().await;
+    sync_until(&lat2, &bob, "the message sent while lat2 was down", |s| {
+        timeline_bodies(s, &room).contains(&"while-lat2-was-down".to_owned())
     })
     .await;
 

@@ -202,6 +202,30 @@ impl Service {
         self.federation.query_remote_alias(alias).await
     }
 
+    /// `GET /rooms/{roomId}/messages`: a page of history; when a backward page reaches a gap
+    /// (history this server never received, e.g. from before it joined), the gap is backfilled
+    /// from another server in the room once and the page is read again.
+    pub async fn messages(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        range: (Option<rooms::HistoryToken>, Option<rooms::HistoryToken>),
+        backward: bool,
+        limit: usize,
+        filter: &rooms::EventFilter,
+    ) -> Result<rooms::HistoryPage, ServiceError> {
+        let page = self.rooms.messages(user_id, room_id, range, backward, limit, filter).await?;
+        let Some(gap) = page.gap.as_ref().filter(|_| self.federation.is_enabled()) else { return Ok(page) };
+        match self.federation.backfill_gap(room_id, &gap.missing, limit.max(20)).await {
+            Ok(0) => Ok(page),
+            Ok(_) => self.rooms.messages(user_id, room_id, range, backward, limit, filter).await,
+            Err(error) => {
+                tracing::info!(%room_id, %error, "backfilling a gap in history failed");
+                Ok(page)
+            }
+        }
+    }
+
     /// Joins a room: here when this server has a member in it, else over federation through
     /// `via` (and the server the room ID names, if any).
     pub async fn join(

@@ -101,7 +101,7 @@ async fn messages(
         None => EventFilter::default(),
     };
     let limit = query.limit.or(filter.limit.map(|l| l as usize)).unwrap_or(10);
-    let page = state.service.rooms().messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?;
+    let page = state.service.messages(&session.user_id, &room_id, (from, to), backward, limit, &filter).await?;
     Ok(Json(page.response))
 }
 

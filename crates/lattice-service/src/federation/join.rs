@@ -305,6 +305,64 @@ impl Federation {
         }
     }
 
+    /// Fills a gap in a room's history from another server in the room (`/backfill`): at most
+    /// `limit` events back from `missing` (the prev events the stored history lacks), placed in
+    /// history order, never in `/sync`. Returns how many were stored.
+    pub async fn backfill_gap(
+        &self,
+        room_id: &RoomId,
+        missing: &[String],
+        limit: usize,
+    ) -> Result<usize, ServiceError> {
+        let version = self.rooms.room_version(room_id).await?;
+        let client = self.remote()?.keys.client().clone();
+        let mut query: Vec<String> = missing.iter().take(20).map(|id| format!("v={}", encode(id))).collect();
+        query.push(format!("limit={}", limit.min(100)));
+        let path = format!("/_matrix/federation/v1/backfill/{}?{}", encode(room_id.as_str()), query.join("&"));
+        let servers = self.rooms.joined_servers(room_id).await?;
+        for server in servers.iter().filter(|s| *s != self.server_name()) {
+            let bytes =
+                match client.request(server, Method::GET, &path, None, Auth::Signed, MAX_STATE_RESPONSE_BYTES).await {
+                    Ok(bytes) => bytes,
+                    Err(error) => {
+                        tracing::info!(%server, %room_id, %error, "backfill failed; trying another server");
+                        continue;
+                    }
+                };
+            #[derive(Deserialize)]
+            struct Backfill {
+                #[serde(default)]
+                pdus: Vec<Box<RawValue>>,
+            }
+            let answer: Backfill = parse(&bytes)?;
+            let mut events = Vec::with_capacity(answer.pdus.len());
+            for raw in answer.pdus.iter().take(limit.min(100)) {
+                match self.check_fetched(&version, raw.get().as_bytes()).await {
+                    Ok(pdu) if crate::rooms::room_id_of_pdu(&pdu)? == room_id => events.push(pdu),
+                    Ok(_) => tracing::info!(%server, "backfill answered an event of another room"),
+                    Err(error) => tracing::info!(%server, %error, "a backfilled event failed its checks"),
+                }
+            }
+            // Oldest first, so each event's prev events are stored before it where the batch has them.
+            events.sort_by_key(|pdu| pdu.depth());
+            let mut stored = 0;
+            for event in events {
+                let outcome = match self.rooms.ingest_placed(&version, event.clone(), Arrival::Backfill, None).await {
+                    Err(ServiceError::MissingEvents(_)) => {
+                        self.place_on_state_from(server, &version, room_id, event, Arrival::Backfill).await
+                    }
+                    other => other,
+                };
+                match outcome {
+                    Ok(_) => stored += 1,
+                    Err(error) => tracing::info!(%server, %error, "a backfilled event was not stored"),
+                }
+            }
+            return Ok(stored);
+        }
+        Ok(0)
+    }
+
     /// Places `event` live on the state `origin` says was before it.
     async fn place_on_fetched_state(
         &self,
@@ -312,6 +370,18 @@ impl Federation {
         version: &RoomVersion,
         room_id: &RoomId,
         event: Pdu,
+    ) -> Result<Ingested, ServiceError> {
+        self.place_on_state_from(origin, version, room_id, event, Arrival::Live).await
+    }
+
+    /// Places `event` (live or as history) on the state `origin` says was before it.
+    async fn place_on_state_from(
+        &self,
+        origin: &ServerName,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        event: Pdu,
+        arrival: Arrival,
     ) -> Result<Ingested, ServiceError> {
         let client = self.remote()?.keys.client().clone();
         let path = format!(
@@ -334,7 +404,7 @@ impl Federation {
             auth_chain.extend(chain);
         }
         let state = self.store_fetched_state(version, room_id, &answer.pdus, &auth_chain).await?;
-        self.rooms.ingest_placed(version, event, Arrival::Live, Some(&state)).await
+        self.rooms.ingest_placed(version, event, arrival, Some(&state)).await
     }
 }
 
