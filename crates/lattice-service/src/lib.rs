@@ -5,8 +5,9 @@
 //! [`ScopedStore`](lattice_storage::ScopedStore) that refuses every other table:
 //! [`Accounts`] (users, UIA, registration tokens, devices, sessions, profiles),
 //! [`AccountData`] (account data, tags, filters), [`ToDevice`] (device inboxes), [`Reports`],
-//! and [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
-//! directory, and `/sync`, which also reads account data and inboxes). [`Service`] composes them: it builds them in
+//! [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
+//! directory, `/messages`), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
+//! data and inboxes through their APIs). [`Service`] composes them: it builds them in
 //! [`Service::new`], runs the rules that span several (a room's account data needs a
 //! membership; a device's deletion clears its inbox in the same batch), and hands out each one.
 
@@ -19,6 +20,7 @@ mod notifier;
 mod reports;
 pub mod rooms;
 mod secrets;
+pub mod sync;
 pub mod to_device;
 
 use std::sync::Arc;
@@ -39,6 +41,7 @@ pub use notifier::SyncWaiters;
 pub use reports::{Report, Reports};
 pub use rooms::Rooms;
 pub use secrets::PasswordHasher;
+pub use sync::Sync;
 pub use to_device::{MAX_TO_DEVICE_PER_SYNC, ToDevice, ToDeviceMessages};
 
 /// Who may create accounts through the client API.
@@ -81,7 +84,8 @@ pub struct Service {
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
     reports: Reports,
-    rooms: Rooms,
+    rooms: Arc<Rooms>,
+    sync: Sync,
     notifier: Arc<notifier::Notifier>,
 }
 
@@ -107,13 +111,17 @@ impl Service {
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
-        let neighbours = rooms::Neighbours {
-            accounts: accounts.clone(),
-            account_data: account_data.clone(),
-            to_device: to_device.clone(),
-        };
-        let rooms =
-            Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, streams, notifier.clone(), neighbours);
+        let neighbours = rooms::Neighbours { accounts: accounts.clone(), account_data: account_data.clone() };
+        let rooms = Arc::new(Rooms::new(
+            config.clone(),
+            kv.clone(),
+            clock.clone(),
+            signing_key,
+            streams,
+            notifier.clone(),
+            neighbours,
+        ));
+        let sync = Sync::new(rooms.clone(), account_data.clone(), to_device.clone(), notifier.clone());
         Self {
             config,
             reports: Reports::new(kv.clone(), clock),
@@ -122,6 +130,7 @@ impl Service {
             account_data,
             to_device,
             rooms,
+            sync,
             notifier,
         }
     }
@@ -162,6 +171,10 @@ impl Service {
 
     pub fn rooms(&self) -> &Rooms {
         &self.rooms
+    }
+
+    pub fn sync(&self) -> &Sync {
+        &self.sync
     }
 
     /// Commits a batch that several services filled, each with rows of its own tables only

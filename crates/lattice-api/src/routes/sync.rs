@@ -5,9 +5,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
-use lattice_service::rooms::{
-    EventFilter, HistoryToken, RelationsQuery, SyncFilter, SyncRequest, SyncToken, parse_token,
-};
+use lattice_service::rooms::{EventFilter, HistoryToken, RelationsQuery, SyncFilter};
+use lattice_service::sync::{SyncRequest, SyncToken, parse_token};
 use lattice_service::{Session, ToDeviceMessages};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -66,7 +65,7 @@ async fn sync(
         filter,
         full_state: query.full_state,
     };
-    Ok(Json(state.service.rooms().sync(&session.user_id, request).await?))
+    Ok(Json(state.service.sync().sync(&session.user_id, request).await?))
 }
 
 #[derive(Deserialize)]
