@@ -253,10 +253,10 @@ impl Sync {
         if !whole_state && at_group.is_none() {
             // An incremental lazy sync: a point read per needed member, not the whole state.
             for member in needed_members {
-                if let Some(id) = self.rooms.current_state_id(room_id, "m.room.member", member).await? {
-                    if !in_timeline.contains(id.as_str()) {
-                        state.push(self.rooms.client_event(&id).await?);
-                    }
+                if let Some(id) = self.rooms.current_state_id(room_id, "m.room.member", member).await?
+                    && !in_timeline.contains(id.as_str())
+                {
+                    state.push(self.rooms.client_event(&id).await?);
                 }
             }
             return Ok(state);
