@@ -13,8 +13,10 @@ use ruma::api::client::message::send_message_event;
 use ruma::api::client::read_marker::set_read_marker;
 use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::redact::redact_event;
-use ruma::api::client::room::get_room_event;
+use ruma::api::client::room::create_room::v3::RoomPreset;
+use ruma::api::client::room::{self, create_room, get_room_event};
 use ruma::api::client::state::get_state_events;
+use ruma::serde::Raw;
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -73,63 +75,62 @@ struct InitialState {
     content: JsonObject,
 }
 
-#[derive(Deserialize)]
-struct CreateRoomBody {
-    preset: Option<String>,
-    visibility: Option<String>,
-    name: Option<String>,
-    topic: Option<String>,
-    #[serde(default)]
-    invite: Vec<OwnedUserId>,
-    room_version: Option<String>,
-    creation_content: Option<JsonObject>,
-    #[serde(default)]
-    initial_state: Vec<InitialState>,
-    power_level_content_override: Option<JsonObject>,
-    #[serde(default)]
-    is_direct: bool,
-    room_alias_name: Option<String>,
-    #[serde(default)]
-    invite_3pid: Vec<Value>,
+/// A raw JSON object from ruma's request, as the service takes it.
+fn object<T>(raw: &Raw<T>, what: &str) -> ApiResult<JsonObject> {
+    raw.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(format!("{what}: {e}")))
 }
 
 async fn create_room(
     State(state): State<AppState>,
     Auth(session): Auth,
-    JsonBody(body): JsonBody<CreateRoomBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(body): Ruma<create_room::v3::Request>,
+) -> ApiResult<RumaResponse<create_room::v3::Response>> {
     state.limits.room_creation_per_user.check(session.user_id.as_str())?;
-    let public_visibility = match body.visibility.as_deref() {
-        None | Some("private") => false,
-        Some("public") => true,
-        Some(other) => return Err(ApiError::BadJson(format!("unknown visibility {other:?}"))),
+    let public_visibility = match body.visibility {
+        room::Visibility::Private => false,
+        room::Visibility::Public => true,
+        other => return Err(ApiError::BadJson(format!("unknown visibility {:?}", other.as_str()))),
     };
     // Not built yet: refused rather than silently ignored.
     if !body.invite_3pid.is_empty() {
         return Err(ServiceError::ThreepidDenied.into());
     }
-    let preset = match body.preset.as_deref() {
+    let preset = match body.preset {
         None => None,
-        Some("private_chat") => Some(Preset::PrivateChat),
-        Some("trusted_private_chat") => Some(Preset::TrustedPrivateChat),
-        Some("public_chat") => Some(Preset::PublicChat),
-        Some(other) => return Err(ApiError::BadJson(format!("unknown preset {other:?}"))),
+        Some(RoomPreset::PrivateChat) => Some(Preset::PrivateChat),
+        Some(RoomPreset::TrustedPrivateChat) => Some(Preset::TrustedPrivateChat),
+        Some(RoomPreset::PublicChat) => Some(Preset::PublicChat),
+        Some(other) => return Err(ApiError::BadJson(format!("unknown preset {:?}", other.as_str()))),
     };
+    // Initial state is read as the client wrote it (ruma's typed events would drop what they do
+    // not know); the service checks each entry.
+    let initial_state = body
+        .initial_state
+        .iter()
+        .map(|raw| {
+            let entry: InitialState = raw.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(e.to_string()))?;
+            Ok((entry.kind, entry.state_key, entry.content))
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
     let request = CreateRoom {
         preset,
         public_visibility,
         name: body.name,
         topic: body.topic,
         invite: body.invite,
-        room_version: body.room_version,
-        creation_content: body.creation_content,
-        initial_state: body.initial_state.into_iter().map(|s| (s.kind, s.state_key, s.content)).collect(),
-        power_level_content_override: body.power_level_content_override,
+        room_version: body.room_version.map(|version| version.to_string()),
+        creation_content: body.creation_content.as_ref().map(|raw| object(raw, "creation_content")).transpose()?,
+        initial_state,
+        power_level_content_override: body
+            .power_level_content_override
+            .as_ref()
+            .map(|raw| object(raw, "power_level_content_override"))
+            .transpose()?,
         is_direct: body.is_direct,
         room_alias_name: body.room_alias_name,
     };
     let room_id = state.service.rooms().create_room(&session.user_id, request).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    Ok(RumaResponse(create_room::v3::Response::new(room_id)))
 }
 
 async fn joined_rooms(
