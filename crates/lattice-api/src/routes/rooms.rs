@@ -15,7 +15,8 @@ use ruma::api::client::receipt::create_receipt;
 use ruma::api::client::redact::redact_event;
 use ruma::api::client::room::create_room::v3::RoomPreset;
 use ruma::api::client::room::{self, create_room, get_room_event};
-use ruma::api::client::state::get_state_events;
+use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
+use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
 use ruma::serde::Raw;
 use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
@@ -34,15 +35,9 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}", put(send))
         .route("/_matrix/client/v3/rooms/{room_id}/redact/{event_id}/{txn_id}", put(redact))
         .route("/_matrix/client/v3/rooms/{room_id}/state", get(all_state))
-        .route(
-            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}",
-            get(get_state_empty_key).put(put_state_empty_key),
-        )
+        .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}", get(get_state).put(put_state))
         // A trailing slash names the empty state key, as clients write it.
-        .route(
-            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}/",
-            get(get_state_empty_key).put(put_state_empty_key),
-        )
+        .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
@@ -167,64 +162,39 @@ async fn all_state(
     Ok(RumaResponse(get_state_events::v3::Response::new(raw)))
 }
 
-async fn read_state(
-    state: &AppState,
-    session: &lattice_service::Session,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(room_id)?;
-    Ok(Json(state.service.rooms().state_content(&session.user_id, &room_id, kind, key).await?))
-}
-
+/// `GET /rooms/{roomId}/state/{eventType}[/{stateKey}]`: ruma reads a missing (or empty, after a
+/// trailing slash) state key as the empty one.
 async fn get_state(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
-    read_state(&state, &session, &room_id, &kind, &key).await
+    Ruma(request): Ruma<get_state_event_for_key::v3::Request>,
+) -> ApiResult<RumaResponse<get_state_event_for_key::v3::Response>> {
+    let (rooms, user) = (state.service.rooms(), &session.user_id);
+    let (room_id, kind, key) = (&request.room_id, request.event_type.to_string(), request.state_key.as_str());
+    let answer = match request.format {
+        StateEventFormat::Content => rooms.state_content(user, room_id, &kind, key).await?,
+        StateEventFormat::Event => rooms.state_event(user, room_id, &kind, key).await?,
+        other => {
+            return Err(ApiError::InvalidParam(format!("format must be content or event, not {:?}", other.as_str())));
+        }
+    };
+    let raw = serde_json::value::to_raw_value(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    Ok(RumaResponse(get_state_event_for_key::v3::Response::new(raw)))
 }
 
-async fn get_state_empty_key(
-    State(state): State<AppState>,
-    Auth(session): Auth,
-    PathParams((room_id, kind)): PathParams<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    read_state(&state, &session, &room_id, &kind, "").await
-}
-
-async fn write_state(
-    state: &AppState,
-    session: &lattice_service::Session,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-    content: JsonObject,
-) -> ApiResult<Json<Value>> {
-    state.limits.message_per_user.check(session.user_id.as_str())?;
-    let room_id = parse_room(room_id)?;
-    let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let event_id = state.service.rooms().send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
-    Ok(Json(json!({ "event_id": event_id })))
-}
-
+/// `PUT /rooms/{roomId}/state/{eventType}[/{stateKey}]`, the state key read as for `get_state`.
 async fn put_state(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
-    JsonBody(content): JsonBody<JsonObject>,
-) -> ApiResult<Json<Value>> {
-    write_state(&state, &session, &room_id, &kind, &key, content).await
-}
-
-async fn put_state_empty_key(
-    State(state): State<AppState>,
-    Auth(session): Auth,
-    PathParams((room_id, kind)): PathParams<(String, String)>,
-    JsonBody(content): JsonBody<JsonObject>,
-) -> ApiResult<Json<Value>> {
-    write_state(&state, &session, &room_id, &kind, "", content).await
+    Ruma(request): Ruma<send_state_event::v3::Request>,
+) -> ApiResult<RumaResponse<send_state_event::v3::Response>> {
+    state.limits.message_per_user.check(session.user_id.as_str())?;
+    let content =
+        serde_json::to_value(object(&request.body, "content")?).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let (kind, key) = (request.event_type.to_string(), request.state_key.as_str());
+    let rooms = state.service.rooms();
+    let event_id = rooms.send_event(&session.user_id, &request.room_id, &kind, Some(key), content, None).await?;
+    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
 }
 
 async fn join(
