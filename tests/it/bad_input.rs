@@ -76,6 +76,58 @@ const CASES: &[(&str, &str, bool, &str, u16, &str)] = &[
         "M_INVALID_PARAM",
     ),
     ("GET", "/_matrix/client/v3/user/@taken:hs1.localhost/account_data/m.never.set", true, "", 404, "M_NOT_FOUND"),
+    // Shapes ruma's types now check before the service looks: identifiers in paths, queries and
+    // bodies, contents that must be objects, required fields, closed enumerations.
+    ("GET", "/_matrix/client/v3/rooms/!r:hs1.localhost/event/not-an-event", true, "", 400, "M_INVALID_PARAM"),
+    (
+        "POST",
+        "/_matrix/client/v3/rooms/!r:hs1.localhost/receipt/m.read/not-an-event",
+        true,
+        "{}",
+        400,
+        "M_INVALID_PARAM",
+    ),
+    (
+        "POST",
+        "/_matrix/client/v3/rooms/!r:hs1.localhost/read_markers",
+        true,
+        "{\"m.fully_read\": \"not-an-event\"}",
+        400,
+        "M_BAD_JSON",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/!r:hs1.localhost/send/m.room.message/t1",
+        true,
+        "\"a string\"",
+        400,
+        "M_BAD_JSON",
+    ),
+    ("PUT", "/_matrix/client/v3/rooms/not-a-room/send/m.room.message/t2", true, "{}", 400, "M_INVALID_PARAM"),
+    ("POST", "/_matrix/client/v3/rooms/!r:hs1.localhost/kick", true, "{\"reason\": \"no target\"}", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/rooms/!r:hs1.localhost/ban", true, "{\"user_id\": \"nobody\"}", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/join/!r:hs1.localhost?via=not%20a%20server", true, "{}", 400, "M_INVALID_PARAM"),
+    ("POST", "/_matrix/client/v3/knock/not-a-room", true, "{}", 400, "M_INVALID_PARAM"),
+    ("GET", "/_matrix/client/v1/rooms/!r:hs1.localhost/threads?include=some", true, "", 400, "M_INVALID_PARAM"),
+    (
+        "GET",
+        "/_matrix/client/v1/rooms/!r:hs1.localhost/timestamp_to_event?ts=1&dir=x",
+        true,
+        "",
+        400,
+        "M_INVALID_PARAM",
+    ),
+    ("POST", "/_matrix/client/v3/createRoom", true, "{\"preset\": \"secret_chat\"}", 400, "M_BAD_JSON"),
+    ("POST", "/_matrix/client/v3/createRoom", true, "{\"initial_state\": [{\"type\": 1}]}", 400, "M_BAD_JSON"),
+    (
+        "PUT",
+        "/_matrix/client/v3/sendToDevice/m.test/t3",
+        true,
+        "{\"messages\": {\"@taken:hs1.localhost\": {\"D\": 5}}}",
+        400,
+        "M_BAD_JSON",
+    ),
+    ("POST", "/_matrix/client/v3/rooms/!r:hs1.localhost/upgrade", true, "{}", 400, "M_BAD_JSON"),
 ];
 
 #[tokio::test]

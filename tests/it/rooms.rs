@@ -21,6 +21,13 @@ async fn alice_creates_a_private_room_invites_bob_and_they_talk() {
     let room = create_room(http, &alice, json!({ "preset": "private_chat", "name": "Plans", "topic": "Q3" })).await;
     let (_, name) = http.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name"), Some(&alice)).await;
     assert_eq!(name, json!({ "name": "Plans" }));
+    // `?format=event` answers the whole event; `content` is the default; other formats are refused.
+    let name_path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.name");
+    let (_, event) = http.get(&format!("{name_path}/?format=event"), Some(&alice)).await;
+    assert_eq!((event["type"].as_str(), event["state_key"].as_str()), (Some("m.room.name"), Some("")), "{event}");
+    assert_eq!(event["content"], json!({ "name": "Plans" }));
+    assert_eq!(http.get(&format!("{name_path}?format=content"), Some(&alice)).await.1, json!({ "name": "Plans" }));
+    assert_error(&http.get(&format!("{name_path}?format=xml"), Some(&alice)).await, 400, "M_INVALID_PARAM");
     let (_, state) = http.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice)).await;
     let kinds: Vec<&str> = state.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
     for kind in [

@@ -138,8 +138,3 @@ pub fn parse_user(user_id: &str) -> Result<ruma::OwnedUserId, ApiError> {
 pub fn parse_room(room_id: &str) -> Result<ruma::OwnedRoomId, ApiError> {
     ruma::OwnedRoomId::try_from(room_id).map_err(|e| ApiError::InvalidParam(format!("invalid room ID: {e}")))
 }
-
-/// A room alias from a path; a malformed one is `M_INVALID_PARAM`.
-pub fn parse_alias(alias: &str) -> Result<ruma::OwnedRoomAliasId, ApiError> {
-    ruma::OwnedRoomAliasId::try_from(alias).map_err(|e| ApiError::InvalidParam(format!("invalid room alias: {e}")))
-}

@@ -5,8 +5,9 @@
 //! [`ScopedStore`](lattice_storage::ScopedStore) that refuses every other table:
 //! [`Accounts`] (users, UIA, registration tokens, devices, sessions, profiles),
 //! [`AccountData`] (account data, tags, filters), [`ToDevice`] (device inboxes), [`Reports`],
-//! and [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
-//! directory, and `/sync`, which also reads account data and inboxes). [`Service`] composes them: it builds them in
+//! [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
+//! directory, `/messages`), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
+//! data and inboxes through their APIs). [`Service`] composes them: it builds them in
 //! [`Service::new`], runs the rules that span several (a room's account data needs a
 //! membership; a device's deletion clears its inbox in the same batch), and hands out each one.
 
@@ -20,6 +21,7 @@ mod notifier;
 mod reports;
 pub mod rooms;
 mod secrets;
+pub mod sync;
 pub mod to_device;
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ pub use notifier::SyncWaiters;
 pub use reports::{Report, Reports};
 pub use rooms::Rooms;
 pub use secrets::PasswordHasher;
+pub use sync::Sync;
 pub use to_device::{MAX_TO_DEVICE_PER_SYNC, ToDevice, ToDeviceMessages};
 
 /// Who may create accounts through the client API.
@@ -85,6 +88,7 @@ pub struct Service {
     reports: Reports,
     rooms: Arc<Rooms>,
     federation: Federation,
+    sync: Sync,
     notifier: Arc<notifier::Notifier>,
 }
 
@@ -110,11 +114,7 @@ impl Service {
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
-        let neighbours = rooms::Neighbours {
-            accounts: accounts.clone(),
-            account_data: account_data.clone(),
-            to_device: to_device.clone(),
-        };
+        let neighbours = rooms::Neighbours { accounts: accounts.clone(), account_data: account_data.clone() };
         let rooms = Arc::new(Rooms::new(
             config.clone(),
             kv.clone(),
@@ -124,6 +124,7 @@ impl Service {
             notifier.clone(),
             neighbours,
         ));
+        let sync = Sync::new(rooms.clone(), account_data.clone(), to_device.clone(), notifier.clone());
         let federation = Federation::new(kv.clone(), rooms.clone(), accounts.clone());
         Self {
             config,
@@ -134,6 +135,7 @@ impl Service {
             to_device,
             rooms,
             federation,
+            sync,
             notifier,
         }
     }
@@ -250,6 +252,10 @@ impl Service {
             servers.push(server.to_owned());
         }
         self.federation.join_remote(user_id, room_id, &servers, reason).await
+    }
+
+    pub fn sync(&self) -> &Sync {
+        &self.sync
     }
 
     /// Commits a batch that several services filled, each with rows of its own tables only

@@ -4,14 +4,18 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 use lattice_service::{RegisterRequest, ServiceError};
-use ruma::api::client::uiaa::AuthData;
-use serde::Deserialize;
+use ruma::api::client::account::register::RegistrationKind;
+use ruma::api::client::account::{
+    ThirdPartyIdRemovalStatus, change_password, check_registration_token_validity, deactivate,
+    get_username_availability, register,
+};
 use serde_json::{Value, json};
 
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Auth, ClientIp, JsonBody, QueryParams};
+use crate::extract::{Auth, ClientIp};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -31,46 +35,27 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/account/password/msisdn/requestToken", post(threepid_not_found))
 }
 
-#[derive(Deserialize)]
-struct RegisterQuery {
-    #[serde(default)]
-    kind: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct RegisterBody {
-    username: Option<String>,
-    password: Option<String>,
-    device_id: Option<String>,
-    initial_device_display_name: Option<String>,
-    #[serde(default)]
-    inhibit_login: bool,
-    #[serde(default)]
-    refresh_token: bool,
-    auth: Option<AuthData>,
-}
-
 fn ip_key(ip: &ClientIp) -> String {
     ip.rate_key()
 }
 
+/// The request is ruma's type; the answer stays hand-built, because ruma's leaves out the
+/// deprecated `home_server` that Lattice still sends for older clients.
 async fn register(
     State(state): State<AppState>,
     ip: ClientIp,
-    QueryParams(query): QueryParams<RegisterQuery>,
-    JsonBody(body): JsonBody<RegisterBody>,
+    Ruma(body): Ruma<register::v3::Request>,
 ) -> ApiResult<Json<Value>> {
-    if query.kind.as_deref() == Some("guest") {
-        return Err(ServiceError::GuestAccessForbidden.into());
-    }
-    if query.kind.as_deref().is_some_and(|kind| kind != "user") {
-        return Err(ApiError::InvalidParam("kind must be 'user' or 'guest'".into()));
+    match body.kind {
+        RegistrationKind::User => {}
+        RegistrationKind::Guest => return Err(ServiceError::GuestAccessForbidden.into()),
+        _ => return Err(ApiError::InvalidParam("kind must be 'user' or 'guest'".into())),
     }
     state.limits.registration_per_ip.check(&ip_key(&ip))?;
     let request = RegisterRequest {
         username: body.username,
         password: body.password,
-        device_id: body.device_id,
+        device_id: body.device_id.map(|device| device.to_string()),
         initial_device_display_name: body.initial_device_display_name,
         inhibit_login: body.inhibit_login,
         refresh_token: body.refresh_token,
@@ -88,89 +73,57 @@ async fn register(
     Ok(Json(response))
 }
 
-#[derive(Deserialize)]
-struct UsernameQuery {
-    username: String,
-}
-
 async fn username_available(
     State(state): State<AppState>,
     ip: ClientIp,
-    QueryParams(query): QueryParams<UsernameQuery>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<get_username_availability::v3::Request>,
+) -> ApiResult<RumaResponse<get_username_availability::v3::Response>> {
     state.limits.registration_per_ip.check(&ip_key(&ip))?;
-    state.service.accounts().username_available(&query.username).await?;
-    Ok(Json(json!({ "available": true })))
-}
-
-#[derive(Deserialize)]
-struct TokenQuery {
-    token: String,
+    // A name that is taken or invalid is an error, not `available: false`, as the spec asks.
+    state.service.accounts().username_available(&request.username).await?;
+    Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
 }
 
 async fn registration_token_validity(
     State(state): State<AppState>,
     ip: ClientIp,
-    QueryParams(query): QueryParams<TokenQuery>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<check_registration_token_validity::v1::Request>,
+) -> ApiResult<RumaResponse<check_registration_token_validity::v1::Response>> {
     state.limits.registration_per_ip.check(&ip_key(&ip))?;
     if state.service.config().registration == lattice_service::RegistrationMode::Disabled {
         return Err(ServiceError::RegistrationDisabled.into());
     }
-    let valid = state.service.accounts().registration_token_usable(&query.token).await?;
-    Ok(Json(json!({ "valid": valid })))
-}
-
-#[derive(Deserialize)]
-struct ChangePasswordBody {
-    new_password: String,
-    #[serde(default = "default_true")]
-    logout_devices: bool,
-    auth: Option<AuthData>,
-}
-
-fn default_true() -> bool {
-    true
+    let valid = state.service.accounts().registration_token_usable(&request.token).await?;
+    Ok(RumaResponse(check_registration_token_validity::v1::Response::new(valid)))
 }
 
 async fn change_password(
     State(state): State<AppState>,
     Auth(session): Auth,
     ip: ClientIp,
-    JsonBody(body): JsonBody<ChangePasswordBody>,
-) -> ApiResult<Json<Value>> {
-    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
-    state
-        .service
-        .change_password(
-            &session.user_id,
-            session.device_id.as_str(),
-            body.new_password,
-            body.logout_devices,
-            body.auth.as_ref(),
-        )
-        .await?;
-    Ok(Json(json!({})))
-}
-
-#[derive(Deserialize)]
-struct DeactivateBody {
-    auth: Option<AuthData>,
+    Ruma(request): Ruma<change_password::v3::Request>,
+) -> ApiResult<RumaResponse<change_password::v3::Response>> {
+    let auth = request.auth.as_ref();
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, auth)?;
+    let (user, device) = (&session.user_id, session.device_id.as_str());
+    state.service.change_password(user, device, request.new_password, request.logout_devices, auth).await?;
+    Ok(RumaResponse(change_password::v3::Response::new()))
 }
 
 async fn deactivate(
     State(state): State<AppState>,
     Auth(session): Auth,
     ip: ClientIp,
-    JsonBody(body): JsonBody<DeactivateBody>,
-) -> ApiResult<Json<Value>> {
-    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
-    state.service.deactivate(&session.user_id, body.auth.as_ref()).await?;
+    Ruma(request): Ruma<deactivate::v3::Request>,
+) -> ApiResult<RumaResponse<deactivate::v3::Response>> {
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, request.auth.as_ref())?;
+    state.service.deactivate(&session.user_id, request.auth.as_ref()).await?;
     // Lattice never binds identifiers at an identity server, so there is nothing to unbind.
-    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
+    Ok(RumaResponse(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport)))
 }
 
 /// Lattice has no third-party identifiers: the list is honestly empty.
+/// Not ruma's type: its response leaves an empty list out, and the answer names the empty list.
 async fn threepids(_auth: Auth) -> Json<Value> {
     Json(json!({ "threepids": [] }))
 }

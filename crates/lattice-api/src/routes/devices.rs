@@ -1,19 +1,15 @@
 //! `/devices` and `/delete_devices`.
 
-use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 use lattice_service::DeviceInfo;
-use ruma::api::client::device::{Device, get_device, get_devices, update_device};
-use ruma::api::client::uiaa::AuthData;
+use ruma::api::client::device::{Device, delete_device, delete_devices, get_device, get_devices, update_device};
 use ruma::{MilliSecondsSinceUnixEpoch, UInt};
-use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, ClientIp, JsonBody, PathParams};
+use crate::extract::{Auth, ClientIp};
 use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
@@ -59,37 +55,29 @@ async fn rename_device(
     Ok(RumaResponse(update_device::v3::Response::new()))
 }
 
-#[derive(Deserialize)]
-struct DeleteDeviceBody {
-    auth: Option<AuthData>,
-}
-
 async fn delete_device(
     State(state): State<AppState>,
     Auth(session): Auth,
     ip: ClientIp,
-    PathParams(device_id): PathParams<String>,
-    JsonBody(body): JsonBody<DeleteDeviceBody>,
-) -> ApiResult<Json<Value>> {
-    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
+    Ruma(request): Ruma<delete_device::v3::Request>,
+) -> ApiResult<RumaResponse<delete_device::v3::Response>> {
+    let auth = request.auth.as_ref();
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, auth)?;
+    let device_id = request.device_id.to_string();
     state.service.accounts().device(&session.user_id, &device_id).await?;
-    state.service.delete_devices_with_auth(&session.user_id, &[device_id], body.auth.as_ref()).await?;
-    Ok(Json(json!({})))
-}
-
-#[derive(Deserialize)]
-struct DeleteDevicesBody {
-    devices: Vec<String>,
-    auth: Option<AuthData>,
+    state.service.delete_devices_with_auth(&session.user_id, &[device_id], auth).await?;
+    Ok(RumaResponse(delete_device::v3::Response::new()))
 }
 
 async fn delete_devices(
     State(state): State<AppState>,
     Auth(session): Auth,
     ip: ClientIp,
-    JsonBody(body): JsonBody<DeleteDevicesBody>,
-) -> ApiResult<Json<Value>> {
-    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, body.auth.as_ref())?;
-    state.service.delete_devices_with_auth(&session.user_id, &body.devices, body.auth.as_ref()).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<delete_devices::v3::Request>,
+) -> ApiResult<RumaResponse<delete_devices::v3::Response>> {
+    let auth = request.auth.as_ref();
+    state.limits.check_password_stage(&ip.rate_key(), &session.user_id, auth)?;
+    let devices: Vec<String> = request.devices.iter().map(ToString::to_string).collect();
+    state.service.delete_devices_with_auth(&session.user_id, &devices, auth).await?;
+    Ok(RumaResponse(delete_devices::v3::Response::new()))
 }

@@ -3,12 +3,14 @@
 use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
+use ruma::api::client::discovery::{discover_homeserver, get_supported_versions};
 use serde_json::{Value, json};
 
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Auth;
+use crate::typed::{Ruma, RumaResponse};
 
 /// The spec versions whose client-server API Lattice targets. What is built so far is listed in
 /// `docs/client-api.md`; unbuilt endpoints answer `404 M_UNRECOGNIZED`.
@@ -25,9 +27,13 @@ pub fn routes() -> Routes {
         .route("/.well-known/matrix/server", get(well_known_server))
 }
 
-async fn versions() -> Json<Value> {
+async fn versions(
+    Ruma(_): Ruma<get_supported_versions::Request>,
+) -> ApiResult<RumaResponse<get_supported_versions::Response>> {
+    let mut response = get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| v.to_string()).collect());
     // MSC2815: server admins may read redacted content (clients look for this flag).
-    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": { "fi.mau.msc2815": true } }))
+    response.unstable_features.insert("fi.mau.msc2815".into(), true);
+    Ok(RumaResponse(response))
 }
 
 async fn capabilities(State(state): State<AppState>, _auth: Auth) -> Json<Value> {
@@ -48,9 +54,14 @@ async fn capabilities(State(state): State<AppState>, _auth: Auth) -> Json<Value>
     }))
 }
 
-async fn well_known_client(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+async fn well_known_client(
+    State(state): State<AppState>,
+    Ruma(_): Ruma<discover_homeserver::Request>,
+) -> ApiResult<RumaResponse<discover_homeserver::Response>> {
     match &state.config.client_base_url {
-        Some(url) => Ok(Json(json!({ "m.homeserver": { "base_url": url } }))),
+        Some(url) => Ok(RumaResponse(discover_homeserver::Response::new(discover_homeserver::HomeserverInfo::new(
+            url.to_string(),
+        )))),
         None => {
             Err(ApiError::Service(lattice_service::ServiceError::NotFound("no client discovery configured".into())))
         }

@@ -349,7 +349,8 @@ async fn query_directory(
     QueryParams(query): QueryParams<DirectoryQuery>,
     auth: ServerAuth,
 ) -> ApiResult<Json<Value>> {
-    let alias = crate::extract::parse_alias(&query.room_alias)?;
+    let alias = ruma::OwnedRoomAliasId::try_from(query.room_alias.as_str())
+        .map_err(|_| ApiError::InvalidParam(format!("invalid room alias {:?}", query.room_alias)))?;
     tracing::debug!(origin = %auth.origin, %alias, "directory query");
     Ok(Json(state.service.federation().query_directory(&alias).await?))
 }

@@ -3,14 +3,19 @@
 use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
+use lattice_service::ServiceError;
 use lattice_service::rooms::{DEFAULT_CONTEXT_LIMIT, EventFilter};
+use ruma::api::Direction;
+use ruma::api::client::room::get_event_by_timestamp;
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, UInt};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, PathParams, QueryParams, parse_room};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -42,24 +47,15 @@ async fn context(
     Ok(Json(state.service.rooms().event_context(&session.user_id, &room_id, &event_id, limit, &filter).await?))
 }
 
-#[derive(Deserialize)]
-struct TimestampQuery {
-    ts: u64,
-    dir: String,
-}
-
 async fn timestamp_to_event(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    QueryParams(query): QueryParams<TimestampQuery>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    let forward = match query.dir.as_str() {
-        "f" => true,
-        "b" => false,
-        other => return Err(ApiError::InvalidParam(format!("dir must be f or b, not {other:?}"))),
-    };
-    let found = state.service.rooms().timestamp_to_event(&session.user_id, &room_id, query.ts, forward).await?;
-    Ok(Json(json!({ "event_id": found.event_id, "origin_server_ts": found.origin_server_ts })))
+    Ruma(request): Ruma<get_event_by_timestamp::v1::Request>,
+) -> ApiResult<RumaResponse<get_event_by_timestamp::v1::Response>> {
+    let forward = request.dir == Direction::Forward;
+    let ts = request.ts.get().into();
+    let found = state.service.rooms().timestamp_to_event(&session.user_id, &request.room_id, ts, forward).await?;
+    let event_id = OwnedEventId::try_from(found.event_id).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let origin_server_ts = MilliSecondsSinceUnixEpoch(UInt::new_saturating(found.origin_server_ts));
+    Ok(RumaResponse(get_event_by_timestamp::v1::Response::new(event_id, origin_server_ts)))
 }

@@ -1,17 +1,18 @@
 //! Membership beyond join and leave: knocking, forgetting rooms, and room upgrades.
 
-use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
 use lattice_service::rooms::UpgradeRoom;
-use ruma::{OwnedRoomId, OwnedUserId};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use ruma::OwnedRoomId;
+use ruma::api::client::knock::knock_room;
+use ruma::api::client::membership::forget_room;
+use ruma::api::client::room::upgrade_room;
 
 use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
-use crate::extract::{Auth, JsonBody, PathParams, parse_room};
+use crate::extract::Auth;
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -20,57 +21,39 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/rooms/{room_id}/upgrade", post(upgrade))
 }
 
-/// A room ID, or the room a local alias points to.
-async fn resolve_room(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
-    if target.starts_with('#') {
-        return Ok(state.service.rooms().resolve_alias(&crate::extract::parse_alias(target)?).await?);
-    }
-    parse_room(target)
-}
-
-#[derive(Deserialize)]
-struct KnockBody {
-    reason: Option<String>,
-}
-
+/// `POST /knock/{roomIdOrAlias}`: local aliases resolve here; `via` is checked by ruma and
+/// matters once knocks over federation exist.
 async fn knock(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id_or_alias): PathParams<String>,
-    JsonBody(body): JsonBody<KnockBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<knock_room::v3::Request>,
+) -> ApiResult<RumaResponse<knock_room::v3::Response>> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
-    let room_id = resolve_room(&state, &room_id_or_alias).await?;
-    state.service.rooms().knock(&session.user_id, &room_id, body.reason).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    let room_id = match OwnedRoomId::try_from(request.room_id_or_alias) {
+        Ok(room_id) => room_id,
+        Err(alias) => state.service.rooms().resolve_alias(&alias).await?,
+    };
+    state.service.rooms().knock(&session.user_id, &room_id, request.reason).await?;
+    Ok(RumaResponse(knock_room::v3::Response::new(room_id)))
 }
 
 async fn forget(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.rooms().forget_room(&session.user_id, &room_id).await?;
-    Ok(Json(json!({})))
-}
-
-#[derive(Deserialize)]
-struct UpgradeBody {
-    new_version: String,
-    #[serde(default)]
-    additional_creators: Vec<OwnedUserId>,
+    Ruma(request): Ruma<forget_room::v3::Request>,
+) -> ApiResult<RumaResponse<forget_room::v3::Response>> {
+    state.service.rooms().forget_room(&session.user_id, &request.room_id).await?;
+    Ok(RumaResponse(forget_room::v3::Response::new()))
 }
 
 async fn upgrade(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<UpgradeBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<upgrade_room::v3::Request>,
+) -> ApiResult<RumaResponse<upgrade_room::v3::Response>> {
     state.limits.room_creation_per_user.check(session.user_id.as_str())?;
-    let room_id = parse_room(&room_id)?;
-    let request = UpgradeRoom { new_version: body.new_version, additional_creators: body.additional_creators };
-    let replacement = state.service.rooms().upgrade_room(&session.user_id, &room_id, request).await?;
-    Ok(Json(json!({ "replacement_room": replacement })))
+    let upgrade =
+        UpgradeRoom { new_version: request.new_version.to_string(), additional_creators: request.additional_creators };
+    let replacement = state.service.rooms().upgrade_room(&session.user_id, &request.room_id, upgrade).await?;
+    Ok(RumaResponse(upgrade_room::v3::Response::new(replacement)))
 }

@@ -4,12 +4,14 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::get;
 use lattice_service::{ProfileField, ServiceError};
+use ruma::api::client::profile::{delete_profile_field, get_profile};
 use serde_json::{Map, Value, json};
 
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, parse_user};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -30,16 +32,19 @@ fn custom_field_refused(field: &str) -> ApiError {
         .into()
 }
 
-async fn get_profile(State(state): State<AppState>, PathParams(user_id): PathParams<String>) -> ApiResult<Json<Value>> {
-    let profile = state.service.accounts().profile(&parse_user(&user_id)?).await?;
-    let mut body = Map::new();
+async fn get_profile(
+    State(state): State<AppState>,
+    Ruma(request): Ruma<get_profile::v3::Request>,
+) -> ApiResult<RumaResponse<get_profile::v3::Response>> {
+    let profile = state.service.accounts().profile(&request.user_id).await?;
+    let mut response = get_profile::v3::Response::new();
     if let Some(name) = profile.displayname {
-        body.insert("displayname".into(), json!(name));
+        response.set("displayname".into(), json!(name));
     }
     if let Some(url) = profile.avatar_url {
-        body.insert("avatar_url".into(), json!(url));
+        response.set("avatar_url".into(), json!(url));
     }
-    Ok(Json(Value::Object(body)))
+    Ok(RumaResponse(response))
 }
 
 async fn get_field(
@@ -79,10 +84,10 @@ async fn set_field(
 async fn delete_field(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((user_id, field)): PathParams<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    let target = parse_user(&user_id)?;
-    let Some(kind) = parse_field(&field) else { return Err(custom_field_refused(&field)) };
-    state.service.set_profile_field(&session.user_id, &target, kind, None).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<delete_profile_field::v3::Request>,
+) -> ApiResult<RumaResponse<delete_profile_field::v3::Response>> {
+    let field = request.field.as_str();
+    let Some(kind) = parse_field(field) else { return Err(custom_field_refused(field)) };
+    state.service.set_profile_field(&session.user_id, &request.user_id, kind, None).await?;
+    Ok(RumaResponse(delete_profile_field::v3::Response::new()))
 }

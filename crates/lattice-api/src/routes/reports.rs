@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
+use ruma::api::client::room::report_room;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -10,6 +11,7 @@ use super::Routes;
 use crate::AppState;
 use crate::error::ApiResult;
 use crate::extract::{Auth, JsonBody, PathParams, parse_room, parse_user};
+use crate::typed::{Ruma, RumaResponse};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -43,12 +45,12 @@ async fn report_event(
 async fn report_room(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<ReportBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.report_room(&session.user_id, &room_id, body.reason).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<report_room::v3::Request>,
+) -> ApiResult<RumaResponse<report_room::v3::Response>> {
+    // ruma reads a missing reason as blank; a blank reason is kept as none, as before.
+    let reason = Some(request.reason).filter(|reason| !reason.is_empty());
+    state.service.report_room(&session.user_id, &request.room_id, reason).await?;
+    Ok(RumaResponse(report_room::v3::Response::new()))
 }
 
 async fn report_user(

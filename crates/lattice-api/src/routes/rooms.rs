@@ -5,9 +5,20 @@ use axum::extract::State;
 use axum::routing::{get, post, put};
 use lattice_service::rooms::{CreateRoom, Preset, Txn};
 use lattice_service::{JsonObject, ServiceError};
-use ruma::api::client::membership::joined_rooms;
-use ruma::api::client::state::get_state_events;
-use ruma::{OwnedRoomId, OwnedUserId};
+use ruma::api::client::membership::{
+    ban_user, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members, joined_rooms,
+    kick_user, leave_room, unban_user,
+};
+use ruma::api::client::message::send_message_event;
+use ruma::api::client::read_marker::set_read_marker;
+use ruma::api::client::receipt::create_receipt;
+use ruma::api::client::redact::redact_event;
+use ruma::api::client::room::create_room::v3::RoomPreset;
+use ruma::api::client::room::{self, create_room, get_room_event};
+use ruma::api::client::state::get_state_event_for_key::v3::StateEventFormat;
+use ruma::api::client::state::{get_state_event_for_key, get_state_events, send_state_event};
+use ruma::serde::Raw;
+use ruma::{OwnedMxcUri, OwnedRoomId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -24,15 +35,9 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}", put(send))
         .route("/_matrix/client/v3/rooms/{room_id}/redact/{event_id}/{txn_id}", put(redact))
         .route("/_matrix/client/v3/rooms/{room_id}/state", get(all_state))
-        .route(
-            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}",
-            get(get_state_empty_key).put(put_state_empty_key),
-        )
+        .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}", get(get_state).put(put_state))
         // A trailing slash names the empty state key, as clients write it.
-        .route(
-            "/_matrix/client/v3/rooms/{room_id}/state/{event_type}/",
-            get(get_state_empty_key).put(put_state_empty_key),
-        )
+        .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/state/{event_type}/{state_key}", get(get_state).put(put_state))
         .route("/_matrix/client/v3/rooms/{room_id}/event/{event_id}", get(get_event))
         .route("/_matrix/client/v3/rooms/{room_id}/members", get(members))
@@ -65,63 +70,62 @@ struct InitialState {
     content: JsonObject,
 }
 
-#[derive(Deserialize)]
-struct CreateRoomBody {
-    preset: Option<String>,
-    visibility: Option<String>,
-    name: Option<String>,
-    topic: Option<String>,
-    #[serde(default)]
-    invite: Vec<OwnedUserId>,
-    room_version: Option<String>,
-    creation_content: Option<JsonObject>,
-    #[serde(default)]
-    initial_state: Vec<InitialState>,
-    power_level_content_override: Option<JsonObject>,
-    #[serde(default)]
-    is_direct: bool,
-    room_alias_name: Option<String>,
-    #[serde(default)]
-    invite_3pid: Vec<Value>,
+/// A raw JSON object from ruma's request, as the service takes it.
+fn object<T>(raw: &Raw<T>, what: &str) -> ApiResult<JsonObject> {
+    raw.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(format!("{what}: {e}")))
 }
 
 async fn create_room(
     State(state): State<AppState>,
     Auth(session): Auth,
-    JsonBody(body): JsonBody<CreateRoomBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(body): Ruma<create_room::v3::Request>,
+) -> ApiResult<RumaResponse<create_room::v3::Response>> {
     state.limits.room_creation_per_user.check(session.user_id.as_str())?;
-    let public_visibility = match body.visibility.as_deref() {
-        None | Some("private") => false,
-        Some("public") => true,
-        Some(other) => return Err(ApiError::BadJson(format!("unknown visibility {other:?}"))),
+    let public_visibility = match body.visibility {
+        room::Visibility::Private => false,
+        room::Visibility::Public => true,
+        other => return Err(ApiError::BadJson(format!("unknown visibility {:?}", other.as_str()))),
     };
     // Not built yet: refused rather than silently ignored.
     if !body.invite_3pid.is_empty() {
         return Err(ServiceError::ThreepidDenied.into());
     }
-    let preset = match body.preset.as_deref() {
+    let preset = match body.preset {
         None => None,
-        Some("private_chat") => Some(Preset::PrivateChat),
-        Some("trusted_private_chat") => Some(Preset::TrustedPrivateChat),
-        Some("public_chat") => Some(Preset::PublicChat),
-        Some(other) => return Err(ApiError::BadJson(format!("unknown preset {other:?}"))),
+        Some(RoomPreset::PrivateChat) => Some(Preset::PrivateChat),
+        Some(RoomPreset::TrustedPrivateChat) => Some(Preset::TrustedPrivateChat),
+        Some(RoomPreset::PublicChat) => Some(Preset::PublicChat),
+        Some(other) => return Err(ApiError::BadJson(format!("unknown preset {:?}", other.as_str()))),
     };
+    // Initial state is read as the client wrote it (ruma's typed events would drop what they do
+    // not know); the service checks each entry.
+    let initial_state = body
+        .initial_state
+        .iter()
+        .map(|raw| {
+            let entry: InitialState = raw.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(e.to_string()))?;
+            Ok((entry.kind, entry.state_key, entry.content))
+        })
+        .collect::<ApiResult<Vec<_>>>()?;
     let request = CreateRoom {
         preset,
         public_visibility,
         name: body.name,
         topic: body.topic,
         invite: body.invite,
-        room_version: body.room_version,
-        creation_content: body.creation_content,
-        initial_state: body.initial_state.into_iter().map(|s| (s.kind, s.state_key, s.content)).collect(),
-        power_level_content_override: body.power_level_content_override,
+        room_version: body.room_version.map(|version| version.to_string()),
+        creation_content: body.creation_content.as_ref().map(|raw| object(raw, "creation_content")).transpose()?,
+        initial_state,
+        power_level_content_override: body
+            .power_level_content_override
+            .as_ref()
+            .map(|raw| object(raw, "power_level_content_override"))
+            .transpose()?,
         is_direct: body.is_direct,
         room_alias_name: body.room_alias_name,
     };
     let room_id = state.service.rooms().create_room(&session.user_id, request).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    Ok(RumaResponse(create_room::v3::Response::new(room_id)))
 }
 
 async fn joined_rooms(
@@ -136,16 +140,16 @@ async fn joined_rooms(
 async fn send(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, event_type, txn_id)): PathParams<(String, String, String)>,
-    JsonBody(content): JsonBody<JsonObject>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<send_message_event::v3::Request>,
+) -> ApiResult<RumaResponse<send_message_event::v3::Response>> {
     state.limits.message_per_user.check(session.user_id.as_str())?;
-    let room_id = parse_room(&room_id)?;
-    let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
-    let event_id =
-        state.service.rooms().send_event(&session.user_id, &room_id, &event_type, None, content, Some(txn)).await?;
-    Ok(Json(json!({ "event_id": event_id })))
+    // ruma has checked that the content is a JSON object; its fields are the event type's own.
+    let content: Value = request.body.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let txn = Txn { device_id: session.device_id.as_str(), txn_id: request.txn_id.as_str() };
+    let event_type = request.event_type.to_string();
+    let rooms = state.service.rooms();
+    let event_id = rooms.send_event(&session.user_id, &request.room_id, &event_type, None, content, Some(txn)).await?;
+    Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
 async fn all_state(
@@ -158,112 +162,69 @@ async fn all_state(
     Ok(RumaResponse(get_state_events::v3::Response::new(raw)))
 }
 
-async fn read_state(
-    state: &AppState,
-    session: &lattice_service::Session,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(room_id)?;
-    Ok(Json(state.service.rooms().state_content(&session.user_id, &room_id, kind, key).await?))
-}
-
+/// `GET /rooms/{roomId}/state/{eventType}[/{stateKey}]`: ruma reads a missing (or empty, after a
+/// trailing slash) state key as the empty one.
 async fn get_state(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
-) -> ApiResult<Json<Value>> {
-    read_state(&state, &session, &room_id, &kind, &key).await
+    Ruma(request): Ruma<get_state_event_for_key::v3::Request>,
+) -> ApiResult<RumaResponse<get_state_event_for_key::v3::Response>> {
+    let (rooms, user) = (state.service.rooms(), &session.user_id);
+    let (room_id, kind, key) = (&request.room_id, request.event_type.to_string(), request.state_key.as_str());
+    let answer = match request.format {
+        StateEventFormat::Content => rooms.state_content(user, room_id, &kind, key).await?,
+        StateEventFormat::Event => rooms.state_event(user, room_id, &kind, key).await?,
+        other => {
+            return Err(ApiError::InvalidParam(format!("format must be content or event, not {:?}", other.as_str())));
+        }
+    };
+    let raw = serde_json::value::to_raw_value(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    Ok(RumaResponse(get_state_event_for_key::v3::Response::new(raw)))
 }
 
-async fn get_state_empty_key(
-    State(state): State<AppState>,
-    Auth(session): Auth,
-    PathParams((room_id, kind)): PathParams<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    read_state(&state, &session, &room_id, &kind, "").await
-}
-
-async fn write_state(
-    state: &AppState,
-    session: &lattice_service::Session,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-    content: JsonObject,
-) -> ApiResult<Json<Value>> {
-    state.limits.message_per_user.check(session.user_id.as_str())?;
-    let room_id = parse_room(room_id)?;
-    let content = serde_json::to_value(content).map_err(|e| ApiError::BadJson(e.to_string()))?;
-    let event_id = state.service.rooms().send_event(&session.user_id, &room_id, kind, Some(key), content, None).await?;
-    Ok(Json(json!({ "event_id": event_id })))
-}
-
+/// `PUT /rooms/{roomId}/state/{eventType}[/{stateKey}]`, the state key read as for `get_state`.
 async fn put_state(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, kind, key)): PathParams<(String, String, String)>,
-    JsonBody(content): JsonBody<JsonObject>,
-) -> ApiResult<Json<Value>> {
-    write_state(&state, &session, &room_id, &kind, &key, content).await
-}
-
-async fn put_state_empty_key(
-    State(state): State<AppState>,
-    Auth(session): Auth,
-    PathParams((room_id, kind)): PathParams<(String, String)>,
-    JsonBody(content): JsonBody<JsonObject>,
-) -> ApiResult<Json<Value>> {
-    write_state(&state, &session, &room_id, &kind, "", content).await
-}
-
-#[derive(Deserialize)]
-struct ReasonBody {
-    reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct TargetBody {
-    user_id: OwnedUserId,
-    reason: Option<String>,
+    Ruma(request): Ruma<send_state_event::v3::Request>,
+) -> ApiResult<RumaResponse<send_state_event::v3::Response>> {
+    state.limits.message_per_user.check(session.user_id.as_str())?;
+    let content =
+        serde_json::to_value(object(&request.body, "content")?).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    let (kind, key) = (request.event_type.to_string(), request.state_key.as_str());
+    let rooms = state.service.rooms();
+    let event_id = rooms.send_event(&session.user_id, &request.room_id, &kind, Some(key), content, None).await?;
+    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
 }
 
 async fn join(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<ReasonBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    join_room(&state, &session, room_id, &[], body.reason).await
+    Ruma(request): Ruma<join_room_by_id::v3::Request>,
+) -> ApiResult<RumaResponse<join_room_by_id::v3::Response>> {
+    let room_id = join_room(&state, &session, request.room_id, &[], request.reason).await?;
+    Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
 }
 
-/// `POST /join/{roomIdOrAlias}`: local aliases resolve here. `via` and `server_name` name servers
-/// to join through; they are checked, and matter once joins over federation exist.
+/// `POST /join/{roomIdOrAlias}`: an alias resolves here (another server's through that
+/// server); `via` (and the older `server_name`) name servers to join through when this server
+/// is not in the room.
 async fn join_by_id_or_alias(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(target): PathParams<String>,
-    QueryParams(query): QueryParams<Vec<(String, String)>>,
-    JsonBody(body): JsonBody<ReasonBody>,
-) -> ApiResult<Json<Value>> {
-    let mut via = Vec::new();
-    for (_, server) in query.iter().filter(|(key, _)| key == "via" || key == "server_name") {
-        via.push(
-            ruma::OwnedServerName::try_from(server.as_str())
-                .map_err(|e| ApiError::InvalidParam(format!("invalid server name {server:?}: {e}")))?,
-        );
-    }
-    let room_id = if target.starts_with('#') {
-        let alias = crate::extract::parse_alias(&target)?;
-        let (room_id, servers) = state.service.resolve_alias(&alias).await?;
-        via.extend(servers);
-        room_id
-    } else {
-        parse_room(&target)?
+    Ruma(request): Ruma<join_room_by_id_or_alias::v3::Request>,
+) -> ApiResult<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
+    let mut via = request.via;
+    let room_id = match OwnedRoomId::try_from(request.room_id_or_alias.clone()) {
+        Ok(room_id) => room_id,
+        Err(alias) => {
+            let (room_id, servers) = state.service.resolve_alias(&alias).await?;
+            via.extend(servers);
+            room_id
+        }
     };
-    join_room(&state, &session, room_id, &via, body.reason).await
+    let room_id = join_room(&state, &session, room_id, &via, request.reason).await?;
+    Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
 }
 
 /// Joins here, or over federation through `via` when this server is not in the room.
@@ -273,72 +234,73 @@ async fn join_room(
     room_id: OwnedRoomId,
     via: &[ruma::OwnedServerName],
     reason: Option<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<OwnedRoomId> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
     state.service.join(&session.user_id, &room_id, via, reason).await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    Ok(room_id)
 }
 
 async fn leave(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<ReasonBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.rooms().set_membership(&session.user_id, &room_id, &session.user_id, "leave", body.reason).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<leave_room::v3::Request>,
+) -> ApiResult<RumaResponse<leave_room::v3::Response>> {
+    let (user, room) = (&session.user_id, &request.room_id);
+    state.service.rooms().set_membership(user, room, user, "leave", request.reason).await?;
+    Ok(RumaResponse(leave_room::v3::Response::new()))
 }
 
+/// Sets another user's membership: an invite, a kick or a ban.
 async fn on_target(
-    state: AppState,
-    session: lattice_service::Session,
-    room_id: String,
-    body: TargetBody,
+    state: &AppState,
+    session: &lattice_service::Session,
+    (room_id, target): (&OwnedRoomId, &OwnedUserId),
+    reason: Option<String>,
     membership: &str,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.rooms().set_membership(&session.user_id, &room_id, &body.user_id, membership, body.reason).await?;
-    Ok(Json(json!({})))
+) -> ApiResult<()> {
+    state.service.rooms().set_membership(&session.user_id, room_id, target, membership, reason).await?;
+    Ok(())
 }
 
 async fn invite(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<TargetBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<invite_user::v3::Request>,
+) -> ApiResult<RumaResponse<invite_user::v3::Response>> {
     state.limits.invite_per_user.check(session.user_id.as_str())?;
-    on_target(state, session, room_id, body, "invite").await
+    let invite_user::v3::InvitationRecipient::UserId(invitee) = request.recipient else {
+        // Third-party invites are not built: the body needs a `user_id`, as before ruma read it.
+        return Err(ApiError::BadJson("missing field `user_id`: invites by third-party ID are not supported".into()));
+    };
+    on_target(&state, &session, (&request.room_id, &invitee.user_id), invitee.reason, "invite").await?;
+    Ok(RumaResponse(invite_user::v3::Response::new()))
 }
 
 async fn kick(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<TargetBody>,
-) -> ApiResult<Json<Value>> {
-    on_target(state, session, room_id, body, "leave").await
+    Ruma(request): Ruma<kick_user::v3::Request>,
+) -> ApiResult<RumaResponse<kick_user::v3::Response>> {
+    on_target(&state, &session, (&request.room_id, &request.user_id), request.reason, "leave").await?;
+    Ok(RumaResponse(kick_user::v3::Response::new()))
 }
 
 async fn ban(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<TargetBody>,
-) -> ApiResult<Json<Value>> {
-    on_target(state, session, room_id, body, "ban").await
+    Ruma(request): Ruma<ban_user::v3::Request>,
+) -> ApiResult<RumaResponse<ban_user::v3::Response>> {
+    on_target(&state, &session, (&request.room_id, &request.user_id), request.reason, "ban").await?;
+    Ok(RumaResponse(ban_user::v3::Response::new()))
 }
 
 async fn unban(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<TargetBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.rooms().unban(&session.user_id, &room_id, &body.user_id, body.reason).await?;
-    Ok(Json(json!({})))
+    Ruma(request): Ruma<unban_user::v3::Request>,
+) -> ApiResult<RumaResponse<unban_user::v3::Response>> {
+    state.service.rooms().unban(&session.user_id, &request.room_id, &request.user_id, request.reason).await?;
+    Ok(RumaResponse(unban_user::v3::Response::new()))
 }
 
 #[derive(Deserialize)]
@@ -351,83 +313,67 @@ struct EventQuery {
 async fn get_event(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, event_id)): PathParams<(String, String)>,
     QueryParams(query): QueryParams<EventQuery>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    if query.include_unredacted_content {
-        return Ok(Json(state.service.rooms().room_event_unredacted(&session.user_id, &room_id, &event_id).await?));
-    }
-    Ok(Json(state.service.rooms().room_event(&session.user_id, &room_id, &event_id).await?))
-}
-
-#[derive(Deserialize)]
-struct MembersQuery {
-    membership: Option<String>,
-    not_membership: Option<String>,
-    at: Option<String>,
+    Ruma(request): Ruma<get_room_event::v3::Request>,
+) -> ApiResult<RumaResponse<get_room_event::v3::Response>> {
+    let (rooms, room_id, event_id) = (state.service.rooms(), &request.room_id, request.event_id.as_str());
+    let event = match query.include_unredacted_content {
+        true => rooms.room_event_unredacted(&session.user_id, room_id, event_id).await?,
+        false => rooms.room_event(&session.user_id, room_id, event_id).await?,
+    };
+    Ok(RumaResponse(get_room_event::v3::Response::new(crate::typed::raw(&event)?)))
 }
 
 async fn members(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    QueryParams(query): QueryParams<MembersQuery>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    let (membership, not_membership) = (query.membership.as_deref(), query.not_membership.as_deref());
-    let chunk = match query.at.as_deref().map(lattice_service::rooms::HistoryToken::parse).transpose()? {
-        Some(at) => {
-            state.service.rooms().members_at(&session.user_id, &room_id, at, membership, not_membership).await?
-        }
-        None => state.service.rooms().members(&session.user_id, &room_id, membership, not_membership).await?,
+    Ruma(request): Ruma<get_member_events::v3::Request>,
+) -> ApiResult<RumaResponse<get_member_events::v3::Response>> {
+    let (rooms, room_id) = (state.service.rooms(), &request.room_id);
+    let membership = request.membership.as_ref().map(|m| m.as_str());
+    let not_membership = request.not_membership.as_ref().map(|m| m.as_str());
+    let chunk = match request.at.as_deref().map(lattice_service::rooms::HistoryToken::parse).transpose()? {
+        Some(at) => rooms.members_at(&session.user_id, room_id, at, membership, not_membership).await?,
+        None => rooms.members(&session.user_id, room_id, membership, not_membership).await?,
     };
-    Ok(Json(json!({ "chunk": chunk })))
+    let chunk = chunk.iter().map(crate::typed::raw).collect::<Result<Vec<_>, _>>()?;
+    Ok(RumaResponse(get_member_events::v3::Response::new(chunk)))
 }
 
 async fn joined_members(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    let members = state.service.rooms().members(&session.user_id, &room_id, Some("join"), None).await?;
-    let mut joined = serde_json::Map::new();
+    Ruma(request): Ruma<joined_members::v3::Request>,
+) -> ApiResult<RumaResponse<joined_members::v3::Response>> {
+    let members = state.service.rooms().members(&session.user_id, &request.room_id, Some("join"), None).await?;
+    let mut joined = std::collections::BTreeMap::new();
     for member in members {
-        let mut profile = serde_json::Map::new();
-        for (from, to) in [("displayname", "display_name"), ("avatar_url", "avatar_url")] {
-            if let Some(value) = member["content"][from].as_str() {
-                profile.insert(to.into(), json!(value));
-            }
-        }
-        if let Some(user) = member["state_key"].as_str() {
-            joined.insert(user.to_owned(), Value::Object(profile));
-        }
+        let Some(Ok(user)) = member["state_key"].as_str().map(OwnedUserId::try_from) else { continue };
+        let mut profile = joined_members::v3::RoomMember::new();
+        profile.display_name = member["content"]["displayname"].as_str().map(str::to_owned);
+        profile.avatar_url = member["content"]["avatar_url"].as_str().map(OwnedMxcUri::from);
+        joined.insert(user, profile);
     }
-    Ok(Json(json!({ "joined": joined })))
+    Ok(RumaResponse(joined_members::v3::Response::new(joined)))
 }
 
 async fn redact(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, event_id, txn_id)): PathParams<(String, String, String)>,
-    JsonBody(body): JsonBody<ReasonBody>,
-) -> ApiResult<Json<Value>> {
+    Ruma(request): Ruma<redact_event::v3::Request>,
+) -> ApiResult<RumaResponse<redact_event::v3::Response>> {
     state.limits.message_per_user.check(session.user_id.as_str())?;
-    let room_id = parse_room(&room_id)?;
-    let event_id =
-        ruma::OwnedEventId::try_from(event_id).map_err(|e| ApiError::InvalidParam(format!("invalid event ID: {e}")))?;
-    let mut content = json!({ "redacts": event_id });
-    if let Some(reason) = body.reason {
+    let mut content = json!({ "redacts": request.event_id });
+    if let Some(reason) = request.reason {
         content["reason"] = json!(reason);
     }
-    let txn = Txn { device_id: session.device_id.as_str(), txn_id: &txn_id };
+    let txn = Txn { device_id: session.device_id.as_str(), txn_id: request.txn_id.as_str() };
     let redaction = state
         .service
         .rooms()
-        .send_event(&session.user_id, &room_id, "m.room.redaction", None, content, Some(txn))
+        .send_event(&session.user_id, &request.room_id, "m.room.redaction", None, content, Some(txn))
         .await?;
-    Ok(Json(json!({ "event_id": redaction })))
+    Ok(RumaResponse(redact_event::v3::Response::new(redaction)))
 }
 
 #[derive(Deserialize)]
@@ -452,49 +398,33 @@ async fn typing(
     Ok(Json(json!({})))
 }
 
-#[derive(Deserialize)]
-struct ReceiptBody {
-    thread_id: Option<String>,
-}
-
 async fn receipt(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams((room_id, receipt_type, event_id)): PathParams<(String, String, String)>,
-    JsonBody(body): JsonBody<ReceiptBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
-    state.service.rooms().set_receipt(&session.user_id, &room_id, &receipt_type, &event_id, body.thread_id).await?;
-    Ok(Json(json!({})))
-}
-
-#[derive(Deserialize)]
-struct ReadMarkersBody {
-    #[serde(rename = "m.fully_read")]
-    fully_read: Option<String>,
-    #[serde(rename = "m.read")]
-    read: Option<String>,
-    #[serde(rename = "m.read.private")]
-    read_private: Option<String>,
+    Ruma(request): Ruma<create_receipt::v3::Request>,
+) -> ApiResult<RumaResponse<create_receipt::v3::Response>> {
+    let (room_id, event_id) = (&request.room_id, request.event_id.as_str());
+    // The service checks the type and the thread against the rules for each receipt type.
+    let (receipt_type, thread) = (request.receipt_type.to_string(), request.thread.as_str().map(str::to_owned));
+    state.service.rooms().set_receipt(&session.user_id, room_id, &receipt_type, event_id, thread).await?;
+    Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
 
 async fn read_markers(
     State(state): State<AppState>,
     Auth(session): Auth,
-    PathParams(room_id): PathParams<String>,
-    JsonBody(body): JsonBody<ReadMarkersBody>,
-) -> ApiResult<Json<Value>> {
-    let room_id = parse_room(&room_id)?;
+    Ruma(request): Ruma<set_read_marker::v3::Request>,
+) -> ApiResult<RumaResponse<set_read_marker::v3::Response>> {
     state
         .service
         .rooms()
         .set_read_markers(
             &session.user_id,
-            &room_id,
-            body.fully_read.as_deref(),
-            body.read.as_deref(),
-            body.read_private.as_deref(),
+            &request.room_id,
+            request.fully_read.as_ref().map(|id| id.as_str()),
+            request.read_receipt.as_ref().map(|id| id.as_str()),
+            request.private_read_receipt.as_ref().map(|id| id.as_str()),
         )
         .await?;
-    Ok(Json(json!({})))
+    Ok(RumaResponse(set_read_marker::v3::Response::new()))
 }

@@ -6,7 +6,7 @@ use axum::routing::{get, post};
 use lattice_service::{LoginRequest, SessionTokens};
 use ruma::api::client::account::whoami;
 use ruma::api::client::session::login::v3::LoginInfo;
-use ruma::api::client::session::{logout, logout_all, refresh_token};
+use ruma::api::client::session::{get_login_types, logout, logout_all, refresh_token};
 use ruma::api::client::uiaa::UserIdentifier;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -26,8 +26,11 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/account/whoami", get(whoami))
 }
 
-async fn login_flows() -> Json<Value> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+async fn login_flows(
+    Ruma(_): Ruma<get_login_types::v3::Request>,
+) -> ApiResult<RumaResponse<get_login_types::v3::Response>> {
+    let password = get_login_types::v3::LoginType::Password(Default::default());
+    Ok(RumaResponse(get_login_types::v3::Response::new(vec![password])))
 }
 
 #[derive(Deserialize)]

@@ -344,6 +344,18 @@ impl Rooms {
         kind: &str,
         key: &str,
     ) -> Result<Value, ServiceError> {
+        Ok(self.state_event(user_id, room_id, kind, key).await?["content"].take())
+    }
+
+    /// `GET /rooms/{roomId}/state/{eventType}/{stateKey}?format=event`: the whole state event
+    /// (client format), as `state_content` finds it.
+    pub async fn state_event(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        key: &str,
+    ) -> Result<Value, ServiceError> {
         let viewer = self.reader(user_id, room_id).await?;
         let event_id = match self.state_view(&viewer).await? {
             StateView::Current => self
@@ -358,8 +370,7 @@ impl Rooms {
         let Some(event_id) = event_id else {
             return Err(ServiceError::NotFound(format!("no {kind} state with key {key:?}")));
         };
-        let event = self.client_event(&event_id).await?;
-        Ok(event["content"].clone())
+        self.client_event(&event_id).await
     }
 
     /// `GET /rooms/{roomId}/event/{eventId}`: an event of the room that the user may see.

@@ -45,6 +45,18 @@ pub struct SyncFilter {
     pub room: RoomFilter,
     pub account_data: EventFilter,
     pub presence: EventFilter,
+    /// Read so that a stored filter is checked whole when it is created; `/sync` answers every
+    /// field in the client format whatever these say.
+    pub event_fields: Option<Vec<String>>,
+    pub event_format: Option<EventFormat>,
+}
+
+/// `event_format`: the two formats the spec names.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EventFormat {
+    Client,
+    Federation,
 }
 
 impl SyncFilter {
@@ -57,6 +69,7 @@ impl SyncFilter {
 
     fn check(&self) -> Result<(), ServiceError> {
         let room = &self.room;
+        check_list("event_fields", self.event_fields.as_deref().unwrap_or_default())?;
         check_list("room.rooms", room.rooms.as_deref().unwrap_or_default())?;
         check_list("room.not_rooms", &room.not_rooms)?;
         for (name, filter) in [
@@ -218,9 +231,16 @@ mod tests {
 
     #[test]
     fn bad_filters_are_refused() {
-        for filter in [json!({ "room": { "timeline": { "types": "m.room.message" } } }), json!({ "room": 5 })] {
+        for filter in [
+            json!({ "room": { "timeline": { "types": "m.room.message" } } }),
+            json!({ "room": 5 }),
+            json!({ "event_format": "xml" }),
+            json!({ "event_fields": "content.body" }),
+        ] {
             assert!(matches!(SyncFilter::from_json(filter), Err(ServiceError::BadJson(_))));
         }
+        let whole = json!({ "event_format": "client", "event_fields": ["type", "content.body"], "presence": {} });
+        assert!(SyncFilter::from_json(whole).is_ok());
         let long: Vec<String> = (0..=MAX_FILTER_LIST).map(|i| format!("t{i}")).collect();
         assert!(SyncFilter::from_json(json!({ "room": { "rooms": long } })).is_err());
     }

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use super::Rooms;
 use super::filter::EventFilter;
+use super::messages::MAX_TIMELINE_LIMIT;
 use super::state_store;
-use super::sync::MAX_TIMELINE_LIMIT;
 use super::topological::{HistoryToken, TopoPos, history_position};
 use super::visibility::Viewer;
 use crate::ServiceError;

@@ -10,8 +10,9 @@ use ruma::{OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::tests::service;
-use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, StreamSet, SyncFilter, SyncRequest, SyncToken};
+use super::{EventFilter, HistoryToken, Outcome, RelationsQuery, SyncFilter};
 use crate::Service;
+use crate::sync::{StreamSet, SyncRequest, SyncToken};
 
 const ALICE: &str = "@alice:hs.test";
 const BOB: &str = "@bob:hs.test";
@@ -169,14 +170,14 @@ async fn messages_follow_depth_while_sync_follows_arrival() {
 
     // /sync: arrival order, each event exactly once across incremental syncs.
     let (alice, room) = who(ALICE);
-    let initial = service.rooms().sync(&alice, sync_request(None, 100)).await.unwrap();
+    let initial = service.sync().sync(&alice, sync_request(None, 100)).await.unwrap();
     let arrival: Vec<String> = f.positions.iter().map(|(id, _)| id.to_string()).collect();
     assert_eq!(ids(&initial["rooms"]["join"][ROOM]["timeline"]["events"]), arrival);
     // Synced up to m2, then incrementally: the rest in arrival order, once; then nothing.
     let mut delivered: Vec<String> = arrival.iter().take_while(|id| id.as_str() != f.m[2].as_str()).cloned().collect();
     let mut since = SyncToken { streams: StreamSet { events: f.position(&f.m[1]), ..Default::default() } };
     for _ in 0..2 {
-        let body = service.rooms().sync(&alice, sync_request(Some(since), 100)).await.unwrap();
+        let body = service.sync().sync(&alice, sync_request(Some(since), 100)).await.unwrap();
         let timeline = &body["rooms"]["join"][ROOM]["timeline"];
         if !timeline.is_null() {
             assert_eq!(timeline["limited"], false);
@@ -202,7 +203,7 @@ async fn prev_batch_continues_into_the_history_below_the_sync_timeline() {
     let f = fork(&service).await;
     let (alice, _) = who(ALICE);
     // The newest three arrivals: m4, x, merge. History continues below m4, the oldest of them.
-    let body = service.rooms().sync(&alice, sync_request(None, 3)).await.unwrap();
+    let body = service.sync().sync(&alice, sync_request(None, 3)).await.unwrap();
     let timeline = &body["rooms"]["join"][ROOM]["timeline"];
     assert_eq!(ids(&timeline["events"]), ids_of(&[&f.m[3], &f.x, &f.merge]));
     assert_eq!(timeline["limited"], true);

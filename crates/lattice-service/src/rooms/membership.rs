@@ -197,19 +197,6 @@ impl Rooms {
         Ok(current.is_some_and(|id| id == forgotten.value.membership_event_id.as_bytes()))
     }
 
-    /// A knock in `/sync` (`rooms.knock`): the same stripped state an invite carries, as
-    /// `knock_state`, when the knock is new since `since`.
-    pub(super) async fn knocked_room_sync(
-        &self,
-        scope: &super::sync::SyncScope<'_>,
-        room_id: &RoomId,
-    ) -> Result<Option<Value>, ServiceError> {
-        Ok(self
-            .invited_room_sync(scope, room_id)
-            .await?
-            .map(|mut room| json!({ "knock_state": room["invite_state"].take() })))
-    }
-
     /// For a join the restricted join rules decide: a local member who may invite, to vouch
     /// for it. `None` when the join needs no one (another join rule, or the user is invited or
     /// joined already — or banned, which the auth rules refuse with their own reason).

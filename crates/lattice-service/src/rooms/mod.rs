@@ -1,8 +1,8 @@
 //! The rooms service: the room graph in storage and the one ingest path every event takes
 //! (architecture invariant 1), and the client-facing room APIs built on it — state, timelines,
-//! memberships, receipts, typing, relations, aliases, the directory, and `/sync`, which also
-//! reads the account-data and to-device services. It owns the room tables ([`TABLES`]) and
-//! asks the other services through their typed APIs.
+//! memberships, receipts, typing, relations, aliases, the directory and `/messages`, and the
+//! reads the sync service (`crate::sync`) asks of its tables (`sync_reads.rs`). It owns the room
+//! tables ([`TABLES`]) and asks the other services through their typed APIs.
 
 mod aliases;
 mod client;
@@ -15,13 +15,14 @@ mod ingest;
 mod local_events;
 mod membership;
 mod merge;
+mod messages;
 mod migrations;
 mod peers;
 mod receipts;
 mod redactions;
 mod relations;
 mod state_store;
-mod sync;
+mod sync_reads;
 mod timestamps;
 mod topological;
 pub(crate) mod typing;
@@ -37,7 +38,6 @@ use ruma::signatures::Ed25519KeyPair;
 use crate::account_data::AccountData;
 use crate::accounts::Accounts;
 use crate::notifier::Notifier;
-use crate::to_device::ToDevice;
 use crate::{Clock, ServiceConfig};
 
 #[cfg(test)]
@@ -58,14 +58,17 @@ pub use ingest::{Arrival, Ingested, Outcome};
 pub use local_events::LocalEvent;
 pub use membership::member_content;
 pub(crate) use merge::MergeQueue;
+pub use messages::MAX_TIMELINE_LIMIT;
+pub(crate) use messages::{MAX_FILTERED_SCAN, visible};
 pub use migrations::schema_migrations;
 pub use peers::OwedEvent;
 pub use relations::RelationsQuery;
-pub use sync::{MAX_SYNC_TIMEOUT, MAX_TIMELINE_LIMIT, StreamSet, SyncRequest, SyncToken, parse_token};
 pub use timestamps::EventAtTime;
+pub(crate) use topological::history_position;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
+pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.
 pub(crate) const TABLES: TableScope = TableScope {
@@ -116,7 +119,6 @@ pub(crate) struct RoomStreams {
 pub(crate) struct Neighbours {
     pub accounts: Arc<Accounts>,
     pub account_data: Arc<AccountData>,
-    pub to_device: Arc<ToDevice>,
 }
 
 pub struct Rooms {
@@ -127,7 +129,6 @@ pub struct Rooms {
     signing_key: Arc<Ed25519KeyPair>,
     accounts: Arc<Accounts>,
     account_data: Arc<AccountData>,
-    to_device: Arc<ToDevice>,
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
@@ -165,7 +166,7 @@ impl Rooms {
         notifier: Arc<Notifier>,
         neighbours: Neighbours,
     ) -> Self {
-        let Neighbours { accounts, account_data, to_device } = neighbours;
+        let Neighbours { accounts, account_data } = neighbours;
         let RoomStreams { events: stream, receipts: receipts_stream, typing: typing_stream } = streams;
         Self {
             config,
@@ -175,7 +176,6 @@ impl Rooms {
             signing_key,
             accounts,
             account_data,
-            to_device,
             room_locks: (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stream,
             receipts_stream,

@@ -12,7 +12,7 @@ use ruma::{CanonicalJsonValue, RoomId, UserId};
 use serde_json::{Value, json};
 
 use super::Rooms;
-use super::sync::{MAX_TIMELINE_LIMIT, position_of};
+use super::messages::{MAX_TIMELINE_LIMIT, position_of};
 use super::topological::{HistoryToken, TopoPos, depth_of};
 use super::visibility::Viewer;
 use crate::ServiceError;

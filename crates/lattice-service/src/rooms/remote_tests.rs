@@ -15,7 +15,8 @@ use ruma::signatures::PublicKeyMap;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::json;
 
-use super::{Arrival, CreateRoom, Outcome, SyncRequest};
+use super::{Arrival, CreateRoom, Outcome};
+use crate::sync::SyncRequest;
 use crate::{Service, ServiceError};
 
 struct Server {
@@ -149,13 +150,13 @@ async fn state_ids(server: &Server, room: &RoomId) -> StateMap {
 /// Bodies of the timeline of an incremental sync since `since`.
 async fn synced_bodies(server: &Server, user: &UserId, room: &RoomId, since: u64) -> Vec<String> {
     let request = SyncRequest {
-        since: Some(super::SyncToken { streams: super::StreamSet { events: since, ..Default::default() } }),
+        since: Some(crate::sync::SyncToken { streams: crate::sync::StreamSet { events: since, ..Default::default() } }),
         timeout: std::time::Duration::ZERO,
         device_id: None,
         filter: Default::default(),
         full_state: false,
     };
-    let response = server.service.rooms().sync(user, request).await.unwrap();
+    let response = server.service.sync().sync(user, request).await.unwrap();
     let events = &response["rooms"]["join"][room.as_str()]["timeline"]["events"];
     events
         .as_array()

@@ -54,7 +54,7 @@ impl Rooms {
         let rows = self.kv.scan(Table::EventTimestamps, &range, direction, MAX_HIDDEN_STEPS).await?;
         for (key, event_id) in rows {
             let event_id = String::from_utf8_lossy(&event_id).into_owned();
-            if self.may_see_at(viewer, &event_id, super::sync::position_of(&key)).await? {
+            if self.may_see_at(viewer, &event_id, super::messages::position_of(&key)).await? {
                 return Ok(EventAtTime { event_id, origin_server_ts: timestamp_of(&key) });
             }
         }

@@ -86,7 +86,7 @@ impl HistoryToken {
         let invalid = || ServiceError::InvalidParam(format!("invalid pagination token {token:?}"));
         // A `/sync` token (`m…`, or `s…` of the single shared stream) stands for its events position.
         if token.starts_with(['s', 'm']) {
-            return super::sync::parse_token(token).map(HistoryToken::Stream).map_err(|_| invalid());
+            return crate::sync::parse_token(token).map(HistoryToken::Stream).map_err(|_| invalid());
         }
         let rest = token.strip_prefix('t').ok_or_else(invalid)?;
         let (depth, order) = rest.split_once('_').ok_or_else(invalid)?;

@@ -10,6 +10,7 @@ use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::RoomRecord;
 use lattice_storage::{WriteBatch, keys};
 use ruma::events::room::power_levels::UserPowerLevel;
+use ruma::state_res::events::RoomPowerLevelsIntField;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Map, Value, json};
 
@@ -222,8 +223,10 @@ impl Rooms {
         upgrader_level: UserPowerLevel,
         mut levels: Levels,
     ) -> Result<(), ServiceError> {
-        let restricted = RESTRICTED_LEVEL.max(level(&levels, "users_default").unwrap_or(0).saturating_add(1));
-        let current = [level(&levels, "events_default").unwrap_or(0), level(&levels, "invite").unwrap_or(0)];
+        // The old room's levels as the auth rules read them (one power-level reader: core's).
+        let field = |field| old_power.field_level(field).map(i64::from).map_err(ServiceError::Internal);
+        let restricted = RESTRICTED_LEVEL.max(field(RoomPowerLevelsIntField::UsersDefault)?.saturating_add(1));
+        let current = [field(RoomPowerLevelsIntField::EventsDefault)?, field(RoomPowerLevelsIntField::Invite)?];
         let allowed = old_power.may_send_state(user_id, "m.room.power_levels").map_err(ServiceError::Internal)?
             && current.iter().chain([&restricted]).all(|level| upgrader_level >= ruma::Int::new_saturating(*level));
         if !allowed {
