@@ -84,9 +84,31 @@ async fn a_user_joins_a_room_on_another_server_and_both_sides_chat() {
     say(&lat1.http, &alice, &room, "hello-bob").await;
     sync_until(&lat2, &bob, "alice's message on lat2", |s| timeline_bodies(s, &room).contains(&"hello-bob".to_owned()))
         .await;
-    say(&lat2.http, &bob, &room, "hello-alice").await;
+    let from_bob = say(&lat2.http, &bob, &room, "hello-alice").await;
     sync_until(&lat1, &alice, "bob's message on lat1", |s| {
         timeline_bodies(s, &room).contains(&"hello-alice".to_owned())
+    })
+    .await;
+
+    // Typing notices and read receipts cross too, as EDUs in the same queues.
+    let typing = format!("/_matrix/client/v3/rooms/{room}/typing/@bob:lat2.test");
+    let (status, body) = lat2.http.put(&typing, Some(&bob), &json!({ "typing": true, "timeout": 20000 })).await;
+    assert_eq!(status, 200, "{body}");
+    sync_until(&lat1, &alice, "bob typing, on lat1", |s| {
+        s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|events| {
+            events.iter().any(|e| e["type"] == "m.typing" && e["content"]["user_ids"] == json!(["@bob:lat2.test"]))
+        })
+    })
+    .await;
+    let receipt = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{from_bob}");
+    let (status, body) = lat1.http.post(&receipt, Some(&alice), &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    sync_until(&lat2, &bob, "alice's receipt, on lat2", |s| {
+        s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().is_some_and(|events| {
+            events
+                .iter()
+                .any(|e| e["type"] == "m.receipt" && e["content"][&from_bob]["m.read"]["@alice:lat1.test"].is_object())
+        })
     })
     .await;
 

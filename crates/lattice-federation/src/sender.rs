@@ -23,8 +23,12 @@ use crate::error::FederationError;
 
 pub const TABLES: TableScope = TableScope { owner: "federation sender", tables: &[Table::FederationOutbox] };
 
-/// The spec's limit on PDUs in one transaction.
+/// The spec's limits on PDUs and EDUs in one transaction.
 pub const MAX_PDUS_PER_TRANSACTION: usize = 50;
+pub const MAX_EDUS_PER_TRANSACTION: usize = 100;
+/// The first byte of a queued row's value: what follows is a PDU, or an EDU.
+const PDU_ROW: u8 = b'p';
+const EDU_ROW: u8 = b'e';
 /// Largest answer read from a `/send` (the per-PDU results).
 const MAX_SEND_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Longest wait between attempts while a destination backs off.
@@ -79,9 +83,32 @@ impl Sender {
         destinations: &[OwnedServerName],
         pdu: &str,
     ) -> Result<(), FederationError> {
+        self.queue(batch, destinations, PDU_ROW, pdu).await
+    }
+
+    /// Adds an EDU (`{"edu_type": …, "content": …}`) to each destination's queue in `batch`.
+    pub async fn queue_edu(
+        &self,
+        batch: &mut WriteBatch,
+        destinations: &[OwnedServerName],
+        edu: &str,
+    ) -> Result<(), FederationError> {
+        self.queue(batch, destinations, EDU_ROW, edu).await
+    }
+
+    async fn queue(
+        &self,
+        batch: &mut WriteBatch,
+        destinations: &[OwnedServerName],
+        kind: u8,
+        json: &str,
+    ) -> Result<(), FederationError> {
         for destination in destinations {
             let seq = self.sequence.take().await?;
-            batch.put(Table::FederationOutbox, row_key(destination.as_str(), seq.get()), pdu.as_bytes().to_vec());
+            let mut value = Vec::with_capacity(json.len() + 1);
+            value.push(kind);
+            value.extend_from_slice(json.as_bytes());
+            batch.put(Table::FederationOutbox, row_key(destination.as_str(), seq.get()), value);
             // The rows are ordered by the batch they are in; the position only names them.
             seq.published().await;
         }
@@ -182,23 +209,38 @@ impl Sender {
         }
     }
 
-    /// Sends the oldest queued PDUs of `destination` as one transaction; returns how many.
+    /// Sends the oldest queued rows of `destination` as one transaction (in queue order, as
+    /// many as the per-transaction limits allow); returns how many.
     async fn send_next(&self, destination: &ServerName) -> Result<usize, FederationError> {
         let range = KeyRange::prefix(&row_prefix(destination.as_str()));
-        let rows = self.kv.scan(Table::FederationOutbox, &range, Direction::Forward, MAX_PDUS_PER_TRANSACTION).await?;
+        let limit = MAX_PDUS_PER_TRANSACTION + MAX_EDUS_PER_TRANSACTION;
+        let mut rows = self.kv.scan(Table::FederationOutbox, &range, Direction::Forward, limit).await?;
         let Some((first_key, _)) = rows.first() else { return Ok(0) };
         let txn_id = lattice_storage::keys::trailing_position(first_key).unwrap_or_default();
-        let mut pdus: Vec<Box<RawValue>> = Vec::with_capacity(rows.len());
+        let mut pdus: Vec<Box<RawValue>> = Vec::new();
+        let mut edus: Vec<Box<RawValue>> = Vec::new();
+        let mut taken = 0;
         for (_, value) in &rows {
-            match String::from_utf8(value.clone()).ok().and_then(|json| RawValue::from_string(json).ok()) {
-                Some(pdu) => pdus.push(pdu),
-                None => tracing::error!(%destination, "a queued PDU is not JSON; dropping it"),
+            let (kind, list, max) = match value.first() {
+                Some(&EDU_ROW) => ("EDU", &mut edus, MAX_EDUS_PER_TRANSACTION),
+                _ => ("PDU", &mut pdus, MAX_PDUS_PER_TRANSACTION),
+            };
+            if list.len() == max {
+                break;
+            }
+            taken += 1;
+            let json = value.get(1..).and_then(|bytes| String::from_utf8(bytes.to_vec()).ok());
+            match json.and_then(|json| RawValue::from_string(json).ok()) {
+                Some(item) => list.push(item),
+                None => tracing::error!(%destination, kind, "a queued row is not JSON; dropping it"),
             }
         }
+        rows.truncate(taken);
         let body = serde_json::json!({
             "origin": self.client.own_keys().server_name(),
             "origin_server_ts": self.client.clock().now_ms(),
             "pdus": pdus,
+            "edus": edus,
         });
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
         let outcome = self

@@ -228,6 +228,68 @@ impl Service {
         }
     }
 
+    /// `PUT /typing`: the notice here, and to the room's other servers.
+    pub async fn set_typing(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        typing: bool,
+        timeout: std::time::Duration,
+    ) -> Result<(), ServiceError> {
+        self.rooms.set_typing(user_id, room_id, typing, timeout).await?;
+        let edu = serde_json::json!({
+            "edu_type": "m.typing",
+            "content": { "room_id": room_id, "user_id": user_id, "typing": typing },
+        });
+        self.announce(room_id, &edu).await;
+        Ok(())
+    }
+
+    /// `POST /receipt`: the receipt here, and a public read receipt to the room's other servers.
+    pub async fn set_receipt(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        receipt_type: &str,
+        event_id: &str,
+        thread_id: Option<String>,
+    ) -> Result<(), ServiceError> {
+        self.rooms.set_receipt(user_id, room_id, receipt_type, event_id, thread_id.clone()).await?;
+        if receipt_type == "m.read" {
+            self.announce_read_receipt(user_id, room_id, event_id, thread_id).await;
+        }
+        Ok(())
+    }
+
+    /// Sends a public read receipt, already stored here, to the room's other servers.
+    pub async fn announce_read_receipt(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        event_id: &str,
+        thread_id: Option<String>,
+    ) {
+        {
+            let mut data = serde_json::json!({ "ts": self.rooms.now_millis() });
+            if let Some(thread) = thread_id {
+                data["thread_id"] = serde_json::json!(thread);
+            }
+            let edu = serde_json::json!({
+                "edu_type": "m.receipt",
+                "content": { room_id.as_str(): { "m.read": { user_id.as_str(): { "event_ids": [event_id], "data": data } } } },
+            });
+            self.announce(room_id, &edu).await;
+        }
+    }
+
+    /// Tells the room's other servers about an ephemeral change; a failure is logged, not the
+    /// caller's: the change itself is made.
+    async fn announce(&self, room_id: &ruma::RoomId, edu: &serde_json::Value) {
+        if let Err(error) = self.federation.send_room_edu(room_id, edu).await {
+            tracing::warn!(%room_id, %error, "queueing an EDU for other servers failed");
+        }
+    }
+
     /// Joins a room: here when this server has a member in it, else over federation through
     /// `via` (and the server the room ID names, if any).
     pub async fn join(

@@ -394,7 +394,7 @@ async fn typing(
         return Err(ServiceError::Forbidden("you can only set your own typing state".into()).into());
     }
     let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(30_000));
-    state.service.rooms().set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
+    state.service.set_typing(&session.user_id, &room_id, body.typing, timeout).await?;
     Ok(Json(json!({})))
 }
 
@@ -406,7 +406,7 @@ async fn receipt(
     let (room_id, event_id) = (&request.room_id, request.event_id.as_str());
     // The service checks the type and the thread against the rules for each receipt type.
     let (receipt_type, thread) = (request.receipt_type.to_string(), request.thread.as_str().map(str::to_owned));
-    state.service.rooms().set_receipt(&session.user_id, room_id, &receipt_type, event_id, thread).await?;
+    state.service.set_receipt(&session.user_id, room_id, &receipt_type, event_id, thread).await?;
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
 
@@ -426,5 +426,8 @@ async fn read_markers(
             request.private_read_receipt.as_ref().map(|id| id.as_str()),
         )
         .await?;
+    if let Some(event_id) = &request.read_receipt {
+        state.service.announce_read_receipt(&session.user_id, &request.room_id, event_id.as_str(), None).await;
+    }
     Ok(RumaResponse(set_read_marker::v3::Response::new()))
 }

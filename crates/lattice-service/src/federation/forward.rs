@@ -78,6 +78,23 @@ impl Federation {
         Ok(true)
     }
 
+    /// Sends an EDU about a room (typing, a receipt) to the room's other servers. Best effort:
+    /// with federation off, or no other server in the room, it does nothing.
+    pub async fn send_room_edu(&self, room_id: &ruma::RoomId, edu: &serde_json::Value) -> Result<(), ServiceError> {
+        let Ok(remote) = self.remote() else { return Ok(()) };
+        let mut destinations = self.rooms.joined_servers(room_id).await?;
+        destinations.remove(self.server_name());
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        let destinations: Vec<OwnedServerName> = destinations.into_iter().collect();
+        let mut batch = WriteBatch::new();
+        remote.sender.queue_edu(&mut batch, &destinations, &edu.to_string()).await?;
+        remote.sender.commit(batch).await?;
+        remote.sender.wake(&destinations);
+        Ok(())
+    }
+
     /// Queues one event for `destinations` now (the join another server sent through
     /// `send_join`, which the other servers of the room learn from this one).
     pub(super) async fn queue_now(&self, destinations: &[OwnedServerName], pdu_json: &str) -> Result<(), ServiceError> {

@@ -75,6 +75,11 @@ impl Federation {
                 results.insert(event_id, result);
             }
         }
+        for edu in &body.edus {
+            if let Err(reason) = self.receive_edu(origin, edu.get()).await {
+                tracing::debug!(%origin, %reason, "an EDU was dropped");
+            }
+        }
         let mut batch = WriteBatch::new();
         let stored = serde_json::to_vec(&results).map_err(|e| ServiceError::Internal(e.to_string()))?;
         batch.put(lattice_storage::Table::FederationTransactions, key, stored);
@@ -120,6 +125,49 @@ impl Federation {
         match ingested.map_err(|e| e.to_string())?.outcome {
             Outcome::Accepted | Outcome::SoftFailed(_) | Outcome::Outlier => Ok(()),
             Outcome::Rejected(reason) => Err(reason),
+        }
+    }
+
+    /// One EDU: typing notices and read receipts of the origin's users in rooms they are joined
+    /// to are applied as if they had sent them here; anything else is dropped (the spec lets a
+    /// server ignore EDUs it does not handle).
+    async fn receive_edu(&self, origin: &ServerName, json: &str) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct Edu {
+            edu_type: String,
+            #[serde(default)]
+            content: Value,
+        }
+        let edu: Edu = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        match edu.edu_type.as_str() {
+            "m.typing" => {
+                let content = &edu.content;
+                let (room_id, user_id) = edu_room_and_user(origin, &content["room_id"], &content["user_id"])?;
+                let typing = content["typing"].as_bool().ok_or("m.typing without typing")?;
+                let timeout = std::time::Duration::from_secs(30);
+                self.rooms.set_typing(&user_id, &room_id, typing, timeout).await.map_err(|e| e.to_string())
+            }
+            "m.receipt" => {
+                let rooms = edu.content.as_object().ok_or("m.receipt content is not an object")?;
+                for (room_id, by_type) in rooms.iter().take(MAX_EDUS) {
+                    let Some(readers) = by_type["m.read"].as_object() else { continue };
+                    for (user_id, receipt) in readers.iter().take(MAX_EDUS) {
+                        let (room_id, user_id) = edu_room_and_user(origin, &json!(room_id), &json!(user_id))?;
+                        let Some(event_id) =
+                            receipt["event_ids"].as_array().and_then(|ids| ids.first()).and_then(Value::as_str)
+                        else {
+                            continue;
+                        };
+                        let thread = receipt["data"]["thread_id"].as_str().map(str::to_owned);
+                        if let Err(error) = self.rooms.set_receipt(&user_id, &room_id, "m.read", event_id, thread).await
+                        {
+                            tracing::debug!(%origin, %error, "a remote read receipt was not stored");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            other => Err(format!("EDU type {other} is not handled")),
         }
     }
 
@@ -429,6 +477,21 @@ fn membership_fields(object: &CanonicalJsonObject) -> Result<MembershipFields, S
         membership: text(&value["content"]["membership"]).unwrap_or_default(),
         authoriser: text(&value["content"]["join_authorised_via_users_server"]),
     })
+}
+
+/// The room and user an EDU names, when the user is one of the origin's (a server speaks for
+/// its own users only).
+fn edu_room_and_user(
+    origin: &ServerName,
+    room: &Value,
+    user: &Value,
+) -> Result<(ruma::OwnedRoomId, ruma::OwnedUserId), String> {
+    let room_id = room.as_str().and_then(|r| ruma::OwnedRoomId::try_from(r).ok()).ok_or("invalid room_id")?;
+    let user_id = user.as_str().and_then(|u| ruma::OwnedUserId::try_from(u).ok()).ok_or("invalid user_id")?;
+    if user_id.server_name() != origin {
+        return Err(format!("{origin} cannot speak for {user_id}"));
+    }
+    Ok((room_id, user_id))
 }
 
 fn require_own_user(origin: &ServerName, user_id: &UserId) -> Result<(), ServiceError> {

@@ -188,6 +188,11 @@ impl Rooms {
         }
     }
 
+    /// The service clock's now, in milliseconds.
+    pub fn now_millis(&self) -> u64 {
+        self.now_ms()
+    }
+
     /// Notified after live events are written (see `events_written`).
     pub fn events_written(&self) -> Arc<tokio::sync::Notify> {
         self.events_written.clone()
