@@ -1,0 +1,241 @@
+//! Federation benchmark of two real `lattice` processes on loopback (issue #11): each named by
+//! IP literal and port, TLS with self-signed certificates that each trusts, no DNS.
+//!
+//! 1. the time a user of lat2 takes to join a room on lat1 (make_join + send_join + the state);
+//! 2. delivery latency: alice on lat1 sends, bob on lat2 is long-polling `/sync`; the time from
+//!    the send to bob's `/sync` answering with it (one message in flight at a time);
+//! 3. throughput: alice's server sends `--burst N` messages (10 concurrent senders) and the
+//!    time until all of them are in bob's `/sync`: PDUs per second through lat1's queue, lat2's
+//!    `/send` with signature and hash checks, and ingest.
+//!
+//! Usage: `cargo run --release --example federation_bench -- [path/to/lattice] [--messages N] [--burst N]`
+//! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Node {
+    name: String,
+    client: String,
+    http: reqwest::Client,
+    _child: Child,
+}
+
+fn free_port(ip: &str) -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+async fn start(binary: &str, dir: &std::path::Path, ip: &str, ca: &std::path::Path) -> Result<Node, Error> {
+    let (fed_port, client_port) = (free_port(ip)?, free_port(ip)?);
+    let name = format!("{ip}:{fed_port}");
+    let tls = dir.join(format!("tls-{ip}"));
+    let child = Command::new(binary)
+        .arg("serve")
+        .env("LATTICE_SERVER_NAME", &name)
+        .env("LATTICE_DATA_DIR", dir.join(format!("data-{ip}")))
+        .env("LATTICE_LISTEN__ADDRESS", format!("{ip}:{client_port}"))
+        .env("LATTICE_REGISTRATION__MODE", "open")
+        .env("LATTICE_RATE_LIMITS__ENABLED", "false")
+        .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
+        .env("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS", "1")
+        .env("LATTICE_FEDERATION__LISTEN", &name)
+        .env("LATTICE_FEDERATION__TLS_CERT", tls.join("cert.pem"))
+        .env("LATTICE_FEDERATION__TLS_KEY", tls.join("key.pem"))
+        .env("LATTICE_FEDERATION__TRUSTED_CA", ca)
+        .env("LATTICE_FEDERATION__DNS", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let node = Node { name, client: format!("http://{ip}:{client_port}"), http: reqwest::Client::new(), _child: child };
+    for _ in 0..200 {
+        if node.http.get(format!("{}/_matrix/client/versions", node.client)).send().await.is_ok() {
+            return Ok(node);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("{} did not start", node.name).into())
+}
+
+impl Node {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Value, Error> {
+        let mut request = self.http.request(method, format!("{}{path}", self.client));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            return Err(format!("{path}: {status} {body}").into());
+        }
+        Ok(body)
+    }
+
+    async fn register(&self, user: &str) -> Result<String, Error> {
+        let body = json!({ "username": user, "password": "bench password", "auth": { "type": "m.login.dummy" } });
+        let answer = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(body)).await?;
+        Ok(answer["access_token"].as_str().ok_or("no token")?.to_owned())
+    }
+
+    async fn say(&self, token: &str, room: &str, txn: &str) -> Result<(), Error> {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+        self.call(reqwest::Method::PUT, &path, Some(token), Some(json!({ "msgtype": "m.text", "body": txn }))).await?;
+        Ok(())
+    }
+
+    async fn sync(&self, token: &str, since: &str, timeout_ms: u64) -> Result<Value, Error> {
+        let path = match since {
+            "" => "/_matrix/client/v3/sync?timeout=0".to_owned(),
+            since => format!("/_matrix/client/v3/sync?timeout={timeout_ms}&since={since}"),
+        };
+        self.call(reqwest::Method::GET, &path, Some(token), None).await
+    }
+}
+
+fn bodies_in(sync: &Value, room: &str) -> Vec<String> {
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let binary = args
+        .iter()
+        .find(|a| !a.starts_with("--") && a.contains('/'))
+        .cloned()
+        .unwrap_or(format!("{target}/release/lattice"));
+    let number = |flag: &str, default: usize| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (messages, burst) = (number("--messages", 300), number("--burst", 2000));
+    let dir = tempfile::tempdir()?;
+    let ips = ["127.0.0.41", "127.0.0.42"];
+    let mut bundle = String::new();
+    for ip in ips {
+        let out = dir.path().join(format!("tls-{ip}"));
+        let status = std::process::Command::new(&binary)
+            .args(["tls", "self-signed", "--name", ip, "--out"])
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err("lattice tls self-signed failed".into());
+        }
+        bundle.push_str(&std::fs::read_to_string(out.join("cert.pem"))?);
+    }
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, bundle)?;
+    let lat1 = start(&binary, dir.path(), ips[0], &ca).await?;
+    let lat2 = start(&binary, dir.path(), ips[1], &ca).await?;
+    let (alice, bob) = (lat1.register("alice").await?, lat2.register("bob").await?);
+    let room = lat1
+        .call(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            Some(json!({ "preset": "public_chat" })),
+        )
+        .await?;
+    let room = room["room_id"].as_str().ok_or("no room")?.to_owned();
+
+    let started = Instant::now();
+    let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
+    lat2.call(reqwest::Method::POST, &path, Some(&bob), Some(json!({}))).await?;
+    let join_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+    let mut since = lat2.sync(&bob, "", 0).await?["next_batch"].as_str().ok_or("no token")?.to_owned();
+    let mut latencies = Vec::with_capacity(messages);
+    for n in 0..messages {
+        let txn = format!("lat-{n}");
+        let sent = Instant::now();
+        lat1.say(&alice, &room, &txn).await?;
+        loop {
+            let answer = lat2.sync(&bob, &since, 10_000).await?;
+            since = answer["next_batch"].as_str().ok_or("no token")?.to_owned();
+            if bodies_in(&answer, &room).contains(&txn) {
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if sent.elapsed() > Duration::from_secs(30) {
+                return Err(format!("{txn} did not arrive").into());
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+
+    let started = Instant::now();
+    let senders = 10;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (client, token, room) = (lat1.client.clone(), alice.clone(), room.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for n in (s..burst).step_by(senders) {
+                let path = format!("{client}/_matrix/client/v3/rooms/{room}/send/m.room.message/burst-{n}");
+                http.put(path)
+                    .bearer_auth(&token)
+                    .json(&json!({ "msgtype": "m.text", "body": format!("burst-{n}") }))
+                    .send()
+                    .await?;
+            }
+            Ok::<(), reqwest::Error>(())
+        }));
+    }
+    let mut seen = 0;
+    while seen < burst {
+        let answer = lat2.sync(&bob, &since, 10_000).await?;
+        since = answer["next_batch"].as_str().ok_or("no token")?.to_owned();
+        seen += bodies_in(&answer, &room).iter().filter(|b| b.starts_with("burst-")).count();
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(format!("only {seen} of {burst} arrived").into());
+        }
+    }
+    let sent_in = started.elapsed().as_secs_f64();
+    for task in tasks {
+        task.await??;
+    }
+
+    println!("| federation benchmark ({} → {}) | value |", lat1.name, lat2.name);
+    println!("|---|---|");
+    println!("| join a new public room on the other server | {join_ms:.1} ms |");
+    println!(
+        "| delivery latency send → other server's /sync, p50 ({messages} messages) | {:.2} ms |",
+        percentile(&latencies, 0.5)
+    );
+    println!("| delivery latency p99 | {:.2} ms |", percentile(&latencies, 0.99));
+    println!(
+        "| {burst} messages (10 senders) until all in the other server's /sync | {sent_in:.2} s = {:.0} PDU/s |",
+        burst as f64 / sent_in
+    );
+    Ok(())
+}
