@@ -15,6 +15,7 @@ mod no_panic;
 mod operations;
 mod power_loss;
 mod process;
+mod push;
 mod relations;
 mod restart;
 mod rooms;

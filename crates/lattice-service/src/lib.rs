@@ -16,6 +16,7 @@ mod clock;
 mod composed;
 mod error;
 mod notifier;
+pub mod push;
 mod reports;
 pub mod rooms;
 mod secrets;
@@ -36,6 +37,7 @@ pub use clock::{Clock, SystemClock};
 pub use error::ServiceError;
 pub use lattice_storage::records::JsonObject;
 pub use notifier::SyncWaiters;
+pub use push::Push;
 pub use reports::{Report, Reports};
 pub use rooms::Rooms;
 pub use secrets::PasswordHasher;
@@ -82,6 +84,7 @@ pub struct Service {
     to_device: Arc<ToDevice>,
     reports: Reports,
     rooms: Rooms,
+    push: Arc<Push>,
     notifier: Arc<notifier::Notifier>,
 }
 
@@ -107,15 +110,18 @@ impl Service {
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
+        let push = Arc::new(Push::new(kv.clone(), account_data.clone()));
         let neighbours = rooms::Neighbours {
             accounts: accounts.clone(),
             account_data: account_data.clone(),
             to_device: to_device.clone(),
+            push: push.clone(),
         };
         let rooms =
             Rooms::new(config.clone(), kv.clone(), clock.clone(), signing_key, streams, notifier.clone(), neighbours);
         Self {
             config,
+            push,
             reports: Reports::new(kv.clone(), clock),
             store: kv,
             accounts,
@@ -162,6 +168,10 @@ impl Service {
 
     pub fn rooms(&self) -> &Rooms {
         &self.rooms
+    }
+
+    pub fn push(&self) -> &Push {
+        &self.push
     }
 
     /// Commits a batch that several services filled, each with rows of its own tables only

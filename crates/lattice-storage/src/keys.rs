@@ -162,6 +162,28 @@ pub fn receipt_position(room_id: &str, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `user\0position`, big-endian: the events that notified a user, newest last (`/notifications`).
+pub fn push_notification(user_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &position.to_be_bytes()])
+}
+
+/// `user\0room\0position`, big-endian: the notifying events of one room for one user, so the
+/// unread ones (after the read markers) are one short range.
+pub fn push_unread(user_id: &str, room_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), &position.to_be_bytes()])
+}
+
+/// `user\0room\0`: the prefix of a user's [`push_unread`] and [`push_read_marker`] rows of a room.
+pub fn push_room_rows(user_id: &str, room_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), b""])
+}
+
+/// `user\0room\0thread` → position: how far the user's receipts have read (`thread` empty for
+/// the unthreaded receipt, `main` or a thread root for threaded ones).
+pub fn push_read_marker(user_id: &str, room_id: &str, thread: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), thread.as_bytes()])
+}
+
 /// A device's to-device inbox in stream order: `user\0device\0position·seq` (one send may
 /// put several messages into one inbox under one position).
 pub fn to_device(user_id: &str, device_id: &str, position: u64, seq: u32) -> Vec<u8> {

@@ -281,6 +281,36 @@ impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
 
+/// An event that notified a user (push rules said `notify`), for `/notifications`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PushNotificationRecord {
+    pub room_id: String,
+    pub event_id: String,
+    /// The thread root, for an event in a thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub highlight: bool,
+    /// The actions of the rule that matched, as ruma serialises them.
+    pub actions: serde_json::Value,
+    pub ts: u64,
+}
+
+impl Record for PushNotificationRecord {
+    const TABLE: Table = Table::PushNotifications;
+}
+
+/// A notifying event not yet known to be read, counted for `unread_notifications`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushUnreadRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub highlight: bool,
+}
+
+impl Record for PushUnreadRecord {
+    const TABLE: Table = Table::PushUnread;
+}
+
 /// A to-device message waiting in a device's inbox until the device syncs past it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToDeviceRecord {

@@ -59,4 +59,7 @@ tables! {
     BackwardExtremities => "backward_extremities",
     RoomActivity => "room_activity",
     ServerKeys => "server_keys",
+    PushNotifications => "push_notifications",
+    PushUnread => "push_unread",
+    PushReadMarkers => "push_read_markers",
 }

@@ -8,6 +8,7 @@ mod federation;
 mod history;
 mod membership;
 mod profile;
+mod push;
 mod reports;
 mod rooms;
 mod session;
@@ -73,6 +74,7 @@ pub fn all() -> Routes {
         .merge(history::routes())
         .merge(reports::routes())
         .merge(tags::routes())
+        .merge(push::routes())
         .merge(federation::routes())
 }
 

@@ -16,6 +16,7 @@ mod local_events;
 mod membership;
 mod merge;
 mod migrations;
+mod push_events;
 mod receipts;
 mod redactions;
 mod relations;
@@ -36,6 +37,7 @@ use ruma::signatures::Ed25519KeyPair;
 use crate::account_data::AccountData;
 use crate::accounts::Accounts;
 use crate::notifier::Notifier;
+use crate::push::Push;
 use crate::to_device::ToDevice;
 use crate::{Clock, ServiceConfig};
 
@@ -114,6 +116,8 @@ pub(crate) struct Neighbours {
     pub accounts: Arc<Accounts>,
     pub account_data: Arc<AccountData>,
     pub to_device: Arc<ToDevice>,
+    /// Evaluates push rules for each live event and keeps the unread counts.
+    pub push: Arc<Push>,
 }
 
 pub struct Rooms {
@@ -125,6 +129,7 @@ pub struct Rooms {
     accounts: Arc<Accounts>,
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
+    push: Arc<Push>,
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
@@ -159,7 +164,7 @@ impl Rooms {
         notifier: Arc<Notifier>,
         neighbours: Neighbours,
     ) -> Self {
-        let Neighbours { accounts, account_data, to_device } = neighbours;
+        let Neighbours { accounts, account_data, to_device, push } = neighbours;
         let RoomStreams { events: stream, receipts: receipts_stream, typing: typing_stream } = streams;
         Self {
             config,
@@ -170,6 +175,7 @@ impl Rooms {
             accounts,
             account_data,
             to_device,
+            push,
             room_locks: (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stream,
             receipts_stream,

@@ -307,7 +307,7 @@ impl Rooms {
         let mut by_room: HashMap<String, Vec<Value>> = HashMap::new();
         for (room, kind, content) in self
             .account_data
-            .account_data_since(scope.user_id, scope.since.account_data, scope.now.account_data)
+            .account_data_since(scope.user_id, (scope.since.account_data, scope.now.account_data), scope.initial)
             .await?
         {
             let event = json!({ "type": kind, "content": content });
@@ -362,6 +362,8 @@ impl Rooms {
         if !account_data.is_empty() {
             room["account_data"] = json!({ "events": account_data });
         }
+        let per_thread = scope.filter.room.timeline.unread_thread_notifications;
+        self.push.add_unread_counts(scope.user_id, room_id, per_thread, &mut room).await?;
         Ok(Some(room))
     }
 
