@@ -9,6 +9,7 @@ mod directory;
 mod federation_keys;
 mod history;
 mod history_order;
+mod legacy_paths;
 mod membership;
 mod migration;
 mod no_panic;

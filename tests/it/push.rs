@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, assert_error, sync};
+use crate::support::{Http, TestServer, assert_error, create_room, sync};
 
 const RULES: &str = "/_matrix/client/v3/pushrules/global";
 
@@ -155,5 +155,338 @@ async fn bad_push_rule_requests_get_matrix_errors() {
     let (_, all) = http.get("/_matrix/client/v3/pushrules/", Some(&alice)).await;
     let defaults = rule_ids(&all["global"], "override");
     assert!(defaults.iter().all(|id| id.starts_with('.')), "{all}");
+    server.stop().await;
+}
+
+/// Sends `content` as an `m.room.message`; returns the event ID.
+async fn send(http: &Http, token: &str, room: &str, txn: &str, content: Value) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    let (status, body) = http.put(&path, Some(token), &content).await;
+    assert_eq!(status, 200, "{body}");
+    body["event_id"].as_str().unwrap().to_owned()
+}
+
+/// `(notification_count, highlight_count)` of the room in a fresh initial `/sync`.
+async fn counts(http: &Http, token: &str, room: &str) -> (u64, u64) {
+    let body = sync(http, token, "").await;
+    let unread = &body["rooms"]["join"][room]["unread_notifications"];
+    (unread["notification_count"].as_u64().expect("counts"), unread["highlight_count"].as_u64().expect("counts"))
+}
+
+async fn receipt(http: &Http, token: &str, room: &str, event: &str, body: Value) {
+    let path = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}");
+    let (status, response) = http.post(&path, Some(token), &body).await;
+    assert_eq!(status, 200, "{response}");
+}
+
+/// Alice, bob and carol in one public room (three members, so `.m.rule.room_one_to_one` does
+/// not apply).
+async fn three_in_a_room(server: &TestServer) -> (String, String, String, String) {
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let carol = server.register("carol", "pw").await;
+    let room = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    for token in [&bob, &carol] {
+        assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(token), &json!({})).await.0, 200);
+    }
+    (alice, bob, carol, room)
+}
+
+#[tokio::test]
+async fn a_mention_highlights_for_the_mentioned_only_and_a_receipt_clears_it() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, carol, room) = three_in_a_room(&server).await;
+    assert_eq!(counts(http, &bob, &room).await, (0, 0), "joins notify nobody");
+
+    let mention =
+        json!({ "msgtype": "m.text", "body": "look at this", "m.mentions": { "user_ids": [server.user_id("bob")] } });
+    let mentioned = send(http, &alice, &room, "m1", mention).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 1), "bob is mentioned");
+    assert_eq!(counts(http, &carol, &room).await, (1, 0), "carol is notified of a message, not highlighted");
+    assert_eq!(counts(http, &alice, &room).await, (0, 0), "alice's own message does not count for her");
+
+    send(http, &bob, &room, "b1", json!({ "msgtype": "m.text", "body": "mine" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 1), "bob's own message does not count for bob");
+    assert_eq!(counts(http, &carol, &room).await, (2, 0));
+
+    // An incremental sync carries the counts with the room's news.
+    let since = sync(http, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
+    receipt(http, &bob, &room, &mentioned, json!({})).await;
+    let news = sync(http, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(
+        news["rooms"]["join"][&room]["unread_notifications"],
+        json!({ "notification_count": 0, "highlight_count": 0 })
+    );
+    assert_eq!(counts(http, &carol, &room).await, (2, 0), "bob's receipt is bob's");
+
+    // A private receipt clears too.
+    let last = send(http, &alice, &room, "m2", json!({ "msgtype": "m.text", "body": "more" })).await;
+    assert_eq!(counts(http, &carol, &room).await, (3, 0));
+    let path = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read.private/{last}");
+    assert_eq!(http.post(&path, Some(&carol), &json!({})).await.0, 200);
+    assert_eq!(counts(http, &carol, &room).await, (0, 0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_users_rule_takes_effect_and_a_disabled_rule_stops_notifying() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+
+    let cake = json!({ "pattern": "cake", "actions": ["notify", { "set_tweak": "highlight" }] });
+    assert_eq!(http.put(&format!("{RULES}/content/cake"), Some(&bob), &cake).await.0, 200);
+    send(http, &alice, &room, "c1", json!({ "msgtype": "m.text", "body": "who wants cake?" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 1), "bob's keyword highlights");
+
+    let message = format!("{RULES}/underride/.m.rule.message/enabled");
+    assert_eq!(http.put(&message, Some(&bob), &json!({ "enabled": false })).await.0, 200);
+    send(http, &alice, &room, "c2", json!({ "msgtype": "m.text", "body": "plain words" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 1), "with .m.rule.message off a plain message is quiet");
+
+    // Content rules come before room rules: in a room bob silenced, his keyword still highlights.
+    let quiet = json!({ "actions": [] });
+    assert_eq!(http.put(&format!("{RULES}/room/{room}"), Some(&bob), &quiet).await.0, 200);
+    send(http, &alice, &room, "c3", json!({ "msgtype": "m.text", "body": "cake again" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (2, 2));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn notifications_lists_what_notified_with_the_read_flag_and_only_highlights() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+    let plain = send(http, &alice, &room, "n1", json!({ "msgtype": "m.text", "body": "hello all" })).await;
+    let mention = json!({ "msgtype": "m.text", "body": "bob!", "m.mentions": { "user_ids": [server.user_id("bob")] } });
+    let mentioned = send(http, &alice, &room, "n2", mention).await;
+
+    let (status, listed) = http.get("/_matrix/client/v3/notifications", Some(&bob)).await;
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> =
+        listed["notifications"].as_array().unwrap().iter().map(|n| n["event"]["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [mentioned.as_str(), plain.as_str()], "newest first: {listed}");
+    assert_eq!(listed["notifications"][0]["room_id"], room);
+    assert_eq!(listed["notifications"][0]["read"], false);
+
+    let (_, highlights) = http.get("/_matrix/client/v3/notifications?only=highlight", Some(&bob)).await;
+    assert_eq!(highlights["notifications"].as_array().unwrap().len(), 1, "{highlights}");
+    assert_eq!(highlights["notifications"][0]["event"]["event_id"], mentioned);
+
+    let (_, first) = http.get("/_matrix/client/v3/notifications?limit=1", Some(&bob)).await;
+    let next = first["next_token"].as_str().expect("a next page");
+    let (_, second) = http.get(&format!("/_matrix/client/v3/notifications?limit=1&from={next}"), Some(&bob)).await;
+    assert_eq!(second["notifications"][0]["event"]["event_id"], plain, "{second}");
+
+    receipt(http, &bob, &room, &plain, json!({})).await;
+    let (_, listed) = http.get("/_matrix/client/v3/notifications", Some(&bob)).await;
+    assert_eq!(
+        (listed["notifications"][0]["read"].clone(), listed["notifications"][1]["read"].clone()),
+        (json!(false), json!(true))
+    );
+    let (_, alices) = http.get("/_matrix/client/v3/notifications", Some(&alice)).await;
+    assert_eq!(alices["notifications"], json!([]), "alice was notified of nothing");
+    assert_error(&http.get("/_matrix/client/v3/notifications?from=nonsense", Some(&bob)).await, 400, "M_INVALID_PARAM");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn thread_counts_come_apart_when_asked_and_a_threaded_receipt_clears_its_thread() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+    let root = send(http, &alice, &room, "t0", json!({ "msgtype": "m.text", "body": "root" })).await;
+    let reply = json!({ "msgtype": "m.text", "body": "in the thread", "m.relates_to": { "rel_type": "m.thread", "event_id": root } });
+    let in_thread = send(http, &alice, &room, "t1", reply).await;
+
+    assert_eq!(counts(http, &bob, &room).await, (2, 0), "without the filter option the room counts both");
+    let filter = r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#;
+    let query = format!("filter={}", urlencode(filter));
+    let body = sync(http, &bob, &query).await;
+    let joined = &body["rooms"]["join"][&room];
+    assert_eq!(joined["unread_notifications"]["notification_count"], 1, "{joined}");
+    assert_eq!(joined["unread_thread_notifications"][&root]["notification_count"], 1, "{joined}");
+
+    receipt(http, &bob, &room, &in_thread, json!({ "thread_id": root })).await;
+    let body = sync(http, &bob, &query).await;
+    let joined = &body["rooms"]["join"][&room];
+    assert_eq!(joined["unread_notifications"]["notification_count"], 1, "the main timeline is still unread");
+    assert_eq!(joined["unread_thread_notifications"], json!({}), "{joined}");
+    receipt(http, &bob, &room, &root, json!({ "thread_id": "main" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (0, 0));
+    server.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+#[tokio::test]
+async fn matrix_sdk_sees_its_push_rules_and_the_highlight_of_a_mention() {
+    use matrix_sdk::Client;
+    use matrix_sdk::config::SyncSettings;
+    use matrix_sdk::ruma::events::push_rules::PushRulesEventContent;
+
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, _bob, _carol, room) = three_in_a_room(&server).await;
+    let client = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
+    client.matrix_auth().login_username("bob", "pw").send().await.expect("bob logs in");
+    client.sync_once(SyncSettings::default()).await.expect("first sync");
+    let synced = client.account().account_data::<PushRulesEventContent>().await.expect("the client's store");
+    let rules = synced.expect("m.push_rules arrived in the first sync").deserialize().expect("a ruleset").global;
+    assert!(rules.override_.iter().any(|rule| rule.rule_id == ".m.rule.is_user_mention"));
+
+    let mention = json!({ "msgtype": "m.text", "body": "hi", "m.mentions": { "user_ids": [server.user_id("bob")] } });
+    send(http, &alice, &room, "s1", mention).await;
+    client.sync_once(SyncSettings::default()).await.expect("second sync");
+    let room_id = matrix_sdk::ruma::RoomId::parse(&room).unwrap();
+    let joined = client.get_room(&room_id).expect("bob's room");
+    let unread = joined.unread_notification_counts();
+    assert_eq!((unread.notification_count, unread.highlight_count), (1, 1));
+    server.stop().await;
+}
+
+/// A push gateway on loopback: every `POST /_matrix/push/v1/notify` body arrives on the channel;
+/// the first `failures` requests are answered 500, as a gateway that is down.
+async fn test_gateway(failures: usize) -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/_matrix/push/v1/notify",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let (tx, seen) = (tx.clone(), seen.clone());
+            async move {
+                if seen.fetch_add(1, Ordering::SeqCst) < failures {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({})));
+                }
+                let _ = tx.send(body);
+                (StatusCode::OK, axum::Json(json!({ "rejected": [] })))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the gateway");
+    let url = format!("http://{}/_matrix/push/v1/notify", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, rx)
+}
+
+async fn next_push(pushes: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(std::time::Duration::from_secs(60), pushes.recv())
+        .await
+        .expect("a push arrives")
+        .expect("open")
+}
+
+fn http_pusher(url: &str, pushkey: &str, format: Option<&str>) -> Value {
+    let mut data = json!({ "url": url });
+    if let Some(format) = format {
+        data["format"] = json!(format);
+    }
+    json!({
+        "kind": "http", "app_id": "org.example.app", "pushkey": pushkey, "app_display_name": "Example",
+        "device_display_name": "phone", "lang": "en", "data": data,
+    })
+}
+
+async fn push_server() -> TestServer {
+    TestServer::start_with(|config| config.push.allow_insecure_gateways = true).await
+}
+
+#[tokio::test]
+async fn a_pusher_gets_the_notification_at_its_gateway_in_its_format() {
+    let server = push_server().await;
+    let http = &server.http;
+    let (alice, bob, carol, room) = three_in_a_room(&server).await;
+    let (url, mut pushes) = test_gateway(0).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(http.post(set, Some(&bob), &http_pusher(&url, "bob-key", None)).await.0, 200);
+    assert_eq!(http.post(set, Some(&carol), &http_pusher(&url, "carol-key", Some("event_id_only"))).await.0, 200);
+    let (_, listed) = http.get("/_matrix/client/v3/pushers", Some(&bob)).await;
+    assert_eq!(listed["pushers"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["pushers"][0]["pushkey"], "bob-key");
+    assert_eq!(listed["pushers"][0]["data"]["url"], url);
+
+    let mention = json!({ "msgtype": "m.text", "body": "ping", "m.mentions": { "user_ids": [server.user_id("bob")] } });
+    let event = send(http, &alice, &room, "p1", mention).await;
+    let mut by_key = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let push = next_push(&mut pushes).await;
+        let key = push["notification"]["devices"][0]["pushkey"].as_str().unwrap().to_owned();
+        by_key.insert(key, push["notification"].clone());
+    }
+    let to_bob = &by_key["bob-key"];
+    assert_eq!((to_bob["event_id"].as_str(), to_bob["room_id"].as_str()), (Some(event.as_str()), Some(room.as_str())));
+    assert_eq!((to_bob["type"].clone(), to_bob["content"]["body"].clone()), (json!("m.room.message"), json!("ping")));
+    assert_eq!(to_bob["sender"], server.user_id("alice"));
+    assert_eq!(to_bob["devices"][0]["tweaks"]["highlight"], true, "{to_bob}");
+    assert_eq!(to_bob["devices"][0]["data"].get("url"), None, "the gateway URL is not sent to the gateway");
+    let to_carol = &by_key["carol-key"];
+    assert_eq!(to_carol["event_id"], event);
+    assert_eq!((to_carol.get("content"), to_carol.get("sender")), (None, None), "event_id_only: {to_carol}");
+
+    // Deleted with `kind: null`: no more pushes for bob.
+    let delete = json!({ "kind": null, "app_id": "org.example.app", "pushkey": "bob-key" });
+    assert_eq!(http.post(set, Some(&bob), &delete).await.0, 200);
+    assert_eq!(http.get("/_matrix/client/v3/pushers", Some(&bob)).await.1["pushers"], json!([]));
+    send(http, &alice, &room, "p2", json!({ "msgtype": "m.text", "body": "again" })).await;
+    let push = next_push(&mut pushes).await;
+    assert_eq!(push["notification"]["devices"][0]["pushkey"], "carol-key", "only carol's pusher is left: {push}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_push_is_retried_after_the_gateway_was_down() {
+    let server = push_server().await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+    let (url, mut pushes) = test_gateway(2).await;
+    assert_eq!(http.post("/_matrix/client/v3/pushers/set", Some(&bob), &http_pusher(&url, "k", None)).await.0, 200);
+    let event = send(http, &alice, &room, "r1", json!({ "msgtype": "m.text", "body": "are you there" })).await;
+    let push = next_push(&mut pushes).await;
+    assert_eq!(push["notification"]["event_id"], event, "delivered on the third attempt");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pushers_are_the_callers_and_bad_ones_are_refused() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let set = "/_matrix/client/v3/pushers/set";
+    let insecure = http_pusher("http://127.0.0.1:9/_matrix/push/v1/notify", "k", None);
+    assert_error(&http.post(set, Some(&alice), &insecure).await, 400, "M_INVALID_PARAM");
+    let wrong_path = http_pusher("https://push.example.org/notify", "k", None);
+    assert_error(&http.post(set, Some(&alice), &wrong_path).await, 400, "M_INVALID_PARAM");
+    let mut email = http_pusher("https://push.example.org/_matrix/push/v1/notify", "k", None);
+    email["kind"] = json!("email");
+    assert_error(&http.post(set, Some(&alice), &email).await, 400, "M_INVALID_PARAM");
+    let no_data = json!({ "kind": "http", "app_id": "a", "pushkey": "k", "app_display_name": "A", "device_display_name": "d", "lang": "en" });
+    assert_error(&http.post(set, Some(&alice), &no_data).await, 400, "M_BAD_JSON");
+    let long_key = http_pusher("https://push.example.org/_matrix/push/v1/notify", &"k".repeat(513), None);
+    assert_error(&http.post(set, Some(&alice), &long_key).await, 400, "M_INVALID_PARAM");
+
+    let good = http_pusher("https://push.example.org/_matrix/push/v1/notify", "shared", None);
+    assert_eq!(http.post(set, Some(&alice), &good).await.0, 200);
+    assert_eq!(
+        http.get("/_matrix/client/v3/pushers", Some(&bob)).await.1["pushers"],
+        json!([]),
+        "alice's pusher is hers"
+    );
+    // Bob registers the same app_id + pushkey without `append`: the key moves to bob.
+    assert_eq!(http.post(set, Some(&bob), &good).await.0, 200);
+    assert_eq!(http.get("/_matrix/client/v3/pushers", Some(&alice)).await.1["pushers"], json!([]));
+    let mut appended = good.clone();
+    appended["append"] = json!(true);
+    assert_eq!(http.post(set, Some(&alice), &appended).await.0, 200);
+    assert_eq!(http.get("/_matrix/client/v3/pushers", Some(&bob)).await.1["pushers"].as_array().unwrap().len(), 1);
+    assert_eq!(http.get("/_matrix/client/v3/pushers", Some(&alice)).await.1["pushers"].as_array().unwrap().len(), 1);
     server.stop().await;
 }

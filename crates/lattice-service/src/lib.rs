@@ -66,6 +66,8 @@ pub struct ServiceConfig {
     pub public_rooms_cache_ms: u64,
     /// How long the original of a redacted event stays readable to server admins; 0 keeps none.
     pub redaction_retention_ms: u64,
+    /// Pushers may name `http://` push gateways (else only `https://`).
+    pub push_allow_insecure_gateways: bool,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -110,7 +112,8 @@ impl Service {
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
-        let push = Arc::new(Push::new(kv.clone(), account_data.clone()));
+        let push =
+            Arc::new(Push::new(kv.clone(), account_data.clone(), clock.clone(), config.push_allow_insecure_gateways));
         let neighbours = rooms::Neighbours {
             accounts: accounts.clone(),
             account_data: account_data.clone(),
@@ -194,6 +197,7 @@ fn test_config(name: &str) -> ServiceConfig {
         default_room_version: "11".into(),
         public_rooms_cache_ms: 0,
         redaction_retention_ms: DEFAULT_REDACTION_RETENTION_MS,
+        push_allow_insecure_gateways: false,
     }
 }
 

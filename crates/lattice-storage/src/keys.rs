@@ -184,6 +184,36 @@ pub fn push_read_marker(user_id: &str, room_id: &str, thread: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), room_id.as_bytes(), thread.as_bytes()])
 }
 
+/// `user\0app_id\0pushkey`: one pusher of a user.
+pub fn pusher(user_id: &str, app_id: &str, pushkey: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), app_id.as_bytes(), pushkey.as_bytes()])
+}
+
+/// `app_id\0pushkey\0user`: which users hold a pusher with these IDs.
+pub fn pusher_key(app_id: &str, pushkey: &str, user_id: &str) -> Vec<u8> {
+    join(&[app_id.as_bytes(), pushkey.as_bytes(), user_id.as_bytes()])
+}
+
+/// The prefix of [`pusher_key`] rows of one `app_id` and `pushkey`.
+pub fn pusher_key_users(app_id: &str, pushkey: &str) -> Vec<u8> {
+    join(&[app_id.as_bytes(), pushkey.as_bytes(), b""])
+}
+
+/// `due·position·user\0app_id\0pushkey` (both big-endian): one push waiting for delivery to one
+/// pusher, ordered by when it is due (milliseconds since the epoch), then by event; a retry moves
+/// it to its new due time, so a gateway that is down never holds back the others.
+pub fn push_queue(due_ms: u64, position: u64, user_id: &str, app_id: &str, pushkey: &str) -> Vec<u8> {
+    let mut key = push_queue_due(due_ms);
+    key.extend_from_slice(&position.to_be_bytes());
+    key.extend_from_slice(&pusher(user_id, app_id, pushkey));
+    key
+}
+
+/// The first [`push_queue`] key due at `due_ms`.
+pub fn push_queue_due(due_ms: u64) -> Vec<u8> {
+    due_ms.to_be_bytes().to_vec()
+}
+
 /// A device's to-device inbox in stream order: `user\0device\0position·seq` (one send may
 /// put several messages into one inbox under one position).
 pub fn to_device(user_id: &str, device_id: &str, position: u64, seq: u32) -> Vec<u8> {

@@ -311,6 +311,39 @@ impl Record for PushUnreadRecord {
     const TABLE: Table = Table::PushUnread;
 }
 
+/// A pusher as the client set it (`POST /pushers/set`), in the spec's JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PusherRecord(pub serde_json::Value);
+
+impl Record for PusherRecord {
+    const TABLE: Table = Table::Pushers;
+}
+
+/// A notification waiting for delivery to one pusher's gateway, with its retry state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PushQueueRecord {
+    pub user_id: String,
+    pub app_id: String,
+    pub pushkey: String,
+    pub room_id: String,
+    pub event_id: String,
+    /// The event's type, sender and content (left out for `event_id_only` pushers).
+    pub event_type: String,
+    pub sender: String,
+    pub content: serde_json::Value,
+    /// The actions' tweaks (`sound`, `highlight`).
+    pub tweaks: serde_json::Value,
+    pub highlight: bool,
+    /// The event's stream position (part of the row's key).
+    pub position: u64,
+    pub attempts: u32,
+}
+
+impl Record for PushQueueRecord {
+    const TABLE: Table = Table::PushQueue;
+}
+
 /// A to-device message waiting in a device's inbox until the device syncs past it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToDeviceRecord {

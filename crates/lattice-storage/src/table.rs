@@ -62,4 +62,7 @@ tables! {
     PushNotifications => "push_notifications",
     PushUnread => "push_unread",
     PushReadMarkers => "push_read_markers",
+    Pushers => "pushers",
+    PusherKeys => "pusher_keys",
+    PushQueue => "push_queue",
 }

@@ -2,17 +2,19 @@
 //! only, chosen by the access token, never by the path.
 
 use axum::extract::State;
-use axum::routing::get;
-use ruma::api::client::push::{
-    delete_pushrule, get_notifications, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all,
-    get_pushrules_global_scope, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
-};
+use axum::routing::{get, post};
 use ruma::api::client::push::PushRule;
+use ruma::api::client::push::set_pusher::v3::PusherAction;
+use ruma::api::client::push::{
+    delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+    get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule, set_pushrule_actions,
+    set_pushrule_enabled,
+};
 use ruma::{MilliSecondsSinceUnixEpoch, UInt};
 
 use super::Routes;
 use crate::AppState;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::extract::Auth;
 use crate::typed::{Ruma, RumaResponse};
 
@@ -24,6 +26,8 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/pushrules/global/{kind}/{rule_id}/enabled", get(enabled).put(set_enabled))
         .route("/_matrix/client/v3/pushrules/global/{kind}/{rule_id}/actions", get(actions).put(set_actions))
         .route("/_matrix/client/v3/notifications", get(notifications))
+        .route("/_matrix/client/v3/pushers", get(pushers))
+        .route("/_matrix/client/v3/pushers/set", post(set_pusher))
 }
 
 async fn all_rules(
@@ -133,4 +137,27 @@ async fn notifications(
     let mut response = get_notifications::v3::Response::new(notifications);
     response.next_token = next_token;
     Ok(RumaResponse(response))
+}
+
+async fn pushers(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(_): Ruma<get_pushers::v3::Request>,
+) -> ApiResult<RumaResponse<get_pushers::v3::Response>> {
+    let pushers = state.service.push().pushers(&session.user_id).await?;
+    Ok(RumaResponse(get_pushers::v3::Response::new(pushers)))
+}
+
+async fn set_pusher(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    Ruma(request): Ruma<set_pusher::v3::Request>,
+) -> ApiResult<RumaResponse<set_pusher::v3::Response>> {
+    let push = state.service.push();
+    match request.action {
+        PusherAction::Post(post) => push.set_pusher(&session.user_id, post.pusher, post.append).await?,
+        PusherAction::Delete(ids) => push.delete_pusher(&session.user_id, &ids).await?,
+        _ => return Err(ApiError::InvalidParam("unknown pusher action".into())),
+    }
+    Ok(RumaResponse(set_pusher::v3::Response::new()))
 }

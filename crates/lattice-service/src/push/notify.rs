@@ -101,6 +101,7 @@ impl Push {
         let member_count = UInt::new_saturating(event.member_count);
         let mut batch = WriteBatch::new();
         let mut notified = 0;
+        let mut queued = false;
         for recipient in recipients {
             let rules = self.rules(&recipient.user_id).await?;
             let room_id = event.room_id.to_owned();
@@ -126,10 +127,14 @@ impl Push {
             lattice_storage::put(&mut batch, keys::push_notification(user, event.position), &notification);
             let unread = PushUnreadRecord { thread: event.thread.clone(), highlight };
             lattice_storage::put(&mut batch, keys::push_unread(user, event.room_id.as_str(), event.position), &unread);
+            queued |= self.queue_pushes(&mut batch, &recipient.user_id, event, actions).await?;
             notified += 1;
         }
         if notified > 0 {
             self.kv.write(batch).await?;
+        }
+        if queued {
+            self.queued.notify_one();
         }
         Ok(notified)
     }
@@ -217,9 +222,7 @@ impl Push {
         room: &mut serde_json::Value,
     ) -> Result<(), ServiceError> {
         let counts = self.room_counts(user_id, room_id).await?;
-        let json = |c: &UnreadCounts| {
-            serde_json::json!({ "notification_count": c.notifications, "highlight_count": c.highlights })
-        };
+        let json = |c: &UnreadCounts| serde_json::json!({ "notification_count": c.notifications, "highlight_count": c.highlights });
         if per_thread {
             room["unread_notifications"] = json(&counts.main);
             let threads: serde_json::Map<String, serde_json::Value> =
@@ -241,9 +244,9 @@ impl Push {
         only_highlights: bool,
     ) -> Result<NotificationsPage, ServiceError> {
         let before = match from {
-            Some(token) => token
-                .parse::<u64>()
-                .map_err(|_| ServiceError::InvalidParam(format!("unknown from token {token:?}")))?,
+            Some(token) => {
+                token.parse::<u64>().map_err(|_| ServiceError::InvalidParam(format!("unknown from token {token:?}")))?
+            }
             None => u64::MAX,
         };
         let limit = limit.unwrap_or(DEFAULT_NOTIFICATIONS_LIMIT).clamp(1, MAX_NOTIFICATIONS_LIMIT);
@@ -254,7 +257,8 @@ impl Push {
         let mut next_token = None;
         // Highlights may be sparse: read pages until the limit is met or the rows end.
         'pages: loop {
-            let page = self.kv.scan(Table::PushNotifications, &range, Direction::Backward, MAX_NOTIFICATIONS_LIMIT).await?;
+            let page =
+                self.kv.scan(Table::PushNotifications, &range, Direction::Backward, MAX_NOTIFICATIONS_LIMIT).await?;
             let full = page.len() == MAX_NOTIFICATIONS_LIMIT;
             for (key, value) in page {
                 range.end = std::ops::Bound::Excluded(key.clone());

@@ -8,8 +8,8 @@
 use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
-use lattice_storage::records::{EventRecord, RoomRecord};
 use lattice_storage::keys;
+use lattice_storage::records::{EventRecord, RoomRecord};
 use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::power_levels::NotificationPowerLevels;
 use ruma::push::PushConditionPowerLevelsCtx;
@@ -48,7 +48,8 @@ impl Rooms {
             Some(counts) => counts.joined,
             None => self.joined_count(room_id).await?,
         };
-        let json = serde_json::value::to_raw_value(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let json =
+            serde_json::value::to_raw_value(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let content: Value = serde_json::from_str(event.content().get()).unwrap_or_default();
         let relation = &content["m.relates_to"];
         let thread = (relation["rel_type"] == "m.thread").then(|| relation["event_id"].as_str()).flatten();
@@ -75,7 +76,8 @@ impl Rooms {
                 continue;
             }
             let Ok(user_id) = OwnedUserId::try_from(user) else { continue };
-            let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&member_event)).await?
+            let Some(record) =
+                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&member_event)).await?
             else {
                 continue;
             };
