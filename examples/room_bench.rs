@@ -11,7 +11,11 @@
 //! 6. `/messages` page latency: a reader pages back through the history rooms of 3, 20 events
 //!    a page, 10 pages a room (issue #10: history in topological order).
 //!
-//! `--sync-only` runs only 4 and 5; `--history-only` only the history rooms and 6.
+//! 7. push rules (issue #12): messages per second into one room of 3 local members and one of
+//!    `--members N` (default 100), 10 concurrent senders; each message is evaluated against the
+//!    push rules of every member but its sender.
+//!
+//! `--push-only` runs only 7; `--sync-only` runs only 4 and 5; `--history-only` only the history rooms and 6.
 //! `--durable-only` runs only 1 across the rooms, on two fresh
 //! servers: `storage.sync_writes` off, then on (issue #10: durable writes), with 10 and with
 //! `--senders N` (default 50) concurrent senders.
@@ -507,6 +511,10 @@ async fn main() -> Result<(), Error> {
 
     // 1. Send rate across 100 rooms.
     let owner = server.register("owner").await?;
+    if args.iter().any(|a| a == "--push-only") {
+        let members = number("--members", 100) as usize;
+        return push_section(&server, &owner, members, duration).await;
+    }
     if args.iter().any(|a| a == "--latency-only") {
         let messages = number("--messages", 1_000) as usize;
         let (latencies, p50, p99) = latency_section(&server, &owner, messages).await?;
@@ -654,5 +662,26 @@ async fn print_messages_latency(server: &Server, reader: &str, rooms: &[String])
         times.len(),
         rooms.len()
     );
+    Ok(())
+}
+
+/// Send rate into a room of 3 local members and into one of `members`: what evaluating every
+/// message against each member's push rules costs.
+async fn push_section(server: &Arc<Server>, owner: &str, members: usize, duration: Duration) -> Result<(), Error> {
+    let small = server.create_room(owner, json!({ "preset": "public_chat" })).await?;
+    let large = server.create_room(owner, json!({ "preset": "public_chat" })).await?;
+    for i in 1..members {
+        let member = server.register(&format!("member{i}")).await?;
+        if i < 3 {
+            server.join(&member, &small).await?;
+        }
+        server.join(&member, &large).await?;
+    }
+    let (rate_small, failed_small) = send_rate(server, owner, std::slice::from_ref(&small), 10, duration).await;
+    let (rate_large, failed_large) = send_rate(server, owner, std::slice::from_ref(&large), 10, duration).await;
+    println!("| measure | messages/s |");
+    println!("|---|---|");
+    println!("| into one room of 3 local members, 10 senders ({failed_small} failed) | **{rate_small:.0}** |");
+    println!("| into one room of {members} local members, 10 senders ({failed_large} failed) | **{rate_large:.0}** |");
     Ok(())
 }

@@ -24,6 +24,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub logging: LoggingConfig,
     pub rooms: RoomsConfig,
+    pub push: PushConfig,
     pub federation: FederationConfig,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
@@ -121,6 +122,14 @@ impl FederationConfig {
         }
         Ok(())
     }
+}
+
+/// `[push]`: delivery to push gateways.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Pushers may name `http://` push gateways; off, only `https://` URLs are accepted.
+    pub allow_insecure_gateways: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -288,6 +297,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             logging: LoggingConfig::default(),
             rooms: RoomsConfig::default(),
+            push: PushConfig::default(),
             federation: FederationConfig::default(),
             ignored_environment: Vec::new(),
         }
@@ -549,6 +559,7 @@ mod tests {
         assert_eq!(example.storage.migration_chunk_rows, default.storage.migration_chunk_rows);
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
         assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
+        assert_eq!(example.push.allow_insecure_gateways, default.push.allow_insecure_gateways);
     }
 
     #[test]

@@ -92,6 +92,7 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         },
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
+        push_allow_insecure_gateways: config.push.allow_insecure_gateways,
     };
     let signing_key = Arc::new(key.key_pair);
     let service =
@@ -206,6 +207,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let service = service.clone();
         tokio::spawn(async move { service.federation().forward_forever().await })
     };
+    let push_deliverer = tokio::spawn(deliver_pushes(service.clone()));
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -241,7 +243,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        for background in [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder] {
+        for background in [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder, push_deliverer] {
             background.abort();
             let _ = background.await;
         }
@@ -354,6 +356,17 @@ async fn merge_wide_fronts(service: Arc<Service>) {
         if sent > 0 {
             tracing::info!(events = sent, "merged wide room fronts");
         }
+    }
+}
+
+/// Delivers queued pushes to push gateways: when one is queued, and every second for the ones
+/// backing off. Queued pushes are stored, so a restart loses none.
+async fn deliver_pushes(service: Arc<Service>) {
+    loop {
+        if let Err(error) = service.push().deliver_due().await {
+            tracing::warn!(%error, "push delivery failed");
+        }
+        service.push().wait_for_queued(lattice_service::push::DELIVERY_INTERVAL).await;
     }
 }
 

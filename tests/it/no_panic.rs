@@ -139,6 +139,8 @@ impl Fixture {
             "tag" => "u.work".to_owned(),
             "room_alias" => "#sweep:hs1.localhost".to_owned(),
             "server_name" => "hs1.localhost".to_owned(),
+            "kind" => "override".to_owned(),
+            "rule_id" => ".m.rule.master".to_owned(),
             other => panic!("the sweep has no valid value for the path parameter {{{other}}}: add one here"),
         };
         encode_segment(&value)

@@ -32,6 +32,7 @@ fn service(dir: &std::path::Path, key: Arc<Ed25519KeyPair>) -> Service {
         default_room_version: "11".into(),
         public_rooms_cache_ms: 0,
         redaction_retention_ms: lattice_service::DEFAULT_REDACTION_RETENTION_MS,
+        push_allow_insecure_gateways: false,
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

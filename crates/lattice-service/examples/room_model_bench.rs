@@ -38,6 +38,7 @@ fn service(dir: &std::path::Path, name: &str, key: Arc<Ed25519KeyPair>) -> Servi
         default_room_version: "12".into(),
         public_rooms_cache_ms: 0,
         redaction_retention_ms: lattice_service::DEFAULT_REDACTION_RETENTION_MS,
+        push_allow_insecure_gateways: false,
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

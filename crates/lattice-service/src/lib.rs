@@ -18,6 +18,7 @@ mod composed;
 mod error;
 pub mod federation;
 mod notifier;
+pub mod push;
 mod reports;
 pub mod rooms;
 mod secrets;
@@ -40,6 +41,7 @@ pub use error::ServiceError;
 pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
 pub use notifier::SyncWaiters;
+pub use push::Push;
 pub use reports::{Report, Reports};
 pub use rooms::Rooms;
 pub use secrets::PasswordHasher;
@@ -69,6 +71,8 @@ pub struct ServiceConfig {
     pub public_rooms_cache_ms: u64,
     /// How long the original of a redacted event stays readable to server admins; 0 keeps none.
     pub redaction_retention_ms: u64,
+    /// Pushers may name `http://` push gateways (else only `https://`).
+    pub push_allow_insecure_gateways: bool,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -87,6 +91,7 @@ pub struct Service {
     to_device: Arc<ToDevice>,
     reports: Reports,
     rooms: Arc<Rooms>,
+    push: Arc<Push>,
     federation: Federation,
     sync: Sync,
     notifier: Arc<notifier::Notifier>,
@@ -114,7 +119,10 @@ impl Service {
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
-        let neighbours = rooms::Neighbours { accounts: accounts.clone(), account_data: account_data.clone() };
+        let push =
+            Arc::new(Push::new(kv.clone(), account_data.clone(), clock.clone(), config.push_allow_insecure_gateways));
+        let neighbours =
+            rooms::Neighbours { accounts: accounts.clone(), account_data: account_data.clone(), push: push.clone() };
         let rooms = Arc::new(Rooms::new(
             config.clone(),
             kv.clone(),
@@ -124,10 +132,11 @@ impl Service {
             notifier.clone(),
             neighbours,
         ));
-        let sync = Sync::new(rooms.clone(), account_data.clone(), to_device.clone(), notifier.clone());
+        let sync = Sync::new(rooms.clone(), account_data.clone(), to_device.clone(), push.clone(), notifier.clone());
         let federation = Federation::new(kv.clone(), rooms.clone(), accounts.clone());
         Self {
             config,
+            push,
             reports: Reports::new(kv.clone(), clock),
             store: kv,
             accounts,
@@ -320,6 +329,10 @@ impl Service {
         &self.sync
     }
 
+    pub fn push(&self) -> &Push {
+        &self.push
+    }
+
     /// Commits a batch that several services filled, each with rows of its own tables only
     /// (through their `…_to_batch` methods), so a change that spans them stays atomic.
     async fn commit_composed(&self, batch: WriteBatch) -> Result<(), lattice_storage::StorageError> {
@@ -340,6 +353,7 @@ fn test_config(name: &str) -> ServiceConfig {
         default_room_version: "11".into(),
         public_rooms_cache_ms: 0,
         redaction_retention_ms: DEFAULT_REDACTION_RETENTION_MS,
+        push_allow_insecure_gateways: false,
     }
 }
 

@@ -182,6 +182,7 @@ fn every_table_but_meta_has_one_owner() {
         crate::account_data::TABLES,
         crate::to_device::TABLES,
         crate::reports::TABLES,
+        crate::push::TABLES,
         lattice_federation::key_cache::TABLES,
         lattice_federation::sender::TABLES,
         crate::federation::TABLES,

@@ -162,6 +162,58 @@ pub fn receipt_position(room_id: &str, position: u64) -> Vec<u8> {
     join(&[room_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `user\0position`, big-endian: the events that notified a user, newest last (`/notifications`).
+pub fn push_notification(user_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &position.to_be_bytes()])
+}
+
+/// `user\0room\0position`, big-endian: the notifying events of one room for one user, so the
+/// unread ones (after the read markers) are one short range.
+pub fn push_unread(user_id: &str, room_id: &str, position: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), &position.to_be_bytes()])
+}
+
+/// `user\0room\0`: the prefix of a user's [`push_unread`] and [`push_read_marker`] rows of a room.
+pub fn push_room_rows(user_id: &str, room_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), b""])
+}
+
+/// `user\0room\0thread` → position: how far the user's receipts have read (`thread` empty for
+/// the unthreaded receipt, `main` or a thread root for threaded ones).
+pub fn push_read_marker(user_id: &str, room_id: &str, thread: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), room_id.as_bytes(), thread.as_bytes()])
+}
+
+/// `user\0app_id\0pushkey`: one pusher of a user.
+pub fn pusher(user_id: &str, app_id: &str, pushkey: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), app_id.as_bytes(), pushkey.as_bytes()])
+}
+
+/// `app_id\0pushkey\0user`: which users hold a pusher with these IDs.
+pub fn pusher_key(app_id: &str, pushkey: &str, user_id: &str) -> Vec<u8> {
+    join(&[app_id.as_bytes(), pushkey.as_bytes(), user_id.as_bytes()])
+}
+
+/// The prefix of [`pusher_key`] rows of one `app_id` and `pushkey`.
+pub fn pusher_key_users(app_id: &str, pushkey: &str) -> Vec<u8> {
+    join(&[app_id.as_bytes(), pushkey.as_bytes(), b""])
+}
+
+/// `due·position·user\0app_id\0pushkey` (both big-endian): one push waiting for delivery to one
+/// pusher, ordered by when it is due (milliseconds since the epoch), then by event; a retry moves
+/// it to its new due time, so a gateway that is down never holds back the others.
+pub fn push_queue(due_ms: u64, position: u64, user_id: &str, app_id: &str, pushkey: &str) -> Vec<u8> {
+    let mut key = push_queue_due(due_ms);
+    key.extend_from_slice(&position.to_be_bytes());
+    key.extend_from_slice(&pusher(user_id, app_id, pushkey));
+    key
+}
+
+/// The first [`push_queue`] key due at `due_ms`.
+pub fn push_queue_due(due_ms: u64) -> Vec<u8> {
+    due_ms.to_be_bytes().to_vec()
+}
+
 /// A device's to-device inbox in stream order: `user\0device\0position·seq` (one send may
 /// put several messages into one inbox under one position).
 pub fn to_device(user_id: &str, device_id: &str, position: u64, seq: u32) -> Vec<u8> {

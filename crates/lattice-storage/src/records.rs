@@ -281,6 +281,69 @@ impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
 
+/// An event that notified a user (push rules said `notify`), for `/notifications`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PushNotificationRecord {
+    pub room_id: String,
+    pub event_id: String,
+    /// The thread root, for an event in a thread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub highlight: bool,
+    /// The actions of the rule that matched, as ruma serialises them.
+    pub actions: serde_json::Value,
+    pub ts: u64,
+}
+
+impl Record for PushNotificationRecord {
+    const TABLE: Table = Table::PushNotifications;
+}
+
+/// A notifying event not yet known to be read, counted for `unread_notifications`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushUnreadRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    pub highlight: bool,
+}
+
+impl Record for PushUnreadRecord {
+    const TABLE: Table = Table::PushUnread;
+}
+
+/// A pusher as the client set it (`POST /pushers/set`), in the spec's JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PusherRecord(pub serde_json::Value);
+
+impl Record for PusherRecord {
+    const TABLE: Table = Table::Pushers;
+}
+
+/// A notification waiting for delivery to one pusher's gateway, with its retry state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PushQueueRecord {
+    pub user_id: String,
+    pub app_id: String,
+    pub pushkey: String,
+    pub room_id: String,
+    pub event_id: String,
+    /// The event's type, sender and content (left out for `event_id_only` pushers).
+    pub event_type: String,
+    pub sender: String,
+    pub content: serde_json::Value,
+    /// The actions' tweaks (`sound`, `highlight`).
+    pub tweaks: serde_json::Value,
+    pub highlight: bool,
+    /// The event's stream position (part of the row's key).
+    pub position: u64,
+    pub attempts: u32,
+}
+
+impl Record for PushQueueRecord {
+    const TABLE: Table = Table::PushQueue;
+}
+
 /// A to-device message waiting in a device's inbox until the device syncs past it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToDeviceRecord {

@@ -61,4 +61,10 @@ tables! {
     ServerKeys => "server_keys",
     FederationOutbox => "federation_outbox",
     FederationTransactions => "federation_transactions",
+    PushNotifications => "push_notifications",
+    PushUnread => "push_unread",
+    PushReadMarkers => "push_read_markers",
+    Pushers => "pushers",
+    PusherKeys => "pusher_keys",
+    PushQueue => "push_queue",
 }

@@ -8,6 +8,7 @@ mod federation;
 mod history;
 mod membership;
 mod profile;
+mod push;
 mod reports;
 mod rooms;
 mod session;
@@ -37,7 +38,13 @@ impl Routes {
         Self::default()
     }
 
+    /// Registers `path`; a `/_matrix/client/v3/` endpoint that existed in r0 also answers under
+    /// `/_matrix/client/r0/` by the same handler (older clients such as Hydrogen still call r0).
+    /// The route list keeps the v3 template only.
     pub fn route(mut self, path: &'static str, methods: MethodRouter<AppState>) -> Self {
+        if let Some(legacy) = legacy_r0_path(path) {
+            self.router = self.router.route(&legacy, methods.clone());
+        }
         self.router = self.router.route(path, methods);
         self.paths.push(path);
         self
@@ -58,6 +65,15 @@ impl Routes {
     }
 }
 
+/// Client endpoints this server serves under v3 that r0 (up to r0.6.1) did not have.
+const NOT_IN_R0: &[&str] = &["knock/{room_id_or_alias}", "refresh", "rooms/{room_id}/report", "users/{user_id}/report"];
+
+/// The r0 path of a v3 client endpoint that existed in r0.
+pub fn legacy_r0_path(path: &str) -> Option<String> {
+    let endpoint = path.strip_prefix("/_matrix/client/v3/")?;
+    (!NOT_IN_R0.contains(&endpoint)).then(|| format!("/_matrix/client/r0/{endpoint}"))
+}
+
 pub fn all() -> Routes {
     Routes::new()
         .merge(discovery::routes())
@@ -73,6 +89,7 @@ pub fn all() -> Routes {
         .merge(history::routes())
         .merge(reports::routes())
         .merge(tags::routes())
+        .merge(push::routes())
         .merge(federation::routes())
 }
 
@@ -99,4 +116,17 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
     tracing::error!(panic = detail, "request handler panicked");
     let body = serde_json::json!({ "errcode": "M_UNKNOWN", "error": "internal server error" });
     (axum::http::StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::legacy_r0_path;
+
+    #[test]
+    fn r0_paths_are_the_v3_endpoints_that_existed_in_r0() {
+        assert_eq!(legacy_r0_path("/_matrix/client/v3/login").as_deref(), Some("/_matrix/client/r0/login"));
+        assert_eq!(legacy_r0_path("/_matrix/client/v3/refresh"), None, "refresh came in v1.3");
+        assert_eq!(legacy_r0_path("/_matrix/client/v1/rooms/{room_id}/threads"), None);
+        assert_eq!(legacy_r0_path("/_matrix/federation/v1/version"), None);
+    }
 }

@@ -74,8 +74,21 @@ impl AccountData {
         let key = keys::account_data(target.as_str(), room_id.map(|r| r.as_str()), event_type);
         match lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? {
             Some(fetched) => Ok(fetched.value.0),
-            None => Err(ServiceError::NotFound(format!("no account data of type {event_type}"))),
+            None => server_default(target, room_id, event_type)
+                .ok_or_else(|| ServiceError::NotFound(format!("no account data of type {event_type}"))),
         }
+    }
+
+    /// The user's stored global account data of `event_type`, with its stored bytes for a
+    /// conditional write ([`AccountData::write_account_data_if`]); `None` when never written.
+    pub(crate) async fn stored_global(
+        &self,
+        user_id: &UserId,
+        event_type: &str,
+    ) -> Result<Option<(JsonObject, Vec<u8>)>, ServiceError> {
+        let key = keys::account_data(user_id.as_str(), None, event_type);
+        let stored = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await?;
+        Ok(stored.map(|fetched| (fetched.value.0, fetched.raw)))
     }
 
     /// The completed mark of the account-data stream: every change up to it is readable.
@@ -147,12 +160,13 @@ impl AccountData {
 
     /// The user's account data changed in `(since, now]`, oldest first, read from the change
     /// index: the cost follows the number of entries changed, not the number stored (each entry
-    /// has one current change row).
+    /// has one current change row). An `initial` read also holds the server-managed types the
+    /// user never wrote, at their defaults (`m.push_rules`), so a client's first `/sync` has them.
     pub(crate) async fn account_data_since(
         &self,
         user_id: &UserId,
-        since: u64,
-        now: u64,
+        (since, now): (u64, u64),
+        initial: bool,
     ) -> Result<Vec<AccountDataEntry>, ServiceError> {
         let range = KeyRange::between(
             &keys::account_data_change(user_id.as_str(), since.saturating_add(1)),
@@ -178,6 +192,17 @@ impl AccountData {
             };
             let room = (!room.is_empty()).then(|| room.to_owned());
             changed.push((room, event_type.to_owned(), record.value.0));
+        }
+        if initial {
+            for event_type in SERVER_MANAGED_GLOBAL_TYPES {
+                let written = changed.iter().any(|(room, kind, _)| room.is_none() && kind == event_type);
+                if !written
+                    && self.stored_global(user_id, event_type).await?.is_none()
+                    && let Some(content) = server_default(user_id, None, event_type)
+                {
+                    changed.push((None, (*event_type).to_owned(), content));
+                }
+            }
         }
         Ok(changed)
     }
@@ -222,6 +247,17 @@ impl AccountData {
             Some(fetched) => Ok(fetched.value.0),
             None => Err(not_found()),
         }
+    }
+}
+
+/// Global types that every user has, at a server default until first changed.
+const SERVER_MANAGED_GLOBAL_TYPES: &[&str] = &[crate::push::PUSH_RULES_TYPE];
+
+/// The value of a server-managed type for a user who never changed it.
+fn server_default(user_id: &UserId, room_id: Option<&RoomId>, event_type: &str) -> Option<JsonObject> {
+    match (room_id, event_type) {
+        (None, crate::push::PUSH_RULES_TYPE) => Some(crate::push::default_rules_content(user_id)),
+        _ => None,
     }
 }
 

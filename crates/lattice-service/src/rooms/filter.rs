@@ -24,6 +24,8 @@ pub struct EventFilter {
     pub contains_url: Option<bool>,
     pub lazy_load_members: bool,
     pub include_redundant_members: bool,
+    /// `/sync` gives unread counts per thread (`unread_thread_notifications`).
+    pub unread_thread_notifications: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -343,6 +343,11 @@ impl Rooms {
             batch.conditions.extend(placement.extra.conditions.iter().cloned());
         }
         self.kv.write(batch).await?;
+        // Push rules run before the event is published, so a `/sync` that shows the event also
+        // shows the counts it raised.
+        if let Some(position) = record.stream_position {
+            self.push_event(version, &room_id, event, position).await;
+        }
         if let Some(taken) = taken {
             taken.published().await;
         }

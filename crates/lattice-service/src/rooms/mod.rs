@@ -18,6 +18,7 @@ mod merge;
 mod messages;
 mod migrations;
 mod peers;
+mod push_events;
 mod receipts;
 mod redactions;
 mod relations;
@@ -38,6 +39,7 @@ use ruma::signatures::Ed25519KeyPair;
 use crate::account_data::AccountData;
 use crate::accounts::Accounts;
 use crate::notifier::Notifier;
+use crate::push::Push;
 use crate::{Clock, ServiceConfig};
 
 #[cfg(test)]
@@ -119,6 +121,8 @@ pub(crate) struct RoomStreams {
 pub(crate) struct Neighbours {
     pub accounts: Arc<Accounts>,
     pub account_data: Arc<AccountData>,
+    /// Evaluates push rules for each live event and keeps the unread counts.
+    pub push: Arc<Push>,
 }
 
 pub struct Rooms {
@@ -129,6 +133,7 @@ pub struct Rooms {
     signing_key: Arc<Ed25519KeyPair>,
     accounts: Arc<Accounts>,
     account_data: Arc<AccountData>,
+    push: Arc<Push>,
     /// Striped per-room locks: a fast path that keeps concurrent writers of one room from
     /// retrying against each other. Correctness comes from the batches' conditions, not these.
     room_locks: Vec<tokio::sync::Mutex<()>>,
@@ -166,7 +171,7 @@ impl Rooms {
         notifier: Arc<Notifier>,
         neighbours: Neighbours,
     ) -> Self {
-        let Neighbours { accounts, account_data } = neighbours;
+        let Neighbours { accounts, account_data, push } = neighbours;
         let RoomStreams { events: stream, receipts: receipts_stream, typing: typing_stream } = streams;
         Self {
             config,
@@ -176,6 +181,7 @@ impl Rooms {
             signing_key,
             accounts,
             account_data,
+            push,
             room_locks: (0..ROOM_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             stream,
             receipts_stream,

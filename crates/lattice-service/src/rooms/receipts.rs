@@ -84,6 +84,8 @@ impl Rooms {
             lattice_storage::put(&mut batch, key.clone(), &record);
             match self.kv.write(batch).await {
                 Ok(()) => {
+                    // The counts it clears are cleared before the receipt shows.
+                    self.receipt_read(user_id, room_id, event_id, thread_id.as_deref()).await;
                     position.published().await;
                     self.notifier.notify_room(room_id);
                     return Ok(());
@@ -93,6 +95,23 @@ impl Rooms {
             }
         }
         Err(ServiceError::LimitExceeded("too many concurrent receipts; try again".into()))
+    }
+
+    /// Moves the user's push read marker to the receipt's event (if it has a stream position:
+    /// only live events notify). Logged, not returned: the receipt is stored.
+    async fn receipt_read(&self, user_id: &UserId, room_id: &RoomId, event_id: &str, thread_id: Option<&str>) {
+        let marked = async {
+            let record =
+                lattice_storage::get::<lattice_storage::records::EventRecord>(self.kv.as_ref(), &keys::event(event_id))
+                    .await?;
+            if let Some(position) = record.and_then(|r| r.value.stream_position) {
+                self.push.mark_read(user_id, room_id, thread_id, position).await?;
+            }
+            Ok::<_, ServiceError>(())
+        };
+        if let Err(error) = marked.await {
+            tracing::warn!(room = %room_id, user = %user_id, %error, "the receipt did not reset unread counts");
+        }
     }
 
     /// `POST /rooms/{roomId}/read_markers`: the fully-read marker (room account data

@@ -30,6 +30,8 @@ pub struct Sync {
     rooms: Arc<Rooms>,
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
+    /// The unread notification counts of each joined room.
+    push: Arc<crate::push::Push>,
     /// Where a waiting `/sync` registers; the writers notify it.
     notifier: Arc<Notifier>,
 }
@@ -80,9 +82,10 @@ impl Sync {
         rooms: Arc<Rooms>,
         account_data: Arc<AccountData>,
         to_device: Arc<ToDevice>,
+        push: Arc<crate::push::Push>,
         notifier: Arc<Notifier>,
     ) -> Self {
-        Self { rooms, account_data, to_device, notifier }
+        Self { rooms, account_data, to_device, push, notifier }
     }
 
     /// Each stream's completed mark: every change up to it is visible (typing, kept in memory,
@@ -239,7 +242,7 @@ impl Sync {
         let mut by_room: HashMap<String, Vec<Value>> = HashMap::new();
         for (room, kind, content) in self
             .account_data
-            .account_data_since(scope.user_id, scope.since.account_data, scope.now.account_data)
+            .account_data_since(scope.user_id, (scope.since.account_data, scope.now.account_data), scope.initial)
             .await?
         {
             let event = json!({ "type": kind, "content": content });

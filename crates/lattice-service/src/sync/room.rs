@@ -58,6 +58,8 @@ impl Sync {
         if !account_data.is_empty() {
             room["account_data"] = json!({ "events": account_data });
         }
+        let per_thread = scope.filter.room.timeline.unread_thread_notifications;
+        self.push.add_unread_counts(scope.user_id, room_id, per_thread, &mut room).await?;
         Ok(Some(room))
     }
 

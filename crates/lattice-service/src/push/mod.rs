@@ -1,0 +1,94 @@
+//! The push service: each user's push rules (spec v1.16, "Push notifications"), kept as the
+//! user's `m.push_rules` global account data through the account-data service, so clients get
+//! them and every change to them in `/sync` as the spec says; and what the rules decide for each
+//! new event (`notify.rs`): the notifications of each local member, their unread counts, and the
+//! read markers their receipts move.
+
+mod notify;
+mod pushers;
+mod rules;
+
+use std::sync::Arc;
+
+use lattice_storage::{KvStore, ScopedStore, Table, TableScope};
+
+use crate::{AccountData, Clock};
+
+pub use notify::{Notification, NotificationsPage, PushedEvent, Recipient, RoomCounts, UnreadCounts};
+pub use pushers::{DELIVERY_INTERVAL, MAX_DELIVERY_ATTEMPTS, MAX_PUSHERS_PER_USER};
+pub(crate) use rules::PUSH_RULES_TYPE;
+pub use rules::{default_rules_content, is_known_kind};
+
+/// The tables this service owns (the rules themselves are account data).
+pub(crate) const TABLES: TableScope = TableScope {
+    owner: "push",
+    tables: &[
+        Table::PushNotifications,
+        Table::PushUnread,
+        Table::PushReadMarkers,
+        Table::Pushers,
+        Table::PusherKeys,
+        Table::PushQueue,
+    ],
+};
+
+pub struct Push {
+    kv: Arc<dyn KvStore>,
+    account_data: Arc<AccountData>,
+    clock: Arc<dyn Clock>,
+    /// Posts to push gateways.
+    http: reqwest::Client,
+    allow_insecure_gateways: bool,
+    /// Wakes the delivery task when a push is queued.
+    queued: tokio::sync::Notify,
+}
+
+/// How long one `POST` to a push gateway may take.
+const GATEWAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Push {
+    pub(crate) fn new(
+        kv: Arc<dyn KvStore>,
+        account_data: Arc<AccountData>,
+        clock: Arc<dyn Clock>,
+        allow_insecure_gateways: bool,
+    ) -> Self {
+        let http = reqwest::Client::builder().timeout(GATEWAY_TIMEOUT).build().unwrap_or_default();
+        Self {
+            kv: ScopedStore::new(kv, TABLES),
+            account_data,
+            clock,
+            http,
+            allow_insecure_gateways,
+            queued: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits until a push is queued or `timeout` passes: the delivery task's sleep.
+    pub async fn wait_for_queued(&self, timeout: std::time::Duration) {
+        let _ = tokio::time::timeout(timeout, self.queued.notified()).await;
+    }
+}
+
+impl crate::Service {
+    /// `GET /notifications`: the push service's page, each entry with its event as the user's
+    /// clients see it (redacted if it was redacted since). An event no longer stored is left out.
+    pub async fn notifications(
+        &self,
+        user_id: &ruma::UserId,
+        from: Option<&str>,
+        limit: Option<usize>,
+        only_highlights: bool,
+    ) -> Result<(Vec<(Notification, serde_json::Value)>, Option<String>), crate::ServiceError> {
+        let page = self.push.notifications(user_id, from, limit, only_highlights).await?;
+        let mut listed = Vec::with_capacity(page.notifications.len());
+        for notification in page.notifications {
+            match self.rooms.client_event(&notification.event_id).await {
+                Ok(event) => listed.push((notification, event)),
+                Err(crate::ServiceError::NotFound(_)) => continue,
+                Err(other) => return Err(other),
+            }
+        }
+        Ok((listed, page.next_token))
+    }
+}

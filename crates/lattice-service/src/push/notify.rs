@@ -1,0 +1,293 @@
+//! What push rules decide for each new event. Ingest hands every live event to
+//! [`Push::record_event`] with the room's facts (member count, power levels) and its local joined
+//! members but the sender; each member's rules are evaluated by ruma's evaluator and every
+//! notifying event becomes two rows in one batch: `push_notifications` (`user·position`, for
+//! `/notifications`) and `push_unread` (`user·room·position`, for the counts). Receipts move read
+//! markers (`push_read_markers`, `user·room·thread`); the counts in `/sync` are the `push_unread`
+//! rows after the markers, one short range read per room. Nothing is re-scanned and no counter is
+//! read-modified-written, so events and receipts never conflict with each other.
+
+use std::collections::{BTreeMap, HashMap};
+
+use lattice_storage::records::{PushNotificationRecord, PushUnreadRecord};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use ruma::push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx};
+use ruma::serde::Raw;
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UInt, UserId};
+use serde_json::value::RawValue;
+
+use super::Push;
+use crate::ServiceError;
+
+/// At most this many unread notifications are counted per room (clients show "99+" long
+/// before), so reading the counts of a room is one bounded range.
+pub const MAX_COUNTED_UNREAD: usize = 1_000;
+/// `/notifications` pages hold at most this many.
+pub const MAX_NOTIFICATIONS_LIMIT: usize = 100;
+const DEFAULT_NOTIFICATIONS_LIMIT: usize = 20;
+/// Read-marker key of the unthreaded receipt; threaded receipts use `main` or the thread root.
+const UNTHREADED: &str = "";
+const MAIN_THREAD: &str = "main";
+
+/// A live event, as push rules see it.
+pub struct PushedEvent<'a> {
+    pub room_id: &'a RoomId,
+    pub event_id: &'a str,
+    /// The event's stream position: the order of notifications and what receipts compare with.
+    pub position: u64,
+    pub ts: u64,
+    /// The event as its PDU JSON (the rules match on `type`, `content.*`, `sender`, …).
+    pub json: &'a RawValue,
+    /// The thread root, for an event in a thread.
+    pub thread: Option<String>,
+    /// Joined members of the room now.
+    pub member_count: u64,
+    pub power_levels: Option<PushConditionPowerLevelsCtx>,
+}
+
+/// A local joined member who may be notified, with their display name in the room.
+pub struct Recipient {
+    pub user_id: OwnedUserId,
+    pub display_name: String,
+}
+
+/// Notification and highlight counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnreadCounts {
+    pub notifications: u64,
+    pub highlights: u64,
+}
+
+impl UnreadCounts {
+    fn add(&mut self, highlight: bool) {
+        self.notifications += 1;
+        self.highlights += u64::from(highlight);
+    }
+}
+
+/// A room's unread counts for one user: the whole room, the main timeline, and each thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoomCounts {
+    pub room: UnreadCounts,
+    pub main: UnreadCounts,
+    pub threads: BTreeMap<String, UnreadCounts>,
+}
+
+/// One entry of `/notifications`.
+#[derive(Clone, Debug)]
+pub struct Notification {
+    pub room_id: OwnedRoomId,
+    pub event_id: String,
+    pub actions: Vec<Action>,
+    pub read: bool,
+    pub ts: u64,
+}
+
+pub struct NotificationsPage {
+    pub notifications: Vec<Notification>,
+    /// Where the next (older) page starts, when there may be one.
+    pub next_token: Option<String>,
+}
+
+impl Push {
+    /// Evaluates a new event against each recipient's rules and stores the notifications in one
+    /// batch. Reads one ruleset per recipient; nothing else.
+    pub(crate) async fn record_event(
+        &self,
+        event: &PushedEvent<'_>,
+        recipients: Vec<Recipient>,
+    ) -> Result<usize, ServiceError> {
+        let raw: Raw<ruma::events::AnySyncTimelineEvent> = Raw::from_json(event.json.to_owned());
+        let member_count = UInt::new_saturating(event.member_count);
+        let mut batch = WriteBatch::new();
+        let mut notified = 0;
+        let mut queued = false;
+        for recipient in recipients {
+            let rules = self.rules(&recipient.user_id).await?;
+            let room_id = event.room_id.to_owned();
+            let mut context =
+                PushConditionRoomCtx::new(room_id, member_count, recipient.user_id.clone(), recipient.display_name);
+            if let Some(levels) = &event.power_levels {
+                context = context.with_power_levels(levels.clone());
+            }
+            let actions = rules.get_actions(&raw, &context).await;
+            if !actions.iter().any(Action::should_notify) {
+                continue;
+            }
+            let highlight = actions.iter().any(Action::is_highlight);
+            let user = recipient.user_id.as_str();
+            let notification = PushNotificationRecord {
+                room_id: event.room_id.to_string(),
+                event_id: event.event_id.to_owned(),
+                thread: event.thread.clone(),
+                highlight,
+                actions: serde_json::to_value(actions).map_err(|e| ServiceError::Internal(e.to_string()))?,
+                ts: event.ts,
+            };
+            lattice_storage::put(&mut batch, keys::push_notification(user, event.position), &notification);
+            let unread = PushUnreadRecord { thread: event.thread.clone(), highlight };
+            lattice_storage::put(&mut batch, keys::push_unread(user, event.room_id.as_str(), event.position), &unread);
+            queued |= self.queue_pushes(&mut batch, &recipient.user_id, event, actions).await?;
+            notified += 1;
+        }
+        if notified > 0 {
+            self.kv.write(batch).await?;
+        }
+        if queued {
+            self.queued.notify_one();
+        }
+        Ok(notified)
+    }
+
+    /// A receipt of the user at the event at `position`: moves the read marker of its thread
+    /// (`None`: the unthreaded receipt, which reads the whole room) forward, never back, and
+    /// drops the unread rows an unthreaded receipt has read.
+    pub(crate) async fn mark_read(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        thread: Option<&str>,
+        position: u64,
+    ) -> Result<(), ServiceError> {
+        let (user, room) = (user_id.as_str(), room_id.as_str());
+        let key = keys::push_read_marker(user, room, thread.unwrap_or(UNTHREADED));
+        let stored = self.kv.get(Table::PushReadMarkers, &key).await?;
+        if stored.as_deref().and_then(keys::stored_position).is_some_and(|stored| stored >= position) {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        batch.put(Table::PushReadMarkers, key, position.to_be_bytes().to_vec());
+        if thread.is_none() {
+            let range = KeyRange::between(
+                &keys::push_unread(user, room, 0),
+                &keys::push_unread(user, room, position.saturating_add(1)),
+            );
+            for (read, _) in self.kv.scan(Table::PushUnread, &range, Direction::Forward, MAX_COUNTED_UNREAD).await? {
+                batch.delete(Table::PushUnread, read);
+            }
+        }
+        self.kv.write(batch).await?;
+        Ok(())
+    }
+
+    /// The user's read markers in the room, by thread key.
+    async fn read_markers(&self, user_id: &UserId, room_id: &RoomId) -> Result<HashMap<String, u64>, ServiceError> {
+        let prefix = keys::push_room_rows(user_id.as_str(), room_id.as_str());
+        let rows = self.kv.scan(Table::PushReadMarkers, &KeyRange::prefix(&prefix), Direction::Forward, 1_000).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let thread = String::from_utf8_lossy(key.get(prefix.len()..)?).into_owned();
+                Some((thread, keys::stored_position(&value)?))
+            })
+            .collect())
+    }
+
+    /// The user's unread counts in the room: notifying events after the read markers (the
+    /// unthreaded one, and the event's own thread's), at most [`MAX_COUNTED_UNREAD`].
+    pub async fn room_counts(&self, user_id: &UserId, room_id: &RoomId) -> Result<RoomCounts, ServiceError> {
+        let markers = self.read_markers(user_id, room_id).await?;
+        let unthreaded = markers.get(UNTHREADED).copied().unwrap_or(0);
+        let (user, room) = (user_id.as_str(), room_id.as_str());
+        let range = KeyRange::between(
+            &keys::push_unread(user, room, unthreaded.saturating_add(1)),
+            &keys::push_unread(user, room, u64::MAX),
+        );
+        let rows = self.kv.scan(Table::PushUnread, &range, Direction::Forward, MAX_COUNTED_UNREAD).await?;
+        let mut counts = RoomCounts::default();
+        for (key, value) in rows {
+            let Some(position) = keys::trailing_position(&key) else { continue };
+            let Ok(unread) = serde_json::from_slice::<PushUnreadRecord>(&value) else { continue };
+            let thread_key = unread.thread.as_deref().unwrap_or(MAIN_THREAD);
+            if markers.get(thread_key).is_some_and(|&read| position <= read) {
+                continue;
+            }
+            counts.room.add(unread.highlight);
+            match unread.thread {
+                Some(root) => counts.threads.entry(root).or_default().add(unread.highlight),
+                None => counts.main.add(unread.highlight),
+            }
+        }
+        Ok(counts)
+    }
+
+    /// A joined room's part of `/sync` gets its counts: `unread_notifications`, and with
+    /// `per_thread` (the filter's `unread_thread_notifications`) the main timeline's counts
+    /// there and each thread's in `unread_thread_notifications`.
+    pub(crate) async fn add_unread_counts(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        per_thread: bool,
+        room: &mut serde_json::Value,
+    ) -> Result<(), ServiceError> {
+        let counts = self.room_counts(user_id, room_id).await?;
+        let json = |c: &UnreadCounts| serde_json::json!({ "notification_count": c.notifications, "highlight_count": c.highlights });
+        if per_thread {
+            room["unread_notifications"] = json(&counts.main);
+            let threads: serde_json::Map<String, serde_json::Value> =
+                counts.threads.iter().map(|(root, c)| (root.clone(), json(c))).collect();
+            room["unread_thread_notifications"] = serde_json::Value::Object(threads);
+        } else {
+            room["unread_notifications"] = json(&counts.room);
+        }
+        Ok(())
+    }
+
+    /// `GET /notifications`: the user's notifications, newest first, before `from` (a token of
+    /// an earlier page), `only=highlight` keeping highlights alone.
+    pub async fn notifications(
+        &self,
+        user_id: &UserId,
+        from: Option<&str>,
+        limit: Option<usize>,
+        only_highlights: bool,
+    ) -> Result<NotificationsPage, ServiceError> {
+        let before = match from {
+            Some(token) => {
+                token.parse::<u64>().map_err(|_| ServiceError::InvalidParam(format!("unknown from token {token:?}")))?
+            }
+            None => u64::MAX,
+        };
+        let limit = limit.unwrap_or(DEFAULT_NOTIFICATIONS_LIMIT).clamp(1, MAX_NOTIFICATIONS_LIMIT);
+        let user = user_id.as_str();
+        let mut range = KeyRange::between(&keys::push_notification(user, 0), &keys::push_notification(user, before));
+        let mut markers: HashMap<String, HashMap<String, u64>> = HashMap::new();
+        let mut notifications = Vec::new();
+        let mut next_token = None;
+        // Highlights may be sparse: read pages until the limit is met or the rows end.
+        'pages: loop {
+            let page =
+                self.kv.scan(Table::PushNotifications, &range, Direction::Backward, MAX_NOTIFICATIONS_LIMIT).await?;
+            let full = page.len() == MAX_NOTIFICATIONS_LIMIT;
+            for (key, value) in page {
+                range.end = std::ops::Bound::Excluded(key.clone());
+                let Some(position) = keys::trailing_position(&key) else { continue };
+                let Ok(record) = serde_json::from_slice::<PushNotificationRecord>(&value) else { continue };
+                if only_highlights && !record.highlight {
+                    continue;
+                }
+                let Ok(room_id) = OwnedRoomId::try_from(record.room_id.clone()) else { continue };
+                if !markers.contains_key(room_id.as_str()) {
+                    let read = self.read_markers(user_id, &room_id).await?;
+                    markers.insert(room_id.to_string(), read);
+                }
+                let room_markers = &markers[room_id.as_str()];
+                let thread_key = record.thread.as_deref().unwrap_or(MAIN_THREAD);
+                let read = [UNTHREADED, thread_key]
+                    .iter()
+                    .any(|thread| room_markers.get(*thread).is_some_and(|&read| position <= read));
+                let actions = serde_json::from_value(record.actions).unwrap_or_default();
+                notifications.push(Notification { room_id, event_id: record.event_id, actions, read, ts: record.ts });
+                if notifications.len() == limit {
+                    next_token = Some(position.to_string());
+                    break 'pages;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(NotificationsPage { notifications, next_token })
+    }
+}

@@ -1,0 +1,274 @@
+//! Pushers (`GET /pushers`, `POST /pushers/set`) and delivery to their HTTP push gateways
+//! (push gateway API v1, `POST {url}` = `…/_matrix/push/v1/notify`). A notification for a user
+//! with pushers is queued durably (`push_queue`, one row per pusher, written in the same batch as
+//! the notification itself); [`Push::deliver_due`] sends what is due, deletes what was accepted,
+//! and backs off what failed (2 s doubling to an hour, at most [`MAX_DELIVERY_ATTEMPTS`] tries).
+//! A gateway that names a pushkey `rejected` loses that pusher.
+
+use std::time::Duration;
+
+use lattice_storage::records::{PushQueueRecord, PusherRecord};
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
+use ruma::UserId;
+use ruma::api::client::push::{Pusher, PusherIds, PusherKind};
+use ruma::push::Action;
+use serde_json::{Value, json};
+
+use super::Push;
+use crate::ServiceError;
+
+/// The spec's limits on pusher IDs.
+const MAX_APP_ID_BYTES: usize = 64;
+const MAX_PUSHKEY_BYTES: usize = 512;
+/// Pushers one user may have.
+pub const MAX_PUSHERS_PER_USER: usize = 100;
+/// Queued pushes looked at per delivery round.
+const DELIVERY_BATCH: usize = 100;
+pub const MAX_DELIVERY_ATTEMPTS: u32 = 12;
+const FIRST_RETRY_MS: u64 = 2_000;
+const MAX_RETRY_MS: u64 = 3_600_000;
+/// The path every push gateway URL must end with (spec: `data.url`).
+const NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
+
+fn invalid(message: impl Into<String>) -> ServiceError {
+    ServiceError::InvalidParam(message.into())
+}
+
+fn check_ids(ids: &PusherIds) -> Result<(), ServiceError> {
+    let fits = |value: &str, limit: usize| !value.is_empty() && value.len() <= limit && !value.contains('\0');
+    if !fits(&ids.app_id, MAX_APP_ID_BYTES) {
+        return Err(invalid(format!("app_id must be 1 to {MAX_APP_ID_BYTES} bytes")));
+    }
+    if !fits(&ids.pushkey, MAX_PUSHKEY_BYTES) {
+        return Err(invalid(format!("pushkey must be 1 to {MAX_PUSHKEY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// Back-off after `attempts` failed tries.
+fn retry_after_ms(attempts: u32) -> u64 {
+    FIRST_RETRY_MS.saturating_mul(1u64 << attempts.saturating_sub(1).min(20)).min(MAX_RETRY_MS)
+}
+
+impl Push {
+    /// `GET /pushers`: the caller's pushers.
+    pub async fn pushers(&self, user_id: &UserId) -> Result<Vec<Pusher>, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        let rows =
+            self.kv.scan(Table::Pushers, &KeyRange::prefix(&prefix), Direction::Forward, MAX_PUSHERS_PER_USER).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, raw)| serde_json::from_slice::<PusherRecord>(&raw).ok())
+            .filter_map(|record| serde_json::from_value(record.0).ok())
+            .collect())
+    }
+
+    /// `POST /pushers/set` with a pusher: adds or replaces the caller's pusher with its
+    /// `app_id` and `pushkey`; without `append`, other users' pushers with the same IDs go.
+    pub async fn set_pusher(&self, user_id: &UserId, pusher: Pusher, append: bool) -> Result<(), ServiceError> {
+        check_ids(&pusher.ids)?;
+        let PusherKind::Http(data) = &pusher.kind else {
+            return Err(invalid("only http pushers are supported"));
+        };
+        let url = reqwest::Url::parse(&data.url).map_err(|e| invalid(format!("data.url: {e}")))?;
+        if !url.path().ends_with(NOTIFY_PATH) {
+            return Err(invalid(format!("data.url must end with {NOTIFY_PATH}")));
+        }
+        match url.scheme() {
+            "https" => {}
+            "http" if self.allow_insecure_gateways => {}
+            _ => return Err(invalid("data.url must be https (push.allow_insecure_gateways allows http)")),
+        }
+        let (user, ids) = (user_id.as_str(), &pusher.ids);
+        let key = keys::pusher(user, &ids.app_id, &ids.pushkey);
+        let existing = self.pushers(user_id).await?;
+        let replaces = existing.iter().any(|p| p.ids.app_id == ids.app_id && p.ids.pushkey == ids.pushkey);
+        if !replaces && existing.len() >= MAX_PUSHERS_PER_USER {
+            return Err(ServiceError::LimitExceeded(format!("at most {MAX_PUSHERS_PER_USER} pushers per user")));
+        }
+        let mut batch = WriteBatch::new();
+        if !append {
+            let prefix = keys::pusher_key_users(&ids.app_id, &ids.pushkey);
+            for (row, _) in
+                self.kv.scan(Table::PusherKeys, &KeyRange::prefix(&prefix), Direction::Forward, 1_000).await?
+            {
+                let other = String::from_utf8_lossy(&row[prefix.len()..]).into_owned();
+                if other != user {
+                    batch.delete(Table::Pushers, keys::pusher(&other, &ids.app_id, &ids.pushkey));
+                    batch.delete(Table::PusherKeys, row);
+                }
+            }
+        }
+        let value = serde_json::to_value(&pusher).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        lattice_storage::put(&mut batch, key, &PusherRecord(value));
+        batch.put(Table::PusherKeys, keys::pusher_key(&ids.app_id, &ids.pushkey, user), Vec::new());
+        self.kv.write(batch).await?;
+        Ok(())
+    }
+
+    /// `POST /pushers/set` with `kind: null`: deletes the caller's pusher (absent is fine).
+    pub async fn delete_pusher(&self, user_id: &UserId, ids: &PusherIds) -> Result<(), ServiceError> {
+        check_ids(ids)?;
+        let mut batch = WriteBatch::new();
+        batch.delete(Table::Pushers, keys::pusher(user_id.as_str(), &ids.app_id, &ids.pushkey));
+        batch.delete(Table::PusherKeys, keys::pusher_key(&ids.app_id, &ids.pushkey, user_id.as_str()));
+        self.kv.write(batch).await?;
+        Ok(())
+    }
+
+    /// Adds one queued push per pusher of the recipient to `batch` (the notification's batch).
+    pub(super) async fn queue_pushes(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: &UserId,
+        event: &super::PushedEvent<'_>,
+        actions: &[Action],
+    ) -> Result<bool, ServiceError> {
+        let pushers = self.pushers(user_id).await?;
+        let object: Value = serde_json::from_str(event.json.get()).unwrap_or_default();
+        let tweaks: serde_json::Map<String, Value> = actions
+            .iter()
+            .filter_map(|action| match action {
+                // A tweak without a value (`highlight`) means `true`.
+                Action::SetTweak(tweak) => {
+                    let value = tweak.value().and_then(|value| serde_json::from_str(value.get()).ok());
+                    Some((tweak.set_tweak().to_owned(), value.unwrap_or(Value::Bool(true))))
+                }
+                _ => None,
+            })
+            .collect();
+        for pusher in &pushers {
+            let record = PushQueueRecord {
+                user_id: user_id.to_string(),
+                app_id: pusher.ids.app_id.clone(),
+                pushkey: pusher.ids.pushkey.clone(),
+                room_id: event.room_id.to_string(),
+                event_id: event.event_id.to_owned(),
+                event_type: object["type"].as_str().unwrap_or_default().to_owned(),
+                sender: object["sender"].as_str().unwrap_or_default().to_owned(),
+                content: object["content"].clone(),
+                tweaks: Value::Object(tweaks.clone()),
+                highlight: actions.iter().any(Action::is_highlight),
+                position: event.position,
+                attempts: 0,
+            };
+            let ids = &pusher.ids;
+            let key = keys::push_queue(0, event.position, user_id.as_str(), &ids.app_id, &ids.pushkey);
+            lattice_storage::put(batch, key, &record);
+        }
+        Ok(!pushers.is_empty())
+    }
+
+    /// Sends every queued push that is due; returns how many were delivered. Called by the
+    /// server's delivery task, and woken early when a push is queued.
+    pub async fn deliver_due(&self) -> Result<usize, ServiceError> {
+        let now = self.clock.now_ms();
+        let due = KeyRange::between(&keys::push_queue_due(0), &keys::push_queue_due(now.saturating_add(1)));
+        let rows = self.kv.scan(Table::PushQueue, &due, Direction::Forward, DELIVERY_BATCH).await?;
+        let mut delivered = 0;
+        for (key, raw) in rows {
+            let Ok(mut queued) = serde_json::from_slice::<PushQueueRecord>(&raw) else {
+                self.kv.write(single_delete(key)).await?;
+                continue;
+            };
+            let pusher_key = keys::pusher(&queued.user_id, &queued.app_id, &queued.pushkey);
+            let pusher = lattice_storage::get::<PusherRecord>(self.kv.as_ref(), &pusher_key).await?;
+            let Some(pusher) = pusher.and_then(|p| serde_json::from_value::<Pusher>(p.value.0).ok()) else {
+                // The pusher is gone: so is what was waiting for it.
+                self.kv.write(single_delete(key)).await?;
+                continue;
+            };
+            let mut batch = WriteBatch::new();
+            match self.post(&pusher, &queued).await {
+                Ok(rejected) => {
+                    delivered += 1;
+                    batch.delete(Table::PushQueue, key);
+                    if rejected {
+                        tracing::info!(user = %queued.user_id, app_id = %queued.app_id, "the push gateway rejected a pushkey; its pusher is removed");
+                        batch.delete(Table::Pushers, pusher_key);
+                        let ids = (&queued.app_id, &queued.pushkey, &queued.user_id);
+                        batch.delete(Table::PusherKeys, keys::pusher_key(ids.0, ids.1, ids.2));
+                    }
+                }
+                Err(error) if queued.attempts + 1 >= MAX_DELIVERY_ATTEMPTS => {
+                    tracing::warn!(user = %queued.user_id, app_id = %queued.app_id, %error, "push dropped after its last attempt");
+                    batch.delete(Table::PushQueue, key);
+                }
+                Err(error) => {
+                    queued.attempts += 1;
+                    let due = now.saturating_add(retry_after_ms(queued.attempts));
+                    tracing::debug!(user = %queued.user_id, app_id = %queued.app_id, %error, attempts = queued.attempts, "push gateway failed; backing off");
+                    batch.delete(Table::PushQueue, key);
+                    let (user, app_id, pushkey) = (&queued.user_id, &queued.app_id, &queued.pushkey);
+                    let retry = keys::push_queue(due, queued.position, user, app_id, pushkey);
+                    lattice_storage::put(&mut batch, retry, &queued);
+                }
+            }
+            self.kv.write(batch).await?;
+        }
+        Ok(delivered)
+    }
+
+    /// One `POST` to the pusher's gateway; `Ok(true)` when the gateway rejected the pushkey.
+    async fn post(&self, pusher: &Pusher, queued: &PushQueueRecord) -> Result<bool, String> {
+        let PusherKind::Http(data) = &pusher.kind else { return Err("not an http pusher".into()) };
+        let mut device_data = serde_json::to_value(data).unwrap_or_default();
+        if let Some(object) = device_data.as_object_mut() {
+            object.remove("url");
+        }
+        let device = json!({
+            "app_id": pusher.ids.app_id,
+            "pushkey": pusher.ids.pushkey,
+            "data": device_data,
+            "tweaks": queued.tweaks,
+        });
+        let mut notification = json!({
+            "event_id": queued.event_id,
+            "room_id": queued.room_id,
+            "prio": if queued.highlight { "high" } else { "low" },
+            "devices": [device],
+        });
+        if data.format.as_ref().map(|format| format.as_str()) != Some("event_id_only") {
+            notification["type"] = json!(queued.event_type);
+            notification["sender"] = json!(queued.sender);
+            notification["content"] = queued.content.clone();
+        }
+        let response = self
+            .http
+            .post(&data.url)
+            .json(&json!({ "notification": notification }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("gateway answered {status}"));
+        }
+        let body: Value = response.json().await.unwrap_or_default();
+        let rejected =
+            body["rejected"].as_array().is_some_and(|keys| keys.iter().any(|k| k == &json!(pusher.ids.pushkey)));
+        Ok(rejected)
+    }
+}
+
+fn single_delete(key: Vec<u8>) -> WriteBatch {
+    let mut batch = WriteBatch::new();
+    batch.delete(Table::PushQueue, key);
+    batch
+}
+
+/// How long a delivery task sleeps between rounds when nothing wakes it.
+pub const DELIVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_from_two_seconds_to_an_hour() {
+        assert_eq!(retry_after_ms(1), 2_000);
+        assert_eq!(retry_after_ms(2), 4_000);
+        assert_eq!(retry_after_ms(5), 32_000);
+        assert_eq!(retry_after_ms(30), MAX_RETRY_MS);
+    }
+}

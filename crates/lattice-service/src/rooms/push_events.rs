@@ -1,0 +1,130 @@
+//! The rooms side of push: after a live event is stored, the facts push rules need — the local
+//! joined members but the sender with their display names, the joined-member count, and the
+//! sender's power to notify the room — are gathered here and handed to the push service, which
+//! owns the notifications. Cost per event: one scan of the room's member rows (keys only), one
+//! event read per local member, the create and power-levels events, and one ruleset read per
+//! local member in the push service; nothing is re-scanned later.
+
+use lattice_core::event::Pdu;
+use lattice_core::power::RoomPower;
+use lattice_core::room_version::RoomVersion;
+use lattice_storage::keys;
+use lattice_storage::records::{EventRecord, RoomRecord};
+use ruma::events::room::power_levels::UserPowerLevel;
+use ruma::power_levels::NotificationPowerLevels;
+use ruma::push::PushConditionPowerLevelsCtx;
+use ruma::room_version_rules::RoomPowerLevelsRules;
+use ruma::state_res::Event;
+use ruma::{Int, OwnedUserId, RoomId};
+use serde_json::Value;
+
+use super::Rooms;
+use super::membership::content_of;
+use crate::ServiceError;
+use crate::push::{PushedEvent, Recipient};
+
+impl Rooms {
+    /// Runs push rules over a live event for the room's local members. A failure here is logged,
+    /// not returned: the event is stored and must be acknowledged.
+    pub(super) async fn push_event(&self, version: &RoomVersion, room_id: &RoomId, event: &Pdu, position: u64) {
+        if let Err(error) = self.try_push_event(version, room_id, event, position).await {
+            tracing::warn!(room = %room_id, event = %event.id(), %error, "push rules were not evaluated");
+        }
+    }
+
+    async fn try_push_event(
+        &self,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        event: &Pdu,
+        position: u64,
+    ) -> Result<(), ServiceError> {
+        let recipients = self.push_recipients(room_id, event.sender()).await?;
+        if recipients.is_empty() {
+            return Ok(());
+        }
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        let member_count = match room.and_then(|room| room.value.member_counts) {
+            Some(counts) => counts.joined,
+            None => self.joined_count(room_id).await?,
+        };
+        let json =
+            serde_json::value::to_raw_value(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let content: Value = serde_json::from_str(event.content().get()).unwrap_or_default();
+        let relation = &content["m.relates_to"];
+        let thread = (relation["rel_type"] == "m.thread").then(|| relation["event_id"].as_str()).flatten();
+        let pushed = PushedEvent {
+            room_id,
+            event_id: event.id().as_str(),
+            position,
+            ts: event.origin_server_ts().get().into(),
+            json: &json,
+            thread: thread.map(str::to_owned),
+            member_count,
+            power_levels: self.sender_power(version, room_id, event.sender()).await?,
+        };
+        self.push.record_event(&pushed, recipients).await?;
+        Ok(())
+    }
+
+    /// The room's joined members of this server but `sender`, with their display names.
+    async fn push_recipients(&self, room_id: &RoomId, sender: &ruma::UserId) -> Result<Vec<Recipient>, ServiceError> {
+        let suffix = format!(":{}", self.server_name());
+        let mut recipients = Vec::new();
+        for (user, member_event) in self.member_event_ids(room_id).await? {
+            if !user.ends_with(&suffix) || user == sender.as_str() {
+                continue;
+            }
+            let Ok(user_id) = OwnedUserId::try_from(user) else { continue };
+            let Some(record) =
+                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&member_event)).await?
+            else {
+                continue;
+            };
+            let member: Value = serde_json::from_str(&record.value.json).unwrap_or_default();
+            if member["content"]["membership"] != "join" {
+                continue;
+            }
+            let display_name = member["content"]["displayname"].as_str().unwrap_or(user_id.localpart()).to_owned();
+            recipients.push(Recipient { user_id, display_name });
+        }
+        Ok(recipients)
+    }
+
+    async fn joined_count(&self, room_id: &RoomId) -> Result<u64, ServiceError> {
+        let mut joined = 0;
+        for (_, member_event) in self.member_event_ids(room_id).await? {
+            let record = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&member_event)).await?;
+            let member: Value = record.and_then(|r| serde_json::from_str(&r.value.json).ok()).unwrap_or_default();
+            joined += u64::from(member["content"]["membership"] == "join");
+        }
+        Ok(joined)
+    }
+
+    /// The power-levels facts of `sender_notification_permission`: the sender's level and the
+    /// levels the room asks for notifications. Only the sender's level is ever asked for.
+    async fn sender_power(
+        &self,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        sender: &ruma::UserId,
+    ) -> Result<Option<PushConditionPowerLevelsCtx>, ServiceError> {
+        let (create, power_levels) = self.power_events(version, room_id).await?;
+        let power = RoomPower::new(version, &create, power_levels.as_ref()).map_err(ServiceError::Internal)?;
+        let notifications = match &power_levels {
+            Some(levels) => {
+                let content = content_of(levels)?;
+                serde_json::from_value::<NotificationPowerLevels>(content["notifications"].clone()).unwrap_or_default()
+            }
+            None => NotificationPowerLevels::new(),
+        };
+        let (level, creators) = match power.user_level(sender).map_err(ServiceError::Internal)? {
+            UserPowerLevel::Int(level) => (level, Vec::new()),
+            // A v12 creator outranks every level.
+            _ => (Int::MAX, vec![sender.to_owned()]),
+        };
+        let rules = RoomPowerLevelsRules::new(&version.rules().authorization, creators);
+        let users = [(sender.to_owned(), level)].into();
+        Ok(Some(PushConditionPowerLevelsCtx::new(users, level, notifications, rules)))
+    }
+}
