@@ -90,13 +90,16 @@ pub struct NotificationsPage {
 }
 
 impl Push {
-    /// Evaluates a new event against each recipient's rules and stores the notifications in one
-    /// batch. Reads one ruleset per recipient; nothing else.
-    pub(crate) async fn record_event(
+    /// Evaluates a new event against each recipient's rules and adds the notifications (and the
+    /// pushes they queue) to `batch`, the event's own, so an event and what it notified are
+    /// stored together. Reads one ruleset per recipient; nothing else. Returns whether a push
+    /// was queued: then call [`Push::wake_delivery`] once the batch is written.
+    pub(crate) async fn notifications_into(
         &self,
         event: &PushedEvent<'_>,
         recipients: Vec<Recipient>,
-    ) -> Result<usize, ServiceError> {
+        into: &mut WriteBatch,
+    ) -> Result<bool, ServiceError> {
         let raw: Raw<ruma::events::AnySyncTimelineEvent> = Raw::from_json(event.json.to_owned());
         let member_count = UInt::new_saturating(event.member_count);
         let mut batch = WriteBatch::new();
@@ -131,12 +134,17 @@ impl Push {
             notified += 1;
         }
         if notified > 0 {
-            self.kv.write(batch).await?;
+            // Only this service's own tables, though the event's batch carries them.
+            super::TABLES.check_batch(&batch)?;
+            into.ops.extend(batch.ops);
+            into.conditions.extend(batch.conditions);
         }
-        if queued {
-            self.queued.notify_one();
-        }
-        Ok(notified)
+        Ok(queued)
+    }
+
+    /// Wakes the delivery task after a batch with queued pushes was written.
+    pub(crate) fn wake_delivery(&self) {
+        self.queued.notify_one();
     }
 
     /// A receipt of the user at the event at `position`: moves the read marker of its thread

@@ -342,11 +342,16 @@ impl Rooms {
             batch.ops.extend(placement.extra.ops.iter().cloned());
             batch.conditions.extend(placement.extra.conditions.iter().cloned());
         }
-        self.kv.write(batch).await?;
-        // Push rules run before the event is published, so a `/sync` that shows the event also
-        // shows the counts it raised.
-        if let Some(position) = record.stream_position {
-            self.push_event(version, &room_id, event, position).await;
+        // Push rules run before the write, and what they notified is stored in the event's own
+        // batch: one durable write per event, and a `/sync` that shows the event also shows the
+        // counts it raised.
+        let queued_push = match record.stream_position {
+            Some(position) => self.push_event(version, &room_id, event, position, &mut batch).await,
+            None => false,
+        };
+        self.event_writes.write(batch).await?;
+        if queued_push {
+            self.push.wake_delivery();
         }
         if let Some(taken) = taken {
             taken.published().await;

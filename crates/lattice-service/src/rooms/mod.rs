@@ -103,6 +103,42 @@ pub(crate) const TABLES: TableScope = TableScope {
     ],
 };
 
+/// What an event's batch may write: the room tables, and the notifications and pushes the
+/// push service adds to it (`Push::notifications_into`), so that an event and what it notified
+/// are one write. Not an owner: the push tables stay the push service's.
+const EVENT_WRITES: TableScope = TableScope {
+    owner: "rooms, with the push rows of an event",
+    tables: &[
+        Table::Counters,
+        Table::Rooms,
+        Table::Events,
+        Table::Timeline,
+        Table::StateGroups,
+        Table::CurrentState,
+        Table::Memberships,
+        Table::PendingRedactions,
+        Table::Transactions,
+        Table::Receipts,
+        Table::ReceiptPositions,
+        Table::Relations,
+        Table::Threads,
+        Table::ThreadActivity,
+        Table::ForgottenRooms,
+        Table::RoomAliases,
+        Table::RoomAliasIndex,
+        Table::PublicRooms,
+        Table::EventTimestamps,
+        Table::RedactedOriginals,
+        Table::RedactedOriginalsByTime,
+        Table::Topological,
+        Table::BackwardExtremities,
+        Table::RoomActivity,
+        Table::PushNotifications,
+        Table::PushUnread,
+        Table::PushQueue,
+    ],
+};
+
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
 const ROOM_LOCK_STRIPES: usize = 64;
 
@@ -128,6 +164,8 @@ pub(crate) struct Neighbours {
 pub struct Rooms {
     config: ServiceConfig,
     kv: Arc<dyn KvStore>,
+    /// Writes an event's batch, which may carry the push rows it raised (see `EVENT_WRITES`).
+    event_writes: Arc<dyn KvStore>,
     clock: Arc<dyn Clock>,
     /// Signs the events this server creates (and, later, its federation requests).
     signing_key: Arc<Ed25519KeyPair>,
@@ -176,6 +214,7 @@ impl Rooms {
         Self {
             config,
             state_group_ids: StreamPositions::new(kv.clone(), "state_group"),
+            event_writes: ScopedStore::new(kv.clone(), EVENT_WRITES),
             kv: ScopedStore::new(kv, TABLES),
             clock,
             signing_key,

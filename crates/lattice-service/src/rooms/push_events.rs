@@ -24,11 +24,23 @@ use crate::ServiceError;
 use crate::push::{PushedEvent, Recipient};
 
 impl Rooms {
-    /// Runs push rules over a live event for the room's local members. A failure here is logged,
-    /// not returned: the event is stored and must be acknowledged.
-    pub(super) async fn push_event(&self, version: &RoomVersion, room_id: &RoomId, event: &Pdu, position: u64) {
-        if let Err(error) = self.try_push_event(version, room_id, event, position).await {
-            tracing::warn!(room = %room_id, event = %event.id(), %error, "push rules were not evaluated");
+    /// Runs push rules over a live event for the room's local members, adding what it notified
+    /// to the event's batch; returns whether a push was queued. A failure here is logged, not
+    /// returned: the event is stored and must be acknowledged.
+    pub(super) async fn push_event(
+        &self,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        event: &Pdu,
+        position: u64,
+        batch: &mut lattice_storage::WriteBatch,
+    ) -> bool {
+        match self.try_push_event(version, room_id, event, position, batch).await {
+            Ok(queued) => queued,
+            Err(error) => {
+                tracing::warn!(room = %room_id, event = %event.id(), %error, "push rules were not evaluated");
+                false
+            }
         }
     }
 
@@ -38,10 +50,11 @@ impl Rooms {
         room_id: &RoomId,
         event: &Pdu,
         position: u64,
-    ) -> Result<(), ServiceError> {
+        batch: &mut lattice_storage::WriteBatch,
+    ) -> Result<bool, ServiceError> {
         let recipients = self.push_recipients(room_id, event.sender()).await?;
         if recipients.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
         let member_count = match room.and_then(|room| room.value.member_counts) {
@@ -63,8 +76,7 @@ impl Rooms {
             member_count,
             power_levels: self.sender_power(version, room_id, event.sender()).await?,
         };
-        self.push.record_event(&pushed, recipients).await?;
-        Ok(())
+        self.push.notifications_into(&pushed, recipients, batch).await
     }
 
     /// The room's joined members of this server but `sender`, with their display names.
