@@ -44,7 +44,7 @@ async fn shared_room(net: &Network, lat1: &Server, lat2: &Server) -> (String, St
     let room = create_room(
         &lat1.http,
         &alice,
-        json!({ "preset": "public_chat", "room_alias_name": "chat", "name": "Across servers" }),
+        json!({ "preset": "public_chat", "room_alias_name": "chat", "name": "Across servers", "room_version": "12" }),
     )
     .await;
     say(&lat1.http, &alice, &room, "before-bob").await;

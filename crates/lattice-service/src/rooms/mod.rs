@@ -73,71 +73,59 @@ pub use upgrade::UpgradeRoom;
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.
-pub(crate) const TABLES: TableScope = TableScope {
-    owner: "rooms",
-    tables: &[
-        Table::Counters,
-        Table::Rooms,
-        Table::Events,
-        Table::Timeline,
-        Table::StateGroups,
-        Table::CurrentState,
-        Table::Memberships,
-        Table::PendingRedactions,
-        Table::Transactions,
-        Table::Receipts,
-        Table::ReceiptPositions,
-        Table::Relations,
-        Table::Threads,
-        Table::ThreadActivity,
-        Table::ForgottenRooms,
-        Table::RoomAliases,
-        Table::RoomAliasIndex,
-        Table::PublicRooms,
-        Table::EventTimestamps,
-        Table::RedactedOriginals,
-        Table::RedactedOriginalsByTime,
-        Table::Topological,
-        Table::BackwardExtremities,
-        Table::RoomActivity,
-    ],
+const ROOM_TABLES: [Table; 24] = [
+    Table::Counters,
+    Table::Rooms,
+    Table::Events,
+    Table::Timeline,
+    Table::StateGroups,
+    Table::CurrentState,
+    Table::Memberships,
+    Table::PendingRedactions,
+    Table::Transactions,
+    Table::Receipts,
+    Table::ReceiptPositions,
+    Table::Relations,
+    Table::Threads,
+    Table::ThreadActivity,
+    Table::ForgottenRooms,
+    Table::RoomAliases,
+    Table::RoomAliasIndex,
+    Table::PublicRooms,
+    Table::EventTimestamps,
+    Table::RedactedOriginals,
+    Table::RedactedOriginalsByTime,
+    Table::Topological,
+    Table::BackwardExtremities,
+    Table::RoomActivity,
+];
+
+pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM_TABLES };
+
+/// The push service's rows an event's batch carries (see `EVENT_WRITES`).
+const PUSH_ROWS_OF_AN_EVENT: [Table; 3] = [Table::PushNotifications, Table::PushUnread, Table::PushQueue];
+
+/// The room tables followed by the push rows of an event.
+const EVENT_WRITE_TABLES: [Table; ROOM_TABLES.len() + PUSH_ROWS_OF_AN_EVENT.len()] = {
+    let mut all = [Table::Counters; ROOM_TABLES.len() + PUSH_ROWS_OF_AN_EVENT.len()];
+    let mut i = 0;
+    while i < ROOM_TABLES.len() {
+        all[i] = ROOM_TABLES[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < PUSH_ROWS_OF_AN_EVENT.len() {
+        all[ROOM_TABLES.len() + j] = PUSH_ROWS_OF_AN_EVENT[j];
+        j += 1;
+    }
+    all
 };
 
 /// What an event's batch may write: the room tables, and the notifications and pushes the
 /// push service adds to it (`Push::notifications_into`), so that an event and what it notified
 /// are one write. Not an owner: the push tables stay the push service's.
-const EVENT_WRITES: TableScope = TableScope {
-    owner: "rooms, with the push rows of an event",
-    tables: &[
-        Table::Counters,
-        Table::Rooms,
-        Table::Events,
-        Table::Timeline,
-        Table::StateGroups,
-        Table::CurrentState,
-        Table::Memberships,
-        Table::PendingRedactions,
-        Table::Transactions,
-        Table::Receipts,
-        Table::ReceiptPositions,
-        Table::Relations,
-        Table::Threads,
-        Table::ThreadActivity,
-        Table::ForgottenRooms,
-        Table::RoomAliases,
-        Table::RoomAliasIndex,
-        Table::PublicRooms,
-        Table::EventTimestamps,
-        Table::RedactedOriginals,
-        Table::RedactedOriginalsByTime,
-        Table::Topological,
-        Table::BackwardExtremities,
-        Table::RoomActivity,
-        Table::PushNotifications,
-        Table::PushUnread,
-        Table::PushQueue,
-    ],
-};
+const EVENT_WRITES: TableScope =
+    TableScope { owner: "rooms, with the push rows of an event", tables: &EVENT_WRITE_TABLES };
 
 /// How many room locks there are; rooms share a lock when their IDs hash alike.
 const ROOM_LOCK_STRIPES: usize = 64;

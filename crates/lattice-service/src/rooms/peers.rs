@@ -346,6 +346,22 @@ impl Rooms {
             pending.insert(event.id().to_owned(), event);
         }
         let mut stored: HashSet<OwnedEventId> = HashSet::new();
+        // The create event first: from v12 every other event depends on it without citing it.
+        let creates: Vec<OwnedEventId> = pending
+            .values()
+            .filter(|event| *event.kind() == ruma::events::TimelineEventType::RoomCreate)
+            .map(|event| event.id().to_owned())
+            .collect();
+        for id in creates {
+            if let Some(event) = pending.remove(&id) {
+                match self.ingest_outlier(version, event).await {
+                    Ok(_) => {
+                        stored.insert(id);
+                    }
+                    Err(error) => tracing::info!(event_id = %id, %error, "a fetched create event could not be stored"),
+                }
+            }
+        }
         loop {
             let ready: Vec<OwnedEventId> = pending
                 .values()
