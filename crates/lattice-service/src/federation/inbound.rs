@@ -505,15 +505,8 @@ fn raw(json: &str) -> Result<Box<RawValue>, ServiceError> {
     RawValue::from_string(json.to_owned()).map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
-pub(super) fn prev_ids(json: &str) -> Vec<OwnedEventId> {
-    let Ok(value) = serde_json::from_str::<Value>(json) else { return Vec::new() };
-    value["prev_events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.as_str().or_else(|| p[0].as_str()))
-        .filter_map(|id| OwnedEventId::try_from(id).ok())
-        .collect()
+fn prev_ids(json: &str) -> Vec<OwnedEventId> {
+    crate::rooms::referenced_ids(json, "prev_events")
 }
 
 fn depth_of(json: &str) -> u64 {

@@ -64,6 +64,7 @@ pub use messages::MAX_TIMELINE_LIMIT;
 pub(crate) use messages::{MAX_FILTERED_SCAN, visible};
 pub use migrations::schema_migrations;
 pub use peers::OwedEvent;
+pub(crate) use peers::referenced_ids;
 pub use relations::RelationsQuery;
 pub use timestamps::EventAtTime;
 pub(crate) use topological::history_position;

@@ -149,13 +149,7 @@ impl Rooms {
                 &OwnedRoomId::try_from(record.room_id.as_str()).map_err(|e| ServiceError::Internal(e.to_string()))?,
             )
             .await?;
-        let prevs: Vec<OwnedEventId> = pdu["prev_events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str().or_else(|| p[0].as_str()))
-            .filter_map(|id| OwnedEventId::try_from(id).ok())
-            .collect();
+        let prevs = referenced_ids(&record.json, "prev_events");
         let mut states = Vec::new();
         for prev in &prevs {
             if let Some(prev) = self.event_record(prev.as_str()).await?
@@ -387,14 +381,19 @@ impl Rooms {
     }
 }
 
-/// The auth event IDs a stored PDU names (plain IDs, or `[id, hashes]` pairs before v3).
-fn auth_ids_in(json: &str) -> Vec<OwnedEventId> {
+/// The event IDs a stored PDU names in `field` (`prev_events` or `auth_events`: plain IDs, or
+/// `[id, hashes]` pairs before v3).
+pub(crate) fn referenced_ids(json: &str, field: &str) -> Vec<OwnedEventId> {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else { return Vec::new() };
-    value["auth_events"]
+    value[field]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|a| a.as_str().or_else(|| a[0].as_str()))
         .filter_map(|id| OwnedEventId::try_from(id).ok())
         .collect()
+}
+
+fn auth_ids_in(json: &str) -> Vec<OwnedEventId> {
+    referenced_ids(json, "auth_events")
 }
