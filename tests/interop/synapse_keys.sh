@@ -5,7 +5,9 @@
 #   3. a Synapse user reads a Lattice user's profile: Synapse sends a signed
 #      GET /_matrix/federation/v1/query/profile, which Lattice verifies with Synapse's key;
 #   4. a Synapse user joins a Lattice room by alias, and messages flow both ways;
-#   5. a Lattice user joins a Synapse room by alias, and messages flow both ways.
+#   5. a Lattice user joins a Synapse room by alias, and messages flow both ways;
+#   6. invites both ways (createRoom with an invitee of the other server), accepted; and a
+#      Lattice user refusing a Synapse invite.
 #
 # Usage: tests/interop/synapse_keys.sh
 #
@@ -228,6 +230,30 @@ check "a Synapse message reached Lattice in Synapse's room" "$ok"
 lat -X PUT "$LAT_C/rooms/$SYN_ROOM/send/m.room.message/t4" -d '{"msgtype":"m.text","body":"from-lattice-2"}' >/dev/null
 eventually "messages syn $SYN_C $SYN_ROOM" "$(has_body from-lattice-2)" && ok=yes || ok=no
 check "a Lattice message reached Synapse in Synapse's room" "$ok"
+
+# 6. Invites both ways, as clients start direct chats: createRoom with the other user invited;
+#    the invitee's server countersigns (/invite v2), the invitee sees it in /sync and joins
+#    through the inviter's server. Then a refused invite (make_leave/send_leave to Synapse).
+invited() { echo "'$1' in d.get('rooms',{}).get('invite',{})"; }
+joined_member() { echo "'$1' in d.get('joined',{})"; }
+DM1="$(lat -X POST "$LAT_C/createRoom" -d "{\"preset\":\"trusted_private_chat\",\"is_direct\":true,\"invite\":[\"@dave:$SYN_NAME\"]}" | field room_id)"
+eventually "syn $SYN_C/sync?timeout=0" "$(invited "$DM1")" && ok=yes || ok=no
+check "a Lattice user's invite reached Synapse's user (Lattice -> Synapse /invite)" "$ok"
+syn -X POST "$SYN_C/join/$DM1" -d '{}' >/dev/null
+eventually "lat $LAT_C/rooms/$DM1/joined_members" "$(joined_member "@dave:$SYN_NAME")" && ok=yes || ok=no
+check "Synapse's user accepted it (joined through Lattice)" "$ok"
+DM2="$(syn -X POST "$SYN_C/createRoom" -d "{\"preset\":\"trusted_private_chat\",\"is_direct\":true,\"invite\":[\"@carol:$LAT_NAME\"],\"name\":\"From Synapse\"}" | field room_id)"
+eventually "lat $LAT_C/sync?timeout=0" "$(invited "$DM2") and any(e.get('content',{}).get('name')=='From Synapse' for e in d['rooms']['invite']['$DM2']['invite_state']['events'])" && ok=yes || ok=no
+check "a Synapse user's invite reached Lattice's user, with the room's name (Synapse -> Lattice /invite)" "$ok"
+lat -X POST "$LAT_C/join/$DM2" -d '{}' >/dev/null
+eventually "syn $SYN_C/rooms/$DM2/joined_members" "$(joined_member "@carol:$LAT_NAME")" && ok=yes || ok=no
+check "Lattice's user accepted it (joined through Synapse)" "$ok"
+DM3="$(syn -X POST "$SYN_C/createRoom" -d "{\"preset\":\"private_chat\",\"invite\":[\"@carol:$LAT_NAME\"]}" | field room_id)"
+eventually "lat $LAT_C/sync?timeout=0" "$(invited "$DM3")" && ok=yes || ok=no
+lat -X POST "$LAT_C/rooms/$DM3/leave" -d '{}' >/dev/null
+member_is() { echo "d.get('membership')=='$1'"; }
+eventually "syn $SYN_C/rooms/$DM3/state/m.room.member/@carol:$LAT_NAME" "$(member_is leave)" && [ "$ok" = yes ] && ok=yes || ok=no
+check "Lattice's user refused a Synapse invite (make_leave/send_leave to Synapse)" "$ok"
 
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then

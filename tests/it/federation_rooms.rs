@@ -12,7 +12,7 @@ use crate::support::{assert_error, bodies, create_room, say};
 
 /// Syncs (incrementally, from the previous answer) until `found` holds for the answer's
 /// rooms, or fails after 30 seconds.
-async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut since: Option<String> = None;
     let mut seen = Vec::new();
@@ -32,7 +32,7 @@ async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Va
     }
 }
 
-fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
+pub(crate) fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
     let events = &sync["rooms"]["join"][room]["timeline"]["events"];
     if events.is_array() { bodies(events) } else { Vec::new() }
 }

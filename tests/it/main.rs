@@ -6,6 +6,7 @@ mod accounts;
 mod authorisation;
 mod bad_input;
 mod directory;
+mod federation_invites;
 mod federation_keys;
 mod federation_rooms;
 mod history;

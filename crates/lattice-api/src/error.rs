@@ -47,6 +47,7 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::NotFound(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
         E::BadJson(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::InvalidParam(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
+        E::MissingParam(_) => (StatusCode::BAD_REQUEST, body("M_MISSING_PARAM", message)),
         E::BadRequest(_) => (StatusCode::BAD_REQUEST, body("M_UNKNOWN", message)),
         E::ServerManaged(_) => (StatusCode::METHOD_NOT_ALLOWED, body("M_BAD_JSON", message)),
         E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body("M_TOO_LARGE", message)),

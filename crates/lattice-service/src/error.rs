@@ -17,6 +17,10 @@ pub enum ServiceError {
     BadJson(String),
     #[error("{0}")]
     InvalidParam(String),
+    /// A required part of a request is missing or unusable (`M_MISSING_PARAM`), e.g. an
+    /// invite from another server without the room's create event.
+    #[error("{0}")]
+    MissingParam(String),
     /// A request the spec refuses with its generic `400 M_UNKNOWN` (e.g. forgetting a room the
     /// user is still in).
     #[error("{0}")]

@@ -299,8 +299,62 @@ impl Service {
         }
     }
 
+    /// `POST /createRoom`: the room, then the invites of other servers' users over federation
+    /// (each needs the invitee's server to countersign). A refused invite fails the request,
+    /// as the client asked for it, but the room stays.
+    pub async fn create_room(
+        &self,
+        creator: &ruma::UserId,
+        mut request: rooms::CreateRoom,
+    ) -> Result<ruma::OwnedRoomId, ServiceError> {
+        let remote: Vec<ruma::OwnedUserId> =
+            request.invite.iter().filter(|user| user.server_name() != self.server_name()).cloned().collect();
+        request.remote_invites_by_caller = self.federation.is_enabled();
+        let is_direct = request.is_direct;
+        let room_id = self.rooms.create_room(creator, request).await?;
+        if self.federation.is_enabled() {
+            for invitee in remote {
+                let content = serde_json::json!({ "membership": "invite", "is_direct": is_direct });
+                self.federation.invite_remote(creator, &room_id, &invitee, content).await?;
+            }
+        }
+        Ok(room_id)
+    }
+
+    /// `POST /invite`: a user of this server is invited here; one of another server through
+    /// that server (`/invite` v2), when federation is on.
+    pub async fn invite(
+        &self,
+        sender: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        invitee: &ruma::UserId,
+        reason: Option<String>,
+    ) -> Result<ruma::OwnedEventId, ServiceError> {
+        if invitee.server_name() == self.server_name() || !self.federation.is_enabled() {
+            return self.rooms.set_membership(sender, room_id, invitee, "invite", reason).await;
+        }
+        let content = rooms::member_content("invite", reason);
+        self.federation.invite_remote(sender, room_id, invitee, content).await
+    }
+
+    /// `POST /leave`: leaves the room; an invite from another server to a room this server is
+    /// not in is refused through a server of the room.
+    pub async fn leave(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        reason: Option<String>,
+    ) -> Result<ruma::OwnedEventId, ServiceError> {
+        let out_of_band = self.rooms.out_of_band(user_id, room_id).await?;
+        if out_of_band.is_some_and(|record| record.membership == "invite") && self.federation.is_enabled() {
+            return self.federation.reject_remote_invite(user_id, room_id, reason).await;
+        }
+        self.rooms.set_membership(user_id, room_id, user_id, "leave", reason).await
+    }
+
     /// Joins a room: here when this server has a member in it, else over federation through
-    /// `via` (and the server the room ID names, if any).
+    /// `via` (and the server the room ID names, if any, and the server of whoever invited the
+    /// user).
     pub async fn join(
         &self,
         user_id: &ruma::UserId,
@@ -317,12 +371,29 @@ impl Service {
             return self.rooms.join_room(user_id, room_id, reason).await;
         }
         let mut servers: Vec<OwnedServerName> = via.to_vec();
+        if let Some(inviter) = self.inviting_server(user_id, room_id).await?
+            && !servers.contains(&inviter)
+        {
+            servers.push(inviter);
+        }
         if let Some(server) = room_id.server_name()
             && !servers.iter().any(|s| s == server)
         {
             servers.push(server.to_owned());
         }
         self.federation.join_remote(user_id, room_id, &servers, reason).await
+    }
+
+    /// The server of whoever invited the user to a room this server is not in.
+    async fn inviting_server(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+    ) -> Result<Option<OwnedServerName>, ServiceError> {
+        let Some(record) = self.rooms.out_of_band(user_id, room_id).await? else { return Ok(None) };
+        let version = lattice_core::room_version::RoomVersion::parse(&record.room_version)?;
+        let invite = self.rooms.stored_pdu(&version, &record.event_id).await?;
+        Ok(Some(ruma::state_res::Event::sender(&invite).server_name().to_owned()))
     }
 
     pub fn sync(&self) -> &Sync {

@@ -396,6 +396,28 @@ impl Record for ForgottenRoomRecord {
     const TABLE: Table = Table::ForgottenRooms;
 }
 
+/// A local user's membership in a room this server is not in: an invite from another server
+/// (with the state it came with, for clients to show the room), or the rejection of one. Keyed
+/// like `memberships` (`user\0room`), beside the `memberships` row it explains; the room's own
+/// membership rows end it once this server is in the room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfBandRecord {
+    pub event_id: String,
+    /// The room's version, which this server cannot read from a room it does not have.
+    pub room_version: String,
+    pub membership: String,
+    /// Where the change sits in the event stream, so `/sync` shows it once.
+    pub stream_position: u64,
+    /// Stripped state events (`type`, `state_key`, `content`, `sender`) of the room, as the
+    /// inviting server described it.
+    #[serde(default)]
+    pub stripped_state: Vec<serde_json::Value>,
+}
+
+impl Record for OutOfBandRecord {
+    const TABLE: Table = Table::OutOfBandMemberships;
+}
+
 /// A local room alias: where it points and who made it (the creator may delete it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomAliasRecord {

@@ -67,4 +67,5 @@ tables! {
     Pushers => "pushers",
     PusherKeys => "pusher_keys",
     PushQueue => "push_queue",
+    OutOfBandMemberships => "out_of_band_memberships",
 }

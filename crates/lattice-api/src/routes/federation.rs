@@ -35,6 +35,8 @@ pub fn routes() -> Routes {
         .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
         .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
+        .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+        .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
         .route("/_matrix/federation/v1/event/{event_id}", get(event))
         .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
         .route("/_matrix/federation/v1/state/{room_id}", get(state_full))
@@ -238,6 +240,27 @@ async fn send_join(
 ) -> ApiResult<Json<Value>> {
     let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
     let answer = state.service.federation().send_join(&auth.origin, &room_id, &event_id, &auth.body).await?;
+    Ok(Json(answer))
+}
+
+async fn send_leave(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    let answer = state.service.federation().send_leave(&auth.origin, &room_id, &event_id, &auth.body).await?;
+    Ok(Json(answer))
+}
+
+/// `PUT /invite/v2/{roomId}/{eventId}`: another server invites one of this server's users.
+async fn invite(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    let answer = state.service.federation().receive_invite(&auth.origin, &room_id, &event_id, &auth.body).await?;
     Ok(Json(answer))
 }
 

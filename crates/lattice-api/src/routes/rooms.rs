@@ -123,8 +123,9 @@ async fn create_room(
             .transpose()?,
         is_direct: body.is_direct,
         room_alias_name: body.room_alias_name,
+        remote_invites_by_caller: false,
     };
-    let room_id = state.service.rooms().create_room(&session.user_id, request).await?;
+    let room_id = state.service.create_room(&session.user_id, request).await?;
     Ok(RumaResponse(create_room::v3::Response::new(room_id)))
 }
 
@@ -246,7 +247,7 @@ async fn leave(
     Ruma(request): Ruma<leave_room::v3::Request>,
 ) -> ApiResult<RumaResponse<leave_room::v3::Response>> {
     let (user, room) = (&session.user_id, &request.room_id);
-    state.service.rooms().set_membership(user, room, user, "leave", request.reason).await?;
+    state.service.leave(user, room, request.reason).await?;
     Ok(RumaResponse(leave_room::v3::Response::new()))
 }
 
@@ -272,7 +273,7 @@ async fn invite(
         // Third-party invites are not built: the body needs a `user_id`, as before ruma read it.
         return Err(ApiError::BadJson("missing field `user_id`: invites by third-party ID are not supported".into()));
     };
-    on_target(&state, &session, (&request.room_id, &invitee.user_id), invitee.reason, "invite").await?;
+    state.service.invite(&session.user_id, &request.room_id, &invitee.user_id, invitee.reason).await?;
     Ok(RumaResponse(invite_user::v3::Response::new()))
 }
 

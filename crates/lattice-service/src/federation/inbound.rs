@@ -95,7 +95,8 @@ impl Federation {
         let Ok(room_id) = ruma::OwnedRoomId::try_from(room_id) else { return (None, Err("invalid room_id".into())) };
         // Only rooms this server is in: others' PDUs are dropped, as the spec allows.
         let Ok(version) = self.rooms.room_version(&room_id).await else {
-            return (None, Err(format!("this server is not in {room_id}")));
+            // Except the end of a local user's invite to such a room.
+            return (None, self.receive_out_of_band(origin, bytes).await);
         };
         let object = match lattice_core::pdu::parse(bytes, &version) {
             Ok(object) => object,
@@ -204,22 +205,7 @@ impl Federation {
         event_id: &EventId,
         bytes: &[u8],
     ) -> Result<Value, ServiceError> {
-        let version = self.rooms.room_version(room_id).await?;
-        self.require_resident(room_id).await?;
-        let mut object = lattice_core::pdu::parse(bytes, &version)?;
-        let computed = lattice_core::pdu::event_id(&object, &version)?;
-        if computed != event_id {
-            return Err(ServiceError::BadJson(format!("the event's ID is {computed}, not {event_id}")));
-        }
-        let event = membership_fields(&object)?;
-        if event.room_id.as_deref() != Some(room_id.as_str())
-            || event.kind != "m.room.member"
-            || event.state_key.as_deref() != Some(event.sender.as_str())
-            || event.membership != "join"
-        {
-            return Err(ServiceError::BadJson("not a join of its sender to this room".into()));
-        }
-        require_own_user(origin, &UserId::parse(&event.sender).map_err(|e| ServiceError::BadJson(e.to_string()))?)?;
+        let (version, mut object, event) = self.own_membership(origin, room_id, event_id, bytes, "join").await?;
         // A restricted join names a user of this server as its authoriser: this server's
         // signature is part of it, given only because the auth checks below must pass.
         let countersigned =
@@ -227,16 +213,7 @@ impl Federation {
         if countersigned {
             self.rooms.countersign(&version, &mut object)?;
         }
-        let keys = self.keys_for(&object, &version).await?;
-        let signed = serde_json::to_vec(&object).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let pdu = self.rooms.check_remote_pdu(origin, &version, &signed, &keys)?;
-        match self.rooms.ingest(&version, pdu.clone()).await?.outcome {
-            Outcome::Accepted => {}
-            Outcome::SoftFailed(reason) | Outcome::Rejected(reason) => {
-                return Err(ServiceError::Forbidden(format!("the join was refused: {reason}")));
-            }
-            Outcome::Outlier => return Err(ServiceError::Internal("a live join became an outlier".into())),
-        }
+        self.ingest_membership(origin, room_id, &version, &object).await?;
         let state = self.rooms.state_before_event(event_id).await?;
         let state_ids: Vec<OwnedEventId> = state.values().cloned().collect();
         let mut chain_roots = state_ids.clone();
@@ -250,11 +227,6 @@ impl Federation {
         }
         let auth_pdus: Vec<Box<RawValue>> = auth_chain.iter().map(|(_, json)| raw(json)).collect::<Result<_, _>>()?;
         let servers = self.rooms.joined_servers(room_id).await?;
-        let others: Vec<OwnedServerName> =
-            servers.iter().filter(|s| *s != origin && *s != self.server_name()).cloned().collect();
-        if let Err(error) = self.queue_now(&others, std::str::from_utf8(&signed).unwrap_or_default()).await {
-            tracing::warn!(%error, "queueing a remote join for the room's other servers failed");
-        }
         let mut answer = json!({
             "origin": self.server_name(),
             "state": state_pdus,
@@ -266,6 +238,78 @@ impl Federation {
             answer["event"] = serde_json::to_value(&object).map_err(|e| ServiceError::Internal(e.to_string()))?;
         }
         Ok(answer)
+    }
+
+    /// `PUT /send_leave/v2/{roomId}/{eventId}`: the leaving server's signed leave (after
+    /// `make_leave`, e.g. refusing an invite), through the ingest path, then passed on to the
+    /// room's other servers.
+    pub async fn send_leave(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        bytes: &[u8],
+    ) -> Result<Value, ServiceError> {
+        let (version, object, _) = self.own_membership(origin, room_id, event_id, bytes, "leave").await?;
+        self.ingest_membership(origin, room_id, &version, &object).await?;
+        Ok(json!({}))
+    }
+
+    /// The checks `send_join` and `send_leave` share: a room this server is in, the event ID
+    /// the path names, and a `membership` event of its sender, a user of `origin`, in this room.
+    async fn own_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        bytes: &[u8],
+        membership: &str,
+    ) -> Result<(RoomVersion, CanonicalJsonObject, MembershipFields), ServiceError> {
+        let version = self.rooms.room_version(room_id).await?;
+        self.require_resident(room_id).await?;
+        let object = lattice_core::pdu::parse(bytes, &version)?;
+        let computed = lattice_core::pdu::event_id(&object, &version)?;
+        if computed != event_id {
+            return Err(ServiceError::BadJson(format!("the event's ID is {computed}, not {event_id}")));
+        }
+        let event = membership_fields(&object)?;
+        if event.room_id.as_deref() != Some(room_id.as_str())
+            || event.kind != "m.room.member"
+            || event.state_key.as_deref() != Some(event.sender.as_str())
+            || event.membership != membership
+        {
+            return Err(ServiceError::BadJson(format!("not a {membership} of its sender in this room")));
+        }
+        require_own_user(origin, &UserId::parse(&event.sender).map_err(|e| ServiceError::BadJson(e.to_string()))?)?;
+        Ok((version, object, event))
+    }
+
+    /// A membership event another server made for its user, checked like a pushed PDU and
+    /// ingested; accepted, it is queued for the room's other servers.
+    async fn ingest_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersion,
+        object: &CanonicalJsonObject,
+    ) -> Result<(), ServiceError> {
+        let keys = self.keys_for(object, version).await?;
+        let signed = serde_json::to_vec(object).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let pdu = self.rooms.check_remote_pdu(origin, version, &signed, &keys)?;
+        match self.rooms.ingest(version, pdu).await?.outcome {
+            Outcome::Accepted => {}
+            Outcome::SoftFailed(reason) | Outcome::Rejected(reason) => {
+                return Err(ServiceError::Forbidden(format!("the event was refused: {reason}")));
+            }
+            Outcome::Outlier => return Err(ServiceError::Internal("a live membership became an outlier".into())),
+        }
+        let servers = self.rooms.joined_servers(room_id).await?;
+        let others: Vec<OwnedServerName> =
+            servers.iter().filter(|s| *s != origin && *s != self.server_name()).cloned().collect();
+        if let Err(error) = self.queue_now(&others, std::str::from_utf8(&signed).unwrap_or_default()).await {
+            tracing::warn!(%error, "queueing another server's membership for the room's other servers failed");
+        }
+        Ok(())
     }
 
     /// `GET /event/{eventId}`.

@@ -23,11 +23,11 @@ use crate::rooms::{Arrival, Ingested, Outcome};
 
 /// Largest `send_join` or `/state` answer read: a big room's state and auth chain.
 const MAX_STATE_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
-const MAX_SMALL_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+pub(super) const MAX_SMALL_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 /// Events asked for per gap before falling back to the state at the event.
 const MISSING_EVENTS_LIMIT: usize = 20;
 
-fn encode(part: &str) -> String {
+pub(super) fn encode(part: &str) -> String {
     utf8_percent_encode(part, NON_ALPHANUMERIC).to_string()
 }
 
@@ -114,41 +114,15 @@ impl Federation {
         reason: Option<String>,
     ) -> Result<OwnedEventId, ServiceError> {
         let version = RoomVersion::parse(template.room_version.as_deref().unwrap_or("1"))?;
-        let mut object = match CanonicalJsonValue::try_from(template.event) {
-            Ok(CanonicalJsonValue::Object(object)) => object,
-            _ => return Err(ServiceError::Remote("the join template is not a JSON object".into())),
-        };
-        let field = |object: &CanonicalJsonObject, name: &str| match object.get(name) {
-            Some(CanonicalJsonValue::String(value)) => Some(value.clone()),
-            _ => None,
-        };
-        if field(&object, "sender").as_deref() != Some(user_id.as_str())
-            || field(&object, "state_key").as_deref() != Some(user_id.as_str())
-            || field(&object, "type").as_deref() != Some("m.room.member")
-            || field(&object, "room_id").as_deref() != Some(room_id.as_str())
-        {
-            return Err(ServiceError::Remote("the join template is not a join of this user to this room".into()));
-        }
-        let authoriser = match object.get("content") {
-            Some(CanonicalJsonValue::Object(content)) => content.get("join_authorised_via_users_server").cloned(),
-            _ => None,
-        };
+        let authoriser = template.event["content"]["join_authorised_via_users_server"].as_str().map(str::to_owned);
         let mut content = crate::accounts::profile_content(
             crate::rooms::member_content("join", reason),
             &self.accounts.member_profile(user_id).await?,
         );
-        if let Some(CanonicalJsonValue::String(authoriser)) = authoriser {
+        if let Some(authoriser) = authoriser {
             content["join_authorised_via_users_server"] = json!(authoriser);
         }
-        object.insert("content".into(), canonical(content)?);
-        object.insert("origin".into(), CanonicalJsonValue::String(self.server_name().to_string()));
-        let now = i64::try_from(self.now_ms()).unwrap_or(i64::MAX);
-        object.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now.try_into().unwrap_or_default()));
-        if version.rules().event_id_format == EventIdFormatVersion::V1 {
-            let id = format!("${}:{}", crate::secrets::random_alphanumeric(18), self.server_name());
-            object.insert("event_id".into(), CanonicalJsonValue::String(id));
-        }
-        let join = self.rooms.sign_template(&version, object)?;
+        let join = self.completed_template(&version, template.event, (user_id, room_id), content)?;
         let path =
             format!("/_matrix/federation/v2/send_join/{}/{}", encode(room_id.as_str()), encode(join.id().as_str()));
         let body = serde_json::to_value(join.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -180,6 +154,42 @@ impl Federation {
             }
             Outcome::Outlier => Err(ServiceError::Internal("a live join became an outlier".into())),
         }
+    }
+
+    /// A membership event of this server's user completed from another server's template
+    /// (`make_join`, `make_leave`): the template must be that user's membership in that room;
+    /// this server sets the content, origin and time (and the event ID before v3) and signs.
+    pub(super) fn completed_template(
+        &self,
+        version: &RoomVersion,
+        template: Value,
+        (user_id, room_id): (&UserId, &RoomId),
+        content: Value,
+    ) -> Result<Pdu, ServiceError> {
+        let mut object = match CanonicalJsonValue::try_from(template) {
+            Ok(CanonicalJsonValue::Object(object)) => object,
+            _ => return Err(ServiceError::Remote("the membership template is not a JSON object".into())),
+        };
+        let field = |object: &CanonicalJsonObject, name: &str| match object.get(name) {
+            Some(CanonicalJsonValue::String(value)) => Some(value.clone()),
+            _ => None,
+        };
+        if field(&object, "sender").as_deref() != Some(user_id.as_str())
+            || field(&object, "state_key").as_deref() != Some(user_id.as_str())
+            || field(&object, "type").as_deref() != Some("m.room.member")
+            || field(&object, "room_id").as_deref() != Some(room_id.as_str())
+        {
+            return Err(ServiceError::Remote("the template is not a membership of this user in this room".into()));
+        }
+        object.insert("content".into(), canonical(content)?);
+        object.insert("origin".into(), CanonicalJsonValue::String(self.server_name().to_string()));
+        let now = i64::try_from(self.now_ms()).unwrap_or(i64::MAX);
+        object.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now.try_into().unwrap_or_default()));
+        if version.rules().event_id_format == EventIdFormatVersion::V1 {
+            let id = format!("${}:{}", crate::secrets::random_alphanumeric(18), self.server_name());
+            object.insert("event_id".into(), CanonicalJsonValue::String(id));
+        }
+        self.rooms.sign_template(version, object)
     }
 
     /// Asks the alias's server which room it names (`/query/directory`).
@@ -223,12 +233,13 @@ impl Federation {
         auth_chain: &[Box<RawValue>],
     ) -> Result<StateMap, ServiceError> {
         let mut events: Vec<Pdu> = Vec::with_capacity(state.len() + auth_chain.len());
-        let mut state_ids: Vec<OwnedEventId> = Vec::with_capacity(state.len());
+        let mut state_ids: std::collections::HashSet<OwnedEventId> =
+            std::collections::HashSet::with_capacity(state.len());
         for (raw, in_state) in state.iter().map(|r| (r, true)).chain(auth_chain.iter().map(|r| (r, false))) {
             match self.check_fetched(version, raw.get().as_bytes()).await {
                 Ok(event) => {
                     if in_state {
-                        state_ids.push(event.id().to_owned());
+                        state_ids.insert(event.id().to_owned());
                     }
                     events.push(event);
                 }
@@ -238,7 +249,7 @@ impl Federation {
         let mut slots = Vec::with_capacity(state_ids.len());
         for event in &events {
             if let Some(key) = event.state_key()
-                && state_ids.contains(&event.id().to_owned())
+                && state_ids.contains(event.id())
             {
                 slots.push(((StateEventType::from(event.kind().to_string()), key.to_owned()), event.id().to_owned()));
             }
@@ -249,7 +260,7 @@ impl Federation {
 
     /// A PDU fetched from any server: parsed for the room version and checked against the
     /// keys of the servers that must have signed it.
-    async fn check_fetched(&self, version: &RoomVersion, bytes: &[u8]) -> Result<Pdu, ServiceError> {
+    pub(super) async fn check_fetched(&self, version: &RoomVersion, bytes: &[u8]) -> Result<Pdu, ServiceError> {
         let object = lattice_core::pdu::parse(bytes, version)?;
         let keys = self.keys_for(&object, version).await?;
         self.rooms.check_fetched_pdu(version, object, &keys)
@@ -408,7 +419,7 @@ impl Federation {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ServiceError> {
     serde_json::from_slice(bytes).map_err(|e| ServiceError::Remote(format!("the other server's answer: {e}")))
 }
 

@@ -9,6 +9,7 @@
 
 mod forward;
 mod inbound;
+mod invites;
 mod join;
 
 use std::sync::{Arc, OnceLock};

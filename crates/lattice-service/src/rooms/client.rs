@@ -42,6 +42,9 @@ pub struct CreateRoom {
     pub is_direct: bool,
     /// The local part of an alias on this server to create for the room.
     pub room_alias_name: Option<String>,
+    /// Invitees of other servers are left to the caller, which invites them over federation
+    /// once the room exists (their servers must countersign); they still count for power levels.
+    pub remote_invites_by_caller: bool,
 }
 
 /// A client's transaction: who sent it, from which device, under which ID.
@@ -133,7 +136,9 @@ impl Rooms {
         if let Some(topic) = request.topic {
             self.send_state(&version, creator, &room_id, "m.room.topic", "", json!({ "topic": topic })).await?;
         }
-        for invitee in &request.invite {
+        let by_caller =
+            |user: &&ruma::OwnedUserId| request.remote_invites_by_caller && user.server_name() != self.server_name();
+        for invitee in request.invite.iter().filter(|user| !by_caller(user)) {
             let content = json!({ "membership": "invite", "is_direct": request.is_direct });
             let content = profile_content(content, &self.accounts.member_profile(invitee).await?);
             self.send_state(&version, creator, &room_id, "m.room.member", invitee.as_str(), content).await?;

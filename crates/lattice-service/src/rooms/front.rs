@@ -164,6 +164,9 @@ impl Rooms {
             let before = self.membership_in(version, old.as_ref(), loaded).await?;
             let after = self.membership_in(version, new.as_ref(), loaded).await?;
             let index = keys::membership(key, room_id.as_str());
+            // The room's own membership ends one that came from outside it (an invite from
+            // another server before this one was in the room).
+            batch.delete(Table::OutOfBandMemberships, index.clone());
             match &after {
                 Some(membership) => batch.put(Table::Memberships, index, membership.clone().into_bytes()),
                 None => batch.delete(Table::Memberships, index),

@@ -842,7 +842,7 @@ fn check_room_fits(
     }
 }
 
-pub(super) fn membership_of(event: &Pdu) -> String {
+pub(crate) fn membership_of(event: &Pdu) -> String {
     #[derive(serde::Deserialize)]
     struct Membership {
         membership: String,
@@ -850,7 +850,11 @@ pub(super) fn membership_of(event: &Pdu) -> String {
     serde_json::from_str::<Membership>(event.content().get()).map(|m| m.membership).unwrap_or_default()
 }
 
-fn stored_pdu(version: &RoomVersion, id: &EventId, record: Fetched<EventRecord>) -> Result<Pdu, ServiceError> {
+pub(super) fn stored_pdu(
+    version: &RoomVersion,
+    id: &EventId,
+    record: Fetched<EventRecord>,
+) -> Result<Pdu, ServiceError> {
     let object: CanonicalJsonObject =
         serde_json::from_str(&record.value.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
     let mut pdu = Pdu::stored(object, version, id.to_owned()).map_err(|e| ServiceError::Internal(e.to_string()))?;

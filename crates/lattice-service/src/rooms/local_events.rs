@@ -158,7 +158,11 @@ fn check_pdu_size(object: &CanonicalJsonObject, limit: usize) -> Result<(), Serv
 }
 
 /// How a PDU of this room version refers to another event.
-fn reference(id: &OwnedEventId, object: &CanonicalJsonObject, version: &RoomVersion) -> Result<Value, ServiceError> {
+pub(super) fn reference(
+    id: &OwnedEventId,
+    object: &CanonicalJsonObject,
+    version: &RoomVersion,
+) -> Result<Value, ServiceError> {
     Ok(match version.rules().events_reference_format {
         EventsReferenceFormatVersion::V1 => {
             let hash = reference_hash(object, version.rules()).map_err(|e| ServiceError::Internal(e.to_string()))?;

@@ -17,6 +17,7 @@ mod membership;
 mod merge;
 mod messages;
 mod migrations;
+mod out_of_band;
 mod peers;
 mod push_events;
 mod receipts;
@@ -55,8 +56,8 @@ pub(crate) use directory::DirectoryCache;
 pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
-pub(crate) use ingest::room_id_of as room_id_of_pdu;
 pub use ingest::{Arrival, Ingested, Outcome};
+pub(crate) use ingest::{membership_of as membership_of_pdu, room_id_of as room_id_of_pdu};
 pub use local_events::LocalEvent;
 pub use membership::member_content;
 pub(crate) use merge::MergeQueue;
@@ -74,7 +75,7 @@ pub use upgrade::UpgradeRoom;
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.
-const ROOM_TABLES: [Table; 24] = [
+const ROOM_TABLES: [Table; 25] = [
     Table::Counters,
     Table::Rooms,
     Table::Events,
@@ -99,6 +100,7 @@ const ROOM_TABLES: [Table; 24] = [
     Table::Topological,
     Table::BackwardExtremities,
     Table::RoomActivity,
+    Table::OutOfBandMemberships,
 ];
 
 pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM_TABLES };

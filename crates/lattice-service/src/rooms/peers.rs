@@ -15,7 +15,7 @@ use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::events::StateEventType;
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, ServerName, UserId};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::ingest::{Loaded, room_id_of};
 use super::state_store::{self, StateRef};
@@ -262,26 +262,61 @@ impl Rooms {
             content,
         };
         // Signed here only to check it; the other server signs the real one.
-        let probe = self.build_local_event(version, event).await?;
-        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))
-            .await?
-            .ok_or_else(|| ServiceError::NotFound(format!("unknown room {room_id}")))?;
-        let current = StateRef::Current { group: room.value.current_state_group, room_id: room_id.to_string() };
-        let mut loaded = Loaded::from([(probe.id().to_owned(), probe.clone())]);
-        self.load_auth_events(version, &probe, &room_id.to_owned(), Some(&room.value), &mut loaded).await?;
-        match self.decide(version, &probe, &current, None, &mut loaded).await? {
-            Outcome::Accepted => {}
-            Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => {
-                return Err(ServiceError::Forbidden(format!("{user_id} may not {membership} {room_id}: {reason}")));
-            }
-            Outcome::Outlier => return Err(ServiceError::Internal("a probe cannot be an outlier".into())),
-        }
+        let probe = self.checked_local_event(version, event).await?;
         let mut template = probe.object().clone();
         // The other server names and signs the event; before v3 it also picks the event ID.
         for field in ["signatures", "hashes", "unsigned", "event_id", "origin"] {
             template.remove(field);
         }
         Ok(template)
+    }
+
+    /// A local event built on the room's current state, signed, and checked against that state
+    /// by this server's auth rules, but not stored: for events another server must see first
+    /// (a template it completes, an invite it countersigns).
+    pub async fn checked_local_event(&self, version: &RoomVersion, event: LocalEvent<'_>) -> Result<Pdu, ServiceError> {
+        let (sender, kind) = (event.sender.to_owned(), event.kind.to_owned());
+        let room_id = event.room_id.ok_or_else(|| ServiceError::Internal("a checked event needs a room".into()))?;
+        let room_id = room_id.to_owned();
+        let built = self.build_local_event(version, event).await?;
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("unknown room {room_id}")))?;
+        let current = StateRef::Current { group: room.value.current_state_group, room_id: room_id.to_string() };
+        let mut loaded = Loaded::from([(built.id().to_owned(), built.clone())]);
+        self.load_auth_events(version, &built, &room_id, Some(&room.value), &mut loaded).await?;
+        match self.decide(version, &built, &current, None, &mut loaded).await? {
+            Outcome::Accepted => Ok(built),
+            Outcome::Rejected(reason) | Outcome::SoftFailed(reason) => {
+                Err(ServiceError::Forbidden(format!("{sender} may not send {kind} in {room_id}: {reason}")))
+            }
+            Outcome::Outlier => Err(ServiceError::Internal("a local event cannot be an outlier".into())),
+        }
+    }
+
+    /// The state an invitee's server is given to describe the room (`invite_room_state`): the
+    /// create event (which the spec requires), join rules, name, avatar, topic, canonical
+    /// alias, encryption, and the inviter's membership, as PDUs.
+    pub async fn invite_room_state(&self, room_id: &RoomId, inviter: &UserId) -> Result<Vec<Value>, ServiceError> {
+        let slots = [
+            ("m.room.create", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+            ("m.room.member", inviter.as_str()),
+        ];
+        let mut state = Vec::with_capacity(slots.len());
+        for (kind, key) in slots {
+            let Some(id) = self.current_state_id(room_id, kind, key).await? else { continue };
+            let id = OwnedEventId::try_from(id).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            if let Some(json) = self.stored_pdu_json(&id).await? {
+                state.push(serde_json::from_str(&json).map_err(|e| ServiceError::Internal(e.to_string()))?);
+            }
+        }
+        Ok(state)
     }
 
     /// Signs an event this server's user completed from another server's template.

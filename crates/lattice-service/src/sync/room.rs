@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use lattice_storage::records::OutOfBandRecord;
 use ruma::{RoomId, UserId};
 use serde_json::{Value, json};
 
@@ -71,6 +72,17 @@ impl Sync {
     ) -> Result<Option<Value>, ServiceError> {
         // Nothing after the user left is theirs to see.
         let (since, now) = (scope.since.events, scope.now.events);
+        if let Some(left) = self.rooms.out_of_band(scope.user_id, room_id).await? {
+            // A refused invite to a room this server is not in: the refusal is all there is.
+            if left.stream_position <= since || left.stream_position > now {
+                return Ok(None);
+            }
+            let event = self.rooms.client_event(&left.event_id).await?;
+            return Ok(Some(json!({
+                "timeline": { "events": [event], "limited": false, "prev_batch": token(left.stream_position - 1) },
+                "state": { "events": [] },
+            })));
+        }
         let left_at = self.rooms.membership_position(scope.user_id, room_id).await?.unwrap_or(since).min(now);
         if left_at <= since {
             return Ok(None);
@@ -326,6 +338,9 @@ impl Sync {
         room_id: &RoomId,
     ) -> Result<Option<Value>, ServiceError> {
         let user_id = scope.user_id;
+        if let Some(invite) = self.rooms.out_of_band(user_id, room_id).await? {
+            return self.out_of_band_invite_sync(scope, invite).await;
+        }
         let Some(invite_id) = self.rooms.current_state_id(room_id, "m.room.member", user_id.as_str()).await? else {
             return Ok(None);
         };
@@ -350,6 +365,30 @@ impl Sync {
                 stripped.push(json!({ "type": event["type"], "state_key": event["state_key"], "content": event["content"], "sender": event["sender"] }));
             }
         }
+        Ok(Some(json!({ "invite_state": { "events": stripped } })))
+    }
+
+    /// An invite from another server to a room this server is not in: the stripped state the
+    /// inviting server sent, and the invite itself.
+    async fn out_of_band_invite_sync(
+        &self,
+        scope: &SyncScope<'_>,
+        invite: OutOfBandRecord,
+    ) -> Result<Option<Value>, ServiceError> {
+        let (since, now) = (scope.since.events, scope.now.events);
+        if invite.membership != "invite" || invite.stream_position <= since || invite.stream_position > now {
+            return Ok(None);
+        }
+        let event = self.rooms.client_event(&invite.event_id).await?;
+        if scope.ignored.contains(event["sender"].as_str().unwrap_or_default()) {
+            return Ok(None);
+        }
+        let mut stripped: Vec<Value> = invite
+            .stripped_state
+            .into_iter()
+            .filter(|entry| !(entry["type"] == "m.room.member" && entry["state_key"] == scope.user_id.as_str()))
+            .collect();
+        stripped.push(json!({ "type": event["type"], "state_key": event["state_key"], "content": event["content"], "sender": event["sender"] }));
         Ok(Some(json!({ "invite_state": { "events": stripped } })))
     }
 
