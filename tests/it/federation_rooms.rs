@@ -209,3 +209,90 @@ async fn a_server_outside_the_room_reads_nothing_and_cannot_act_for_others() {
     lat2.stop().await;
     lat1.stop().await;
 }
+
+/// A request from `origin` to lat1's federation listener, signed with `origin`'s key.
+async fn signed_request(
+    net: &Network,
+    (origin, key): (&str, &ruma::signatures::Ed25519KeyPair),
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (reqwest::StatusCode, Value) {
+    let bytes = body.as_ref().map(|b| b.to_string()).unwrap_or_default();
+    let auth = x_matrix(key, origin, "lat1.test", &method, path, bytes.as_bytes());
+    net.request("lat1.test", method, path, Some(&auth), body.as_ref()).await
+}
+
+#[tokio::test]
+async fn banned_users_and_servers_denied_by_the_acl_stay_out() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let (alice, _bob, room) = shared_room(&net, &lat1, &lat2).await;
+    let room_enc = room.replace('!', "%21");
+    let key3 = lat3.signing_key();
+
+    // A banned user of another server gets no join template, and a join built without one is
+    // refused by the room's rules.
+    let ban = format!("/_matrix/client/v3/rooms/{room}/ban");
+    let (status, body) = lat1.http.post(&ban, Some(&alice), &json!({ "user_id": "@mallory:lat3.test" })).await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/_matrix/federation/v1/make_join/{room_enc}/@mallory:lat3.test?ver=12");
+    assert_error(&signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await, 403, "M_FORBIDDEN");
+    let path = format!("/_matrix/federation/v1/make_join/{room_enc}/@eve:lat3.test?ver=12");
+    let (status, template) = signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{template}");
+    let mut join = template["event"].clone();
+    join["sender"] = json!("@mallory:lat3.test");
+    join["state_key"] = json!("@mallory:lat3.test");
+    join["origin_server_ts"] = json!(1);
+    let ruma::CanonicalJsonValue::Object(mut join) = ruma::CanonicalJsonValue::try_from(join).unwrap() else {
+        panic!("a template is an object")
+    };
+    let version = lattice_core::room_version::RoomVersion::parse("12").unwrap();
+    lattice_core::pdu::hash_and_sign(&mut join, "lat3.test", &key3, &version).unwrap();
+    let join_id = lattice_core::pdu::event_id(&join, &version).unwrap();
+    let path = format!("/_matrix/federation/v2/send_join/{room_enc}/{}", join_id.as_str().replace('$', "%24"));
+    let body = serde_json::to_value(&join).unwrap();
+    assert_error(&signed_request(&net, ("lat3.test", &key3), Method::PUT, &path, Some(body)).await, 403, "M_FORBIDDEN");
+    let state = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@mallory:lat3.test");
+    let (_, member) = lat1.http.get(&state, Some(&alice)).await;
+    assert_eq!(member["membership"], "ban", "{member}");
+
+    // The room's server ACL denies lat2: its room requests are 403 and its PDUs ignored.
+    let acl = format!("/_matrix/client/v3/rooms/{room}/state/m.room.server_acl/");
+    let content = json!({ "allow": ["*"], "deny": ["lat2.test"], "allow_ip_literals": false });
+    let (status, body) = lat1.http.put(&acl, Some(&alice), &content).await;
+    assert_eq!(status, 200, "{body}");
+    let key2 = lat2.signing_key();
+    let latest = say(&lat1.http, &alice, &room, "after-the-acl").await;
+    let event_enc = latest.replace('$', "%24");
+    for path in [
+        format!("/_matrix/federation/v1/make_join/{room_enc}/@eve:lat2.test?ver=12"),
+        format!("/_matrix/federation/v1/state_ids/{room_enc}?event_id={event_enc}"),
+        format!("/_matrix/federation/v1/backfill/{room_enc}?v={event_enc}&limit=10"),
+        format!("/_matrix/federation/v1/event_auth/{room_enc}/{event_enc}"),
+    ] {
+        let answer = signed_request(&net, ("lat2.test", &key2), Method::GET, &path, None).await;
+        assert_error(&answer, 403, "M_FORBIDDEN");
+    }
+    let pdu = json!({
+        "type": "m.room.message", "room_id": room, "sender": "@bob:lat2.test", "content": { "body": "denied" },
+        "origin_server_ts": 1, "depth": 10, "prev_events": [latest], "auth_events": [],
+        "hashes": { "sha256": "x" }, "signatures": {}
+    });
+    let txn = json!({ "origin": "lat2.test", "origin_server_ts": 1, "pdus": [pdu] });
+    let answer =
+        signed_request(&net, ("lat2.test", &key2), Method::PUT, "/_matrix/federation/v1/send/acl1", Some(txn)).await;
+    assert_eq!(answer.0, 200, "{answer:?}");
+    let results = answer.1["pdus"].as_object().expect("per-PDU results");
+    assert!(results.values().all(|r| r["error"].as_str().is_some_and(|e| e.contains("ACL"))), "{answer:?}");
+    // lat3 is still allowed.
+    let path = format!("/_matrix/federation/v1/make_join/{room_enc}/@eve:lat3.test?ver=12");
+    assert_eq!(signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await.0, 200);
+
+    lat3.stop().await;
+    lat2.stop().await;
+    lat1.stop().await;
+}

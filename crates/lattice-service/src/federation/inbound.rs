@@ -103,6 +103,9 @@ impl Federation {
             Err(error) => return (None, Err(error.to_string())),
         };
         let event_id = lattice_core::pdu::event_id(&object, &version).ok().map(|id| id.to_string());
+        if let Err(error) = self.require_acl(origin, &room_id).await {
+            return (event_id, Err(error.to_string()));
+        }
         let outcome = self.receive_checked(origin, &version, object, bytes).await;
         if let Err(reason) = &outcome {
             tracing::info!(%origin, event_id = event_id.as_deref().unwrap_or("?"), %reason, "a pushed PDU was not accepted");
@@ -144,6 +147,7 @@ impl Federation {
             "m.typing" => {
                 let content = &edu.content;
                 let (room_id, user_id) = edu_room_and_user(origin, &content["room_id"], &content["user_id"])?;
+                self.require_acl(origin, &room_id).await.map_err(|e| e.to_string())?;
                 let typing = content["typing"].as_bool().ok_or("m.typing without typing")?;
                 let timeout = std::time::Duration::from_secs(30);
                 self.rooms.set_typing(&user_id, &room_id, typing, timeout).await.map_err(|e| e.to_string())
@@ -152,6 +156,10 @@ impl Federation {
                 let rooms = edu.content.as_object().ok_or("m.receipt content is not an object")?;
                 for (room_id, by_type) in rooms.iter().take(MAX_EDUS) {
                     let Some(readers) = by_type["m.read"].as_object() else { continue };
+                    let Ok(room) = ruma::OwnedRoomId::try_from(room_id.as_str()) else { continue };
+                    if self.require_acl(origin, &room).await.is_err() {
+                        continue;
+                    }
                     for (user_id, receipt) in readers.iter().take(MAX_EDUS) {
                         let (room_id, user_id) = edu_room_and_user(origin, &json!(room_id), &json!(user_id))?;
                         let Some(event_id) =
@@ -185,6 +193,7 @@ impl Federation {
         require_own_user(origin, user_id)?;
         let version = self.rooms.room_version(room_id).await?;
         self.require_resident(room_id).await?;
+        self.require_acl(origin, room_id).await?;
         let id = version.id().as_str();
         // The spec's default when the asking server names no versions is version 1 only.
         let supported = if supported_versions.is_empty() { vec!["1".to_owned()] } else { supported_versions.to_vec() };
@@ -267,6 +276,7 @@ impl Federation {
     ) -> Result<(RoomVersion, CanonicalJsonObject, MembershipFields), ServiceError> {
         let version = self.rooms.room_version(room_id).await?;
         self.require_resident(room_id).await?;
+        self.require_acl(origin, room_id).await?;
         let object = lattice_core::pdu::parse(bytes, &version)?;
         let computed = lattice_core::pdu::event_id(&object, &version)?;
         if computed != event_id {
@@ -467,6 +477,15 @@ impl Federation {
         Ok(json!({ "room_id": room_id, "servers": servers }))
     }
 
+    /// The room's server ACL (`m.room.server_acl`) must let `origin` in: the spec's `403
+    /// M_FORBIDDEN` for every room-scoped request of a denied server.
+    pub(super) async fn require_acl(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), ServiceError> {
+        if !self.rooms.server_allowed_by_acl(origin, room_id).await? {
+            return Err(ServiceError::Forbidden(format!("{origin} is denied by the server ACL of {room_id}")));
+        }
+        Ok(())
+    }
+
     /// Only a server with a member in the room can help others into it.
     async fn require_resident(&self, room_id: &RoomId) -> Result<(), ServiceError> {
         if !self.rooms.server_in_room(self.server_name(), room_id).await? {
@@ -477,6 +496,7 @@ impl Federation {
 
     async fn require_member_server(&self, origin: &ServerName, room_id: &RoomId) -> Result<(), ServiceError> {
         self.rooms.room_version(room_id).await?;
+        self.require_acl(origin, room_id).await?;
         if !self.rooms.server_in_room(origin, room_id).await? {
             return Err(ServiceError::Forbidden(format!("{origin} is not in {room_id}")));
         }

@@ -74,6 +74,9 @@ impl Federation {
         };
         let invite = Pdu::new(object, &version)?;
         let invitee = self.check_invite_fields(origin, room_id, &invite)?;
+        if self.rooms.room_version(room_id).await.is_ok() {
+            self.require_acl(origin, room_id).await?;
+        }
         self.accounts.existing_user(&invitee).await.map_err(|error| match error {
             ServiceError::NotFound(_) | ServiceError::UserDeactivated => {
                 ServiceError::Forbidden(format!("{invitee} cannot be invited: {error}"))

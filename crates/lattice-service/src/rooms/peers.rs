@@ -55,6 +55,24 @@ impl Rooms {
         Ok(room.value.forward_extremities)
     }
 
+    /// Whether the room's server ACL (`m.room.server_acl` in the current state) lets `server`
+    /// take part. No ACL allows every server; an ACL whose content cannot be read denies all
+    /// but this server, as an empty allow list would.
+    pub async fn server_allowed_by_acl(&self, server: &ServerName, room_id: &RoomId) -> Result<bool, ServiceError> {
+        let Some(id) = self.current_state_id(room_id, "m.room.server_acl", "").await? else { return Ok(true) };
+        let id = OwnedEventId::try_from(id).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let Some(json) = self.stored_pdu_json(&id).await? else { return Ok(true) };
+        let pdu: Value = serde_json::from_str(&json).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(
+            match serde_json::from_value::<ruma::events::room::server_acl::RoomServerAclEventContent>(
+                pdu["content"].clone(),
+            ) {
+                Ok(acl) => acl.is_allowed(server),
+                Err(_) => server == self.server_name(),
+            },
+        )
+    }
+
     /// Whether a user of `server` is joined to the room now: who may ask about its history.
     pub async fn server_in_room(&self, server: &ServerName, room_id: &RoomId) -> Result<bool, ServiceError> {
         Ok(self.joined_servers(room_id).await?.contains(server))
