@@ -183,6 +183,8 @@ pub struct Rooms {
     directory_cache: DirectoryCache,
     /// Rooms whose forward extremities are waiting to be merged.
     merges: MergeQueue,
+    /// What push rules need of each room at its current state (`push_events.rs`).
+    push_facts: push_events::PushFactsCache,
     /// Woken after every live event, for the federation forwarder (which reads what is new
     /// from the stream itself, so one wake-up may cover many events).
     events_written: Arc<tokio::sync::Notify>,
@@ -218,6 +220,7 @@ impl Rooms {
             notifier,
             directory_cache: Default::default(),
             merges: Default::default(),
+            push_facts: Default::default(),
             events_written: Default::default(),
         }
     }
