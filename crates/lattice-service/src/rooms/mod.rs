@@ -28,6 +28,7 @@ mod timestamps;
 mod topological;
 pub(crate) mod typing;
 mod upgrade;
+mod user_directory;
 mod visibility;
 
 use std::sync::Arc;
@@ -69,6 +70,7 @@ pub use relations::RelationsQuery;
 pub use timestamps::EventAtTime;
 pub(crate) use topological::history_position;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
+pub use user_directory::{DirectoryPage, DirectoryUser, MAX_DIRECTORY_LIMIT};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
