@@ -101,7 +101,8 @@ async fn bad_directory_searches_get_matrix_errors() {
     let long = "x".repeat(300);
     assert_error(&http.post(SEARCH, Some(&alice), &json!({ "search_term": long })).await, 400, "M_INVALID_PARAM");
     // The r0 path is the same endpoint.
-    let (status, _) = http.post("/_matrix/client/r0/user_directory/search", Some(&alice), &json!({ "search_term": "a" })).await;
+    let (status, _) =
+        http.post("/_matrix/client/r0/user_directory/search", Some(&alice), &json!({ "search_term": "a" })).await;
     assert_eq!(status, 200);
     server.stop().await;
 }

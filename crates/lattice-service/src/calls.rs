@@ -23,7 +23,10 @@ pub struct TurnConfig {
 pub enum TurnCredentials {
     /// coturn's `static-auth-secret`.
     SharedSecret(String),
-    Static { username: String, password: String },
+    Static {
+        username: String,
+        password: String,
+    },
 }
 
 /// What `GET /voip/turnServer` answers.

@@ -92,7 +92,11 @@ pub struct NotificationsPage {
 /// The actions of the first enabled rule of `rules` that applies (the spec's order: override,
 /// content, room, sender, underride), as ruma's `Ruleset::get_actions` but over an event
 /// flattened once for every recipient.
-async fn matching_actions<'a>(rules: &'a Ruleset, event: &FlattenedJson, context: &PushConditionRoomCtx) -> &'a [Action] {
+async fn matching_actions<'a>(
+    rules: &'a Ruleset,
+    event: &FlattenedJson,
+    context: &PushConditionRoomCtx,
+) -> &'a [Action] {
     for rule in rules {
         if rule.applies(event, context).await {
             return rule.actions();

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use lattice_storage::StorageError;
-use ruma::{OwnedUserId, UserId};
 use ruma::push::{Action, AnyPushRule, InsertPushRuleError, NewPushRule, RemovePushRuleError, RuleKind, Ruleset};
+use ruma::{OwnedUserId, UserId};
 
 use super::Push;
 use crate::{JsonObject, ServiceError};

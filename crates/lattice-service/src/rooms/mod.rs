@@ -70,9 +70,9 @@ pub use relations::RelationsQuery;
 pub use timestamps::EventAtTime;
 pub(crate) use topological::history_position;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
-pub use user_directory::{DirectoryPage, DirectoryUser, MAX_DIRECTORY_LIMIT};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
+pub use user_directory::{DirectoryPage, DirectoryUser, MAX_DIRECTORY_LIMIT};
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.

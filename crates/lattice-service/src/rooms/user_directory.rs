@@ -61,8 +61,9 @@ fn match_rank(words: &[String], user: &DirectoryUser) -> Option<u8> {
     if !words.iter().all(|word| id.contains(word.as_str()) || name.contains(word.as_str())) {
         return None;
     }
-    let starts =
-        words.iter().any(|word| localpart.starts_with(word.as_str()) || name.split_whitespace().any(|w| w.starts_with(word.as_str())));
+    let starts = words.iter().any(|word| {
+        localpart.starts_with(word.as_str()) || name.split_whitespace().any(|w| w.starts_with(word.as_str()))
+    });
     Some(if starts { 0 } else { 1 })
 }
 
@@ -77,7 +78,9 @@ impl Rooms {
         all_local_users: bool,
     ) -> Result<DirectoryPage, ServiceError> {
         if term.len() > MAX_SEARCH_TERM_BYTES {
-            return Err(ServiceError::InvalidParam(format!("search_term is longer than {MAX_SEARCH_TERM_BYTES} bytes")));
+            return Err(ServiceError::InvalidParam(format!(
+                "search_term is longer than {MAX_SEARCH_TERM_BYTES} bytes"
+            )));
         }
         let limit = limit.unwrap_or(DEFAULT_DIRECTORY_LIMIT).min(MAX_DIRECTORY_LIMIT);
         let words = words_of(term);
@@ -205,7 +208,11 @@ mod tests {
     use super::*;
 
     fn user(id: &str, name: Option<&str>) -> DirectoryUser {
-        DirectoryUser { user_id: OwnedUserId::try_from(id).unwrap(), display_name: name.map(str::to_owned), avatar_url: None }
+        DirectoryUser {
+            user_id: OwnedUserId::try_from(id).unwrap(),
+            display_name: name.map(str::to_owned),
+            avatar_url: None,
+        }
     }
 
     #[test]
