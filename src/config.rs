@@ -25,6 +25,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub rooms: RoomsConfig,
     pub push: PushConfig,
+    pub user_directory: UserDirectoryConfig,
+    pub calls: CallsConfig,
     pub federation: FederationConfig,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
@@ -130,6 +132,76 @@ impl FederationConfig {
 pub struct PushConfig {
     /// Pushers may name `http://` push gateways; off, only `https://` URLs are accepted.
     pub allow_insecure_gateways: bool,
+}
+
+/// `[calls]`: the TURN server `GET /voip/turnServer` hands out credentials for, and the
+/// MatrixRTC focus announced in `/.well-known/matrix/client`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    /// `turn:`/`turns:` URIs of the TURN server; empty: no TURN server.
+    pub turn_uris: Vec<String>,
+    /// coturn's `static-auth-secret`: credentials are then time-limited (TURN REST API).
+    pub turn_shared_secret: Option<String>,
+    /// Static credentials, instead of a shared secret.
+    pub turn_username: Option<String>,
+    pub turn_password: Option<String>,
+    /// Lifetime of shared-secret credentials (and the `ttl` clients are told): `"1d"`, `"12h"`, …
+    pub turn_ttl: String,
+    /// A LiveKit SFU's JWT service for Element Call (MSC4143 `rtc_foci`).
+    pub livekit_service_url: Option<String>,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            turn_uris: Vec::new(),
+            turn_shared_secret: None,
+            turn_username: None,
+            turn_password: None,
+            turn_ttl: "1d".to_owned(),
+            livekit_service_url: None,
+        }
+    }
+}
+
+impl CallsConfig {
+    /// The TURN configuration the service takes; `None` without URIs. Checked at load.
+    pub fn turn(&self) -> anyhow::Result<Option<lattice_service::TurnConfig>> {
+        use lattice_service::{TurnConfig, TurnCredentials};
+        let credentials = match (&self.turn_shared_secret, &self.turn_username, &self.turn_password) {
+            (None, None, None) if self.turn_uris.is_empty() => return Ok(None),
+            (Some(secret), None, None) if !secret.is_empty() => TurnCredentials::SharedSecret(secret.clone()),
+            (None, Some(username), Some(password)) => {
+                TurnCredentials::Static { username: username.clone(), password: password.clone() }
+            }
+            _ => bail!(
+                "invalid configuration at key `calls`: set either `turn_shared_secret` (non-empty) or both `turn_username` and `turn_password`, with `turn_uris`"
+            ),
+        };
+        if self.turn_uris.is_empty() {
+            bail!("invalid configuration at key `calls.turn_uris`: TURN credentials are set but no URI");
+        }
+        if let Some(uri) = self.turn_uris.iter().find(|uri| !(uri.starts_with("turn:") || uri.starts_with("turns:"))) {
+            bail!("invalid configuration at key `calls.turn_uris`: {uri:?} is not a turn: or turns: URI");
+        }
+        let ttl_ms = parse_duration_ms(&self.turn_ttl)
+            .with_context(|| format!("invalid configuration at key `calls.turn_ttl`: {:?}", self.turn_ttl))?;
+        let ttl_secs = ttl_ms / 1000;
+        if !(60..=7 * 24 * 3600).contains(&ttl_secs) {
+            bail!("invalid configuration at key `calls.turn_ttl`: must be 1 minute to 7 days");
+        }
+        Ok(Some(TurnConfig { uris: self.turn_uris.clone(), credentials, ttl_secs }))
+    }
+}
+
+/// `[user_directory]`: whom `POST /user_directory/search` finds.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Every active local user, not only those sharing a room with the searcher or joined to a
+    /// public room.
+    pub search_all_users: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -298,6 +370,8 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             rooms: RoomsConfig::default(),
             push: PushConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
+            calls: CallsConfig::default(),
             federation: FederationConfig::default(),
             ignored_environment: Vec::new(),
         }
@@ -425,6 +499,12 @@ impl Config {
                 "invalid configuration at key `storage.migration_chunk_rows`: must be 1 to {}",
                 lattice_storage::MAX_SCAN_ROWS
             );
+        }
+        self.calls.turn()?;
+        if let Some(url) = &self.calls.livekit_service_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            bail!("invalid configuration at key `calls.livekit_service_url`: must be an http(s) URL");
         }
         if let Some(url) = &self.discovery.client_base_url
             && !(url.starts_with("https://") || url.starts_with("http://"))
@@ -560,6 +640,31 @@ mod tests {
         assert_eq!(example.rooms.default_room_version, default.rooms.default_room_version);
         assert_eq!(example.rooms.redaction_retention, default.rooms.redaction_retention);
         assert_eq!(example.push.allow_insecure_gateways, default.push.allow_insecure_gateways);
+        assert_eq!(example.user_directory.search_all_users, default.user_directory.search_all_users);
+        assert_eq!(example.calls.turn_ttl, default.calls.turn_ttl);
+        assert!(example.calls.turn().unwrap().is_none());
+    }
+
+    #[test]
+    fn turn_settings_must_name_one_kind_of_credentials_and_uris() {
+        let base = "server_name = \"a.example\"\n[calls]\n";
+        let load = |extra: &str| load_text(&format!("{base}{extra}"), &[]);
+        let uris = "turn_uris = [\"turn:turn.a.example:3478\"]\n";
+        assert!(load(&format!("{uris}turn_shared_secret = \"s\"\n")).unwrap().calls.turn().unwrap().is_some());
+        assert!(load(&format!("{uris}turn_username = \"u\"\nturn_password = \"p\"\n")).is_ok());
+        for bad in [
+            format!("{uris}turn_shared_secret = \"s\"\nturn_username = \"u\"\nturn_password = \"p\"\n"),
+            format!("{uris}turn_username = \"u\"\n"),
+            format!("{uris}turn_shared_secret = \"\"\n"),
+            "turn_shared_secret = \"s\"\n".to_owned(),
+            uris.to_owned(),
+            format!("{uris}turn_shared_secret = \"s\"\nturn_ttl = \"5s\"\n"),
+            "turn_uris = [\"https://turn.a.example\"]\nturn_shared_secret = \"s\"\n".to_owned(),
+            "livekit_service_url = \"wss://x\"\n".to_owned(),
+        ] {
+            let err = load(&bad).expect_err(&bad);
+            assert!(format!("{err:#}").contains("calls"), "{err:#}");
+        }
     }
 
     #[test]

@@ -93,6 +93,8 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
         push_allow_insecure_gateways: config.push.allow_insecure_gateways,
+        user_directory_search_all_users: config.user_directory.search_all_users,
+        turn: config.calls.turn()?,
     };
     let signing_key = Arc::new(key.key_pair);
     let service =
@@ -107,6 +109,7 @@ fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
     Ok(ApiConfig {
         max_request_bytes: config.limits.max_request_bytes,
         client_base_url: config.discovery.client_base_url.clone(),
+        livekit_service_url: config.calls.livekit_service_url.clone(),
         well_known_server: config.discovery.server_delegation.clone(),
         trust_x_forwarded_for: config.listen.trust_x_forwarded_for,
         trusted_proxies: config.trusted_proxies()?,

@@ -490,3 +490,36 @@ async fn pushers_are_the_callers_and_bad_ones_are_refused() {
     assert_eq!(http.get("/_matrix/client/v3/pushers", Some(&alice)).await.1["pushers"].as_array().unwrap().len(), 1);
     server.stop().await;
 }
+
+/// Evaluation keeps each room's members and each user's rules between events: a member who
+/// joins later is notified, a new display name is the one matched, and a changed rule applies
+/// at once.
+#[tokio::test]
+async fn members_names_and_rules_that_change_between_messages_are_the_ones_evaluated() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+    let by_name = json!({
+        "conditions": [{ "kind": "contains_display_name" }],
+        "actions": ["notify", { "set_tweak": "highlight" }],
+    });
+    assert_eq!(http.put(&format!("{RULES}/override/by_name"), Some(&bob), &by_name).await.0, 200);
+    send(http, &alice, &room, "n1", json!({ "msgtype": "m.text", "body": "warming up" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 0));
+
+    let dave = server.register("dave", "pw").await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&dave), &json!({})).await.0, 200);
+    send(http, &alice, &room, "n2", json!({ "msgtype": "m.text", "body": "hello all" })).await;
+    assert_eq!(counts(http, &dave, &room).await, (1, 0), "a member who joined after the first message");
+
+    let profile = format!("/_matrix/client/v3/profile/{}/displayname", server.user_id("bob"));
+    assert_eq!(http.put(&profile, Some(&bob), &json!({ "displayname": "Bartholomew" })).await.0, 200);
+    send(http, &alice, &room, "n3", json!({ "msgtype": "m.text", "body": "thanks Bartholomew" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (3, 1), "the new display name highlights");
+
+    let delete = http.request(Method::DELETE, &format!("{RULES}/override/by_name"), Some(&bob), None).await;
+    assert_eq!(delete.0, 200);
+    send(http, &alice, &room, "n4", json!({ "msgtype": "m.text", "body": "Bartholomew again" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (4, 1), "the deleted rule no longer highlights");
+    server.stop().await;
+}

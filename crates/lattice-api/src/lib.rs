@@ -29,6 +29,9 @@ pub struct ApiConfig {
     pub max_request_bytes: usize,
     /// Served at `/.well-known/matrix/client` as `m.homeserver.base_url`, when set.
     pub client_base_url: Option<String>,
+    /// Announced at `/.well-known/matrix/client` as the LiveKit focus of
+    /// `org.matrix.msc4143.rtc_foci`, when set (with `client_base_url`).
+    pub livekit_service_url: Option<String>,
     /// Served at `/.well-known/matrix/server` as `m.server`, when set.
     pub well_known_server: Option<String>,
     pub trust_x_forwarded_for: bool,

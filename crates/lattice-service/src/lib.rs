@@ -13,6 +13,7 @@
 
 pub mod account_data;
 pub mod accounts;
+mod calls;
 mod clock;
 mod composed;
 mod error;
@@ -36,6 +37,7 @@ pub use accounts::{
     Accounts, DeviceInfo, LoginRequest, LoginResult, NewAccount, Profile, ProfileField, RegisterRequest, Registered,
     RegistrationTokenInfo, Session, SessionTokens, UiaChallenge, valid_registration_token_format,
 };
+pub use calls::{TurnConfig, TurnCredentials, TurnServer};
 pub use clock::{Clock, SystemClock};
 pub use error::ServiceError;
 pub use federation::Federation;
@@ -73,6 +75,11 @@ pub struct ServiceConfig {
     pub redaction_retention_ms: u64,
     /// Pushers may name `http://` push gateways (else only `https://`).
     pub push_allow_insecure_gateways: bool,
+    /// The user directory finds every active local user, not only those sharing a room with
+    /// the searcher or joined to a public room.
+    pub user_directory_search_all_users: bool,
+    /// The TURN server `GET /voip/turnServer` hands out credentials for; `None`: none.
+    pub turn: Option<TurnConfig>,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -95,6 +102,8 @@ pub struct Service {
     federation: Federation,
     sync: Sync,
     notifier: Arc<notifier::Notifier>,
+    /// For what the composition itself stamps (TURN credentials).
+    clock: Arc<dyn Clock>,
 }
 
 impl Service {
@@ -137,7 +146,8 @@ impl Service {
         Self {
             config,
             push,
-            reports: Reports::new(kv.clone(), clock),
+            reports: Reports::new(kv.clone(), clock.clone()),
+            clock,
             store: kv,
             accounts,
             account_data,
@@ -181,6 +191,17 @@ impl Service {
 
     pub fn reports(&self) -> &Reports {
         &self.reports
+    }
+
+    /// `POST /user_directory/search`: the users `searcher` may find (see
+    /// `rooms/user_directory.rs`), with every local user when the server is configured so.
+    pub async fn search_user_directory(
+        &self,
+        searcher: &ruma::UserId,
+        term: &str,
+        limit: Option<usize>,
+    ) -> Result<rooms::DirectoryPage, ServiceError> {
+        self.rooms.search_user_directory(searcher, term, limit, self.config.user_directory_search_all_users).await
     }
 
     pub fn rooms(&self) -> &Rooms {
@@ -425,6 +446,8 @@ fn test_config(name: &str) -> ServiceConfig {
         public_rooms_cache_ms: 0,
         redaction_retention_ms: DEFAULT_REDACTION_RETENTION_MS,
         push_allow_insecure_gateways: false,
+        user_directory_search_all_users: false,
+        turn: None,
     }
 }
 

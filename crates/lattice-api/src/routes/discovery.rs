@@ -57,14 +57,25 @@ async fn capabilities(State(state): State<AppState>, _auth: Auth) -> Json<Value>
 async fn well_known_client(
     State(state): State<AppState>,
     Ruma(_): Ruma<discover_homeserver::Request>,
-) -> ApiResult<RumaResponse<discover_homeserver::Response>> {
-    match &state.config.client_base_url {
-        Some(url) => Ok(RumaResponse(discover_homeserver::Response::new(discover_homeserver::HomeserverInfo::new(
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let Some(url) = &state.config.client_base_url else {
+        return Err(ApiError::Service(lattice_service::ServiceError::NotFound(
+            "no client discovery configured".into(),
+        )));
+    };
+    match &state.config.livekit_service_url {
+        // ruma 0.17 carries `rtc_foci` only behind an unstable feature this build does not
+        // enable, so this answer is written out: MSC4143's key and its LiveKit focus.
+        Some(livekit) => Ok(Json(json!({
+            "m.homeserver": { "base_url": url },
+            "org.matrix.msc4143.rtc_foci": [{ "type": "livekit", "livekit_service_url": livekit }],
+        }))
+        .into_response()),
+        None => Ok(RumaResponse(discover_homeserver::Response::new(discover_homeserver::HomeserverInfo::new(
             url.to_string(),
-        )))),
-        None => {
-            Err(ApiError::Service(lattice_service::ServiceError::NotFound("no client discovery configured".into())))
-        }
+        )))
+        .into_response()),
     }
 }
 

@@ -15,6 +15,8 @@ mod session;
 mod sync;
 mod tags;
 mod user_data;
+mod user_directory;
+mod voip;
 
 use std::any::Any;
 
@@ -90,6 +92,8 @@ pub fn all() -> Routes {
         .merge(reports::routes())
         .merge(tags::routes())
         .merge(push::routes())
+        .merge(user_directory::routes())
+        .merge(voip::routes())
         .merge(federation::routes())
 }
 

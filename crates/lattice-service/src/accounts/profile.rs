@@ -81,6 +81,22 @@ impl Accounts {
         self.stored_profile(user_id).await
     }
 
+    /// Every local account that is not deactivated (the user directory's "all local users").
+    pub(crate) async fn active_local_users(&self) -> Result<Vec<ruma::OwnedUserId>, ServiceError> {
+        let rows = lattice_storage::scan_all(
+            self.kv.as_ref(),
+            lattice_storage::Table::Users,
+            &lattice_storage::KeyRange::all(),
+        )
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(_, raw)| serde_json::from_slice::<lattice_storage::records::UserRecord>(&raw).ok())
+            .filter(|user| !user.deactivated)
+            .filter_map(|user| ruma::OwnedUserId::try_from(user.user_id).ok())
+            .collect())
+    }
+
     /// The stored profile record, empty when there is none.
     async fn stored_profile(&self, user_id: &UserId) -> Result<Profile, ServiceError> {
         let record = lattice_storage::get::<ProfileRecord>(self.kv.as_ref(), &keys::user(user_id.as_str())).await?;

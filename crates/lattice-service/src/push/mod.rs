@@ -41,6 +41,8 @@ pub struct Push {
     allow_insecure_gateways: bool,
     /// Wakes the delivery task when a push is queued.
     queued: tokio::sync::Notify,
+    /// Parsed rulesets of the users events were evaluated for (`rules.rs`).
+    rules_cache: rules::RulesCache,
 }
 
 /// How long one `POST` to a push gateway may take.
@@ -61,6 +63,7 @@ impl Push {
             http,
             allow_insecure_gateways,
             queued: tokio::sync::Notify::new(),
+            rules_cache: rules::RulesCache::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use lattice_storage::records::{PushNotificationRecord, PushUnreadRecord};
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
-use ruma::push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx};
+use ruma::push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
 use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, UInt, UserId};
 use serde_json::value::RawValue;
@@ -89,31 +89,60 @@ pub struct NotificationsPage {
     pub next_token: Option<String>,
 }
 
+/// The actions of the first enabled rule of `rules` that applies (the spec's order: override,
+/// content, room, sender, underride), as ruma's `Ruleset::get_actions` but over an event
+/// flattened once for every recipient.
+async fn matching_actions<'a>(
+    rules: &'a Ruleset,
+    event: &FlattenedJson,
+    context: &PushConditionRoomCtx,
+) -> &'a [Action] {
+    for rule in rules {
+        if rule.applies(event, context).await {
+            return rule.actions();
+        }
+    }
+    &[]
+}
+
 impl Push {
     /// Evaluates a new event against each recipient's rules and adds the notifications (and the
     /// pushes they queue) to `batch`, the event's own, so an event and what it notified are
-    /// stored together. Reads one ruleset per recipient; nothing else. Returns whether a push
-    /// was queued: then call [`Push::wake_delivery`] once the batch is written.
+    /// stored together. The event is flattened once for all recipients and each ruleset comes
+    /// from the cache (read and parsed only on a miss); one condition context is reused, only
+    /// its user and display name changing. Returns whether a push was queued: then call
+    /// [`Push::wake_delivery`] once the batch is written.
     pub(crate) async fn notifications_into(
         &self,
         event: &PushedEvent<'_>,
-        recipients: Vec<Recipient>,
+        recipients: &[Recipient],
         into: &mut WriteBatch,
     ) -> Result<bool, ServiceError> {
         let raw: Raw<ruma::events::AnySyncTimelineEvent> = Raw::from_json(event.json.to_owned());
-        let member_count = UInt::new_saturating(event.member_count);
+        let flattened = FlattenedJson::from_raw(&raw);
+        let sender = flattened.get_str("sender").map(str::to_owned);
+        let mut context = PushConditionRoomCtx::new(
+            event.room_id.to_owned(),
+            UInt::new_saturating(event.member_count),
+            // Replaced by each recipient's below.
+            ruma::owned_user_id!("@recipient:invalid"),
+            String::new(),
+        );
+        if let Some(levels) = &event.power_levels {
+            context = context.with_power_levels(levels.clone());
+        }
         let mut batch = WriteBatch::new();
         let mut notified = 0;
         let mut queued = false;
         for recipient in recipients {
-            let rules = self.rules(&recipient.user_id).await?;
-            let room_id = event.room_id.to_owned();
-            let mut context =
-                PushConditionRoomCtx::new(room_id, member_count, recipient.user_id.clone(), recipient.display_name);
-            if let Some(levels) = &event.power_levels {
-                context = context.with_power_levels(levels.clone());
+            // The spec's first rule of evaluation: one's own events never notify.
+            if sender.as_deref() == Some(recipient.user_id.as_str()) {
+                continue;
             }
-            let actions = rules.get_actions(&raw, &context).await;
+            let rules = self.cached_rules(&recipient.user_id).await?;
+            context.user_id.clone_from(&recipient.user_id);
+            context.user_display_name.clone_from(&recipient.display_name);
+            let actions = matching_actions(&rules, &flattened, &context).await;
             if !actions.iter().any(Action::should_notify) {
                 continue;
             }

@@ -29,6 +29,7 @@ mod timestamps;
 mod topological;
 pub(crate) mod typing;
 mod upgrade;
+mod user_directory;
 mod visibility;
 
 use std::sync::Arc;
@@ -72,6 +73,7 @@ pub(crate) use topological::history_position;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
 pub use typing::MAX_TYPING_TIMEOUT;
 pub use upgrade::UpgradeRoom;
+pub use user_directory::{DirectoryPage, DirectoryUser, MAX_DIRECTORY_LIMIT};
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.
@@ -185,6 +187,8 @@ pub struct Rooms {
     directory_cache: DirectoryCache,
     /// Rooms whose forward extremities are waiting to be merged.
     merges: MergeQueue,
+    /// What push rules need of each room at its current state (`push_events.rs`).
+    push_facts: push_events::PushFactsCache,
     /// Woken after every live event, for the federation forwarder (which reads what is new
     /// from the stream itself, so one wake-up may cover many events).
     events_written: Arc<tokio::sync::Notify>,
@@ -220,6 +224,7 @@ impl Rooms {
             notifier,
             directory_cache: Default::default(),
             merges: Default::default(),
+            push_facts: Default::default(),
             events_written: Default::default(),
         }
     }

@@ -3,7 +3,9 @@
 //! sender's power to notify the room — are gathered here and handed to the push service, which
 //! owns the notifications. Cost per event: one scan of the room's member rows (keys only), one
 //! event read per local member, the create and power-levels events, and one ruleset read per
-//! local member in the push service; nothing is re-scanned later.
+//! local member in the push service; nothing is re-scanned later. Those facts are kept per room
+//! for the room's current state group ([`PushFactsCache`]), and rulesets per user in the push
+//! service, so a message into a room whose state did not change reads neither.
 
 use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
@@ -15,8 +17,11 @@ use ruma::power_levels::NotificationPowerLevels;
 use ruma::push::PushConditionPowerLevelsCtx;
 use ruma::room_version_rules::RoomPowerLevelsRules;
 use ruma::state_res::Event;
-use ruma::{Int, OwnedUserId, RoomId};
+use ruma::{Int, OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::Value;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::Rooms;
 use super::membership::content_of;
@@ -52,20 +57,17 @@ impl Rooms {
         position: u64,
         batch: &mut lattice_storage::WriteBatch,
     ) -> Result<bool, ServiceError> {
-        let recipients = self.push_recipients(room_id, event.sender()).await?;
-        if recipients.is_empty() {
+        // The create event comes before the room's record: nobody is there to notify.
+        let Some(facts) = self.push_facts(room_id).await? else { return Ok(false) };
+        if facts.recipients.iter().all(|recipient| recipient.user_id == *event.sender()) {
             return Ok(false);
         }
-        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
-        let member_count = match room.and_then(|room| room.value.member_counts) {
-            Some(counts) => counts.joined,
-            None => self.joined_count(room_id).await?,
-        };
         let json =
             serde_json::value::to_raw_value(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let content: Value = serde_json::from_str(event.content().get()).unwrap_or_default();
         let relation = &content["m.relates_to"];
         let thread = (relation["rel_type"] == "m.thread").then(|| relation["event_id"].as_str()).flatten();
+        let power_levels = self.cached_sender_power(version, room_id, &facts, event.sender()).await?;
         let pushed = PushedEvent {
             room_id,
             event_id: event.id().as_str(),
@@ -73,18 +75,42 @@ impl Rooms {
             ts: event.origin_server_ts().get().into(),
             json: &json,
             thread: thread.map(str::to_owned),
-            member_count,
-            power_levels: self.sender_power(version, room_id, event.sender()).await?,
+            member_count: facts.member_count,
+            power_levels,
         };
-        self.push.notifications_into(&pushed, recipients, batch).await
+        self.push.notifications_into(&pushed, &facts.recipients, batch).await
     }
 
-    /// The room's joined members of this server but `sender`, with their display names.
-    async fn push_recipients(&self, room_id: &RoomId, sender: &ruma::UserId) -> Result<Vec<Recipient>, ServiceError> {
+    /// The room's push facts at its current state: from the cache when the room's current state
+    /// group is the one they were gathered at, else gathered again. The caller holds the room's
+    /// lock, so the current state cannot move between the group read and the gathering.
+    async fn push_facts(&self, room_id: &RoomId) -> Result<Option<Arc<PushFacts>>, ServiceError> {
+        let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
+        let Some(room) = room.map(|room| room.value) else { return Ok(None) };
+        if let Some(facts) = self.push_facts.get(room_id, room.current_state_group) {
+            return Ok(Some(facts));
+        }
+        let recipients = self.push_recipients(room_id).await?;
+        let member_count = match room.member_counts {
+            Some(counts) => counts.joined,
+            None => self.joined_count(room_id).await?,
+        };
+        let facts = Arc::new(PushFacts {
+            state_group: room.current_state_group,
+            recipients,
+            member_count,
+            senders: std::sync::Mutex::new(HashMap::new()),
+        });
+        self.push_facts.insert(room_id, facts.clone());
+        Ok(Some(facts))
+    }
+
+    /// The room's joined members of this server, with their display names.
+    async fn push_recipients(&self, room_id: &RoomId) -> Result<Vec<Recipient>, ServiceError> {
         let suffix = format!(":{}", self.server_name());
         let mut recipients = Vec::new();
         for (user, member_event) in self.member_event_ids(room_id).await? {
-            if !user.ends_with(&suffix) || user == sender.as_str() {
+            if !user.ends_with(&suffix) {
                 continue;
             }
             let Ok(user_id) = OwnedUserId::try_from(user) else { continue };
@@ -101,6 +127,23 @@ impl Rooms {
             recipients.push(Recipient { user_id, display_name });
         }
         Ok(recipients)
+    }
+
+    /// [`Rooms::sender_power`], kept in the room's facts per sender (it depends only on the
+    /// create and power-levels events, both part of the state the facts belong to).
+    async fn cached_sender_power(
+        &self,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        facts: &PushFacts,
+        sender: &ruma::UserId,
+    ) -> Result<Option<PushConditionPowerLevelsCtx>, ServiceError> {
+        if let Some(known) = facts.sender(sender) {
+            return Ok(known);
+        }
+        let power = self.sender_power(version, room_id, sender).await?;
+        facts.remember_sender(sender, power.clone());
+        Ok(power)
     }
 
     async fn joined_count(&self, room_id: &RoomId) -> Result<u64, ServiceError> {
@@ -138,5 +181,58 @@ impl Rooms {
         let rules = RoomPowerLevelsRules::new(&version.rules().authorization, creators);
         let users = [(sender.to_owned(), level)].into();
         Ok(Some(PushConditionPowerLevelsCtx::new(users, level, notifications, rules)))
+    }
+}
+
+/// What push rules need of a room at one current state: its local joined members with their
+/// display names, its joined-member count, and each sender's notification power as asked so
+/// far. A message does not change the state, so every message after the first reads none of
+/// this again; a state event makes a new current state group and the next event gathers anew.
+pub(super) struct PushFacts {
+    state_group: u64,
+    recipients: Vec<Recipient>,
+    member_count: u64,
+    senders: std::sync::Mutex<HashMap<OwnedUserId, Option<PushConditionPowerLevelsCtx>>>,
+}
+
+/// At most this many senders' power is kept per room state.
+const MAX_SENDERS_PER_FACTS: usize = 1_000;
+/// At most this many rooms' facts are kept; past it an arbitrary room's make way.
+const MAX_ROOMS_WITH_FACTS: usize = 10_000;
+
+impl PushFacts {
+    fn sender(&self, sender: &ruma::UserId) -> Option<Option<PushConditionPowerLevelsCtx>> {
+        self.senders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(sender).cloned()
+    }
+
+    fn remember_sender(&self, sender: &ruma::UserId, power: Option<PushConditionPowerLevelsCtx>) {
+        let mut senders = self.senders.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if senders.len() < MAX_SENDERS_PER_FACTS {
+            senders.insert(sender.to_owned(), power);
+        }
+    }
+}
+
+/// The rooms' push facts, each valid for the current state group it was gathered at.
+#[derive(Default)]
+pub(super) struct PushFactsCache {
+    rooms: std::sync::Mutex<HashMap<OwnedRoomId, Arc<PushFacts>>>,
+}
+
+impl PushFactsCache {
+    fn get(&self, room_id: &RoomId, state_group: u64) -> Option<Arc<PushFacts>> {
+        let rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        rooms.get(room_id).filter(|facts| facts.state_group == state_group).cloned()
+    }
+
+    fn insert(&self, room_id: &RoomId, facts: Arc<PushFacts>) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if rooms.len() >= MAX_ROOMS_WITH_FACTS
+            && !rooms.contains_key(room_id)
+            && let Some(any) = rooms.keys().next().cloned()
+        {
+            rooms.remove(&any);
+        }
+        rooms.insert(room_id.to_owned(), facts);
     }
 }
