@@ -6,6 +6,7 @@ mod accounts;
 mod authorisation;
 mod bad_input;
 mod directory;
+mod e2ee;
 mod federation_keys;
 mod federation_rooms;
 mod history;
