@@ -23,6 +23,7 @@ mod relations;
 mod restart;
 mod rooms;
 mod sdk_client;
+mod sdk_e2ee;
 mod sdk_join_by_alias;
 mod support;
 mod sync;
