@@ -50,7 +50,7 @@ async fn decrypted_body(client: &Client, room_id: &RoomId, event_id: &OwnedEvent
 
 async fn send_text(client: &Client, room_id: &RoomId, body: &str) -> OwnedEventId {
     let room = client.get_room(room_id).expect("room known");
-    room.send(RoomMessageEventContent::text_plain(body)).await.expect("message sent").event_id
+    room.send(RoomMessageEventContent::text_plain(body)).await.expect("message sent").response.event_id
 }
 
 #[tokio::test]

@@ -48,6 +48,8 @@ struct VersionRecord {
 }
 
 const VERSION_COUNTER: &str = "backup_versions";
+/// Keys one batch of a deletion removes; a larger deletion takes several.
+const DELETE_PAGE: usize = 10_000;
 
 fn corrupt(detail: impl ToString) -> ServiceError {
     ServiceError::Storage(StorageError::Corrupt { table: Table::BackupVersions.name(), detail: detail.to_string() })
@@ -332,7 +334,8 @@ impl E2ee {
         session: Option<&str>,
     ) -> Result<BackupWrite, ServiceError> {
         let number = parse_version(version).ok_or_else(|| no_backup(version))?;
-        for _ in 0..WRITE_RETRIES {
+        let mut conflicts = 0;
+        loop {
             let (record, raw) = self.version_record(user_id, number).await?.ok_or_else(|| no_backup(version))?;
             let rows: Vec<Vec<u8>> = match (room, session) {
                 (Some(room), Some(session)) => {
@@ -341,17 +344,17 @@ impl E2ee {
                 }
                 _ => {
                     let range = KeyRange::prefix(&keys::backup_keys_of(user_id.as_str(), number, room));
-                    let limit = MAX_BACKUP_KEYS_PER_UPLOAD;
-                    let page = self.kv.scan(Table::BackupKeys, &range, Direction::Forward, limit).await?;
+                    let page = self.kv.scan(Table::BackupKeys, &range, Direction::Forward, DELETE_PAGE).await?;
                     page.into_iter().map(|(key, _)| key).collect()
                 }
             };
             if rows.is_empty() {
                 return Ok(BackupWrite { count: record.count, etag: record.etag.to_string() });
             }
+            // The condition on the version's row (every write of keys changes it) keeps the count
+            // exact: a concurrent writer makes this batch fail and read again.
             let mut batch = WriteBatch::new();
             for row in &rows {
-                batch.expect(Table::BackupKeys, row.clone(), self.kv.get(Table::BackupKeys, row).await?);
                 batch.delete(Table::BackupKeys, row.clone());
             }
             let updated =
@@ -361,13 +364,15 @@ impl E2ee {
             batch.put(Table::BackupVersions, version_row, encode(&updated));
             match self.kv.write(batch).await {
                 // A page at a time; the next round deletes the rest.
-                Ok(()) if rows.len() == MAX_BACKUP_KEYS_PER_UPLOAD => continue,
+                Ok(()) if rows.len() == DELETE_PAGE => continue,
                 Ok(()) => return Ok(BackupWrite { count: updated.count, etag: updated.etag.to_string() }),
-                Err(StorageError::Conflict) => continue,
+                Err(StorageError::Conflict) if conflicts < WRITE_RETRIES => conflicts += 1,
+                Err(StorageError::Conflict) => {
+                    return Err(ServiceError::LimitExceeded("the backup is changing; try again".into()));
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(ServiceError::LimitExceeded("the backup is changing; try again".into()))
     }
 }
 
