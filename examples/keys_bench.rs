@@ -69,7 +69,13 @@ impl Server {
         Err("the server did not start serving".into())
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Result<Value, Error> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Value, Error> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -92,7 +98,8 @@ impl Server {
         let challenge = self.http.post(format!("{}/_matrix/client/v3/register", self.base)).json(&body).send().await?;
         let session = challenge.json::<Value>().await?["session"].as_str().ok_or("no UIA session")?.to_owned();
         let mut body = body;
-        body["auth"] = json!({ "type": "m.login.registration_token", "token": self.registration_token, "session": session });
+        body["auth"] =
+            json!({ "type": "m.login.registration_token", "token": self.registration_token, "session": session });
         let done = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(&body)).await?;
         let token = done["access_token"].as_str().ok_or("no access token")?.to_owned();
         let device = done["device_id"].as_str().ok_or("no device ID")?.to_owned();
@@ -156,7 +163,8 @@ async fn main() -> Result<(), Error> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(100);
     let default_binary = format!("{}/release/lattice", std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into()));
-    let binary = args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or(default_binary);
+    let binary =
+        args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or(default_binary);
     let dir = tempfile::tempdir()?;
     let server = Arc::new(Server::start(&binary, dir.path()).await?);
     const OTKS: usize = 100;
@@ -182,13 +190,15 @@ async fn main() -> Result<(), Error> {
     rows.push(format!("| `/keys/upload`, device keys + {OTKS} signed one-time keys | {users_n} uploads | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
 
     // 2. Claims, 10 concurrent, until half the keys are gone.
-    let targets: Arc<Vec<(String, String)>> = Arc::new(users.iter().map(|u| (u.id.clone(), u.device.clone())).collect());
+    let targets: Arc<Vec<(String, String)>> =
+        Arc::new(users.iter().map(|u| (u.id.clone(), u.device.clone())).collect());
     let claims_total = users_n * OTKS / 2;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..10 {
-        let (server, targets, next, token) = (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
+        let (server, targets, next, token) =
+            (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -199,7 +209,9 @@ async fn main() -> Result<(), Error> {
                 let (user, device) = &targets[i % targets.len()];
                 let body = json!({ "one_time_keys": { user: { device: "signed_curve25519" } } });
                 let one = Instant::now();
-                let claimed = server.call(reqwest::Method::POST, "/_matrix/client/v3/keys/claim", Some(&token), Some(&body)).await?;
+                let claimed = server
+                    .call(reqwest::Method::POST, "/_matrix/client/v3/keys/claim", Some(&token), Some(&body))
+                    .await?;
                 latencies.push(one.elapsed().as_secs_f64() * 1000.0);
                 if claimed["one_time_keys"][user][device].as_object().is_none_or(|k| k.is_empty()) {
                     return Err("a claim found no key".into());
@@ -224,7 +236,8 @@ async fn main() -> Result<(), Error> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..10 {
-        let (server, targets, next, token) = (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
+        let (server, targets, next, token) =
+            (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -236,7 +249,9 @@ async fn main() -> Result<(), Error> {
                     (0..10).map(|k| (targets[(i * 10 + k) % targets.len()].0.clone(), json!([]))).collect();
                 let body = json!({ "device_keys": named });
                 let one = Instant::now();
-                let found = server.call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(&token), Some(&body)).await?;
+                let found = server
+                    .call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(&token), Some(&body))
+                    .await?;
                 latencies.push(one.elapsed().as_secs_f64() * 1000.0);
                 if found["device_keys"].as_object().is_none_or(|d| d.is_empty()) {
                     return Err("a query found no keys".into());
@@ -259,7 +274,12 @@ async fn main() -> Result<(), Error> {
     for _ in 0..20 {
         let one = Instant::now();
         server
-            .call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(&users[0].token), Some(&json!({ "device_keys": everyone })))
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/query",
+                Some(&users[0].token),
+                Some(&json!({ "device_keys": everyone })),
+            )
             .await?;
         latencies.push(one.elapsed().as_secs_f64() * 1000.0);
     }
@@ -268,30 +288,58 @@ async fn main() -> Result<(), Error> {
 
     // 4. One room with everyone; one member's new keys; the incremental /sync of another.
     let room = server
-        .call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&users[0].token), Some(&json!({ "preset": "public_chat" })))
+        .call(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&users[0].token),
+            Some(&json!({ "preset": "public_chat" })),
+        )
         .await?["room_id"]
         .as_str()
         .ok_or("no room")?
         .to_owned();
     for user in &users[1..] {
-        server.call(reqwest::Method::POST, &format!("/_matrix/client/v3/join/{room}"), Some(&user.token), Some(&json!({}))).await?;
+        server
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/join/{room}"),
+                Some(&user.token),
+                Some(&json!({})),
+            )
+            .await?;
     }
     let mut latencies = Vec::new();
     for round in 1..=20 {
-        let since = server.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", Some(&users[0].token), None).await?;
+        let since =
+            server.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", Some(&users[0].token), None).await?;
         let since = since["next_batch"].as_str().ok_or("no token")?.to_owned();
         // A fresh device of another member publishes keys: a device-list change.
         let (token, device) = {
             let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "u1" }, "password": "bench-password" });
             let login = server.call(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(&body)).await?;
-            (login["access_token"].as_str().ok_or("token")?.to_owned(), login["device_id"].as_str().ok_or("device")?.to_owned())
+            (
+                login["access_token"].as_str().ok_or("token")?.to_owned(),
+                login["device_id"].as_str().ok_or("device")?.to_owned(),
+            )
         };
         let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.clone())?;
         let fresh = User { id: users[1].id.clone(), token, device, pair };
-        server.call(reqwest::Method::POST, "/_matrix/client/v3/keys/upload", Some(&fresh.token), Some(&fresh.upload_body(1, round)?)).await?;
+        server
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/upload",
+                Some(&fresh.token),
+                Some(&fresh.upload_body(1, round)?),
+            )
+            .await?;
         let one = Instant::now();
         let response = server
-            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=0&since={since}"), Some(&users[0].token), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+                Some(&users[0].token),
+                None,
+            )
             .await?;
         latencies.push(one.elapsed().as_secs_f64() * 1000.0);
         if !response["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == &users[1].id)) {

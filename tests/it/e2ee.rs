@@ -81,7 +81,8 @@ impl Device {
 }
 
 async fn query(http: &Http, token: &str, users: Value) -> Value {
-    let (status, body) = http.post("/_matrix/client/v3/keys/query", Some(token), &json!({ "device_keys": users })).await;
+    let (status, body) =
+        http.post("/_matrix/client/v3/keys/query", Some(token), &json!({ "device_keys": users })).await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -135,8 +136,7 @@ async fn device_keys_must_be_the_callers_own_validly_signed_and_never_change() {
     let forged = signed(unsigned.clone(), &alice.user, &key_pair(&alice.id));
     assert_error(&alice.upload(http, json!({ "device_keys": forged })).await, 400, "M_INVALID_PARAM");
     // Unsigned keys too, with nothing half-stored: the one-time keys of a refused upload are gone.
-    let refused =
-        json!({ "device_keys": unsigned, "one_time_keys": { "signed_curve25519:x": alice.one_time_key(0) } });
+    let refused = json!({ "device_keys": unsigned, "one_time_keys": { "signed_curve25519:x": alice.one_time_key(0) } });
     assert_error(&alice.upload(http, refused).await, 400, "M_INVALID_PARAM");
     let found = query(http, &bob.token, json!({ &alice.user: [] })).await;
     assert_eq!(found["device_keys"][&alice.user], json!({}), "nothing stored: {found}");
@@ -247,7 +247,8 @@ async fn a_key_change_reaches_exactly_the_users_sharing_a_room() {
     // Carol shares no room with Alice: nothing for her, in /sync or /keys/changes.
     let carol_sync = sync_since(http, &carol.token, &carol_since).await;
     assert!(!listed(&carol_sync["device_lists"]["changed"], &alice.user), "{carol_sync}");
-    let path = |from: &str, to: &Value| format!("/_matrix/client/v3/keys/changes?from={from}&to={}", to.as_str().unwrap());
+    let path =
+        |from: &str, to: &Value| format!("/_matrix/client/v3/keys/changes?from={from}&to={}", to.as_str().unwrap());
     let (status, changes) = http.get(&path(&carol_since, &carol_sync["next_batch"]), Some(&carol.token)).await;
     assert_eq!(status, 200, "{changes}");
     assert!(!listed(&changes["changed"], &alice.user), "{changes}");
@@ -418,7 +419,8 @@ async fn key_backup_versions_and_keys() {
     // No backup yet.
     assert_error(&http.get("/_matrix/client/v3/room_keys/version", Some(token)).await, 404, "M_NOT_FOUND");
     assert_error(&http.put(&session_path("1"), Some(token), &session_key(0, false)).await, 404, "M_NOT_FOUND");
-    let algorithm = json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": { "public_key": "pk" } });
+    let algorithm =
+        json!({ "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": { "public_key": "pk" } });
     let (status, created) = http.post("/_matrix/client/v3/room_keys/version", Some(token), &algorithm).await;
     assert_eq!(status, 200, "{created}");
     let v1 = created["version"].as_str().unwrap().to_owned();
@@ -427,9 +429,11 @@ async fn key_backup_versions_and_keys() {
     let (status, put) = http.put(&session_path(&v1), Some(token), &session_key(5, false)).await;
     assert_eq!((status.as_u16(), &put["count"]), (200, &json!(1)), "{put}");
     let etag = put["etag"].clone();
-    let malformed = json!({ "first_message_index": "zero", "forwarded_count": 0, "is_verified": false, "session_data": {} });
+    let malformed =
+        json!({ "first_message_index": "zero", "forwarded_count": 0, "is_verified": false, "session_data": {} });
     assert_error(&http.put(&session_path(&v1), Some(token), &malformed).await, 400, "M_BAD_JSON");
-    let bad_rooms = json!({ "rooms": { room: { "sessions": { "s2": session_key(0, false), "s3": { "session_data": 1 } } } } });
+    let bad_rooms =
+        json!({ "rooms": { room: { "sessions": { "s2": session_key(0, false), "s3": { "session_data": 1 } } } } });
     let path = format!("/_matrix/client/v3/room_keys/keys?version={v1}");
     assert!(http.put(&path, Some(token), &bad_rooms).await.0.is_client_error());
     let (_, info) = http.get("/_matrix/client/v3/room_keys/version", Some(token)).await;
@@ -449,28 +453,43 @@ async fn key_backup_versions_and_keys() {
     assert_error(&wrong, 403, "M_WRONG_ROOM_KEYS_VERSION");
     assert_eq!(wrong.1["current_version"], v2);
     // Another user sees none of it.
-    assert_error(&http.get(&format!("/_matrix/client/v3/room_keys/version/{v1}"), Some(&other)).await, 404, "M_NOT_FOUND");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/room_keys/version/{v1}"), Some(&other)).await,
+        404,
+        "M_NOT_FOUND",
+    );
     assert_error(&http.get(&session_path(&v1), Some(&other)).await, 404, "M_NOT_FOUND");
     // Reads of keys: all, a room, a missing session.
     let (_, all) = http.get(&format!("/_matrix/client/v3/room_keys/keys?version={v1}"), Some(token)).await;
     assert!(all["rooms"][room]["sessions"]["s1"].is_object(), "{all}");
     let (_, empty) = http.get(&format!("/_matrix/client/v3/room_keys/keys/!other:hs?version={v1}"), Some(token)).await;
     assert_eq!(empty, json!({ "sessions": {} }));
-    assert_error(&http.get(&format!("/_matrix/client/v3/room_keys/keys/{room}/nope?version={v1}"), Some(token)).await, 404, "M_NOT_FOUND");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/room_keys/keys/{room}/nope?version={v1}"), Some(token)).await,
+        404,
+        "M_NOT_FOUND",
+    );
     // auth_data can change, the algorithm cannot.
     let mut update = algorithm.clone();
     update["auth_data"] = json!({ "public_key": "pk2" });
     assert_eq!(http.put(&format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token), &update).await.0, 200);
     update["algorithm"] = json!("m.other");
-    assert_error(&http.put(&format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token), &update).await, 400, "M_INVALID_PARAM");
+    assert_error(
+        &http.put(&format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token), &update).await,
+        400,
+        "M_INVALID_PARAM",
+    );
     // Deleting keys counts down; deleting a version makes it unknown.
-    let (status, deleted) =
-        http.request(Method::DELETE, &session_path(&v1), Some(token), None).await;
+    let (status, deleted) = http.request(Method::DELETE, &session_path(&v1), Some(token), None).await;
     assert_eq!((status.as_u16(), &deleted["count"]), (200, &json!(0)), "{deleted}");
     let (status, _) =
         http.request(Method::DELETE, &format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token), None).await;
     assert_eq!(status, 200);
-    assert_error(&http.get(&format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token)).await, 404, "M_NOT_FOUND");
+    assert_error(
+        &http.get(&format!("/_matrix/client/v3/room_keys/version/{v2}"), Some(token)).await,
+        404,
+        "M_NOT_FOUND",
+    );
     let (_, latest) = http.get("/_matrix/client/v3/room_keys/version", Some(token)).await;
     assert_eq!(latest["version"], v1, "{latest}");
     server.stop().await;

@@ -62,8 +62,9 @@ async fn matrix_sdk_clients_talk_in_an_encrypted_room_and_fall_back_when_one_tim
 
     let mut request = CreateRoomRequest::new();
     request.invite = vec![bob.user_id().expect("bob").to_owned()];
-    request.initial_state =
-        vec![InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+    ];
     let room_id: OwnedRoomId = alice.create_room(request).await.expect("room created").room_id().to_owned();
     bob.sync_once(quick()).await.expect("bob sees the invite");
     bob.join_room_by_id(&room_id).await.expect("bob joins");
@@ -78,7 +79,8 @@ async fn matrix_sdk_clients_talk_in_an_encrypted_room_and_fall_back_when_one_tim
     assert_eq!(decrypted_body(&alice, &room_id, &reply).await, "hello alice");
     // The server only ever held ciphertext.
     let token = bob.access_token().expect("token");
-    let (status, raw) = server.http.get(&format!("/_matrix/client/v3/rooms/{room_id}/event/{hello}"), Some(&token)).await;
+    let (status, raw) =
+        server.http.get(&format!("/_matrix/client/v3/rooms/{room_id}/event/{hello}"), Some(&token)).await;
     assert_eq!(status, 200, "{raw}");
     assert_eq!(raw["type"], "m.room.encrypted", "{raw}");
 
@@ -87,7 +89,8 @@ async fn matrix_sdk_clients_talk_in_an_encrypted_room_and_fall_back_when_one_tim
     let carol = logged_in(&server, "carol").await;
     carol.sync_once(quick()).await.expect("carol syncs");
     let thief = server.register("thief", "pw").await;
-    let (bob_user, bob_device) = (bob.user_id().expect("bob").to_string(), bob.device_id().expect("device").to_string());
+    let (bob_user, bob_device) =
+        (bob.user_id().expect("bob").to_string(), bob.device_id().expect("device").to_string());
     let claim = json!({ "one_time_keys": { &bob_user: { &bob_device: "signed_curve25519" } } });
     let mut taken = 0;
     loop {

@@ -11,8 +11,8 @@ use crate::accounts::{
     MAX_DEVICES_PER_DELETE, PASSWORD_FLOWS, Profile, ProfileField, Purpose, Session, check_password_length,
     profile_content,
 };
-use crate::rooms::member_content;
 use crate::e2ee::DeviceListChange;
+use crate::rooms::member_content;
 use crate::to_device::RecipientDevices;
 use crate::{Service, ServiceError, ToDeviceMessages};
 
@@ -117,7 +117,6 @@ impl Service {
         };
         self.commit_composed(batch).await?;
         self.announce_device_list_change(change).await
-
     }
 
     /// `POST /account/deactivate`: the account can never log in again and its name is never
@@ -165,8 +164,7 @@ impl Service {
 
     async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> Result<(), ServiceError> {
         let mut batch = WriteBatch::new();
-        let change =
-            self.remove_devices_to_batch(&mut batch, user_id, |id| device_ids.iter().any(|d| d == id)).await?;
+        let change = self.remove_devices_to_batch(&mut batch, user_id, |id| device_ids.iter().any(|d| d == id)).await?;
         self.commit_composed(batch).await?;
         self.announce_device_list_change(change).await
     }

@@ -26,7 +26,10 @@ impl Service {
 
     /// Publishes a device-list change committed in a batch, and wakes the changed users and
     /// everyone who shares a room with them (their rooms' waiters), no one else.
-    pub(crate) async fn announce_device_list_change(&self, change: Option<DeviceListChange>) -> Result<(), ServiceError> {
+    pub(crate) async fn announce_device_list_change(
+        &self,
+        change: Option<DeviceListChange>,
+    ) -> Result<(), ServiceError> {
         let Some(change) = change else { return Ok(()) };
         for user in change.published().await {
             self.notifier.notify_user(&user);
@@ -96,10 +99,7 @@ impl Service {
         Ok((self.e2ee.claim_keys(&local).await?, failures))
     }
 
-    fn split_local<T: Clone>(
-        &self,
-        targets: &BTreeMap<OwnedUserId, T>,
-    ) -> (BTreeMap<OwnedUserId, T>, KeyFailures) {
+    fn split_local<T: Clone>(&self, targets: &BTreeMap<OwnedUserId, T>) -> (BTreeMap<OwnedUserId, T>, KeyFailures) {
         let mut local = BTreeMap::new();
         let mut failures = KeyFailures::new();
         for (user, wanted) in targets {

@@ -57,7 +57,9 @@ fn written(write: BackupWrite) -> (String, UInt) {
     (write.etag, UInt::new_saturating(write.count))
 }
 
-fn sessions(keys: BTreeMap<String, Value>) -> ApiResult<BTreeMap<String, Raw<ruma::api::client::backup::KeyBackupData>>> {
+fn sessions(
+    keys: BTreeMap<String, Value>,
+) -> ApiResult<BTreeMap<String, Raw<ruma::api::client::backup::KeyBackupData>>> {
     keys.into_iter().map(|(session, data)| Ok((session, raw(&data)?))).collect()
 }
 
@@ -222,8 +224,7 @@ async fn delete_room(
     Ruma(request): Ruma<delete_backup_keys_for_room::v3::Request>,
 ) -> ApiResult<RumaResponse<delete_backup_keys_for_room::v3::Response>> {
     let room = request.room_id.to_string();
-    let write =
-        state.service.e2ee().delete_backup_keys(&session.user_id, &request.version, Some(&room), None).await?;
+    let write = state.service.e2ee().delete_backup_keys(&session.user_id, &request.version, Some(&room), None).await?;
     let (etag, count) = written(write);
     Ok(RumaResponse(delete_backup_keys_for_room::v3::Response::new(etag, count)))
 }

@@ -7,10 +7,10 @@ use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post};
 use lattice_service::e2ee::{CrossSigningUpload, UploadKeys};
+use ruma::OneTimeKeyAlgorithm;
 use ruma::api::client::keys::{
     claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
 };
-use ruma::OneTimeKeyAlgorithm;
 use ruma::serde::Raw;
 use ruma::{OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt};
 use serde_json::{Map, Value, json};

@@ -121,7 +121,8 @@ impl E2ee {
         user_id: &UserId,
         version: u64,
     ) -> Result<Option<(VersionRecord, Vec<u8>)>, ServiceError> {
-        let Some(raw) = self.kv.get(Table::BackupVersions, &keys::backup_version(user_id.as_str(), version)).await? else {
+        let Some(raw) = self.kv.get(Table::BackupVersions, &keys::backup_version(user_id.as_str(), version)).await?
+        else {
             return Ok(None);
         };
         Ok(Some((serde_json::from_slice(&raw).map_err(corrupt)?, raw)))
@@ -135,7 +136,12 @@ impl E2ee {
     }
 
     /// `POST /room_keys/version`.
-    pub async fn create_backup(&self, user_id: &UserId, algorithm: &str, auth_data: Value) -> Result<String, ServiceError> {
+    pub async fn create_backup(
+        &self,
+        user_id: &UserId,
+        algorithm: &str,
+        auth_data: Value,
+    ) -> Result<String, ServiceError> {
         check_auth_data(algorithm, &auth_data)?;
         let version = lattice_storage::next_counter(self.kv.as_ref(), VERSION_COUNTER).await?;
         let record = VersionRecord { algorithm: algorithm.to_owned(), auth_data, count: 0, etag: 0 };
@@ -208,7 +214,8 @@ impl E2ee {
         batch.expect(Table::BackupVersions, row.clone(), Some(raw));
         batch.delete(Table::BackupVersions, row);
         loop {
-            let page = self.kv.scan(Table::BackupKeys, &prefix, Direction::Forward, lattice_storage::MAX_SCAN_ROWS).await?;
+            let page =
+                self.kv.scan(Table::BackupKeys, &prefix, Direction::Forward, lattice_storage::MAX_SCAN_ROWS).await?;
             let done = page.len() < lattice_storage::MAX_SCAN_ROWS;
             for (key, _) in page {
                 batch.delete(Table::BackupKeys, key);
@@ -357,8 +364,11 @@ impl E2ee {
             for row in &rows {
                 batch.delete(Table::BackupKeys, row.clone());
             }
-            let updated =
-                VersionRecord { count: record.count.saturating_sub(rows.len() as u64), etag: record.etag + 1, ..record };
+            let updated = VersionRecord {
+                count: record.count.saturating_sub(rows.len() as u64),
+                etag: record.etag + 1,
+                ..record
+            };
             let version_row = keys::backup_version(user_id.as_str(), number);
             batch.expect(Table::BackupVersions, version_row.clone(), Some(raw));
             batch.put(Table::BackupVersions, version_row, encode(&updated));

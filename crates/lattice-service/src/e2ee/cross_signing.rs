@@ -61,8 +61,7 @@ fn check_cross_signing_key(user_id: &UserId, usage: &str, object: &Map<String, V
         return Err(ServiceError::InvalidParam(format!("the {usage} key's usage must include {usage}")));
     }
     let keys = object.get("keys").and_then(Value::as_object);
-    let Some((key_id, Value::String(public_key))) = keys.filter(|k| k.len() == 1).and_then(|k| k.iter().next())
-    else {
+    let Some((key_id, Value::String(public_key))) = keys.filter(|k| k.len() == 1).and_then(|k| k.iter().next()) else {
         return Err(ServiceError::InvalidParam(format!("the {usage} key must hold exactly one key")));
     };
     if key_id.strip_prefix("ed25519:") != Some(public_key.as_str()) {
@@ -84,7 +83,11 @@ impl E2ee {
         usage: &str,
     ) -> Result<Option<Map<String, Value>>, ServiceError> {
         let row = keys::cross_signing_key(user_id.as_str(), usage);
-        self.kv.get(Table::CrossSigningKeys, &row).await?.map(|raw| decode_object(Table::CrossSigningKeys, &raw)).transpose()
+        self.kv
+            .get(Table::CrossSigningKeys, &row)
+            .await?
+            .map(|raw| decode_object(Table::CrossSigningKeys, &raw))
+            .transpose()
     }
 
     /// The key as `requester` may see it: with the owner's own signatures, and on a master key
@@ -116,7 +119,8 @@ impl E2ee {
         if self.cross_signing_key(user_id, "master").await?.is_none() {
             return Ok(false);
         }
-        for (usage, new) in USAGES.iter().zip([&upload.master_key, &upload.self_signing_key, &upload.user_signing_key]) {
+        for (usage, new) in USAGES.iter().zip([&upload.master_key, &upload.self_signing_key, &upload.user_signing_key])
+        {
             if let Some(new) = new
                 && self.cross_signing_key(user_id, usage).await?.as_ref() != Some(new)
             {
@@ -134,7 +138,8 @@ impl E2ee {
         user_id: &UserId,
         upload: &CrossSigningUpload,
     ) -> Result<Option<DeviceListChange>, ServiceError> {
-        let new_master = upload.master_key.as_ref().map(|key| check_cross_signing_key(user_id, "master", key)).transpose()?;
+        let new_master =
+            upload.master_key.as_ref().map(|key| check_cross_signing_key(user_id, "master", key)).transpose()?;
         for _ in 0..WRITE_RETRIES {
             let mut batch = WriteBatch::new();
             let master_row = keys::cross_signing_key(user_id.as_str(), "master");
@@ -152,7 +157,8 @@ impl E2ee {
             let master_changed = new_master.is_some()
                 && stored_master.as_ref().and_then(public_key_of).as_deref() != new_master.as_deref();
             let mut changed = false;
-            for (usage, key) in [("self_signing", &upload.self_signing_key), ("user_signing", &upload.user_signing_key)] {
+            for (usage, key) in [("self_signing", &upload.self_signing_key), ("user_signing", &upload.user_signing_key)]
+            {
                 let row = keys::cross_signing_key(user_id.as_str(), usage);
                 let stored = self.kv.get(Table::CrossSigningKeys, &row).await?;
                 match key {
@@ -213,7 +219,9 @@ impl E2ee {
     ) -> Result<(SignatureFailures, Option<DeviceListChange>), ServiceError> {
         let total: usize = signed_keys.values().map(BTreeMap::len).sum();
         if total > MAX_SIGNATURES_PER_UPLOAD {
-            return Err(ServiceError::InvalidParam(format!("at most {MAX_SIGNATURES_PER_UPLOAD} signed keys per upload")));
+            return Err(ServiceError::InvalidParam(format!(
+                "at most {MAX_SIGNATURES_PER_UPLOAD} signed keys per upload"
+            )));
         }
         let mut failures = SignatureFailures::new();
         // Target row → signer key ID → signature.
@@ -266,7 +274,10 @@ impl E2ee {
         is_local: &impl Fn(&UserId) -> bool,
     ) -> Result<Result<Vec<(String, Value)>, SignatureFailure>, ServiceError> {
         if !is_local(target) {
-            return Ok(Err(SignatureFailure::new("M_INVALID_PARAM", "keys of other servers' users cannot be signed here yet")));
+            return Ok(Err(SignatureFailure::new(
+                "M_INVALID_PARAM",
+                "keys of other servers' users cannot be signed here yet",
+            )));
         }
         if super::check_key_part("key ID", key_id).is_err() {
             return Ok(Err(SignatureFailure::new("M_INVALID_PARAM", "invalid key ID")));
@@ -276,9 +287,13 @@ impl E2ee {
         // The signed object must be the stored key, and which keys may sign it depends on what it is.
         let (stored, signing_keys): (Map<String, Value>, Vec<(String, String)>) = if target == signer && !is_master {
             let Some(raw) = self.kv.get(Table::DeviceKeys, &keys::device(target.as_str(), key_id)).await? else {
-                return Ok(Err(SignatureFailure::new("M_NOT_FOUND", format!("{target} has no device or key {key_id}"))));
+                return Ok(Err(SignatureFailure::new(
+                    "M_NOT_FOUND",
+                    format!("{target} has no device or key {key_id}"),
+                )));
             };
-            let Some(self_signing) = self.cross_signing_key(signer, "self_signing").await?.as_ref().and_then(public_key_of)
+            let Some(self_signing) =
+                self.cross_signing_key(signer, "self_signing").await?.as_ref().and_then(public_key_of)
             else {
                 return Ok(Err(SignatureFailure::new("M_INVALID_SIGNATURE", "upload a self-signing key first")));
             };
@@ -292,7 +307,8 @@ impl E2ee {
             }
             (target_master.unwrap_or_default(), devices)
         } else if is_master {
-            let Some(user_signing) = self.cross_signing_key(signer, "user_signing").await?.as_ref().and_then(public_key_of)
+            let Some(user_signing) =
+                self.cross_signing_key(signer, "user_signing").await?.as_ref().and_then(public_key_of)
             else {
                 return Ok(Err(SignatureFailure::new("M_INVALID_SIGNATURE", "upload a user-signing key first")));
             };

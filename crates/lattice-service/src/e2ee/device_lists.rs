@@ -46,7 +46,11 @@ impl E2ee {
     }
 
     /// The users whose device lists changed in `(since, now]`.
-    pub(crate) async fn device_lists_changed(&self, since: u64, now: u64) -> Result<BTreeSet<OwnedUserId>, ServiceError> {
+    pub(crate) async fn device_lists_changed(
+        &self,
+        since: u64,
+        now: u64,
+    ) -> Result<BTreeSet<OwnedUserId>, ServiceError> {
         if now <= since {
             return Ok(BTreeSet::new());
         }

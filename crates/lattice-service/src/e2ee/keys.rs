@@ -102,12 +102,12 @@ fn check_device_keys(user_id: &UserId, device_id: &str, object: &Map<String, Val
         return Err(ServiceError::InvalidParam(format!("device_keys.user_id must be {user_id}")));
     }
     if object.get("device_id").and_then(Value::as_str) != Some(device_id) {
-        return Err(ServiceError::InvalidParam(format!("device_keys.device_id must be {device_id}, the caller's device")));
+        return Err(ServiceError::InvalidParam(format!(
+            "device_keys.device_id must be {device_id}, the caller's device"
+        )));
     }
-    let algorithms_ok = object
-        .get("algorithms")
-        .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().all(Value::is_string));
+    let algorithms_ok =
+        object.get("algorithms").and_then(Value::as_array).is_some_and(|a| a.iter().all(Value::is_string));
     let keys_ok = object.get("keys").and_then(Value::as_object).is_some_and(|k| k.values().all(Value::is_string));
     if !algorithms_ok || !keys_ok {
         return Err(ServiceError::BadJson("device_keys needs algorithms (strings) and keys (strings)".into()));
@@ -257,7 +257,11 @@ impl E2ee {
     }
 
     /// The device's unclaimed one-time keys per algorithm (`signed_curve25519` always present).
-    pub(crate) async fn one_time_key_counts(&self, user_id: &UserId, device_id: &str) -> Result<KeyCounts, ServiceError> {
+    pub(crate) async fn one_time_key_counts(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+    ) -> Result<KeyCounts, ServiceError> {
         let mut counts = KeyCounts::from([(SIGNED_CURVE25519.to_owned(), 0)]);
         if check_key_part("device ID", device_id).is_err() {
             return Ok(counts);
@@ -311,7 +315,10 @@ impl E2ee {
                 .scan(Table::DeviceKeys, &KeyRange::prefix(&prefix), Direction::Forward, MAX_DEVICES_PER_USER)
                 .await?;
             for (key, raw) in rows {
-                found.insert(String::from_utf8_lossy(&key[prefix.len()..]).into_owned(), decode_object(Table::DeviceKeys, &raw)?);
+                found.insert(
+                    String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                    decode_object(Table::DeviceKeys, &raw)?,
+                );
             }
         } else {
             for device in devices.iter().take(MAX_DEVICES_PER_USER) {
@@ -370,7 +377,12 @@ impl E2ee {
                     continue;
                 }
                 if let Some((key_id, key)) = self.claim_one(user_id, device_id, algorithm).await? {
-                    claimed.entry(user_id.clone()).or_default().entry(device_id.clone()).or_default().insert(key_id, key);
+                    claimed
+                        .entry(user_id.clone())
+                        .or_default()
+                        .entry(device_id.clone())
+                        .or_default()
+                        .insert(key_id, key);
                 }
             }
         }

@@ -47,8 +47,8 @@ pub(crate) fn verify(
         .map_err(|e| SignatureProblem::Malformed(format!("public key: {e}")))?;
     let canonical = ruma::canonical_json::try_from_json_map(object.clone())
         .map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
-    let signed = to_canonical_json_string_for_signing(&canonical)
-        .map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
+    let signed =
+        to_canonical_json_string_for_signing(&canonical).map_err(|e| SignatureProblem::Malformed(e.to_string()))?;
     verify_canonical_json_bytes(
         &SigningKeyAlgorithm::Ed25519,
         public_key.as_bytes(),
@@ -61,7 +61,11 @@ pub(crate) fn verify(
 /// The object without `signatures` and `unsigned`: what a signature covers, so two uploads of the
 /// same key with different signatures compare equal.
 pub(crate) fn signed_part(object: &Map<String, Value>) -> Map<String, Value> {
-    object.iter().filter(|(name, _)| *name != "signatures" && *name != "unsigned").map(|(k, v)| (k.clone(), v.clone())).collect()
+    object
+        .iter()
+        .filter(|(name, _)| *name != "signatures" && *name != "unsigned")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Adds `signatures[signer][key_id] = signature` to `object`.
@@ -108,10 +112,11 @@ mod tests {
     #[test]
     fn a_signature_checks_out_and_any_change_breaks_it() {
         let pair = key_pair("DEV");
-        let mut object = json!({ "user_id": "@a:hs", "device_id": "DEV", "keys": { "ed25519:DEV": public_key(&pair) } })
-            .as_object()
-            .cloned()
-            .expect("an object");
+        let mut object =
+            json!({ "user_id": "@a:hs", "device_id": "DEV", "keys": { "ed25519:DEV": public_key(&pair) } })
+                .as_object()
+                .cloned()
+                .expect("an object");
         sign(&mut object, "@a:hs", &pair);
         assert_eq!(verify(&object, "@a:hs", "ed25519:DEV", &public_key(&pair)), Ok(()));
         // `unsigned` is not covered.

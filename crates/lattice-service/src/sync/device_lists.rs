@@ -41,7 +41,8 @@ impl Sync {
                     "join" if member == me => {
                         let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str()) else { continue };
                         for member in self.rooms.members(me, &room_id, Some("join"), None).await? {
-                            if let Some(user) = member["state_key"].as_str().and_then(|s| OwnedUserId::try_from(s).ok()) {
+                            if let Some(user) = member["state_key"].as_str().and_then(|s| OwnedUserId::try_from(s).ok())
+                            {
                                 changed.insert(user);
                             }
                         }

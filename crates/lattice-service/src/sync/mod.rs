@@ -17,9 +17,9 @@ use serde_json::{Map, Value, json};
 
 use crate::ServiceError;
 use crate::account_data::AccountData;
+use crate::e2ee::E2ee;
 use crate::notifier::Notifier;
 use crate::rooms::{Rooms, SyncFilter};
-use crate::e2ee::E2ee;
 use crate::to_device::ToDevice;
 
 pub use tokens::{StreamSet, SyncToken, parse_token};
