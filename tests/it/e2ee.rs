@@ -235,15 +235,21 @@ async fn a_key_change_reaches_exactly_the_users_sharing_a_room() {
     join(http, &bob.token, &room).await;
     let (bob_since, carol_since) = (next_batch(http, &bob.token).await, next_batch(http, &carol.token).await);
 
-    // Bob long-polls; Alice's new keys wake him, and he is told.
-    let waiting = {
-        let (http, token, since) = (http.clone(), bob.token.clone(), bob_since.clone());
+    // Bob and Carol long-poll; Alice's new keys wake Bob only, and he is told.
+    let long_poll = |token: &str, since: &str| {
+        let (http, token, since) = (http.clone(), token.to_owned(), since.to_owned());
         tokio::spawn(async move { sync(&http, &token, &format!("timeout=30000&since={since}")).await })
     };
-    server.until_sync_waiters(1).await;
+    let waiting = long_poll(&bob.token, &bob_since);
+    let carol_waiting = long_poll(&carol.token, &carol_since);
+    server.until_sync_waiters(2).await;
+    let wakeups = server.sync_wakeups();
     alice.publish(http, 1).await;
     let woken = waiting.await.expect("sync task");
     assert!(listed(&woken["device_lists"]["changed"], &alice.user), "{woken}");
+    assert_eq!(server.sync_wakeups() - wakeups, 1, "one wake-up, Bob's: Carol shares no room with Alice");
+    assert_eq!(server.sync_waiters(), 1, "Carol is still waiting");
+    carol_waiting.abort();
     // Carol shares no room with Alice: nothing for her, in /sync or /keys/changes.
     let carol_sync = sync_since(http, &carol.token, &carol_since).await;
     assert!(!listed(&carol_sync["device_lists"]["changed"], &alice.user), "{carol_sync}");

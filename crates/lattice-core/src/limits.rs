@@ -109,4 +109,3 @@ mod tests {
         assert!(check_state_key(&"k".repeat(MAX_STATE_KEY_BYTES + 1)).is_err());
     }
 }
-
