@@ -116,3 +116,45 @@ async fn matrix_sdk_clients_talk_in_an_encrypted_room_and_fall_back_when_one_tim
     assert_eq!(decrypted_body(&alice, &room_id, &from_carol).await, "hi both, from carol");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_device_reads_history_through_the_key_backup() {
+    let server = TestServer::start().await;
+    let alice = logged_in(&server, "alice").await;
+    let bob = logged_in(&server, "bob").await;
+    settle(&[&alice, &bob]).await;
+    // Recovery: cross-signing, a server-side key backup and secret storage, all through Lattice.
+    let recovery_key = tokio::time::timeout(Duration::from_secs(60), alice.encryption().recovery().enable())
+        .await
+        .expect("recovery is enabled in time")
+        .expect("recovery enabled");
+
+    let mut request = CreateRoomRequest::new();
+    request.invite = vec![bob.user_id().expect("bob").to_owned()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+    ];
+    let room_id: OwnedRoomId = alice.create_room(request).await.expect("room created").room_id().to_owned();
+    bob.sync_once(quick()).await.expect("bob sees the invite");
+    bob.join_room_by_id(&room_id).await.expect("bob joins");
+    settle(&[&alice, &bob]).await;
+    let secret = send_text(&alice, &room_id, "for my other devices too").await;
+    settle(&[&alice, &bob]).await;
+    tokio::time::timeout(Duration::from_secs(60), alice.encryption().backups().wait_for_steady_state())
+        .await
+        .expect("the backup settles in time")
+        .expect("room keys backed up");
+    let token = alice.access_token().expect("token");
+    let (status, info) = server.http.get("/_matrix/client/v3/room_keys/version", Some(&token)).await;
+    assert_eq!(status, 200, "{info}");
+    assert!(info["count"].as_u64().is_some_and(|count| count > 0), "{info}");
+
+    // A new device of Alice's: no Olm session ever gave it the room key; the backup does.
+    let laptop = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
+    laptop.matrix_auth().login_username("alice", "pw").send().await.expect("login");
+    settle(&[&laptop]).await;
+    laptop.encryption().recovery().recover(&recovery_key).await.expect("recovered with the key");
+    laptop.encryption().backups().download_room_keys_for_room(&room_id).await.expect("keys downloaded");
+    assert_eq!(decrypted_body(&laptop, &room_id, &secret).await, "for my other devices too");
+    server.stop().await;
+}
