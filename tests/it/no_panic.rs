@@ -141,6 +141,8 @@ impl Fixture {
             "server_name" => "hs1.localhost".to_owned(),
             "kind" => "override".to_owned(),
             "rule_id" => ".m.rule.master".to_owned(),
+            "version" => "1".to_owned(),
+            "session_id" => "sweep-session".to_owned(),
             other => panic!("the sweep has no valid value for the path parameter {{{other}}}: add one here"),
         };
         encode_segment(&value)

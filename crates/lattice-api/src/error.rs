@@ -64,6 +64,11 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::UnsupportedRoomVersion(_) => (StatusCode::BAD_REQUEST, body("M_UNSUPPORTED_ROOM_VERSION", message)),
         E::InvalidPdu(_) => (StatusCode::BAD_REQUEST, body("M_BAD_JSON", message)),
         E::MissingEvents(_) => (StatusCode::NOT_FOUND, body("M_NOT_FOUND", message)),
+        E::WrongRoomKeysVersion { current_version } => {
+            let mut value = body("M_WRONG_ROOM_KEYS_VERSION", message);
+            value["current_version"] = json!(current_version);
+            (StatusCode::FORBIDDEN, value)
+        }
         E::AuthRequired(challenge) => (StatusCode::UNAUTHORIZED, challenge.to_json()),
         E::IncompatibleRoomVersion(version) => {
             let mut value = body("M_INCOMPATIBLE_ROOM_VERSION", message);
@@ -171,6 +176,7 @@ mod tests {
             (ServiceError::RoomInUse("x".into()), 400, "M_ROOM_IN_USE"),
             (ServiceError::AliasInUse("x".into()), 409, "M_UNKNOWN"),
             (ServiceError::BadAlias("x".into()), 400, "M_BAD_ALIAS"),
+            (ServiceError::WrongRoomKeysVersion { current_version: "2".into() }, 403, "M_WRONG_ROOM_KEYS_VERSION"),
             (ServiceError::Internal("boom".into()), 500, "M_UNKNOWN"),
         ];
         for (error, status, errcode) in cases {

@@ -73,6 +73,24 @@ pub fn check_state_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// End-to-end encryption keys (issue #13).
+/// One-time plus fallback keys in one `/keys/upload`.
+pub const MAX_KEYS_PER_UPLOAD: usize = 1_000;
+/// Unclaimed one-time keys a device may hold; an upload past it is refused.
+pub const MAX_ONE_TIME_KEYS_PER_DEVICE: usize = 1_000;
+/// Bytes of one uploaded key object (device keys, a one-time key, a cross-signing key).
+pub const MAX_KEY_OBJECT_BYTES: usize = 16_384;
+/// Users (or devices, for `/keys/claim`) one `/keys/query` or `/keys/claim` may name.
+pub const MAX_KEYS_REQUEST_TARGETS: usize = 1_000;
+/// Signatures one `/keys/signatures/upload` may carry.
+pub const MAX_SIGNATURES_PER_UPLOAD: usize = 1_000;
+/// Session keys one `/room_keys/keys` upload may carry.
+pub const MAX_BACKUP_KEYS_PER_UPLOAD: usize = 10_000;
+/// Session keys one backup version may hold.
+pub const MAX_BACKUP_KEYS_PER_VERSION: usize = 1_000_000;
+/// Bytes of one backed-up session key or a backup's `auth_data`.
+pub const MAX_BACKUP_OBJECT_BYTES: usize = 16_384;
+
 #[cfg(test)]
 mod tests {
     use super::*;

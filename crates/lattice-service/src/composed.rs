@@ -11,6 +11,7 @@ use crate::accounts::{
     MAX_DEVICES_PER_DELETE, PASSWORD_FLOWS, Profile, ProfileField, Purpose, Session, check_password_length,
     profile_content,
 };
+use crate::e2ee::DeviceListChange;
 use crate::rooms::member_content;
 use crate::to_device::RecipientDevices;
 use crate::{Service, ServiceError, ToDeviceMessages};
@@ -107,14 +108,15 @@ impl Service {
     async fn set_password(&self, user_id: &UserId, password: String, logout: Logout<'_>) -> Result<(), ServiceError> {
         let mut batch = WriteBatch::new();
         self.accounts.set_password_to_batch(&mut batch, user_id, password).await?;
-        match logout {
-            Logout::Nobody => {}
+        let change = match logout {
+            Logout::Nobody => None,
             Logout::AllExcept(kept) => {
                 self.remove_devices_to_batch(&mut batch, user_id, |device| device != kept).await?
             }
             Logout::Everyone => self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?,
-        }
-        Ok(self.commit_composed(batch).await?)
+        };
+        self.commit_composed(batch).await?;
+        self.announce_device_list_change(change).await
     }
 
     /// `POST /account/deactivate`: the account can never log in again and its name is never
@@ -125,8 +127,9 @@ impl Service {
         self.accounts.user_interactive_auth(Purpose::Deactivate, Some(user_id), PASSWORD_FLOWS, auth).await?;
         let mut batch = WriteBatch::new();
         self.accounts.deactivate_to_batch(&mut batch, user_id).await?;
-        self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
+        let change = self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
         self.commit_composed(batch).await?;
+        self.announce_device_list_change(change).await?;
         let rooms_left = self.rooms.leave_every_room(user_id).await?;
         tracing::info!(user_id = %user_id, rooms_left, "deactivated account");
         Ok(())
@@ -140,8 +143,9 @@ impl Service {
     /// `POST /logout/all`.
     pub async fn logout_all(&self, user_id: &UserId) -> Result<(), ServiceError> {
         let mut batch = WriteBatch::new();
-        self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
-        Ok(self.commit_composed(batch).await?)
+        let change = self.remove_devices_to_batch(&mut batch, user_id, |_| true).await?;
+        self.commit_composed(batch).await?;
+        self.announce_device_list_change(change).await
     }
 
     /// `DELETE /devices/{deviceId}` and `POST /delete_devices`, behind UIA with the password.
@@ -160,22 +164,30 @@ impl Service {
 
     async fn delete_devices(&self, user_id: &UserId, device_ids: &[String]) -> Result<(), ServiceError> {
         let mut batch = WriteBatch::new();
-        self.remove_devices_to_batch(&mut batch, user_id, |id| device_ids.iter().any(|d| d == id)).await?;
-        Ok(self.commit_composed(batch).await?)
+        let change = self.remove_devices_to_batch(&mut batch, user_id, |id| device_ids.iter().any(|d| d == id)).await?;
+        self.commit_composed(batch).await?;
+        self.announce_device_list_change(change).await
     }
 
-    /// A device goes with its tokens (the accounts' rows) and its inbox (the to-device rows),
-    /// so no later device of the same ID inherits its messages.
+    /// A device goes with its tokens (the accounts' rows), its inbox (the to-device rows) and its
+    /// keys (the e2ee rows), so no later device of the same ID inherits its messages or keys.
+    /// When any device went, the change of the user's device list is recorded in the same batch;
+    /// publish it with [`Service::announce_device_list_change`] once the batch is committed.
     async fn remove_devices_to_batch(
         &self,
         batch: &mut WriteBatch,
         user_id: &UserId,
         selected: impl Fn(&str) -> bool,
-    ) -> Result<(), ServiceError> {
-        for device_id in self.accounts.remove_devices_to_batch(batch, user_id, selected).await? {
-            self.to_device.clear_inbox_to_batch(batch, user_id, &device_id).await?;
+    ) -> Result<Option<DeviceListChange>, ServiceError> {
+        let removed = self.accounts.remove_devices_to_batch(batch, user_id, selected).await?;
+        for device_id in &removed {
+            self.to_device.clear_inbox_to_batch(batch, user_id, device_id).await?;
+            self.e2ee.remove_device_keys_to_batch(batch, user_id, device_id).await?;
         }
-        Ok(())
+        if removed.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.e2ee.device_list_change_to_batch(batch, vec![user_id.to_owned()]).await?))
     }
 
     /// Sets (or with `None`, removes) one field of the caller's own profile, then announces it,

@@ -53,6 +53,9 @@ pub enum ServiceError {
     /// An `m.room.canonical_alias` naming an alias that is invalid or not this room's.
     #[error("{0}")]
     BadAlias(String),
+    /// A write of backed-up keys to a backup version that is not the current one.
+    #[error("the current backup version is {current_version}")]
+    WrongRoomKeysVersion { current_version: String },
     #[error("additional authentication is required")]
     AuthRequired(Box<UiaChallenge>),
     /// A room version outside 1–12 (spec: `M_UNSUPPORTED_ROOM_VERSION`).

@@ -16,6 +16,8 @@ pub mod accounts;
 mod calls;
 mod clock;
 mod composed;
+mod composed_keys;
+pub mod e2ee;
 mod error;
 pub mod federation;
 mod notifier;
@@ -39,6 +41,8 @@ pub use accounts::{
 };
 pub use calls::{TurnConfig, TurnCredentials, TurnServer};
 pub use clock::{Clock, SystemClock};
+pub use composed_keys::KeyFailures;
+pub use e2ee::E2ee;
 pub use error::ServiceError;
 pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
@@ -96,6 +100,7 @@ pub struct Service {
     accounts: Arc<Accounts>,
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
+    e2ee: Arc<E2ee>,
     reports: Reports,
     rooms: Arc<Rooms>,
     push: Arc<Push>,
@@ -124,10 +129,12 @@ impl Service {
         };
         let account_data_stream = StreamPositions::above(kv.clone(), "stream.account_data", "stream");
         let to_device_stream = StreamPositions::above(kv.clone(), "stream.to_device", "stream");
+        let device_list_stream = StreamPositions::above(kv.clone(), "stream.device_lists", "stream");
         let notifier: Arc<notifier::Notifier> = Default::default();
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
+        let e2ee = Arc::new(E2ee::new(kv.clone(), device_list_stream));
         let push =
             Arc::new(Push::new(kv.clone(), account_data.clone(), clock.clone(), config.push_allow_insecure_gateways));
         let neighbours =
@@ -141,7 +148,14 @@ impl Service {
             notifier.clone(),
             neighbours,
         ));
-        let sync = Sync::new(rooms.clone(), account_data.clone(), to_device.clone(), push.clone(), notifier.clone());
+        let sync = Sync::new(
+            rooms.clone(),
+            account_data.clone(),
+            to_device.clone(),
+            e2ee.clone(),
+            push.clone(),
+            notifier.clone(),
+        );
         let federation = Federation::new(kv.clone(), rooms.clone(), accounts.clone());
         Self {
             config,
@@ -152,6 +166,7 @@ impl Service {
             accounts,
             account_data,
             to_device,
+            e2ee,
             rooms,
             federation,
             sync,

@@ -181,6 +181,7 @@ fn every_table_but_meta_has_one_owner() {
         crate::accounts::TABLES,
         crate::account_data::TABLES,
         crate::to_device::TABLES,
+        crate::e2ee::TABLES,
         crate::reports::TABLES,
         crate::push::TABLES,
         lattice_federation::key_cache::TABLES,

@@ -333,6 +333,73 @@ pub fn event_of_redacted_original_by_time(key: &[u8]) -> Option<&[u8]> {
     key.get(9..)
 }
 
+/// A device's one-time keys of one algorithm: `user\0device\0algorithm\0`, followed by the
+/// key ID.
+pub fn one_time_keys_of(user_id: &str, device_id: &str, algorithm: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), algorithm.as_bytes(), b""])
+}
+
+/// One one-time key: `user\0device\0algorithm\0key ID` (the key ID without its algorithm).
+pub fn one_time_key(user_id: &str, device_id: &str, algorithm: &str, key_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), algorithm.as_bytes(), key_id.as_bytes()])
+}
+
+/// Every key row of one device (`user\0device\0`) in the one-time and fallback key tables.
+pub fn device_key_rows(user_id: &str, device_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), b""])
+}
+
+/// A device's fallback key of one algorithm: `user\0device\0algorithm`.
+pub fn fallback_key(user_id: &str, device_id: &str, algorithm: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), device_id.as_bytes(), algorithm.as_bytes()])
+}
+
+/// A user's cross-signing key of one usage (`master`, `self_signing`, `user_signing`).
+pub fn cross_signing_key(user_id: &str, usage: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), usage.as_bytes()])
+}
+
+/// Signatures by `signer` on one key of `target`: `target\0key\0signer`, where the key is a
+/// device ID or a cross-signing key's public key.
+pub fn key_signatures(target_user: &str, target_key: &str, signer: &str) -> Vec<u8> {
+    join(&[target_user.as_bytes(), target_key.as_bytes(), signer.as_bytes()])
+}
+
+/// Every signature row on one key of `target`.
+pub fn key_signatures_of(target_user: &str, target_key: &str) -> Vec<u8> {
+    join(&[target_user.as_bytes(), target_key.as_bytes(), b""])
+}
+
+/// A change of a user's device list, in stream order: `position·user` (big-endian position).
+pub fn device_list_change(position: u64, user_id: &str) -> Vec<u8> {
+    let mut key = position.to_be_bytes().to_vec();
+    key.extend_from_slice(user_id.as_bytes());
+    key
+}
+
+/// The user of a `device_list_change` key.
+pub fn device_list_change_user(key: &[u8]) -> Option<&str> {
+    key.get(8..).and_then(|user| std::str::from_utf8(user).ok())
+}
+
+/// One version of a user's key backup: `user\0version` (big-endian).
+pub fn backup_version(user_id: &str, version: u64) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &version.to_be_bytes()])
+}
+
+/// The keys of one backup version (`user\0version\0`), or, with a room, of one room in it.
+pub fn backup_keys_of(user_id: &str, version: u64, room_id: Option<&str>) -> Vec<u8> {
+    match room_id {
+        Some(room) => join(&[user_id.as_bytes(), &version.to_be_bytes(), room.as_bytes(), b""]),
+        None => join(&[user_id.as_bytes(), &version.to_be_bytes(), b""]),
+    }
+}
+
+/// One backed-up session key: `user\0version\0room\0session`.
+pub fn backup_key(user_id: &str, version: u64, room_id: &str, session_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &version.to_be_bytes(), room_id.as_bytes(), session_id.as_bytes()])
+}
+
 pub fn counter(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }

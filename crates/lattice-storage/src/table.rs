@@ -68,4 +68,12 @@ tables! {
     PusherKeys => "pusher_keys",
     PushQueue => "push_queue",
     OutOfBandMemberships => "out_of_band_memberships",
+    DeviceKeys => "device_keys",
+    OneTimeKeys => "one_time_keys",
+    FallbackKeys => "fallback_keys",
+    CrossSigningKeys => "cross_signing_keys",
+    KeySignatures => "key_signatures",
+    DeviceListChanges => "device_list_changes",
+    BackupVersions => "backup_versions",
+    BackupKeys => "backup_keys",
 }

@@ -1,11 +1,13 @@
 //! Every route of the client API, and the answers for everything else.
 
 mod account;
+mod backup;
 mod devices;
 mod directory;
 mod discovery;
 mod federation;
 mod history;
+mod keys;
 mod membership;
 mod profile;
 mod push;
@@ -68,7 +70,14 @@ impl Routes {
 }
 
 /// Client endpoints this server serves under v3 that r0 (up to r0.6.1) did not have.
-const NOT_IN_R0: &[&str] = &["knock/{room_id_or_alias}", "refresh", "rooms/{room_id}/report", "users/{user_id}/report"];
+const NOT_IN_R0: &[&str] = &[
+    "knock/{room_id_or_alias}",
+    "refresh",
+    "rooms/{room_id}/report",
+    "users/{user_id}/report",
+    "keys/device_signing/upload",
+    "keys/signatures/upload",
+];
 
 /// The r0 path of a v3 client endpoint that existed in r0.
 pub fn legacy_r0_path(path: &str) -> Option<String> {
@@ -94,6 +103,8 @@ pub fn all() -> Routes {
         .merge(push::routes())
         .merge(user_directory::routes())
         .merge(voip::routes())
+        .merge(keys::routes())
+        .merge(backup::routes())
         .merge(federation::routes())
 }
 

@@ -51,6 +51,7 @@ pub(crate) enum Purpose {
     DeleteDevices,
     ChangePassword,
     Deactivate,
+    CrossSigning,
 }
 
 impl Purpose {
@@ -60,6 +61,7 @@ impl Purpose {
             Purpose::DeleteDevices => "delete_devices",
             Purpose::ChangePassword => "change_password",
             Purpose::Deactivate => "deactivate",
+            Purpose::CrossSigning => "cross_signing",
         }
     }
 }

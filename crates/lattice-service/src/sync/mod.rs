@@ -4,6 +4,7 @@
 //! the token format; `room.rs` — one room's part of a sync; this module — the long-poll and the
 //! assembly of the whole response.
 
+mod device_lists;
 mod room;
 mod tokens;
 
@@ -16,6 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::ServiceError;
 use crate::account_data::AccountData;
+use crate::e2ee::E2ee;
 use crate::notifier::Notifier;
 use crate::rooms::{Rooms, SyncFilter};
 use crate::to_device::ToDevice;
@@ -30,6 +32,8 @@ pub struct Sync {
     rooms: Arc<Rooms>,
     account_data: Arc<AccountData>,
     to_device: Arc<ToDevice>,
+    /// Device lists, one-time key counts and fallback keys.
+    e2ee: Arc<E2ee>,
     /// The unread notification counts of each joined room.
     push: Arc<crate::push::Push>,
     /// Where a waiting `/sync` registers; the writers notify it.
@@ -75,6 +79,8 @@ fn has_news(response: &Value) -> bool {
     ["join", "invite", "leave", "knock"].iter().any(|kind| non_empty(&rooms[*kind]))
         || non_empty(&response["account_data"]["events"])
         || non_empty(&response["to_device"]["events"])
+        || non_empty(&response["device_lists"]["changed"])
+        || non_empty(&response["device_lists"]["left"])
 }
 
 impl Sync {
@@ -82,10 +88,11 @@ impl Sync {
         rooms: Arc<Rooms>,
         account_data: Arc<AccountData>,
         to_device: Arc<ToDevice>,
+        e2ee: Arc<E2ee>,
         push: Arc<crate::push::Push>,
         notifier: Arc<Notifier>,
     ) -> Self {
-        Self { rooms, account_data, to_device, push, notifier }
+        Self { rooms, account_data, to_device, e2ee, push, notifier }
     }
 
     /// Each stream's completed mark: every change up to it is visible (typing, kept in memory,
@@ -98,6 +105,7 @@ impl Sync {
             typing: rooms.typing,
             account_data: self.account_data.position().await?,
             to_device: self.to_device.position().await?,
+            device_lists: self.e2ee.device_list_position().await?,
         })
     }
 
@@ -208,17 +216,28 @@ impl Sync {
         }
         let delivered = StreamSet { to_device: to_device.delivered_up_to.unwrap_or(now.to_device), ..now };
         let next_batch = SyncToken { streams: delivered };
+        let device_lists = match scope.initial {
+            true => json!({}),
+            false => self.device_lists_for(&scope, &join, &leave).await?,
+        };
         let to_device_events: Vec<Value> = to_device
             .events
             .into_iter()
             .filter(|e| !ignored.contains(e["sender"].as_str().unwrap_or_default()))
             .collect();
-        Ok(json!({
+        let mut response = json!({
             "next_batch": next_batch.render(),
             "account_data": { "events": global_data },
             "to_device": { "events": to_device_events },
+            "device_lists": device_lists,
             "rooms": { "join": join, "invite": invite, "leave": leave, "knock": knock },
-        }))
+        });
+        if let Some(device) = &request.device_id {
+            response["device_one_time_keys_count"] = json!(self.e2ee.one_time_key_counts(user_id, device).await?);
+            response["device_unused_fallback_key_types"] =
+                json!(self.e2ee.unused_fallback_key_types(user_id, device).await?);
+        }
+        Ok(response)
     }
 
     async fn to_device_for(

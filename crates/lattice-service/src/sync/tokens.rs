@@ -12,16 +12,25 @@ pub struct StreamSet {
     pub typing: u64,
     pub account_data: u64,
     pub to_device: u64,
+    /// Changes of users' device lists (keys, devices, cross-signing).
+    pub device_lists: u64,
 }
 
 impl StreamSet {
     /// Every stream at `position`: what a token of the single shared stream meant.
     pub(crate) fn all_at(position: u64) -> Self {
-        Self { events: position, receipts: position, typing: position, account_data: position, to_device: position }
+        Self {
+            events: position,
+            receipts: position,
+            typing: position,
+            account_data: position,
+            to_device: position,
+            device_lists: position,
+        }
     }
 
-    fn fields(&self) -> [u64; 5] {
-        [self.events, self.receipts, self.typing, self.account_data, self.to_device]
+    fn fields(&self) -> [u64; 6] {
+        [self.events, self.receipts, self.typing, self.account_data, self.to_device, self.device_lists]
     }
 
     /// Whether any stream is past the same stream in `other`.
@@ -33,10 +42,11 @@ impl StreamSet {
 /// A `/sync` token: how far each stream was delivered. The to-device part can stay behind the
 /// stream when the device's inbox held more than one sync delivers.
 ///
-/// Written `m{events}_{receipts}_{typing}_{account_data}_{to_device}`. Tokens of the single
-/// shared stream, `s{position}` and `s{position}_{to_device}`, are still read: every stream
-/// split off it starts above it. A later multi-writer form will extend each part, not reorder
-/// them (docs/client-api.md).
+/// Written `m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}`. Tokens
+/// of earlier releases are still read: the five-part form (before the device-list stream, which
+/// starts above the shared stream, so its part is 0) and the single shared stream's `s{position}`
+/// and `s{position}_{to_device}` (every stream split off it starts above it). A later
+/// multi-writer form will extend each part, not reorder them (docs/client-api.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncToken {
     pub streams: StreamSet,
@@ -48,8 +58,16 @@ impl SyncToken {
         let number = |part: &str| part.parse::<u64>().map_err(|_| invalid());
         if let Some(rest) = token.strip_prefix('m') {
             let parts = rest.split('_').map(number).collect::<Result<Vec<_>, _>>()?;
-            let [events, receipts, typing, account_data, to_device] = parts[..] else { return Err(invalid()) };
-            return Ok(Self { streams: StreamSet { events, receipts, typing, account_data, to_device } });
+            let (events, receipts, typing, account_data, to_device, device_lists) = match parts[..] {
+                [events, receipts, typing, account_data, to_device, device_lists] => {
+                    (events, receipts, typing, account_data, to_device, device_lists)
+                }
+                [events, receipts, typing, account_data, to_device] => {
+                    (events, receipts, typing, account_data, to_device, 0)
+                }
+                _ => return Err(invalid()),
+            };
+            return Ok(Self { streams: StreamSet { events, receipts, typing, account_data, to_device, device_lists } });
         }
         let rest = token.strip_prefix('s').ok_or_else(invalid)?;
         let (position, to_device) = match rest.split_once('_') {
@@ -65,8 +83,8 @@ impl SyncToken {
     }
 
     pub fn render(self) -> String {
-        let StreamSet { events, receipts, typing, account_data, to_device } = self.streams;
-        format!("m{events}_{receipts}_{typing}_{account_data}_{to_device}")
+        let StreamSet { events, receipts, typing, account_data, to_device, device_lists } = self.streams;
+        format!("m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}")
     }
 }
 
@@ -87,11 +105,20 @@ mod tests {
 
     #[test]
     fn sync_tokens_round_trip() {
-        let streams =
-            StreamSet { events: 7, receipts: 1_000_003, typing: 1_000_001, account_data: 2_000_005, to_device: 9 };
+        let streams = StreamSet {
+            events: 7,
+            receipts: 1_000_003,
+            typing: 1_000_001,
+            account_data: 2_000_005,
+            to_device: 9,
+            device_lists: 3_000_001,
+        };
         let token = SyncToken { streams };
-        assert_eq!(token.render(), "m7_1000003_1000001_2000005_9");
+        assert_eq!(token.render(), "m7_1000003_1000001_2000005_9_3000001");
         assert_eq!(SyncToken::parse(&token.render()).expect("valid"), token);
+        // Five-part tokens come from before the device-list stream, which starts above them.
+        let five = SyncToken { streams: StreamSet { device_lists: 0, ..streams } };
+        assert_eq!(SyncToken::parse("m7_1000003_1000001_2000005_9").expect("valid"), five);
         // Tokens of the single shared stream mean every stream at that position.
         let shared =
             |position, to_device| SyncToken { streams: StreamSet { to_device, ..StreamSet::all_at(position) } };
@@ -111,7 +138,7 @@ mod tests {
             "t4",
             "m",
             "m1_2_3_4",
-            "m1_2_3_4_5_6",
+            "m1_2_3_4_5_6_7",
             "m1__3_4_5",
             "m1_2_3_4_x",
         ] {

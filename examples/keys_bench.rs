@@ -1,0 +1,359 @@
+//! End-to-end encryption key benchmarks of the real `lattice` binary on loopback (issue #13):
+//!
+//! 1. `/keys/upload` of device keys and 100 signed one-time keys, once per user (`--users N`,
+//!    default 100): latency of each upload;
+//! 2. `/keys/claim`: 10 concurrent claimers, each claim one key of one device, until half of the
+//!    uploaded keys are gone: claims per second and latency;
+//! 3. `/keys/query`: 10 concurrent clients, each query naming 10 users (all their devices), for
+//!    2,000 queries: queries per second and latency; and one query naming every user;
+//! 4. incremental `/sync` of a user sharing one room with every other user, right after one of
+//!    them published new keys (the device-list change it reports).
+//!
+//! Usage: `cargo run --release --example keys_bench -- [path/to/lattice] [--users N]`
+//! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use ruma::signatures::{Ed25519KeyPair, sign_json};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    registration_token: String,
+    _child: Child,
+}
+
+impl Server {
+    async fn start(binary: &str, data_dir: &std::path::Path) -> Result<Self, Error> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut child = Command::new(binary)
+            .arg("serve")
+            .env("LATTICE_DATA_DIR", data_dir)
+            .env("LATTICE_LISTEN__ADDRESS", format!("127.0.0.1:{port}"))
+            .env("LATTICE_SERVER_NAME", "bench.localhost")
+            .env("LATTICE_RATE_LIMITS__ENABLED", "false")
+            .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
+            .env("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS", "1")
+            .env("LATTICE_LOGGING__LEVEL", "warn")
+            .env_remove("LATTICE_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let prefix = "First start: registration token (shown only now): ";
+        let registration_token = loop {
+            match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await?? {
+                Some(line) if line.starts_with(prefix) => break line[prefix.len()..].trim().to_owned(),
+                Some(_) => continue,
+                None => return Err("the server exited before printing a registration token".into()),
+            }
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+        let server = Self { base: format!("http://127.0.0.1:{port}"), http, registration_token, _child: child };
+        for _ in 0..600 {
+            if server.http.get(format!("{}/_matrix/client/versions", server.base)).send().await.is_ok() {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("the server did not start serving".into())
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Value, Error> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let value: Value = response.json().await?;
+        if !status.is_success() {
+            return Err(format!("{path}: {status} {value}").into());
+        }
+        Ok(value)
+    }
+
+    /// Registers a user; returns its access token and device ID.
+    async fn register(&self, name: &str) -> Result<(String, String), Error> {
+        let body = json!({ "username": name, "password": "bench-password" });
+        let challenge = self.http.post(format!("{}/_matrix/client/v3/register", self.base)).json(&body).send().await?;
+        let session = challenge.json::<Value>().await?["session"].as_str().ok_or("no UIA session")?.to_owned();
+        let mut body = body;
+        body["auth"] =
+            json!({ "type": "m.login.registration_token", "token": self.registration_token, "session": session });
+        let done = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(&body)).await?;
+        let token = done["access_token"].as_str().ok_or("no access token")?.to_owned();
+        let device = done["device_id"].as_str().ok_or("no device ID")?.to_owned();
+        Ok((token, device))
+    }
+}
+
+struct User {
+    id: String,
+    token: String,
+    device: String,
+    pair: Ed25519KeyPair,
+}
+
+fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Result<Value, Error> {
+    let map = object.as_object().cloned().ok_or("not an object")?;
+    let mut canonical = ruma::canonical_json::try_from_json_map(map)?;
+    sign_json(signer, pair, &mut canonical)?;
+    Ok(serde_json::to_value(canonical)?)
+}
+
+impl User {
+    fn upload_body(&self, otks: usize, round: usize) -> Result<Value, Error> {
+        let public =
+            ruma::serde::Base64::<ruma::serde::base64::Standard>::new(self.pair.public_key().to_vec()).encode();
+        let device_keys = signed(
+            json!({ "user_id": self.id, "device_id": self.device,
+                    "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                    "keys": { format!("ed25519:{}", self.device): public, format!("curve25519:{}", self.device): "curve" } }),
+            &self.id,
+            &self.pair,
+        )?;
+        let mut one_time_keys = serde_json::Map::new();
+        for n in 0..otks {
+            let key = signed(json!({ "key": format!("k{round}-{n}") }), &self.id, &self.pair)?;
+            one_time_keys.insert(format!("signed_curve25519:{round:04}{n:04}"), key);
+        }
+        Ok(json!({ "device_keys": device_keys, "one_time_keys": one_time_keys }))
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(mut latencies: Vec<f64>) -> (f64, f64) {
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let users_n: usize = args
+        .iter()
+        .position(|a| a == "--users")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100);
+    let default_binary = format!("{}/release/lattice", std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into()));
+    let binary =
+        args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or(default_binary);
+    let dir = tempfile::tempdir()?;
+    let server = Arc::new(Server::start(&binary, dir.path()).await?);
+    const OTKS: usize = 100;
+
+    let mut users = Vec::with_capacity(users_n);
+    for i in 0..users_n {
+        let (token, device) = server.register(&format!("u{i}")).await?;
+        let document = Ed25519KeyPair::generate();
+        let pair = Ed25519KeyPair::from_der(&document, device.clone())?;
+        users.push(User { id: format!("@u{i}:bench.localhost"), token, device, pair });
+    }
+    let mut rows = Vec::new();
+
+    // 1. Uploads: device keys and 100 one-time keys each.
+    let mut latencies = Vec::new();
+    for user in &users {
+        let body = user.upload_body(OTKS, 0)?;
+        let started = Instant::now();
+        server.call(reqwest::Method::POST, "/_matrix/client/v3/keys/upload", Some(&user.token), Some(&body)).await?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (p50, p99) = summary(latencies);
+    rows.push(format!("| `/keys/upload`, device keys + {OTKS} signed one-time keys | {users_n} uploads | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
+
+    // 2. Claims, 10 concurrent, until half the keys are gone.
+    let targets: Arc<Vec<(String, String)>> =
+        Arc::new(users.iter().map(|u| (u.id.clone(), u.device.clone())).collect());
+    let claims_total = users_n * OTKS / 2;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..10 {
+        let (server, targets, next, token) =
+            (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= claims_total {
+                    return Ok::<_, Error>(latencies);
+                }
+                let (user, device) = &targets[i % targets.len()];
+                let body = json!({ "one_time_keys": { user: { device: "signed_curve25519" } } });
+                let one = Instant::now();
+                let claimed = server
+                    .call(reqwest::Method::POST, "/_matrix/client/v3/keys/claim", Some(&token), Some(&body))
+                    .await?;
+                latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+                if claimed["one_time_keys"][user][device].as_object().is_none_or(|k| k.is_empty()) {
+                    return Err("a claim found no key".into());
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (p50, p99) = summary(latencies);
+    rows.push(format!(
+        "| `/keys/claim`, 10 concurrent, one key each | {claims_total} claims in {elapsed:.1} s: **{:.0}/s** | p50 {p50:.1} ms, p99 {p99:.1} ms |",
+        claims_total as f64 / elapsed
+    ));
+
+    // 3. Queries, 10 concurrent, 10 users each.
+    let queries_total = 2_000;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..10 {
+        let (server, targets, next, token) =
+            (server.clone(), targets.clone(), next.clone(), users[c % users_n].token.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= queries_total {
+                    return Ok::<_, Error>(latencies);
+                }
+                let named: serde_json::Map<String, Value> =
+                    (0..10).map(|k| (targets[(i * 10 + k) % targets.len()].0.clone(), json!([]))).collect();
+                let body = json!({ "device_keys": named });
+                let one = Instant::now();
+                let found = server
+                    .call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(&token), Some(&body))
+                    .await?;
+                latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+                if found["device_keys"].as_object().is_none_or(|d| d.is_empty()) {
+                    return Err("a query found no keys".into());
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (p50, p99) = summary(latencies);
+    rows.push(format!(
+        "| `/keys/query`, 10 concurrent, 10 users each | {queries_total} queries in {elapsed:.1} s: **{:.0}/s** | p50 {p50:.1} ms, p99 {p99:.1} ms |",
+        queries_total as f64 / elapsed
+    ));
+    let everyone: serde_json::Map<String, Value> = users.iter().map(|u| (u.id.clone(), json!([]))).collect();
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let one = Instant::now();
+        server
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/query",
+                Some(&users[0].token),
+                Some(&json!({ "device_keys": everyone })),
+            )
+            .await?;
+        latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (p50, p99) = summary(latencies);
+    rows.push(format!("| `/keys/query` naming all {users_n} users | 20 queries | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
+
+    // 4. One room with everyone; one member's new keys; the incremental /sync of another.
+    let room = server
+        .call(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&users[0].token),
+            Some(&json!({ "preset": "public_chat" })),
+        )
+        .await?["room_id"]
+        .as_str()
+        .ok_or("no room")?
+        .to_owned();
+    for user in &users[1..] {
+        server
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/join/{room}"),
+                Some(&user.token),
+                Some(&json!({})),
+            )
+            .await?;
+    }
+    let mut latencies = Vec::new();
+    for round in 1..=20 {
+        let since =
+            server.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", Some(&users[0].token), None).await?;
+        let since = since["next_batch"].as_str().ok_or("no token")?.to_owned();
+        // A fresh device of another member publishes keys: a device-list change.
+        let (token, device) = {
+            let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "u1" }, "password": "bench-password" });
+            let login = server.call(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(&body)).await?;
+            (
+                login["access_token"].as_str().ok_or("token")?.to_owned(),
+                login["device_id"].as_str().ok_or("device")?.to_owned(),
+            )
+        };
+        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.clone())?;
+        let fresh = User { id: users[1].id.clone(), token, device, pair };
+        server
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/upload",
+                Some(&fresh.token),
+                Some(&fresh.upload_body(1, round)?),
+            )
+            .await?;
+        let one = Instant::now();
+        let response = server
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+                Some(&users[0].token),
+                None,
+            )
+            .await?;
+        latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+        if !response["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == &users[1].id)) {
+            return Err(format!("the change was not reported: {response}").into());
+        }
+    }
+    let (p50, p99) = summary(latencies);
+    rows.push(format!(
+        "| incremental `/sync` reporting one device-list change, one room of {users_n} members | 20 syncs | p50 {p50:.1} ms, p99 {p99:.1} ms |"
+    ));
+
+    println!("| what | load | result |\n|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+    Ok(())
+}
