@@ -8,12 +8,21 @@
 //!    time until all of them are in bob's `/sync`: PDUs per second through lat1's queue, lat2's
 //!    `/send` with signature and hash checks, and ingest.
 //!
-//! Usage: `cargo run --release --example federation_bench -- [path/to/lattice] [--messages N] [--burst N]`
-//! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
+//! 4. end-to-end encryption across the two servers (`--keys N` users, default 100, each with
+//!    device keys and 5 signed one-time keys on lat2): alice on lat1 queries all N users' keys
+//!    in one `/keys/query` (20 times), queries 10 users at a time (10 concurrent clients, 200
+//!    queries), claims one key of each device (10 concurrent); then `--to-device N` (default
+//!    1,000) to-device messages from alice to bob's device (10 concurrent senders), until all are
+//!    in bob's `/sync` on lat2.
+//!
+//! Usage: `cargo run --release --example federation_bench -- [path/to/lattice] [--messages N]
+//! [--burst N] [--keys N] [--to-device N] [--keys-only]` (default binary:
+//! `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ruma::signatures::{Ed25519KeyPair, sign_json};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -88,9 +97,15 @@ impl Node {
     }
 
     async fn register(&self, user: &str) -> Result<String, Error> {
+        Ok(self.register_device(user).await?.0)
+    }
+
+    /// Registers a user; its access token and device ID.
+    async fn register_device(&self, user: &str) -> Result<(String, String), Error> {
         let body = json!({ "username": user, "password": "bench password", "auth": { "type": "m.login.dummy" } });
         let answer = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(body)).await?;
-        Ok(answer["access_token"].as_str().ok_or("no token")?.to_owned())
+        let token = answer["access_token"].as_str().ok_or("no token")?.to_owned();
+        Ok((token, answer["device_id"].as_str().ok_or("no device")?.to_owned()))
     }
 
     async fn say(&self, token: &str, room: &str, txn: &str) -> Result<(), Error> {
@@ -138,6 +153,8 @@ async fn main() -> Result<(), Error> {
             .unwrap_or(default)
     };
     let (messages, burst) = (number("--messages", 300), number("--burst", 2000));
+    let (key_users, to_device) = (number("--keys", 100), number("--to-device", 1000));
+    let keys_only = args.iter().any(|a| a == "--keys-only");
     let dir = tempfile::tempdir()?;
     let ips = ["127.0.0.41", "127.0.0.42"];
     let mut bundle = String::new();
@@ -158,6 +175,12 @@ async fn main() -> Result<(), Error> {
     let lat1 = start(&binary, dir.path(), ips[0], &ca).await?;
     let lat2 = start(&binary, dir.path(), ips[1], &ca).await?;
     let (alice, bob) = (lat1.register("alice").await?, lat2.register("bob").await?);
+    if keys_only {
+        for row in keys_rows(&lat1, &lat2, &alice, key_users, to_device).await? {
+            println!("{row}");
+        }
+        return Ok(());
+    }
     let room = lat1
         .call(
             reqwest::Method::POST,
@@ -237,5 +260,170 @@ async fn main() -> Result<(), Error> {
         "| {burst} messages (10 senders) until all in the other server's /sync | {sent_in:.2} s = {:.0} PDU/s |",
         burst as f64 / sent_in
     );
+    for row in keys_rows(&lat1, &lat2, &alice, key_users, to_device).await? {
+        println!("{row}");
+    }
     Ok(())
+}
+
+fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Result<Value, Error> {
+    let map = object.as_object().cloned().ok_or("not an object")?;
+    let mut canonical = ruma::canonical_json::try_from_json_map(map)?;
+    sign_json(signer, pair, &mut canonical)?;
+    Ok(serde_json::to_value(canonical)?)
+}
+
+/// Registers `users` users on `node`, each publishing device keys and 5 one-time keys; their
+/// user IDs and device IDs.
+async fn users_with_keys(node: &Node, users: usize) -> Result<Vec<(String, String)>, Error> {
+    let mut published = Vec::with_capacity(users);
+    for n in 0..users {
+        let name = format!("keyed{n:04}");
+        let (token, device) = node.register_device(&name).await?;
+        let user = format!("@{name}:{}", node.name);
+        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.clone())?;
+        let public = ruma::serde::Base64::<ruma::serde::base64::Standard>::new(pair.public_key().to_vec()).encode();
+        let device_keys = signed(
+            json!({ "user_id": user, "device_id": device,
+                    "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                    "keys": { format!("ed25519:{device}"): public, format!("curve25519:{device}"): "curve" } }),
+            &user,
+            &pair,
+        )?;
+        let mut one_time_keys = serde_json::Map::new();
+        for k in 0..5 {
+            one_time_keys
+                .insert(format!("signed_curve25519:{k:04}"), signed(json!({ "key": format!("k{k}") }), &user, &pair)?);
+        }
+        let body = json!({ "device_keys": device_keys, "one_time_keys": one_time_keys });
+        node.call(reqwest::Method::POST, "/_matrix/client/v3/keys/upload", Some(&token), Some(body)).await?;
+        published.push((user, device));
+    }
+    Ok(published)
+}
+
+/// Runs `jobs` requests with 10 concurrent clients; each request's latency in ms, and the
+/// wall time in s.
+async fn concurrently(
+    node: &Node,
+    token: &str,
+    path: &'static str,
+    bodies: Vec<Value>,
+) -> Result<(Vec<f64>, f64), Error> {
+    let started = Instant::now();
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(bodies));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (queue, url, token, http) =
+            (queue.clone(), format!("{}{path}", node.client), token.to_owned(), node.http.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let Some(body) = queue.lock().map_err(|_| "poisoned")?.pop() else { break };
+                let sent = Instant::now();
+                let response = http
+                    .request(
+                        if path.contains("sendToDevice") { reqwest::Method::PUT } else { reqwest::Method::POST },
+                        url.replace("{txn}", &format!("t{}", body["txn"])),
+                    )
+                    .bearer_auth(&token)
+                    .json(&body["body"])
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    return Err(format!("{path}: {}", response.status()).into());
+                }
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<Vec<f64>, Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, started.elapsed().as_secs_f64()))
+}
+
+/// The end-to-end encryption rows: key queries and claims of lat2's users from lat1, and
+/// to-device throughput from lat1 to lat2.
+async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages: usize) -> Result<Vec<String>, Error> {
+    let keyed = users_with_keys(lat2, users).await?;
+    let everyone: serde_json::Map<String, Value> = keyed.iter().map(|(user, _)| (user.clone(), json!([]))).collect();
+    let mut whole = Vec::new();
+    for _ in 0..20 {
+        let sent = Instant::now();
+        let answer = lat1
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/query",
+                Some(alice),
+                Some(json!({ "device_keys": everyone })),
+            )
+            .await?;
+        whole.push(sent.elapsed().as_secs_f64() * 1000.0);
+        let found = answer["device_keys"].as_object().map_or(0, serde_json::Map::len);
+        if found != users {
+            return Err(format!("the query found {found} of {users} users: {answer}").into());
+        }
+    }
+    whole.sort_by(f64::total_cmp);
+    let tens: Vec<Value> = (0..200)
+        .map(|q| {
+            let ten: serde_json::Map<String, Value> =
+                (0..10).map(|i| (keyed[(q * 10 + i) % users].0.clone(), json!([]))).collect();
+            json!({ "txn": q, "body": { "device_keys": ten } })
+        })
+        .collect();
+    let (queries, query_secs) = concurrently(lat1, alice, "/_matrix/client/v3/keys/query", tens).await?;
+    let claims: Vec<Value> = keyed
+        .iter()
+        .enumerate()
+        .map(|(n, (user, device))| json!({ "txn": n, "body": { "one_time_keys": { user: { device: "signed_curve25519" } } } }))
+        .collect();
+    let (claimed, claim_secs) = concurrently(lat1, alice, "/_matrix/client/v3/keys/claim", claims).await?;
+
+    let (bob_token, bob_device) = lat2.register_device("tdbob").await?;
+    let bob = format!("@tdbob:{}", lat2.name);
+    let mut since = lat2.sync(&bob_token, "", 0).await?["next_batch"].as_str().ok_or("no token")?.to_owned();
+    let sends: Vec<Value> = (0..messages)
+        .map(|n| json!({ "txn": n, "body": { "messages": { &bob: { &bob_device: { "n": n } } } } }))
+        .collect();
+    let started = Instant::now();
+    let (sent, _) = concurrently(lat1, alice, "/_matrix/client/v3/sendToDevice/m.bench/{txn}", sends).await?;
+    let mut received = 0;
+    while received < messages {
+        let answer = lat2.sync(&bob_token, &since, 10_000).await?;
+        since = answer["next_batch"].as_str().ok_or("no token")?.to_owned();
+        received += answer["to_device"]["events"].as_array().map_or(0, Vec::len);
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err(format!("only {received} of {messages} to-device messages arrived").into());
+        }
+    }
+    let delivered_in = started.elapsed().as_secs_f64();
+    Ok(vec![
+        format!(
+            "| `/keys/query` on lat1 naming all {users} users of lat2, p50 / p99 (20 queries) | {:.1} / {:.1} ms |",
+            percentile(&whole, 0.5),
+            percentile(&whole, 0.99)
+        ),
+        format!(
+            "| `/keys/query` of 10 lat2 users, 10 concurrent clients: 200 queries | {:.0}/s, p50 {:.1} ms, p99 {:.1} ms |",
+            200.0 / query_secs,
+            percentile(&queries, 0.5),
+            percentile(&queries, 0.99)
+        ),
+        format!(
+            "| `/keys/claim` of one lat2 device's key, 10 concurrent: {users} claims | {:.0}/s, p50 {:.1} ms, p99 {:.1} ms |",
+            users as f64 / claim_secs,
+            percentile(&claimed, 0.5),
+            percentile(&claimed, 0.99)
+        ),
+        format!(
+            "| {messages} to-device messages lat1 → lat2 (10 concurrent senders, send p50 {:.1} ms) until all in `/sync` | {delivered_in:.2} s = {:.0} msg/s |",
+            percentile(&sent, 0.5),
+            messages as f64 / delivered_in
+        ),
+    ])
 }

@@ -9,14 +9,14 @@ use serde_json::{Value, json};
 use crate::support::{Http, TestServer, assert_error, create_room, sync};
 
 /// A logged-in device with its own signing key.
-struct Device {
-    user: String,
-    id: String,
-    token: String,
-    pair: Ed25519KeyPair,
+pub(crate) struct Device {
+    pub(crate) user: String,
+    pub(crate) id: String,
+    pub(crate) token: String,
+    pub(crate) pair: Ed25519KeyPair,
 }
 
-fn key_pair(version: &str) -> Ed25519KeyPair {
+pub(crate) fn key_pair(version: &str) -> Ed25519KeyPair {
     let document = Ed25519KeyPair::generate();
     Ed25519KeyPair::from_der(&document, version.to_owned()).expect("a key pair")
 }
@@ -46,7 +46,7 @@ async fn login(server: &TestServer, name: &str) -> Device {
 }
 
 impl Device {
-    fn device_keys(&self) -> Value {
+    pub(crate) fn device_keys(&self) -> Value {
         let unsigned = json!({
             "user_id": self.user,
             "device_id": self.id,
@@ -60,12 +60,12 @@ impl Device {
         signed(json!({ "key": format!("otk-{}-{n}", self.id) }), &self.user, &self.pair)
     }
 
-    async fn upload(&self, http: &Http, body: Value) -> (reqwest::StatusCode, Value) {
+    pub(crate) async fn upload(&self, http: &Http, body: Value) -> (reqwest::StatusCode, Value) {
         http.post("/_matrix/client/v3/keys/upload", Some(&self.token), &body).await
     }
 
     /// Uploads the device keys, `otks` one-time keys and a fallback key.
-    async fn publish(&self, http: &Http, otks: usize) {
+    pub(crate) async fn publish(&self, http: &Http, otks: usize) {
         let one_time_keys: serde_json::Map<String, Value> =
             (0..otks).map(|n| (format!("signed_curve25519:{n:04}"), self.one_time_key(n))).collect();
         let fallback = signed(json!({ "key": "fallback", "fallback": true }), &self.user, &self.pair);
@@ -80,14 +80,14 @@ impl Device {
     }
 }
 
-async fn query(http: &Http, token: &str, users: Value) -> Value {
+pub(crate) async fn query(http: &Http, token: &str, users: Value) -> Value {
     let (status, body) =
         http.post("/_matrix/client/v3/keys/query", Some(token), &json!({ "device_keys": users })).await;
     assert_eq!(status, 200, "{body}");
     body
 }
 
-async fn claim(http: &Http, token: &str, user: &str, device: &str) -> Value {
+pub(crate) async fn claim(http: &Http, token: &str, user: &str, device: &str) -> Value {
     let body = json!({ "one_time_keys": { user: { device: "signed_curve25519" } } });
     let (status, body) = http.post("/_matrix/client/v3/keys/claim", Some(token), &body).await;
     assert_eq!(status, 200, "{body}");
@@ -104,7 +104,7 @@ async fn leave(http: &Http, token: &str, room: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
-fn listed(list: &Value, user: &str) -> bool {
+pub(crate) fn listed(list: &Value, user: &str) -> bool {
     list.as_array().is_some_and(|users| users.iter().any(|u| u == user))
 }
 

@@ -151,6 +151,11 @@ impl Server {
     }
 
     /// Registers `name` with password `password`; returns the access token.
+    /// The server's name (`lat1.test`).
+    pub(crate) fn name(&self) -> String {
+        self.config.server_name.to_string()
+    }
+
     pub(crate) async fn register_user(&self, name: &str) -> String {
         let session = crate::support::register(&self.http, name, "password", &self.registration_token).await;
         session["access_token"].as_str().expect("access token").to_owned()
@@ -306,7 +311,7 @@ async fn signed_requests_are_accepted_and_every_bad_one_is_refused() {
         assert_eq!(response.1["errcode"], "M_UNAUTHORIZED", "{case}: {}", response.1);
     }
     // Unbuilt federation endpoints and client routes on the federation listener: 404.
-    let unbuilt = "/_matrix/federation/v1/user/devices/%40carol%3Alat2.test";
+    let unbuilt = "/_matrix/federation/v1/publicRooms";
     let signed_get = x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, unbuilt, b"");
     let response = net.request("lat2.test", Method::GET, unbuilt, Some(&signed_get), None).await;
     assert_error(&response, 404, "M_UNRECOGNIZED");

@@ -38,7 +38,7 @@ pub(crate) fn timeline_bodies(sync: &Value, room: &str) -> Vec<String> {
 }
 
 /// alice on lat1 has a public room with an alias; bob on lat2 joins it by the alias.
-async fn shared_room(net: &Network, lat1: &Server, lat2: &Server) -> (String, String, String) {
+pub(crate) async fn shared_room(net: &Network, lat1: &Server, lat2: &Server) -> (String, String, String) {
     let alice = lat1.register_user("alice").await;
     let bob = lat2.register_user("bob").await;
     let room = create_room(
@@ -211,7 +211,7 @@ async fn a_server_outside_the_room_reads_nothing_and_cannot_act_for_others() {
 }
 
 /// A request from `origin` to lat1's federation listener, signed with `origin`'s key.
-async fn signed_request(
+pub(crate) async fn signed_request(
     net: &Network,
     (origin, key): (&str, &ruma::signatures::Ed25519KeyPair),
     method: Method,

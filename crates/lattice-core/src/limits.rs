@@ -21,6 +21,8 @@ pub const MAX_AVATAR_URL_BYTES: usize = 1024;
 pub const MAX_ACCOUNT_DATA_BYTES: usize = 65_536;
 pub const MAX_FILTER_BYTES: usize = 65_536;
 pub const MAX_EVENT_TYPE_BYTES: usize = 255;
+/// A to-device `message_id` another server sends (it keys the delivery's idempotence).
+pub const MAX_MESSAGE_ID_BYTES: usize = 255;
 
 /// Devices one account may hold; logging in beyond this is refused.
 pub const MAX_DEVICES_PER_USER: usize = 1_000;

@@ -11,7 +11,7 @@ use crate::accounts::{
     MAX_DEVICES_PER_DELETE, PASSWORD_FLOWS, Profile, ProfileField, Purpose, Session, check_password_length,
     profile_content,
 };
-use crate::e2ee::DeviceListChange;
+use crate::e2ee::{DeviceListChange, ListUpdate};
 use crate::rooms::member_content;
 use crate::to_device::RecipientDevices;
 use crate::{Service, ServiceError, ToDeviceMessages};
@@ -22,6 +22,10 @@ enum Logout<'a> {
     AllExcept(&'a str),
     Everyone,
 }
+
+/// How often a composed write that lost a race (a concurrent retry of the same transaction)
+/// is tried again.
+const COMPOSED_WRITE_RETRIES: usize = 8;
 
 impl Service {
     /// `PUT /user/{userId}[/rooms/{roomId}]/account_data/{type}`: per-room data needs a
@@ -57,8 +61,10 @@ impl Service {
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: the accounts know which devices each local
-    /// recipient has; the to-device service queues the messages. Users of other servers are
-    /// skipped until federation exists.
+    /// recipient has; the to-device service queues the messages for them, and federation one
+    /// `m.direct_to_device` EDU per other server, in the same batch: the request is answered
+    /// only once every message is durably on its way, and a repeated transaction ID sends
+    /// nothing again.
     pub async fn send_to_device(
         &self,
         sender: &UserId,
@@ -71,7 +77,22 @@ impl Service {
         for user in messages.keys().filter(|user| user.server_name() == self.server_name()) {
             devices.insert(user.clone(), self.accounts.device_ids(user).await?);
         }
-        self.to_device.send(sender, sender_device, event_type, txn_id, &messages, &devices).await
+        for _ in 0..COMPOSED_WRITE_RETRIES {
+            let prepared =
+                self.to_device.prepare_send(sender, sender_device, event_type, txn_id, &messages, &devices).await?;
+            let Some(mut send) = prepared else { return Ok(()) };
+            let servers = self.federation.queue_to_device(&mut send.batch, sender, event_type, &messages).await?;
+            match self.commit_composed(send.batch.clone()).await {
+                Ok(()) => {
+                    self.to_device.sent(send).await;
+                    self.federation.wake(&servers);
+                    return Ok(());
+                }
+                Err(lattice_storage::StorageError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::LimitExceeded("too many concurrent writes; try again".into()))
     }
 
     async fn require_any_membership(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
@@ -187,7 +208,9 @@ impl Service {
         if removed.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.e2ee.device_list_change_to_batch(batch, vec![user_id.to_owned()]).await?))
+        let updates =
+            removed.into_iter().map(|device_id| ListUpdate::Deleted { user: user_id.to_owned(), device_id }).collect();
+        Ok(Some(self.e2ee.device_list_change_to_batch(batch, updates).await?))
     }
 
     /// Sets (or with `None`, removes) one field of the caller's own profile, then announces it,

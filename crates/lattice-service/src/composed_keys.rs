@@ -3,21 +3,28 @@
 //! device-list change wakes exactly those users.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
 
 use lattice_core::limits::MAX_KEYS_REQUEST_TARGETS;
 use ruma::api::client::uiaa::AuthData;
 use ruma::{OwnedRoomId, OwnedUserId, UserId};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::accounts::{PASSWORD_FLOWS, Purpose};
 use crate::e2ee::{
     ClaimedKeys, CrossSigningUpload, DeviceListChange, E2ee, KeyCounts, QueriedKeys, SignatureFailure, UploadKeys,
 };
+use crate::federation::MAX_REMOTE_KEYS_WAIT;
 use crate::sync::SyncToken;
 use crate::{Service, ServiceError};
 
 /// Servers that could not answer for their users' keys: server name → error.
-pub type KeyFailures = BTreeMap<String, Value>;
+pub type KeyFailures = crate::federation::RemoteFailures;
+
+/// How long a client's key request waits for other servers: its `timeout`, at most 10 s.
+fn remote_wait(timeout: Option<Duration>) -> Duration {
+    timeout.unwrap_or(MAX_REMOTE_KEYS_WAIT).min(MAX_REMOTE_KEYS_WAIT)
+}
 
 impl Service {
     pub fn e2ee(&self) -> &E2ee {
@@ -31,11 +38,17 @@ impl Service {
         change: Option<DeviceListChange>,
     ) -> Result<(), ServiceError> {
         let Some(change) = change else { return Ok(()) };
-        for user in change.published().await {
+        let change = change.published().await;
+        for user in change.users() {
             self.notifier.notify_user(&user);
             for room in self.rooms.joined_rooms(&user).await? {
                 self.notifier.notify_room(&room);
             }
+        }
+        // The change is committed and this server's users know; a failure to queue it for
+        // other servers is theirs to recover from (the next update's `prev_id` shows the gap).
+        if let Err(error) = self.federation.announce_device_list(&change).await {
+            tracing::warn!(%error, "a device-list change was not queued for other servers");
         }
         Ok(())
     }
@@ -53,17 +66,25 @@ impl Service {
     }
 
     /// `POST /keys/query`: local users' keys, each device's display name in `unsigned`; other
-    /// servers' users are reported in the failures until federation queries exist.
+    /// servers' users' keys asked of their servers, waiting at most `timeout` (10 s when not
+    /// given); servers that fail or do not answer in time are reported in the failures.
     pub async fn query_keys(
         &self,
         requester: &UserId,
         targets: &BTreeMap<OwnedUserId, Vec<String>>,
+        timeout: Option<Duration>,
     ) -> Result<(QueriedKeys, KeyFailures), ServiceError> {
         if targets.len() > MAX_KEYS_REQUEST_TARGETS {
             return Err(ServiceError::InvalidParam(format!("at most {MAX_KEYS_REQUEST_TARGETS} users per query")));
         }
-        let (local, failures) = self.split_local(targets);
-        let mut found = self.e2ee.query_keys(requester, &local).await?;
+        let (local, remote) = self.split_local(targets);
+        let asked_remotely = self.federation.query_remote_keys(remote, remote_wait(timeout));
+        let (found, (from_remote, failures)) =
+            tokio::join!(self.e2ee.query_keys(Some(requester), &local), asked_remotely);
+        let mut found = found?;
+        found.device_keys.extend(from_remote.device_keys);
+        found.master_keys.extend(from_remote.master_keys);
+        found.self_signing_keys.extend(from_remote.self_signing_keys);
         for (user, devices) in &mut found.device_keys {
             if devices.is_empty() {
                 continue;
@@ -86,33 +107,34 @@ impl Service {
         Ok((found, failures))
     }
 
-    /// `POST /keys/claim`: one key per named local device.
+    /// `POST /keys/claim`: one key per named device, local ones here, other servers' from
+    /// their servers (waiting as [`Service::query_keys`] does).
     pub async fn claim_keys(
         &self,
         targets: &BTreeMap<OwnedUserId, BTreeMap<String, String>>,
+        timeout: Option<Duration>,
     ) -> Result<(ClaimedKeys, KeyFailures), ServiceError> {
         let devices: usize = targets.values().map(BTreeMap::len).sum();
         if devices > MAX_KEYS_REQUEST_TARGETS {
             return Err(ServiceError::InvalidParam(format!("at most {MAX_KEYS_REQUEST_TARGETS} devices per claim")));
         }
-        let (local, failures) = self.split_local(targets);
-        Ok((self.e2ee.claim_keys(&local).await?, failures))
+        let (local, remote) = self.split_local(targets);
+        let claimed_remotely = self.federation.claim_remote_keys(remote, remote_wait(timeout));
+        let (claimed, (from_remote, failures)) = tokio::join!(self.e2ee.claim_keys(&local), claimed_remotely);
+        let mut claimed = claimed?;
+        claimed.extend(from_remote);
+        Ok((claimed, failures))
     }
 
-    fn split_local<T: Clone>(&self, targets: &BTreeMap<OwnedUserId, T>) -> (BTreeMap<OwnedUserId, T>, KeyFailures) {
-        let mut local = BTreeMap::new();
-        let mut failures = KeyFailures::new();
-        for (user, wanted) in targets {
-            if user.server_name() == self.server_name() {
-                local.insert(user.clone(), wanted.clone());
-            } else {
-                failures.insert(
-                    user.server_name().to_string(),
-                    json!({ "errcode": "M_UNRECOGNIZED", "error": "keys of other servers' users are not fetched yet" }),
-                );
-            }
-        }
-        (local, failures)
+    /// This server's users' part of `targets`, and the other servers' users' part.
+    fn split_local<T: Clone>(
+        &self,
+        targets: &BTreeMap<OwnedUserId, T>,
+    ) -> (BTreeMap<OwnedUserId, T>, BTreeMap<OwnedUserId, T>) {
+        targets
+            .iter()
+            .map(|(user, wanted)| (user.clone(), wanted.clone()))
+            .partition(|(user, _)| user.server_name() == self.server_name())
     }
 
     /// `GET /keys/changes`: the users sharing a room with `user_id` whose device lists changed

@@ -156,7 +156,16 @@ impl Service {
             push.clone(),
             notifier.clone(),
         );
-        let federation = Federation::new(kv.clone(), rooms.clone(), accounts.clone());
+        let federation = Federation::new(
+            kv.clone(),
+            rooms.clone(),
+            federation::FederationNeighbours {
+                accounts: accounts.clone(),
+                e2ee: e2ee.clone(),
+                to_device: to_device.clone(),
+                notifier: notifier.clone(),
+            },
+        );
         Self {
             config,
             push,

@@ -38,6 +38,13 @@ pub struct ToDeviceBatch {
     pub delivered_up_to: Option<u64>,
 }
 
+/// One send's batch, prepared by [`ToDevice::prepare_send`].
+pub(crate) struct PreparedSend {
+    pub batch: WriteBatch,
+    position: lattice_storage::StreamPosition,
+    recipients: Vec<OwnedUserId>,
+}
+
 /// The devices of each local recipient, as the accounts service lists them.
 pub(crate) type RecipientDevices = HashMap<OwnedUserId, Vec<String>>;
 
@@ -58,10 +65,9 @@ impl ToDevice {
         Ok(self.stream.completed().await?)
     }
 
-    /// `PUT /sendToDevice/{eventType}/{txnId}`: queues each message in its recipient devices'
-    /// inboxes, all in one batch. Repeating a transaction ID does nothing a second time.
-    /// Recipients missing from `devices` (users of other servers, until federation exists) are
-    /// skipped.
+    /// `PUT /sendToDevice/{eventType}/{txnId}` of local recipients only: queues each message
+    /// in its recipient devices' inboxes, all in one batch. Repeating a transaction ID does
+    /// nothing a second time. Recipients missing from `devices` are skipped.
     pub(crate) async fn send(
         &self,
         sender: &UserId,
@@ -71,26 +77,14 @@ impl ToDevice {
         messages: &ToDeviceMessages,
         devices: &RecipientDevices,
     ) -> Result<(), ServiceError> {
-        if event_type.is_empty() || event_type.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES {
-            return Err(ServiceError::BadJson("invalid event type".into()));
-        }
-        let txn_key = keys::transaction(sender.as_str(), sender_device, txn_id);
         for _ in 0..WRITE_RETRIES {
-            if self.kv.get(Table::ToDeviceTransactions, &txn_key).await?.is_some() {
+            let Some(send) = self.prepare_send(sender, sender_device, event_type, txn_id, messages, devices).await?
+            else {
                 return Ok(());
-            }
-            let mut batch = WriteBatch::new();
-            batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
-            batch.put(Table::ToDeviceTransactions, txn_key.clone(), Vec::new());
-            let position = self.stream.take().await?;
-            let queued = queue_messages(&mut batch, sender, event_type, messages, devices, position.get())?;
-            match self.kv.write(batch).await {
+            };
+            match self.kv.write(send.batch.clone()).await {
                 Ok(()) => {
-                    position.published().await;
-                    tracing::debug!(sender = %sender, event_type, queued, "queued to-device messages");
-                    for recipient in messages.keys() {
-                        self.notifier.notify_user(recipient);
-                    }
+                    self.sent(send).await;
                     return Ok(());
                 }
                 Err(StorageError::Conflict) => continue,
@@ -98,6 +92,43 @@ impl ToDevice {
             }
         }
         Err(ServiceError::LimitExceeded("too many concurrent writes; try again".into()))
+    }
+
+    /// The batch of one send (its transaction mark, conditional on its absence, and the
+    /// messages under one new position), for the caller to extend and write; `None` when the
+    /// transaction was already sent. Once written, hand it to [`ToDevice::sent`].
+    pub(crate) async fn prepare_send(
+        &self,
+        sender: &UserId,
+        sender_device: &str,
+        event_type: &str,
+        txn_id: &str,
+        messages: &ToDeviceMessages,
+        devices: &RecipientDevices,
+    ) -> Result<Option<PreparedSend>, ServiceError> {
+        if event_type.is_empty() || event_type.len() > lattice_core::limits::MAX_EVENT_TYPE_BYTES {
+            return Err(ServiceError::BadJson("invalid event type".into()));
+        }
+        let txn_key = keys::transaction(sender.as_str(), sender_device, txn_id);
+        if self.kv.get(Table::ToDeviceTransactions, &txn_key).await?.is_some() {
+            return Ok(None);
+        }
+        let mut batch = WriteBatch::new();
+        batch.expect(Table::ToDeviceTransactions, txn_key.clone(), None);
+        batch.put(Table::ToDeviceTransactions, txn_key, Vec::new());
+        let position = self.stream.take().await?;
+        let queued = queue_messages(&mut batch, sender, event_type, messages, devices, position.get())?;
+        tracing::debug!(sender = %sender, event_type, queued, "queueing to-device messages");
+        let recipients = messages.keys().filter(|user| devices.contains_key(*user)).cloned().collect();
+        Ok(Some(PreparedSend { batch, position, recipients }))
+    }
+
+    /// Publishes a written send and wakes its recipients.
+    pub(crate) async fn sent(&self, send: PreparedSend) {
+        send.position.published().await;
+        for recipient in &send.recipients {
+            self.notifier.notify_user(recipient);
+        }
     }
 
     /// Deletes the messages a device acknowledged by syncing with a token past them.

@@ -74,6 +74,7 @@ tables! {
     CrossSigningKeys => "cross_signing_keys",
     KeySignatures => "key_signatures",
     DeviceListChanges => "device_list_changes",
+    DeviceListLatest => "device_list_latest",
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
 }

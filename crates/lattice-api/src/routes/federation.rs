@@ -43,6 +43,29 @@ pub fn routes() -> Routes {
         .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
         .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
         .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
+        .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
+        .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
+}
+
+/// `POST /user/keys/query`: this server's users' device and cross-signing keys.
+async fn user_keys_query(State(state): State<AppState>, auth: ServerAuth) -> ApiResult<Json<Value>> {
+    Ok(Json(state.service.federation().user_keys_query(&auth.origin, &auth.body).await?))
+}
+
+/// `POST /user/keys/claim`: one-time (else fallback) keys of this server's users' devices.
+async fn user_keys_claim(State(state): State<AppState>, auth: ServerAuth) -> ApiResult<Json<Value>> {
+    Ok(Json(state.service.federation().user_keys_claim(&auth.origin, &auth.body).await?))
+}
+
+/// `GET /user/devices/{userId}`: a local user's device list, for a server resyncing it.
+async fn user_devices(
+    State(state): State<AppState>,
+    PathParams(user_id): PathParams<String>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let user_id = parse_user(&user_id)?;
+    Ok(Json(state.service.federation().user_devices(&auth.origin, &user_id).await?))
 }
 
 fn federation(state: &AppState) -> ApiResult<&Arc<KeyCache>> {

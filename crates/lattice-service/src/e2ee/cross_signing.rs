@@ -14,7 +14,7 @@ use lattice_storage::{StorageError, Table, WriteBatch, keys};
 use ruma::{OwnedUserId, UserId};
 use serde_json::{Map, Value};
 
-use super::device_lists::DeviceListChange;
+use super::device_lists::{DeviceListChange, ListUpdate};
 use super::keys::{decode_object, device_ed25519, encode};
 use super::signed;
 use super::{E2ee, WRITE_RETRIES};
@@ -91,17 +91,17 @@ impl E2ee {
     }
 
     /// The key as `requester` may see it: with the owner's own signatures, and on a master key
-    /// also the requester's.
+    /// also the requester's (another server asking sees the owner's signatures only).
     pub(super) async fn cross_signing_key_for(
         &self,
-        requester: &UserId,
+        requester: Option<&UserId>,
         user_id: &UserId,
         usage: &str,
     ) -> Result<Option<Map<String, Value>>, ServiceError> {
         let Some(mut object) = self.cross_signing_key(user_id, usage).await? else { return Ok(None) };
         if let Some(public_key) = public_key_of(&object) {
-            let signers: Vec<&UserId> = match usage {
-                "master" => vec![user_id, requester],
+            let signers: Vec<&UserId> = match (usage, requester) {
+                ("master", Some(requester)) => vec![user_id, requester],
                 _ => vec![user_id],
             };
             self.merge_signatures(user_id, &public_key, &signers, &mut object).await?;
@@ -197,7 +197,8 @@ impl E2ee {
             if !changed {
                 return Ok(None);
             }
-            let change = self.device_list_change_to_batch(&mut batch, vec![user_id.to_owned()]).await?;
+            let update = ListUpdate::CrossSigning { user: user_id.to_owned() };
+            let change = self.device_list_change_to_batch(&mut batch, vec![update]).await?;
             match self.kv.write(batch).await {
                 Ok(()) => return Ok(Some(change)),
                 Err(StorageError::Conflict) => continue,
@@ -226,12 +227,14 @@ impl E2ee {
         let mut failures = SignatureFailures::new();
         // Target row → signer key ID → signature.
         let mut accepted: BTreeMap<Vec<u8>, Vec<(String, Value)>> = BTreeMap::new();
+        let mut updates = Vec::new();
         for (target, objects) in signed_keys {
             for (key_id, object) in objects {
                 match self.check_signed_key(signer, target, key_id, object, &is_local).await? {
                     Ok(signatures) => {
                         let row = keys::key_signatures(target.as_str(), key_id, signer.as_str());
                         accepted.entry(row).or_default().extend(signatures);
+                        updates.push(self.signature_update(signer, target, key_id).await?);
                     }
                     Err(failure) => {
                         failures.entry(target.clone()).or_default().insert(key_id.clone(), failure);
@@ -254,7 +257,7 @@ impl E2ee {
                 batch.expect(Table::KeySignatures, row.clone(), stored);
                 batch.put(Table::KeySignatures, row.clone(), encode(&merged));
             }
-            let change = self.device_list_change_to_batch(&mut batch, vec![signer.to_owned()]).await?;
+            let change = self.device_list_change_to_batch(&mut batch, updates.clone()).await?;
             match self.kv.write(batch).await {
                 Ok(()) => return Ok((failures, Some(change))),
                 Err(StorageError::Conflict) => continue,
@@ -262,6 +265,26 @@ impl E2ee {
             }
         }
         Err(ServiceError::LimitExceeded("too many concurrent signature uploads; try again".into()))
+    }
+
+    /// What a signature by `signer` on `target`'s key `key_id` changes for other servers: a
+    /// signed device of one's own is that device's update; one's own master key, the
+    /// cross-signing keys'; a signature on another user's master key concerns the signer's own
+    /// devices only.
+    async fn signature_update(
+        &self,
+        signer: &UserId,
+        target: &UserId,
+        key_id: &str,
+    ) -> Result<ListUpdate, ServiceError> {
+        if signer != target {
+            return Ok(ListUpdate::Quiet { user: signer.to_owned() });
+        }
+        let is_device = self.kv.get(Table::DeviceKeys, &keys::device(target.as_str(), key_id)).await?.is_some();
+        Ok(match is_device {
+            true => ListUpdate::Device { user: signer.to_owned(), device_id: key_id.to_owned() },
+            false => ListUpdate::CrossSigning { user: signer.to_owned() },
+        })
     }
 
     /// The valid signatures by `signer` on one key, or why there are none.

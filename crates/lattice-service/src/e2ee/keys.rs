@@ -15,7 +15,7 @@ use ruma::{OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::device_lists::DeviceListChange;
+use super::device_lists::{DeviceListChange, ListUpdate};
 use super::signed::{self, SignatureProblem};
 use super::{E2ee, WRITE_RETRIES, check_key_part};
 use crate::ServiceError;
@@ -241,7 +241,10 @@ impl E2ee {
                 batch.put(Table::FallbackKeys, row, encode(&record));
             }
             let change = match device_keys_new {
-                true => Some(self.device_list_change_to_batch(&mut batch, vec![user_id.to_owned()]).await?),
+                true => {
+                    let update = ListUpdate::Device { user: user_id.to_owned(), device_id: device_id.to_owned() };
+                    Some(self.device_list_change_to_batch(&mut batch, vec![update]).await?)
+                }
                 false => None,
             };
             if batch.is_empty() && change.is_none() {
@@ -341,7 +344,7 @@ impl E2ee {
     /// user-signing key only to its owner).
     pub(crate) async fn query_keys(
         &self,
-        requester: &UserId,
+        requester: Option<&UserId>,
         targets: &BTreeMap<OwnedUserId, Vec<String>>,
     ) -> Result<QueriedKeys, ServiceError> {
         let mut result = QueriedKeys::default();
@@ -354,7 +357,7 @@ impl E2ee {
             if let Some(self_signing) = self.cross_signing_key_for(requester, user_id, "self_signing").await? {
                 result.self_signing_keys.insert(user_id.clone(), self_signing);
             }
-            if requester == user_id
+            if requester == Some(user_id.as_ref())
                 && let Some(user_signing) = self.cross_signing_key_for(requester, user_id, "user_signing").await?
             {
                 result.user_signing_keys.insert(user_id.clone(), user_signing);

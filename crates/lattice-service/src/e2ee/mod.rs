@@ -22,7 +22,7 @@ use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
 
 pub use backup::{BackupInfo, BackupKeys, BackupWrite};
 pub use cross_signing::{CrossSigningUpload, SignatureFailure};
-pub use device_lists::DeviceListChange;
+pub use device_lists::{DeviceListChange, ListUpdate, PublishedChange};
 pub use keys::{ClaimedKeys, KeyCounts, QueriedKeys, UploadKeys};
 
 pub(crate) const TABLES: TableScope = TableScope {
@@ -34,6 +34,7 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::CrossSigningKeys,
         Table::KeySignatures,
         Table::DeviceListChanges,
+        Table::DeviceListLatest,
         Table::BackupVersions,
         Table::BackupKeys,
         Table::Counters,

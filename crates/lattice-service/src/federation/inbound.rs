@@ -133,8 +133,9 @@ impl Federation {
     }
 
     /// One EDU: typing notices and read receipts of the origin's users in rooms they are joined
-    /// to are applied as if they had sent them here; anything else is dropped (the spec lets a
-    /// server ignore EDUs it does not handle).
+    /// to are applied as if they had sent them here; to-device messages and device-list
+    /// updates go to `e2ee.rs`; anything else is dropped (the spec lets a server ignore EDUs it
+    /// does not handle).
     async fn receive_edu(&self, origin: &ServerName, json: &str) -> Result<(), String> {
         #[derive(Deserialize)]
         struct Edu {
@@ -175,6 +176,10 @@ impl Federation {
                     }
                 }
                 Ok(())
+            }
+            "m.direct_to_device" => self.receive_to_device(origin, edu.content).await,
+            "m.device_list_update" | "m.signing_key_update" => {
+                self.receive_device_list_update(origin, &edu.content).await
             }
             other => Err(format!("EDU type {other} is not handled")),
         }

@@ -7,6 +7,7 @@
 //! It owns the `federation_transactions` table (inbound transaction IDs, for idempotence); the
 //! queues' table belongs to the sender. Everything about rooms goes through [`Rooms`].
 
+mod e2ee;
 mod forward;
 mod inbound;
 mod invites;
@@ -20,11 +21,15 @@ use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
 use ruma::signatures::PublicKeyMap;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
 
+pub use e2ee::{MAX_REMOTE_KEYS_WAIT, RemoteFailures};
 pub use inbound::{PduResults, TransactionBody};
 
 use crate::ServiceError;
 use crate::accounts::Accounts;
+use crate::e2ee::E2ee;
+use crate::notifier::Notifier;
 use crate::rooms::Rooms;
+use crate::to_device::ToDevice;
 
 pub const TABLES: TableScope = TableScope { owner: "federation", tables: &[Table::FederationTransactions] };
 
@@ -42,12 +47,35 @@ pub struct Federation {
     store: Arc<dyn KvStore>,
     rooms: Arc<Rooms>,
     accounts: Arc<Accounts>,
+    /// Keys other servers ask for, and the device-list changes of their users.
+    e2ee: Arc<E2ee>,
+    /// Where other servers' to-device messages go.
+    to_device: Arc<ToDevice>,
+    notifier: Arc<Notifier>,
     remote: OnceLock<Remote>,
 }
 
+/// The services federation hands other servers' requests to, besides the rooms.
+pub(crate) struct FederationNeighbours {
+    pub accounts: Arc<Accounts>,
+    pub e2ee: Arc<E2ee>,
+    pub to_device: Arc<ToDevice>,
+    pub notifier: Arc<Notifier>,
+}
+
 impl Federation {
-    pub(crate) fn new(store: Arc<dyn KvStore>, rooms: Arc<Rooms>, accounts: Arc<Accounts>) -> Self {
-        Self { kv: ScopedStore::new(store.clone(), TABLES), store, rooms, accounts, remote: OnceLock::new() }
+    pub(crate) fn new(store: Arc<dyn KvStore>, rooms: Arc<Rooms>, neighbours: FederationNeighbours) -> Self {
+        let FederationNeighbours { accounts, e2ee, to_device, notifier } = neighbours;
+        Self {
+            kv: ScopedStore::new(store.clone(), TABLES),
+            store,
+            rooms,
+            accounts,
+            e2ee,
+            to_device,
+            notifier,
+            remote: OnceLock::new(),
+        }
     }
 
     /// Turns federation on (once; later calls change nothing) and resumes the queues left
