@@ -255,6 +255,65 @@ member_is() { echo "d.get('membership')=='$1'"; }
 eventually "syn $SYN_C/rooms/$DM3/state/m.room.member/@carol:$LAT_NAME" "$(member_is leave)" && [ "$ok" = yes ] && ok=yes || ok=no
 check "Lattice's user refused a Synapse invite (make_leave/send_leave to Synapse)" "$ok"
 
+# 7. End-to-end encryption keys and to-device messages both ways (signed with signedjson from
+#    Synapse's own virtualenv): each server asks the other for its user's keys
+#    (/user/keys/query, /user/keys/claim) and relays to-device messages (m.direct_to_device).
+keys_for() {
+  "$VPY" - "$1" "$2" <<'PY'
+import json, sys
+from signedjson.key import encode_verify_key_base64, generate_signing_key
+from signedjson.sign import sign_json
+user, device = sys.argv[1], sys.argv[2]
+key = generate_signing_key(device)
+device_keys = sign_json({
+    "user_id": user, "device_id": device,
+    "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+    "keys": {"ed25519:" + device: encode_verify_key_base64(key.verify_key), "curve25519:" + device: "curve"},
+}, user, key)
+one_time = sign_json({"key": "otk-" + device}, user, key)
+print(json.dumps({"device_keys": device_keys, "one_time_keys": {"signed_curve25519:AAAAAQ": one_time}}))
+PY
+}
+CAROL_DEV="$(lat "$LAT_C/account/whoami" | field device_id)"
+DAVE_DEV="$(syn "$SYN_C/account/whoami" | field device_id)"
+lat -X POST "$LAT_C/keys/upload" -d "$(keys_for "@carol:$LAT_NAME" "$CAROL_DEV")" >/dev/null
+syn -X POST "$SYN_C/keys/upload" -d "$(keys_for "@dave:$SYN_NAME" "$DAVE_DEV")" >/dev/null
+has_device() { echo "'$2' in d.get('device_keys',{}).get('$1',{})"; }
+lat -X POST "$LAT_C/keys/query" -d "{\"device_keys\":{\"@dave:$SYN_NAME\":[]}}" | json_has "$(has_device "@dave:$SYN_NAME" "$DAVE_DEV")" && ok=yes || ok=no
+check "Lattice fetched a Synapse user's device keys (/user/keys/query to Synapse)" "$ok"
+syn -X POST "$SYN_C/keys/query" -d "{\"device_keys\":{\"@carol:$LAT_NAME\":[]}}" | json_has "$(has_device "@carol:$LAT_NAME" "$CAROL_DEV")" && ok=yes || ok=no
+check "Synapse fetched a Lattice user's device keys (/user/keys/query to Lattice)" "$ok"
+claimed() { echo "'signed_curve25519:AAAAAQ' in d.get('one_time_keys',{}).get('$1',{}).get('$2',{})"; }
+lat -X POST "$LAT_C/keys/claim" -d "{\"one_time_keys\":{\"@dave:$SYN_NAME\":{\"$DAVE_DEV\":\"signed_curve25519\"}}}" | json_has "$(claimed "@dave:$SYN_NAME" "$DAVE_DEV")" && ok=yes || ok=no
+check "Lattice claimed a Synapse device's one-time key (/user/keys/claim to Synapse)" "$ok"
+syn -X POST "$SYN_C/keys/claim" -d "{\"one_time_keys\":{\"@carol:$LAT_NAME\":{\"$CAROL_DEV\":\"signed_curve25519\"}}}" | json_has "$(claimed "@carol:$LAT_NAME" "$CAROL_DEV")" && ok=yes || ok=no
+check "Synapse claimed a Lattice device's one-time key (/user/keys/claim to Lattice)" "$ok"
+to_device_has() { echo "any(e.get('content',{}).get('note')=='$1' for e in d.get('to_device',{}).get('events',[]))"; }
+# Synapse answers an identical /sync from a cache for a while, so each poll asks with another
+# timeout (part of its cache key).
+DAVE_SINCE="$(syn "$SYN_C/sync?timeout=0" | field next_batch)"
+lat -X PUT "$LAT_C/sendToDevice/m.interop.test/td1" -d "{\"messages\":{\"@dave:$SYN_NAME\":{\"$DAVE_DEV\":{\"note\":\"from-lattice\"}}}}" >/dev/null
+ok=no
+for poll in $(seq 1 60); do
+  if syn "$SYN_C/sync?timeout=$((poll * 10))&since=$DAVE_SINCE" | json_has "$(to_device_has from-lattice)" 2>/dev/null; then ok=yes; break; fi
+  sleep 0.3
+done
+check "a Lattice to-device message reached the Synapse device (m.direct_to_device)" "$ok"
+syn -X PUT "$SYN_C/sendToDevice/m.interop.test/td2" -d "{\"messages\":{\"@carol:$LAT_NAME\":{\"$CAROL_DEV\":{\"note\":\"from-synapse\"}}}}" >/dev/null
+eventually "lat $LAT_C/sync?timeout=0" "$(to_device_has from-synapse)" && ok=yes || ok=no
+check "a Synapse to-device message reached the Lattice device (m.direct_to_device)" "$ok"
+# carol logs in on a second device and publishes its keys: Synapse, which shares rooms with her,
+# hears of it (m.device_list_update, resyncing through /user/devices when it sees a gap) and
+# shows it to dave.
+CAROL2="$(curl -sk -X POST "$LAT_C/login" \
+  -d '{"type":"m.login.password","identifier":{"type":"m.id.user","user":"carol"},"password":"correct horse battery"}')"
+CAROL2_TOKEN="$(echo "$CAROL2" | field access_token)"
+CAROL2_DEV="$(echo "$CAROL2" | field device_id)"
+curl -sk -X POST "$LAT_C/keys/upload" -H "Authorization: Bearer $CAROL2_TOKEN" -H 'Content-Type: application/json' \
+  -d "$(keys_for "@carol:$LAT_NAME" "$CAROL2_DEV")" >/dev/null
+eventually "syn -X POST $SYN_C/keys/query -d '{\"device_keys\":{\"@carol:$LAT_NAME\":[]}}'" "$(has_device "@carol:$LAT_NAME" "$CAROL2_DEV")" && ok=yes || ok=no
+check "a new Lattice device reached Synapse's view of the user's devices" "$ok"
+
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then
   tail -n 40 "$DIR/synapse.out" "$DIR/homeserver.log" "$DIR/lattice.out" >&2
