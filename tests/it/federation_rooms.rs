@@ -296,3 +296,55 @@ async fn banned_users_and_servers_denied_by_the_acl_stay_out() {
     lat2.stop().await;
     lat1.stop().await;
 }
+
+#[tokio::test]
+async fn a_user_lists_and_searches_the_public_rooms_of_another_server() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let listed = create_room(
+        &lat1.http,
+        &alice,
+        json!({ "preset": "public_chat", "visibility": "public", "name": "Gardening", "room_alias_name": "garden" }),
+    )
+    .await;
+    let unlisted =
+        create_room(&lat1.http, &alice, json!({ "preset": "public_chat", "name": "Gardening secrets" })).await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["chunk"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["room_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+
+    // bob browses lat1's directory from his own server, as Element's "explore rooms" does.
+    let (status, page) = lat2.http.get("/_matrix/client/v3/publicRooms?server=lat1.test", Some(&bob)).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(ids(&page), [listed.clone()], "{page}");
+    assert_eq!(page["chunk"][0]["name"], "Gardening");
+    assert_eq!(page["chunk"][0]["canonical_alias"], "#garden:lat1.test");
+    // A search goes to lat1 with the filter (POST).
+    let search = |term: &str| json!({ "filter": { "generic_search_term": term }, "limit": 5 });
+    let (status, page) =
+        lat2.http.post("/_matrix/client/v3/publicRooms?server=lat1.test", Some(&bob), &search("garden")).await;
+    assert_eq!((status.as_u16(), ids(&page)), (200, vec![listed.clone()]), "{page}");
+    let (status, page) =
+        lat2.http.post("/_matrix/client/v3/publicRooms?server=lat1.test", Some(&bob), &search("cooking")).await;
+    assert_eq!((status.as_u16(), ids(&page).len()), (200, 0), "{page}");
+    assert!(!ids(&page).contains(&unlisted));
+
+    // The federation endpoint wants a signed request; a server that is down is an error, not
+    // an empty list.
+    let (status, _) = net.request("lat1.test", Method::GET, "/_matrix/federation/v1/publicRooms", None, None).await;
+    assert_eq!(status, 401);
+    let (status, body) = lat2.http.get("/_matrix/client/v3/publicRooms?server=lat3.test", Some(&bob)).await;
+    assert!(status.is_server_error(), "{status} {body}");
+    let (status, body) = lat2.http.get("/_matrix/client/v3/publicRooms?server=not%20a%20server", Some(&bob)).await;
+    assert_error(&(status, body), 400, "M_INVALID_PARAM");
+    lat2.stop().await;
+    lat1.stop().await;
+}

@@ -66,9 +66,9 @@ async fn room_aliases(
 }
 
 #[derive(Deserialize)]
-struct PublicRoomsParams {
-    limit: Option<usize>,
-    since: Option<String>,
+pub(crate) struct PublicRoomsParams {
+    pub(crate) limit: Option<usize>,
+    pub(crate) since: Option<String>,
     server: Option<String>,
 }
 
@@ -81,7 +81,7 @@ struct PublicRoomsFilter {
 /// `include_all_networks` is read as absent: no application-service networks exist, so
 /// including them all changes nothing.
 #[derive(Deserialize)]
-struct PublicRoomsBody {
+pub(crate) struct PublicRoomsBody {
     limit: Option<usize>,
     since: Option<String>,
     #[serde(default)]
@@ -89,23 +89,46 @@ struct PublicRoomsBody {
     third_party_instance_id: Option<String>,
 }
 
+impl PublicRoomsBody {
+    /// The query this body asks; third-party networks are not bridged here.
+    pub(crate) fn into_query(self) -> ApiResult<PublicRoomsQuery> {
+        if let Some(instance) = self.third_party_instance_id {
+            return Err(ServiceError::NotFound(format!("no third-party network {instance:?} is bridged here")).into());
+        }
+        Ok(PublicRoomsQuery {
+            limit: self.limit,
+            since: self.since,
+            generic_search_term: self.filter.generic_search_term,
+            room_types: self.filter.room_types,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct ServerParam {
     server: Option<String>,
 }
 
-/// Other servers' directories need federation, which is not built yet.
-fn require_local_directory(state: &AppState, server: Option<&str>) -> ApiResult<()> {
+/// This server's directory, or the one of the server a client names (`?server=`), asked over
+/// federation.
+async fn listing(state: &AppState, server: Option<&str>, query: PublicRoomsQuery) -> ApiResult<PublicRoomsPage> {
     match server {
-        Some(server) if server != state.service.server_name().as_str() => Err(ServiceError::NotFound(format!(
-            "listing the public rooms of {server} needs federation, which is not built yet"
-        ))
-        .into()),
-        _ => Ok(()),
+        Some(server) if server != state.service.server_name().as_str() => {
+            let server = <&ruma::ServerName>::try_from(server)
+                .map_err(|_| ServiceError::InvalidParam(format!("invalid server name {server:?}")))?;
+            if !state.service.federation().is_enabled() {
+                return Err(ServiceError::NotFound(format!(
+                    "listing the public rooms of {server} needs federation, which is off on this server"
+                ))
+                .into());
+            }
+            Ok(state.service.federation().remote_public_rooms(server, &query).await?)
+        }
+        _ => Ok(state.service.rooms().public_rooms(query).await?),
     }
 }
 
-fn page_json(page: PublicRoomsPage) -> Json<Value> {
+pub(crate) fn page_json(page: PublicRoomsPage) -> Json<Value> {
     let mut body = json!({ "chunk": page.chunk, "total_room_count_estimate": page.total_room_count_estimate });
     if let Some(next) = page.next_batch {
         body["next_batch"] = json!(next);
@@ -123,9 +146,8 @@ async fn public_rooms(
     QueryParams(params): QueryParams<PublicRoomsParams>,
 ) -> ApiResult<Json<Value>> {
     state.limits.public_rooms_per_ip.check(&ip.rate_key())?;
-    require_local_directory(&state, params.server.as_deref())?;
     let query = PublicRoomsQuery { limit: params.limit, since: params.since, ..Default::default() };
-    Ok(page_json(state.service.rooms().public_rooms(query).await?))
+    Ok(page_json(listing(&state, params.server.as_deref(), query).await?))
 }
 
 async fn search_public_rooms(
@@ -136,17 +158,7 @@ async fn search_public_rooms(
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
     state.limits.public_rooms_per_ip.check(&ip.rate_key())?;
-    require_local_directory(&state, params.server.as_deref())?;
-    if let Some(instance) = body.third_party_instance_id {
-        return Err(ServiceError::NotFound(format!("no third-party network {instance:?} is bridged here")).into());
-    }
-    let query = PublicRoomsQuery {
-        limit: body.limit,
-        since: body.since,
-        generic_search_term: body.filter.generic_search_term,
-        room_types: body.filter.room_types,
-    };
-    Ok(page_json(state.service.rooms().public_rooms(query).await?))
+    Ok(page_json(listing(&state, params.server.as_deref(), body.into_query()?).await?))
 }
 
 /// No access token needed.

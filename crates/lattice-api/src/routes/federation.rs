@@ -43,9 +43,30 @@ pub fn routes() -> Routes {
         .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
         .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
         .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/publicRooms", get(public_rooms).post(search_public_rooms))
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
         .route("/_matrix/federation/v1/user/devices/{user_id}", get(user_devices))
+}
+
+/// `GET /publicRooms` for another server: this server's directory, as local clients see it.
+async fn public_rooms(
+    State(state): State<AppState>,
+    QueryParams(params): QueryParams<super::directory::PublicRoomsParams>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    tracing::debug!(origin = %auth.origin, "public rooms listed for another server");
+    let query =
+        lattice_service::rooms::PublicRoomsQuery { limit: params.limit, since: params.since, ..Default::default() };
+    Ok(super::directory::page_json(state.service.rooms().public_rooms(query).await?))
+}
+
+/// `POST /publicRooms` for another server: with a filter.
+async fn search_public_rooms(State(state): State<AppState>, auth: ServerAuth) -> ApiResult<Json<Value>> {
+    let body: super::directory::PublicRoomsBody =
+        serde_json::from_slice(&auth.body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    tracing::debug!(origin = %auth.origin, "public rooms searched by another server");
+    Ok(super::directory::page_json(state.service.rooms().public_rooms(body.into_query()?).await?))
 }
 
 /// `POST /user/keys/query`: this server's users' device and cross-signing keys.

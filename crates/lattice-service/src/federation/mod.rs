@@ -7,6 +7,7 @@
 //! It owns the `federation_transactions` table (inbound transaction IDs, for idempotence); the
 //! queues' table belongs to the sender. Everything about rooms goes through [`Rooms`].
 
+mod directory;
 mod e2ee;
 mod forward;
 mod inbound;
