@@ -324,7 +324,7 @@ async fn a_user_lists_and_searches_the_public_rooms_of_another_server() {
     // bob browses lat1's directory from his own server, as Element's "explore rooms" does.
     let (status, page) = lat2.http.get("/_matrix/client/v3/publicRooms?server=lat1.test", Some(&bob)).await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(ids(&page), [listed.clone()], "{page}");
+    assert_eq!(ids(&page), vec![listed.clone()], "{page}");
     assert_eq!(page["chunk"][0]["name"], "Gardening");
     assert_eq!(page["chunk"][0]["canonical_alias"], "#garden:lat1.test");
     // A search goes to lat1 with the filter (POST).
