@@ -62,6 +62,10 @@ pub struct FederationConfig {
     pub dns: bool,
     /// How long other servers may cache this server's keys (`valid_until_ts`), e.g. `"1d"`.
     pub key_valid_for: String,
+    /// Servers this one never federates with: patterns with `*` and `?` as in
+    /// `m.room.server_acl` (`"evil.example"`, `"*.spam.example"`), matched against the host.
+    /// Their requests get `403 M_FORBIDDEN`; nothing is sent to them.
+    pub deny_servers: Vec<String>,
 }
 
 impl Default for FederationConfig {
@@ -76,6 +80,7 @@ impl Default for FederationConfig {
             resolve: BTreeMap::new(),
             dns: true,
             key_valid_for: "1d".to_owned(),
+            deny_servers: Vec::new(),
         }
     }
 }

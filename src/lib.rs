@@ -313,6 +313,7 @@ async fn start_federation(
         limits: ClientLimits::default(),
         resolve_overrides: federation.resolve.iter().map(|(name, addr)| (name.clone(), *addr)).collect(),
         dns,
+        deny: lattice_federation::DenyList::new(federation.deny_servers.clone()),
     };
     let client = FederationClient::new(own, settings, resolver, Arc::new(lattice_federation::SystemClock))
         .map_err(|e| anyhow::anyhow!("federation client (check federation.trusted_ca): {e}"))?;

@@ -85,7 +85,7 @@ impl Network {
         self.start_with(name, |_| {}).await
     }
 
-    async fn start_with(&self, name: &str, adjust: impl FnOnce(&mut Config)) -> Server {
+    pub(crate) async fn start_with(&self, name: &str, adjust: impl FnOnce(&mut Config)) -> Server {
         let mut config = self.config(name);
         adjust(&mut config);
         Server::start(config).await

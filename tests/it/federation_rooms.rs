@@ -348,3 +348,33 @@ async fn a_user_lists_and_searches_the_public_rooms_of_another_server() {
     lat2.stop().await;
     lat1.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_on_the_deny_list_is_neither_answered_nor_contacted() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start_with("lat1.test", |config| config.federation.deny_servers = vec!["lat3.*".into()]).await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let (alice, _bob, room) = shared_room(&net, &lat1, &lat2).await;
+    let room_enc = room.replace('!', "%21");
+
+    // lat3's correctly signed requests are refused before anything else.
+    let key3 = lat3.signing_key();
+    let path = format!("/_matrix/federation/v1/make_join/{room_enc}/@eve:lat3.test?ver=12");
+    let response = crate::federation_rooms::signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await;
+    assert_error(&response, 403, "M_FORBIDDEN");
+    // lat2, not on the list, is still answered.
+    let key2 = lat2.signing_key();
+    let path = format!("/_matrix/federation/v1/make_join/{room_enc}/@carol:lat2.test?ver=12");
+    let (status, body) = signed_request(&net, ("lat2.test", &key2), Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    // lat1's users cannot reach into lat3: a room there is not joined.
+    let carol = lat3.register_user("carol").await;
+    create_room(&lat3.http, &carol, json!({ "preset": "public_chat", "room_alias_name": "elsewhere" })).await;
+    let (status, body) =
+        lat1.http.post("/_matrix/client/v3/join/%23elsewhere:lat3.test", Some(&alice), &json!({})).await;
+    assert!(!status.is_success(), "{status} {body}");
+    lat3.stop().await;
+    lat2.stop().await;
+    lat1.stop().await;
+}

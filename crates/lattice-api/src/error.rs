@@ -89,6 +89,7 @@ fn federation_error(error: FederationError) -> (StatusCode, Value) {
     let message = error.to_string();
     match error {
         E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, body("M_UNAUTHORIZED", message)),
+        E::Denied(_) => (StatusCode::FORBIDDEN, body("M_FORBIDDEN", message)),
         E::InvalidServerName(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
         // Another server failed us: the caller learns which, not our internals.
         E::Resolve { .. }

@@ -166,6 +166,8 @@ pub struct ClientSettings {
     /// `false`: no DNS and no `.well-known` (which needs DNS); only IP literals and pinned
     /// names are reachable. For closed test networks.
     pub dns: bool,
+    /// Servers never talked to (`[federation] deny_servers`).
+    pub deny: crate::DenyList,
 }
 
 /// The `.well-known` step without DNS: always "no delegation".
@@ -185,6 +187,7 @@ pub struct FederationClient {
     http: reqwest::Client,
     backoff: Backoff,
     clock: Arc<dyn Clock>,
+    deny: crate::DenyList,
 }
 
 impl FederationClient {
@@ -214,7 +217,12 @@ impl FederationClient {
         let http = tls_builder(builder, &settings.tls)?
             .build()
             .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
-        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock })
+        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock, deny: settings.deny })
+    }
+
+    /// Whether the operator denied `server` (no request to it, none from it is answered).
+    pub fn denies(&self, server: &ServerName) -> bool {
+        self.deny.denies(server)
     }
 
     pub fn own_keys(&self) -> &Arc<OwnKeys> {
@@ -238,6 +246,9 @@ impl FederationClient {
         max_response_bytes: usize,
     ) -> Result<Vec<u8>> {
         let server = destination.as_str();
+        if self.denies(destination) {
+            return Err(FederationError::Denied(server.to_owned()));
+        }
         if let Err(retry_in_ms) = self.backoff.check(server, self.clock.now_ms()) {
             return Err(FederationError::BackingOff { server: server.to_owned(), retry_in_ms });
         }

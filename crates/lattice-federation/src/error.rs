@@ -26,6 +26,9 @@ pub enum FederationError {
     /// An inbound request's `X-Matrix` authorization is missing or does not verify.
     #[error("{0}")]
     Unauthorized(String),
+    /// The server is on this server's deny-list (`[federation] deny_servers`).
+    #[error("{0} is denied by this server's federation.deny_servers")]
+    Denied(String),
     /// An argument this server controls was out of range (a bug or a misconfiguration).
     #[error("{0}")]
     Invalid(String),

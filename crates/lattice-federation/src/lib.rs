@@ -8,6 +8,7 @@ pub mod backoff;
 mod bounded;
 pub mod client;
 pub mod clock;
+pub mod deny;
 pub mod discovery;
 mod error;
 pub mod key_cache;
@@ -20,6 +21,7 @@ use ruma::OwnedServerName;
 
 pub use client::{Auth, ClientLimits, ClientSettings, FederationClient, TlsSettings};
 pub use clock::{Clock, SystemClock};
+pub use deny::DenyList;
 pub use discovery::{Discovery, HickoryResolver, NameResolver, NoDns};
 pub use error::{FederationError, Result};
 pub use key_cache::{KeyCache, StoredKey};
@@ -39,6 +41,9 @@ pub async fn authenticate_request(
     let our_name = keys.own_keys().server_name();
     let credentials = x_matrix::parse_authorization(headers)?;
     x_matrix::check_destination(&credentials, our_name)?;
+    if keys.client().denies(&credentials.origin) {
+        return Err(FederationError::Denied(credentials.origin.to_string()));
+    }
     let public_key = keys.request_key(&credentials.origin, credentials.key.as_str()).await?;
     x_matrix::verify_request(&credentials, our_name, method, path_and_query, body, &public_key)?;
     Ok(credentials.origin)

@@ -103,7 +103,8 @@ impl Sender {
         kind: u8,
         json: &str,
     ) -> Result<(), FederationError> {
-        for destination in destinations {
+        // A denied server gets nothing: its rows would only wait forever.
+        for destination in destinations.iter().filter(|destination| !self.client.denies(destination)) {
             let seq = self.sequence.take().await?;
             let mut value = Vec::with_capacity(json.len() + 1);
             value.push(kind);
