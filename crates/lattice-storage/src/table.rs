@@ -76,4 +76,5 @@ tables! {
     DeviceListChanges => "device_list_changes",
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
+    SearchWords => "search_words",
 }

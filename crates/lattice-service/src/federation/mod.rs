@@ -8,6 +8,7 @@
 //! queues' table belongs to the sender. Everything about rooms goes through [`Rooms`].
 
 mod forward;
+mod hierarchy;
 mod inbound;
 mod invites;
 mod join;
@@ -20,6 +21,7 @@ use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
 use ruma::signatures::PublicKeyMap;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
 
+pub use hierarchy::{DEFAULT_HIERARCHY_LIMIT, HierarchyQuery, MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_LIMIT};
 pub use inbound::{PduResults, TransactionBody};
 
 use crate::ServiceError;
@@ -43,11 +45,20 @@ pub struct Federation {
     rooms: Arc<Rooms>,
     accounts: Arc<Accounts>,
     remote: OnceLock<Remote>,
+    /// Other servers' space summaries, for `/hierarchy` walks (`hierarchy.rs`).
+    hierarchy_cache: hierarchy::RemoteSummaries,
 }
 
 impl Federation {
     pub(crate) fn new(store: Arc<dyn KvStore>, rooms: Arc<Rooms>, accounts: Arc<Accounts>) -> Self {
-        Self { kv: ScopedStore::new(store.clone(), TABLES), store, rooms, accounts, remote: OnceLock::new() }
+        Self {
+            kv: ScopedStore::new(store.clone(), TABLES),
+            store,
+            rooms,
+            accounts,
+            remote: OnceLock::new(),
+            hierarchy_cache: Default::default(),
+        }
     }
 
     /// Turns federation on (once; later calls change nothing) and resumes the queues left
