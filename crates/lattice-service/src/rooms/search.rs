@@ -262,6 +262,8 @@ struct RoomRows {
     /// The exclusive upper end of the next read.
     upto: Bound<Vec<u8>>,
     exhausted: bool,
+    /// More rows may follow, but the request's row bound is reached.
+    out_of_budget: bool,
 }
 
 /// A match found and checked.
@@ -415,21 +417,33 @@ impl Rooms {
                     }
                     _ => KeyRange::prefix(&prefix).end,
                 };
-                RoomRows { room_id: room_id.clone(), prefix, buffered: Default::default(), upto, exhausted: false }
+                RoomRows {
+                    room_id: room_id.clone(),
+                    prefix,
+                    buffered: Default::default(),
+                    upto,
+                    exhausted: false,
+                    out_of_budget: false,
+                }
             })
             .collect();
         let mut scanned = 0usize;
+        // Rows a prefix read left unread for the bound.
+        let mut truncated = false;
         // A prefix read is ordered by word first: read each room's rows whole (within the
         // bound) and order them by position.
         if as_prefix {
             for source in &mut sources {
+                source.exhausted = true;
                 let budget = MAX_ROWS_SCANNED.saturating_sub(scanned);
                 if budget == 0 {
-                    break;
+                    truncated = true;
+                    continue;
                 }
                 let range = KeyRange::prefix(&source.prefix);
                 let rows = self.kv.scan(Table::SearchWords, &range, Direction::Forward, budget).await?;
                 scanned += rows.len();
+                truncated |= rows.len() == budget;
                 let mut decoded: Vec<(u64, u64, String)> = rows.into_iter().filter_map(decode_row).collect();
                 if let Some(upto) = upto {
                     decoded.retain(|(ts, order, _)| (*ts, *order) < upto);
@@ -437,7 +451,6 @@ impl Rooms {
                 decoded.sort_unstable_by_key(|row| std::cmp::Reverse((row.0, row.1)));
                 decoded.dedup_by(|a, b| a.2 == b.2);
                 source.buffered = decoded.into();
-                source.exhausted = true;
             }
         }
         let mut heap = BinaryHeap::new();
@@ -454,23 +467,25 @@ impl Rooms {
             if let Some(next) = self.next_row(source, &mut scanned).await? {
                 heap.push((next.0, next.1, index, next.2));
             }
-            if !seen.insert(event_id.clone()) {
-                continue;
-            }
+            // A room whose next rows are beyond the bound may hold rows newer than the
+            // other rooms' next ones: the merge stops after this row, and the next page goes on.
+            let stop = source.out_of_budget;
             let room_id = source.room_id.clone();
-            let viewer = viewers.entry(index).or_insert_with(|| Viewer::lazy(user_id, &room_id));
-            if let Some(found_one) = self.check_match(viewer, &event_id, terms, kinds, filter, (ts, order)).await? {
-                found.push(found_one);
-                if found.len() == wanted {
-                    return Ok((found, !heap.is_empty()));
+            if seen.insert(event_id.clone()) {
+                let viewer = viewers.entry(index).or_insert_with(|| Viewer::lazy(user_id, &room_id));
+                let checked = self.check_match(viewer, &event_id, terms, kinds, filter, (ts, order)).await?;
+                if let Some(found_one) = checked {
+                    found.push(found_one);
+                    if found.len() == wanted {
+                        return Ok((found, !heap.is_empty() || truncated || stop));
+                    }
                 }
             }
-            if scanned >= MAX_ROWS_SCANNED {
-                let rows_left = !heap.is_empty() || sources.iter().any(|s| !s.exhausted);
-                return Ok((found, rows_left));
+            if stop {
+                return Ok((found, true));
             }
         }
-        Ok((found, false))
+        Ok((found, truncated))
     }
 
     /// The next row of one room's index, reading another chunk when the buffer is empty.
@@ -482,6 +497,7 @@ impl Rooms {
         if source.buffered.is_empty() && !source.exhausted {
             let chunk = ROOM_CHUNK.min(MAX_ROWS_SCANNED.saturating_sub(*scanned));
             if chunk == 0 {
+                source.out_of_budget = true;
                 return Ok(None);
             }
             let range = KeyRange { start: Bound::Included(source.prefix.clone()), end: source.upto.clone() };
