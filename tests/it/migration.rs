@@ -259,6 +259,14 @@ async fn the_migrated_server_serves_the_old_rooms() {
         }
     }
     assert_eq!(history.last().unwrap()["type"], "m.room.create", "history reaches the create event");
+    // The message-search index, built by the migration to schema 4.
+    let search = json!({ "search_categories": { "room_events": {
+        "search_term": "message", "order_by": "recent", "filter": { "rooms": [room] },
+    } } });
+    let (status, found) = http.post("/_matrix/client/v3/search", Some(&alice), &search).await;
+    assert_eq!(status, 200, "{found}");
+    let results = found["search_categories"]["room_events"]["results"].as_array().expect("results");
+    assert!(!results.is_empty(), "the migrated messages are found: {found}");
     let plain: Vec<String> = bodies(&history).into_iter().filter(|b| b.starts_with("message ")).rev().collect();
     let mut expected: Vec<String> = (0..30).map(|i| format!("message {i}")).collect();
     expected.remove(5); // redacted

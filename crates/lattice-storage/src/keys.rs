@@ -416,6 +416,18 @@ pub fn meta(name: &str) -> Vec<u8> {
     name.as_bytes().to_vec()
 }
 
+/// `room\0word\0ts·order` (both big-endian) → event ID: the message-search index, one row per
+/// distinct word of an event's searchable text, newest last within a room and word. `ts` is the
+/// event's `origin_server_ts`, `order` its tiebreak in the room's history (`EventRecord::order`).
+pub fn search_word(room_id: &str, word: &str, ts: u64, order: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), word.as_bytes(), &depth_and_order(ts, order)])
+}
+
+/// The prefix of the [`search_word`] rows of one word in one room.
+pub fn search_word_rows(room_id: &str, word: &str) -> Vec<u8> {
+    join(&[room_id.as_bytes(), word.as_bytes(), b""])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,4 +77,5 @@ tables! {
     DeviceListLatest => "device_list_latest",
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
+    SearchWords => "search_words",
 }

@@ -13,7 +13,9 @@ mod profile;
 mod push;
 mod reports;
 mod rooms;
+mod search;
 mod session;
+mod spaces;
 mod sync;
 mod tags;
 mod user_data;
@@ -106,11 +108,14 @@ pub fn all() -> Routes {
         .merge(keys::routes())
         .merge(backup::routes())
         .merge(federation::routes())
+        .merge(search::routes())
+        .merge(spaces::routes())
+        .merge(spaces::federation_routes())
 }
 
 /// The routes of the federation listener: the server-server and key APIs only.
 pub fn federation_only() -> Routes {
-    federation::routes()
+    federation::routes().merge(spaces::federation_routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {

@@ -10,6 +10,7 @@
 mod directory;
 mod e2ee;
 mod forward;
+mod hierarchy;
 mod inbound;
 mod invites;
 mod join;
@@ -23,6 +24,7 @@ use ruma::signatures::PublicKeyMap;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
 
 pub use e2ee::{MAX_REMOTE_KEYS_WAIT, RemoteFailures};
+pub use hierarchy::{DEFAULT_HIERARCHY_LIMIT, HierarchyQuery, MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_LIMIT};
 pub use inbound::{PduResults, TransactionBody};
 
 use crate::ServiceError;
@@ -54,6 +56,8 @@ pub struct Federation {
     to_device: Arc<ToDevice>,
     notifier: Arc<Notifier>,
     remote: OnceLock<Remote>,
+    /// Other servers' space summaries, for `/hierarchy` walks (`hierarchy.rs`).
+    hierarchy_cache: hierarchy::RemoteSummaries,
 }
 
 /// The services federation hands other servers' requests to, besides the rooms.
@@ -76,6 +80,7 @@ impl Federation {
             to_device,
             notifier,
             remote: OnceLock::new(),
+            hierarchy_cache: Default::default(),
         }
     }
 

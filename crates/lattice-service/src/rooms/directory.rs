@@ -190,6 +190,11 @@ impl Rooms {
         Ok(rooms)
     }
 
+    /// A room's summary as the directory lists it (the hierarchy endpoints start from it).
+    pub(super) async fn room_summary(&self, room_id: &RoomId) -> Result<Map<String, Value>, ServiceError> {
+        Ok(self.directory_entry(room_id).await?.0)
+    }
+
     /// The directory entry of a room, from its current state; absent optional fields are left out.
     async fn directory_entry(&self, room_id: &RoomId) -> Result<Summary, ServiceError> {
         let mut entry = Map::new();

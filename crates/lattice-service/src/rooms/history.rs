@@ -34,6 +34,15 @@ struct Side {
     last_kept: Option<String>,
 }
 
+/// What [`Rooms::context_sides`] found.
+#[derive(Default)]
+pub(super) struct ContextSides {
+    pub before: Vec<Value>,
+    pub after: Vec<Value>,
+    pub start: String,
+    pub end: String,
+}
+
 impl Rooms {
     /// `GET /rooms/{roomId}/context/{eventId}`: up to `limit` events around the event in the
     /// room's topological order (half before, newest first; the rest after, oldest first), tokens that continue with
@@ -102,6 +111,32 @@ impl Rooms {
             "end": end.render(),
             "state": state,
         }))
+    }
+
+    /// The events around a stored event that `viewer` may see: up to `before` of them before it
+    /// (newest first) and `after` after it (oldest first), with the `/messages` tokens that
+    /// continue from either end (search results' `context`).
+    pub(super) async fn context_sides(
+        &self,
+        viewer: &mut Viewer,
+        record: &EventRecord,
+        before: usize,
+        after: usize,
+    ) -> Result<ContextSides, ServiceError> {
+        let Some(position) = history_position(record)? else {
+            return Ok(ContextSides::default());
+        };
+        let all = EventFilter::default();
+        let earlier =
+            self.filtered_timeline(viewer, (None, Some(position.before())), Direction::Backward, before, &all);
+        let earlier = earlier.await?;
+        let later = self.filtered_timeline(viewer, (Some(position), None), Direction::Forward, after, &all).await?;
+        Ok(ContextSides {
+            start: earlier.last_examined.unwrap_or(position).before().render(),
+            end: later.last_examined.unwrap_or(position).render(),
+            before: earlier.events,
+            after: later.events,
+        })
     }
 
     /// Up to `limit` events of the history in `(after, upto]` in `direction` that `filter` lets

@@ -311,6 +311,7 @@ impl Rooms {
             super::topological::index_topological(&mut batch, &room_id, event, position);
             if !redacted_on_arrival {
                 self.index_relation(&room_id, event, position, &mut batch).await?;
+                super::search::index_event(&mut batch, room_id.as_str(), event, position);
             }
             super::timestamps::index_event(&mut batch, &room_id, event, position);
             if live {
@@ -663,6 +664,9 @@ impl Rooms {
             return Ok(());
         }
         self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.history_order(), batch).await?;
+        if let Some(order) = target.value.history_order() {
+            super::search::unindex_event(batch, &target.value.room_id, &target_event, order);
+        }
         let json = redacted_json(target_event.object(), version)?;
         self.keep_redacted_original(batch, target_id, redaction.id(), &target.value.json, &json);
         batch.expect(Table::Events, keys::event(target_id.as_str()), Some(target.raw));

@@ -19,7 +19,12 @@ use super::relations::{MAX_THREAD_PARTICIPANTS, relation_of};
 
 /// Every migration this binary knows, oldest first, for `lattice_storage::open_schema`.
 pub fn schema_migrations() -> Vec<Migration> {
-    vec![schema_2(), schema_3()]
+    vec![schema_2(), schema_3(), schema_4()]
+}
+
+/// Schema 3 → 4: the message-search index, for the events stored before it existed.
+fn schema_4() -> Migration {
+    Migration { from: 3, describe: "message search index", steps: vec![Arc::new(SearchWords)] }
 }
 
 /// Schema 2 → 3: the account-data change index and the room activity index, so an incremental
@@ -470,6 +475,33 @@ impl MigrationStep for CountedMembers {
         }
         room.member_counts = Some(counts);
         batch.put(Table::Rooms, key.to_vec(), encode(&room));
+        Ok(())
+    }
+}
+
+/// `search_words` rows for every accepted, unredacted event in a room's history, as ingest
+/// writes them (`rooms/search.rs`).
+struct SearchWords;
+
+#[async_trait]
+impl MigrationStep for SearchWords {
+    fn name(&self) -> &'static str {
+        "search_words"
+    }
+    fn reads(&self) -> Table {
+        Table::Events
+    }
+    fn writes(&self) -> &'static [Table] {
+        &[Table::SearchWords]
+    }
+    async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        let record: EventRecord = decode(Table::Events, raw)?;
+        let Some(order) = record.history_order() else { return Ok(()) };
+        if record.status != EventStatus::Accepted || record.redacted_by.is_some() {
+            return Ok(());
+        }
+        let stored = stored_event(kv, key, raw).await?;
+        super::search::index_event(batch, &record.room_id, &stored.event, order);
         Ok(())
     }
 }

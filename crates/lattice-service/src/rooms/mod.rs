@@ -23,6 +23,8 @@ mod push_events;
 mod receipts;
 mod redactions;
 mod relations;
+mod search;
+mod spaces;
 mod state_store;
 mod sync_reads;
 mod timestamps;
@@ -68,6 +70,8 @@ pub use migrations::schema_migrations;
 pub use peers::OwedEvent;
 pub(crate) use peers::referenced_ids;
 pub use relations::RelationsQuery;
+pub use search::{MAX_SEARCH_LIMIT, SearchCriteria, SearchOrder};
+pub use spaces::{SpaceChild, children_of};
 pub use timestamps::EventAtTime;
 pub(crate) use topological::history_position;
 pub use topological::{HistoryGap, HistoryPage, HistoryToken, TopoPos};
@@ -77,7 +81,7 @@ pub use user_directory::{DirectoryPage, DirectoryUser, MAX_DIRECTORY_LIMIT};
 pub(crate) use visibility::{MAX_HIDDEN_RUN, Viewer};
 
 /// The room tables. `counters` holds the stream and state-group reservations.
-const ROOM_TABLES: [Table; 25] = [
+const ROOM_TABLES: [Table; 26] = [
     Table::Counters,
     Table::Rooms,
     Table::Events,
@@ -103,6 +107,7 @@ const ROOM_TABLES: [Table; 25] = [
     Table::BackwardExtremities,
     Table::RoomActivity,
     Table::OutOfBandMemberships,
+    Table::SearchWords,
 ];
 
 pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM_TABLES };
