@@ -14,6 +14,7 @@ mod federation_rooms;
 mod history;
 mod history_order;
 mod legacy_paths;
+mod media;
 mod membership;
 mod migration;
 mod no_panic;

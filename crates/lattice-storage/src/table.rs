@@ -76,4 +76,9 @@ tables! {
     DeviceListChanges => "device_list_changes",
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
+    Media => "media",
+    MediaRemote => "media_remote",
+    MediaThumbnails => "media_thumbnails",
+    MediaBlobRefs => "media_blob_refs",
+    MediaUsage => "media_usage",
 }

@@ -8,6 +8,7 @@ mod discovery;
 mod federation;
 mod history;
 mod keys;
+mod media;
 mod membership;
 mod profile;
 mod push;
@@ -106,11 +107,12 @@ pub fn all() -> Routes {
         .merge(keys::routes())
         .merge(backup::routes())
         .merge(federation::routes())
+        .merge(media::routes())
 }
 
 /// The routes of the federation listener: the server-server and key APIs only.
 pub fn federation_only() -> Routes {
-    federation::routes()
+    federation::routes().merge(media::federation_routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {
