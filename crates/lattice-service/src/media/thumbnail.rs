@@ -41,7 +41,10 @@ fn limits() -> Limits {
     limits
 }
 
-fn reader(original: &[u8]) -> Result<(ImageReader<Cursor<&[u8]>>, ImageFormat), ThumbnailError> {
+/// A reader of an image held in memory, with the limits set.
+type MemoryReader<'a> = ImageReader<Cursor<&'a [u8]>>;
+
+fn reader(original: &[u8]) -> Result<(MemoryReader<'_>, ImageFormat), ThumbnailError> {
     let mut reader =
         ImageReader::new(Cursor::new(original)).with_guessed_format().map_err(|_| ThumbnailError::NotAnImage)?;
     let format = match reader.format() {
