@@ -125,6 +125,41 @@ pub async fn show_signing_keys(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `lattice media delete mxc://server/id`.
+pub async fn delete_media(config: &Config, uri: &str) -> anyhow::Result<()> {
+    let (server, media_id) = parse_mxc(uri)?;
+    let opened = open(config).await?;
+    let deleted = opened.service.media().delete(&server, &media_id).await?;
+    opened.service.flush().await?;
+    if !deleted {
+        bail!("no media {uri} is stored here");
+    }
+    println!("deleted {uri}");
+    Ok(())
+}
+
+/// `lattice media purge-remote --older-than DAYS`.
+pub async fn purge_remote_media(config: &Config, older_than_days: u64) -> anyhow::Result<()> {
+    let opened = open(config).await?;
+    let now = SystemClock.now_ms();
+    let before = now.saturating_sub(older_than_days.saturating_mul(24 * 3600 * 1000));
+    let purged = opened.service.media().purge_remote(before).await?;
+    opened.service.flush().await?;
+    println!("purged {purged} cached remote media older than {older_than_days} days");
+    Ok(())
+}
+
+fn parse_mxc(uri: &str) -> anyhow::Result<(ruma::OwnedServerName, String)> {
+    let rest = uri.strip_prefix("mxc://").with_context(|| format!("{uri:?} is not an mxc:// URI"))?;
+    let (server, media_id) = rest.split_once('/').with_context(|| format!("{uri:?} has no media ID"))?;
+    let server =
+        ruma::OwnedServerName::try_from(server).map_err(|_| anyhow::anyhow!("{server:?} is not a server name"))?;
+    if !lattice_service::media::serving::valid_media_id(media_id) {
+        bail!("{media_id:?} is not a media ID");
+    }
+    Ok((server, media_id.to_owned()))
+}
+
 /// Prints the newest `limit` reports, newest first, one line each.
 pub async fn list_reports(config: &Config, limit: usize) -> anyhow::Result<()> {
     let opened = open(config).await?;

@@ -28,6 +28,7 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     pub calls: CallsConfig,
     pub federation: FederationConfig,
+    pub media: MediaSection,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
     #[serde(skip)]
@@ -128,6 +129,66 @@ impl FederationConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `[media]`: uploads, downloads, thumbnails, other servers' media (docs/media.md).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSection {
+    /// The largest upload, in bytes (also the largest remote file fetched).
+    pub max_upload_size: u64,
+    /// Total bytes each user may upload; unset: no quota.
+    pub max_user_bytes: Option<u64>,
+    /// Media created before this time (RFC 3339, e.g. `"2026-12-01T00:00:00Z"`) is also served
+    /// by the legacy unauthenticated `/_matrix/media/v3/download` and `/thumbnail`. Unset: the
+    /// time this server first started with media support, so nothing new is served there.
+    pub unauthenticated_media_before: Option<String>,
+    /// How long a media ID from `POST /_matrix/media/v1/create` waits for its upload.
+    pub unused_upload_expiry: String,
+}
+
+impl Default for MediaSection {
+    fn default() -> Self {
+        Self {
+            max_upload_size: 50 << 20,
+            max_user_bytes: None,
+            unauthenticated_media_before: None,
+            unused_upload_expiry: "24h".to_owned(),
+        }
+    }
+}
+
+impl MediaSection {
+    /// The service's media configuration, with blobs under `<data_dir>/media`.
+    pub fn service_config(&self, data_dir: &Path) -> anyhow::Result<lattice_service::MediaConfig> {
+        let legacy_cutoff_ms = match &self.unauthenticated_media_before {
+            None => None,
+            Some(text) => {
+                let time = humantime::parse_rfc3339_weak(text.trim()).map_err(|e| {
+                    anyhow::anyhow!("invalid configuration at key `media.unauthenticated_media_before`: {text:?}: {e}")
+                })?;
+                let ms = time.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+                Some(u64::try_from(ms).unwrap_or(u64::MAX))
+            }
+        };
+        let unused_expiry_ms = parse_duration_ms(&self.unused_upload_expiry).with_context(|| {
+            format!("invalid configuration at key `media.unused_upload_expiry`: {:?}", self.unused_upload_expiry)
+        })?;
+        if self.max_upload_size == 0 {
+            bail!("invalid configuration at key `media.max_upload_size`: must be positive");
+        }
+        if unused_expiry_ms < 1000 {
+            bail!("invalid configuration at key `media.unused_upload_expiry`: must be at least 1s");
+        }
+        Ok(lattice_service::MediaConfig {
+            directory: data_dir.join("media"),
+            max_upload_bytes: self.max_upload_size,
+            max_user_bytes: self.max_user_bytes,
+            legacy_cutoff_ms,
+            unused_expiry_ms,
+            ..lattice_service::MediaConfig::default()
+        })
     }
 }
 
@@ -378,6 +439,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             calls: CallsConfig::default(),
             federation: FederationConfig::default(),
+            media: MediaSection::default(),
             ignored_environment: Vec::new(),
         }
     }
@@ -524,6 +586,7 @@ impl Config {
         }
         self.rooms.redaction_retention_ms()?;
         self.federation.validate()?;
+        self.media.service_config(&self.data_dir)?;
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"
@@ -647,6 +710,9 @@ mod tests {
         assert_eq!(example.push.allow_insecure_gateways, default.push.allow_insecure_gateways);
         assert_eq!(example.user_directory.search_all_users, default.user_directory.search_all_users);
         assert_eq!(example.calls.turn_ttl, default.calls.turn_ttl);
+        assert_eq!(example.media.max_upload_size, default.media.max_upload_size);
+        assert_eq!(example.media.unused_upload_expiry, default.media.unused_upload_expiry);
+        assert_eq!(example.media.max_user_bytes, default.media.max_user_bytes);
         assert!(example.calls.turn().unwrap().is_none());
     }
 

@@ -95,10 +95,12 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         push_allow_insecure_gateways: config.push.allow_insecure_gateways,
         user_directory_search_all_users: config.user_directory.search_all_users,
         turn: config.calls.turn()?,
+        media: config.media.service_config(&config.data_dir)?,
     };
     let signing_key = Arc::new(key.key_pair);
     let service =
         Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
+    service.media().open().await.context("opening the media store")?;
     Ok((Opened { service, signing_key, fresh: found.is_none(), closed }, kv))
 }
 

@@ -40,6 +40,24 @@ enum Command {
     /// TLS certificates for test networks.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Delete media and purge other servers' cached media (with the server stopped).
+    #[command(subcommand)]
+    Media(MediaCommand),
+}
+
+#[derive(Subcommand)]
+enum MediaCommand {
+    /// Delete one piece of media (this server's, or another's cached copy) and its thumbnails.
+    Delete {
+        /// `mxc://server/mediaId`
+        uri: String,
+    },
+    /// Delete other servers' media cached more than DAYS days ago (it is fetched again when
+    /// asked for).
+    PurgeRemote {
+        #[arg(long)]
+        older_than: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +210,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("private key: {}", key.display());
             println!("Peers trust it with `federation.trusted_ca = \"{}\"`.", cert.display());
             Ok(())
+        }
+        Command::Media(command) => {
+            let config = load(cli.config.as_ref())?;
+            lattice::logging::init(&config::LoggingConfig { level: "warn".into(), ..config.logging.clone() });
+            match command {
+                MediaCommand::Delete { uri } => admin::delete_media(&config, &uri).await,
+                MediaCommand::PurgeRemote { older_than } => admin::purge_remote_media(&config, older_than).await,
+            }
         }
         Command::Report(ReportCommand::List { limit }) => {
             let config = load(cli.config.as_ref())?;

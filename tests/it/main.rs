@@ -16,6 +16,7 @@ mod hierarchy;
 mod history;
 mod history_order;
 mod legacy_paths;
+mod media;
 mod membership;
 mod migration;
 mod no_panic;

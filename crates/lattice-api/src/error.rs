@@ -51,6 +51,8 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::BadRequest(_) => (StatusCode::BAD_REQUEST, body("M_UNKNOWN", message)),
         E::ServerManaged(_) => (StatusCode::METHOD_NOT_ALLOWED, body("M_BAD_JSON", message)),
         E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, body("M_TOO_LARGE", message)),
+        E::CannotOverwriteMedia => (StatusCode::CONFLICT, body("M_CANNOT_OVERWRITE_MEDIA", message)),
+        E::NotYetUploaded => (StatusCode::GATEWAY_TIMEOUT, body("M_NOT_YET_UPLOADED", message)),
         E::InvalidUsername(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_USERNAME", message)),
         E::UserInUse => (StatusCode::BAD_REQUEST, body("M_USER_IN_USE", message)),
         E::UserDeactivated => (StatusCode::FORBIDDEN, body("M_USER_DEACTIVATED", message)),
@@ -179,6 +181,8 @@ mod tests {
             (ServiceError::BadAlias("x".into()), 400, "M_BAD_ALIAS"),
             (ServiceError::WrongRoomKeysVersion { current_version: "2".into() }, 403, "M_WRONG_ROOM_KEYS_VERSION"),
             (ServiceError::Internal("boom".into()), 500, "M_UNKNOWN"),
+            (ServiceError::CannotOverwriteMedia, 409, "M_CANNOT_OVERWRITE_MEDIA"),
+            (ServiceError::NotYetUploaded, 504, "M_NOT_YET_UPLOADED"),
         ];
         for (error, status, errcode) in cases {
             let (got_status, body) = ApiError::Service(error).status_and_body();

@@ -264,6 +264,77 @@ impl FederationClient {
         outcome
     }
 
+    /// A signed `GET` whose answer is streamed rather than read whole (media): the response of a
+    /// 2xx answer, its body unread. Other answers are [`FederationError::Status`] with the start
+    /// of their body. Back-off as [`FederationClient::request`].
+    pub async fn get_streaming(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        auth: Auth,
+    ) -> Result<reqwest::Response> {
+        let server = destination.as_str();
+        if let Err(retry_in_ms) = self.backoff.check(server, self.clock.now_ms()) {
+            return Err(FederationError::BackingOff { server: server.to_owned(), retry_in_ms });
+        }
+        let outcome = self.send_streaming(destination, path_and_query, auth).await;
+        match &outcome {
+            Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => self.backoff.succeeded(server),
+            Err(FederationError::InvalidServerName(_) | FederationError::Invalid(_)) => {}
+            Err(error) => {
+                tracing::debug!(destination = server, %error, "federation request failed; backing off");
+                self.backoff.failed(server, self.clock.now_ms());
+            }
+        }
+        outcome
+    }
+
+    async fn send_streaming(
+        &self,
+        destination: &ServerName,
+        path_and_query: &str,
+        auth: Auth,
+    ) -> Result<reqwest::Response> {
+        let server = destination.as_str();
+        let resolved = self.discovery.resolve(server).await?;
+        let endpoint = &resolved.endpoint;
+        self.pins.pin(&endpoint.tls_name, resolved.addrs.clone(), self.clock.now_ms());
+        let url_host = if endpoint.tls_name.contains(':') {
+            format!("[{}]", endpoint.tls_name)
+        } else {
+            endpoint.tls_name.clone()
+        };
+        let url = format!("https://{url_host}:{}{path_and_query}", endpoint.port);
+        let host = HeaderValue::from_str(&endpoint.host_header)
+            .map_err(|_| FederationError::InvalidServerName(endpoint.host_header.clone()))?;
+        let mut request = self.http.request(Method::GET, url).header(HOST, host);
+        if auth == Auth::Signed {
+            let authorization = crate::x_matrix::sign_request(
+                self.keys.server_name(),
+                destination,
+                self.keys.key_pair(),
+                &Method::GET,
+                path_and_query,
+                &[],
+            )?;
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        let transport = |detail: String| FederationError::Transport { server: server.to_owned(), detail };
+        let response = request.send().await.map_err(|e| transport(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(response);
+        }
+        let bytes = read_limited(response, 4096).await.unwrap_or_default();
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        let mut end = text.len().min(500);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        Err(FederationError::Status { server: server.to_owned(), status, body: text })
+    }
+
     async fn send(
         &self,
         destination: &ServerName,

@@ -28,6 +28,12 @@ pub enum ServiceError {
     /// Data only the server may write (spec answers 405 `M_BAD_JSON`).
     #[error("{0}")]
     ServerManaged(String),
+    /// An upload to a media ID that already has its bytes (spec: 409).
+    #[error("this media has already been uploaded")]
+    CannotOverwriteMedia,
+    /// Media reserved with `create` whose bytes did not arrive in time (spec: 504).
+    #[error("the media has not been uploaded yet")]
+    NotYetUploaded,
     #[error("{what} is larger than {limit} bytes")]
     TooLarge { what: &'static str, limit: usize },
     #[error("{0}")]

@@ -20,6 +20,7 @@ mod composed_keys;
 pub mod e2ee;
 mod error;
 pub mod federation;
+pub mod media;
 mod notifier;
 pub mod push;
 mod reports;
@@ -46,6 +47,7 @@ pub use e2ee::E2ee;
 pub use error::ServiceError;
 pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
+pub use media::{Media, MediaConfig, MediaFile};
 pub use notifier::SyncWaiters;
 pub use push::Push;
 pub use reports::{Report, Reports};
@@ -84,6 +86,8 @@ pub struct ServiceConfig {
     pub user_directory_search_all_users: bool,
     /// The TURN server `GET /voip/turnServer` hands out credentials for; `None`: none.
     pub turn: Option<TurnConfig>,
+    /// Uploads, downloads, thumbnails and remote media (issue #14).
+    pub media: MediaConfig,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -105,6 +109,7 @@ pub struct Service {
     rooms: Arc<Rooms>,
     push: Arc<Push>,
     federation: Federation,
+    media: Arc<Media>,
     sync: Sync,
     notifier: Arc<notifier::Notifier>,
     /// For what the composition itself stamps (TURN credentials).
@@ -166,7 +171,9 @@ impl Service {
                 notifier: notifier.clone(),
             },
         );
+        let media = Arc::new(Media::new(config.media.clone(), kv.clone(), clock.clone(), config.server_name.clone()));
         Self {
+            media,
             config,
             push,
             reports: Reports::new(kv.clone(), clock.clone()),
@@ -234,6 +241,10 @@ impl Service {
 
     pub fn federation(&self) -> &Federation {
         &self.federation
+    }
+
+    pub fn media(&self) -> &Media {
+        &self.media
     }
 
     /// The room an alias names and servers to join it through: a local alias from this
@@ -472,6 +483,7 @@ fn test_config(name: &str) -> ServiceConfig {
         push_allow_insecure_gateways: false,
         user_directory_search_all_users: false,
         turn: None,
+        media: MediaConfig::default(),
     }
 }
 

@@ -187,6 +187,7 @@ fn every_table_but_meta_has_one_owner() {
         lattice_federation::key_cache::TABLES,
         lattice_federation::sender::TABLES,
         crate::federation::TABLES,
+        crate::media::TABLES,
     ];
     for table in Table::ALL {
         let owners: Vec<&str> =

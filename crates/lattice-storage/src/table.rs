@@ -78,4 +78,9 @@ tables! {
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
     SearchWords => "search_words",
+    Media => "media",
+    MediaRemote => "media_remote",
+    MediaThumbnails => "media_thumbnails",
+    MediaBlobRefs => "media_blob_refs",
+    MediaUsage => "media_usage",
 }

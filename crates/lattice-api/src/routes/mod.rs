@@ -8,6 +8,7 @@ mod discovery;
 mod federation;
 mod history;
 mod keys;
+mod media;
 mod membership;
 mod profile;
 mod push;
@@ -111,11 +112,12 @@ pub fn all() -> Routes {
         .merge(search::routes())
         .merge(spaces::routes())
         .merge(spaces::federation_routes())
+        .merge(media::routes())
 }
 
 /// The routes of the federation listener: the server-server and key APIs only.
 pub fn federation_only() -> Routes {
-    federation::routes().merge(spaces::federation_routes())
+    federation::routes().merge(spaces::federation_routes()).merge(media::federation_routes())
 }
 
 pub async fn unknown_endpoint() -> ApiError {

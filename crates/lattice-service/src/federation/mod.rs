@@ -106,6 +106,11 @@ impl Federation {
         }
     }
 
+    /// The outbound client, when federation is on (media fetches stream through it).
+    pub(crate) fn client(&self) -> Option<Arc<lattice_federation::FederationClient>> {
+        self.remote.get().map(|remote| remote.keys.client().clone())
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.remote.get().is_some()
     }
