@@ -38,6 +38,7 @@ fn service(dir: &std::path::Path) -> Service {
         push_allow_insecure_gateways: false,
         user_directory_search_all_users: false,
         turn: None,
+        media: Default::default(),
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }
