@@ -70,10 +70,18 @@ fn rows(dump: &Dump, table: Table) -> &[(Vec<u8>, Vec<u8>)] {
     &dump.iter().find(|(name, _)| *name == table.name()).expect("table dumped").1
 }
 
+/// Rows written at a server's first start from the clock, not by a migration: two copies of one
+/// store started at different moments differ in them by design.
+fn is_start_time_row(table: &str, key: &[u8]) -> bool {
+    table == Table::Media.name() && key == b"\0legacy_cutoff"
+}
+
 fn assert_same_dump(left: &Dump, right: &Dump) {
     for ((name, left_rows), (_, right_rows)) in left.iter().zip(right) {
+        let left_rows: Vec<_> = left_rows.iter().filter(|(key, _)| !is_start_time_row(name, key)).collect();
+        let right_rows: Vec<_> = right_rows.iter().filter(|(key, _)| !is_start_time_row(name, key)).collect();
         assert_eq!(left_rows.len(), right_rows.len(), "row count of table {name}");
-        for (l, r) in left_rows.iter().zip(right_rows) {
+        for (l, r) in left_rows.into_iter().zip(right_rows) {
             assert_eq!(l, r, "table {name}: {} / {}", String::from_utf8_lossy(&l.0), String::from_utf8_lossy(&r.0));
         }
     }
