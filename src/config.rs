@@ -67,6 +67,10 @@ pub struct FederationConfig {
     /// `m.room.server_acl` (`"evil.example"`, `"*.spam.example"`), matched against the host.
     /// Their requests get `403 M_FORBIDDEN`; nothing is sent to them.
     pub deny_servers: Vec<String>,
+    /// Requests of one origin server handled at once; more wait in its queue.
+    pub concurrent_requests_per_origin: usize,
+    /// Requests of one origin server that may wait; more get `429 M_LIMIT_EXCEEDED`.
+    pub queued_requests_per_origin: usize,
 }
 
 impl Default for FederationConfig {
@@ -82,6 +86,8 @@ impl Default for FederationConfig {
             dns: true,
             key_valid_for: "1d".to_owned(),
             deny_servers: Vec::new(),
+            concurrent_requests_per_origin: 10,
+            queued_requests_per_origin: 100,
         }
     }
 }
@@ -115,6 +121,9 @@ impl FederationConfig {
     fn validate(&self) -> anyhow::Result<()> {
         self.key_valid_for_ms()?;
         self.notaries()?;
+        if self.concurrent_requests_per_origin == 0 {
+            bail!("invalid configuration at key `federation.concurrent_requests_per_origin`: must be at least 1");
+        }
         for name in self.resolve.keys() {
             if <&ruma::ServerName>::try_from(name.as_str()).is_err() {
                 bail!("invalid configuration at key `federation.resolve`: {name:?} is not a server name");
@@ -366,11 +375,18 @@ pub struct RateLimitsConfig {
     pub invite_per_user: RateConfig,
     pub join_per_user: RateConfig,
     pub to_device_per_user: RateConfig,
+    /// Authenticated server-server requests per origin server.
+    pub federation_per_origin: RateConfig,
+    /// Server-server requests failing authentication per client address; past it the address
+    /// is refused (`429`) until the limit lets it in again.
+    pub federation_failed_auth_per_ip: RateConfig,
+    /// Notary key queries (`/_matrix/key/v2/query`) per client address.
+    pub key_query_per_ip: RateConfig,
 }
 
 impl RateLimitsConfig {
     /// Every limit with its key under `[rate_limits]`.
-    pub fn all(&self) -> [(&'static str, RateConfig); 11] {
+    pub fn all(&self) -> [(&'static str, RateConfig); 14] {
         [
             ("login_per_ip", self.login_per_ip),
             ("login_per_user", self.login_per_user),
@@ -383,6 +399,9 @@ impl RateLimitsConfig {
             ("invite_per_user", self.invite_per_user),
             ("join_per_user", self.join_per_user),
             ("to_device_per_user", self.to_device_per_user),
+            ("federation_per_origin", self.federation_per_origin),
+            ("federation_failed_auth_per_ip", self.federation_failed_auth_per_ip),
+            ("key_query_per_ip", self.key_query_per_ip),
         ]
     }
 }
@@ -485,6 +504,10 @@ impl Default for RateLimitsConfig {
             invite_per_user: RateConfig { per_second: 0.5, burst: 20 },
             join_per_user: RateConfig { per_second: 0.5, burst: 20 },
             to_device_per_user: RateConfig { per_second: 10.0, burst: 100 },
+            // A peer catching up fetches events, state and history in bursts.
+            federation_per_origin: RateConfig { per_second: 50.0, burst: 300 },
+            federation_failed_auth_per_ip: RateConfig { per_second: 0.5, burst: 30 },
+            key_query_per_ip: RateConfig { per_second: 5.0, burst: 100 },
         }
     }
 }

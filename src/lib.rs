@@ -7,12 +7,15 @@ pub mod logging;
 mod signing_key;
 pub mod tls;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
+use axum::serve::IncomingStream;
 use lattice_api::{ApiConfig, AppState, RateLimit};
 use lattice_federation::{
     ClientLimits, ClientSettings, FederationClient, HickoryResolver, KeyCache, NameResolver, NoDns, OwnKeys,
@@ -126,6 +129,32 @@ fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
         invite_per_user: limit(config.rate_limits.invite_per_user),
         join_per_user: limit(config.rate_limits.join_per_user),
         to_device_per_user: limit(config.rate_limits.to_device_per_user),
+        federation_per_origin: limit(config.rate_limits.federation_per_origin),
+        federation_failed_auth_per_ip: limit(config.rate_limits.federation_failed_auth_per_ip),
+        key_query_per_ip: limit(config.rate_limits.key_query_per_ip),
+        federation_concurrent_per_origin: config.federation.concurrent_requests_per_origin,
+        federation_queued_per_origin: config.federation.queued_requests_per_origin,
+    })
+}
+
+/// The federation router with the connection's peer address as `ConnectInfo`.
+type PeerRouter = axum::middleware::AddExtension<axum::Router, ConnectInfo<SocketAddr>>;
+
+/// The federation router, given each connection's peer address (failed authentications are
+/// counted per address). axum's `into_make_service_with_connect_info` knows only its own TCP
+/// listener.
+fn with_peer_address(
+    router: axum::Router,
+) -> impl for<'a> tower::Service<
+    IncomingStream<'a, tls::TlsListener>,
+    Error = Infallible,
+    Response = PeerRouter,
+    Future = std::future::Ready<Result<PeerRouter, Infallible>>,
+> + Send
++ 'static {
+    tower::service_fn(move |incoming: IncomingStream<'_, tls::TlsListener>| {
+        let peer = ConnectInfo(*incoming.remote_addr());
+        std::future::ready(Ok(tower::Layer::layer(&axum::Extension(peer), router.clone())))
     })
 }
 
@@ -196,7 +225,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (federation_stop, on_federation_stop) = oneshot::channel::<()>();
     let federation_task = federation.map(|(router, listener)| {
         tokio::spawn(async move {
-            axum::serve(listener, router)
+            axum::serve(listener, with_peer_address(router))
                 .with_graceful_shutdown(async move {
                     let _ = on_federation_stop.await;
                 })

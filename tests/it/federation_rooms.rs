@@ -378,3 +378,54 @@ async fn a_server_on_the_deny_list_is_neither_answered_nor_contacted() {
     lat2.stop().await;
     lat1.stop().await;
 }
+
+#[tokio::test]
+async fn jumping_to_a_date_before_this_server_joined_asks_the_other_server() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let room = create_room(&lat1.http, &alice, json!({ "preset": "public_chat", "room_alias_name": "dates" })).await;
+    let mut sent = Vec::new();
+    for body in ["first", "second", "third"] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let event_id = say(&lat1.http, &alice, &room, body).await;
+        let (status, event) =
+            lat1.http.get(&format!("/_matrix/client/v3/rooms/{room}/event/{event_id}"), Some(&alice)).await;
+        assert_eq!(status, 200, "{event}");
+        sent.push((event_id, event["origin_server_ts"].as_u64().expect("ts")));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, joined) = lat2.http.post("/_matrix/client/v3/join/%23dates:lat1.test", Some(&bob), &json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+
+    // lat2 never received "second": it comes from lat1, is stored, and Bob may read it.
+    let (second, second_ts) = &sent[1];
+    let path = format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts={second_ts}&dir=f");
+    let (status, found) = lat2.http.get(&path, Some(&bob)).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["event_id"], second.as_str(), "{found}");
+    assert_eq!(found["origin_server_ts"], *second_ts);
+    let (status, event) = lat2.http.get(&format!("/_matrix/client/v3/rooms/{room}/event/{second}"), Some(&bob)).await;
+    assert_eq!(status, 200, "{event}");
+    assert_eq!(event["content"]["body"], "second");
+
+    // The server-server endpoint itself, and who may ask it.
+    let room_enc = room.replace('!', "%21");
+    let (first, first_ts) = &sent[0];
+    let key2 = lat2.signing_key();
+    let path = format!("/_matrix/federation/v1/timestamp_to_event/{room_enc}?ts={first_ts}&dir=f");
+    let (status, found) = signed_request(&net, ("lat2.test", &key2), Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["event_id"], first.as_str(), "{found}");
+    let path = format!("/_matrix/federation/v1/timestamp_to_event/{room_enc}?ts={first_ts}&dir=sideways");
+    assert_error(&signed_request(&net, ("lat2.test", &key2), Method::GET, &path, None).await, 400, "M_INVALID_PARAM");
+    let key3 = lat3.signing_key();
+    let path = format!("/_matrix/federation/v1/timestamp_to_event/{room_enc}?ts={first_ts}&dir=f");
+    assert_error(&signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await, 403, "M_FORBIDDEN");
+    lat3.stop().await;
+    lat2.stop().await;
+    lat1.stop().await;
+}

@@ -11,6 +11,7 @@ mod e2ee;
 mod federation_e2ee;
 mod federation_invites;
 mod federation_keys;
+mod federation_limits;
 mod federation_rooms;
 mod hierarchy;
 mod history;

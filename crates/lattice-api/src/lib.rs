@@ -4,6 +4,7 @@
 mod client_ip;
 mod error;
 mod extract;
+mod origin_gate;
 mod rate_limit;
 mod routes;
 mod typed;
@@ -20,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 pub use client_ip::IpNetwork;
 pub use error::ApiError;
+use origin_gate::{FailedAuthGate, OriginGate};
 pub use rate_limit::{KeyedLimiter, RateLimit, RateLimits};
 
 /// What the HTTP edge needs to know beyond the service.
@@ -52,6 +54,17 @@ pub struct ApiConfig {
     /// Joins and knocks.
     pub join_per_user: Option<RateLimit>,
     pub to_device_per_user: Option<RateLimit>,
+    /// Authenticated server-server requests of one origin server.
+    pub federation_per_origin: Option<RateLimit>,
+    /// Server-server requests that failed authentication, per client address; past the limit
+    /// the address is refused until the limit lets it in again.
+    pub federation_failed_auth_per_ip: Option<RateLimit>,
+    /// The notary API (`/_matrix/key/v2/query`), per client address.
+    pub key_query_per_ip: Option<RateLimit>,
+    /// Server-server requests of one origin handled at once; more wait.
+    pub federation_concurrent_per_origin: usize,
+    /// Server-server requests of one origin that may wait; more get `429`.
+    pub federation_queued_per_origin: usize,
 }
 
 #[derive(Clone)]
@@ -62,6 +75,10 @@ pub struct AppState {
     /// Federation (keys, notary, X-Matrix checks); `None` when `[federation] listen` is unset,
     /// and then every server-server route answers `404 M_UNRECOGNIZED`.
     pub federation: Option<Arc<KeyCache>>,
+    /// Per-origin concurrency of inbound federation.
+    pub origin_gate: Arc<OriginGate>,
+    /// Addresses refused after failed server-server authentications.
+    pub failed_auth_gate: Arc<FailedAuthGate>,
 }
 
 impl AppState {
@@ -78,8 +95,19 @@ impl AppState {
             invite_per_user: KeyedLimiter::new(config.invite_per_user),
             join_per_user: KeyedLimiter::new(config.join_per_user),
             to_device_per_user: KeyedLimiter::new(config.to_device_per_user),
+            federation_per_origin: KeyedLimiter::new(config.federation_per_origin),
+            key_query_per_ip: KeyedLimiter::new(config.key_query_per_ip),
         };
-        Self { service, config: Arc::new(config), limits: Arc::new(limits), federation: None }
+        let origin_gate = OriginGate::new(config.federation_concurrent_per_origin, config.federation_queued_per_origin);
+        let failed_auth_gate = FailedAuthGate::new(config.federation_failed_auth_per_ip);
+        Self {
+            service,
+            config: Arc::new(config),
+            limits: Arc::new(limits),
+            federation: None,
+            origin_gate: Arc::new(origin_gate),
+            failed_auth_gate: Arc::new(failed_auth_gate),
+        }
     }
 
     /// Turns on the server-server routes, served by `keys`.

@@ -63,6 +63,11 @@ pub struct RateLimits {
     pub invite_per_user: KeyedLimiter,
     pub join_per_user: KeyedLimiter,
     pub to_device_per_user: KeyedLimiter,
+    /// Authenticated server-server requests, per origin server.
+    pub federation_per_origin: KeyedLimiter,
+    /// The unauthenticated notary API (`/_matrix/key/v2/query`), which fetches other servers'
+    /// keys on a miss.
+    pub key_query_per_ip: KeyedLimiter,
 }
 
 impl RateLimits {

@@ -293,6 +293,37 @@ impl Service {
         }
     }
 
+    /// `GET /rooms/{roomId}/timestamp_to_event`: the nearest event the user may see. With
+    /// federation on, one of the room's other servers is asked too (history from before this
+    /// server joined lives only there); when it names a nearer event this server lacks, that
+    /// event is backfilled, checked like any other, and the local index answers again, so the
+    /// answer is always a stored event the user may see.
+    pub async fn timestamp_to_event(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        ts: u64,
+        forward: bool,
+    ) -> Result<rooms::EventAtTime, ServiceError> {
+        let local = self.rooms.timestamp_to_event(user_id, room_id, ts, forward).await;
+        if !self.federation.is_enabled() || !matches!(local, Ok(_) | Err(ServiceError::NotFound(_))) {
+            return local;
+        }
+        let Some(remote) = self.federation.remote_timestamp_to_event(room_id, ts, forward).await else { return local };
+        let nearer = local.as_ref().map_or(true, |found| remote.nearer_than(found, forward));
+        if !nearer || self.rooms.event_record(&remote.event_id).await?.is_some() {
+            return local;
+        }
+        match self.federation.backfill_gap(room_id, std::slice::from_ref(&remote.event_id), 1).await {
+            Ok(0) => local,
+            Ok(_) => self.rooms.timestamp_to_event(user_id, room_id, ts, forward).await,
+            Err(error) => {
+                tracing::info!(%room_id, %error, "fetching the event another server found by time failed");
+                local
+            }
+        }
+    }
+
     /// `PUT /typing`: the notice here, and to the room's other servers.
     pub async fn set_typing(
         &self,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::routing::{get, post, put};
 use lattice_federation::{FederationError, KeyCache};
 use lattice_service::ServiceError;
@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::Routes;
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{JsonBody, PathParams, QueryParams, parse_room, parse_user};
+use crate::extract::{ClientIp, JsonBody, PathParams, QueryParams, parse_room, parse_user};
 
 pub fn routes() -> Routes {
     Routes::new()
@@ -43,6 +43,7 @@ pub fn routes() -> Routes {
         .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
         .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
         .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/timestamp_to_event/{room_id}", get(timestamp_to_event))
         .route("/_matrix/federation/v1/publicRooms", get(public_rooms).post(search_public_rooms))
         .route("/_matrix/federation/v1/user/keys/query", post(user_keys_query))
         .route("/_matrix/federation/v1/user/keys/claim", post(user_keys_claim))
@@ -96,10 +97,13 @@ fn federation(state: &AppState) -> ApiResult<&Arc<KeyCache>> {
 /// A request whose `X-Matrix` authorization verified: the origin server. It reads the body to
 /// check the signature over it (routes with bodies will take them from here when they exist).
 /// Missing, malformed, misaddressed or wrongly signed → `401 M_UNAUTHORIZED`.
+/// Past authentication, the origin's rate limit and concurrency bound apply (see
+/// [`crate::origin_gate`]); the turn is held until the handler returns.
 pub struct ServerAuth {
     pub origin: OwnedServerName,
     /// The request body, whose signature was checked with the rest.
     pub body: axum::body::Bytes,
+    _turn: crate::origin_gate::OriginPermit,
 }
 
 impl FromRequest<AppState> for ServerAuth {
@@ -107,14 +111,25 @@ impl FromRequest<AppState> for ServerAuth {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         let keys = federation(state)?;
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let address = ClientIp::from_request_parts(&mut parts, state).await?.rate_key();
+        state.failed_auth_gate.check(&address)?;
         let limit = state.config.max_request_bytes;
         let body = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::TooLarge(limit))?;
         let target = parts.uri.path_and_query().map_or_else(|| parts.uri.path(), |p| p.as_str());
         let origin =
-            lattice_federation::authenticate_request(keys, &parts.method, target, &parts.headers, &body).await?;
+            match lattice_federation::authenticate_request(keys, &parts.method, target, &parts.headers, &body).await {
+                Ok(origin) => origin,
+                Err(error @ FederationError::Unauthorized(_)) => {
+                    state.failed_auth_gate.record_failure(&address);
+                    return Err(error.into());
+                }
+                Err(error) => return Err(error.into()),
+            };
         tracing::debug!(%origin, "authenticated server request");
-        Ok(ServerAuth { origin, body })
+        state.limits.federation_per_origin.check(origin.as_str())?;
+        let turn = state.origin_gate.enter(&origin).await?;
+        Ok(ServerAuth { origin, body, _turn: turn })
     }
 }
 
@@ -135,10 +150,12 @@ fn parse_server_name(name: &str) -> ApiResult<OwnedServerName> {
 
 async fn query_one(
     State(state): State<AppState>,
+    ip: ClientIp,
     PathParams(server_name): PathParams<String>,
     QueryParams(query): QueryParams<MinimumValidity>,
 ) -> ApiResult<Json<Value>> {
     let keys = federation(&state)?;
+    state.limits.key_query_per_ip.check(&ip.rate_key())?;
     let server = parse_server_name(&server_name)?;
     let minimum = query.minimum_valid_until_ts.unwrap_or_else(|| keys.client().clock().now_ms());
     let documents: Vec<CanonicalJsonValue> =
@@ -156,8 +173,13 @@ struct BatchQuery {
     server_keys: BTreeMap<String, BTreeMap<String, KeyCriteria>>,
 }
 
-async fn query_many(State(state): State<AppState>, JsonBody(query): JsonBody<BatchQuery>) -> ApiResult<Json<Value>> {
+async fn query_many(
+    State(state): State<AppState>,
+    ip: ClientIp,
+    JsonBody(query): JsonBody<BatchQuery>,
+) -> ApiResult<Json<Value>> {
     let keys = federation(&state)?.clone();
+    state.limits.key_query_per_ip.check(&ip.rate_key())?;
     let limit = lattice_federation::key_cache::MAX_QUERY_SERVERS;
     if query.server_keys.len() > limit {
         return Err(ApiError::InvalidParam(format!("at most {limit} servers per key query")));
@@ -404,6 +426,29 @@ async fn backfill(
         return Err(ApiError::InvalidParam("at least one `v` is required".into()));
     }
     Ok(Json(state.service.federation().backfill(&auth.origin, &room_id, &from, limit).await?))
+}
+
+#[derive(Deserialize)]
+struct TimestampQuery {
+    ts: u64,
+    dir: String,
+}
+
+/// `GET /timestamp_to_event/{roomId}?ts=&dir=f|b`.
+async fn timestamp_to_event(
+    State(state): State<AppState>,
+    PathParams(room_id): PathParams<String>,
+    QueryParams(query): QueryParams<TimestampQuery>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let forward = match query.dir.as_str() {
+        "f" => true,
+        "b" => false,
+        other => return Err(ApiError::InvalidParam(format!("dir must be f or b, not {other:?}"))),
+    };
+    let found = state.service.federation().timestamp_to_event(&auth.origin, &room_id, query.ts, forward).await?;
+    Ok(Json(found))
 }
 
 #[derive(Deserialize)]

@@ -54,7 +54,7 @@ async fn timestamp_to_event(
 ) -> ApiResult<RumaResponse<get_event_by_timestamp::v1::Response>> {
     let forward = request.dir == Direction::Forward;
     let ts = request.ts.get().into();
-    let found = state.service.rooms().timestamp_to_event(&session.user_id, &request.room_id, ts, forward).await?;
+    let found = state.service.timestamp_to_event(&session.user_id, &request.room_id, ts, forward).await?;
     let event_id = OwnedEventId::try_from(found.event_id).map_err(|e| ServiceError::Internal(e.to_string()))?;
     let origin_server_ts = MilliSecondsSinceUnixEpoch(UInt::new_saturating(found.origin_server_ts));
     Ok(RumaResponse(get_event_by_timestamp::v1::Response::new(event_id, origin_server_ts)))

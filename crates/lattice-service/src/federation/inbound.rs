@@ -470,6 +470,20 @@ impl Federation {
         Ok(found.into_iter().map(|(_, pdu)| pdu).collect())
     }
 
+    /// `GET /timestamp_to_event/{roomId}?ts=&dir=`: the event nearest `ts` that the asking
+    /// server may see.
+    pub async fn timestamp_to_event(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        ts: u64,
+        forward: bool,
+    ) -> Result<Value, ServiceError> {
+        self.require_member_server(origin, room_id).await?;
+        let found = self.rooms.timestamp_to_event_for_server(origin, room_id, ts, forward).await?;
+        Ok(json!({ "event_id": found.event_id, "origin_server_ts": found.origin_server_ts }))
+    }
+
     /// `GET /query/directory?room_alias=`: a local alias's room and the servers in it.
     pub async fn query_directory(&self, alias: &ruma::RoomAliasId) -> Result<Value, ServiceError> {
         if alias.server_name() != self.server_name() {

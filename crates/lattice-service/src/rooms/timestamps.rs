@@ -6,7 +6,7 @@ use std::ops::Bound;
 use lattice_core::event::Pdu;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::state_res::Event;
-use ruma::{RoomId, UserId};
+use ruma::{EventId, RoomId, ServerName, UserId};
 
 use super::Rooms;
 use crate::ServiceError;
@@ -31,6 +31,19 @@ pub struct EventAtTime {
     pub origin_server_ts: u64,
 }
 
+/// An index row: an event near the asked time, at stream `position`.
+struct Candidate {
+    event_id: String,
+    position: u64,
+    origin_server_ts: u64,
+}
+
+impl Candidate {
+    fn found(self) -> EventAtTime {
+        EventAtTime { event_id: self.event_id, origin_server_ts: self.origin_server_ts }
+    }
+}
+
 impl Rooms {
     /// `GET /rooms/{roomId}/timestamp_to_event`: the first event at or after `ts` (`forward`),
     /// or the last one at or before it, among those the user may see.
@@ -42,6 +55,36 @@ impl Rooms {
         forward: bool,
     ) -> Result<EventAtTime, ServiceError> {
         let viewer = &mut self.reader(user_id, room_id).await?;
+        for candidate in self.candidates(room_id, ts, forward).await? {
+            if self.may_see_at(viewer, &candidate.event_id, candidate.position).await? {
+                return Ok(candidate.found());
+            }
+        }
+        Err(nothing_near(room_id, ts, forward))
+    }
+
+    /// The federation `GET /timestamp_to_event/{roomId}`: as for a user, among the events
+    /// `server` may see (the caller checked that it is in the room).
+    pub async fn timestamp_to_event_for_server(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        ts: u64,
+        forward: bool,
+    ) -> Result<EventAtTime, ServiceError> {
+        for candidate in self.candidates(room_id, ts, forward).await? {
+            let Ok(event_id) = <&EventId>::try_from(candidate.event_id.as_str()) else { continue };
+            let Ok(record) = self.event_in_room(room_id, event_id).await else { continue };
+            if self.server_may_see(server, &record).await? {
+                return Ok(candidate.found());
+            }
+        }
+        Err(nothing_near(room_id, ts, forward))
+    }
+
+    /// The index rows nearest `ts` in the direction asked for, nearest first: at most
+    /// [`MAX_HIDDEN_STEPS`], which bounds how many hidden events a search steps over.
+    async fn candidates(&self, room_id: &RoomId, ts: u64, forward: bool) -> Result<Vec<Candidate>, ServiceError> {
         let room = room_id.as_str();
         let room_rows = KeyRange::prefix(&keys::room_rows(room));
         let (range, direction) = if forward {
@@ -52,14 +95,30 @@ impl Rooms {
             (KeyRange { start: room_rows.start, end }, Direction::Backward)
         };
         let rows = self.kv.scan(Table::EventTimestamps, &range, direction, MAX_HIDDEN_STEPS).await?;
-        for (key, event_id) in rows {
-            let event_id = String::from_utf8_lossy(&event_id).into_owned();
-            if self.may_see_at(viewer, &event_id, super::messages::position_of(&key)).await? {
-                return Ok(EventAtTime { event_id, origin_server_ts: timestamp_of(&key) });
-            }
+        Ok(rows
+            .into_iter()
+            .map(|(key, event_id)| Candidate {
+                event_id: String::from_utf8_lossy(&event_id).into_owned(),
+                position: super::messages::position_of(&key),
+                origin_server_ts: timestamp_of(&key),
+            })
+            .collect())
+    }
+}
+
+fn nothing_near(room_id: &RoomId, ts: u64, forward: bool) -> ServiceError {
+    let dir = if forward { "after" } else { "before" };
+    ServiceError::NotFound(format!("no event in {room_id} at or {dir} {ts}"))
+}
+
+impl EventAtTime {
+    /// Whether this event is nearer the asked time than `other`, in the direction asked for.
+    pub fn nearer_than(&self, other: &EventAtTime, forward: bool) -> bool {
+        if forward {
+            self.origin_server_ts < other.origin_server_ts
+        } else {
+            self.origin_server_ts > other.origin_server_ts
         }
-        let dir = if forward { "after" } else { "before" };
-        Err(ServiceError::NotFound(format!("no event in {room_id} at or {dir} {ts}")))
     }
 }
 
