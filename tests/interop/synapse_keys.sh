@@ -105,6 +105,7 @@ cfg.update({
     "ip_range_whitelist": ["127.0.0.0/8"],
     "rc_registration": OFF,
     "rc_login": {"address": OFF, "account": OFF, "failed_attempts": OFF},
+    "rc_message": OFF,
 })
 with open(path, "w") as f:
     yaml.safe_dump(cfg, f)
@@ -313,6 +314,89 @@ curl -sk -X POST "$LAT_C/keys/upload" -H "Authorization: Bearer $CAROL2_TOKEN" -
   -d "$(keys_for "@carol:$LAT_NAME" "$CAROL2_DEV")" >/dev/null
 eventually "syn -X POST $SYN_C/keys/query -d '{\"device_keys\":{\"@carol:$LAT_NAME\":[]}}'" "$(has_device "@carol:$LAT_NAME" "$CAROL2_DEV")" && ok=yes || ok=no
 check "a new Lattice device reached Synapse's view of the user's devices" "$ok"
+
+# 8. History from before a server joined, profiles and bans. dave writes 100 messages in a new
+#    Synapse room before carol joins it: carol jumps to the date of the 50th (Lattice asks
+#    Synapse /timestamp_to_event and backfills the event), then pages back to the first
+#    (/backfill from Synapse).
+HIST_ROOM="$(syn -X POST "$SYN_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"history"}' | field room_id)"
+for i in $(seq 1 100); do
+  ID="$(syn -X PUT "$SYN_C/rooms/$HIST_ROOM/send/m.room.message/h$i" -d "{\"msgtype\":\"m.text\",\"body\":\"hist-$i\"}" | field event_id)"
+  [ "$i" = 50 ] && HIST_50="$ID"
+done
+HIST_50_TS="$(syn "$SYN_C/rooms/$HIST_ROOM/event/$HIST_50" | field origin_server_ts)"
+lat -X POST "$LAT_C/join/%23history:$SYN_NAME" -d '{}' >/dev/null
+lat "http://$LAT_IP:$LAT_CLIENT_PORT/_matrix/client/v1/rooms/$HIST_ROOM/timestamp_to_event?ts=$HIST_50_TS&dir=f" \
+  | json_has "d.get('event_id')=='$HIST_50'" && ok=yes || ok=no
+check "Lattice jumped to a date before it joined a Synapse room (/timestamp_to_event to Synapse)" "$ok"
+seen=""
+FROM=""
+for _ in $(seq 1 12); do
+  PAGE="$(lat "$LAT_C/rooms/$HIST_ROOM/messages?dir=b&limit=50${FROM:+&from=$FROM}")"
+  seen="$seen $(echo "$PAGE" | "$VPY" -c 'import json,sys; print(" ".join(e.get("content",{}).get("body","") for e in json.load(sys.stdin).get("chunk",[])))')"
+  FROM="$(echo "$PAGE" | field end)"
+  [ -z "$FROM" ] && break
+done
+count="$(for w in $seen; do echo "$w"; done | grep '^hist-' | sort -u | wc -l)"
+check "Lattice paged back through 100 messages from before it joined (/backfill from Synapse, saw $count)" "$([ "$count" = 100 ] && echo yes || echo no)"
+# The other way: carol writes 30 messages in a new Lattice room before dave joins; Synapse
+# backfills them from Lattice as dave pages back.
+BACK_ROOM="$(lat -X POST "$LAT_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"history2"}' | field room_id)"
+for i in $(seq 1 30); do
+  lat -X PUT "$LAT_C/rooms/$BACK_ROOM/send/m.room.message/b$i" -d "{\"msgtype\":\"m.text\",\"body\":\"back-$i\"}" >/dev/null
+done
+syn -X POST "$SYN_C/join/%23history2:$LAT_NAME" -d '{}' >/dev/null
+seen=""
+FROM=""
+for _ in $(seq 1 12); do
+  PAGE="$(syn "$SYN_C/rooms/$BACK_ROOM/messages?dir=b&limit=20${FROM:+&from=$FROM}")"
+  seen="$seen $(echo "$PAGE" | "$VPY" -c 'import json,sys; print(" ".join(e.get("content",{}).get("body","") for e in json.load(sys.stdin).get("chunk",[])))')"
+  FROM="$(echo "$PAGE" | field end)"
+  [ -z "$FROM" ] && break
+done
+count="$(for w in $seen; do echo "$w"; done | grep '^back-' | sort -u | wc -l)"
+check "Synapse paged back through 30 messages from before it joined (/backfill from Lattice, saw $count)" "$([ "$count" = 30 ] && echo yes || echo no)"
+# Profile changes travel as member events.
+syn -X PUT "$SYN_C/profile/@dave:$SYN_NAME/displayname" -d '{"displayname":"Dave Renamed"}' >/dev/null
+eventually "lat $LAT_C/rooms/$LAT_ROOM/state/m.room.member/@dave:$SYN_NAME" "d.get('displayname')=='Dave Renamed'" && ok=yes || ok=no
+check "a Synapse user's new display name reached Lattice's room" "$ok"
+lat -X PUT "$LAT_C/profile/@carol:$LAT_NAME/displayname" -d '{"displayname":"Carol Renamed"}' >/dev/null
+eventually "syn $SYN_C/rooms/$SYN_ROOM/state/m.room.member/@carol:$LAT_NAME" "d.get('displayname')=='Carol Renamed'" && ok=yes || ok=no
+check "a Lattice user's new display name reached Synapse's room" "$ok"
+# Room upgrades: each server's user upgrades a room the other's user is in; the tombstone
+# reaches the other server, whose user follows it into the replacement room.
+UP1="$(lat -X POST "$LAT_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"upgrade1","room_version":"11"}' | field room_id)"
+syn -X POST "$SYN_C/join/%23upgrade1:$LAT_NAME" -d '{}' >/dev/null
+NEW1="$(lat -X POST "$LAT_C/rooms/$UP1/upgrade" -d '{"new_version":"12"}' | field replacement_room)"
+eventually "syn $SYN_C/rooms/$UP1/state/m.room.tombstone/" "d.get('replacement_room')=='$NEW1' and '$NEW1' != ''" && ok=yes || ok=no
+syn -X POST "$SYN_C/join/$NEW1?server_name=$LAT_NAME" -d '{}' >/dev/null
+eventually "lat $LAT_C/rooms/$NEW1/joined_members" "$(joined_member "@dave:$SYN_NAME")" && [ "$ok" = yes ] && ok=yes || ok=no
+check "a Lattice room upgrade reached Synapse, whose user followed it into the new room" "$ok"
+UP2="$(syn -X POST "$SYN_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"upgrade2","room_version":"11"}' | field room_id)"
+lat -X POST "$LAT_C/join/%23upgrade2:$SYN_NAME" -d '{}' >/dev/null
+NEW2="$(syn -X POST "$SYN_C/rooms/$UP2/upgrade" -d '{"new_version":"12"}' | field replacement_room)"
+eventually "lat $LAT_C/rooms/$UP2/state/m.room.tombstone/" "d.get('replacement_room')=='$NEW2' and '$NEW2' != ''" && ok=yes || ok=no
+lat -X POST "$LAT_C/join/$NEW2?server_name=$SYN_NAME" -d '{}' >/dev/null
+eventually "syn $SYN_C/rooms/$NEW2/joined_members" "$(joined_member "@carol:$LAT_NAME")" && [ "$ok" = yes ] && ok=yes || ok=no
+check "a Synapse room upgrade reached Lattice, whose user followed it into the new room" "$ok"
+# Bans: each room's creator bans the other server's user, whose own server then refuses to
+# send for them.
+lat -X POST "$LAT_C/rooms/$LAT_ROOM/ban" -d "{\"user_id\":\"@dave:$SYN_NAME\",\"reason\":\"interop\"}" >/dev/null
+ok=no
+for poll in $(seq 1 60); do
+  status="$(syn -o /dev/null -w '%{http_code}' -X PUT "$SYN_C/rooms/$LAT_ROOM/send/m.room.message/ban$poll" -d '{"msgtype":"m.text","body":"after-ban"}')"
+  if [ "$status" = 403 ]; then ok=yes; break; fi
+  sleep 0.3
+done
+check "Lattice's ban reached Synapse (Synapse refuses to send for the banned user)" "$ok"
+syn -X POST "$SYN_C/rooms/$SYN_ROOM/ban" -d "{\"user_id\":\"@carol:$LAT_NAME\",\"reason\":\"interop\"}" >/dev/null
+ok=no
+for poll in $(seq 1 60); do
+  status="$(lat -o /dev/null -w '%{http_code}' -X PUT "$LAT_C/rooms/$SYN_ROOM/send/m.room.message/ban$poll" -d '{"msgtype":"m.text","body":"after-ban"}')"
+  if [ "$status" = 403 ]; then ok=yes; break; fi
+  sleep 0.3
+done
+check "Synapse's ban reached Lattice (Lattice refuses to send for the banned user)" "$ok"
 
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then
