@@ -557,6 +557,58 @@ await check("redaction: bob's redacted message is redacted on alice's client", a
   expect(fetched.unsigned?.redacted_because, "no unsigned.redacted_because on the fetched event");
 });
 
+await check("an edit and a reaction, as Element sends them, shown on the other client", async () => {
+  const room = alice.getRoom(roomId);
+  const { event_id: originalId } = await bob.sendMessage(roomId, { msgtype: "m.text", body: "teh first draft" });
+  const original = await waitFor(() => room.findEventById(originalId), "the message to edit");
+  const { event_id: editId } = await bob.sendMessage(roomId, {
+    msgtype: "m.text",
+    body: "* the first draft",
+    "m.new_content": { msgtype: "m.text", body: "the first draft" },
+    "m.relates_to": { rel_type: "m.replace", event_id: originalId },
+  });
+  await waitFor(() => original.replacingEventId() === editId, "the edit applied to the original");
+  equal(original.getContent().body, "the first draft", "the edited body");
+  await alice.sendEvent(roomId, "m.reaction", {
+    "m.relates_to": { rel_type: "m.annotation", event_id: originalId, key: "👍" },
+  });
+  // Bob's client is not syncing: the reaction is read as Element's thread and relation views do.
+  const { chunk } = await bob.http.authedRequest(
+    "GET",
+    `/rooms/${encodeURIComponent(roomId)}/relations/${encodeURIComponent(originalId)}/m.annotation`,
+    undefined,
+    undefined,
+    { prefix: "/_matrix/client/v1" },
+  );
+  expect(
+    chunk?.some((event) => event.sender === aliceId && event.content?.["m.relates_to"]?.key === "👍"),
+    `relations: ${JSON.stringify(chunk).slice(0, 300)}`,
+  );
+});
+
+await check("muting a room (Element's override push rule): its messages stop counting until unmuted", async () => {
+  const room = alice.getRoom(roomId);
+  await alice.sendReadReceipt(timelineEvents(room).at(-1));
+  await waitFor(() => room.getUnreadNotificationCount(NotificationCountType.Total) === 0, "counts 0 before muting");
+  await alice.addPushRule("global", "override", roomId, {
+    conditions: [{ kind: "event_match", key: "room_id", pattern: roomId }],
+    actions: [],
+  });
+  await waitFor(
+    () => alice.pushRules?.global?.override?.some((rule) => rule.rule_id === roomId),
+    "the mute rule in alice's push rules (m.push_rules account data in sync)",
+  );
+  const { event_id: mutedId } = await bob.sendMessage(roomId, { msgtype: "m.text", body: "while muted" });
+  await waitFor(() => room.findEventById(mutedId), "the message sent while muted");
+  equal(room.getUnreadNotificationCount(NotificationCountType.Total), 0, "count while muted");
+  await alice.deletePushRule("global", "override", roomId);
+  await bob.sendMessage(roomId, { msgtype: "m.text", body: "after unmuting" });
+  await waitFor(
+    () => room.getUnreadNotificationCount(NotificationCountType.Total) === 1,
+    "count 1 for the message after unmuting",
+  );
+});
+
 await check("room tags and account data round-trip through sync", async () => {
   const room = alice.getRoom(roomId);
   await alice.setRoomTag(roomId, "m.favourite", { order: 0.5 });
@@ -585,6 +637,17 @@ await check("a direct chat without a name is named after the other member (summa
     return room?.getMyMembership() === "join" ? room : null;
   }, "alice joined the DM");
   await waitFor(() => dm.name === BOB_NAME, `the DM named "${BOB_NAME}" (is "${dm.name}")`);
+});
+
+await check("leaving and forgetting the direct chat removes it from the client", async () => {
+  const dm = alice.getRooms().find((room) => room.roomId !== roomId && room.name === BOB_NAME);
+  expect(dm, "the direct chat is not on alice's client");
+  await alice.leave(dm.roomId);
+  await waitFor(() => dm.getMyMembership() === "leave", "the leave in alice's sync");
+  await alice.forget(dm.roomId);
+  expect(!alice.getRoom(dm.roomId), "the forgotten room is still on the client");
+  const { joined_rooms: joined } = await alice.getJoinedRooms();
+  expect(!joined.includes(dm.roomId), "the left room is still in joined_rooms");
 });
 
 await check("end-to-end encryption: two Rust-crypto clients exchange messages in an encrypted room", async () => {
