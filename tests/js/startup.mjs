@@ -64,9 +64,10 @@ function equal(actual, wanted, what) {
 
 // One named check; `essential` ones stop the run, since everything after them depends on them.
 async function check(name, body, { essential = false } = {}) {
+  const started = performance.now();
   try {
     await body();
-    say(`ok   ${name}`);
+    say(`ok   ${name} (${Math.round(performance.now() - started)} ms)`);
     passed += 1;
   } catch (error) {
     const detail = error instanceof CheckFailed ? error.message : describeError(error);
