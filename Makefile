@@ -6,7 +6,7 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lattice-target
 
-.PHONY: setup run test lint bench interop
+.PHONY: setup run test lint bench interop js-sdk
 
 setup:
 	@scripts/setup.sh
@@ -20,7 +20,13 @@ run: setup
 
 test: setup
 	cargo test --release --workspace
+	tests/interop/js_sdk.sh
 	tests/interop/synapse_keys.sh
+
+# Element Web's SDK (matrix-js-sdk from npm, tests/js) starting up against Lattice on loopback.
+js-sdk: setup
+	cargo build --release --workspace --all-targets
+	tests/interop/js_sdk.sh
 
 # Federation interop with a real Synapse (PyPI, in a virtualenv under ~/.cache), on loopback.
 interop: setup

@@ -4,6 +4,9 @@
 #   - a C++ compiler: RocksDB itself is built from source by the rocksdb crate.
 #   - curl and Python 3 with venv: the Synapse interop test (tests/interop/) drives a real
 #     Synapse from PyPI with them.
+#   - npm (Debian's, with nodejs): the matrix-js-sdk start-up test (tests/interop/js_sdk.sh);
+#     then Node.js >= 22 (from the npm registry when the system's is older) and tests/js's
+#     packages (`npm ci`), see scripts/js-sdk-env.sh.
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
@@ -15,6 +18,7 @@ have_libclang || need+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo is missing; install Rust from https://rustup.rs" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -29,3 +33,7 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+
+source "$(dirname "$0")/js-sdk-env.sh"
+js_sdk_node
+js_sdk_packages

@@ -8,6 +8,7 @@ mod bad_input;
 mod calls;
 mod directory;
 mod e2ee;
+mod element_startup;
 mod federation_e2ee;
 mod federation_invites;
 mod federation_keys;

@@ -145,6 +145,7 @@ impl Fixture {
             "session_id" => "sweep-session".to_owned(),
             "media_id" => "sweepmedia0000000000000000000000".to_owned(),
             "file_name" => "sweep.txt".to_owned(),
+            "protocol" => "irc".to_owned(),
             other => panic!("the sweep has no valid value for the path parameter {{{other}}}: add one here"),
         };
         encode_segment(&value)

@@ -19,6 +19,7 @@ mod session;
 mod spaces;
 mod sync;
 mod tags;
+mod thirdparty;
 mod user_data;
 mod user_directory;
 mod voip;
@@ -106,6 +107,7 @@ pub fn all() -> Routes {
         .merge(push::routes())
         .merge(user_directory::routes())
         .merge(voip::routes())
+        .merge(thirdparty::routes())
         .merge(keys::routes())
         .merge(backup::routes())
         .merge(federation::routes())

@@ -493,12 +493,35 @@ fn client_format(event_id: &str, record: &EventRecord) -> Result<Value, ServiceE
         }
         object.insert("event_id".into(), json!(event_id));
         object.insert("room_id".into(), json!(record.room_id));
+        if object.get("type").and_then(Value::as_str) == Some("m.room.redaction") {
+            mirror_redacts(object);
+        }
         // Writers below index into `unsigned`, which must be an object for that.
         if !object.get("unsigned").is_some_and(Value::is_object) {
             object.insert("unsigned".into(), json!({}));
         }
     }
     Ok(event)
+}
+
+/// A redaction names its target at the top level up to room version 10 and in `content` from
+/// v11. Clients read one or the other (matrix-js-sdk, and so Element Web, reads only the top
+/// level), so the client API shows it in both places, as the v11 rules ask of servers.
+fn mirror_redacts(redaction: &mut serde_json::Map<String, Value>) {
+    let top_level = redaction.get("redacts").filter(|target| target.is_string()).cloned();
+    let in_content =
+        redaction.get("content").and_then(|content| content.get("redacts")).filter(|t| t.is_string()).cloned();
+    match (top_level, in_content) {
+        (None, Some(target)) => {
+            redaction.insert("redacts".into(), target);
+        }
+        (Some(target), None) => {
+            if let Some(content) = redaction.get_mut("content").and_then(Value::as_object_mut) {
+                content.insert("redacts".into(), target);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `(user ID, member event ID)` of current-state member rows under `prefix`.
