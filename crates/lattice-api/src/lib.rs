@@ -52,6 +52,7 @@ pub struct ApiConfig {
     /// Joins and knocks.
     pub join_per_user: Option<RateLimit>,
     pub to_device_per_user: Option<RateLimit>,
+    pub url_preview_per_user: Option<RateLimit>,
 }
 
 #[derive(Clone)]
@@ -78,6 +79,7 @@ impl AppState {
             invite_per_user: KeyedLimiter::new(config.invite_per_user),
             join_per_user: KeyedLimiter::new(config.join_per_user),
             to_device_per_user: KeyedLimiter::new(config.to_device_per_user),
+            url_preview_per_user: KeyedLimiter::new(config.url_preview_per_user),
         };
         Self { service, config: Arc::new(config), limits: Arc::new(limits), federation: None }
     }

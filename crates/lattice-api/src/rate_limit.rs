@@ -63,6 +63,7 @@ pub struct RateLimits {
     pub invite_per_user: KeyedLimiter,
     pub join_per_user: KeyedLimiter,
     pub to_device_per_user: KeyedLimiter,
+    pub url_preview_per_user: KeyedLimiter,
 }
 
 impl RateLimits {
