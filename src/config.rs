@@ -71,6 +71,14 @@ pub struct FederationConfig {
     pub concurrent_requests_per_origin: usize,
     /// Requests of one origin server that may wait; more get `429 M_LIMIT_EXCEEDED`.
     pub queued_requests_per_origin: usize,
+    /// CIDR blocks other servers' names may not lead to, on top of the built-in list of
+    /// private and special ranges (loopback, RFC 1918, link-local, …). Applies to addresses
+    /// from DNS, `.well-known` and IP-literal server names, and to media `Location`s; not to
+    /// `resolve` pins.
+    pub ip_range_deny: Vec<String>,
+    /// CIDR blocks allowed even when denied (a peer in the same private network, a test
+    /// network on loopback).
+    pub ip_range_allow: Vec<String>,
 }
 
 impl Default for FederationConfig {
@@ -88,6 +96,8 @@ impl Default for FederationConfig {
             deny_servers: Vec::new(),
             concurrent_requests_per_origin: 10,
             queued_requests_per_origin: 100,
+            ip_range_deny: Vec::new(),
+            ip_range_allow: Vec::new(),
         }
     }
 }
@@ -118,8 +128,14 @@ impl FederationConfig {
             .collect()
     }
 
+    /// The outbound address policy of `ip_range_deny` and `ip_range_allow`.
+    pub fn address_policy(&self) -> anyhow::Result<lattice_federation::AddressPolicy> {
+        address_policy("federation", &self.ip_range_deny, &self.ip_range_allow)
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.key_valid_for_ms()?;
+        self.address_policy()?;
         self.notaries()?;
         if self.concurrent_requests_per_origin == 0 {
             bail!("invalid configuration at key `federation.concurrent_requests_per_origin`: must be at least 1");
@@ -141,6 +157,75 @@ impl FederationConfig {
     }
 }
 
+/// An address policy from a section's `ip_range_deny` and `ip_range_allow`.
+fn address_policy(
+    section: &str,
+    deny: &[String],
+    allow: &[String],
+) -> anyhow::Result<lattice_federation::AddressPolicy> {
+    let parse = |key: &str, blocks: &[String]| {
+        lattice_federation::address_policy::parse_blocks(blocks)
+            .map_err(|e| anyhow::anyhow!("invalid configuration at key `{section}.{key}`: {e}"))
+    };
+    Ok(lattice_federation::AddressPolicy::new(parse("ip_range_deny", deny)?, parse("ip_range_allow", allow)?))
+}
+
+/// `[media.url_preview]`: previews of links (`/preview_url`), off by default.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UrlPreviewSection {
+    /// Fetch pages for link previews. Off: `/preview_url` answers `404 M_UNRECOGNIZED`.
+    pub enabled: bool,
+    /// The largest page or image read, in bytes.
+    pub max_page_size: usize,
+    /// The longest a whole preview may take (page, redirects and image), e.g. `"10s"`.
+    pub timeout: String,
+    /// How long a preview is served from the cache, e.g. `"24h"`.
+    pub cache_ttl: String,
+    /// CIDR blocks pages may not be fetched from, on top of the built-in list.
+    pub ip_range_deny: Vec<String>,
+    /// CIDR blocks pages may be fetched from even when denied (an intranet, tests).
+    pub ip_range_allow: Vec<String>,
+}
+
+impl Default for UrlPreviewSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_page_size: 10 << 20,
+            timeout: "10s".to_owned(),
+            cache_ttl: "24h".to_owned(),
+            ip_range_deny: Vec::new(),
+            ip_range_allow: Vec::new(),
+        }
+    }
+}
+
+impl UrlPreviewSection {
+    /// The service's preview configuration; `None` when previews are off.
+    pub fn service_config(&self) -> anyhow::Result<Option<lattice_service::UrlPreviewConfig>> {
+        let policy = address_policy("media.url_preview", &self.ip_range_deny, &self.ip_range_allow)?;
+        let duration = |key: &str, text: &str| {
+            parse_duration_ms(text)
+                .with_context(|| format!("invalid configuration at key `media.url_preview.{key}`: {text:?}"))
+        };
+        let timeout_ms = duration("timeout", &self.timeout)?;
+        if !(1000..=120_000).contains(&timeout_ms) {
+            bail!("invalid configuration at key `media.url_preview.timeout`: must be from 1s to 2m");
+        }
+        let cache_ttl_ms = duration("cache_ttl", &self.cache_ttl)?;
+        if self.max_page_size < 1024 {
+            bail!("invalid configuration at key `media.url_preview.max_page_size`: must be at least 1024");
+        }
+        Ok(self.enabled.then(|| lattice_service::UrlPreviewConfig {
+            max_page_bytes: self.max_page_size,
+            timeout: std::time::Duration::from_millis(timeout_ms),
+            cache_ttl_ms,
+            policy: std::sync::Arc::new(policy),
+        }))
+    }
+}
+
 /// `[media]`: uploads, downloads, thumbnails, other servers' media (docs/media.md).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +240,7 @@ pub struct MediaSection {
     pub unauthenticated_media_before: Option<String>,
     /// How long a media ID from `POST /_matrix/media/v1/create` waits for its upload.
     pub unused_upload_expiry: String,
+    pub url_preview: UrlPreviewSection,
 }
 
 impl Default for MediaSection {
@@ -164,6 +250,7 @@ impl Default for MediaSection {
             max_user_bytes: None,
             unauthenticated_media_before: None,
             unused_upload_expiry: "24h".to_owned(),
+            url_preview: UrlPreviewSection::default(),
         }
     }
 }
@@ -196,6 +283,7 @@ impl MediaSection {
             max_user_bytes: self.max_user_bytes,
             legacy_cutoff_ms,
             unused_expiry_ms,
+            url_preview: self.url_preview.service_config()?,
             ..lattice_service::MediaConfig::default()
         })
     }
@@ -382,11 +470,12 @@ pub struct RateLimitsConfig {
     pub federation_failed_auth_per_ip: RateConfig,
     /// Notary key queries (`/_matrix/key/v2/query`) per client address.
     pub key_query_per_ip: RateConfig,
+    pub url_preview_per_user: RateConfig,
 }
 
 impl RateLimitsConfig {
     /// Every limit with its key under `[rate_limits]`.
-    pub fn all(&self) -> [(&'static str, RateConfig); 14] {
+    pub fn all(&self) -> [(&'static str, RateConfig); 15] {
         [
             ("login_per_ip", self.login_per_ip),
             ("login_per_user", self.login_per_user),
@@ -402,6 +491,7 @@ impl RateLimitsConfig {
             ("federation_per_origin", self.federation_per_origin),
             ("federation_failed_auth_per_ip", self.federation_failed_auth_per_ip),
             ("key_query_per_ip", self.key_query_per_ip),
+            ("url_preview_per_user", self.url_preview_per_user),
         ]
     }
 }
@@ -508,6 +598,8 @@ impl Default for RateLimitsConfig {
             federation_per_origin: RateConfig { per_second: 50.0, burst: 300 },
             federation_failed_auth_per_ip: RateConfig { per_second: 0.5, burst: 30 },
             key_query_per_ip: RateConfig { per_second: 5.0, burst: 100 },
+            // Each preview may fetch a page and an image from another host.
+            url_preview_per_user: RateConfig { per_second: 0.5, burst: 20 },
         }
     }
 }
@@ -736,6 +828,12 @@ mod tests {
         assert_eq!(example.media.max_upload_size, default.media.max_upload_size);
         assert_eq!(example.media.unused_upload_expiry, default.media.unused_upload_expiry);
         assert_eq!(example.media.max_user_bytes, default.media.max_user_bytes);
+        assert_eq!(example.media.url_preview.enabled, default.media.url_preview.enabled);
+        assert_eq!(example.media.url_preview.max_page_size, default.media.url_preview.max_page_size);
+        assert_eq!(example.media.url_preview.timeout, default.media.url_preview.timeout);
+        assert_eq!(example.media.url_preview.cache_ttl, default.media.url_preview.cache_ttl);
+        assert_eq!(example.rate_limits.url_preview_per_user, default.rate_limits.url_preview_per_user);
+        assert_eq!(example.federation.ip_range_allow, default.federation.ip_range_allow);
         assert!(example.calls.turn().unwrap().is_none());
     }
 
@@ -881,6 +979,43 @@ mod tests {
         assert!(format!("{err:#}").contains("federation.resolve"), "{err:#}");
         let err = load_text("[federation]\nlisten_on = \"x\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("listen_on"), "{err:#}");
+    }
+
+    #[test]
+    fn address_policies_and_url_previews_load_and_are_checked() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert!(config.media.service_config(Path::new("/d")).unwrap().url_preview.is_none(), "previews are off");
+        let config = load_text(
+            "[federation]\nip_range_allow = [\"127.0.0.0/8\"]\n[media.url_preview]\nmax_page_size = 4096\n",
+            &[
+                ("LATTICE_MEDIA__URL_PREVIEW__ENABLED", "true"),
+                ("LATTICE_MEDIA__URL_PREVIEW__IP_RANGE_ALLOW", "[\"10.1.0.0/16\", \"fd00::1\"]"),
+                ("LATTICE_MEDIA__URL_PREVIEW__CACHE_TTL", "1h"),
+                ("LATTICE_FEDERATION__IP_RANGE_DENY", "[\"8.8.8.0/24\"]"),
+            ],
+        )
+        .unwrap();
+        let federation = config.federation.address_policy().unwrap();
+        assert!(federation.permits("127.0.0.1".parse().unwrap()));
+        assert!(!federation.permits("8.8.8.8".parse().unwrap()));
+        assert!(!federation.permits("10.1.0.1".parse().unwrap()));
+        let preview = config.media.service_config(Path::new("/d")).unwrap().url_preview.expect("previews on");
+        assert_eq!((preview.max_page_bytes, preview.cache_ttl_ms), (4096, 3_600_000));
+        assert!(preview.policy.permits("10.1.0.1".parse().unwrap()));
+        assert!(!preview.policy.permits("127.0.0.1".parse().unwrap()), "each policy has its own allow list");
+
+        for (text, key) in [
+            ("[federation]\nip_range_deny = [\"10.0.0.0/40\"]\n", "federation.ip_range_deny"),
+            ("[federation]\nip_range_allow = [\"localhost\"]\n", "federation.ip_range_allow"),
+            ("[media.url_preview]\nip_range_allow = [\"x\"]\n", "media.url_preview.ip_range_allow"),
+            ("[media.url_preview]\ntimeout = \"1h\"\n", "media.url_preview.timeout"),
+            ("[media.url_preview]\ncache_ttl = \"soon\"\n", "media.url_preview.cache_ttl"),
+            ("[media.url_preview]\nmax_page_size = 10\n", "media.url_preview.max_page_size"),
+            ("[media.url_preview]\nenable = true\n", "enable"),
+        ] {
+            let err = load_text(text, &[]).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
+        }
     }
 
     #[test]

@@ -134,6 +134,7 @@ fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
         key_query_per_ip: limit(config.rate_limits.key_query_per_ip),
         federation_concurrent_per_origin: config.federation.concurrent_requests_per_origin,
         federation_queued_per_origin: config.federation.queued_requests_per_origin,
+        url_preview_per_user: limit(config.rate_limits.url_preview_per_user),
     })
 }
 
@@ -345,6 +346,7 @@ async fn start_federation(
         resolve_overrides: federation.resolve.iter().map(|(name, addr)| (name.clone(), *addr)).collect(),
         dns,
         deny: lattice_federation::DenyList::new(federation.deny_servers.clone()),
+        address_policy: Arc::new(federation.address_policy()?),
     };
     let client = FederationClient::new(own, settings, resolver, Arc::new(lattice_federation::SystemClock))
         .map_err(|e| anyhow::anyhow!("federation client (check federation.trusted_ca): {e}"))?;
@@ -414,6 +416,19 @@ async fn purge_redacted_originals(service: Arc<Service>) {
             Ok(purged) => tracing::info!(purged, "deleted originals of redacted events past their retention"),
             Err(error) => tracing::warn!(%error, "purging originals of redacted events failed"),
         }
+        purge_expired_previews(&service).await;
+    }
+}
+
+/// Deletes cached URL previews past `media.url_preview.cache_ttl` (they would be fetched
+/// again anyway), so the cache does not grow with every URL ever previewed.
+async fn purge_expired_previews(service: &Service) {
+    let Some(ttl_ms) = service.media().preview_cache_ttl_ms() else { return };
+    let before = lattice_service::Clock::now_ms(&SystemClock).saturating_sub(ttl_ms);
+    match service.media().purge_previews(before).await {
+        Ok(0) => {}
+        Ok(purged) => tracing::info!(purged, "deleted expired URL previews"),
+        Err(error) => tracing::warn!(%error, "purging expired URL previews failed"),
     }
 }
 

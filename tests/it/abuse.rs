@@ -36,6 +36,7 @@ async fn limited_server(adjust: impl FnOnce(&mut lattice::config::RateLimitsConf
             &mut limits.invite_per_user,
             &mut limits.join_per_user,
             &mut limits.to_device_per_user,
+            &mut limits.url_preview_per_user,
         ] {
             *rate = generous();
         }

@@ -98,7 +98,13 @@ struct Fixture {
 impl Fixture {
     async fn new() -> Self {
         let tls = tempfile::tempdir().expect("temp dir");
-        let server = TestServer::start_with(|config| enable_federation(config, tls.path())).await;
+        let server = TestServer::start_with(|config| {
+            enable_federation(config, tls.path());
+            // Previews on too (off, their routes answer as unknown ones); nothing here names a
+            // URL the policy would let through.
+            config.media.url_preview.enabled = true;
+        })
+        .await;
         let token = server.register("target", "pw").await;
         server.register("other", "pw").await;
         server.register("leaver", "pw").await;

@@ -92,12 +92,15 @@ fn federation_error(error: FederationError) -> (StatusCode, Value) {
     match error {
         E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, body("M_UNAUTHORIZED", message)),
         E::Denied(_) => (StatusCode::FORBIDDEN, body("M_FORBIDDEN", message)),
-        E::InvalidServerName(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
+        E::InvalidServerName(_) | E::InvalidUrl(_) => (StatusCode::BAD_REQUEST, body("M_INVALID_PARAM", message)),
+        E::AddressDenied(_) => (StatusCode::FORBIDDEN, body("M_FORBIDDEN", message)),
+        E::TimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, body("M_UNKNOWN", message)),
         // Another server failed us: the caller learns which, not our internals.
         E::Resolve { .. }
         | E::BackingOff { .. }
         | E::Transport { .. }
         | E::Status { .. }
+        | E::Redirect { .. }
         | E::InvalidResponse { .. } => (StatusCode::BAD_GATEWAY, body("M_UNKNOWN", message)),
         E::Storage(_) | E::Invalid(_) => {
             tracing::error!(error = %message, "internal federation error");
@@ -195,6 +198,9 @@ mod tests {
             (FederationError::InvalidServerName("x y".into()), 400, "M_INVALID_PARAM"),
             (FederationError::Transport { server: "a".into(), detail: "refused".into() }, 502, "M_UNKNOWN"),
             (FederationError::Invalid("bug".into()), 500, "M_UNKNOWN"),
+            (FederationError::AddressDenied("10.0.0.1".into()), 403, "M_FORBIDDEN"),
+            (FederationError::TimedOut("slow.example".into()), 504, "M_UNKNOWN"),
+            (FederationError::InvalidUrl("ftp://x".into()), 400, "M_INVALID_PARAM"),
         ];
         for (error, status, errcode) in federation {
             let (got_status, body) = ApiError::Federation(error).status_and_body();

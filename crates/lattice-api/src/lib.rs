@@ -65,6 +65,7 @@ pub struct ApiConfig {
     pub federation_concurrent_per_origin: usize,
     /// Server-server requests of one origin that may wait; more get `429`.
     pub federation_queued_per_origin: usize,
+    pub url_preview_per_user: Option<RateLimit>,
 }
 
 #[derive(Clone)]
@@ -97,6 +98,7 @@ impl AppState {
             to_device_per_user: KeyedLimiter::new(config.to_device_per_user),
             federation_per_origin: KeyedLimiter::new(config.federation_per_origin),
             key_query_per_ip: KeyedLimiter::new(config.key_query_per_ip),
+            url_preview_per_user: KeyedLimiter::new(config.url_preview_per_user),
         };
         let origin_gate = OriginGate::new(config.federation_concurrent_per_origin, config.federation_queued_per_origin);
         let failed_auth_gate = FailedAuthGate::new(config.federation_failed_auth_per_ip);

@@ -68,6 +68,7 @@ pub struct RateLimits {
     /// The unauthenticated notary API (`/_matrix/key/v2/query`), which fetches other servers'
     /// keys on a miss.
     pub key_query_per_ip: KeyedLimiter,
+    pub url_preview_per_user: KeyedLimiter,
 }
 
 impl RateLimits {

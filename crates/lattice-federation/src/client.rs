@@ -16,12 +16,14 @@ use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Method};
 use ruma::ServerName;
 
+use crate::address_policy::AddressPolicy;
 use crate::backoff::Backoff;
 use crate::bounded::BoundedMap;
 use crate::clock::Clock;
 use crate::discovery::{Discovery, NameResolver, WELL_KNOWN_MAX_BYTES, WellKnownFetcher, WellKnownResponse};
 use crate::error::{FederationError, Result};
 use crate::own_keys::OwnKeys;
+use crate::web_fetch::{WebFetcher, WebLimits};
 
 /// How peers' certificates are checked.
 #[derive(Clone, Debug, Default)]
@@ -105,23 +107,21 @@ fn tls_builder(mut builder: reqwest::ClientBuilder, tls: &TlsSettings) -> Result
     Ok(builder)
 }
 
-/// Fetches `.well-known/matrix/server` over HTTPS with ordinary DNS, following up to five
-/// redirects, reading at most [`WELL_KNOWN_MAX_BYTES`].
+/// Fetches `.well-known/matrix/server` over HTTPS with ordinary DNS under the address policy,
+/// following up to five redirects (each checked), reading at most [`WELL_KNOWN_MAX_BYTES`].
 pub struct HttpWellKnown {
-    http: reqwest::Client,
+    web: WebFetcher,
 }
 
 impl HttpWellKnown {
-    pub fn new(tls: &TlsSettings, limits: &ClientLimits) -> Result<Self> {
-        let builder = reqwest::Client::builder()
-            .connect_timeout(limits.connect_timeout)
-            .timeout(limits.request_timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .user_agent(concat!("Lattice/", env!("CARGO_PKG_VERSION")));
-        let http = tls_builder(builder, tls)?
-            .build()
-            .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
-        Ok(Self { http })
+    pub fn new(tls: &TlsSettings, limits: &ClientLimits, policy: Arc<AddressPolicy>) -> Result<Self> {
+        let web_limits = WebLimits {
+            connect_timeout: limits.connect_timeout,
+            request_timeout: limits.request_timeout,
+            max_redirects: 5,
+            https_only: true,
+        };
+        Ok(Self { web: WebFetcher::new(policy, web_limits, tls)? })
     }
 }
 
@@ -129,8 +129,12 @@ impl HttpWellKnown {
 impl WellKnownFetcher for HttpWellKnown {
     async fn fetch(&self, hostname: &str) -> WellKnownResponse {
         let failed = |error: String| WellKnownResponse { status: Err(error), body: Vec::new(), cache_control: None };
-        let response = match self.http.get(format!("https://{hostname}/.well-known/matrix/server")).send().await {
-            Ok(response) => response,
+        let url = format!("https://{hostname}/.well-known/matrix/server");
+        let response = match self.web.get(&url, "application/json").await {
+            Ok(found) => found.response,
+            Err(FederationError::Status { status, .. }) => {
+                return WellKnownResponse { status: Ok(status), body: Vec::new(), cache_control: None };
+            }
             Err(error) => return failed(error.to_string()),
         };
         let status = response.status().as_u16();
@@ -168,6 +172,9 @@ pub struct ClientSettings {
     pub dns: bool,
     /// Servers never talked to (`[federation] deny_servers`).
     pub deny: crate::DenyList,
+    /// The addresses other servers' names may lead to (`[federation] ip_range_deny` and
+    /// `ip_range_allow`); `resolve_overrides` are not checked against it.
+    pub address_policy: Arc<AddressPolicy>,
 }
 
 /// The `.well-known` step without DNS: always "no delegation".
@@ -188,6 +195,8 @@ pub struct FederationClient {
     backoff: Backoff,
     clock: Arc<dyn Clock>,
     deny: crate::DenyList,
+    /// Plain HTTP(S) fetches under the same address policy (remote media `Location`s).
+    web: WebFetcher,
 }
 
 impl FederationClient {
@@ -198,12 +207,14 @@ impl FederationClient {
         resolver: Arc<dyn NameResolver>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
+        let policy = settings.address_policy.clone();
         let well_known: Arc<dyn WellKnownFetcher> = if settings.dns {
-            Arc::new(HttpWellKnown::new(&settings.tls, &settings.limits)?)
+            Arc::new(HttpWellKnown::new(&settings.tls, &settings.limits, policy.clone())?)
         } else {
             Arc::new(NoWellKnown)
         };
-        let discovery = Discovery::new(settings.resolve_overrides, resolver, well_known, clock.clone());
+        let discovery = Discovery::new(settings.resolve_overrides, policy.clone(), resolver, well_known, clock.clone());
+        let web = WebFetcher::new(policy, WebLimits::default(), &settings.tls)?;
         let pins = PinnedNames { pins: Arc::new(Mutex::new(BoundedMap::new(MAX_PINNED_NAMES))) };
         let builder = reqwest::Client::builder()
             .dns_resolver(Arc::new(pins.clone()))
@@ -217,7 +228,13 @@ impl FederationClient {
         let http = tls_builder(builder, &settings.tls)?
             .build()
             .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
-        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock, deny: settings.deny })
+        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock, deny: settings.deny, web })
+    }
+
+    /// Fetches of URLs another server named (a media `Location`), under the federation's
+    /// address policy.
+    pub fn web_fetcher(&self) -> &WebFetcher {
+        &self.web
     }
 
     /// Whether the operator denied `server` (no request to it, none from it is answered).
@@ -255,7 +272,9 @@ impl FederationClient {
         let outcome = self.send(destination, method, path_and_query, body, auth, max_response_bytes).await;
         match &outcome {
             Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => self.backoff.succeeded(server),
-            Err(FederationError::InvalidServerName(_) | FederationError::Invalid(_)) => {}
+            Err(
+                FederationError::InvalidServerName(_) | FederationError::Invalid(_) | FederationError::AddressDenied(_),
+            ) => {}
             Err(error) => {
                 tracing::debug!(destination = server, %error, "federation request failed; backing off");
                 self.backoff.failed(server, self.clock.now_ms());
@@ -274,13 +293,20 @@ impl FederationClient {
         auth: Auth,
     ) -> Result<reqwest::Response> {
         let server = destination.as_str();
+        if self.denies(destination) {
+            return Err(FederationError::Denied(server.to_owned()));
+        }
         if let Err(retry_in_ms) = self.backoff.check(server, self.clock.now_ms()) {
             return Err(FederationError::BackingOff { server: server.to_owned(), retry_in_ms });
         }
         let outcome = self.send_streaming(destination, path_and_query, auth).await;
         match &outcome {
-            Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => self.backoff.succeeded(server),
-            Err(FederationError::InvalidServerName(_) | FederationError::Invalid(_)) => {}
+            Ok(_) | Err(FederationError::Status { status: 400..=499, .. } | FederationError::Redirect { .. }) => {
+                self.backoff.succeeded(server)
+            }
+            Err(
+                FederationError::InvalidServerName(_) | FederationError::Invalid(_) | FederationError::AddressDenied(_),
+            ) => {}
             Err(error) => {
                 tracing::debug!(destination = server, %error, "federation request failed; backing off");
                 self.backoff.failed(server, self.clock.now_ms());
@@ -324,6 +350,11 @@ impl FederationClient {
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(response);
+        }
+        if matches!(status, 307 | 308)
+            && let Some(location) = response.headers().get(http::header::LOCATION).and_then(|v| v.to_str().ok())
+        {
+            return Err(FederationError::Redirect { server: server.to_owned(), location: location.to_owned() });
         }
         let bytes = read_limited(response, 4096).await.unwrap_or_default();
         let mut text = String::from_utf8_lossy(&bytes).into_owned();
@@ -394,7 +425,7 @@ impl FederationClient {
 
 /// An error with its causes, so a TLS failure says why (reqwest's top line only says
 /// "error sending request").
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

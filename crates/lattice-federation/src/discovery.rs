@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use ruma::ServerName;
 
+use crate::address_policy::AddressPolicy;
 use crate::bounded::BoundedMap;
 use crate::clock::Clock;
 use crate::error::{FederationError, Result};
@@ -285,9 +286,11 @@ struct CachedWellKnown {
     consecutive_failures: u32,
 }
 
-/// Runs discovery, with the `.well-known` cache and the static overrides.
+/// Runs discovery, with the `.well-known` cache, the static overrides and the outbound address
+/// policy.
 pub struct Discovery {
     overrides: HashMap<String, SocketAddr>,
+    policy: Arc<AddressPolicy>,
     resolver: Arc<dyn NameResolver>,
     well_known: Arc<dyn WellKnownFetcher>,
     cache: Mutex<BoundedMap<String, CachedWellKnown>>,
@@ -297,14 +300,24 @@ pub struct Discovery {
 impl Discovery {
     /// `overrides` pins server names (exactly as written, port included if any) to addresses:
     /// no DNS and no `.well-known` for them; `Host` and the certificate name stay the server
-    /// name's host.
+    /// name's host. Every other address discovery finds — an IP-literal server name or
+    /// delegation, DNS answers — must be permitted by `policy`; the pins are the operator's
+    /// own word and are not checked.
     pub fn new(
         overrides: HashMap<String, SocketAddr>,
+        policy: Arc<AddressPolicy>,
         resolver: Arc<dyn NameResolver>,
         well_known: Arc<dyn WellKnownFetcher>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { overrides, resolver, well_known, cache: Mutex::new(BoundedMap::new(WELL_KNOWN_CACHE_ENTRIES)), clock }
+        Self {
+            overrides,
+            policy,
+            resolver,
+            well_known,
+            cache: Mutex::new(BoundedMap::new(WELL_KNOWN_CACHE_ENTRIES)),
+            clock,
+        }
     }
 
     /// The endpoint and addresses of `server_name`.
@@ -345,7 +358,17 @@ impl Discovery {
         if ips.is_empty() {
             return Err(FederationError::Resolve { server: server_name.to_owned(), detail: "no addresses".into() });
         }
-        Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, endpoint.port)).collect())
+        let permitted: Vec<SocketAddr> =
+            ips.iter().filter(|ip| self.policy.permits(**ip)).map(|ip| SocketAddr::new(*ip, endpoint.port)).collect();
+        if permitted.is_empty() {
+            tracing::info!(
+                server = server_name,
+                ?ips,
+                "not contacted: every address is denied by federation.ip_range_deny"
+            );
+            return Err(FederationError::AddressDenied(server_name.to_owned()));
+        }
+        Ok(permitted)
     }
 
     /// Steps 3.3–3.5 / 4–6: the first SRV target that has addresses, else the name on 8448.
@@ -661,7 +684,10 @@ mod tests {
         });
         let clock = Arc::new(FakeClock(AtomicU64::new(1_000_000)));
         let overrides = HashMap::from([("pinned.test".to_owned(), "127.0.0.2:8448".parse().unwrap())]);
-        let discovery = Discovery::new(overrides, Arc::new(dns), well_known.clone(), clock.clone());
+        // The fake network lives in private ranges: allowed here; the policy has its own test.
+        let policy =
+            AddressPolicy::from_config(&[], &["10.0.0.0/8".into(), "127.0.0.0/8".into(), "::/96".into()]).unwrap();
+        let discovery = Discovery::new(overrides, Arc::new(policy), Arc::new(dns), well_known.clone(), clock.clone());
         (discovery, well_known, clock)
     }
 
@@ -734,5 +760,47 @@ mod tests {
         clock.0.fetch_add(5 * 60 * 1000 + 1, Ordering::SeqCst);
         discovery.resolve("nothing.example").await.unwrap();
         assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn denied_addresses_are_never_returned_but_operator_pins_are_trusted() {
+        let dns = FakeDns {
+            srv: HashMap::new(),
+            ips: HashMap::from([
+                ("internal.example".to_owned(), vec!["10.1.2.3".parse().unwrap(), "::ffff:127.0.0.1".parse().unwrap()]),
+                ("mixed.example".to_owned(), vec!["192.168.0.9".parse().unwrap(), "93.184.216.34".parse().unwrap()]),
+            ]),
+        };
+        let well_known = Arc::new(FakeWellKnown {
+            answers: HashMap::from([
+                ("delegates-inside.example".to_owned(), delegation("internal.example", None)),
+                ("delegates-to-ip.example".to_owned(), delegation("169.254.169.254:443", None)),
+            ]),
+            fetches: AtomicUsize::new(0),
+        });
+        let clock = Arc::new(FakeClock(AtomicU64::new(1_000_000)));
+        let overrides = HashMap::from([("pinned.test".to_owned(), "127.0.0.2:8448".parse().unwrap())]);
+        let discovery = Discovery::new(overrides, Arc::new(AddressPolicy::default()), Arc::new(dns), well_known, clock);
+        for name in [
+            "internal.example",
+            "delegates-inside.example",
+            "delegates-to-ip.example",
+            "127.0.0.1:8448",
+            "[::1]:8448",
+            "10.0.0.1",
+        ] {
+            assert!(
+                matches!(discovery.resolve(name).await, Err(FederationError::AddressDenied(_))),
+                "{name} must not resolve to a denied address"
+            );
+        }
+        let mixed = discovery.resolve("mixed.example").await.unwrap();
+        assert_eq!(mixed.addrs, vec!["93.184.216.34:8448".parse::<SocketAddr>().unwrap()], "only the public address");
+        let pinned = discovery.resolve("pinned.test").await.unwrap();
+        assert_eq!(
+            pinned.addrs,
+            vec!["127.0.0.2:8448".parse::<SocketAddr>().unwrap()],
+            "the operator's pin is trusted"
+        );
     }
 }

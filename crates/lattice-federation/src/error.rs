@@ -29,6 +29,19 @@ pub enum FederationError {
     /// The server is on this server's deny-list (`[federation] deny_servers`).
     #[error("{0} is denied by this server's federation.deny_servers")]
     Denied(String),
+    /// The outbound address policy refuses every address of this host (or this IP literal).
+    #[error("{0}: IP address blocked by this server's outbound address policy")]
+    AddressDenied(String),
+    /// A streamed request was answered with a redirect (307/308) to another location, which
+    /// the caller may fetch as a plain URL (a media server's CDN).
+    #[error("{server} redirected to {location}")]
+    Redirect { server: String, location: String },
+    /// A fetch of a URL took longer than allowed.
+    #[error("fetching from {0} timed out")]
+    TimedOut(String),
+    /// A URL given to fetch is not an absolute http(s) URL with a host.
+    #[error("{0}")]
+    InvalidUrl(String),
     /// An argument this server controls was out of range (a bug or a misconfiguration).
     #[error("{0}")]
     Invalid(String),

@@ -4,6 +4,7 @@
 //! keys fetched, checked, cached and served as a notary ([`key_cache`]). Inbound requests are
 //! authenticated with [`authenticate_request`]; the HTTP routes live in `lattice-api`.
 
+pub mod address_policy;
 pub mod backoff;
 mod bounded;
 pub mod client;
@@ -14,11 +15,13 @@ mod error;
 pub mod key_cache;
 pub mod own_keys;
 pub mod sender;
+pub mod web_fetch;
 pub mod x_matrix;
 
 use http::{HeaderMap, Method};
 use ruma::OwnedServerName;
 
+pub use address_policy::AddressPolicy;
 pub use client::{Auth, ClientLimits, ClientSettings, FederationClient, TlsSettings};
 pub use clock::{Clock, SystemClock};
 pub use deny::DenyList;
@@ -27,6 +30,7 @@ pub use error::{FederationError, Result};
 pub use key_cache::{KeyCache, StoredKey};
 pub use own_keys::{OldVerifyKey, OwnKeys};
 pub use sender::Sender;
+pub use web_fetch::{WebFetcher, WebLimits, WebResponse};
 
 /// Checks an inbound request's `X-Matrix` authorization and returns the origin server: the
 /// credentials must parse, name this server as destination (when they name one), use a key of

@@ -47,7 +47,7 @@ pub use e2ee::E2ee;
 pub use error::ServiceError;
 pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
-pub use media::{Media, MediaConfig, MediaFile};
+pub use media::{Media, MediaConfig, MediaFile, UrlPreviewConfig};
 pub use notifier::SyncWaiters;
 pub use push::Push;
 pub use reports::{Report, Reports};

@@ -4,7 +4,8 @@
 //! `/thumbnail` (only media from before the configured cutoff), `/config`, and the federation
 //! endpoints (`multipart/mixed`). Bodies stream both ways: an upload is written to disk as it
 //! arrives and stops at the size limit; a download is read from disk as it is sent.
-//! `/preview_url` is not built (`404 M_UNRECOGNIZED`).
+//! URL previews (`/_matrix/client/v1/media/preview_url` and the legacy
+//! `/_matrix/media/v3/preview_url`, both with an access token) when `[media.url_preview]` is on.
 
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ pub fn routes() -> Routes {
         .route("/_matrix/media/v3/download/{server_name}/{media_id}", get(legacy_download))
         .route("/_matrix/media/v3/download/{server_name}/{media_id}/{file_name}", get(legacy_download_named))
         .route("/_matrix/media/v3/thumbnail/{server_name}/{media_id}", get(legacy_thumbnail))
+        .route("/_matrix/client/v1/media/preview_url", get(preview_url))
+        // Always authenticated, as `/config`: unlike downloads, nothing here was frozen.
+        .route("/_matrix/media/v3/preview_url", get(preview_url))
         .merge(federation_routes())
 }
 
@@ -144,6 +148,31 @@ async fn upload_reserved(
 
 async fn config(State(state): State<AppState>, Auth(_): Auth) -> Json<Value> {
     Json(json!({ "m.upload.size": state.service.media().config().max_upload_bytes }))
+}
+
+#[derive(Deserialize)]
+struct PreviewQuery {
+    url: Option<String>,
+    /// The spec's preferred point in time: any cached preview (at most `cache_ttl` old) is
+    /// answered whatever it says, which the spec allows ("may return a newer version").
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+async fn preview_url(
+    State(state): State<AppState>,
+    Auth(session): Auth,
+    QueryParams(query): QueryParams<PreviewQuery>,
+) -> ApiResult<Json<Value>> {
+    let media = state.service.media();
+    if !media.url_previews_enabled() {
+        // The server offers no previews: answered as an endpoint it does not serve.
+        return Err(ApiError::UnknownEndpoint);
+    }
+    let url = query.url.ok_or_else(|| ServiceError::MissingParam("the url parameter is required".into()))?;
+    state.limits.url_preview_per_user.check(session.user_id.as_str())?;
+    tracing::debug!(%url, ts = ?query.ts, "URL preview");
+    Ok(Json(Value::Object(media.preview_url(&url).await?)))
 }
 
 fn parse_server_name(name: &str) -> ApiResult<OwnedServerName> {

@@ -9,7 +9,8 @@
 //! - `media_thumbnails`: `server \0 media ID \0 WxH-method` → [`ThumbnailRecord`];
 //! - `media_blob_refs`: `hash \0 row` for every row naming a blob, so a blob is removed only
 //!   when nothing names it;
-//! - `media_usage`: user → [`UsageRecord`] (bytes uploaded, reserved async IDs).
+//! - `media_usage`: user → [`UsageRecord`] (bytes uploaded, reserved async IDs);
+//! - `media_previews`: URL → a cached URL preview and its fetch time ([`preview`]).
 //!
 //! A blob is committed (fsync, rename, directory fsync) before the batch naming it is written,
 //! so a crash leaves at worst an unnamed blob, never a row naming missing bytes. Commits and
@@ -17,6 +18,7 @@
 //! upload of the same bytes is about to name.
 
 pub mod multipart;
+pub mod preview;
 mod remote;
 pub mod serving;
 pub mod store;
@@ -34,6 +36,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+pub use preview::UrlPreviewConfig;
 pub use serving::ThumbnailMethod;
 pub use store::{BlobWriter, ContentHash, FsMediaStore, MediaStore};
 
@@ -41,7 +44,14 @@ use crate::{Clock, ServiceError};
 
 pub const TABLES: TableScope = TableScope {
     owner: "media",
-    tables: &[Table::Media, Table::MediaRemote, Table::MediaThumbnails, Table::MediaBlobRefs, Table::MediaUsage],
+    tables: &[
+        Table::Media,
+        Table::MediaRemote,
+        Table::MediaThumbnails,
+        Table::MediaBlobRefs,
+        Table::MediaUsage,
+        Table::MediaPreviews,
+    ],
 };
 
 const LEGACY_CUTOFF_KEY: &[u8] = b"\0legacy_cutoff";
@@ -65,6 +75,8 @@ pub struct MediaConfig {
     pub unused_expiry_ms: u64,
     /// How many such IDs a user may hold at once.
     pub max_pending_uploads: usize,
+    /// URL previews; `None`: off.
+    pub url_preview: Option<UrlPreviewConfig>,
 }
 
 impl Default for MediaConfig {
@@ -76,6 +88,7 @@ impl Default for MediaConfig {
             legacy_cutoff_ms: None,
             unused_expiry_ms: 24 * 3600 * 1000,
             max_pending_uploads: 50,
+            url_preview: None,
         }
     }
 }
@@ -204,6 +217,8 @@ pub struct Media {
     /// Serialises blob commits with blob deletions (see the module docs).
     blob_lock: tokio::sync::Mutex<()>,
     legacy_cutoff: tokio::sync::OnceCell<u64>,
+    /// Built on the first preview.
+    preview_fetcher: tokio::sync::OnceCell<lattice_federation::WebFetcher>,
 }
 
 impl Media {
@@ -221,6 +236,7 @@ impl Media {
             store: tokio::sync::OnceCell::new(),
             blob_lock: tokio::sync::Mutex::new(()),
             legacy_cutoff: tokio::sync::OnceCell::new(),
+            preview_fetcher: tokio::sync::OnceCell::new(),
         }
     }
 

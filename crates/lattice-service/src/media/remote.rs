@@ -1,9 +1,11 @@
 //! Media of other servers: fetched over federation on first request (the authenticated
 //! `/_matrix/federation/v1/media/download`, falling back to the legacy
 //! `/_matrix/media/v3/download` for servers without it), streamed into the blob store, bounded
-//! by `max_upload_bytes`, and cached (`media_remote`). A `Location` answer (media on a CDN) is
-//! not followed: fetching an arbitrary URL needs the address filter URL previews would bring,
-//! so it is refused rather than risking requests into the operator's network.
+//! by `max_upload_bytes`, and cached (`media_remote`). A `Location` answer (media on a CDN: a
+//! `Location` part of the `multipart/mixed` answer, or a 307/308 redirect) is followed as a
+//! plain URL through the federation client's [`WebFetcher`](lattice_federation::WebFetcher),
+//! under the federation's outbound address policy, so another server cannot make this one
+//! request addresses inside the operator's network.
 
 use std::time::Duration;
 
@@ -56,6 +58,9 @@ impl Service {
         let path = format!("/_matrix/federation/v1/media/download/{media_id}");
         let response = match client.get_streaming(server, &path, Auth::Signed).await {
             Ok(response) => response,
+            Err(FederationError::Redirect { location, .. }) => {
+                return self.cache_from_location(&client, server, media_id, &location, None).await;
+            }
             Err(FederationError::Status { status: 400 | 404 | 405, body, .. }) if body.contains("M_UNRECOGNIZED") => {
                 tracing::debug!(%server, "no federation media endpoint; trying the legacy one");
                 let legacy =
@@ -75,6 +80,7 @@ impl Service {
         mut response: reqwest::Response,
     ) -> Result<(), ServiceError> {
         let remote = |detail: String| ServiceError::Remote(format!("{server} answered media badly: {detail}"));
+        let client = self.federation.client();
         let content_type = header(&response, "content-type").unwrap_or_default();
         let boundary = multipart::boundary_of(&content_type).ok_or_else(|| remote("not multipart/mixed".into()))?;
         let mut reader = MultipartReader::new(&boundary);
@@ -91,14 +97,54 @@ impl Service {
             }
         }
         let headers = headers.ok_or_else(|| remote("the answer ended in its head".into()))?;
-        if headers.location.is_some() {
-            return Err(remote("a redirect to another location, which this server does not follow".into()));
-        }
         reader.finish().map_err(remote)?;
+        if let Some(location) = headers.location {
+            drop(upload);
+            let client = client.ok_or_else(|| ServiceError::Internal("federation is off".into()))?;
+            return self.cache_from_location(&client, server, media_id, &location, headers.content_type).await;
+        }
         let filename = headers.content_disposition.as_deref().and_then(multipart::disposition_filename);
         self.media
             .finish_upload(upload, None, headers.content_type, filename, UploadTarget::Remote(server, media_id))
             .await?;
+        Ok(())
+    }
+
+    /// Fetches another server's media from the URL it pointed at, under the federation's
+    /// address policy, and caches it as that server's media.
+    async fn cache_from_location(
+        &self,
+        client: &lattice_federation::FederationClient,
+        server: &ServerName,
+        media_id: &str,
+        location: &str,
+        part_content_type: Option<String>,
+    ) -> Result<(), ServiceError> {
+        let found = match client.web_fetcher().get(location, "*/*").await {
+            Ok(found) => found,
+            Err(FederationError::AddressDenied(host)) => {
+                return Err(ServiceError::Remote(format!(
+                    "{server} pointed its media at {host}, an address this server does not connect to"
+                )));
+            }
+            Err(FederationError::InvalidUrl(detail)) => {
+                return Err(ServiceError::Remote(format!("{server} pointed its media at an unusable URL: {detail}")));
+            }
+            Err(error) => return Err(not_found_on_4xx(error)),
+        };
+        tracing::debug!(%server, %media_id, url = %found.url, "following a media Location");
+        let mut response = found.response;
+        let content_type = part_content_type.or_else(|| header(&response, "content-type"));
+        let filename = header(&response, "content-disposition").as_deref().and_then(multipart::disposition_filename);
+        let mut upload = self.media.begin_upload(None).await?;
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ServiceError::Remote(format!("{server}'s media location answered badly: {e}")))?
+        {
+            upload.write(&chunk).await.map_err(too_large_remote)?;
+        }
+        self.media.finish_upload(upload, None, content_type, filename, UploadTarget::Remote(server, media_id)).await?;
         Ok(())
     }
 
