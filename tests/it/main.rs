@@ -22,6 +22,7 @@ mod migration;
 mod no_panic;
 mod operations;
 mod power_loss;
+mod presence;
 mod process;
 mod push;
 mod relations;

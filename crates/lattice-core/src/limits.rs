@@ -111,3 +111,9 @@ mod tests {
         assert!(check_state_key(&"k".repeat(MAX_STATE_KEY_BYTES + 1)).is_err());
     }
 }
+
+/// A presence status message (`status_msg`), from a client or another server.
+pub const MAX_STATUS_MSG_BYTES: usize = 1_024;
+/// Presence updates one `m.presence` EDU carries (`push`); this server sends at most this
+/// many per EDU and reads no more from one.
+pub const MAX_PRESENCE_PUSHES: usize = 100;

@@ -83,4 +83,5 @@ tables! {
     MediaThumbnails => "media_thumbnails",
     MediaBlobRefs => "media_blob_refs",
     MediaUsage => "media_usage",
+    Presence => "presence",
 }
