@@ -17,6 +17,10 @@ fn presence_of<'a>(sync: &'a Value, user: &str) -> Vec<&'a Value> {
     events.iter().filter(|event| event["sender"] == user && event["type"] == "m.presence").collect()
 }
 
+/// An offline timeout no test reaches, so users who set their presence and do not sync stay as
+/// they set it however slowly the test runs (the timeouts themselves are unit-tested).
+const LONG: &str = "1h";
+
 fn status_path(user: &str) -> String {
     format!("/_matrix/client/v3/presence/{user}/status")
 }
@@ -34,7 +38,7 @@ async fn alice_bob_and_carol(server: &TestServer) -> (String, String, String, St
 
 #[tokio::test]
 async fn presence_is_shared_with_room_mates_only_and_set_only_by_its_user() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|config| config.presence.offline_timeout = LONG.into()).await;
     let (alice, bob, carol, _room) = alice_bob_and_carol(&server).await;
     let (alice_id, bob_id) = (server.user_id("alice"), server.user_id("bob"));
     let http = &server.http;
@@ -128,7 +132,7 @@ fn urlencode(text: &str) -> String {
 
 #[tokio::test]
 async fn a_change_wakes_the_long_poll_of_a_room_mate_but_not_of_a_stranger() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|config| config.presence.offline_timeout = LONG.into()).await;
     let (alice, bob, carol, _room) = alice_bob_and_carol(&server).await;
     let alice_id = server.user_id("alice");
     let next_batch = |sync: &Value| sync["next_batch"].as_str().unwrap().to_owned();
@@ -166,7 +170,8 @@ async fn a_change_wakes_the_long_poll_of_a_room_mate_but_not_of_a_stranger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_message_and_state_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let config = test_config(dir.path(), "hs1.localhost");
+    let mut config = test_config(dir.path(), "hs1.localhost");
+    config.presence.offline_timeout = LONG.into();
     let running = lattice::start(config.clone()).await.unwrap();
     let http = Http::new(format!("http://{}", running.address));
     let token = running.first_registration_token.clone().unwrap();
@@ -236,8 +241,8 @@ async fn presence_until(http: &Http, token: &str, user: &str, found: impl Fn(&Va
 #[tokio::test]
 async fn presence_crosses_to_room_mates_on_another_server_and_forged_updates_are_dropped() {
     let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
-    let mut lat1 = net.start("lat1.test").await;
-    let mut lat2 = net.start("lat2.test").await;
+    let mut lat1 = net.start_with("lat1.test", |config| config.presence.offline_timeout = LONG.into()).await;
+    let mut lat2 = net.start_with("lat2.test", |config| config.presence.offline_timeout = LONG.into()).await;
     let mut lat3 = net.start("lat3.test").await;
     let (alice, bob, _room) = shared_room(&net, &lat1, &lat2).await;
     let (alice_id, bob_id) = ("@alice:lat1.test", "@bob:lat2.test");
@@ -251,6 +256,9 @@ async fn presence_crosses_to_room_mates_on_another_server_and_forged_updates_are
     let (status, got) = lat2.http.get(&status_path(alice_id), Some(&bob)).await;
     assert_eq!((status.as_u16(), &got["status_msg"]), (200, &json!("from lat1")), "{got}");
 
+    // bob synced on lat2, so lat2 told lat1 he is online; wait for that, so no later update of
+    // lat2's own overtakes the ones below.
+    presence_until(&lat1.http, &alice, bob_id, |content| content["presence"] == "online").await;
     // An update signed by lat2 for its own user who shares the room is taken (the control)...
     let edu = |txn: &str, origin: &str, user: &str, status_msg: &str| {
         let push = json!({ "user_id": user, "presence": "online", "last_active_ago": 10, "status_msg": status_msg });
@@ -299,7 +307,7 @@ async fn matrix_sdk_sets_presence_and_a_room_mate_reads_it() {
     use matrix_sdk::ruma::api::client::presence::{get_presence, set_presence};
     use matrix_sdk::ruma::presence::PresenceState;
 
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|config| config.presence.offline_timeout = LONG.into()).await;
     let (_alice, _bob, _carol, _room) = alice_bob_and_carol(&server).await;
     let login = |name: &'static str| {
         let base = server.base_url().to_owned();

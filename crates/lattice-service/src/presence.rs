@@ -277,7 +277,11 @@ impl Presence {
             return Err(ServiceError::Forbidden("presence is disabled on this server".into()));
         }
         check_status_msg(status_msg.as_deref())?;
+        self.ensure_loaded().await?;
         let now = self.clock.now_ms();
+        // Setting one's presence is being here: the offline timeout counts from it as from a
+        // sync, so a client that sets its presence and never syncs goes offline after it.
+        self.lock().users.entry(user.to_owned()).or_default().last_seen_ts = now;
         self.change_local(user, |current| current.set_by_user(state, status_msg, now)).await
     }
 
