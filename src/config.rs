@@ -29,6 +29,7 @@ pub struct Config {
     pub calls: CallsConfig,
     pub federation: FederationConfig,
     pub media: MediaSection,
+    pub presence: PresenceSection,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
     #[serde(skip)]
@@ -358,6 +359,47 @@ impl CallsConfig {
     }
 }
 
+/// `[presence]`: whether users' presence is tracked and shared, and when time moves it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSection {
+    /// Off: presence is not tracked; `/sync` carries none, `GET /presence` answers `offline`,
+    /// `PUT /presence` is refused with `403`, and presence EDUs are neither sent nor accepted.
+    pub enabled: bool,
+    /// An online user inactive this long shows as `unavailable`: `"5m"`, `"90s"`, …
+    pub idle_timeout: String,
+    /// A user with no `/sync` running and none for this long goes `offline`.
+    pub offline_timeout: String,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        Self { enabled: true, idle_timeout: "5m".to_owned(), offline_timeout: "30s".to_owned() }
+    }
+}
+
+impl PresenceSection {
+    /// The presence configuration the service takes. Checked at load.
+    pub fn service_config(&self) -> anyhow::Result<lattice_service::PresenceConfig> {
+        let read = |key: &str, text: &str, range: std::ops::RangeInclusive<u64>| -> anyhow::Result<u64> {
+            let ms = parse_duration_ms(text)
+                .with_context(|| format!("invalid configuration at key `presence.{key}`: {text:?}"))?;
+            if !range.contains(&ms) {
+                bail!(
+                    "invalid configuration at key `presence.{key}`: must be {}s to {}s",
+                    range.start() / 1000,
+                    range.end() / 1000
+                );
+            }
+            Ok(ms)
+        };
+        let mut config = lattice_service::PresenceConfig { enabled: self.enabled, ..Default::default() };
+        config.timeouts.idle_ms = read("idle_timeout", &self.idle_timeout, 1_000..=24 * 3600 * 1000)?;
+        config.timeouts.offline_ms = read("offline_timeout", &self.offline_timeout, 1_000..=3600 * 1000)?;
+        Ok(config)
+    }
+}
+
 /// `[user_directory]`: whom `POST /user_directory/search` finds.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -549,6 +591,7 @@ impl Default for Config {
             calls: CallsConfig::default(),
             federation: FederationConfig::default(),
             media: MediaSection::default(),
+            presence: PresenceSection::default(),
             ignored_environment: Vec::new(),
         }
     }
@@ -702,6 +745,7 @@ impl Config {
         self.rooms.redaction_retention_ms()?;
         self.federation.validate()?;
         self.media.service_config(&self.data_dir)?;
+        self.presence.service_config()?;
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"

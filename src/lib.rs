@@ -99,6 +99,7 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         user_directory_search_all_users: config.user_directory.search_all_users,
         turn: config.calls.turn()?,
         media: config.media.service_config(&config.data_dir)?,
+        presence: config.presence.service_config()?,
     };
     let signing_key = Arc::new(key.key_pair);
     let service =
@@ -243,6 +244,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::spawn(async move { service.federation().forward_forever().await })
     };
     let push_deliverer = tokio::spawn(deliver_pushes(service.clone()));
+    let presence_task = {
+        let service = service.clone();
+        tokio::spawn(async move { service.run_presence().await })
+    };
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -278,7 +283,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        for background in [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder, push_deliverer] {
+        for background in
+            [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder, push_deliverer, presence_task]
+        {
             background.abort();
             let _ = background.await;
         }

@@ -8,7 +8,14 @@ use crate::support::{TestServer, assert_error};
 /// (method, path, authenticated, body, status, errcode)
 const CASES: &[(&str, &str, bool, &str, u16, &str)] = &[
     ("GET", "/_matrix/client/v3/no/such/endpoint", false, "", 404, "M_UNRECOGNIZED"),
-    ("GET", "/_matrix/client/v3/presence/@taken:hs1.localhost/status", true, "", 404, "M_UNRECOGNIZED"),
+    (
+        "PUT",
+        "/_matrix/client/v3/presence/@taken:hs1.localhost/status",
+        true,
+        "{\"presence\": \"busy\"}",
+        400,
+        "M_INVALID_PARAM",
+    ),
     ("DELETE", "/_matrix/client/v3/login", false, "", 405, "M_UNRECOGNIZED"),
     ("PUT", "/_matrix/client/v3/account/whoami", true, "{}", 405, "M_UNRECOGNIZED"),
     ("POST", "/_matrix/client/v3/login", false, "this is not json", 400, "M_NOT_JSON"),

@@ -25,6 +25,7 @@ mod no_panic;
 mod operations;
 mod outbound_policy;
 mod power_loss;
+mod presence;
 mod process;
 mod push;
 mod relations;

@@ -2,7 +2,8 @@
 //!
 //! `limits` bounds every input; `user_id` holds the rules for new accounts; `room_version`,
 //! `pdu`, `event`, `auth` and `state_resolution` check, sign, authorise and resolve events;
-//! `power` reads power levels the way the auth rules do; `visibility` decides who may see which
+//! `power` reads power levels the way the auth rules do; `presence` moves users between online,
+//! idle and offline; `visibility` decides who may see which
 //! event of a room's history.
 
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod event;
 pub mod limits;
 pub mod pdu;
 pub mod power;
+pub mod presence;
 pub mod room_builder;
 pub mod room_version;
 pub mod state_resolution;

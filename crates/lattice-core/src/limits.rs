@@ -93,6 +93,12 @@ pub const MAX_BACKUP_KEYS_PER_VERSION: usize = 1_000_000;
 /// Bytes of one backed-up session key or a backup's `auth_data`.
 pub const MAX_BACKUP_OBJECT_BYTES: usize = 16_384;
 
+/// A presence status message (`status_msg`), from a client or another server.
+pub const MAX_STATUS_MSG_BYTES: usize = 1_024;
+/// Presence updates one `m.presence` EDU carries (`push`); this server sends at most this
+/// many per EDU and reads no more from one.
+pub const MAX_PRESENCE_PUSHES: usize = 100;
+
 #[cfg(test)]
 mod tests {
     use super::*;

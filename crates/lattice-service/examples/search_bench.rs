@@ -39,6 +39,7 @@ fn service(dir: &std::path::Path) -> Service {
         user_directory_search_all_users: false,
         turn: None,
         media: Default::default(),
+        presence: Default::default(),
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

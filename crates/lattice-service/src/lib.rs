@@ -6,7 +6,7 @@
 //! [`Accounts`] (users, UIA, registration tokens, devices, sessions, profiles),
 //! [`AccountData`] (account data, tags, filters), [`ToDevice`] (device inboxes), [`Reports`],
 //! [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
-//! directory, `/messages`), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
+//! directory, `/messages`), [`Presence`] (who is online, in memory, with changes kept), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
 //! data and inboxes through their APIs). [`Service`] composes them: it builds them in
 //! [`Service::new`], runs the rules that span several (a room's account data needs a
 //! membership; a device's deletion clears its inbox in the same batch), and hands out each one.
@@ -17,11 +17,13 @@ mod calls;
 mod clock;
 mod composed;
 mod composed_keys;
+mod composed_presence;
 pub mod e2ee;
 mod error;
 pub mod federation;
 pub mod media;
 mod notifier;
+pub mod presence;
 pub mod push;
 mod reports;
 pub mod rooms;
@@ -49,6 +51,7 @@ pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
 pub use media::{Media, MediaConfig, MediaFile, UrlPreviewConfig};
 pub use notifier::SyncWaiters;
+pub use presence::{Presence, PresenceConfig};
 pub use push::Push;
 pub use reports::{Report, Reports};
 pub use rooms::Rooms;
@@ -88,6 +91,8 @@ pub struct ServiceConfig {
     pub turn: Option<TurnConfig>,
     /// Uploads, downloads, thumbnails and remote media (issue #14).
     pub media: MediaConfig,
+    /// Whether presence is tracked, and its timeouts (issue #12).
+    pub presence: PresenceConfig,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -110,6 +115,7 @@ pub struct Service {
     push: Arc<Push>,
     federation: Federation,
     media: Arc<Media>,
+    presence: Arc<Presence>,
     sync: Sync,
     notifier: Arc<notifier::Notifier>,
     /// For what the composition itself stamps (TURN credentials).
@@ -135,6 +141,7 @@ impl Service {
         let account_data_stream = StreamPositions::above(kv.clone(), "stream.account_data", "stream");
         let to_device_stream = StreamPositions::above(kv.clone(), "stream.to_device", "stream");
         let device_list_stream = StreamPositions::above(kv.clone(), "stream.device_lists", "stream");
+        let presence_stream = StreamPositions::above(kv.clone(), "stream.presence", "stream");
         let notifier: Arc<notifier::Notifier> = Default::default();
         let accounts = Arc::new(Accounts::new(config.clone(), kv.clone(), clock.clone(), hasher));
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
@@ -153,12 +160,21 @@ impl Service {
             notifier.clone(),
             neighbours,
         ));
+        let presence = Arc::new(Presence::new(
+            config.presence,
+            kv.clone(),
+            clock.clone(),
+            presence_stream,
+            notifier.clone(),
+            rooms.clone(),
+        ));
         let sync = Sync::new(
             rooms.clone(),
             account_data.clone(),
             to_device.clone(),
             e2ee.clone(),
             push.clone(),
+            presence.clone(),
             notifier.clone(),
         );
         let federation = Federation::new(
@@ -168,6 +184,7 @@ impl Service {
                 accounts: accounts.clone(),
                 e2ee: e2ee.clone(),
                 to_device: to_device.clone(),
+                presence: presence.clone(),
                 notifier: notifier.clone(),
             },
         );
@@ -185,6 +202,7 @@ impl Service {
             e2ee,
             rooms,
             federation,
+            presence,
             sync,
             notifier,
         }
@@ -515,6 +533,7 @@ fn test_config(name: &str) -> ServiceConfig {
         user_directory_search_all_users: false,
         turn: None,
         media: MediaConfig::default(),
+        presence: PresenceConfig::default(),
     }
 }
 

@@ -188,6 +188,7 @@ fn every_table_but_meta_has_one_owner() {
         lattice_federation::sender::TABLES,
         crate::federation::TABLES,
         crate::media::TABLES,
+        crate::presence::TABLES,
     ];
     for table in Table::ALL {
         let owners: Vec<&str> =
@@ -198,4 +199,50 @@ fn every_table_but_meta_has_one_owner() {
             _ => assert_eq!(owners.len(), 1, "{table:?} is owned by {owners:?}"),
         }
     }
+}
+
+/// Time moves presence, through the one sweep the presence task runs: a syncing user goes idle
+/// after the idle timeout (and never offline while a sync runs); once their syncs stop, offline
+/// after the offline timeout; each move is a change on the presence stream. A sync brings
+/// them back.
+#[tokio::test]
+async fn presence_goes_idle_then_offline_as_time_passes() {
+    use crate::presence::PresenceState;
+    let (service, clock) = service();
+    let account = crate::NewAccount { username: "alice".into(), password: "pw".into(), admin: false };
+    let alice = service.accounts().create_user(account).await.unwrap();
+    let presence = service.presence.clone();
+    let timeouts = presence.config().timeouts;
+    let state = || async { presence.current(&alice).await.unwrap() };
+
+    let syncing = presence.sync_started(&alice, PresenceState::Online).await;
+    assert_eq!(state().await.state, PresenceState::Online);
+    assert!(state().await.currently_active());
+    let online_at = presence.position().await.unwrap();
+    clock.advance(timeouts.idle_ms - 1);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 0);
+    clock.advance(1);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 1);
+    assert_eq!(state().await.state, PresenceState::Unavailable);
+    assert!(!state().await.currently_active());
+    let idle_at = presence.position().await.unwrap();
+    assert!(idle_at > online_at, "going idle is a change syncs see");
+    clock.advance(timeouts.offline_ms * 100);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 0, "a running sync keeps the user from going offline");
+
+    drop(syncing);
+    clock.advance(timeouts.offline_ms - 1);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 0);
+    clock.advance(1);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 1);
+    assert_eq!(state().await.state, PresenceState::Offline);
+    assert!(presence.position().await.unwrap() > idle_at);
+    assert_eq!(presence.apply_timeouts().await.unwrap(), 0, "offline stays offline");
+
+    let _back = presence.sync_started(&alice, PresenceState::Online).await;
+    assert_eq!(state().await.state, PresenceState::Online);
+    // A sync with set_presence=offline neither counts as activity nor keeps the user online.
+    let quiet = presence.sync_started(&alice, PresenceState::Offline).await;
+    drop(quiet);
+    assert_eq!(state().await.state, PresenceState::Online);
 }

@@ -466,6 +466,27 @@ impl Record for RedactedOriginalRecord {
     const TABLE: Table = Table::RedactedOriginals;
 }
 
+/// A local user's presence as last changed (`presence` table, keyed by user ID): written on
+/// a change of state, status message or of whether the user chose the state, never on a bare
+/// sync, so a restart keeps the status and the last state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    /// `online`, `unavailable` or `offline`.
+    pub presence: String,
+    #[serde(default)]
+    pub status_msg: Option<String>,
+    /// When the user was last active (ms since the epoch), as of the change.
+    #[serde(default)]
+    pub last_active_ts: u64,
+    /// The state was set through `PUT /presence` rather than by syncing.
+    #[serde(default)]
+    pub explicit: bool,
+}
+
+impl Record for PresenceRecord {
+    const TABLE: Table = Table::Presence;
+}
+
 #[cfg(test)]
 mod tests {
     use super::MemberCounts;

@@ -84,4 +84,5 @@ tables! {
     MediaBlobRefs => "media_blob_refs",
     MediaUsage => "media_usage",
     MediaPreviews => "media_previews",
+    Presence => "presence",
 }

@@ -10,6 +10,7 @@ mod history;
 mod keys;
 mod media;
 mod membership;
+mod presence;
 mod profile;
 mod push;
 mod reports;
@@ -97,6 +98,7 @@ pub fn all() -> Routes {
         .merge(devices::routes())
         .merge(directory::routes())
         .merge(profile::routes())
+        .merge(presence::routes())
         .merge(rooms::routes())
         .merge(membership::routes())
         .merge(sync::routes())

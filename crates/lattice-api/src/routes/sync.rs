@@ -5,6 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, put};
+use lattice_service::presence::PresenceState;
 use lattice_service::rooms::{EventFilter, HistoryToken, RelationsQuery, SyncFilter};
 use lattice_service::sync::{SyncRequest, SyncToken, parse_token};
 use lattice_service::{JsonObject, Session, ToDeviceMessages};
@@ -48,6 +49,7 @@ struct SyncQuery {
     filter: Option<String>,
     #[serde(default)]
     full_state: bool,
+    set_presence: Option<String>,
 }
 
 /// A filter given inline as JSON or as the ID of a stored filter.
@@ -75,6 +77,12 @@ async fn sync(
         device_id: Some(session.device_id.to_string()),
         filter,
         full_state: query.full_state,
+        set_presence: match query.set_presence.as_deref() {
+            None => PresenceState::Online,
+            Some(given) => PresenceState::parse(given).ok_or_else(|| {
+                ApiError::InvalidParam(format!("set_presence must be online, unavailable or offline, not {given:?}"))
+            })?,
+        },
     };
     Ok(Json(state.service.sync().sync(&session.user_id, request).await?))
 }

@@ -395,7 +395,10 @@ impl Federation {
     }
 
     /// The other servers with a member in a room the user is joined to.
-    async fn servers_sharing_a_room_with(&self, user: &UserId) -> Result<Vec<OwnedServerName>, ServiceError> {
+    pub(super) async fn servers_sharing_a_room_with(
+        &self,
+        user: &UserId,
+    ) -> Result<Vec<OwnedServerName>, ServiceError> {
         let mut servers = BTreeSet::new();
         for room in self.rooms.joined_rooms(user).await? {
             servers.extend(self.rooms.joined_servers(&room).await?);

@@ -14,6 +14,7 @@ mod hierarchy;
 mod inbound;
 mod invites;
 mod join;
+mod presence;
 mod timestamps;
 
 use std::sync::{Arc, OnceLock};
@@ -32,6 +33,7 @@ use crate::ServiceError;
 use crate::accounts::Accounts;
 use crate::e2ee::E2ee;
 use crate::notifier::Notifier;
+use crate::presence::Presence;
 use crate::rooms::Rooms;
 use crate::to_device::ToDevice;
 
@@ -55,6 +57,8 @@ pub struct Federation {
     e2ee: Arc<E2ee>,
     /// Where other servers' to-device messages go.
     to_device: Arc<ToDevice>,
+    /// Where other servers' users' presence goes.
+    presence: Arc<Presence>,
     notifier: Arc<Notifier>,
     remote: OnceLock<Remote>,
     /// Other servers' space summaries, for `/hierarchy` walks (`hierarchy.rs`).
@@ -66,12 +70,13 @@ pub(crate) struct FederationNeighbours {
     pub accounts: Arc<Accounts>,
     pub e2ee: Arc<E2ee>,
     pub to_device: Arc<ToDevice>,
+    pub presence: Arc<Presence>,
     pub notifier: Arc<Notifier>,
 }
 
 impl Federation {
     pub(crate) fn new(store: Arc<dyn KvStore>, rooms: Arc<Rooms>, neighbours: FederationNeighbours) -> Self {
-        let FederationNeighbours { accounts, e2ee, to_device, notifier } = neighbours;
+        let FederationNeighbours { accounts, e2ee, to_device, presence, notifier } = neighbours;
         Self {
             kv: ScopedStore::new(store.clone(), TABLES),
             store,
@@ -79,6 +84,7 @@ impl Federation {
             accounts,
             e2ee,
             to_device,
+            presence,
             notifier,
             remote: OnceLock::new(),
             hierarchy_cache: Default::default(),

@@ -140,6 +140,12 @@ impl EventFilter {
             && in_list(self.rooms.as_deref(), &self.not_rooms, room)
     }
 
+    /// Whether events of `sender` pass `senders`/`not_senders` (for events judged apart from
+    /// their content, like presence).
+    pub fn allows_sender(&self, sender: &str) -> bool {
+        in_list(self.senders.as_deref(), &self.not_senders, sender)
+    }
+
     /// Whether an event of `kind` passes (for events that are only a type, like ephemeral ones).
     pub fn allows_type(&self, kind: &str) -> bool {
         self.types.as_ref().is_none_or(|types| types.iter().any(|t| type_matches(t, kind)))

@@ -152,7 +152,14 @@ async fn page_all(service: &Service, from: Option<HistoryToken>, backward: bool,
 fn sync_request(since: Option<SyncToken>, limit: u64) -> SyncRequest {
     let mut filter = SyncFilter::default();
     filter.room.timeline.limit = Some(limit);
-    SyncRequest { since, timeout: Duration::ZERO, device_id: None, filter, full_state: false }
+    SyncRequest {
+        since,
+        timeout: Duration::ZERO,
+        device_id: None,
+        filter,
+        full_state: false,
+        set_presence: crate::presence::PresenceState::Online,
+    }
 }
 
 #[tokio::test]

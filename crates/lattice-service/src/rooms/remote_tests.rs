@@ -155,6 +155,7 @@ async fn synced_bodies(server: &Server, user: &UserId, room: &RoomId, since: u64
         device_id: None,
         filter: Default::default(),
         full_state: false,
+        set_presence: crate::presence::PresenceState::Online,
     };
     let response = server.service.sync().sync(user, request).await.unwrap();
     let events = &response["rooms"]["join"][room.as_str()]["timeline"]["events"];

@@ -1,5 +1,5 @@
-//! The sync service: `/sync`. It owns no table: it reads the rooms, account-data and
-//! to-device services through their typed APIs, and a token is a position in each of their
+//! The sync service: `/sync`. It owns no table: it reads the rooms, account-data,
+//! to-device and presence services through their typed APIs, and a token is a position in each of their
 //! streams, so nothing is skipped or delivered twice (architecture invariant 3). `tokens.rs` —
 //! the token format; `room.rs` — one room's part of a sync; this module — the long-poll and the
 //! assembly of the whole response.
@@ -19,6 +19,7 @@ use crate::ServiceError;
 use crate::account_data::AccountData;
 use crate::e2ee::E2ee;
 use crate::notifier::Notifier;
+use crate::presence::{Presence, PresenceState};
 use crate::rooms::{Rooms, SyncFilter};
 use crate::to_device::ToDevice;
 
@@ -36,6 +37,8 @@ pub struct Sync {
     e2ee: Arc<E2ee>,
     /// The unread notification counts of each joined room.
     push: Arc<crate::push::Push>,
+    /// Marks the user active, and the presence of those sharing a room with them.
+    presence: Arc<Presence>,
     /// Where a waiting `/sync` registers; the writers notify it.
     notifier: Arc<Notifier>,
 }
@@ -48,6 +51,9 @@ pub struct SyncRequest {
     pub device_id: Option<String>,
     pub filter: SyncFilter,
     pub full_state: bool,
+    /// `set_presence`: `online` (the default) marks the user active and online while they
+    /// sync, `unavailable` idle, `offline` leaves their presence alone.
+    pub set_presence: PresenceState,
 }
 
 /// What one sync is about, shared by every room it looks at.
@@ -81,6 +87,7 @@ fn has_news(response: &Value) -> bool {
         || non_empty(&response["to_device"]["events"])
         || non_empty(&response["device_lists"]["changed"])
         || non_empty(&response["device_lists"]["left"])
+        || non_empty(&response["presence"]["events"])
 }
 
 impl Sync {
@@ -90,9 +97,10 @@ impl Sync {
         to_device: Arc<ToDevice>,
         e2ee: Arc<E2ee>,
         push: Arc<crate::push::Push>,
+        presence: Arc<Presence>,
         notifier: Arc<Notifier>,
     ) -> Self {
-        Self { rooms, account_data, to_device, e2ee, push, notifier }
+        Self { rooms, account_data, to_device, e2ee, push, presence, notifier }
     }
 
     /// Each stream's completed mark: every change up to it is visible (typing, kept in memory,
@@ -106,6 +114,7 @@ impl Sync {
             account_data: self.account_data.position().await?,
             to_device: self.to_device.position().await?,
             device_lists: self.e2ee.device_list_position().await?,
+            presence: self.presence.position().await?,
         })
     }
 
@@ -114,6 +123,8 @@ impl Sync {
     /// new for the user it waits up to `timeout`, woken only by writes that concern the user;
     /// a wake-up that brings nothing for them goes back to waiting.
     pub async fn sync(&self, user_id: &UserId, request: SyncRequest) -> Result<Value, ServiceError> {
+        // Before the first look, so the user's own change (coming online) is in this response.
+        let _syncing = self.presence.sync_started(user_id, request.set_presence).await;
         let Some(since) = request.since else {
             let now = self.stream_positions().await?;
             return self.sync_once(user_id, &request, now).await;
@@ -225,8 +236,13 @@ impl Sync {
             .into_iter()
             .filter(|e| !ignored.contains(e["sender"].as_str().unwrap_or_default()))
             .collect();
+        let presence = self
+            .presence
+            .events_for(user_id, (scope.since.presence, now.presence), scope.initial, &request.filter.presence)
+            .await?;
         let mut response = json!({
             "next_batch": next_batch.render(),
+            "presence": { "events": presence },
             "account_data": { "events": global_data },
             "to_device": { "events": to_device_events },
             "device_lists": device_lists,

@@ -14,6 +14,8 @@ pub struct StreamSet {
     pub to_device: u64,
     /// Changes of users' device lists (keys, devices, cross-signing).
     pub device_lists: u64,
+    /// Presence changes (`stream.presence`).
+    pub presence: u64,
 }
 
 impl StreamSet {
@@ -26,11 +28,12 @@ impl StreamSet {
             account_data: position,
             to_device: position,
             device_lists: position,
+            presence: position,
         }
     }
 
-    fn fields(&self) -> [u64; 6] {
-        [self.events, self.receipts, self.typing, self.account_data, self.to_device, self.device_lists]
+    fn fields(&self) -> [u64; 7] {
+        [self.events, self.receipts, self.typing, self.account_data, self.to_device, self.device_lists, self.presence]
     }
 
     /// Whether any stream is past the same stream in `other`.
@@ -42,9 +45,10 @@ impl StreamSet {
 /// A `/sync` token: how far each stream was delivered. The to-device part can stay behind the
 /// stream when the device's inbox held more than one sync delivers.
 ///
-/// Written `m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}`. Tokens
-/// of earlier releases are still read: the five-part form (before the device-list stream, which
-/// starts above the shared stream, so its part is 0) and the single shared stream's `s{position}`
+/// Written `m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}_{presence}`.
+/// Tokens of earlier releases are still read: the six-part form (before the presence stream)
+/// and the five-part form (before the device-list stream) — both streams start above the
+/// shared stream, so a missing part is 0 — and the single shared stream's `s{position}`
 /// and `s{position}_{to_device}` (every stream split off it starts above it). A later
 /// multi-writer form will extend each part, not reorder them (docs/client-api.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,16 +62,20 @@ impl SyncToken {
         let number = |part: &str| part.parse::<u64>().map_err(|_| invalid());
         if let Some(rest) = token.strip_prefix('m') {
             let parts = rest.split('_').map(number).collect::<Result<Vec<_>, _>>()?;
-            let (events, receipts, typing, account_data, to_device, device_lists) = match parts[..] {
+            let (events, receipts, typing, account_data, to_device, device_lists, presence) = match parts[..] {
+                [events, receipts, typing, account_data, to_device, device_lists, presence] => {
+                    (events, receipts, typing, account_data, to_device, device_lists, presence)
+                }
                 [events, receipts, typing, account_data, to_device, device_lists] => {
-                    (events, receipts, typing, account_data, to_device, device_lists)
+                    (events, receipts, typing, account_data, to_device, device_lists, 0)
                 }
                 [events, receipts, typing, account_data, to_device] => {
-                    (events, receipts, typing, account_data, to_device, 0)
+                    (events, receipts, typing, account_data, to_device, 0, 0)
                 }
                 _ => return Err(invalid()),
             };
-            return Ok(Self { streams: StreamSet { events, receipts, typing, account_data, to_device, device_lists } });
+            let streams = StreamSet { events, receipts, typing, account_data, to_device, device_lists, presence };
+            return Ok(Self { streams });
         }
         let rest = token.strip_prefix('s').ok_or_else(invalid)?;
         let (position, to_device) = match rest.split_once('_') {
@@ -83,8 +91,8 @@ impl SyncToken {
     }
 
     pub fn render(self) -> String {
-        let StreamSet { events, receipts, typing, account_data, to_device, device_lists } = self.streams;
-        format!("m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}")
+        let StreamSet { events, receipts, typing, account_data, to_device, device_lists, presence } = self.streams;
+        format!("m{events}_{receipts}_{typing}_{account_data}_{to_device}_{device_lists}_{presence}")
     }
 }
 
@@ -112,12 +120,16 @@ mod tests {
             account_data: 2_000_005,
             to_device: 9,
             device_lists: 3_000_001,
+            presence: 4_000_002,
         };
         let token = SyncToken { streams };
-        assert_eq!(token.render(), "m7_1000003_1000001_2000005_9_3000001");
+        assert_eq!(token.render(), "m7_1000003_1000001_2000005_9_3000001_4000002");
         assert_eq!(SyncToken::parse(&token.render()).expect("valid"), token);
+        // Six-part tokens come from before the presence stream, which starts above them.
+        let six = SyncToken { streams: StreamSet { presence: 0, ..streams } };
+        assert_eq!(SyncToken::parse("m7_1000003_1000001_2000005_9_3000001").expect("valid"), six);
         // Five-part tokens come from before the device-list stream, which starts above them.
-        let five = SyncToken { streams: StreamSet { device_lists: 0, ..streams } };
+        let five = SyncToken { streams: StreamSet { device_lists: 0, presence: 0, ..streams } };
         assert_eq!(SyncToken::parse("m7_1000003_1000001_2000005_9").expect("valid"), five);
         // Tokens of the single shared stream mean every stream at that position.
         let shared =
@@ -138,7 +150,8 @@ mod tests {
             "t4",
             "m",
             "m1_2_3_4",
-            "m1_2_3_4_5_6_7",
+            "m1_2_3_4_5_6_7_8",
+            "m1_2_3_4_5_6_",
             "m1__3_4_5",
             "m1_2_3_4_x",
         ] {
