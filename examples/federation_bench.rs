@@ -15,8 +15,13 @@
 //!    1,000) to-device messages from alice to bob's device (10 concurrent senders), until all are
 //!    in bob's `/sync` on lat2.
 //!
+//! 5. memberships and recovery: `--knocks N` (default 50) users of lat2 knock on a room of lat1;
+//!    a user of lat2 joins a room of lat1 that has `--state N` (default 10,000) state events;
+//!    lat2 is killed while alice sends `--catch-up N` (default 1,000) messages to a room it is
+//!    in, then started again, and the time until the last is in its history is measured.
+//!
 //! Usage: `cargo run --release --example federation_bench -- [path/to/lattice] [--messages N]
-//! [--burst N] [--keys N] [--to-device N] [--keys-only]` (default binary:
+//! [--burst N] [--keys N] [--to-device N] [--knocks N] [--state N] [--catch-up N] [--keys-only]` (default binary:
 //! `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 
 use std::process::Stdio;
@@ -32,7 +37,19 @@ struct Node {
     name: String,
     client: String,
     http: reqwest::Client,
-    _child: Child,
+    /// How the process was started, so it can be started again on the same data.
+    launch: Launch,
+    child: Child,
+}
+
+#[derive(Clone)]
+struct Launch {
+    binary: String,
+    dir: std::path::PathBuf,
+    ip: String,
+    ca: std::path::PathBuf,
+    fed_port: u16,
+    client_port: u16,
 }
 
 fn free_port(ip: &str) -> Result<u16, Error> {
@@ -40,14 +57,26 @@ fn free_port(ip: &str) -> Result<u16, Error> {
 }
 
 async fn start(binary: &str, dir: &std::path::Path, ip: &str, ca: &std::path::Path) -> Result<Node, Error> {
-    let (fed_port, client_port) = (free_port(ip)?, free_port(ip)?);
-    let name = format!("{ip}:{fed_port}");
+    let launch = Launch {
+        binary: binary.to_owned(),
+        dir: dir.to_owned(),
+        ip: ip.to_owned(),
+        ca: ca.to_owned(),
+        fed_port: free_port(ip)?,
+        client_port: free_port(ip)?,
+    };
+    spawn(launch).await
+}
+
+async fn spawn(launch: Launch) -> Result<Node, Error> {
+    let (ip, dir) = (&launch.ip, &launch.dir);
+    let name = format!("{ip}:{}", launch.fed_port);
     let tls = dir.join(format!("tls-{ip}"));
-    let child = Command::new(binary)
+    let child = Command::new(&launch.binary)
         .arg("serve")
         .env("LATTICE_SERVER_NAME", &name)
         .env("LATTICE_DATA_DIR", dir.join(format!("data-{ip}")))
-        .env("LATTICE_LISTEN__ADDRESS", format!("{ip}:{client_port}"))
+        .env("LATTICE_LISTEN__ADDRESS", format!("{ip}:{}", launch.client_port))
         .env("LATTICE_REGISTRATION__MODE", "open")
         .env("LATTICE_RATE_LIMITS__ENABLED", "false")
         .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
@@ -55,14 +84,15 @@ async fn start(binary: &str, dir: &std::path::Path, ip: &str, ca: &std::path::Pa
         .env("LATTICE_FEDERATION__LISTEN", &name)
         .env("LATTICE_FEDERATION__TLS_CERT", tls.join("cert.pem"))
         .env("LATTICE_FEDERATION__TLS_KEY", tls.join("key.pem"))
-        .env("LATTICE_FEDERATION__TRUSTED_CA", ca)
+        .env("LATTICE_FEDERATION__TRUSTED_CA", &launch.ca)
         .env("LATTICE_FEDERATION__DNS", "false")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let node = Node { name, client: format!("http://{ip}:{client_port}"), http: reqwest::Client::new(), _child: child };
+    let client = format!("http://{ip}:{}", launch.client_port);
+    let node = Node { name, client, http: reqwest::Client::new(), launch, child };
     for _ in 0..200 {
         if node.http.get(format!("{}/_matrix/client/versions", node.client)).send().await.is_ok() {
             return Ok(node);
@@ -155,6 +185,7 @@ async fn main() -> Result<(), Error> {
     let (messages, burst) = (number("--messages", 300), number("--burst", 2000));
     let (key_users, to_device) = (number("--keys", 100), number("--to-device", 1000));
     let keys_only = args.iter().any(|a| a == "--keys-only");
+    let room_sizes = (number("--knocks", 50), number("--state", 10_000), number("--catch-up", 1_000));
     let dir = tempfile::tempdir()?;
     let ips = ["127.0.0.41", "127.0.0.42"];
     let mut bundle = String::new();
@@ -173,7 +204,7 @@ async fn main() -> Result<(), Error> {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, bundle)?;
     let lat1 = start(&binary, dir.path(), ips[0], &ca).await?;
-    let lat2 = start(&binary, dir.path(), ips[1], &ca).await?;
+    let mut lat2 = start(&binary, dir.path(), ips[1], &ca).await?;
     let (alice, bob) = (lat1.register("alice").await?, lat2.register("bob").await?);
     if keys_only {
         for row in keys_rows(&lat1, &lat2, &alice, key_users, to_device).await? {
@@ -260,6 +291,11 @@ async fn main() -> Result<(), Error> {
         "| {burst} messages (10 senders) until all in the other server's /sync | {sent_in:.2} s = {:.0} PDU/s |",
         burst as f64 / sent_in
     );
+    let (restarted, rows) = room_rows(&lat1, lat2, &alice, room_sizes).await?;
+    lat2 = restarted;
+    for row in rows {
+        println!("{row}");
+    }
     for row in keys_rows(&lat1, &lat2, &alice, key_users, to_device).await? {
         println!("{row}");
     }
@@ -426,4 +462,118 @@ async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages
             messages as f64 / delivered_in
         ),
     ])
+}
+
+/// Creates a room on `node` as `token`'s user; its ID.
+async fn create_room(node: &Node, token: &str, body: Value) -> Result<String, Error> {
+    let room = node.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(token), Some(body)).await?;
+    Ok(room["room_id"].as_str().ok_or("no room")?.to_owned())
+}
+
+/// The body of the room's newest event as `token`'s user sees it on `node`.
+async fn newest_body(node: &Node, token: &str, room: &str) -> Result<Option<String>, Error> {
+    let path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1");
+    let page = node.call(reqwest::Method::GET, &path, Some(token), None).await?;
+    Ok(page["chunk"][0]["content"]["body"].as_str().map(str::to_owned))
+}
+
+/// Memberships and recovery: `knocks` users of lat2 knocking on a room of lat1 (make_knock +
+/// send_knock); a user of lat2 joining a room of lat1 with `state_events` state events; and lat2
+/// killed (SIGKILL) while alice sends `missed` messages to a room it is in, then started again:
+/// the time until the last of them is in its history (the durable queue on lat1 delivers them
+/// after its back-off). Returns the restarted lat2 and the rows.
+async fn room_rows(
+    lat1: &Node,
+    lat2: Node,
+    alice: &str,
+    (knocks, state_events, missed): (usize, usize, usize),
+) -> Result<(Node, Vec<String>), Error> {
+    let mut rows = Vec::new();
+    let knock_rule = json!([{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }]);
+    let knock_room = create_room(lat1, alice, json!({ "preset": "private_chat", "initial_state": knock_rule })).await?;
+    let mut knock_ms = Vec::with_capacity(knocks);
+    for n in 0..knocks {
+        let token = lat2.register(&format!("knocker{n}")).await?;
+        let path = format!("/_matrix/client/v3/knock/{knock_room}?via={}", lat1.name);
+        let sent = Instant::now();
+        lat2.call(reqwest::Method::POST, &path, Some(&token), Some(json!({}))).await?;
+        knock_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    knock_ms.sort_by(f64::total_cmp);
+    rows.push(format!(
+        "| knock on a room of the other server (make_knock + send_knock), p50 / p99 ({knocks} users) | {:.1} / {:.1} ms |",
+        percentile(&knock_ms, 0.5),
+        percentile(&knock_ms, 0.99)
+    ));
+
+    let big = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
+    let started = Instant::now();
+    let bodies: Vec<Value> = (0..state_events).map(|n| json!({ "txn": n, "body": { "n": n } })).collect();
+    let path = format!("/_matrix/client/v3/rooms/{big}/state/m.bench.state/{{txn}}");
+    concurrently_put(lat1, alice, &path, bodies).await?;
+    let filled_in = started.elapsed().as_secs_f64();
+    let joiner = lat2.register("bigjoiner").await?;
+    let sent = Instant::now();
+    let path = format!("/_matrix/client/v3/join/{big}?via={}", lat1.name);
+    lat2.call(reqwest::Method::POST, &path, Some(&joiner), Some(json!({}))).await?;
+    rows.push(format!(
+        "| join a room of the other server with {state_events} state events (made on lat1 in {filled_in:.1} s) | {:.0} ms |",
+        sent.elapsed().as_secs_f64() * 1000.0
+    ));
+
+    let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
+    let catcher = lat2.register("catcher").await?;
+    let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
+    lat2.call(reqwest::Method::POST, &path, Some(&catcher), Some(json!({}))).await?;
+    let mut lat2 = lat2;
+    // SIGKILL: what lat2 acknowledged is on disk; lat1 queues what it cannot deliver.
+    lat2.child.kill().await?;
+    let sending = Instant::now();
+    for n in 0..missed {
+        lat1.say(alice, &room, &format!("missed-{n}")).await?;
+    }
+    let sent_in = sending.elapsed().as_secs_f64();
+    let lat2 = spawn(lat2.launch.clone()).await?;
+    let back = Instant::now();
+    let last = format!("missed-{}", missed.saturating_sub(1));
+    while newest_body(&lat2, &catcher, &room).await?.as_deref() != Some(last.as_str()) {
+        if back.elapsed() > Duration::from_secs(600) {
+            return Err("the missed messages never arrived".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rows.push(format!(
+        "| lat2 killed while alice sent {missed} messages (in {sent_in:.1} s); from its restart until the last is in its history | {:.2} s |",
+        back.elapsed().as_secs_f64()
+    ));
+    Ok((lat2, rows))
+}
+
+/// PUTs each body to `path` (its `{txn}` replaced by the body's `txn`) with 10 concurrent clients.
+async fn concurrently_put(node: &Node, token: &str, path: &str, bodies: Vec<Value>) -> Result<(), Error> {
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(bodies));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (queue, url, token, http) =
+            (queue.clone(), format!("{}{path}", node.client), token.to_owned(), node.http.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(body) = queue.lock().map_err(|_| "poisoned")?.pop() else { break };
+                let response = http
+                    .put(url.replace("{txn}", &body["txn"].to_string()))
+                    .bearer_auth(&token)
+                    .json(&body["body"])
+                    .send()
+                    .await?;
+                if !response.status().is_success() {
+                    return Err(format!("{url}: {}", response.status()).into());
+                }
+            }
+            Ok::<(), Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }

@@ -7,7 +7,9 @@
 #   4. a Synapse user joins a Lattice room by alias, and messages flow both ways;
 #   5. a Lattice user joins a Synapse room by alias, and messages flow both ways;
 #   6. invites both ways (createRoom with an invitee of the other server), accepted; and a
-#      Lattice user refusing a Synapse invite.
+#      Lattice user refusing a Synapse invite;
+#   7. and more (end-to-end encryption keys, history, profiles, upgrades, knocks, bans): see
+#      the numbered sections below.
 #
 # Usage: tests/interop/synapse_keys.sh
 #
@@ -382,6 +384,32 @@ eventually "lat $LAT_C/rooms/$UP2/state/m.room.tombstone/" "d.get('replacement_r
 lat -X POST "$LAT_C/join/$NEW2?server_name=$SYN_NAME" -d '{}' >/dev/null
 eventually "syn $SYN_C/rooms/$NEW2/joined_members" "$(joined_member "@carol:$LAT_NAME")" && [ "$ok" = yes ] && ok=yes || ok=no
 check "a Synapse room upgrade reached Lattice, whose user followed it into the new room" "$ok"
+# Knocks both ways: each server's user knocks by alias on a room of the other whose join rule
+# is `knock` (make_knock/send_knock), and is let in (an invite, then a join).
+knock_rules='"initial_state":[{"type":"m.room.join_rules","state_key":"","content":{"join_rule":"knock"}}]'
+KN1="$(lat -X POST "$LAT_C/createRoom" -d "{\"preset\":\"private_chat\",\"room_alias_name\":\"knock1\",$knock_rules}" | field room_id)"
+syn -X POST "$SYN_C/knock/%23knock1:$LAT_NAME" -d '{"reason":"interop"}' >/dev/null
+eventually "lat $LAT_C/rooms/$KN1/state/m.room.member/@dave:$SYN_NAME" "$(member_is knock)" && ok=yes || ok=no
+check "a Synapse user knocked on a Lattice room (make_knock/send_knock to Lattice)" "$ok"
+lat -X POST "$LAT_C/rooms/$KN1/invite" -d "{\"user_id\":\"@dave:$SYN_NAME\"}" >/dev/null
+ok=no
+for poll in $(seq 1 60); do
+  syn -X POST "$SYN_C/join/$KN1?server_name=$LAT_NAME" -d '{}' >/dev/null
+  if lat "$LAT_C/rooms/$KN1/joined_members" | json_has "$(joined_member "@dave:$SYN_NAME")" 2>/dev/null; then ok=yes; break; fi
+  sleep 0.3
+done
+check "Lattice let the knocking Synapse user in (invite, then a join)" "$ok"
+KN2="$(syn -X POST "$SYN_C/createRoom" -d "{\"preset\":\"private_chat\",\"room_alias_name\":\"knock2\",\"name\":\"Knock on Synapse\",$knock_rules}" | field room_id)"
+KNOCKED="$(lat -X POST "$LAT_C/knock/%23knock2:$SYN_NAME" -d '{"reason":"interop"}' | field room_id)"
+eventually "syn $SYN_C/rooms/$KN2/state/m.room.member/@carol:$LAT_NAME" "$(member_is knock)" && [ "$KNOCKED" = "$KN2" ] && ok=yes || ok=no
+check "a Lattice user knocked on a Synapse room (make_knock/send_knock to Synapse)" "$ok"
+eventually "lat $LAT_C/sync?timeout=0" "any(e.get('content',{}).get('name')=='Knock on Synapse' for e in d['rooms']['knock']['$KN2']['knock_state']['events'])" && ok=yes || ok=no
+check "Lattice's user sees the Synapse room described while knocking (knock_room_state)" "$ok"
+syn -X POST "$SYN_C/rooms/$KN2/invite" -d "{\"user_id\":\"@carol:$LAT_NAME\"}" >/dev/null
+eventually "lat $LAT_C/sync?timeout=0" "$(invited "$KN2")" && ok=yes || ok=no
+lat -X POST "$LAT_C/join/$KN2" -d '{}' >/dev/null
+eventually "syn $SYN_C/rooms/$KN2/joined_members" "$(joined_member "@carol:$LAT_NAME")" && [ "$ok" = yes ] && ok=yes || ok=no
+check "Synapse let the knocking Lattice user in (invite, then a join through Synapse)" "$ok"
 # Bans: each room's creator bans the other server's user, whose own server then refuses to
 # send for them.
 lat -X POST "$LAT_C/rooms/$LAT_ROOM/ban" -d "{\"user_id\":\"@dave:$SYN_NAME\",\"reason\":\"interop\"}" >/dev/null

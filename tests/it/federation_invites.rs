@@ -10,7 +10,7 @@ use ruma::signatures::Ed25519KeyPair;
 use serde_json::{Value, json};
 
 use crate::federation_keys::{Network, Server, x_matrix};
-use crate::federation_rooms::{sync_until, timeline_bodies};
+use crate::federation_rooms::{signed_request, sync_until, timeline_bodies};
 use crate::support::{assert_error, create_room, say};
 
 fn invite_of<'a>(sync: &'a Value, room: &str) -> &'a Value {
@@ -232,6 +232,81 @@ async fn invites_a_server_must_refuse() {
     assert!(after["rooms"]["leave"][&forged_room].is_object(), "{after}");
     let (_, fresh) = lat2.http.get("/_matrix/client/v3/sync?timeout=0", Some(&bob)).await;
     assert!(fresh["rooms"]["invite"][&forged_room].is_null(), "{fresh}");
+
+    lat3.stop().await;
+    lat2.stop().await;
+    lat1.stop().await;
+}
+
+/// Signs `value` as `origin` for `version`; returns the event ID and the signed event.
+fn signed_event(key: &Ed25519KeyPair, origin: &str, version: &str, value: Value) -> (String, Value) {
+    let version = RoomVersion::parse(version).unwrap();
+    let CanonicalJsonValue::Object(mut object) = CanonicalJsonValue::try_from(value).unwrap() else { panic!() };
+    lattice_core::pdu::hash_and_sign(&mut object, origin, key, &version).unwrap();
+    let id = lattice_core::pdu::event_id(&object, &version).unwrap();
+    (id.to_string(), serde_json::to_value(&object).unwrap())
+}
+
+fn escaped(id: &str) -> String {
+    id.replace('!', "%21").replace('$', "%24").replace('@', "%40").replace(':', "%3A")
+}
+
+#[tokio::test]
+async fn the_deprecated_v1_invite_send_join_and_send_leave_are_answered() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let key3 = lat3.signing_key();
+
+    // v1 invite: the event itself, with the room described in `unsigned`, of a version-1 room.
+    let room = "!old:lat3.test";
+    let (invite_id, mut invite) = signed_event(
+        &key3,
+        "lat3.test",
+        "1",
+        json!({
+            "event_id": "$invite1:lat3.test", "type": "m.room.member", "state_key": "@bob:lat2.test",
+            "sender": "@mallory:lat3.test", "room_id": room, "origin": "lat3.test", "origin_server_ts": 5,
+            "content": { "membership": "invite" }, "depth": 3, "prev_events": [], "auth_events": [],
+        }),
+    );
+    invite["unsigned"] = json!({ "invite_room_state": [
+        { "type": "m.room.name", "state_key": "", "sender": "@mallory:lat3.test", "content": { "name": "From 2018" } },
+    ] });
+    let path = format!("/_matrix/federation/v1/invite/{}/{}", escaped(room), escaped(&invite_id));
+    let auth = x_matrix(&key3, "lat3.test", "lat2.test", &Method::PUT, &path, invite.to_string().as_bytes());
+    let (status, answer) = net.request("lat2.test", Method::PUT, &path, Some(&auth), Some(&invite)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer[0], 200, "{answer}");
+    assert!(answer[1]["event"]["signatures"]["lat2.test"].is_object(), "{answer}");
+    let sync = sync_until(&lat2, &bob, "the v1 invite", |s| invite_of(s, room).is_array()).await;
+    let name = stripped(invite_of(&sync, room), "m.room.name").map(|e| e["content"]["name"].clone());
+    assert_eq!(name, Some(json!("From 2018")), "{sync}");
+
+    // v1 send_join and send_leave of lat3's user into alice's room on lat1.
+    let public = create_room(&lat1.http, &alice, json!({ "preset": "public_chat", "room_version": "12" })).await;
+    let carol = "@carol:lat3.test";
+    for (membership, send) in [("join", "send_join"), ("leave", "send_leave")] {
+        let path = format!("/_matrix/federation/v1/make_{membership}/{}/{}?ver=12", escaped(&public), escaped(carol));
+        let (status, template) = signed_request(&net, ("lat3.test", &key3), Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{template}");
+        let mut event = template["event"].clone();
+        event["origin_server_ts"] = json!(10);
+        let (event_id, event) = signed_event(&key3, "lat3.test", "12", event);
+        let path = format!("/_matrix/federation/v1/{send}/{}/{}", escaped(&public), escaped(&event_id));
+        let (status, answer) = signed_request(&net, ("lat3.test", &key3), Method::PUT, &path, Some(event)).await;
+        assert_eq!((status.as_u16(), &answer[0]), (200, &json!(200)), "{send}: {answer}");
+        let state = format!("/_matrix/client/v3/rooms/{public}/state/m.room.member/{carol}");
+        let (_, content) = lat1.http.get(&state, Some(&alice)).await;
+        assert_eq!(content["membership"], membership, "{content}");
+        if membership == "join" {
+            assert!(answer[1]["state"].as_array().is_some_and(|s| !s.is_empty()), "{answer}");
+            assert!(answer[1]["auth_chain"].is_array(), "{answer}");
+        }
+    }
 
     lat3.stop().await;
     lat2.stop().await;

@@ -143,6 +143,12 @@ impl Server {
         }
     }
 
+    /// Restarts with the configuration changed by `adjust` (kept for later restarts).
+    pub(crate) async fn restart_with(&mut self, adjust: impl FnOnce(&mut Config)) {
+        adjust(&mut self.config);
+        self.restart().await;
+    }
+
     pub(crate) async fn restart(&mut self) {
         self.stop().await;
         let running = lattice::start(self.config.clone()).await.expect("server restarts");

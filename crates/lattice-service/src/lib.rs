@@ -443,7 +443,7 @@ impl Service {
     }
 
     /// `POST /leave`: leaves the room; an invite from another server to a room this server is
-    /// not in is refused through a server of the room.
+    /// not in is refused, and a knock on one withdrawn, through a server of the room.
     pub async fn leave(
         &self,
         user_id: &ruma::UserId,
@@ -451,8 +451,9 @@ impl Service {
         reason: Option<String>,
     ) -> Result<ruma::OwnedEventId, ServiceError> {
         let out_of_band = self.rooms.out_of_band(user_id, room_id).await?;
-        if out_of_band.is_some_and(|record| record.membership == "invite") && self.federation.is_enabled() {
-            return self.federation.reject_remote_invite(user_id, room_id, reason).await;
+        let pending = out_of_band.is_some_and(|record| matches!(record.membership.as_str(), "invite" | "knock"));
+        if pending && self.federation.is_enabled() {
+            return self.federation.leave_out_of_band(user_id, room_id, reason).await;
         }
         self.rooms.set_membership(user_id, room_id, user_id, "leave", reason).await
     }
@@ -467,12 +468,7 @@ impl Service {
         via: &[OwnedServerName],
         reason: Option<String>,
     ) -> Result<ruma::OwnedEventId, ServiceError> {
-        let resident = match self.rooms.room_version(room_id).await {
-            Ok(_) => self.rooms.server_in_room(self.server_name(), room_id).await?,
-            Err(ServiceError::NotFound(_)) => false,
-            Err(error) => return Err(error),
-        };
-        if resident || !self.federation.is_enabled() {
+        if self.resident_in(room_id).await? || !self.federation.is_enabled() {
             return self.rooms.join_room(user_id, room_id, reason).await;
         }
         let mut servers: Vec<OwnedServerName> = via.to_vec();
@@ -487,6 +483,36 @@ impl Service {
             servers.push(server.to_owned());
         }
         self.federation.join_remote(user_id, room_id, &servers, reason).await
+    }
+
+    /// `POST /knock`: knocks here when this server has a member in the room, else over
+    /// federation through `via` (and the server the room ID names, if any).
+    pub async fn knock(
+        &self,
+        user_id: &ruma::UserId,
+        room_id: &ruma::RoomId,
+        via: &[OwnedServerName],
+        reason: Option<String>,
+    ) -> Result<ruma::OwnedEventId, ServiceError> {
+        if self.resident_in(room_id).await? || !self.federation.is_enabled() {
+            return self.rooms.knock(user_id, room_id, reason).await;
+        }
+        let mut servers: Vec<OwnedServerName> = via.to_vec();
+        if let Some(server) = room_id.server_name()
+            && !servers.iter().any(|s| s == server)
+        {
+            servers.push(server.to_owned());
+        }
+        self.federation.knock_remote(user_id, room_id, &servers, reason).await
+    }
+
+    /// Whether this server has a member in the room (so memberships are made here).
+    async fn resident_in(&self, room_id: &ruma::RoomId) -> Result<bool, ServiceError> {
+        match self.rooms.room_version(room_id).await {
+            Ok(_) => self.rooms.server_in_room(self.server_name(), room_id).await,
+            Err(ServiceError::NotFound(_)) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// The server of whoever invited the user to a room this server is not in.

@@ -36,6 +36,11 @@ pub fn routes() -> Routes {
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
         .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
+        .route("/_matrix/federation/v1/send_join/{room_id}/{event_id}", put(send_join_v1))
+        .route("/_matrix/federation/v1/send_leave/{room_id}/{event_id}", put(send_leave_v1))
+        .route("/_matrix/federation/v1/invite/{room_id}/{event_id}", put(invite_v1))
+        .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
+        .route("/_matrix/federation/v1/send_knock/{room_id}/{event_id}", put(send_knock))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
         .route("/_matrix/federation/v1/event/{event_id}", get(event))
         .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
@@ -316,6 +321,75 @@ async fn send_leave(
 ) -> ApiResult<Json<Value>> {
     let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
     let answer = state.service.federation().send_leave(&auth.origin, &room_id, &event_id, &auth.body).await?;
+    Ok(Json(answer))
+}
+
+/// The deprecated v1 `send_join`: the v2 answer, in v1's `[200, answer]` shape.
+async fn send_join_v1(
+    state: State<AppState>,
+    path: PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let Json(answer) = send_join(state, path, auth).await?;
+    Ok(Json(json!([200, answer])))
+}
+
+/// The deprecated v1 `send_leave`, answered as `[200, {}]`.
+async fn send_leave_v1(
+    state: State<AppState>,
+    path: PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let Json(answer) = send_leave(state, path, auth).await?;
+    Ok(Json(json!([200, answer])))
+}
+
+/// `PUT /v1/invite/{roomId}/{eventId}`: the invite of servers that predate v2. The body is the
+/// event itself, with the room's description in `unsigned.invite_room_state`; the room's version
+/// is 1 or 2, as the spec says to assume (their event formats are the same). Answered as
+/// `[200, {"event": …}]`.
+async fn invite_v1(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    let mut event: Value = serde_json::from_slice(&auth.body)
+        .map_err(|e| ApiError::from(ServiceError::BadJson(format!("not an event: {e}"))))?;
+    let room_state = event
+        .get_mut("unsigned")
+        .and_then(|unsigned| unsigned.as_object_mut())
+        .and_then(|unsigned| unsigned.remove("invite_room_state"))
+        .unwrap_or_else(|| json!([]));
+    let request = json!({ "room_version": "1", "event": event, "invite_room_state": room_state });
+    let bytes = serde_json::to_vec(&request).map_err(|e| ApiError::from(ServiceError::Internal(e.to_string())))?;
+    let answer = state.service.federation().receive_invite(&auth.origin, &room_id, &event_id, &bytes).await?;
+    Ok(Json(json!([200, answer])))
+}
+
+/// `GET /make_knock/{roomId}/{userId}?ver=…`: a knock template, only when the knock would pass
+/// this server's auth rules now (the room's join rule takes knocks; the user is not banned).
+async fn make_knock(
+    State(state): State<AppState>,
+    PathParams((room_id, user_id)): PathParams<(String, String)>,
+    QueryParams(query): QueryParams<Vec<(String, String)>>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, user_id) = (parse_room(&room_id)?, parse_user(&user_id)?);
+    let versions: Vec<String> = query.into_iter().filter(|(key, _)| key == "ver").map(|(_, v)| v).collect();
+    let template =
+        state.service.federation().make_membership(&auth.origin, &room_id, &user_id, "knock", &versions).await?;
+    Ok(Json(template))
+}
+
+/// `PUT /send_knock/{roomId}/{eventId}`: the knocking server's signed knock.
+async fn send_knock(
+    State(state): State<AppState>,
+    PathParams((room_id, event_id)): PathParams<(String, String)>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    let (room_id, event_id) = (parse_room(&room_id)?, parse_event_id(&event_id)?);
+    let answer = state.service.federation().send_knock(&auth.origin, &room_id, &event_id, &auth.body).await?;
     Ok(Json(answer))
 }
 

@@ -21,19 +21,25 @@ pub fn routes() -> Routes {
         .route("/_matrix/client/v3/rooms/{room_id}/upgrade", post(upgrade))
 }
 
-/// `POST /knock/{roomIdOrAlias}`: local aliases resolve here; `via` is checked by ruma and
-/// matters once knocks over federation exist.
+/// `POST /knock/{roomIdOrAlias}`: an alias resolves here (another server's through that
+/// server); `via` (and the older `server_name`) name servers to knock through when this server
+/// is not in the room.
 async fn knock(
     State(state): State<AppState>,
     Auth(session): Auth,
     Ruma(request): Ruma<knock_room::v3::Request>,
 ) -> ApiResult<RumaResponse<knock_room::v3::Response>> {
     state.limits.join_per_user.check(session.user_id.as_str())?;
+    let mut via = request.via;
     let room_id = match OwnedRoomId::try_from(request.room_id_or_alias) {
         Ok(room_id) => room_id,
-        Err(alias) => state.service.rooms().resolve_alias(&alias).await?,
+        Err(alias) => {
+            let (room_id, servers) = state.service.resolve_alias(&alias).await?;
+            via.extend(servers);
+            room_id
+        }
     };
-    state.service.rooms().knock(&session.user_id, &room_id, request.reason).await?;
+    state.service.knock(&session.user_id, &room_id, &via, request.reason).await?;
     Ok(RumaResponse(knock_room::v3::Response::new(room_id)))
 }
 

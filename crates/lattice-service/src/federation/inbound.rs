@@ -186,8 +186,8 @@ impl Federation {
         }
     }
 
-    /// `GET /make_join/{roomId}/{userId}`: a join template for a user of `origin`, only when
-    /// the join would pass this server's auth checks now.
+    /// `GET /make_join|make_leave|make_knock/{roomId}/{userId}`: a membership template for a
+    /// user of `origin`, only when the membership would pass this server's auth checks now.
     pub async fn make_membership(
         &self,
         origin: &ServerName,
@@ -272,7 +272,7 @@ impl Federation {
 
     /// The checks `send_join` and `send_leave` share: a room this server is in, the event ID
     /// the path names, and a `membership` event of its sender, a user of `origin`, in this room.
-    async fn own_membership(
+    pub(super) async fn own_membership(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -302,7 +302,7 @@ impl Federation {
 
     /// A membership event another server made for its user, checked like a pushed PDU and
     /// ingested; accepted, it is queued for the room's other servers.
-    async fn ingest_membership(
+    pub(super) async fn ingest_membership(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -541,13 +541,19 @@ impl crate::rooms::Rooms {
     }
 }
 
-struct MembershipFields {
+pub(super) struct MembershipFields {
     room_id: Option<String>,
     kind: String,
     sender: String,
     state_key: Option<String>,
     membership: String,
     authoriser: Option<String>,
+}
+
+impl MembershipFields {
+    pub(super) fn sender(&self) -> &str {
+        &self.sender
+    }
 }
 
 fn membership_fields(object: &CanonicalJsonObject) -> Result<MembershipFields, ServiceError> {

@@ -12,7 +12,7 @@ use lattice_federation::FederationError;
 use lattice_federation::client::Auth;
 use ruma::room_version_rules::RoomIdFormatVersion;
 use ruma::state_res::Event;
-use ruma::{CanonicalJsonValue, EventId, OwnedEventId, OwnedServerName, RoomId, ServerName, UserId};
+use ruma::{CanonicalJsonValue, EventId, OwnedEventId, RoomId, ServerName, UserId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -134,33 +134,40 @@ impl Federation {
         if entries.len() > MAX_INVITE_STATE {
             return Err(ServiceError::BadJson(format!("more than {MAX_INVITE_STATE} invite_room_state entries")));
         }
-        let strict = version.rules().room_id_format == RoomIdFormatVersion::V2;
         let mut stripped = Vec::with_capacity(entries.len());
-        let mut has_create = false;
         for raw in entries {
-            let entry: Value = serde_json::from_str(raw.get()).map_err(|e| ServiceError::BadJson(e.to_string()))?;
-            let (Some(kind), Some(state_key)) = (entry["type"].as_str(), entry["state_key"].as_str()) else {
-                return Err(ServiceError::MissingParam("an invite_room_state entry is not a state event".into()));
-            };
-            if strict {
-                let event = self.check_fetched(version, raw.get().as_bytes()).await.map_err(|error| {
-                    ServiceError::MissingParam(format!("an invite_room_state entry failed its checks: {error}"))
-                })?;
-                if room_id_of_pdu(&event)? != room_id {
-                    return Err(ServiceError::MissingParam("an invite_room_state entry is of another room".into()));
-                }
-            } else if entry["room_id"].as_str().is_some_and(|id| id != room_id.as_str()) {
-                return Err(ServiceError::MissingParam("an invite_room_state entry is of another room".into()));
-            }
-            has_create |= kind == "m.room.create" && state_key.is_empty();
-            stripped.push(json!({
-                "type": kind, "state_key": state_key, "content": entry["content"], "sender": entry["sender"],
-            }));
+            stripped.push(self.stripped_entry(version, room_id, raw).await?);
         }
-        if strict && !has_create {
+        if strict_room_state(version) && !stripped.iter().any(is_create_entry) {
             return Err(ServiceError::MissingParam("invite_room_state has no m.room.create event".into()));
         }
         Ok(stripped)
+    }
+
+    /// One entry of the state another server describes a room with (`invite_room_state`,
+    /// `knock_room_state`), stripped to `type`, `state_key`, `content` and `sender` for
+    /// clients: a state event of this room, and from v12 a PDU whose signatures check.
+    pub(super) async fn stripped_entry(
+        &self,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        raw: &RawValue,
+    ) -> Result<Value, ServiceError> {
+        let entry: Value = serde_json::from_str(raw.get()).map_err(|e| ServiceError::BadJson(e.to_string()))?;
+        let (Some(kind), Some(state_key)) = (entry["type"].as_str(), entry["state_key"].as_str()) else {
+            return Err(ServiceError::MissingParam("a room state entry is not a state event".into()));
+        };
+        if strict_room_state(version) {
+            let event = self.check_fetched(version, raw.get().as_bytes()).await.map_err(|error| {
+                ServiceError::MissingParam(format!("a room state entry failed its checks: {error}"))
+            })?;
+            if room_id_of_pdu(&event)? != room_id {
+                return Err(ServiceError::MissingParam("a room state entry is of another room".into()));
+            }
+        } else if entry["room_id"].as_str().is_some_and(|id| id != room_id.as_str()) {
+            return Err(ServiceError::MissingParam("a room state entry is of another room".into()));
+        }
+        Ok(json!({ "type": kind, "state_key": state_key, "content": entry["content"], "sender": entry["sender"] }))
     }
 
     /// Invites `invitee`, a user of another server: the invite is built on the room's current
@@ -220,10 +227,11 @@ impl Federation {
         }
     }
 
-    /// Refuses an invite to a room this server is not in: a `leave` made and sent through the
-    /// inviting server (`make_leave`, `send_leave` v2), or the room's server; when none answers
-    /// the refusal is kept here only, so the user is rid of the invite either way.
-    pub async fn reject_remote_invite(
+    /// Ends a local user's out-of-band membership in a room this server is not in — refuses an
+    /// invite, or withdraws a knock — with a `leave` made and sent through a server of the room
+    /// (`make_leave`, `send_leave` v2); when none answers, the leave is kept here only, so the
+    /// user is rid of the invite or knock either way.
+    pub async fn leave_out_of_band(
         &self,
         user_id: &UserId,
         room_id: &RoomId,
@@ -233,31 +241,26 @@ impl Federation {
             .rooms
             .out_of_band(user_id, room_id)
             .await?
-            .filter(|record| record.membership == "invite")
-            .ok_or_else(|| ServiceError::NotFound(format!("no invite to {room_id} from another server")))?;
+            .filter(|record| matches!(record.membership.as_str(), "invite" | "knock"))
+            .ok_or_else(|| ServiceError::NotFound(format!("no invite to or knock on {room_id} to leave")))?;
         let version = RoomVersion::parse(&record.room_version)?;
-        let invite = self.rooms.stored_pdu(&version, &record.event_id).await?;
-        let mut servers: Vec<OwnedServerName> = vec![invite.sender().server_name().to_owned()];
-        if let Some(server) = room_id.server_name()
-            && !servers.iter().any(|s| s == server)
-        {
-            servers.push(server.to_owned());
-        }
+        let membership = self.rooms.stored_pdu(&version, &record.event_id).await?;
+        let servers = self.servers_of_described_room(&membership, &record.stripped_state, room_id);
         let mut leave = None;
-        for server in servers.iter().filter(|s| *s != self.server_name()) {
+        for server in &servers {
             match self.leave_through(server, user_id, room_id, reason.clone()).await {
                 Ok(event) => {
                     leave = Some(event);
                     break;
                 }
                 Err(error) => {
-                    tracing::info!(%server, %room_id, %error, "refusing an invite through this server failed")
+                    tracing::info!(%server, %room_id, %error, "leaving through this server failed")
                 }
             }
         }
         let leave = match leave {
             Some(leave) => leave,
-            None => self.rooms.local_rejection(&version, &invite, reason)?,
+            None => self.rooms.local_rejection(&version, &membership, reason)?,
         };
         let event_id = leave.id().to_owned();
         self.rooms.record_out_of_band(&version, &leave, Vec::new()).await?;
@@ -289,8 +292,9 @@ impl Federation {
     }
 
     /// A pushed membership event for a room this server is not in: kept when it ends a local
-    /// user's out-of-band invite (the inviter took it back, or a ban), which it shows by citing
-    /// the invite among its auth events. Anything else is not for this server.
+    /// user's out-of-band invite (the inviter took it back, or a ban) or knock (refused), which
+    /// it shows by citing that membership among its auth events. Anything else is not for this
+    /// server.
     pub(super) async fn receive_out_of_band(&self, origin: &ServerName, bytes: &[u8]) -> Result<(), String> {
         #[derive(Deserialize)]
         struct Target {
@@ -301,16 +305,17 @@ impl Federation {
         let room_id = target.room_id.and_then(|id| ruma::OwnedRoomId::try_from(id).ok()).ok_or("invalid room_id")?;
         let not_ours = || format!("this server is not in {room_id}");
         let user_id = target.state_key.and_then(|key| ruma::OwnedUserId::try_from(key).ok()).ok_or_else(not_ours)?;
-        let Some(invite) = self.rooms.out_of_band(&user_id, &room_id).await.map_err(|e| e.to_string())? else {
+        let Some(pending) = self.rooms.out_of_band(&user_id, &room_id).await.map_err(|e| e.to_string())? else {
             return Err(not_ours());
         };
-        let version = RoomVersion::parse(&invite.room_version).map_err(|e| e.to_string())?;
+        let version = RoomVersion::parse(&pending.room_version).map_err(|e| e.to_string())?;
         let object = lattice_core::pdu::parse(bytes, &version).map_err(|e| e.to_string())?;
         let keys = self.keys_for(&object, &version).await.map_err(|e| e.to_string())?;
         let event = self.rooms.check_remote_pdu(origin, &version, bytes, &keys).map_err(|e| e.to_string())?;
-        let cites_invite = event.auth_event_ids().iter().any(|id| id.as_str() == invite.event_id);
+        let cites_pending = event.auth_event_ids().iter().any(|id| id.as_str() == pending.event_id);
         let membership = crate::rooms::membership_of_pdu(&event);
-        if invite.membership != "invite" || !cites_invite || !matches!(membership.as_str(), "leave" | "ban") {
+        let ends_pending = matches!(membership.as_str(), "leave" | "ban");
+        if !matches!(pending.membership.as_str(), "invite" | "knock") || !cites_pending || !ends_pending {
             return Err(not_ours());
         }
         self.rooms.record_out_of_band(&version, &event, Vec::new()).await.map_err(|e| e.to_string())?;
@@ -330,6 +335,16 @@ fn refused_by(server: &ServerName, error: FederationError) -> ServiceError {
         }
         other => ServiceError::from(other),
     }
+}
+
+/// From v12 the room ID is the create event's hash, so a room's description can be held to
+/// signed PDUs of the room.
+pub(super) fn strict_room_state(version: &RoomVersion) -> bool {
+    version.rules().room_id_format == RoomIdFormatVersion::V2
+}
+
+pub(super) fn is_create_entry(entry: &Value) -> bool {
+    entry["type"] == "m.room.create" && entry["state_key"] == ""
 }
 
 fn status_is_refusal(body: &str) -> bool {

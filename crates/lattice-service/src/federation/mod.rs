@@ -14,6 +14,7 @@ mod hierarchy;
 mod inbound;
 mod invites;
 mod join;
+mod knocks;
 mod presence;
 mod timestamps;
 

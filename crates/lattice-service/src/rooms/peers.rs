@@ -312,10 +312,11 @@ impl Rooms {
         }
     }
 
-    /// The state an invitee's server is given to describe the room (`invite_room_state`): the
-    /// create event (which the spec requires), join rules, name, avatar, topic, canonical
-    /// alias, encryption, and the inviter's membership, as PDUs.
-    pub async fn invite_room_state(&self, room_id: &RoomId, inviter: &UserId) -> Result<Vec<Value>, ServiceError> {
+    /// The state another server is given to describe the room to its user
+    /// (`invite_room_state`, `knock_room_state`): the create event (which the spec requires),
+    /// join rules, name, avatar, topic, canonical alias, encryption, and the membership of
+    /// `member` (the inviter, or the knocker's knock), as PDUs.
+    pub async fn invite_room_state(&self, room_id: &RoomId, member: &UserId) -> Result<Vec<Value>, ServiceError> {
         let slots = [
             ("m.room.create", ""),
             ("m.room.join_rules", ""),
@@ -324,7 +325,7 @@ impl Rooms {
             ("m.room.topic", ""),
             ("m.room.canonical_alias", ""),
             ("m.room.encryption", ""),
-            ("m.room.member", inviter.as_str()),
+            ("m.room.member", member.as_str()),
         ];
         let mut state = Vec::with_capacity(slots.len());
         for (kind, key) in slots {

@@ -368,15 +368,16 @@ impl Sync {
         Ok(Some(json!({ "invite_state": { "events": stripped } })))
     }
 
-    /// An invite from another server to a room this server is not in: the stripped state the
-    /// inviting server sent, and the invite itself.
+    /// An invite from another server to a room this server is not in, or a knock on one: the
+    /// stripped state the room's server sent, and the membership event itself.
     async fn out_of_band_invite_sync(
         &self,
         scope: &SyncScope<'_>,
         invite: OutOfBandRecord,
     ) -> Result<Option<Value>, ServiceError> {
         let (since, now) = (scope.since.events, scope.now.events);
-        if invite.membership != "invite" || invite.stream_position <= since || invite.stream_position > now {
+        let pending = matches!(invite.membership.as_str(), "invite" | "knock");
+        if !pending || invite.stream_position <= since || invite.stream_position > now {
             return Ok(None);
         }
         let event = self.rooms.client_event(&invite.event_id).await?;
