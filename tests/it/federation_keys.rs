@@ -317,9 +317,9 @@ async fn signed_requests_are_accepted_and_every_bad_one_is_refused() {
         assert_eq!(response.1["errcode"], "M_UNAUTHORIZED", "{case}: {}", response.1);
     }
     // Unbuilt federation endpoints and client routes on the federation listener: 404.
-    let unbuilt = "/_matrix/federation/v1/make_knock/%21room%3Alat2.test/%40carol%3Alat1.test";
-    let signed_get = x_matrix(&key1, "lat1.test", "lat2.test", &Method::GET, unbuilt, b"");
-    let response = net.request("lat2.test", Method::GET, unbuilt, Some(&signed_get), None).await;
+    let unbuilt = "/_matrix/federation/v1/exchange_third_party_invite/%21room%3Alat2.test";
+    let signed_put = x_matrix(&key1, "lat1.test", "lat2.test", &Method::PUT, unbuilt, b"{}");
+    let response = net.request("lat2.test", Method::PUT, unbuilt, Some(&signed_put), Some(&json!({}))).await;
     assert_error(&response, 404, "M_UNRECOGNIZED");
     // An empty transaction is accepted, with no results.
     let send = "/_matrix/federation/v1/send/txn1";
