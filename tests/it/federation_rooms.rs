@@ -429,3 +429,45 @@ async fn jumping_to_a_date_before_this_server_joined_asks_the_other_server() {
     lat2.stop().await;
     lat1.stop().await;
 }
+
+#[tokio::test]
+async fn a_user_of_another_server_joins_a_restricted_room_through_its_authorising_server() {
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let carol = lat2.register_user("carol").await;
+    let space = create_room(&lat1.http, &alice, json!({ "room_version": "10", "preset": "public_chat" })).await;
+    let allow = json!([{ "type": "m.room_membership", "room_id": space }]);
+    let rules = json!([{ "type": "m.room.join_rules", "content": { "join_rule": "restricted", "allow": allow } }]);
+    let restricted = create_room(&lat1.http, &alice, json!({ "room_version": "10", "initial_state": rules })).await;
+    let join = |token: String, room: String| {
+        let http = lat2.http.clone();
+        async move { http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&token), &json!({})).await }
+    };
+
+    // carol is in no allowed room: lat1 refuses the template, and her client hears why.
+    assert_error(&join(carol.clone(), restricted.clone()).await, 403, "M_FORBIDDEN");
+    // bob joins the space first; then lat1 names alice as the authoriser in make_join, signs
+    // the join in send_join, and bob's server stores the countersigned event.
+    let (status, body) = join(bob.clone(), space.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = join(bob.clone(), restricted.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    for (server, token) in [(&lat1, &alice), (&lat2, &bob)] {
+        let path = format!("/_matrix/client/v3/rooms/{restricted}/state/m.room.member/@bob:lat2.test");
+        let (status, member) = server.http.get(&path, Some(token)).await;
+        assert_eq!(status, 200, "{member}");
+        assert_eq!(member["membership"], "join", "{member}");
+        assert_eq!(member["join_authorised_via_users_server"], "@alice:lat1.test", "{member}");
+    }
+    say(&lat1.http, &alice, &restricted, "welcome, member of the space").await;
+    sync_until(&lat2, &bob, "a message in the restricted room", |s| {
+        timeline_bodies(s, &restricted).contains(&"welcome, member of the space".to_owned())
+    })
+    .await;
+
+    lat2.stop().await;
+    lat1.stop().await;
+}

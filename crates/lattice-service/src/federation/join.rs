@@ -7,6 +7,7 @@ use http::Method;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
 use lattice_core::state_resolution::StateMap;
+use lattice_federation::FederationError;
 use lattice_federation::client::Auth;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use ruma::events::StateEventType;
@@ -81,23 +82,31 @@ impl Federation {
             versions.join("&")
         );
         let mut failures = Vec::new();
+        // Another server may still let the user in (a restricted room's authoriser can be on
+        // any server in it), so a refusal is kept while the rest are tried.
+        let mut refusal = None;
         for server in via.iter().filter(|s| *s != self.server_name()) {
             let answer = client.request(server, Method::GET, &path, None, Auth::Signed, MAX_SMALL_RESPONSE_BYTES).await;
-            let template = match answer.map_err(ServiceError::from).and_then(|b| parse::<MakeJoin>(&b)) {
-                Ok(template) => template,
-                Err(error) => {
-                    tracing::info!(%server, %room_id, %error, "make_join failed");
-                    failures.push(format!("{server}: {error}"));
-                    continue;
-                }
+            let answer = answer.map_err(|error| room_refusal(server, "join", error));
+            let attempt = match answer.and_then(|b| parse::<MakeJoin>(&b)) {
+                Ok(template) => self.complete_join(server, user_id, room_id, template, reason.clone()).await,
+                Err(error) => Err(error),
             };
-            match self.complete_join(server, user_id, room_id, template, reason.clone()).await {
+            match attempt {
                 Ok(event_id) => return Ok(event_id),
+                Err(error @ ServiceError::IncompatibleRoomVersion(_)) => return Err(error),
+                Err(error @ ServiceError::Forbidden(_)) => {
+                    tracing::info!(%server, %room_id, %error, "the room refused the join through this server");
+                    refusal.get_or_insert(error);
+                }
                 Err(error) => {
                     tracing::info!(%server, %room_id, %error, "joining through this server failed");
                     failures.push(format!("{server}: {error}"));
                 }
             }
+        }
+        if let Some(refusal) = refusal {
+            return Err(refusal);
         }
         if failures.is_empty() {
             return Err(ServiceError::NotFound(format!("no server to join {room_id} through: name one with `via`")));
@@ -127,8 +136,10 @@ impl Federation {
             format!("/_matrix/federation/v2/send_join/{}/{}", encode(room_id.as_str()), encode(join.id().as_str()));
         let body = serde_json::to_value(join.object()).map_err(|e| ServiceError::Internal(e.to_string()))?;
         let client = self.remote()?.keys.client().clone();
-        let answer =
-            client.request(server, Method::PUT, &path, Some(&body), Auth::Signed, MAX_STATE_RESPONSE_BYTES).await?;
+        let answer = client
+            .request(server, Method::PUT, &path, Some(&body), Auth::Signed, MAX_STATE_RESPONSE_BYTES)
+            .await
+            .map_err(|error| room_refusal(server, "join", error))?;
         let answer: SendJoin = parse(&answer)?;
         // A restricted join comes back with the authorising server's signature added.
         let join = match &answer.event {
@@ -425,4 +436,25 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, S
 
 fn canonical(value: Value) -> Result<CanonicalJsonValue, ServiceError> {
     CanonicalJsonValue::try_from(value).map_err(|e| ServiceError::BadJson(e.to_string()))
+}
+
+/// The room's answer to a membership this server asked for on a user's behalf (a join, a
+/// knock), passed on to the client as the spec asks: a refusal (403), or a room version this
+/// server does not support (400). Anything else (a server that does not know the room, or does
+/// not answer) lets the next server be tried.
+pub(super) fn room_refusal(server: &ServerName, what: &str, error: FederationError) -> ServiceError {
+    if let FederationError::Status { status: 400 | 403, body, .. } = &error
+        && let Ok(answer) = serde_json::from_str::<Value>(body)
+    {
+        let reason = answer["error"].as_str().unwrap_or_default();
+        match answer["errcode"].as_str() {
+            Some("M_FORBIDDEN") => return ServiceError::Forbidden(format!("{server} refused the {what}: {reason}")),
+            Some("M_INCOMPATIBLE_ROOM_VERSION") => {
+                let version = answer["room_version"].as_str().unwrap_or_default();
+                return ServiceError::IncompatibleRoomVersion(version.to_owned());
+            }
+            _ => {}
+        }
+    }
+    ServiceError::from(error)
 }

@@ -9,7 +9,6 @@
 use http::Method;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
-use lattice_federation::FederationError;
 use lattice_federation::client::Auth;
 use ruma::state_res::Event;
 use ruma::{EventId, OwnedEventId, OwnedServerName, RoomId, ServerName, UserId};
@@ -79,7 +78,7 @@ impl Federation {
         let mut failures = Vec::new();
         for server in via.iter().filter(|s| *s != self.server_name()) {
             let answer = client.request(server, Method::GET, &path, None, Auth::Signed, MAX_SMALL_RESPONSE_BYTES).await;
-            let answer = answer.map_err(|error| knock_refusal(server, error));
+            let answer = answer.map_err(|error| super::join::room_refusal(server, "knock", error));
             let attempt = match answer.and_then(|b| parse::<MakeKnock>(&b)) {
                 Ok(template) => self.complete_knock(server, user_id, room_id, template, reason.clone()).await,
                 Err(error) => Err(error),
@@ -131,7 +130,7 @@ impl Federation {
         let answer = client
             .request(server, Method::PUT, &path, Some(&body), Auth::Signed, MAX_SMALL_RESPONSE_BYTES)
             .await
-            .map_err(|error| knock_refusal(server, error))?;
+            .map_err(|error| super::join::room_refusal(server, "knock", error))?;
         let answer: SendKnockAnswer = parse(&answer)?;
         let stripped = self.knock_room_state(&version, room_id, &answer.knock_room_state).await;
         self.rooms.record_out_of_band(&version, &knock, stripped).await?;
@@ -178,24 +177,4 @@ impl Federation {
         }
         servers
     }
-}
-
-/// The room's answer to a knock, passed on to the client as the spec asks: a refusal (403), or
-/// a room version the knocking server does not support (400). Anything else (a server that does
-/// not know the room, or does not answer) lets the next server be tried.
-fn knock_refusal(server: &ServerName, error: FederationError) -> ServiceError {
-    if let FederationError::Status { status: 400 | 403, body, .. } = &error
-        && let Ok(answer) = serde_json::from_str::<Value>(body)
-    {
-        let reason = answer["error"].as_str().unwrap_or_default();
-        match answer["errcode"].as_str() {
-            Some("M_FORBIDDEN") => return ServiceError::Forbidden(format!("{server} refused the knock: {reason}")),
-            Some("M_INCOMPATIBLE_ROOM_VERSION") => {
-                let version = answer["room_version"].as_str().unwrap_or_default();
-                return ServiceError::IncompatibleRoomVersion(version.to_owned());
-            }
-            _ => {}
-        }
-    }
-    ServiceError::from(error)
 }
