@@ -86,6 +86,8 @@ async fn spawn(launch: Launch) -> Result<Node, Error> {
         .env("LATTICE_FEDERATION__TLS_KEY", tls.join("key.pem"))
         .env("LATTICE_FEDERATION__TRUSTED_CA", &launch.ca)
         .env("LATTICE_FEDERATION__DNS", "false")
+        // Both servers are named by loopback IP literal, which the outbound policy denies by default.
+        .env("LATTICE_FEDERATION__IP_RANGE_ALLOW", "[\"127.0.0.0/8\"]")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

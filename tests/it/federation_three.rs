@@ -194,15 +194,20 @@ async fn a_room_across_three_servers_carries_everything_and_a_stopped_server_cat
 
     // lat3 is stopped while lat1 and lat2 go on talking; back, it has every message.
     lat3.stop().await;
+    // alice's 30 form a chain (each cites the one before); bob's are concurrent with them.
     let mut missed = Vec::new();
     for n in 0..30 {
-        let (server, token) = if n % 2 == 0 { (&lat1, &alice) } else { (&lat2, &bob) };
         let body = format!("while lat3 was down {n}");
-        say(&server.http, token, &room, &body).await;
+        say(&lat1.http, &alice, &room, &body).await;
         missed.push(body);
+    }
+    let from_bob: Vec<String> = (0..5).map(|n| format!("bob while lat3 was down {n}")).collect();
+    for body in &from_bob {
+        say(&lat2.http, &bob, &room, body).await;
     }
     lat3.restart().await;
     until_history_has(&lat3, &carol, &room, &missed).await;
+    until_history_has(&lat3, &carol, &room, &from_bob).await;
     let history = history_bodies(&lat3, &carol, &room).await;
     let order: Vec<&String> = history.iter().filter(|body| missed.contains(body)).collect();
     assert_eq!(order, missed.iter().collect::<Vec<_>>(), "lat3's history after catching up");

@@ -22,6 +22,9 @@ use super::state_store::{self, StateRef};
 use super::{LocalEvent, Outcome, Rooms};
 use crate::ServiceError;
 
+/// Fetched outliers written per batch: a big room's state arrives in a few writes.
+const OUTLIERS_PER_WRITE: usize = 1_000;
+
 /// A live event of this server's users, owed to the other servers in its room.
 pub struct OwedEvent {
     pub position: u64,
@@ -394,6 +397,7 @@ impl Rooms {
             pending.insert(event.id().to_owned(), event);
         }
         let mut stored: HashSet<OwnedEventId> = HashSet::new();
+        let mut left_out: Vec<OwnedEventId> = Vec::new();
         // The create event first: from v12 every other event depends on it without citing it.
         let creates: Vec<OwnedEventId> = pending
             .values()
@@ -406,7 +410,10 @@ impl Rooms {
                     Ok(_) => {
                         stored.insert(id);
                     }
-                    Err(error) => tracing::info!(event_id = %id, %error, "a fetched create event could not be stored"),
+                    Err(error) => {
+                        tracing::info!(event_id = %id, %error, "a fetched create event could not be stored");
+                        left_out.push(id);
+                    }
                 }
             }
         }
@@ -421,17 +428,18 @@ impl Rooms {
             if ready.is_empty() {
                 break;
             }
-            for id in ready {
-                let Some(event) = pending.remove(&id) else { continue };
-                match self.ingest_outlier(version, event).await {
-                    Ok(_) => {
-                        stored.insert(id);
-                    }
-                    Err(error) => tracing::info!(event_id = %id, %error, "a fetched event could not be stored"),
+            // Each wave (events whose auth events are stored) is written a chunk at a time.
+            for chunk in ready.chunks(OUTLIERS_PER_WRITE) {
+                let events: Vec<Pdu> = chunk.iter().filter_map(|id| pending.remove(id)).collect();
+                match self.ingest_outliers(version, &room_id.to_owned(), events).await {
+                    Ok(done) => stored.extend(done),
+                    Err(error) => tracing::info!(%room_id, %error, "fetched events could not be stored"),
                 }
+                left_out.extend(chunk.iter().filter(|id| !stored.contains(*id)).cloned());
             }
         }
-        Ok(pending.into_keys().collect())
+        left_out.extend(pending.into_keys());
+        Ok(left_out)
     }
 }
 
