@@ -30,6 +30,7 @@ pub struct Config {
     pub federation: FederationConfig,
     pub media: MediaSection,
     pub presence: PresenceSection,
+    pub delayed_events: DelayedEventsSection,
     /// `LATTICE_*` environment variables that name no configuration key, such as a wrapper
     /// script's own `LATTICE_BIN`: ignored, and logged at start.
     #[serde(skip)]
@@ -400,6 +401,54 @@ impl PresenceSection {
     }
 }
 
+/// `[delayed_events]`: events users schedule to be sent later (MSC4140), as Element Call
+/// does to leave a call when its client vanishes.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayedEventsSection {
+    /// Off: scheduling is refused (`400`), the management endpoints answer `404`, and
+    /// `/versions` does not advertise `org.matrix.msc4140`.
+    pub enabled: bool,
+    /// The longest delay a client may ask for: `"24h"`, `"30m"`, …
+    pub max_delay: String,
+    /// Events one user may have scheduled at once (1 to 1000).
+    pub max_scheduled_per_user: usize,
+}
+
+impl Default for DelayedEventsSection {
+    fn default() -> Self {
+        let defaults = lattice_service::DelayedEventsConfig::default();
+        Self {
+            enabled: defaults.enabled,
+            max_delay: "24h".to_owned(),
+            max_scheduled_per_user: defaults.max_scheduled_per_user,
+        }
+    }
+}
+
+impl DelayedEventsSection {
+    /// The delayed-events configuration the service takes. Checked at load.
+    pub fn service_config(&self) -> anyhow::Result<lattice_service::DelayedEventsConfig> {
+        let max_delay_ms = parse_duration_ms(&self.max_delay).with_context(|| {
+            format!("invalid configuration at key `delayed_events.max_delay`: {:?}", self.max_delay)
+        })?;
+        if !(1_000..=30 * 24 * 3600 * 1000).contains(&max_delay_ms) {
+            bail!("invalid configuration at key `delayed_events.max_delay`: must be 1s to 30d");
+        }
+        if !(1..=lattice_core::limits::MAX_LIST_ROWS).contains(&self.max_scheduled_per_user) {
+            bail!(
+                "invalid configuration at key `delayed_events.max_scheduled_per_user`: must be 1 to {}",
+                lattice_core::limits::MAX_LIST_ROWS
+            );
+        }
+        Ok(lattice_service::DelayedEventsConfig {
+            enabled: self.enabled,
+            max_delay_ms,
+            max_scheduled_per_user: self.max_scheduled_per_user,
+        })
+    }
+}
+
 /// `[user_directory]`: whom `POST /user_directory/search` finds.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -513,11 +562,14 @@ pub struct RateLimitsConfig {
     /// Notary key queries (`/_matrix/key/v2/query`) per client address.
     pub key_query_per_ip: RateConfig,
     pub url_preview_per_user: RateConfig,
+    /// Delayed-event management (MSC4140): restarts, sends and cancels per `delay_id` (a
+    /// heartbeat restarts every few seconds), and listings per user.
+    pub delayed_events_per_key: RateConfig,
 }
 
 impl RateLimitsConfig {
     /// Every limit with its key under `[rate_limits]`.
-    pub fn all(&self) -> [(&'static str, RateConfig); 15] {
+    pub fn all(&self) -> [(&'static str, RateConfig); 16] {
         [
             ("login_per_ip", self.login_per_ip),
             ("login_per_user", self.login_per_user),
@@ -534,6 +586,7 @@ impl RateLimitsConfig {
             ("federation_failed_auth_per_ip", self.federation_failed_auth_per_ip),
             ("key_query_per_ip", self.key_query_per_ip),
             ("url_preview_per_user", self.url_preview_per_user),
+            ("delayed_events_per_key", self.delayed_events_per_key),
         ]
     }
 }
@@ -592,6 +645,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             media: MediaSection::default(),
             presence: PresenceSection::default(),
+            delayed_events: DelayedEventsSection::default(),
             ignored_environment: Vec::new(),
         }
     }
@@ -643,6 +697,8 @@ impl Default for RateLimitsConfig {
             key_query_per_ip: RateConfig { per_second: 5.0, burst: 100 },
             // Each preview may fetch a page and an image from another host.
             url_preview_per_user: RateConfig { per_second: 0.5, burst: 20 },
+            // Element Call restarts its delayed leave event every few seconds.
+            delayed_events_per_key: RateConfig { per_second: 2.0, burst: 20 },
         }
     }
 }
@@ -746,6 +802,7 @@ impl Config {
         self.federation.validate()?;
         self.media.service_config(&self.data_dir)?;
         self.presence.service_config()?;
+        self.delayed_events.service_config()?;
         if self.logging.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             bail!(
                 "invalid configuration at key `logging.level`: not a tracing filter (e.g. \"info\" or \"lattice=debug,info\")"

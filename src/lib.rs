@@ -100,6 +100,7 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         turn: config.calls.turn()?,
         media: config.media.service_config(&config.data_dir)?,
         presence: config.presence.service_config()?,
+        delayed_events: config.delayed_events.service_config()?,
     };
     let signing_key = Arc::new(key.key_pair);
     let service =
@@ -136,6 +137,7 @@ fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {
         federation_concurrent_per_origin: config.federation.concurrent_requests_per_origin,
         federation_queued_per_origin: config.federation.queued_requests_per_origin,
         url_preview_per_user: limit(config.rate_limits.url_preview_per_user),
+        delayed_events_per_key: limit(config.rate_limits.delayed_events_per_key),
     })
 }
 
@@ -248,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let service = service.clone();
         tokio::spawn(async move { service.run_presence().await })
     };
+    let delayed_events_timer = tokio::spawn(service.delayed_events().clone().run());
     let (shutdown, on_shutdown) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -283,9 +286,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        for background in
-            [sweeper, typing_sweeper, redaction_purger, front_merger, forwarder, push_deliverer, presence_task]
-        {
+        for background in [
+            sweeper,
+            typing_sweeper,
+            redaction_purger,
+            front_merger,
+            forwarder,
+            push_deliverer,
+            presence_task,
+            delayed_events_timer,
+        ] {
             background.abort();
             let _ = background.await;
         }

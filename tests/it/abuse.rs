@@ -37,6 +37,7 @@ async fn limited_server(adjust: impl FnOnce(&mut lattice::config::RateLimitsConf
             &mut limits.join_per_user,
             &mut limits.to_device_per_user,
             &mut limits.url_preview_per_user,
+            &mut limits.delayed_events_per_key,
         ] {
             *rate = generous();
         }

@@ -6,6 +6,7 @@ mod accounts;
 mod authorisation;
 mod bad_input;
 mod calls;
+mod delayed_events;
 mod directory;
 mod e2ee;
 mod element_startup;

@@ -152,6 +152,8 @@ impl Fixture {
             "media_id" => "sweepmedia0000000000000000000000".to_owned(),
             "file_name" => "sweep.txt".to_owned(),
             "protocol" => "irc".to_owned(),
+            "delay_id" => "sweepdelayid".to_owned(),
+            "action" => "restart".to_owned(),
             other => panic!("the sweep has no valid value for the path parameter {{{other}}}: add one here"),
         };
         encode_segment(&value)

@@ -59,6 +59,19 @@ fn service_error(error: ServiceError) -> (StatusCode, Value) {
         E::GuestAccessForbidden => (StatusCode::FORBIDDEN, body("M_GUEST_ACCESS_FORBIDDEN", message)),
         E::ThreepidDenied => (StatusCode::FORBIDDEN, body("M_THREEPID_DENIED", message)),
         E::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, body("M_LIMIT_EXCEEDED", message)),
+        E::MaxDelayExceeded { max_delay_ms } => {
+            let mut value = body("M_MAX_DELAY_EXCEEDED", message);
+            // The stable name and the MSC's unstable one, for clients of either.
+            value["max_delay"] = json!(max_delay_ms);
+            value["org.matrix.msc4140.max_delay"] = json!(max_delay_ms);
+            (StatusCode::BAD_REQUEST, value)
+        }
+        E::TooManyDelayedEvents { retry_after_ms } => {
+            let mut value = body("M_LIMIT_EXCEEDED", message);
+            value["retry_after_ms"] = json!(retry_after_ms);
+            (StatusCode::TOO_MANY_REQUESTS, value)
+        }
+        E::Conflict(_) => (StatusCode::CONFLICT, body("M_UNKNOWN", message)),
         E::RoomInUse(_) => (StatusCode::BAD_REQUEST, body("M_ROOM_IN_USE", message)),
         // The spec's example for a taken alias is 409 with `M_UNKNOWN`; it names no other code.
         E::AliasInUse(_) => (StatusCode::CONFLICT, body("M_UNKNOWN", message)),
@@ -142,7 +155,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_ms } => Some(retry_after_ms.div_ceil(1000)),
+            ApiError::RateLimited { retry_after_ms }
+            | ApiError::Service(ServiceError::TooManyDelayedEvents { retry_after_ms }) => {
+                Some(retry_after_ms.div_ceil(1000))
+            }
             _ => None,
         };
         let (status, value) = self.status_and_body();
@@ -186,11 +202,17 @@ mod tests {
             (ServiceError::Internal("boom".into()), 500, "M_UNKNOWN"),
             (ServiceError::CannotOverwriteMedia, 409, "M_CANNOT_OVERWRITE_MEDIA"),
             (ServiceError::NotYetUploaded, 504, "M_NOT_YET_UPLOADED"),
+            (ServiceError::MaxDelayExceeded { max_delay_ms: 10 }, 400, "M_MAX_DELAY_EXCEEDED"),
+            (ServiceError::TooManyDelayedEvents { retry_after_ms: 10 }, 429, "M_LIMIT_EXCEEDED"),
+            (ServiceError::Conflict("x".into()), 409, "M_UNKNOWN"),
         ];
         for (error, status, errcode) in cases {
             let (got_status, body) = ApiError::Service(error).status_and_body();
             assert_eq!((got_status.as_u16(), body["errcode"].as_str().unwrap()), (status, errcode));
         }
+        let (_, body) =
+            ApiError::Service(ServiceError::MaxDelayExceeded { max_delay_ms: 86_400_000 }).status_and_body();
+        assert_eq!(body["max_delay"], 86_400_000);
         let (_, body) = ApiError::Service(ServiceError::UnknownToken { soft_logout: true }).status_and_body();
         assert_eq!(body["soft_logout"], true);
         let federation: Vec<(FederationError, u16, &str)> = vec![

@@ -66,6 +66,8 @@ pub struct ApiConfig {
     /// Server-server requests of one origin that may wait; more get `429`.
     pub federation_queued_per_origin: usize,
     pub url_preview_per_user: Option<RateLimit>,
+    /// Delayed-event management, per `delay_id` (updates) or user (listings).
+    pub delayed_events_per_key: Option<RateLimit>,
 }
 
 #[derive(Clone)]
@@ -99,6 +101,7 @@ impl AppState {
             federation_per_origin: KeyedLimiter::new(config.federation_per_origin),
             key_query_per_ip: KeyedLimiter::new(config.key_query_per_ip),
             url_preview_per_user: KeyedLimiter::new(config.url_preview_per_user),
+            delayed_events_per_key: KeyedLimiter::new(config.delayed_events_per_key),
         };
         let origin_gate = OriginGate::new(config.federation_concurrent_per_origin, config.federation_queued_per_origin);
         let failed_auth_gate = FailedAuthGate::new(config.federation_failed_auth_per_ip);

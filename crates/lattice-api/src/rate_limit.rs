@@ -69,6 +69,7 @@ pub struct RateLimits {
     /// keys on a miss.
     pub key_query_per_ip: KeyedLimiter,
     pub url_preview_per_user: KeyedLimiter,
+    pub delayed_events_per_key: KeyedLimiter,
 }
 
 impl RateLimits {

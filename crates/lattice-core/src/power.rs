@@ -65,6 +65,18 @@ impl<'a> RoomPower<'a> {
         Ok(self.user_level(user)? >= self.state_level(kind)?)
     }
 
+    /// Whether `user` may send an event of type `kind`: a state event when `state_key` is set
+    /// (`events` or `state_default`), else a message-like one (`events` or `events_default`).
+    pub fn may_send_event(&self, user: &UserId, kind: &str, state_key: Option<&str>) -> Result<bool, String> {
+        let rules = &self.version.rules().authorization;
+        let needed = match &self.power_levels {
+            Some(levels) => levels.event_power_level(&TimelineEventType::from(kind), state_key, rules)?,
+            None if state_key.is_some() => RoomPowerLevelsIntField::StateDefault.default_value(),
+            None => RoomPowerLevelsIntField::EventsDefault.default_value(),
+        };
+        Ok(self.user_level(user)? >= needed)
+    }
+
     /// Whether `user` has the `invite` level (the level a restricted join's authoriser needs).
     pub fn may_invite(&self, user: &UserId) -> Result<bool, String> {
         Ok(self.user_level(user)? >= self.field_level(RoomPowerLevelsIntField::Invite)?)

@@ -43,6 +43,7 @@ fn service(dir: &std::path::Path, name: &str, key: Arc<Ed25519KeyPair>) -> Servi
         turn: None,
         media: Default::default(),
         presence: Default::default(),
+        delayed_events: Default::default(),
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

@@ -40,6 +40,7 @@ fn service(dir: &std::path::Path) -> Service {
         turn: None,
         media: Default::default(),
         presence: Default::default(),
+        delayed_events: Default::default(),
     };
     Service::new(config, kv, Arc::new(SystemClock), PasswordHasher::new(64, 1).unwrap(), key)
 }

@@ -50,6 +50,17 @@ pub enum ServiceError {
     ThreepidDenied,
     #[error("{0}")]
     LimitExceeded(String),
+    /// A delayed event's delay above the configured maximum (MSC4140: 400
+    /// `M_MAX_DELAY_EXCEEDED` with `max_delay`).
+    #[error("the requested delay exceeds the allowed maximum of {max_delay_ms} ms")]
+    MaxDelayExceeded { max_delay_ms: u64 },
+    /// A user with as many delayed events scheduled as allowed (MSC4140: 429
+    /// `M_LIMIT_EXCEEDED`, `Retry-After` until their next one falls due).
+    #[error("the maximum number of scheduled delayed events has been reached")]
+    TooManyDelayedEvents { retry_after_ms: u64 },
+    /// A request that conflicts with the resource's state (409 `M_UNKNOWN`).
+    #[error("{0}")]
+    Conflict(String),
     /// `createRoom` asked for an alias that is taken (spec: 400 `M_ROOM_IN_USE`).
     #[error("{0}")]
     RoomInUse(String),

@@ -6,7 +6,8 @@
 //! [`Accounts`] (users, UIA, registration tokens, devices, sessions, profiles),
 //! [`AccountData`] (account data, tags, filters), [`ToDevice`] (device inboxes), [`Reports`],
 //! [`Rooms`] (the room graph, state, timelines, receipts, typing, relations, aliases, the
-//! directory, `/messages`), [`Presence`] (who is online, in memory, with changes kept), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
+//! directory, `/messages`), [`Presence`] (who is online, in memory, with changes kept), [`DelayedEvents`] (events
+//! scheduled to be sent later, MSC4140), and [`Sync`] (`/sync`, which owns no table and reads rooms, account
 //! data and inboxes through their APIs). [`Service`] composes them: it builds them in
 //! [`Service::new`], runs the rules that span several (a room's account data needs a
 //! membership; a device's deletion clears its inbox in the same batch), and hands out each one.
@@ -18,6 +19,7 @@ mod clock;
 mod composed;
 mod composed_keys;
 mod composed_presence;
+pub mod delayed_events;
 pub mod e2ee;
 mod error;
 pub mod federation;
@@ -45,6 +47,7 @@ pub use accounts::{
 pub use calls::{TurnConfig, TurnCredentials, TurnServer};
 pub use clock::{Clock, SystemClock};
 pub use composed_keys::KeyFailures;
+pub use delayed_events::{DelayedEvents, DelayedEventsConfig};
 pub use e2ee::E2ee;
 pub use error::ServiceError;
 pub use federation::Federation;
@@ -93,6 +96,8 @@ pub struct ServiceConfig {
     pub media: MediaConfig,
     /// Whether presence is tracked, and its timeouts (issue #12).
     pub presence: PresenceConfig,
+    /// Delayed events (MSC4140): on or off, and their limits.
+    pub delayed_events: DelayedEventsConfig,
 }
 
 /// Seven days, as Synapse keeps redacted content by default.
@@ -116,6 +121,7 @@ pub struct Service {
     federation: Federation,
     media: Arc<Media>,
     presence: Arc<Presence>,
+    delayed_events: Arc<DelayedEvents>,
     sync: Sync,
     notifier: Arc<notifier::Notifier>,
     /// For what the composition itself stamps (TURN credentials).
@@ -189,7 +195,10 @@ impl Service {
             },
         );
         let media = Arc::new(Media::new(config.media.clone(), kv.clone(), clock.clone(), config.server_name.clone()));
+        let delayed_events =
+            Arc::new(DelayedEvents::new(config.delayed_events.clone(), kv.clone(), clock.clone(), rooms.clone()));
         Self {
+            delayed_events,
             media,
             config,
             push,
@@ -527,6 +536,11 @@ impl Service {
         Ok(Some(ruma::state_res::Event::sender(&invite).server_name().to_owned()))
     }
 
+    /// Delayed events (MSC4140); the binary runs [`DelayedEvents::run`] on a clone.
+    pub fn delayed_events(&self) -> &Arc<DelayedEvents> {
+        &self.delayed_events
+    }
+
     pub fn sync(&self) -> &Sync {
         &self.sync
     }
@@ -560,6 +574,7 @@ fn test_config(name: &str) -> ServiceConfig {
         turn: None,
         media: MediaConfig::default(),
         presence: PresenceConfig::default(),
+        delayed_events: DelayedEventsConfig::default(),
     }
 }
 

@@ -189,6 +189,7 @@ fn every_table_but_meta_has_one_owner() {
         crate::federation::TABLES,
         crate::media::TABLES,
         crate::presence::TABLES,
+        crate::delayed_events::TABLES,
     ];
     for table in Table::ALL {
         let owners: Vec<&str> =

@@ -116,6 +116,29 @@ pub fn room_transaction(user_id: &str, device_id: &str, room_id: &str, txn_id: &
     join(&[user_id.as_bytes(), device_id.as_bytes(), room_id.as_bytes(), txn_id.as_bytes()])
 }
 
+/// `delayed_events`: the `delay_id`.
+pub fn delayed_event(delay_id: &str) -> Vec<u8> {
+    delay_id.as_bytes().to_vec()
+}
+
+/// `delayed_events_due`: the due time (big-endian) then the `delay_id`, so a forward scan
+/// meets the next event to fire first.
+pub fn delayed_event_due(due_ms: u64, delay_id: &str) -> Vec<u8> {
+    let mut key = due_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(delay_id.as_bytes());
+    key
+}
+
+/// The `delay_id` of a `delayed_events_due` key.
+pub fn delay_id_of_due_key(key: &[u8]) -> Option<&str> {
+    key.get(8..).and_then(|id| std::str::from_utf8(id).ok())
+}
+
+/// `delayed_events_by_user`: `user\0delay_id`.
+pub fn delayed_event_of_user(user_id: &str, delay_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), delay_id.as_bytes()])
+}
+
 /// `room\0user\0receipt type\0thread`: one receipt per user, type and thread in a room.
 pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])

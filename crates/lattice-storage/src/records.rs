@@ -487,6 +487,49 @@ impl Record for PresenceRecord {
     const TABLE: Table = Table::Presence;
 }
 
+/// An event a local user scheduled to be sent later (MSC4140), keyed by its `delay_id` in
+/// `delayed_events`; `delayed_events_due` and `delayed_events_by_user` index it, written in the
+/// same batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayedEventRecord {
+    pub delay_id: String,
+    pub user_id: String,
+    pub room_id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub state_key: Option<String>,
+    /// The content as the client sent it.
+    pub content: serde_json::Value,
+    pub delay_ms: u64,
+    /// When the delay started: scheduling, or the last restart (ms since the epoch).
+    pub running_since_ms: u64,
+}
+
+impl DelayedEventRecord {
+    /// When the event falls due.
+    pub fn due_ms(&self) -> u64 {
+        self.running_since_ms.saturating_add(self.delay_ms)
+    }
+}
+
+impl Record for DelayedEventRecord {
+    const TABLE: Table = Table::DelayedEvents;
+}
+
+/// What a client transaction ID of a delayed send produced, so a retry answers with the same
+/// `delay_id` (`delayed_event_transactions`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayedTransactionRecord {
+    pub delay_id: String,
+    /// SHA-256 (hex) of the request: a reused ID with another request is refused.
+    pub request_hash: String,
+}
+
+impl Record for DelayedTransactionRecord {
+    const TABLE: Table = Table::DelayedEventTransactions;
+}
+
 #[cfg(test)]
 mod tests {
     use super::MemberCounts;

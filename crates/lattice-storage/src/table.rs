@@ -85,4 +85,8 @@ tables! {
     MediaUsage => "media_usage",
     MediaPreviews => "media_previews",
     Presence => "presence",
+    DelayedEvents => "delayed_events",
+    DelayedEventsDue => "delayed_events_due",
+    DelayedEventsByUser => "delayed_events_by_user",
+    DelayedEventTransactions => "delayed_event_transactions",
 }

@@ -28,11 +28,16 @@ pub fn routes() -> Routes {
 }
 
 async fn versions(
+    State(state): State<AppState>,
     Ruma(_): Ruma<get_supported_versions::Request>,
 ) -> ApiResult<RumaResponse<get_supported_versions::Response>> {
     let mut response = get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| v.to_string()).collect());
     // MSC2815: server admins may read redacted content (clients look for this flag).
     response.unstable_features.insert("fi.mau.msc2815".into(), true);
+    // MSC4140: delayed events, when the operator has them on.
+    if state.service.delayed_events().config().enabled {
+        response.unstable_features.insert("org.matrix.msc4140".into(), true);
+    }
     Ok(RumaResponse(response))
 }
 

@@ -2,6 +2,7 @@
 
 mod account;
 mod backup;
+mod delayed_events;
 mod devices;
 mod directory;
 mod discovery;
@@ -99,6 +100,7 @@ pub fn all() -> Routes {
         .merge(directory::routes())
         .merge(profile::routes())
         .merge(presence::routes())
+        .merge(delayed_events::routes())
         .merge(rooms::routes())
         .merge(membership::routes())
         .merge(sync::routes())

@@ -2,7 +2,9 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use lattice_service::delayed_events::ScheduleRequest;
 use lattice_service::rooms::{CreateRoom, Preset, Txn};
 use lattice_service::{JsonObject, ServiceError};
 use ruma::api::client::membership::{
@@ -23,6 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Routes;
+use super::delayed_events::{DelayQuery, schedule_event};
 use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, PathParams, QueryParams};
@@ -138,19 +141,33 @@ async fn joined_rooms(
     Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
 }
 
+/// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`; with `org.matrix.msc4140.delay` the event
+/// is scheduled instead (MSC4140) and the answer is its `delay_id`.
 async fn send(
     State(state): State<AppState>,
     Auth(session): Auth,
+    QueryParams(delay): QueryParams<DelayQuery>,
     Ruma(request): Ruma<send_message_event::v3::Request>,
-) -> ApiResult<RumaResponse<send_message_event::v3::Response>> {
-    state.limits.message_per_user.check(session.user_id.as_str())?;
+) -> ApiResult<Response> {
     // ruma has checked that the content is a JSON object; its fields are the event type's own.
     let content: Value = request.body.deserialize_as_unchecked().map_err(|e| ApiError::BadJson(e.to_string()))?;
     let txn = Txn { device_id: session.device_id.as_str(), txn_id: request.txn_id.as_str() };
     let event_type = request.event_type.to_string();
+    if let Some(delay_ms) = delay.delay_ms()? {
+        let scheduled = ScheduleRequest {
+            room_id: &request.room_id,
+            event_type: &event_type,
+            state_key: None,
+            content,
+            delay_ms,
+            txn: Some(txn),
+        };
+        return Ok(schedule_event(&state, &session, scheduled).await?.into_response());
+    }
+    state.limits.message_per_user.check(session.user_id.as_str())?;
     let rooms = state.service.rooms();
     let event_id = rooms.send_event(&session.user_id, &request.room_id, &event_type, None, content, Some(txn)).await?;
-    Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
+    Ok(RumaResponse(send_message_event::v3::Response::new(event_id)).into_response())
 }
 
 async fn all_state(
@@ -184,18 +201,32 @@ async fn get_state(
 }
 
 /// `PUT /rooms/{roomId}/state/{eventType}[/{stateKey}]`, the state key read as for `get_state`.
+/// With `org.matrix.msc4140.delay` the event is scheduled instead (MSC4140); the state endpoint
+/// has no transaction ID, so each such request schedules anew.
 async fn put_state(
     State(state): State<AppState>,
     Auth(session): Auth,
+    QueryParams(delay): QueryParams<DelayQuery>,
     Ruma(request): Ruma<send_state_event::v3::Request>,
-) -> ApiResult<RumaResponse<send_state_event::v3::Response>> {
-    state.limits.message_per_user.check(session.user_id.as_str())?;
+) -> ApiResult<Response> {
     let content =
         serde_json::to_value(object(&request.body, "content")?).map_err(|e| ApiError::BadJson(e.to_string()))?;
     let (kind, key) = (request.event_type.to_string(), request.state_key.as_str());
+    if let Some(delay_ms) = delay.delay_ms()? {
+        let scheduled = ScheduleRequest {
+            room_id: &request.room_id,
+            event_type: &kind,
+            state_key: Some(key),
+            content,
+            delay_ms,
+            txn: None,
+        };
+        return Ok(schedule_event(&state, &session, scheduled).await?.into_response());
+    }
+    state.limits.message_per_user.check(session.user_id.as_str())?;
     let rooms = state.service.rooms();
     let event_id = rooms.send_event(&session.user_id, &request.room_id, &kind, Some(key), content, None).await?;
-    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
+    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)).into_response())
 }
 
 async fn join(

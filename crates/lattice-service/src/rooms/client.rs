@@ -448,6 +448,28 @@ impl Rooms {
         self.require_member(user_id, room_id).await
     }
 
+    /// Whether `user` could send an event of `kind` (a state event with `state_key`) into the
+    /// room now: the room exists (else 404), the user is joined and has the power level the
+    /// type needs (else 403). For what is scheduled now and sent later (delayed events), where
+    /// the send itself checks again.
+    pub(crate) async fn require_may_send(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let version = self.room_version(room_id).await?;
+        self.require_member(user_id, room_id).await?;
+        let (create, power_levels) = self.power_events(&version, room_id).await?;
+        let power = lattice_core::power::RoomPower::new(&version, &create, power_levels.as_ref())
+            .map_err(ServiceError::Internal)?;
+        if !power.may_send_event(user_id, kind, state_key).map_err(ServiceError::Internal)? {
+            return Err(ServiceError::Forbidden(format!("{user_id} may not send {kind} events in {room_id}")));
+        }
+        Ok(())
+    }
+
     /// The user is joined to the room (`M_FORBIDDEN` otherwise, also for unknown rooms).
     pub(crate) async fn require_member(&self, user_id: &UserId, room_id: &RoomId) -> Result<(), ServiceError> {
         if self.membership(user_id, room_id).await?.as_deref() != Some("join") {
