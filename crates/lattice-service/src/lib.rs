@@ -16,6 +16,7 @@ pub mod accounts;
 mod calls;
 mod clock;
 mod composed;
+mod composed_dehydrated;
 mod composed_keys;
 mod composed_presence;
 pub mod e2ee;
@@ -44,6 +45,7 @@ pub use accounts::{
 };
 pub use calls::{TurnConfig, TurnCredentials, TurnServer};
 pub use clock::{Clock, SystemClock};
+pub use composed_dehydrated::NewDehydratedDevice;
 pub use composed_keys::KeyFailures;
 pub use e2ee::E2ee;
 pub use error::ServiceError;

@@ -85,4 +85,5 @@ tables! {
     MediaUsage => "media_usage",
     MediaPreviews => "media_previews",
     Presence => "presence",
+    DehydratedDevices => "dehydrated_devices",
 }

@@ -33,6 +33,8 @@ async fn versions(
     let mut response = get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| v.to_string()).collect());
     // MSC2815: server admins may read redacted content (clients look for this flag).
     response.unstable_features.insert("fi.mau.msc2815".into(), true);
+    // MSC3814: dehydrated devices (`/unstable/org.matrix.msc3814.v1/dehydrated_device`).
+    response.unstable_features.insert("org.matrix.msc3814".into(), true);
     Ok(RumaResponse(response))
 }
 

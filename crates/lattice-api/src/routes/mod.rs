@@ -2,6 +2,7 @@
 
 mod account;
 mod backup;
+mod dehydrated;
 mod devices;
 mod directory;
 mod discovery;
@@ -112,6 +113,7 @@ pub fn all() -> Routes {
         .merge(thirdparty::routes())
         .merge(keys::routes())
         .merge(backup::routes())
+        .merge(dehydrated::routes())
         .merge(federation::routes())
         .merge(search::routes())
         .merge(spaces::routes())
