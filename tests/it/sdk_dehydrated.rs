@@ -12,6 +12,7 @@ use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId, device_id};
 use matrix_sdk_crypto::store::types::DehydratedDeviceKey;
 use matrix_sdk_crypto::{DecryptionSettings, OlmMachine, TrustRequirement};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
 use crate::sdk_e2ee::{logged_in, send_text, settle};
@@ -75,7 +76,9 @@ async fn a_message_sent_while_alice_was_offline_is_decrypted_through_her_rehydra
     let mut next_batch: Option<String> = None;
     loop {
         let body = next_batch.as_ref().map_or_else(|| json!({}), |token| json!({ "next_batch": token }));
-        let (status, page) = http.post(&format!("{DEHYDRATED}/{device_id}/events"), Some(&alice_token), &body).await;
+        // The SDK's dehydrated device IDs are base64 and may hold `/` or `+`: encoded, as clients do.
+        let encoded = utf8_percent_encode(device_id.as_str(), NON_ALPHANUMERIC);
+        let (status, page) = http.post(&format!("{DEHYDRATED}/{encoded}/events"), Some(&alice_token), &body).await;
         assert_eq!(status, 200, "{page}");
         let page_events = page["events"].as_array().cloned().expect("events");
         next_batch = page["next_batch"].as_str().map(str::to_owned);

@@ -20,14 +20,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::Auth;
 use crate::typed::{Ruma, RumaResponse, raw};
 
-const DEHYDRATED_DEVICE: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
-const DEHYDRATED_DEVICE_EVENTS: &str =
-    "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/{device_id}/events";
-
 pub fn routes() -> Routes {
     Routes::new()
-        .route(DEHYDRATED_DEVICE, put(store).get(fetch).delete(delete))
-        .route(DEHYDRATED_DEVICE_EVENTS, post(events))
+        .route("/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", put(store).get(fetch).delete(delete))
+        .route("/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/{device_id}/events", post(events))
 }
 
 fn json<T>(raw: &Raw<T>, what: &str) -> ApiResult<Value> {
