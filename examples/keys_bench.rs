@@ -7,7 +7,11 @@
 //! 3. `/keys/query`: 10 concurrent clients, each query naming 10 users (all their devices), for
 //!    2,000 queries: queries per second and latency; and one query naming every user;
 //! 4. incremental `/sync` of a user sharing one room with every other user, right after one of
-//!    them published new keys (the device-list change it reports).
+//!    them published new keys (the device-list change it reports);
+//! 5. dehydrated devices (MSC3814): `PUT /dehydrated_device` with device keys, 50 signed
+//!    one-time keys and a fallback key, each replacing the previous device (latency); and the
+//!    owner draining 1,000 to-device messages from it through `/events` with `next_batch`
+//!    (pages of 100, each acknowledging the one before), three times.
 //!
 //! Usage: `cargo run --release --example keys_bench -- [path/to/lattice] [--users N]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
@@ -351,9 +355,100 @@ async fn main() -> Result<(), Error> {
         "| incremental `/sync` reporting one device-list change, one room of {users_n} members | 20 syncs | p50 {p50:.1} ms, p99 {p99:.1} ms |"
     ));
 
+    // 5. Dehydrated devices.
+    rows.extend(dehydrated_devices(&server, &users[0], &users[1 % users_n]).await?);
+
     println!("| what | load | result |\n|---|---|---|");
     for row in rows {
         println!("{row}");
     }
     Ok(())
+}
+
+const DEHYDRATED: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
+
+/// The `PUT /dehydrated_device` body of a fresh device `device_id` of `owner` with `otks`
+/// signed one-time keys and a fallback key, all signed by the device's own key.
+fn dehydrated_body(owner: &str, device_id: &str, otks: usize) -> Result<Value, Error> {
+    let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device_id.to_owned())?;
+    let public = ruma::serde::Base64::<ruma::serde::base64::Standard>::new(pair.public_key().to_vec()).encode();
+    let device_keys = signed(
+        json!({ "user_id": owner, "device_id": device_id, "dehydrated": true,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                "keys": { format!("ed25519:{device_id}"): public, format!("curve25519:{device_id}"): "curve" } }),
+        owner,
+        &pair,
+    )?;
+    let mut one_time_keys = serde_json::Map::new();
+    for n in 0..otks {
+        one_time_keys
+            .insert(format!("signed_curve25519:{n:04}"), signed(json!({ "key": format!("k{n}") }), owner, &pair)?);
+    }
+    let fallback = signed(json!({ "key": "fallback", "fallback": true }), owner, &pair)?;
+    Ok(json!({
+        "device_id": device_id,
+        "initial_device_display_name": "dehydrated",
+        "device_data": { "algorithm": "org.matrix.msc3814.v2", "device_pickle": "x".repeat(2_000), "nonce": "n" },
+        "device_keys": device_keys,
+        "one_time_keys": one_time_keys,
+        "fallback_keys": { "signed_curve25519:fb": fallback },
+    }))
+}
+
+async fn dehydrated_devices(server: &Server, owner: &User, sender: &User) -> Result<Vec<String>, Error> {
+    const OTKS: usize = 50;
+    const PUTS: usize = 50;
+    const MESSAGES: usize = 1_000;
+    let mut rows = Vec::new();
+    let mut latencies = Vec::new();
+    for round in 0..PUTS {
+        let body = dehydrated_body(&owner.id, &format!("DEHYDRATED{round}"), OTKS)?;
+        let one = Instant::now();
+        server.call(reqwest::Method::PUT, DEHYDRATED, Some(&owner.token), Some(&body)).await?;
+        latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (p50, p99) = summary(latencies);
+    rows.push(format!(
+        "| `PUT /dehydrated_device`, device keys + {OTKS} signed one-time keys + fallback, replacing the previous device | {PUTS} uploads | p50 {p50:.1} ms, p99 {p99:.1} ms |"
+    ));
+    let device_id = format!("DEHYDRATED{}", PUTS - 1);
+    let events_path = format!("{DEHYDRATED}/{device_id}/events");
+    let mut drains = Vec::new();
+    let mut pages = Vec::new();
+    for round in 0..3 {
+        for n in 0..MESSAGES {
+            let messages =
+                json!({ "messages": { &owner.id: { &device_id: { "n": n, "ciphertext": "c".repeat(200) } } } });
+            let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/r{round}-{n}");
+            server.call(reqwest::Method::PUT, &path, Some(&sender.token), Some(&messages)).await?;
+        }
+        let started = Instant::now();
+        let mut next_batch: Option<String> = None;
+        let mut received = 0;
+        loop {
+            let body = match &next_batch {
+                Some(token) => json!({ "next_batch": token }),
+                None => json!({}),
+            };
+            let one = Instant::now();
+            let page = server.call(reqwest::Method::POST, &events_path, Some(&owner.token), Some(&body)).await?;
+            pages.push(one.elapsed().as_secs_f64() * 1000.0);
+            let count = page["events"].as_array().map_or(0, Vec::len);
+            next_batch = Some(page["next_batch"].as_str().ok_or("no next_batch")?.to_owned());
+            if count == 0 {
+                break;
+            }
+            received += count;
+        }
+        if received != MESSAGES {
+            return Err(format!("drained {received} of {MESSAGES} messages").into());
+        }
+        drains.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (p50, p99) = summary(pages);
+    let drain = drains.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(", ");
+    rows.push(format!(
+        "| dehydrated device `/events` drain of {MESSAGES} to-device messages (pages of 100 + the empty last page) | 3 drains: {drain} ms | per page p50 {p50:.1} ms, p99 {p99:.1} ms |"
+    ));
+    Ok(rows)
 }

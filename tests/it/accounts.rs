@@ -13,7 +13,10 @@ async fn discovery_endpoints_describe_the_server() {
     let (status, versions) = server.http.get("/_matrix/client/versions", None).await;
     assert_eq!(status, 200);
     assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.16")));
-    assert_eq!(versions["unstable_features"], json!({ "fi.mau.msc2815": true, "org.matrix.msc4140": true }));
+    assert_eq!(
+        versions["unstable_features"],
+        json!({ "fi.mau.msc2815": true, "org.matrix.msc3814": true, "org.matrix.msc4140": true })
+    );
 
     let (status, client) = server.http.get("/.well-known/matrix/client", None).await;
     assert_eq!(status, 200);

@@ -21,19 +21,19 @@ pub(crate) fn key_pair(version: &str) -> Ed25519KeyPair {
     Ed25519KeyPair::from_der(&document, version.to_owned()).expect("a key pair")
 }
 
-fn public(pair: &Ed25519KeyPair) -> String {
+pub(crate) fn public(pair: &Ed25519KeyPair) -> String {
     ruma::serde::Base64::<ruma::serde::base64::Standard>::new(pair.public_key().to_vec()).encode()
 }
 
 /// `object` signed by `signer` with `pair` (key ID `ed25519:<pair's version>`).
-fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Value {
+pub(crate) fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Value {
     let map = object.as_object().cloned().expect("an object");
     let mut canonical = ruma::canonical_json::try_from_json_map(map).expect("canonical JSON");
     sign_json(signer, pair, &mut canonical).expect("signed");
     serde_json::to_value(canonical).expect("JSON")
 }
 
-async fn login(server: &TestServer, name: &str) -> Device {
+pub(crate) async fn login(server: &TestServer, name: &str) -> Device {
     let (status, body) = server.http.login(name, "pw").await;
     assert_eq!(status, 200, "{body}");
     let id = body["device_id"].as_str().expect("device ID").to_owned();

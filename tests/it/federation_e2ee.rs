@@ -21,7 +21,7 @@ use crate::federation_keys::{Network, Server};
 use crate::federation_rooms::{shared_room, signed_request, sync_until};
 use crate::support::assert_error;
 
-async fn device_on(server: &Server, name: &str) -> Device {
+pub(crate) async fn device_on(server: &Server, name: &str) -> Device {
     let (status, body) = server.http.login(name, "password").await;
     assert_eq!(status, 200, "{body}");
     let id = body["device_id"].as_str().expect("device ID").to_owned();
@@ -38,7 +38,13 @@ fn server_name(server: &Server) -> String {
 }
 
 /// `/sync` since `since` until `found` holds (30 s at most); the last answer.
-async fn sync_from(server: &Server, token: &str, since: &str, what: &str, found: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn sync_from(
+    server: &Server,
+    token: &str,
+    since: &str,
+    what: &str,
+    found: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut since = since.to_owned();
     loop {

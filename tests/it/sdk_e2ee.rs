@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::support::TestServer;
 
-async fn logged_in(server: &TestServer, name: &str) -> Client {
+pub(crate) async fn logged_in(server: &TestServer, name: &str) -> Client {
     server.register(name, "pw").await;
     let client = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
     client.matrix_auth().login_username(name, "pw").send().await.expect("login");
@@ -27,7 +27,7 @@ fn quick() -> SyncSettings {
 }
 
 /// A few syncs: each sends the client's pending key uploads, queries and claims.
-async fn settle(clients: &[&Client]) {
+pub(crate) async fn settle(clients: &[&Client]) {
     for _ in 0..3 {
         for client in clients {
             client.sync_once(quick()).await.expect("sync");
@@ -48,7 +48,7 @@ async fn decrypted_body(client: &Client, room_id: &RoomId, event_id: &OwnedEvent
     }
 }
 
-async fn send_text(client: &Client, room_id: &RoomId, body: &str) -> OwnedEventId {
+pub(crate) async fn send_text(client: &Client, room_id: &RoomId, body: &str) -> OwnedEventId {
     let room = client.get_room(room_id).expect("room known");
     room.send(RoomMessageEventContent::text_plain(body)).await.expect("message sent").response.event_id
 }

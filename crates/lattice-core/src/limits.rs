@@ -82,6 +82,9 @@ pub const MAX_KEYS_PER_UPLOAD: usize = 1_000;
 pub const MAX_ONE_TIME_KEYS_PER_DEVICE: usize = 1_000;
 /// Bytes of one uploaded key object (device keys, a one-time key, a cross-signing key).
 pub const MAX_KEY_OBJECT_BYTES: usize = 16_384;
+/// Bytes of a dehydrated device's `device_data` (MSC3814: the pickled device, encrypted; a
+/// few KiB in practice).
+pub const MAX_DEHYDRATED_DEVICE_DATA_BYTES: usize = 65_536;
 /// Users (or devices, for `/keys/claim`) one `/keys/query` or `/keys/claim` may name.
 pub const MAX_KEYS_REQUEST_TARGETS: usize = 1_000;
 /// Signatures one `/keys/signatures/upload` may carry.

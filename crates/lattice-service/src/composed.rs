@@ -194,7 +194,7 @@ impl Service {
     /// keys (the e2ee rows), so no later device of the same ID inherits its messages or keys.
     /// When any device went, the change of the user's device list is recorded in the same batch;
     /// publish it with [`Service::announce_device_list_change`] once the batch is committed.
-    async fn remove_devices_to_batch(
+    pub(crate) async fn remove_devices_to_batch(
         &self,
         batch: &mut WriteBatch,
         user_id: &UserId,

@@ -17,6 +17,7 @@ pub mod accounts;
 mod calls;
 mod clock;
 mod composed;
+mod composed_dehydrated;
 mod composed_keys;
 mod composed_presence;
 pub mod delayed_events;
@@ -46,6 +47,7 @@ pub use accounts::{
 };
 pub use calls::{TurnConfig, TurnCredentials, TurnServer};
 pub use clock::{Clock, SystemClock};
+pub use composed_dehydrated::NewDehydratedDevice;
 pub use composed_keys::KeyFailures;
 pub use delayed_events::{DelayedEvents, DelayedEventsConfig};
 pub use e2ee::E2ee;

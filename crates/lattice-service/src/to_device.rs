@@ -153,6 +153,25 @@ impl ToDevice {
         Ok(self.kv.write(batch).await?)
     }
 
+    /// A dehydrated device's inbox, read by its owner (MSC3814 `/events`): first deletes what
+    /// the owner acknowledged by passing back a `next_batch` (as a sync token does for a
+    /// device), then returns the next messages, oldest first, and the `next_batch` that
+    /// acknowledges them. Past the last message the same call returns no events.
+    pub(crate) async fn dehydrated_device_events(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        acknowledged: Option<u64>,
+    ) -> Result<(Vec<Value>, u64), ServiceError> {
+        let now = self.position().await?;
+        if let Some(acknowledged) = acknowledged {
+            // A token from the future acknowledges at most what exists.
+            self.acknowledge_to_device(user_id, device_id, acknowledged.min(now)).await?;
+        }
+        let pending = self.pending_to_device(user_id, device_id, now).await?;
+        Ok((pending.events, pending.delivered_up_to.unwrap_or(now)))
+    }
+
     /// Adds the removal of a device's whole inbox (its device is being deleted).
     pub(crate) async fn clear_inbox_to_batch(
         &self,

@@ -43,10 +43,26 @@ pub struct DeviceRecord {
     pub access_token_hash: String,
     /// Hex SHA-256 of the device's current refresh token, if it uses refresh tokens.
     pub refresh_token_hash: Option<String>,
+    /// A dehydrated device (MSC3814): it has no tokens and no one may log in to it; rows from
+    /// before the field read as `false`, and ordinary devices keep their stored form.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dehydrated: bool,
 }
 
 impl Record for DeviceRecord {
     const TABLE: Table = Table::Devices;
+}
+
+/// A user's dehydrated device (MSC3814): which device it is, and the encrypted data its owner
+/// stored with it, handed back verbatim to the owner's next login.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DehydratedDeviceRecord {
+    pub device_id: String,
+    pub device_data: serde_json::Value,
+}
+
+impl Record for DehydratedDeviceRecord {
+    const TABLE: Table = Table::DehydratedDevices;
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -89,4 +89,5 @@ tables! {
     DelayedEventsDue => "delayed_events_due",
     DelayedEventsByUser => "delayed_events_by_user",
     DelayedEventTransactions => "delayed_event_transactions",
+    DehydratedDevices => "dehydrated_devices",
 }

@@ -38,6 +38,8 @@ async fn versions(
     if state.service.delayed_events().config().enabled {
         response.unstable_features.insert("org.matrix.msc4140".into(), true);
     }
+    // MSC3814: dehydrated devices (`/unstable/org.matrix.msc3814.v1/dehydrated_device`).
+    response.unstable_features.insert("org.matrix.msc3814".into(), true);
     Ok(RumaResponse(response))
 }
 

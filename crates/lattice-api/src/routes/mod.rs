@@ -2,6 +2,7 @@
 
 mod account;
 mod backup;
+mod dehydrated;
 mod delayed_events;
 mod devices;
 mod directory;
@@ -114,6 +115,7 @@ pub fn all() -> Routes {
         .merge(thirdparty::routes())
         .merge(keys::routes())
         .merge(backup::routes())
+        .merge(dehydrated::routes())
         .merge(federation::routes())
         .merge(search::routes())
         .merge(spaces::routes())

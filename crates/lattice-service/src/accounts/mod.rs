@@ -2,6 +2,7 @@
 //! devices and their sessions, and profiles. It owns those tables and nothing else; what an
 //! account change means for rooms or device inboxes is composed by [`Service`](crate::Service).
 
+pub(crate) mod dehydrated;
 mod devices;
 mod profile;
 mod registration;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use lattice_storage::{KvStore, ScopedStore, Table, TableScope};
 use ruma::ServerName;
 
+pub use dehydrated::DehydratedDevice;
 pub use devices::DeviceInfo;
 pub(crate) use devices::MAX_DEVICES_PER_DELETE;
 pub(crate) use profile::profile_content;
@@ -37,6 +39,7 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::RefreshTokens,
         Table::RegistrationTokens,
         Table::UiaSessions,
+        Table::DehydratedDevices,
     ],
 };
 

@@ -130,6 +130,13 @@ impl Accounts {
         batch.expect(Table::Devices, key.clone(), existing.as_ref().map(|f| f.raw.clone()));
         let now = self.now_ms();
         let record = match existing {
+            Some(fetched) if fetched.value.dehydrated => {
+                // MSC3814: a dehydrated device is rehydrated into a new device by its owner's
+                // client, never logged in to.
+                return Err(ServiceError::Forbidden(format!(
+                    "{device_id} is a dehydrated device; log in as a new device"
+                )));
+            }
             Some(fetched) => {
                 revoke_tokens(batch, &fetched.value);
                 fetched.value
@@ -144,6 +151,7 @@ impl Accounts {
                     last_seen_ip: None,
                     access_token_hash: String::new(),
                     refresh_token_hash: None,
+                    dehydrated: false,
                 }
             }
         };
@@ -152,7 +160,7 @@ impl Accounts {
         Ok(self.issue_tokens(batch, user_id, record, device.refreshable))
     }
 
-    async fn check_device_count(&self, user_id: &UserId) -> Result<(), ServiceError> {
+    pub(super) async fn check_device_count(&self, user_id: &UserId) -> Result<(), ServiceError> {
         let prefix = keys::user_rows(user_id.as_str());
         let rows = self
             .kv
@@ -260,6 +268,10 @@ impl Accounts {
             if selected(&device.device_id) {
                 revoke_tokens(batch, &device);
                 batch.delete(Table::Devices, key);
+                if device.dehydrated {
+                    // The dehydrated device goes with its record, whichever endpoint deletes it.
+                    batch.delete(Table::DehydratedDevices, keys::user(user_id.as_str()));
+                }
                 removed.push(device.device_id);
             }
         }
@@ -267,7 +279,7 @@ impl Accounts {
     }
 }
 
-fn revoke_tokens(batch: &mut WriteBatch, device: &DeviceRecord) {
+pub(super) fn revoke_tokens(batch: &mut WriteBatch, device: &DeviceRecord) {
     batch.delete(Table::AccessTokens, keys::token(&device.access_token_hash));
     if let Some(hash) = &device.refresh_token_hash {
         batch.delete(Table::RefreshTokens, keys::token(hash));

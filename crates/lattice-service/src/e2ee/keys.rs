@@ -259,6 +259,56 @@ impl E2ee {
         Err(ServiceError::LimitExceeded("too many concurrent key uploads; try again".into()))
     }
 
+    /// Adds the keys of a new dehydrated device (MSC3814) to `batch`: its device keys, checked
+    /// as `/keys/upload` checks them and marked `dehydrated: true` by their owner's signature,
+    /// and its one-time and fallback keys. The device is new (or its old keys are deleted
+    /// earlier in the same batch), so nothing stored is read.
+    pub(crate) fn dehydrated_device_keys_to_batch(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: &UserId,
+        device_id: &str,
+        upload: &UploadKeys,
+    ) -> Result<(), ServiceError> {
+        check_key_part("device ID", device_id)?;
+        let Some(device_keys) = &upload.device_keys else {
+            return Err(ServiceError::MissingParam("a dehydrated device needs device_keys".into()));
+        };
+        let ed25519 = check_device_keys(user_id, device_id, device_keys)?;
+        if device_keys.get("dehydrated") != Some(&Value::Bool(true)) {
+            return Err(ServiceError::InvalidParam(
+                "a dehydrated device's device_keys must carry \"dehydrated\": true (MSC3814)".into(),
+            ));
+        }
+        if upload.one_time_keys.len() + upload.fallback_keys.len() > MAX_KEYS_PER_UPLOAD {
+            return Err(ServiceError::InvalidParam(format!(
+                "at most {MAX_KEYS_PER_UPLOAD} one-time and fallback keys per upload"
+            )));
+        }
+        if upload.one_time_keys.len() > MAX_ONE_TIME_KEYS_PER_DEVICE {
+            return Err(ServiceError::InvalidParam(format!(
+                "a device may hold at most {MAX_ONE_TIME_KEYS_PER_DEVICE} unclaimed one-time keys"
+            )));
+        }
+        batch.put(Table::DeviceKeys, keys::device(user_id.as_str(), device_id), encode(device_keys));
+        for (key_id, key) in &upload.one_time_keys {
+            let (algorithm, name) = split_key_id(key_id)?;
+            check_one_time_key(user_id, device_id, key_id, key, Some(&ed25519))?;
+            batch.put(
+                Table::OneTimeKeys,
+                keys::one_time_key(user_id.as_str(), device_id, algorithm, name),
+                encode(key),
+            );
+        }
+        for (key_id, key) in &upload.fallback_keys {
+            let (algorithm, name) = split_key_id(key_id)?;
+            check_one_time_key(user_id, device_id, key_id, key, Some(&ed25519))?;
+            let record = FallbackKey { key_id: name.to_owned(), key: key.clone(), used: false };
+            batch.put(Table::FallbackKeys, keys::fallback_key(user_id.as_str(), device_id, algorithm), encode(&record));
+        }
+        Ok(())
+    }
+
     /// The device's unclaimed one-time keys per algorithm (`signed_curve25519` always present).
     pub(crate) async fn one_time_key_counts(
         &self,
