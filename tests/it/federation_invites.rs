@@ -17,7 +17,7 @@ fn invite_of<'a>(sync: &'a Value, room: &str) -> &'a Value {
     &sync["rooms"]["invite"][room]["invite_state"]["events"]
 }
 
-fn stripped<'a>(events: &'a Value, kind: &str) -> Option<&'a Value> {
+pub(crate) fn stripped<'a>(events: &'a Value, kind: &str) -> Option<&'a Value> {
     events.as_array()?.iter().find(|e| e["type"] == kind)
 }
 

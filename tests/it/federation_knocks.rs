@@ -6,16 +6,13 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::federation_invites::stripped;
 use crate::federation_keys::{Network, Server};
 use crate::federation_rooms::{signed_request, sync_until, timeline_bodies};
 use crate::support::{assert_error, create_room, say};
 
 fn knock_state<'a>(sync: &'a Value, room: &str) -> &'a Value {
     &sync["rooms"]["knock"][room]["knock_state"]["events"]
-}
-
-fn stripped<'a>(events: &'a Value, kind: &str) -> Option<&'a Value> {
-    events.as_array()?.iter().find(|e| e["type"] == kind)
 }
 
 async fn membership_on(server: &Server, token: &str, room: &str, user: &str) -> Value {

@@ -12,6 +12,7 @@ use crate::federation_rooms::sync_until;
 use crate::support::{bodies, create_room, say};
 
 const ALL: [&str; 3] = ["lat1.test", "lat2.test", "lat3.test"];
+const EVERYONE: [&str; 3] = ["@alice:lat1.test", "@bob:lat2.test", "@carol:lat3.test"];
 
 /// The bodies of the room's history as `token`'s user pages back through it (up to 500 events),
 /// oldest first.
@@ -71,7 +72,8 @@ async fn until_state_agrees(servers: [(&Server, &str); 3], room: &str, kind: &st
     }
 }
 
-/// alice (lat1) creates a public room with an alias; bob (lat2) and carol (lat3) join it.
+/// alice (lat1) creates a public room with an alias; bob (lat2) and carol (lat3) join it, and
+/// every server sees all three members.
 async fn room_across_three(lat1: &Server, lat2: &Server, lat3: &Server) -> (String, [String; 3]) {
     let alice = lat1.register_user("alice").await;
     let bob = lat2.register_user("bob").await;
@@ -89,6 +91,7 @@ async fn room_across_three(lat1: &Server, lat2: &Server, lat3: &Server) -> (Stri
     }
     for (server, token) in [(lat1, &alice), (lat2, &bob), (lat3, &carol)] {
         sync_until(server, token, "the room", |s| s["rooms"]["join"][&room].is_object()).await;
+        until_joined_members(server, token, &room, &EVERYONE).await;
     }
     (room, [alice, bob, carol])
 }
@@ -113,14 +116,8 @@ async fn until_joined_members(server: &Server, token: &str, room: &str, expected
 #[tokio::test]
 async fn a_room_across_three_servers_carries_everything_and_a_stopped_server_catches_up() {
     let net = Network::new(&ALL);
-    let mut lat1 = net.start("lat1.test").await;
-    let mut lat2 = net.start("lat2.test").await;
-    let mut lat3 = net.start("lat3.test").await;
+    let (mut lat1, mut lat2, mut lat3) = (net.start(ALL[0]).await, net.start(ALL[1]).await, net.start(ALL[2]).await);
     let (room, [alice, bob, carol]) = room_across_three(&lat1, &lat2, &lat3).await;
-    let everyone = ["@alice:lat1.test", "@bob:lat2.test", "@carol:lat3.test"];
-    for (server, token) in [(&lat1, &alice), (&lat2, &bob), (&lat3, &carol)] {
-        until_joined_members(server, token, &room, &everyone).await;
-    }
 
     // A message from each server reaches the other two.
     let mut said = Vec::new();
@@ -233,14 +230,8 @@ async fn a_room_across_three_servers_carries_everything_and_a_stopped_server_cat
 #[tokio::test]
 async fn a_partition_forks_the_room_and_all_three_servers_converge_when_it_heals() {
     let net = Network::new(&ALL);
-    let mut lat1 = net.start("lat1.test").await;
-    let mut lat2 = net.start("lat2.test").await;
-    let mut lat3 = net.start("lat3.test").await;
+    let (mut lat1, mut lat2, mut lat3) = (net.start(ALL[0]).await, net.start(ALL[1]).await, net.start(ALL[2]).await);
     let (room, [alice, bob, carol]) = room_across_three(&lat1, &lat2, &lat3).await;
-    let everyone = ["@alice:lat1.test", "@bob:lat2.test", "@carol:lat3.test"];
-    for (server, token) in [(&lat1, &alice), (&lat2, &bob), (&lat3, &carol)] {
-        until_joined_members(server, token, &room, &everyone).await;
-    }
     // carol may change the room's name too, so both sides of the partition can.
     let levels = state_content(&lat1, &alice, &room, "m.room.power_levels", "").await;
     let mut levels = levels.clone();
@@ -297,7 +288,7 @@ async fn a_partition_forks_the_room_and_all_three_servers_converge_when_it_heals
     let levels = until_state_agrees(servers, &room, "m.room.power_levels", "").await;
     assert_eq!(levels["users"]["@carol:lat3.test"], 50, "{levels}");
     for (server, token) in servers {
-        until_joined_members(server, token, &room, &everyone).await;
+        until_joined_members(server, token, &room, &EVERYONE).await;
     }
 
     lat3.stop().await;

@@ -488,12 +488,7 @@ impl Service {
         {
             servers.push(inviter);
         }
-        if let Some(server) = room_id.server_name()
-            && !servers.iter().any(|s| s == server)
-        {
-            servers.push(server.to_owned());
-        }
-        self.federation.join_remote(user_id, room_id, &servers, reason).await
+        self.federation.join_remote(user_id, room_id, &with_room_server(servers, room_id), reason).await
     }
 
     /// `POST /knock`: knocks here when this server has a member in the room, else over
@@ -508,13 +503,7 @@ impl Service {
         if self.resident_in(room_id).await? || !self.federation.is_enabled() {
             return self.rooms.knock(user_id, room_id, reason).await;
         }
-        let mut servers: Vec<OwnedServerName> = via.to_vec();
-        if let Some(server) = room_id.server_name()
-            && !servers.iter().any(|s| s == server)
-        {
-            servers.push(server.to_owned());
-        }
-        self.federation.knock_remote(user_id, room_id, &servers, reason).await
+        self.federation.knock_remote(user_id, room_id, &with_room_server(via.to_vec(), room_id), reason).await
     }
 
     /// Whether this server has a member in the room (so memberships are made here).
@@ -556,6 +545,16 @@ impl Service {
     async fn commit_composed(&self, batch: WriteBatch) -> Result<(), lattice_storage::StorageError> {
         self.store.write(batch).await
     }
+}
+
+/// `servers` and, last, the server a room ID names (room versions before 12), once.
+fn with_room_server(mut servers: Vec<OwnedServerName>, room_id: &ruma::RoomId) -> Vec<OwnedServerName> {
+    if let Some(server) = room_id.server_name()
+        && !servers.iter().any(|s| s == server)
+    {
+        servers.push(server.to_owned());
+    }
+    servers
 }
 
 #[cfg(test)]

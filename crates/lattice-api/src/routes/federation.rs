@@ -282,6 +282,17 @@ async fn send_transaction(
 }
 
 async fn make_join(
+    state: State<AppState>,
+    path: PathParams<(String, String)>,
+    query: QueryParams<Vec<(String, String)>>,
+    auth: ServerAuth,
+) -> ApiResult<Json<Value>> {
+    make_with_versions("join", state, path, query, auth).await
+}
+
+/// `make_join` and `make_knock`: a template for a room version the asking server lists in `ver`.
+async fn make_with_versions(
+    membership: &str,
     State(state): State<AppState>,
     PathParams((room_id, user_id)): PathParams<(String, String)>,
     QueryParams(query): QueryParams<Vec<(String, String)>>,
@@ -290,7 +301,7 @@ async fn make_join(
     let (room_id, user_id) = (parse_room(&room_id)?, parse_user(&user_id)?);
     let versions: Vec<String> = query.into_iter().filter(|(key, _)| key == "ver").map(|(_, v)| v).collect();
     let template =
-        state.service.federation().make_membership(&auth.origin, &room_id, &user_id, "join", &versions).await?;
+        state.service.federation().make_membership(&auth.origin, &room_id, &user_id, membership, &versions).await?;
     Ok(Json(template))
 }
 
@@ -370,16 +381,12 @@ async fn invite_v1(
 /// `GET /make_knock/{roomId}/{userId}?ver=…`: a knock template, only when the knock would pass
 /// this server's auth rules now (the room's join rule takes knocks; the user is not banned).
 async fn make_knock(
-    State(state): State<AppState>,
-    PathParams((room_id, user_id)): PathParams<(String, String)>,
-    QueryParams(query): QueryParams<Vec<(String, String)>>,
+    state: State<AppState>,
+    path: PathParams<(String, String)>,
+    query: QueryParams<Vec<(String, String)>>,
     auth: ServerAuth,
 ) -> ApiResult<Json<Value>> {
-    let (room_id, user_id) = (parse_room(&room_id)?, parse_user(&user_id)?);
-    let versions: Vec<String> = query.into_iter().filter(|(key, _)| key == "ver").map(|(_, v)| v).collect();
-    let template =
-        state.service.federation().make_membership(&auth.origin, &room_id, &user_id, "knock", &versions).await?;
-    Ok(Json(template))
+    make_with_versions("knock", state, path, query, auth).await
 }
 
 /// `PUT /send_knock/{roomId}/{eventId}`: the knocking server's signed knock.

@@ -32,6 +32,19 @@ pub(super) fn encode(part: &str) -> String {
     utf8_percent_encode(part, NON_ALPHANUMERIC).to_string()
 }
 
+/// The path of a `make_join` or `make_knock` request, offering every room version Lattice
+/// supports.
+pub(super) fn template_path(endpoint: &str, room_id: &RoomId, user_id: &UserId) -> String {
+    let versions: Vec<String> =
+        lattice_core::room_version::SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect();
+    format!(
+        "/_matrix/federation/v1/{endpoint}/{}/{}?{}",
+        encode(room_id.as_str()),
+        encode(user_id.as_str()),
+        versions.join("&")
+    )
+}
+
 #[derive(Deserialize)]
 struct MakeJoin {
     room_version: Option<String>,
@@ -73,14 +86,7 @@ impl Federation {
         reason: Option<String>,
     ) -> Result<OwnedEventId, ServiceError> {
         let client = self.remote()?.keys.client().clone();
-        let versions: Vec<String> =
-            lattice_core::room_version::SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect();
-        let path = format!(
-            "/_matrix/federation/v1/make_join/{}/{}?{}",
-            encode(room_id.as_str()),
-            encode(user_id.as_str()),
-            versions.join("&")
-        );
+        let path = template_path("make_join", room_id, user_id);
         let mut failures = Vec::new();
         // Another server may still let the user in (a restricted room's authoriser can be on
         // any server in it), so a refusal is kept while the rest are tried.

@@ -67,14 +67,7 @@ impl Federation {
         reason: Option<String>,
     ) -> Result<OwnedEventId, ServiceError> {
         let client = self.remote()?.keys.client().clone();
-        let versions: Vec<String> =
-            lattice_core::room_version::SUPPORTED_ROOM_VERSIONS.iter().map(|v| format!("ver={v}")).collect();
-        let path = format!(
-            "/_matrix/federation/v1/make_knock/{}/{}?{}",
-            encode(room_id.as_str()),
-            encode(user_id.as_str()),
-            versions.join("&")
-        );
+        let path = super::join::template_path("make_knock", room_id, user_id);
         let mut failures = Vec::new();
         for server in via.iter().filter(|s| *s != self.server_name()) {
             let answer = client.request(server, Method::GET, &path, None, Auth::Signed, MAX_SMALL_RESPONSE_BYTES).await;
