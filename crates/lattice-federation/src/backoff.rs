@@ -53,8 +53,9 @@ impl Backoff {
         failing.insert(destination.to_owned(), state, now_ms);
     }
 
-    pub fn succeeded(&self, destination: &str) {
-        self.failing.lock().unwrap_or_else(|e| e.into_inner()).remove(destination);
+    /// Clears `destination`'s back-off; returns whether it was backing off.
+    pub fn succeeded(&self, destination: &str) -> bool {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner()).remove(destination).is_some()
     }
 }
 

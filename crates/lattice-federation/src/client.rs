@@ -237,6 +237,12 @@ impl FederationClient {
         &self.web
     }
 
+    /// `server` was heard from (a request of its verified): it is up, so its back-off ends.
+    /// Returns whether it was backing off.
+    pub fn heard_from(&self, server: &ServerName) -> bool {
+        self.backoff.succeeded(server.as_str())
+    }
+
     /// Whether the operator denied `server` (no request to it, none from it is answered).
     pub fn denies(&self, server: &ServerName) -> bool {
         self.deny.denies(server)
@@ -271,7 +277,9 @@ impl FederationClient {
         }
         let outcome = self.send(destination, method, path_and_query, body, auth, max_response_bytes).await;
         match &outcome {
-            Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => self.backoff.succeeded(server),
+            Ok(_) | Err(FederationError::Status { status: 400..=499, .. }) => {
+                self.backoff.succeeded(server);
+            }
             Err(
                 FederationError::InvalidServerName(_) | FederationError::Invalid(_) | FederationError::AddressDenied(_),
             ) => {}
@@ -302,7 +310,7 @@ impl FederationClient {
         let outcome = self.send_streaming(destination, path_and_query, auth).await;
         match &outcome {
             Ok(_) | Err(FederationError::Status { status: 400..=499, .. } | FederationError::Redirect { .. }) => {
-                self.backoff.succeeded(server)
+                self.backoff.succeeded(server);
             }
             Err(
                 FederationError::InvalidServerName(_) | FederationError::Invalid(_) | FederationError::AddressDenied(_),

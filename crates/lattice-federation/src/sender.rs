@@ -156,6 +156,15 @@ impl Sender {
         }
     }
 
+    /// `origin` sent a request that verified, so it is up again: its back-off ends and what is
+    /// queued for it goes now rather than when the back-off would have run out (a server back
+    /// after an hour is caught up at once).
+    pub fn heard_from(self: &Arc<Self>, origin: &ServerName) {
+        if self.client.heard_from(origin) {
+            self.wake(&[origin.to_owned()]);
+        }
+    }
+
     /// Stops every worker (at shutdown). What they had not sent stays queued for the next start;
     /// a transaction cut off mid-flight is sent again with the same ID.
     pub fn stop(&self) {
@@ -199,8 +208,12 @@ impl Sender {
                 Ok(0) => wake.notified().await,
                 Ok(_) => {}
                 Err(FederationError::BackingOff { retry_in_ms, .. }) => {
+                    // A wake-up ends the wait early: the destination was heard from.
                     let wait = Duration::from_millis(retry_in_ms).min(MAX_RETRY_WAIT);
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = wake.notified() => {}
+                    }
                 }
                 Err(error) => {
                     tracing::info!(%destination, %error, "sending a federation transaction failed; will retry");

@@ -132,6 +132,8 @@ impl FromRequest<AppState> for ServerAuth {
                 Err(error) => return Err(error.into()),
             };
         tracing::debug!(%origin, "authenticated server request");
+        // A server that reaches this one is up: end any back-off towards it.
+        state.service.federation().heard_from(&origin);
         state.limits.federation_per_origin.check(origin.as_str())?;
         let turn = state.origin_gate.enter(&origin).await?;
         Ok(ServerAuth { origin, body, _turn: turn })

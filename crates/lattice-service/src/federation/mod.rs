@@ -24,7 +24,7 @@ use lattice_core::room_version::RoomVersion;
 use lattice_federation::{KeyCache, Sender};
 use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
 use ruma::signatures::PublicKeyMap;
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName};
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName};
 
 pub use e2ee::{MAX_REMOTE_KEYS_WAIT, RemoteFailures};
 pub use hierarchy::{DEFAULT_HIERARCHY_LIMIT, HierarchyQuery, MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_LIMIT};
@@ -121,6 +121,13 @@ impl Federation {
 
     pub fn is_enabled(&self) -> bool {
         self.remote.get().is_some()
+    }
+
+    /// `origin` sent a request that verified: it is up, so what is queued for it goes now.
+    pub fn heard_from(&self, origin: &ServerName) {
+        if let Some(remote) = self.remote.get() {
+            remote.sender.heard_from(origin);
+        }
     }
 
     fn remote(&self) -> Result<&Remote, ServiceError> {
