@@ -198,6 +198,24 @@ async fn knocks_a_server_must_refuse() {
     let answer = signed_request(&net, ("lat3.test", &key3), Method::PUT, &path, Some(body)).await;
     assert_eq!(answer.0, 400, "{:?}", answer.1);
     assert_eq!(membership_on_absent(&lat1, &alice, &room, "@carol:lat3.test").await, 404);
+    // lat3 signing a knock, or a v1 join, for lat2's user: a server speaks for its own users only.
+    for (endpoint, membership) in [("send_knock", "knock"), ("send_join", "join")] {
+        let mut forged = template["event"].clone();
+        forged["sender"] = json!("@bob:lat2.test");
+        forged["state_key"] = json!("@bob:lat2.test");
+        forged["content"] = json!({ "membership": membership });
+        forged["origin_server_ts"] = json!(2);
+        let ruma::CanonicalJsonValue::Object(mut object) = ruma::CanonicalJsonValue::try_from(forged).unwrap() else {
+            panic!("an object")
+        };
+        lattice_core::pdu::hash_and_sign(&mut object, "lat3.test", &key3, &version).unwrap();
+        let event_id = lattice_core::pdu::event_id(&object, &version).unwrap();
+        let path = format!("/_matrix/federation/v1/{endpoint}/{encoded}/{}", event_id.as_str().replace('$', "%24"));
+        let body = serde_json::to_value(&object).unwrap();
+        let answer = signed_request(&net, ("lat3.test", &key3), Method::PUT, &path, Some(body)).await;
+        assert_error(&answer, 403, "M_FORBIDDEN");
+    }
+    assert_eq!(membership_on_absent(&lat1, &alice, &room, "@bob:lat2.test").await, 404);
 
     lat3.stop().await;
     lat2.stop().await;
