@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ruma::OwnedServerName;
@@ -81,6 +82,9 @@ pub struct FederationConfig {
     /// CIDR blocks allowed even when denied (a peer in the same private network, a test
     /// network on loopback).
     pub ip_range_allow: Vec<String>,
+    /// How long another server may be unreachable before its queue keeps only the newest event
+    /// of each room (it fetches or backfills the rest when back), e.g. `"10m"`.
+    pub catch_up_after: String,
 }
 
 impl Default for FederationConfig {
@@ -100,6 +104,7 @@ impl Default for FederationConfig {
             queued_requests_per_origin: 100,
             ip_range_deny: Vec::new(),
             ip_range_allow: Vec::new(),
+            catch_up_after: "10m".to_owned(),
         }
     }
 }
@@ -114,6 +119,14 @@ impl FederationConfig {
             bail!("invalid configuration at key `federation.key_valid_for`: must be from 1s to 7d");
         }
         Ok(ms)
+    }
+
+    /// `catch_up_after`, parsed.
+    pub fn catch_up_after(&self) -> anyhow::Result<Duration> {
+        let ms = parse_duration_ms(&self.catch_up_after).with_context(|| {
+            format!("invalid configuration at key `federation.catch_up_after`: {:?}", self.catch_up_after)
+        })?;
+        Ok(Duration::from_millis(ms))
     }
 
     /// `trusted_key_servers`, parsed.
@@ -137,6 +150,7 @@ impl FederationConfig {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.key_valid_for_ms()?;
+        self.catch_up_after()?;
         self.address_policy()?;
         self.notaries()?;
         if self.concurrent_requests_per_origin == 0 {

@@ -217,7 +217,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let mut state = AppState::new(service.clone(), api_config(&config)?);
     let federation = match start_federation(&config, &kv, &opened.signing_key).await? {
         Some((keys, listener)) => {
-            service.federation().enable(keys.clone()).await.context("starting the federation queues")?;
+            let catch_up_after = config.federation.catch_up_after()?;
+            service
+                .federation()
+                .enable(keys.clone(), catch_up_after)
+                .await
+                .context("starting the federation queues")?;
             state = state.with_federation(keys);
             Some((lattice_api::federation_router(state.clone()), listener))
         }

@@ -295,3 +295,125 @@ async fn a_partition_forks_the_room_and_all_three_servers_converge_when_it_heals
     lat2.stop().await;
     lat1.stop().await;
 }
+
+/// What a user's incremental syncs delivered: timeline bodies per room and to-device events.
+#[derive(Default)]
+struct Delivered {
+    bodies: std::collections::HashMap<String, Vec<String>>,
+    to_device: Vec<Value>,
+    since: String,
+}
+
+impl Delivered {
+    fn has(&self, room: &str, body: &str) -> bool {
+        self.bodies.get(room).is_some_and(|bodies| bodies.iter().any(|b| b == body))
+    }
+
+    /// Syncs (filter: up to 200 timeline events a room) until `done` holds.
+    async fn sync_until(&mut self, server: &Server, token: &str, done: impl Fn(&Self) -> bool) {
+        let filter = urlencoding(&json!({ "room": { "timeline": { "limit": 200 } } }).to_string());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let path = format!("/_matrix/client/v3/sync?timeout=1000&since={}&filter={filter}", self.since);
+            let (status, batch) = server.http.get(&path, Some(token)).await;
+            assert_eq!(status, 200, "{batch}");
+            for (room, joined) in batch["rooms"]["join"].as_object().into_iter().flatten() {
+                let bodies = bodies(&joined["timeline"]["events"]);
+                self.bodies.entry(room.clone()).or_default().extend(bodies);
+            }
+            self.to_device.extend(batch["to_device"]["events"].as_array().into_iter().flatten().cloned());
+            self.since = batch["next_batch"].as_str().expect("next_batch").to_owned();
+            if done(self) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never delivered it; it delivered {:?}", server.name(), self.bodies);
+        }
+    }
+}
+
+fn urlencoding(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_server_back_after_a_long_absence_gets_the_newest_events_and_backfills_the_rest() {
+    let net = Network::new(&ALL[..2]);
+    // lat1 compacts a destination's queue once it has been unreachable for a second.
+    let mut lat1 = net.start_with(ALL[0], |config| config.federation.catch_up_after = "1s".into()).await;
+    let mut lat2 = net.start(ALL[1]).await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let mut rooms = Vec::new();
+    for alias in ["long", "named"] {
+        let body = json!({ "preset": "public_chat", "room_alias_name": alias });
+        let room = create_room(&lat1.http, &alice, body).await;
+        let (status, joined) =
+            lat2.http.post(&format!("/_matrix/client/v3/join/%23{alias}:lat1.test"), Some(&bob), &json!({})).await;
+        assert_eq!(status, 200, "{joined}");
+        rooms.push(room);
+    }
+    let (long, named) = (rooms[0].clone(), rooms[1].clone());
+    let before = sync_until(&lat2, &bob, "both rooms", |s| {
+        s["rooms"]["join"][&long].is_object() && s["rooms"]["join"][&named].is_object()
+    })
+    .await;
+    let since = before["next_batch"].as_str().expect("next_batch").to_owned();
+    let bob_device = {
+        let (_, whoami) = lat2.http.get("/_matrix/client/v3/account/whoami", Some(&bob)).await;
+        whoami["device_id"].as_str().expect("device").to_owned()
+    };
+
+    // lat2 is away while alice writes 120 messages in one room, renames the other between
+    // messages, and sends bob a to-device message.
+    lat2.stop().await;
+    let long_history: Vec<String> = (0..120).map(|n| format!("long-{n}")).collect();
+    for body in &long_history {
+        say(&lat1.http, &alice, &long, body).await;
+    }
+    for n in 0..10 {
+        say(&lat1.http, &alice, &named, &format!("named-{n}")).await;
+        if n == 4 {
+            let path = format!("/_matrix/client/v3/rooms/{named}/state/m.room.name/");
+            let (status, body) = lat1.http.put(&path, Some(&alice), &json!({ "name": "Renamed while away" })).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let to_device = json!({ "messages": { "@bob:lat2.test": { bob_device.clone(): { "note": "while away" } } } });
+    let (status, body) =
+        lat1.http.put("/_matrix/client/v3/sendToDevice/org.example.note/away-1", Some(&alice), &to_device).await;
+    assert_eq!(status, 200, "{body}");
+    // Long enough for lat1 to have tried, failed and compacted lat2's queue.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    lat2.restart().await;
+    // The newest event of each room arrives, with the state at it, and the to-device message
+    // (kept through the compaction). The first messages of the long room never come through
+    // /sync: lat2 fetched the newest events and left a gap.
+    let mut delivered = Delivered { since, ..Default::default() };
+    let note = |d: &Delivered| d.to_device.iter().filter(|e| e["type"] == "org.example.note").count();
+    delivered.sync_until(&lat2, &bob, |d| d.has(&long, "long-119") && d.has(&named, "named-9") && note(d) > 0).await;
+    let synced = &delivered.bodies[&long];
+    assert!(!synced.contains(&"long-0".to_owned()), "the whole queue was replayed: {synced:?}");
+    assert!(synced.len() < 60, "most of the missed messages came through /sync: {synced:?}");
+    let name = state_content(&lat2, &bob, &named, "m.room.name", "").await;
+    assert_eq!(name["name"], "Renamed while away");
+    // The rest is backfilled, in order, as bob pages back.
+    until_history_has(&lat2, &bob, &long, &long_history).await;
+    let history = history_bodies(&lat2, &bob, &long).await;
+    let order: Vec<&String> = history.iter().filter(|body| long_history.contains(body)).collect();
+    assert_eq!(order, long_history.iter().collect::<Vec<_>>());
+    // Once: one more sync brings no second copy.
+    let (status, more) =
+        lat2.http.get(&format!("/_matrix/client/v3/sync?timeout=2000&since={}", delivered.since), Some(&bob)).await;
+    assert_eq!(status, 200, "{more}");
+    delivered.to_device.extend(more["to_device"]["events"].as_array().into_iter().flatten().cloned());
+    assert_eq!(note(&delivered), 1, "{:?}", delivered.to_device);
+
+    lat2.stop().await;
+    lat1.stop().await;
+}

@@ -8,14 +8,22 @@
 //! Row keys: `destination \0 seq` (big-endian seq, so a prefix scan reads one destination's queue
 //! in order). The transaction ID is the first row's sequence number, so a retry after a lost
 //! answer repeats the same ID and the destination drops the duplicate.
+//!
+//! Catch-up: once a destination has been unreachable for longer than the sender's
+//! `catch_up_after`, its queue keeps only the newest PDU of each room (EDUs all stay: to-device
+//! messages must arrive exactly once). When it is back it receives those, fetches the state at
+//! them (`/state_ids`) and the events it lacks as it needs them (`/get_missing_events`,
+//! `/backfill` when its users page back), instead of hours of transactions in order. The queue
+//! of a server that is gone for good stays one row per room.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use lattice_storage::{Direction, KeyRange, KvStore, StreamPositions, Table, TableScope, WriteBatch};
 use ruma::{OwnedServerName, ServerName};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::client::{Auth, FederationClient};
@@ -33,6 +41,8 @@ const EDU_ROW: u8 = b'e';
 const MAX_SEND_RESPONSE_BYTES: usize = 1024 * 1024;
 /// Longest wait between attempts while a destination backs off.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+/// Queue rows read per step of a catch-up compaction.
+const COMPACTION_PAGE_ROWS: usize = 1_000;
 
 /// The outbox and its workers.
 pub struct Sender {
@@ -40,6 +50,8 @@ pub struct Sender {
     client: Arc<FederationClient>,
     sequence: StreamPositions,
     workers: Mutex<Workers>,
+    /// Unreachable this long, a destination is caught up with the newest PDU of each room.
+    catch_up_after: Duration,
 }
 
 #[derive(Default)]
@@ -65,10 +77,28 @@ fn row_key(destination: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+/// The room of a queued PDU row; `None` for an EDU row (or a row that is not a PDU).
+fn queued_pdu_room(value: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct RoomOf {
+        room_id: String,
+    }
+    match value.split_first() {
+        Some((&PDU_ROW, json)) => serde_json::from_slice::<RoomOf>(json).ok().map(|pdu| pdu.room_id),
+        _ => None,
+    }
+}
+
 impl Sender {
-    /// `kv` must reach the `federation_outbox` table; `sequence` hands out row numbers.
-    pub fn new(kv: Arc<dyn KvStore>, client: Arc<FederationClient>, sequence: StreamPositions) -> Arc<Self> {
-        Arc::new(Self { kv, client, sequence, workers: Mutex::new(Workers::default()) })
+    /// `kv` must reach the `federation_outbox` table; `sequence` hands out row numbers; a
+    /// destination unreachable for `catch_up_after` gets only the newest PDU of each room.
+    pub fn new(
+        kv: Arc<dyn KvStore>,
+        client: Arc<FederationClient>,
+        sequence: StreamPositions,
+        catch_up_after: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self { kv, client, sequence, workers: Mutex::new(Workers::default()), catch_up_after })
     }
 
     pub fn client(&self) -> &Arc<FederationClient> {
@@ -203,8 +233,28 @@ impl Sender {
     }
 
     async fn run_worker(self: Arc<Self>, destination: OwnedServerName, wake: Arc<tokio::sync::Notify>) {
+        // Since when the destination has failed every attempt (in this process).
+        let mut down_since: Option<Instant> = None;
         loop {
-            match self.send_next(&destination).await {
+            if down_since.is_some_and(|since| since.elapsed() >= self.catch_up_after) {
+                match self.compact_for_catch_up(&destination).await {
+                    Ok(0) => {}
+                    Ok(dropped) => tracing::info!(
+                        %destination,
+                        dropped,
+                        "destination unreachable for long: its queue now holds the newest event of each room, \
+                         the rest it fetches or backfills when back"
+                    ),
+                    Err(error) => tracing::warn!(%destination, %error, "compacting a federation queue failed"),
+                }
+            }
+            let outcome = self.send_next(&destination).await;
+            if outcome.is_ok() {
+                down_since = None;
+            } else {
+                down_since.get_or_insert_with(Instant::now);
+            }
+            match outcome {
                 Ok(0) => wake.notified().await,
                 Ok(_) => {}
                 Err(FederationError::BackingOff { retry_in_ms, .. }) => {
@@ -221,6 +271,12 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// Compacts the queue of `destination` for catch-up ([`compact_queue`]); returns how many
+    /// rows were dropped.
+    pub async fn compact_for_catch_up(&self, destination: &ServerName) -> Result<usize, FederationError> {
+        compact_queue(self.kv.as_ref(), destination).await
     }
 
     /// Sends the oldest queued rows of `destination` as one transaction (in queue order, as
@@ -277,5 +333,86 @@ impl Sender {
         self.kv.write(batch).await?;
         tracing::debug!(%destination, txn_id, pdus = rows.len(), "sent a federation transaction");
         Ok(rows.len())
+    }
+}
+
+/// Drops every queued PDU of `destination` but the newest of its room (walking the queue from
+/// its end, the first row seen of a room is the one kept); EDUs stay. Returns how many rows were
+/// dropped. Each page's deletes are one batch: an interrupted compaction leaves a valid, partly
+/// compacted queue.
+async fn compact_queue(kv: &dyn KvStore, destination: &ServerName) -> Result<usize, FederationError> {
+    let prefix = row_prefix(destination.as_str());
+    let mut rooms_seen: HashSet<String> = HashSet::new();
+    let mut range = KeyRange::prefix(&prefix);
+    let mut dropped = 0;
+    loop {
+        let rows = kv.scan(Table::FederationOutbox, &range, Direction::Backward, COMPACTION_PAGE_ROWS).await?;
+        let mut batch = WriteBatch::new();
+        for (key, value) in &rows {
+            let Some(room) = queued_pdu_room(value) else { continue };
+            if !rooms_seen.insert(room) {
+                batch.delete(Table::FederationOutbox, key.clone());
+                dropped += 1;
+            }
+        }
+        if !batch.ops.is_empty() {
+            kv.write(batch).await?;
+        }
+        match rows.last() {
+            Some((oldest, _)) if rows.len() == COMPACTION_PAGE_ROWS => {
+                range.end = std::ops::Bound::Excluded(oldest.clone());
+            }
+            _ => return Ok(dropped),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lattice_storage::{KvRead, MemoryStore};
+    use ruma::server_name;
+
+    use super::*;
+
+    fn pdu_row(room: &str, n: usize) -> Vec<u8> {
+        let mut value = vec![PDU_ROW];
+        value.extend_from_slice(serde_json::json!({ "room_id": room, "content": { "n": n } }).to_string().as_bytes());
+        value
+    }
+
+    #[tokio::test]
+    async fn catch_up_keeps_the_newest_pdu_of_each_room_every_edu_and_other_destinations() {
+        let kv = MemoryStore::new();
+        let (down, other) = (server_name!("down.test"), server_name!("other.test"));
+        let mut batch = WriteBatch::new();
+        // 2,500 rows (more than two compaction pages): PDUs of three rooms and an EDU every 100.
+        for seq in 0..2_500u64 {
+            let value = if seq % 100 == 0 {
+                let mut edu = vec![EDU_ROW];
+                edu.extend_from_slice(br#"{"edu_type":"m.direct_to_device","content":{}}"#);
+                edu
+            } else {
+                pdu_row(["!a:hs", "!b:hs", "!c:hs"][seq as usize % 3], seq as usize)
+            };
+            batch.put(Table::FederationOutbox, row_key(down.as_str(), seq), value);
+        }
+        batch.put(Table::FederationOutbox, row_key(other.as_str(), 1), pdu_row("!a:hs", 0));
+        batch.put(Table::FederationOutbox, row_key(other.as_str(), 2), pdu_row("!a:hs", 1));
+        kv.write(batch).await.unwrap();
+
+        let dropped = compact_queue(&kv, down).await.unwrap();
+        let queue = KeyRange::prefix(&row_prefix(down.as_str()));
+        let left = kv.scan(Table::FederationOutbox, &queue, Direction::Forward, 100).await.unwrap();
+        let seqs: Vec<u64> = left.iter().filter_map(|(key, _)| lattice_storage::keys::trailing_position(key)).collect();
+        let edus = (0..2_500u64).step_by(100).collect::<Vec<_>>();
+        // The newest PDU of each room: 2,499 (seq % 3 == 0 → !a), 2,498 (!c), 2,497 (!b).
+        let mut expected = [edus.as_slice(), &[2_497, 2_498, 2_499]].concat();
+        expected.sort_unstable();
+        assert_eq!(seqs, expected);
+        assert_eq!(dropped, 2_500 - 25 - 3);
+        // Another destination's queue is untouched; a second compaction drops nothing.
+        let others = KeyRange::prefix(&row_prefix(other.as_str()));
+        assert_eq!(kv.scan(Table::FederationOutbox, &others, Direction::Forward, 10).await.unwrap().len(), 2);
+        assert_eq!(compact_queue(&kv, down).await.unwrap(), 0);
     }
 }

@@ -19,6 +19,7 @@ mod presence;
 mod timestamps;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use lattice_core::room_version::RoomVersion;
 use lattice_federation::{KeyCache, Sender};
@@ -93,11 +94,12 @@ impl Federation {
     }
 
     /// Turns federation on (once; later calls change nothing) and resumes the queues left
-    /// from before a restart. Run [`Federation::forward_forever`] beside it.
-    pub async fn enable(&self, keys: Arc<KeyCache>) -> Result<(), ServiceError> {
+    /// from before a restart. A destination unreachable for `catch_up_after` is later caught up
+    /// with the newest event of each room. Run [`Federation::forward_forever`] beside it.
+    pub async fn enable(&self, keys: Arc<KeyCache>, catch_up_after: Duration) -> Result<(), ServiceError> {
         let sender_kv: Arc<dyn KvStore> = ScopedStore::new(self.store.clone(), lattice_federation::sender::TABLES);
         let sequence = StreamPositions::new(self.store.clone(), "federation.outbox");
-        let sender = Sender::new(sender_kv, keys.client().clone(), sequence);
+        let sender = Sender::new(sender_kv, keys.client().clone(), sequence, catch_up_after);
         if self.remote.set(Remote { keys, sender: sender.clone() }).is_ok() {
             let resumed = sender.resume().await?;
             if resumed > 0 {
