@@ -1,7 +1,7 @@
 //! `GET /rooms/{roomId}/hierarchy` and federation `/hierarchy` (issue #12): a space tree,
 //! walked depth-first, shows each user the rooms they may preview and no others; pages with
-//! `from` are bound to their parameters; a child only another server is in comes over
-//! federation.
+//! `from` are bound to their parameters; a child only another server is in, or a whole space
+//! this server is not in, comes over federation.
 
 use serde_json::{Value, json};
 
@@ -201,6 +201,40 @@ async fn a_child_only_another_server_is_in_comes_over_federation() {
     let auth = x_matrix(&key2, "lat2.test", "lat1.test", &Method::GET, &path, b"");
     let (status, answer) = net.request("lat1.test", Method::GET, &path, Some(&auth), None).await;
     assert_eq!(status, 404, "{answer}");
+    lat2.stop().await;
+    lat1.stop().await;
+}
+
+#[tokio::test]
+async fn a_space_this_server_is_not_in_is_described_by_the_server_its_id_names() {
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let alice = lat1.register_user("alice").await;
+    let bob = lat2.register_user("bob").await;
+    let http1 = &lat1.http;
+    // Version 10: the room ID names lat1.
+    let space_of = |preset: &str, name: &str| json!({ "preset": preset, "name": name, "room_version": "10", "creation_content": { "type": "m.space" } });
+    let public_space = create_room(http1, &alice, space_of("public_chat", "Public space")).await;
+    let child = create_room(http1, &alice, json!({ "preset": "public_chat", "name": "Child" })).await;
+    add_child(http1, &alice, &public_space, &child, json!({ "via": ["lat1.test"] })).await;
+    let private_space = create_room(http1, &alice, space_of("private_chat", "Private space")).await;
+
+    // bob, in neither, browses the public space from lat2.
+    let page = hierarchy(&lat2.http, &bob, &public_space, "").await;
+    assert_eq!(names(&page), ["Public space", "Child"], "{page}");
+    // The private one is not described to him, nor to anyone on lat2.
+    let path = format!("/_matrix/client/v1/rooms/{private_space}/hierarchy");
+    assert_error(&lat2.http.get(&path, Some(&bob)).await, 403, "M_FORBIDDEN");
+    // A version-12 ID names no server, and lat2 knows nobody to ask.
+    let v12 = create_room(
+        http1,
+        &alice,
+        json!({ "preset": "public_chat", "room_version": "12", "creation_content": { "type": "m.space" } }),
+    )
+    .await;
+    let path = format!("/_matrix/client/v1/rooms/{v12}/hierarchy");
+    assert_error(&lat2.http.get(&path, Some(&bob)).await, 403, "M_FORBIDDEN");
     lat2.stop().await;
     lat1.stop().await;
 }

@@ -88,8 +88,9 @@ struct Pending {
 
 impl Federation {
     /// `GET /rooms/{roomId}/hierarchy`: a page of the rooms of the space tree under `root` that
-    /// `user_id` may see, depth-first, each with its `children_state`. `M_FORBIDDEN` when the
-    /// user may not see the root (or this server does not know it).
+    /// `user_id` may see, depth-first, each with its `children_state`; a root this server is not
+    /// in is described by the server its room ID names. `M_FORBIDDEN` when the user may not see
+    /// the root (or nobody could describe it).
     pub async fn space_hierarchy(
         &self,
         user_id: &UserId,
@@ -110,16 +111,23 @@ impl Federation {
             Some(token) => parse_token(token, &fingerprint)?,
         };
         let forbidden = || ServiceError::Forbidden(format!("{user_id} may not preview {root}"));
-        let root_summary = self.rooms.space_summary(root).await?.ok_or_else(forbidden)?;
+        let mut remote_requests = 0usize;
+        // A space this server is not in is asked of the server its ID names (room IDs before
+        // version 12 carry one; a version-12 ID names none, and the client API gives no `via`).
+        let root_via: Vec<OwnedServerName> = root.server_name().map(ToOwned::to_owned).into_iter().collect();
+        let root_pending = Pending { room_id: root.to_owned(), depth: 0, via: root_via };
+        let root_summary = self
+            .summary_for_walk(&root_pending, query.suggested_only, &mut remote_requests)
+            .await?
+            .ok_or_else(forbidden)?;
         if !self.rooms.user_may_preview(user_id, &root_summary).await? {
             return Err(forbidden());
         }
 
-        let mut stack = vec![Pending { room_id: root.to_owned(), depth: 0, via: Vec::new() }];
+        let mut stack = vec![root_pending];
         let mut seen: HashSet<OwnedRoomId> = HashSet::new();
         let mut listed = 0usize;
         let mut rooms = Vec::new();
-        let mut remote_requests = 0usize;
         let mut more = false;
         while let Some(pending) = stack.pop() {
             if seen.len() >= MAX_ROOMS_WALKED {
