@@ -10,7 +10,7 @@ use ruma::signatures::Ed25519KeyPair;
 use serde_json::{Value, json};
 
 use crate::federation_keys::{Network, Server, x_matrix};
-use crate::federation_rooms::{signed_request, sync_until, timeline_bodies};
+use crate::federation_rooms::{signed_request, sync_until, sync_until_from, timeline_bodies};
 use crate::support::{assert_error, create_room, say};
 
 fn invite_of<'a>(sync: &'a Value, room: &str) -> &'a Value {
@@ -115,18 +115,9 @@ async fn an_invite_from_another_server_is_refused_or_taken_back() {
     let kick = format!("/_matrix/client/v3/rooms/{room}/kick");
     let (status, body) = lat1.http.post(&kick, Some(&alice), &json!({ "user_id": "@bob:lat2.test" })).await;
     assert_eq!(status, 200, "{body}");
-    let mut since = since;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let path = format!("/_matrix/client/v3/sync?timeout=1000&since={since}");
-        let (_, answer) = lat2.http.get(&path, Some(&bob)).await;
-        if answer["rooms"]["leave"][&room].is_object() {
-            assert_eq!(answer["rooms"]["leave"][&room]["timeline"]["events"][0]["sender"], "@alice:lat1.test");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the withdrawn invite never reached bob: {answer}");
-        since = answer["next_batch"].as_str().unwrap().to_owned();
-    }
+    let left = |s: &Value| s["rooms"]["leave"][&room].is_object();
+    let answer = sync_until_from(&lat2, &bob, Some(&since), "the withdrawn invite", left).await;
+    assert_eq!(answer["rooms"]["leave"][&room]["timeline"]["events"][0]["sender"], "@alice:lat1.test");
     // Joining after the invite was taken back is refused by the room.
     let (status, _) = lat2.http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&bob), &json!({})).await;
     assert!(status.is_client_error() || status.is_server_error(), "{status}");

@@ -13,8 +13,19 @@ use crate::support::{assert_error, bodies, create_room, say};
 /// Syncs (incrementally, from the previous answer) until `found` holds for the answer's
 /// rooms, or fails after 30 seconds.
 pub(crate) async fn sync_until(server: &Server, token: &str, what: &str, found: impl Fn(&Value) -> bool) -> Value {
+    sync_until_from(server, token, None, what, found).await
+}
+
+/// [`sync_until`] starting from the token `since` (`None`: an initial sync).
+pub(crate) async fn sync_until_from(
+    server: &Server,
+    token: &str,
+    since: Option<&str>,
+    what: &str,
+    found: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut since: Option<String> = None;
+    let mut since: Option<String> = since.map(str::to_owned);
     let mut seen = Vec::new();
     loop {
         let query = match &since {

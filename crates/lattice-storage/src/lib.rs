@@ -22,7 +22,7 @@ pub use memory::MemoryStore;
 pub use positions::{StreamPosition, StreamPositions};
 pub use rocks::{RocksOptions, RocksStore, StoreClosed};
 pub use schema::{
-    DEFAULT_MIGRATION_CHUNK_ROWS, DropTable, Migration, MigrationStep, SCHEMA_VERSION, migrate_with, open_schema,
+    DEFAULT_MIGRATION_CHUNK_ROWS, Migration, MigrationStep, RowRewrite, SCHEMA_VERSION, migrate_with, open_schema,
     read_through,
 };
 pub use scoped::{ScopedStore, TableScope};

@@ -23,18 +23,36 @@ pub const SCHEMA_VERSION: u32 = 4;
 /// Rows one chunk of a migration step reads unless configured otherwise.
 pub const DEFAULT_MIGRATION_CHUNK_ROWS: usize = 1_000;
 
-/// One pass of a migration over one table. `row` is called for every row, in key order, with the
-/// batch of the row's chunk; it must be idempotent, since a chunk interrupted before its write
-/// runs again. Reads see the store as it was before the chunk: to see what earlier rows of the
-/// same chunk wrote, read through [`read_through`].
-#[async_trait]
-pub trait MigrationStep: Send + Sync {
-    /// Stable name, logged and stored in the progress row.
-    fn name(&self) -> &'static str;
+/// One pass of a migration over one table: what it walks and writes (for the runner and its
+/// progress log), and the rewrite applied to every row.
+#[derive(Clone)]
+pub struct MigrationStep {
+    /// Stable name, logged.
+    pub name: &'static str,
     /// The table walked.
-    fn reads(&self) -> Table;
+    pub reads: Table,
     /// The tables written, for the progress log.
-    fn writes(&self) -> &'static [Table];
+    pub writes: &'static [Table],
+    pub rewrite: Arc<dyn RowRewrite>,
+}
+
+impl MigrationStep {
+    pub fn new(name: &'static str, reads: Table, writes: &'static [Table], rewrite: impl RowRewrite + 'static) -> Self {
+        MigrationStep { name, reads, writes, rewrite: Arc::new(rewrite) }
+    }
+
+    /// A step that deletes every row of `table`, which is no longer used.
+    pub fn drop_table(name: &'static str, table: Table, writes: &'static [Table]) -> Self {
+        MigrationStep::new(name, table, writes, DropRows(table))
+    }
+}
+
+/// What a migration step does to each row. `row` is called for every row, in key order, with
+/// the batch of the row's chunk; it must be idempotent, since a chunk interrupted before its
+/// write runs again. Reads see the store as it was before the chunk: to see what earlier rows of
+/// the same chunk wrote, read through [`read_through`].
+#[async_trait]
+pub trait RowRewrite: Send + Sync {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], value: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError>;
 }
 
@@ -42,7 +60,7 @@ pub trait MigrationStep: Send + Sync {
 pub struct Migration {
     pub from: u32,
     pub describe: &'static str,
-    pub steps: Vec<Arc<dyn MigrationStep>>,
+    pub steps: Vec<MigrationStep>,
 }
 
 const VERSION_KEY: &str = "schema_version";
@@ -144,7 +162,7 @@ impl Runner<'_> {
             ),
         }
         while let Some(step) = self.migration.steps.get(progress.step) {
-            (progress, raw) = self.run_step(step.as_ref(), progress, raw).await?;
+            (progress, raw) = self.run_step(step, progress, raw).await?;
         }
         let mut batch = self.guarded_batch(raw);
         batch.delete(Table::Meta, keys::meta(PROGRESS_KEY));
@@ -155,7 +173,7 @@ impl Runner<'_> {
     }
 
     fn step_name(&self, step: usize) -> &'static str {
-        self.migration.steps.get(step).map_or("(done)", |s| s.name())
+        self.migration.steps.get(step).map_or("(done)", |s| s.name)
     }
 
     async fn load_progress(&self) -> Result<(Progress, Option<Vec<u8>>), StorageError> {
@@ -182,12 +200,12 @@ impl Runner<'_> {
     /// Runs `step` chunk by chunk from `progress`; returns the progress pointing at the next step.
     async fn run_step(
         &self,
-        step: &dyn MigrationStep,
+        step: &MigrationStep,
         mut progress: Progress,
         mut raw: Option<Vec<u8>>,
     ) -> Result<(Progress, Option<Vec<u8>>), StorageError> {
-        let tables: Vec<&str> = step.writes().iter().map(|t| t.name()).collect();
-        tracing::info!(step = step.name(), reads = step.reads().name(), writes = ?tables, "migration step started");
+        let tables: Vec<&str> = step.writes.iter().map(|t| t.name()).collect();
+        tracing::info!(step = step.name, reads = step.reads.name(), writes = ?tables, "migration step started");
         let started = Instant::now();
         let mut last_log = started;
         loop {
@@ -206,13 +224,13 @@ impl Runner<'_> {
             raw = Some(encoded);
             if finished {
                 let elapsed_ms = started.elapsed().as_millis() as u64;
-                tracing::info!(step = step.name(), rows_done, elapsed_ms, "migration step done");
+                tracing::info!(step = step.name, rows_done, elapsed_ms, "migration step done");
                 return Ok((progress, raw));
             }
-            tracing::debug!(step = step.name(), rows_done, writes = ?tables, "migration progress");
+            tracing::debug!(step = step.name, rows_done, writes = ?tables, "migration progress");
             if last_log.elapsed() >= PROGRESS_LOG_INTERVAL {
                 last_log = Instant::now();
-                tracing::info!(step = step.name(), rows_done, writes = ?tables, "migration progress");
+                tracing::info!(step = step.name, rows_done, writes = ?tables, "migration progress");
             }
         }
     }
@@ -221,7 +239,7 @@ impl Runner<'_> {
     /// read and the cursor of the next chunk (`None`: the step is done).
     async fn chunk(
         &self,
-        step: &dyn MigrationStep,
+        step: &MigrationStep,
         cursor: Option<&[u8]>,
         batch: &mut WriteBatch,
     ) -> Result<(u64, Option<Vec<u8>>), StorageError> {
@@ -229,9 +247,9 @@ impl Runner<'_> {
         if let Some(cursor) = cursor {
             range.start = std::ops::Bound::Excluded(cursor.to_vec());
         }
-        let rows = self.kv.scan(step.reads(), &range, Direction::Forward, self.chunk_rows).await?;
+        let rows = self.kv.scan(step.reads, &range, Direction::Forward, self.chunk_rows).await?;
         for (key, value) in &rows {
-            step.row(self.kv, key, value, batch).await?;
+            step.rewrite.row(self.kv, key, value, batch).await?;
         }
         let next = if rows.len() == self.chunk_rows { rows.last().map(|(key, _)| key.clone()) } else { None };
         Ok((rows.len() as u64, next))
@@ -257,29 +275,13 @@ pub async fn read_through(
     }
 }
 
-/// Deletes every row of a table no longer used.
-pub struct DropTable {
-    pub name: &'static str,
-    pub table: Table,
-    pub writes: &'static [Table],
-}
+/// Deletes every row it is handed (see [`MigrationStep::drop_table`]).
+struct DropRows(Table);
 
 #[async_trait]
-impl MigrationStep for DropTable {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn reads(&self) -> Table {
-        self.table
-    }
-
-    fn writes(&self) -> &'static [Table] {
-        self.writes
-    }
-
+impl RowRewrite for DropRows {
     async fn row(&self, _: &dyn KvRead, key: &[u8], _: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
-        batch.delete(self.table, key.to_vec());
+        batch.delete(self.0, key.to_vec());
         Ok(())
     }
 }
@@ -300,16 +302,7 @@ mod tests {
     }
 
     #[async_trait]
-    impl MigrationStep for CopyRows {
-        fn name(&self) -> &'static str {
-            "copy"
-        }
-        fn reads(&self) -> Table {
-            Table::Users
-        }
-        fn writes(&self) -> &'static [Table] {
-            &[Table::Profiles]
-        }
+    impl RowRewrite for CopyRows {
         async fn row(
             &self,
             _: &dyn KvRead,
@@ -355,8 +348,9 @@ mod tests {
     }
 
     fn migration(copy: Arc<CopyRows>) -> Migration {
-        let drop = DropTable { name: "drop", table: Table::AuthChains, writes: &[Table::AuthChains] };
-        Migration { from: 1, describe: "test", steps: vec![copy, Arc::new(drop)] }
+        let copy = MigrationStep { name: "copy", reads: Table::Users, writes: &[Table::Profiles], rewrite: copy };
+        let drop = MigrationStep::drop_table("drop", Table::AuthChains, &[Table::AuthChains]);
+        Migration { from: 1, describe: "test", steps: vec![copy, drop] }
     }
 
     #[tokio::test]
@@ -391,7 +385,7 @@ mod tests {
         // Another process finishes the whole migration meanwhile.
         migrate_with(&kv, 2, &[migration(copy_step(None))], 2).await.unwrap();
         let step = runner_migration.steps[0].clone();
-        let result = runner.run_step(step.as_ref(), progress, raw).await;
+        let result = runner.run_step(&step, progress, raw).await;
         assert!(matches!(result, Err(StorageError::Conflict)), "{result:?}");
     }
 

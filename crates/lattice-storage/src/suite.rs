@@ -148,8 +148,8 @@ async fn schema_is_stamped_and_checked(kv: Arc<dyn KvStore>) {
     let mut batch = WriteBatch::new();
     batch.put(Table::AuthChains, b"$state".to_vec(), b"[]".to_vec());
     kv.write(batch).await.unwrap();
-    let drop = crate::DropTable { name: "drop", table: Table::AuthChains, writes: &[Table::AuthChains] };
-    let migrations = [crate::Migration { from: crate::SCHEMA_VERSION, describe: "test", steps: vec![Arc::new(drop)] }];
+    let drop = crate::MigrationStep::drop_table("drop", Table::AuthChains, &[Table::AuthChains]);
+    let migrations = [crate::Migration { from: crate::SCHEMA_VERSION, describe: "test", steps: vec![drop] }];
     let found = crate::migrate_with(kv, crate::SCHEMA_VERSION + 1, &migrations, chunk).await.unwrap();
     assert_eq!(found, Some(crate::SCHEMA_VERSION));
     assert_eq!(kv.get(Table::AuthChains, b"$state").await.unwrap(), None);

@@ -70,7 +70,12 @@ impl Rooms {
             scanned += rows.len();
             for (position, event_id) in rows {
                 cursor = if backward { position.before() } else { position };
-                match self.history_event(viewer, &event_id).await? {
+                // One read of the record serves both the visibility check and the gap check.
+                let Some(record) = self.event_record(&event_id).await? else {
+                    hidden_run += 1;
+                    continue;
+                };
+                match self.history_event_of(viewer, &event_id, &record).await? {
                     Some(event) => {
                         hidden_run = 0;
                         if visible(&event, filter, &ignored) {
@@ -80,7 +85,7 @@ impl Rooms {
                     None => hidden_run += 1,
                 }
                 if gaps_possible {
-                    let missing = self.missing_prevs(room_id, &event_id).await?;
+                    let missing = self.missing_prevs(room_id, &record).await?;
                     if !missing.is_empty() {
                         gap = Some(HistoryGap { missing, token: cursor.render() });
                         break;

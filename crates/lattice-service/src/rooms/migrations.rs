@@ -2,15 +2,13 @@
 //! chunked runner in `lattice_storage::schema`. Each step handles one row at a time and is
 //! idempotent, so a chunk that runs twice after a crash changes nothing the second time.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::records::{
     EventRecord, EventStatus, MemberCounts, ReceiptRecord, RelationRecord, RoomRecord, ThreadRecord,
 };
-use lattice_storage::{DropTable, KeyRange, KvRead, Migration, MigrationStep, StorageError, Table, WriteBatch, keys};
+use lattice_storage::{KeyRange, KvRead, Migration, MigrationStep, RowRewrite, StorageError, Table, WriteBatch, keys};
 use ruma::events::TimelineEventType;
 use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, OwnedEventId};
@@ -24,27 +22,30 @@ pub fn schema_migrations() -> Vec<Migration> {
 
 /// Schema 3 → 4: the message-search index, for the events stored before it existed.
 fn schema_4() -> Migration {
-    Migration { from: 3, describe: "message search index", steps: vec![Arc::new(SearchWords)] }
+    Migration {
+        from: 3,
+        describe: "message search index",
+        steps: vec![MigrationStep::new("search_words", Table::Events, &[Table::SearchWords], SearchWords)],
+    }
 }
 
 /// Schema 2 → 3: the account-data change index and the room activity index, so an incremental
 /// `/sync` reads what changed since its token instead of every entry and room of the user.
 fn schema_3() -> Migration {
+    let activity =
+        |name, reads, stream| MigrationStep::new(name, reads, &[Table::RoomActivity], RoomActivity { reads, stream });
     Migration {
         from: 2,
         describe: "account data change index, room activity index",
         steps: vec![
-            Arc::new(AccountDataChanges),
-            Arc::new(RoomActivity {
-                name: "room_activity_of_events",
-                reads: Table::Timeline,
-                stream: keys::ACTIVITY_EVENTS,
-            }),
-            Arc::new(RoomActivity {
-                name: "room_activity_of_receipts",
-                reads: Table::ReceiptPositions,
-                stream: keys::ACTIVITY_RECEIPTS,
-            }),
+            MigrationStep::new(
+                "account_data_changes",
+                Table::AccountDataPositions,
+                &[Table::AccountDataChanges],
+                AccountDataChanges,
+            ),
+            activity("room_activity_of_events", Table::Timeline, keys::ACTIVITY_EVENTS),
+            activity("room_activity_of_receipts", Table::ReceiptPositions, keys::ACTIVITY_RECEIPTS),
         ],
     }
 }
@@ -52,25 +53,22 @@ fn schema_3() -> Migration {
 /// Schema 1 → 2 (issue #10): the topological index, the state groups of each room's front, relations in
 /// topological order, and the indexes and fields that stores older than them lack.
 fn schema_2() -> Migration {
+    use MigrationStep as Step;
     Migration {
         from: 1,
         describe: "topological order, front state groups, and indexes older stores lack",
         steps: vec![
-            Arc::new(TopologicalRows),
-            Arc::new(ExtremityGroups),
-            Arc::new(RedactedBy),
-            Arc::new(RelationsInOrder),
-            Arc::new(DropTable { name: "drop_thread_summaries", table: Table::Threads, writes: &[Table::Threads] }),
-            Arc::new(DropTable {
-                name: "drop_thread_activity",
-                table: Table::ThreadActivity,
-                writes: &[Table::ThreadActivity],
-            }),
-            Arc::new(ThreadSummaries),
-            Arc::new(EventTimestamps),
-            Arc::new(ReceiptPositions),
-            Arc::new(CountedMembers),
-            Arc::new(DropTable { name: "drop_auth_chains", table: Table::AuthChains, writes: &[Table::AuthChains] }),
+            Step::new("topological_rows", Table::Events, &[Table::Topological], TopologicalRows),
+            Step::new("extremity_groups", Table::Rooms, &[Table::Rooms], ExtremityGroups),
+            Step::new("redacted_by", Table::Events, &[Table::Events], RedactedBy),
+            Step::new("relations_in_topological_order", Table::Events, &[Table::Relations], RelationsInOrder),
+            Step::drop_table("drop_thread_summaries", Table::Threads, &[Table::Threads]),
+            Step::drop_table("drop_thread_activity", Table::ThreadActivity, &[Table::ThreadActivity]),
+            Step::new("thread_summaries", Table::Relations, &[Table::Threads, Table::ThreadActivity], ThreadSummaries),
+            Step::new("event_timestamps", Table::Events, &[Table::EventTimestamps], EventTimestamps),
+            Step::new("receipt_positions", Table::Receipts, &[Table::ReceiptPositions], ReceiptPositions),
+            Step::new("member_counts", Table::Rooms, &[Table::Rooms], CountedMembers),
+            Step::drop_table("drop_auth_chains", Table::AuthChains, &[Table::AuthChains]),
         ],
     }
 }
@@ -117,16 +115,7 @@ fn depth_of(event: &Pdu) -> u64 {
 struct TopologicalRows;
 
 #[async_trait]
-impl MigrationStep for TopologicalRows {
-    fn name(&self) -> &'static str {
-        "topological_rows"
-    }
-    fn reads(&self) -> Table {
-        Table::Events
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Topological]
-    }
+impl RowRewrite for TopologicalRows {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let record: EventRecord = decode(Table::Events, raw)?;
         let Some(position) = record.stream_position else { return Ok(()) };
@@ -146,16 +135,7 @@ impl MigrationStep for TopologicalRows {
 struct ExtremityGroups;
 
 #[async_trait]
-impl MigrationStep for ExtremityGroups {
-    fn name(&self) -> &'static str {
-        "extremity_groups"
-    }
-    fn reads(&self) -> Table {
-        Table::Rooms
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Rooms]
-    }
+impl RowRewrite for ExtremityGroups {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let mut room: RoomRecord = decode(Table::Rooms, raw)?;
         if room.extremity_groups.is_some() {
@@ -180,16 +160,7 @@ impl MigrationStep for ExtremityGroups {
 struct RedactedBy;
 
 #[async_trait]
-impl MigrationStep for RedactedBy {
-    fn name(&self) -> &'static str {
-        "redacted_by"
-    }
-    fn reads(&self) -> Table {
-        Table::Events
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Events]
-    }
+impl RowRewrite for RedactedBy {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let record: EventRecord = decode(Table::Events, raw)?;
         if record.status != EventStatus::Accepted || !record.json.contains("m.room.redaction") {
@@ -230,16 +201,7 @@ fn stored_redacted(record: &EventRecord, version: &RoomVersion) -> Result<bool, 
 struct RelationsInOrder;
 
 #[async_trait]
-impl MigrationStep for RelationsInOrder {
-    fn name(&self) -> &'static str {
-        "relations_in_topological_order"
-    }
-    fn reads(&self) -> Table {
-        Table::Events
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Relations]
-    }
+impl RowRewrite for RelationsInOrder {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let record: EventRecord = decode(Table::Events, raw)?;
         let Some(position) = record.stream_position else { return Ok(()) };
@@ -284,16 +246,7 @@ async fn is_event_of_room(kv: &dyn KvRead, event_id: &str, room_id: &str) -> Res
 struct ThreadSummaries;
 
 #[async_trait]
-impl MigrationStep for ThreadSummaries {
-    fn name(&self) -> &'static str {
-        "thread_summaries"
-    }
-    fn reads(&self) -> Table {
-        Table::Relations
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Threads, Table::ThreadActivity]
-    }
+impl RowRewrite for ThreadSummaries {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         // Parent event IDs hold no NUL (`relation_of`), so the parent is the key's first part.
         let root = String::from_utf8_lossy(key.split(|b| *b == 0).next().unwrap_or_default()).into_owned();
@@ -342,16 +295,7 @@ fn sender_of(record: &EventRecord) -> Result<Option<String>, StorageError> {
 struct EventTimestamps;
 
 #[async_trait]
-impl MigrationStep for EventTimestamps {
-    fn name(&self) -> &'static str {
-        "event_timestamps"
-    }
-    fn reads(&self) -> Table {
-        Table::Events
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::EventTimestamps]
-    }
+impl RowRewrite for EventTimestamps {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let record: EventRecord = decode(Table::Events, raw)?;
         let Some(position) = record.stream_position else { return Ok(()) };
@@ -366,16 +310,7 @@ impl MigrationStep for EventTimestamps {
 struct ReceiptPositions;
 
 #[async_trait]
-impl MigrationStep for ReceiptPositions {
-    fn name(&self) -> &'static str {
-        "receipt_positions"
-    }
-    fn reads(&self) -> Table {
-        Table::Receipts
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::ReceiptPositions]
-    }
+impl RowRewrite for ReceiptPositions {
     async fn row(&self, _: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let receipt: ReceiptRecord = decode(Table::Receipts, raw)?;
         // `room\0user\0type\0thread`: room IDs hold no NUL, so the room is the first part.
@@ -391,16 +326,7 @@ impl MigrationStep for ReceiptPositions {
 struct AccountDataChanges;
 
 #[async_trait]
-impl MigrationStep for AccountDataChanges {
-    fn name(&self) -> &'static str {
-        "account_data_changes"
-    }
-    fn reads(&self) -> Table {
-        Table::AccountDataPositions
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::AccountDataChanges]
-    }
+impl RowRewrite for AccountDataChanges {
     async fn row(&self, _: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let position = keys::stored_position(raw)
             .ok_or_else(|| corrupt(Table::AccountDataPositions, "a position is not eight bytes"))?;
@@ -415,23 +341,13 @@ impl MigrationStep for AccountDataChanges {
 /// `room_activity` rows for the events and receipts stored before that index existed, from the
 /// `timeline` and `receipt_positions` rows, which share the key `room\0position`.
 struct RoomActivity {
-    name: &'static str,
     reads: Table,
     /// The stream tag of the rows written (`keys::ACTIVITY_*`).
     stream: u8,
 }
 
 #[async_trait]
-impl MigrationStep for RoomActivity {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn reads(&self) -> Table {
-        self.reads
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::RoomActivity]
-    }
+impl RowRewrite for RoomActivity {
     async fn row(&self, _: &dyn KvRead, key: &[u8], _: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         // The position is the last eight bytes, after the room and its separator.
         let too_short = || corrupt(self.reads, "a key too short for a position");
@@ -448,16 +364,7 @@ impl MigrationStep for RoomActivity {
 struct CountedMembers;
 
 #[async_trait]
-impl MigrationStep for CountedMembers {
-    fn name(&self) -> &'static str {
-        "member_counts"
-    }
-    fn reads(&self) -> Table {
-        Table::Rooms
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::Rooms]
-    }
+impl RowRewrite for CountedMembers {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let mut room: RoomRecord = decode(Table::Rooms, raw)?;
         if room.member_counts.is_some() {
@@ -484,16 +391,7 @@ impl MigrationStep for CountedMembers {
 struct SearchWords;
 
 #[async_trait]
-impl MigrationStep for SearchWords {
-    fn name(&self) -> &'static str {
-        "search_words"
-    }
-    fn reads(&self) -> Table {
-        Table::Events
-    }
-    fn writes(&self) -> &'static [Table] {
-        &[Table::SearchWords]
-    }
+impl RowRewrite for SearchWords {
     async fn row(&self, kv: &dyn KvRead, key: &[u8], raw: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let record: EventRecord = decode(Table::Events, raw)?;
         let Some(order) = record.history_order() else { return Ok(()) };

@@ -209,10 +209,20 @@ impl Rooms {
         event_id: &str,
     ) -> Result<Option<Value>, ServiceError> {
         let Some(record) = self.event_record(event_id).await? else { return Ok(None) };
-        if !self.may_see(viewer, event_id, &record).await? {
+        self.history_event_of(viewer, event_id, &record).await
+    }
+
+    /// [`Rooms::history_event`] for a record the caller has already read.
+    pub(crate) async fn history_event_of(
+        &self,
+        viewer: &mut Viewer,
+        event_id: &str,
+        record: &EventRecord,
+    ) -> Result<Option<Value>, ServiceError> {
+        if !self.may_see(viewer, event_id, record).await? {
             return Ok(None);
         }
-        Ok(Some(self.timeline_event_of(viewer, event_id, &record).await?))
+        Ok(Some(self.timeline_event_of(viewer, event_id, record).await?))
     }
 
     /// Whether the room has any recorded gap: most rooms have none, and then a page needs no
@@ -222,10 +232,14 @@ impl Rooms {
         Ok(!self.kv.scan(Table::BackwardExtremities, &rows, Direction::Forward, 1).await?.is_empty())
     }
 
-    /// The prev events of `event_id` that are recorded as missing (backward extremities).
-    pub(crate) async fn missing_prevs(&self, room_id: &RoomId, event_id: &str) -> Result<Vec<String>, ServiceError> {
-        let Some(record) = self.event_record(event_id).await? else { return Ok(Vec::new()) };
-        let fields = GraphFields::parse(&record)?;
+    /// The prev events of an event (its stored record) that are recorded as missing (backward
+    /// extremities).
+    pub(crate) async fn missing_prevs(
+        &self,
+        room_id: &RoomId,
+        record: &EventRecord,
+    ) -> Result<Vec<String>, ServiceError> {
+        let fields = GraphFields::parse(record)?;
         let mut missing = Vec::new();
         for prev in fields.prev_ids() {
             let key = keys::backward_extremity(room_id.as_str(), prev);
