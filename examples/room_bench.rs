@@ -18,7 +18,7 @@
 //! `--push-only` runs only 7; `--sync-only` runs only 4 and 5; `--history-only` only the history rooms and 6.
 //! `--durable-only` runs only 1 across the rooms, on two fresh
 //! servers: `storage.sync_writes` off, then on (issue #10: durable writes), with 10 and with
-//! `--senders N` (default 50) concurrent senders.
+//! `--senders N` (default 50) concurrent senders; with `--url`, once against that server.
 //! Usage: `cargo run --release --example room_bench -- [path/to/lattice] [--quick]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 //! `--rooms N --per-room M --seconds S` shrink the load for slow servers; `--url URL --pid PID` runs the same load against a server that is already running (e.g. a
@@ -359,7 +359,6 @@ async fn empty_wakeups(
     }
     let empty = Arc::new(AtomicU64::new(0));
     let answers = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + duration;
     let mut tasks = Vec::new();
     let mut users = Vec::new();
     for i in 0..idle.min(1_000) {
@@ -367,6 +366,10 @@ async fn empty_wakeups(
         let first = server.sync(&token, "").await?;
         users.push((token, first["next_batch"].as_str().ok_or("no next_batch")?.to_owned()));
     }
+    // The clock starts once every user exists: registration is slow on some servers (Synapse
+    // hashes each password with bcrypt), and a deadline taken before it could pass before the
+    // first long-poll.
+    let deadline = Instant::now() + duration;
     for i in 0..idle {
         let (token, mut since) = users[i % users.len()].clone();
         let (server, empty, answers) = (server.clone(), empty.clone(), answers.clone());
@@ -440,34 +443,42 @@ async fn sync_sections(server: &Arc<Server>, quick: bool, scale: SyncScale) -> R
 async fn durable_section(binary: &str, rooms_n: usize, senders: usize, duration: Duration) -> Result<(), Error> {
     println!("| measure | sync_writes = false | sync_writes = true |");
     println!("|---|---|---|");
-    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut columns = Vec::new();
     for sync_writes in [false, true] {
         let data = tempfile::tempdir()?;
         let server = Arc::new(Server::start(binary, data.path(), Some(sync_writes)).await?);
-        let owner = server.register("owner").await?;
-        let mut rooms = Vec::new();
-        for i in 0..rooms_n {
-            rooms.push(server.create_room(&owner, json!({ "name": format!("rate {i}") })).await?);
-        }
-        for (row, concurrency) in [10, senders].into_iter().enumerate() {
-            let (rate, failed) = send_rate(&server, &owner, &rooms, concurrency, duration).await;
-            eprintln!(
-                "sync_writes={sync_writes}: {rate:.0} msg/s over {rooms_n} rooms, {concurrency} senders ({failed} failed)"
-            );
-            if rows.len() <= row {
-                let label = format!(
-                    "messages/s across {rooms_n} rooms ({concurrency} concurrent senders, {}s)",
-                    duration.as_secs()
-                );
-                rows.push((label, Vec::new()));
-            }
-            rows[row].1.push(format!("**{rate:.0}** ({failed} failed)"));
-        }
+        columns.push(rates_across_rooms(&server, rooms_n, senders, duration).await?);
     }
-    for (label, cells) in rows {
+    for (row, (label, _)) in columns[0].iter().enumerate() {
+        let cells: Vec<&str> = columns.iter().map(|column| column[row].1.as_str()).collect();
         println!("| {label} | {} |", cells.join(" | "));
     }
     Ok(())
+}
+
+/// Section 1 on its own, for [`durable_section`] and for a server at `--url`: the send rate
+/// across `rooms_n` fresh rooms with 10 and with `senders` concurrent senders, as table rows
+/// (label, cell).
+async fn rates_across_rooms(
+    server: &Arc<Server>,
+    rooms_n: usize,
+    senders: usize,
+    duration: Duration,
+) -> Result<Vec<(String, String)>, Error> {
+    let owner = server.register("owner").await?;
+    let mut rooms = Vec::new();
+    for i in 0..rooms_n {
+        rooms.push(server.create_room(&owner, json!({ "name": format!("rate {i}") })).await?);
+    }
+    let mut rows = Vec::new();
+    for concurrency in [10, senders] {
+        let (rate, failed) = send_rate(server, &owner, &rooms, concurrency, duration).await;
+        eprintln!("{rate:.0} msg/s over {rooms_n} rooms, {concurrency} senders ({failed} failed)");
+        let label =
+            format!("messages/s across {rooms_n} rooms ({concurrency} concurrent senders, {}s)", duration.as_secs());
+        rows.push((label, format!("**{rate:.0}** ({failed} failed)")));
+    }
+    Ok(rows)
 }
 
 #[tokio::main]
@@ -485,8 +496,8 @@ async fn main() -> Result<(), Error> {
         rooms: number("--sync-rooms", if quick { 100 } else { 500 }) as usize,
         idle: number("--idle", 100) as usize,
     };
-    if args.iter().any(|a| a == "--durable-only") {
-        let senders = number("--senders", 50) as usize;
+    let senders = number("--senders", 50) as usize;
+    if args.iter().any(|a| a == "--durable-only") && option("--url").is_none() {
         return durable_section(&binary, rooms_n, senders, duration).await;
     }
 
@@ -496,6 +507,15 @@ async fn main() -> Result<(), Error> {
         None => Server::start(&binary, data.path(), option("--sync-writes").and_then(|v| v.parse().ok())).await?,
     });
     eprintln!("server up at {}, idle RSS {:.1} MiB", server.base, server.rss_mib());
+    if args.iter().any(|a| a == "--durable-only") {
+        // A server at `--url` keeps its own durability settings: one column.
+        println!("| measure | server at --url |");
+        println!("|---|---|");
+        for (label, cell) in rates_across_rooms(&server, rooms_n, senders, duration).await? {
+            println!("| {label} | {cell} |");
+        }
+        return Ok(());
+    }
     if args.iter().any(|a| a == "--sync-only") {
         println!("| measure | {} |", if option("--url").is_some() { "server at --url" } else { "Lattice" });
         println!("|---|---|");
@@ -670,12 +690,31 @@ async fn print_messages_latency(server: &Server, reader: &str, rooms: &[String])
 async fn push_section(server: &Arc<Server>, owner: &str, members: usize, duration: Duration) -> Result<(), Error> {
     let small = server.create_room(owner, json!({ "preset": "public_chat" })).await?;
     let large = server.create_room(owner, json!({ "preset": "public_chat" })).await?;
-    for i in 1..members {
-        let member = server.register(&format!("member{i}")).await?;
-        if i < 3 {
-            server.join(&member, &small).await?;
-        }
-        server.join(&member, &large).await?;
+    // Members register and join 16 at a time: one at a time, 10,000 of them would take most of
+    // an hour on a server that hashes passwords slowly.
+    let next = Arc::new(AtomicU64::new(1));
+    let mut joiners = Vec::new();
+    for _ in 0..16 {
+        let (server, next, small, large) = (server.clone(), next.clone(), small.clone(), large.clone());
+        joiners.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= members {
+                    return Ok::<(), Error>(());
+                }
+                let member = server.register(&format!("member{i}")).await?;
+                if i < 3 {
+                    server.join(&member, &small).await?;
+                }
+                server.join(&member, &large).await?;
+                if i.is_multiple_of(1_000) {
+                    eprintln!("{i} members joined");
+                }
+            }
+        }));
+    }
+    for joiner in joiners {
+        joiner.await??;
     }
     let (rate_small, failed_small) = send_rate(server, owner, std::slice::from_ref(&small), 10, duration).await;
     let (rate_large, failed_large) = send_rate(server, owner, std::slice::from_ref(&large), 10, duration).await;
