@@ -16,12 +16,22 @@
 //!    in bob's `/sync` on lat2.
 //!
 //! 5. memberships and recovery: `--knocks N` (default 50) users of lat2 knock on a room of lat1;
-//!    a user of lat2 joins a room of lat1 that has `--state N` (default 10,000) state events;
+//!    a user of lat2 joins a room of lat1 that has `--members N` (default 1,000) members and
+//!    `--state N` (default 10,000) other state events;
 //!    lat2 is killed while alice sends `--catch-up N` (default 1,000) messages to a room it is
 //!    in, then started again, and the time until the last is in its history is measured.
 //!
+//! 6. `--inbound N` (alone): N messages of a user of lat2, signed beforehand with lat2's key,
+//!    pushed straight to lat1's `/send` (50 a transaction, one at a time): PDUs accepted per
+//!    second with every check, to set against the raw ed25519 rate (`x_matrix_bench`).
+//!
+//!    Section 5's catch-up alone: `--catch-up-only`; `--catch-up-after D` sets both servers'
+//!    `federation.catch_up_after` (e.g. `1s`: lat1 compacts lat2's queue to the newest event of
+//!    each room, and lat2 backfills the rest as its user pages back through all of them).
+//!
 //! Usage: `cargo run --release --example federation_bench -- [path/to/lattice] [--messages N]
-//! [--burst N] [--keys N] [--to-device N] [--knocks N] [--state N] [--catch-up N] [--keys-only]` (default binary:
+//! [--burst N] [--keys N] [--to-device N] [--knocks N] [--state N] [--catch-up N] [--keys-only]
+//! [--catch-up-only] [--catch-up-after D]` (default binary:
 //! `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 
 use std::process::Stdio;
@@ -50,13 +60,21 @@ struct Launch {
     ca: std::path::PathBuf,
     fed_port: u16,
     client_port: u16,
+    /// `federation.catch_up_after` of both servers (`--catch-up-after`, default the server's).
+    catch_up_after: Option<String>,
 }
 
 fn free_port(ip: &str) -> Result<u16, Error> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
-async fn start(binary: &str, dir: &std::path::Path, ip: &str, ca: &std::path::Path) -> Result<Node, Error> {
+async fn start(
+    binary: &str,
+    dir: &std::path::Path,
+    ip: &str,
+    ca: &std::path::Path,
+    catch_up_after: Option<String>,
+) -> Result<Node, Error> {
     let launch = Launch {
         binary: binary.to_owned(),
         dir: dir.to_owned(),
@@ -64,6 +82,7 @@ async fn start(binary: &str, dir: &std::path::Path, ip: &str, ca: &std::path::Pa
         ca: ca.to_owned(),
         fed_port: free_port(ip)?,
         client_port: free_port(ip)?,
+        catch_up_after,
     };
     spawn(launch).await
 }
@@ -72,7 +91,11 @@ async fn spawn(launch: Launch) -> Result<Node, Error> {
     let (ip, dir) = (&launch.ip, &launch.dir);
     let name = format!("{ip}:{}", launch.fed_port);
     let tls = dir.join(format!("tls-{ip}"));
-    let child = Command::new(&launch.binary)
+    let mut command = Command::new(&launch.binary);
+    if let Some(after) = &launch.catch_up_after {
+        command.env("LATTICE_FEDERATION__CATCH_UP_AFTER", after);
+    }
+    let child = command
         .arg("serve")
         .env("LATTICE_SERVER_NAME", &name)
         .env("LATTICE_DATA_DIR", dir.join(format!("data-{ip}")))
@@ -140,6 +163,18 @@ impl Node {
         Ok((token, answer["device_id"].as_str().ok_or("no device")?.to_owned()))
     }
 
+    /// The server process's resident memory, from `/proc`.
+    fn rss_mib(&self) -> f64 {
+        let status = self.child.id().and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok());
+        let kib = status.as_deref().and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        });
+        kib.unwrap_or(0.0) / 1024.0
+    }
+
     async fn say(&self, token: &str, room: &str, txn: &str) -> Result<(), Error> {
         let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
         self.call(reqwest::Method::PUT, &path, Some(token), Some(json!({ "msgtype": "m.text", "body": txn }))).await?;
@@ -187,7 +222,10 @@ async fn main() -> Result<(), Error> {
     let (messages, burst) = (number("--messages", 300), number("--burst", 2000));
     let (key_users, to_device) = (number("--keys", 100), number("--to-device", 1000));
     let keys_only = args.iter().any(|a| a == "--keys-only");
-    let room_sizes = (number("--knocks", 50), number("--state", 10_000), number("--catch-up", 1_000));
+    let catch_up_only = args.iter().any(|a| a == "--catch-up-only");
+    let catch_up_after = args.iter().position(|a| a == "--catch-up-after").and_then(|i| args.get(i + 1)).cloned();
+    let room_sizes =
+        (number("--knocks", 50), number("--state", 10_000), number("--members", 1_000), number("--catch-up", 1_000));
     let dir = tempfile::tempdir()?;
     let ips = ["127.0.0.41", "127.0.0.42"];
     let mut bundle = String::new();
@@ -205,9 +243,23 @@ async fn main() -> Result<(), Error> {
     }
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, bundle)?;
-    let lat1 = start(&binary, dir.path(), ips[0], &ca).await?;
-    let mut lat2 = start(&binary, dir.path(), ips[1], &ca).await?;
+    let lat1 = start(&binary, dir.path(), ips[0], &ca, catch_up_after.clone()).await?;
+    let mut lat2 = start(&binary, dir.path(), ips[1], &ca, catch_up_after.clone()).await?;
     let (alice, bob) = (lat1.register("alice").await?, lat2.register("bob").await?);
+    if let Some(pdus) = args.iter().position(|a| a == "--inbound").and_then(|i| args.get(i + 1)) {
+        let pdus: usize = pdus.parse()?;
+        println!("| federation benchmark ({} → {}), inbound | value |", lat2.name, lat1.name);
+        println!("|---|---|");
+        println!("{}", inbound_row(&lat1, &lat2, &alice, &ca, pdus).await?);
+        return Ok(());
+    }
+    if catch_up_only {
+        let after = catch_up_after.as_deref().unwrap_or("the default");
+        println!("| federation benchmark ({} → {}), catch_up_after {after} | value |", lat1.name, lat2.name);
+        println!("|---|---|");
+        println!("{}", catch_up_row(&lat1, lat2, &alice, room_sizes.3).await?.1);
+        return Ok(());
+    }
     if keys_only {
         for row in keys_rows(&lat1, &lat2, &alice, key_users, to_device).await? {
             println!("{row}");
@@ -488,7 +540,7 @@ async fn room_rows(
     lat1: &Node,
     lat2: Node,
     alice: &str,
-    (knocks, state_events, missed): (usize, usize, usize),
+    (knocks, state_events, members, missed): (usize, usize, usize, usize),
 ) -> Result<(Node, Vec<String>), Error> {
     let mut rows = Vec::new();
     let knock_rule = json!([{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }]);
@@ -513,16 +565,28 @@ async fn room_rows(
     let bodies: Vec<Value> = (0..state_events).map(|n| json!({ "txn": n, "body": { "n": n } })).collect();
     let path = format!("/_matrix/client/v3/rooms/{big}/state/m.bench.state/{{txn}}");
     concurrently_put(lat1, alice, &path, bodies).await?;
+    join_local_members(lat1, &big, members).await?;
     let filled_in = started.elapsed().as_secs_f64();
     let joiner = lat2.register("bigjoiner").await?;
     let sent = Instant::now();
     let path = format!("/_matrix/client/v3/join/{big}?via={}", lat1.name);
     lat2.call(reqwest::Method::POST, &path, Some(&joiner), Some(json!({}))).await?;
     rows.push(format!(
-        "| join a room of the other server with {state_events} state events (made on lat1 in {filled_in:.1} s) | {:.0} ms |",
+        "| join a room of the other server with {members} members and {state_events} other state events (made on lat1 in {filled_in:.1} s) | {:.0} ms |",
         sent.elapsed().as_secs_f64() * 1000.0
     ));
 
+    let (lat2, row) = catch_up_row(lat1, lat2, alice, missed).await?;
+    rows.push(row);
+    Ok((lat2, rows))
+}
+
+/// lat2 killed (SIGKILL) while alice sends `missed` messages to a room it is in, then started
+/// again: lat1's RSS before and after queueing them, the time from lat2's restart until the last
+/// is its room's newest event, and then until a user of lat2 has paged back through all of them
+/// (with catch-up compaction, `--catch-up-after`, most arrive by backfill). Returns the
+/// restarted lat2 and the row.
+async fn catch_up_row(lat1: &Node, lat2: Node, alice: &str, missed: usize) -> Result<(Node, String), Error> {
     let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
     let catcher = lat2.register("catcher").await?;
     let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
@@ -530,25 +594,93 @@ async fn room_rows(
     let mut lat2 = lat2;
     // SIGKILL: what lat2 acknowledged is on disk; lat1 queues what it cannot deliver.
     lat2.child.kill().await?;
+    let rss_before = lat1.rss_mib();
     let sending = Instant::now();
+    // One at a time: the messages form one chain, as a conversation does.
     for n in 0..missed {
         lat1.say(alice, &room, &format!("missed-{n}")).await?;
     }
     let sent_in = sending.elapsed().as_secs_f64();
+    // Give lat1's worker time to fail again (and compact, when configured) before lat2 is back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_down = lat1.rss_mib();
     let lat2 = spawn(lat2.launch.clone()).await?;
     let back = Instant::now();
     let last = format!("missed-{}", missed.saturating_sub(1));
     while newest_body(&lat2, &catcher, &room).await?.as_deref() != Some(last.as_str()) {
-        if back.elapsed() > Duration::from_secs(600) {
+        if back.elapsed() > Duration::from_secs(1200) {
             return Err("the missed messages never arrived".into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    rows.push(format!(
-        "| lat2 killed while alice sent {missed} messages (in {sent_in:.1} s); from its restart until the last is in its history | {:.2} s |",
-        back.elapsed().as_secs_f64()
-    ));
-    Ok((lat2, rows))
+    let newest_in = back.elapsed().as_secs_f64();
+    let paged = page_back_all(&lat2, &catcher, &room, "missed-", missed).await?;
+    let all_in = back.elapsed().as_secs_f64();
+    let row = format!(
+        "| lat2 killed while alice sent {missed} messages (in {sent_in:.1} s; lat1 RSS {rss_before:.0} → {rss_down:.0} MiB); \
+         from its restart until the last is its newest event / until a user paged back through all {paged} | {newest_in:.2} s / {all_in:.2} s |"
+    );
+    Ok((lat2, row))
+}
+
+/// Pages back through `room` on `node` (100 events a page) until `count` bodies starting with
+/// `prefix` were seen; how many were.
+async fn page_back_all(node: &Node, token: &str, room: &str, prefix: &str, count: usize) -> Result<usize, Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut from: Option<String> = None;
+    while seen.len() < count {
+        let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100");
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let page = node.call(reqwest::Method::GET, &path, Some(token), None).await?;
+        for event in page["chunk"].as_array().into_iter().flatten() {
+            if let Some(body) = event["content"]["body"].as_str().filter(|b| b.starts_with(prefix)) {
+                seen.insert(body.to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    Ok(seen.len())
+}
+
+/// Registers `members` users on `node` and joins them to `room` (10 at a time).
+async fn join_local_members(node: &Node, room: &str, members: usize) -> Result<(), Error> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (next, client, room) = (next.clone(), node.client.clone(), room.to_owned());
+        let http = node.http.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= members {
+                    return Ok::<(), Error>(());
+                }
+                let body = json!({ "username": format!("member{n}"), "password": "bench-password",
+                                   "auth": { "type": "m.login.dummy" } });
+                let registered: Value =
+                    http.post(format!("{client}/_matrix/client/v3/register")).json(&body).send().await?.json().await?;
+                let token = registered["access_token"].as_str().ok_or("no access token")?.to_owned();
+                let joined = http
+                    .post(format!("{client}/_matrix/client/v3/rooms/{room}/join"))
+                    .bearer_auth(&token)
+                    .json(&json!({}))
+                    .send()
+                    .await?;
+                if !joined.status().is_success() {
+                    return Err(format!("join: {}", joined.status()).into());
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 /// PUTs each body to `path` (its `{txn}` replaced by the body's `txn`) with 10 concurrent clients.
@@ -578,4 +710,135 @@ async fn concurrently_put(node: &Node, token: &str, path: &str, bodies: Vec<Valu
         task.await??;
     }
     Ok(())
+}
+
+/// Inbound PDUs in isolation (`--inbound N`): `N` messages of a user of lat2, built and signed
+/// beforehand with lat2's own signing key (read from its data directory) as lat2 would send them,
+/// one chain in a room of lat1's, pushed straight to lat1's `PUT /send` in transactions of 50,
+/// one transaction at a time; PDUs accepted per second (each checked: format, event ID,
+/// signature, content hash, auth against the state before and the current state, stored).
+async fn inbound_row(
+    lat1: &Node,
+    lat2: &Node,
+    alice: &str,
+    ca: &std::path::Path,
+    pdus: usize,
+) -> Result<String, Error> {
+    use lattice_core::room_version::RoomVersion;
+
+    let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
+    let pusher = lat2.register("pusher").await?;
+    let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
+    let joined = lat2.call(reqwest::Method::POST, &path, Some(&pusher), Some(json!({}))).await?;
+    let pusher_id = format!("@pusher:{}", lat2.name);
+    let _ = joined;
+    let key = signing_key_of(lat2)?;
+    let federation = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?)
+        .no_proxy()
+        .build()?;
+    let (origin, destination) =
+        (<&ruma::ServerName>::try_from(lat2.name.as_str())?, <&ruma::ServerName>::try_from(lat1.name.as_str())?);
+    let signed_call = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let auth = lattice_federation::x_matrix::sign_request(origin, destination, &key, &method, &path, &bytes);
+        let request = federation.request(method, format!("https://{}{path}", lat1.name));
+        async move {
+            let mut request = request.header("authorization", auth?);
+            if !bytes.is_empty() {
+                request = request.header("content-type", "application/json").body(bytes);
+            }
+            let response = request.send().await?;
+            let status = response.status();
+            let value: Value = response.json().await?;
+            if !status.is_success() {
+                return Err::<Value, Error>(format!("{path}: {status} {value}").into());
+            }
+            Ok(value)
+        }
+    };
+
+    // The state the messages cite, and the newest event to chain from (the pusher's join, as
+    // lat1 has it).
+    let state =
+        lat1.call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state"), Some(alice), None).await?;
+    let state_id = |kind: &str, key: &str| {
+        state.as_array().and_then(|events| {
+            events.iter().find(|e| e["type"] == kind && e["state_key"] == key).and_then(|e| e["event_id"].as_str())
+        })
+    };
+    let create = state_id("m.room.create", "").ok_or("no create event")?.to_owned();
+    let power = state_id("m.room.power_levels", "").ok_or("no power levels")?.to_owned();
+    let member = state_id("m.room.member", &pusher_id).ok_or("the pusher is not a member")?.to_owned();
+    let create_event = lat1
+        .call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state/m.room.create/"), Some(alice), None)
+        .await?;
+    let version = RoomVersion::parse(create_event["room_version"].as_str().unwrap_or("1"))?;
+    let join_pdu =
+        signed_call(reqwest::Method::GET, format!("/_matrix/federation/v1/event/{}", urlencode_path(&member)), None)
+            .await?;
+    let mut depth = join_pdu["pdus"][0]["depth"].as_u64().ok_or("no depth")?;
+    // Room version 12 leaves the create event out of auth events (the room ID is its hash).
+    let mut auth_events = vec![power, member.clone()];
+    if !version.id().as_str().starts_with("12") {
+        auth_events.push(create);
+    }
+
+    let mut prev = member;
+    let mut built = Vec::with_capacity(pdus);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    for n in 0..pdus {
+        depth += 1;
+        let event = json!({
+            "room_id": room, "sender": pusher_id, "type": "m.room.message", "origin_server_ts": now + n as u64,
+            "content": { "msgtype": "m.text", "body": format!("inbound-{n}") },
+            "prev_events": [prev], "auth_events": auth_events, "depth": depth,
+        });
+        let mut object: ruma::CanonicalJsonObject = serde_json::from_value(event)?;
+        lattice_core::pdu::hash_and_sign(&mut object, &lat2.name, &key, &version)?;
+        prev = lattice_core::pdu::event_id(&object, &version)?.to_string();
+        built.push(serde_json::to_value(&object)?);
+    }
+
+    let started = Instant::now();
+    let mut accepted = 0usize;
+    for (txn, chunk) in built.chunks(50).enumerate() {
+        let body = json!({ "origin": lat2.name, "origin_server_ts": now, "pdus": chunk });
+        let answer =
+            signed_call(reqwest::Method::PUT, format!("/_matrix/federation/v1/send/inbound-{txn}"), Some(body)).await?;
+        accepted += answer["pdus"]
+            .as_object()
+            .map_or(0, |results| results.values().filter(|r| r.get("error").is_none()).count());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if accepted != pdus {
+        return Err(format!("only {accepted} of {pdus} PDUs were accepted").into());
+    }
+    Ok(format!(
+        "| {pdus} PDUs pushed to lat1's `/send` (50 a transaction, one at a time, signed as lat2), all accepted | {seconds:.2} s = **{:.0} PDU/s** |",
+        pdus as f64 / seconds
+    ))
+}
+
+/// The signing key of a server this benchmark started, read from its data directory as the
+/// server reads it (`ed25519 VERSION BASE64-DER`).
+fn signing_key_of(node: &Node) -> Result<ruma::signatures::Ed25519KeyPair, Error> {
+    use base64::Engine;
+    let path = node.launch.dir.join(format!("data-{}", node.launch.ip)).join("signing.key");
+    let text = std::fs::read_to_string(path)?;
+    let parts: Vec<&str> = text.split_whitespace().collect();
+    let (version, document) = (parts.get(1).ok_or("no key version")?, parts.get(2).ok_or("no key")?);
+    let document = base64::engine::general_purpose::STANDARD_NO_PAD.decode(document)?;
+    Ok(ruma::signatures::Ed25519KeyPair::from_der(&document, (*version).to_owned())?)
+}
+
+/// Percent-encodes an event ID for a path segment (`$` and the base64 of newer IDs).
+fn urlencode_path(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

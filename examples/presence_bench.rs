@@ -9,112 +9,20 @@
 //! Usage: `cargo run --release --example presence_bench -- [path/to/lattice] [--users N]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 
-use std::process::Stdio;
+#[path = "bench_support/mod.rs"]
+mod bench_support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use serde_json::json;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use bench_support::{BenchServer as Server, Error, percentile, summary};
 
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    registration_token: String,
-    _child: Child,
-}
-
-impl Server {
-    async fn start(binary: &str, data_dir: &std::path::Path, presence: bool) -> Result<Self, Error> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut child = Command::new(binary)
-            .arg("serve")
-            .env("LATTICE_DATA_DIR", data_dir)
-            .env("LATTICE_LISTEN__ADDRESS", format!("127.0.0.1:{port}"))
-            .env("LATTICE_SERVER_NAME", "bench.localhost")
-            .env("LATTICE_RATE_LIMITS__ENABLED", "false")
-            .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
-            .env("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS", "1")
-            .env("LATTICE_LOGGING__LEVEL", "warn")
-            .env("LATTICE_PRESENCE__ENABLED", presence.to_string())
-            // u0 sets its status without syncing; it must not time out mid-benchmark.
-            .env("LATTICE_PRESENCE__OFFLINE_TIMEOUT", "1h")
-            .env_remove("LATTICE_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let prefix = "First start: registration token (shown only now): ";
-        let registration_token = loop {
-            match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await?? {
-                Some(line) if line.starts_with(prefix) => break line[prefix.len()..].trim().to_owned(),
-                Some(_) => continue,
-                None => return Err("the server exited before printing a registration token".into()),
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let http = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
-        let server = Self { base: format!("http://127.0.0.1:{port}"), http, registration_token, _child: child };
-        for _ in 0..600 {
-            if server.http.get(format!("{}/_matrix/client/versions", server.base)).send().await.is_ok() {
-                return Ok(server);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err("the server did not start serving".into())
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> Result<Value, Error> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let value: Value = response.json().await?;
-        if !status.is_success() {
-            return Err(format!("{path}: {status} {value}").into());
-        }
-        Ok(value)
-    }
-
-    /// Registers a user; returns its access token and device ID.
-    async fn register(&self, name: &str) -> Result<(String, String), Error> {
-        let body = json!({ "username": name, "password": "bench-password" });
-        let challenge = self.http.post(format!("{}/_matrix/client/v3/register", self.base)).json(&body).send().await?;
-        let session = challenge.json::<Value>().await?["session"].as_str().ok_or("no UIA session")?.to_owned();
-        let mut body = body;
-        body["auth"] =
-            json!({ "type": "m.login.registration_token", "token": self.registration_token, "session": session });
-        let done = self.call(reqwest::Method::POST, "/_matrix/client/v3/register", None, Some(&body)).await?;
-        let token = done["access_token"].as_str().ok_or("no access token")?.to_owned();
-        let device = done["device_id"].as_str().ok_or("no device ID")?.to_owned();
-        Ok((token, device))
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn summary(mut latencies: Vec<f64>) -> (f64, f64) {
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+/// Presence on or off; the offline timeout long enough that u0, who sets its status without
+/// syncing, does not time out mid-benchmark.
+fn presence_settings(on: bool) -> [(&'static str, String); 2] {
+    [("LATTICE_PRESENCE__ENABLED", on.to_string()), ("LATTICE_PRESENCE__OFFLINE_TIMEOUT", "1h".into())]
 }
 
 /// A sync filter that leaves every room out: the long-polls wait for presence alone, and the
@@ -222,7 +130,7 @@ async fn fan_out(server: Arc<Server>, tokens: &[String], rounds: usize) -> Resul
 /// Incremental `/sync` with nothing new, of a member of a 100-member room.
 async fn quiet_sync(binary: &str, presence: bool) -> Result<(f64, f64), Error> {
     let dir = tempfile::tempdir()?;
-    let server = Server::start(binary, dir.path(), presence).await?;
+    let server = Server::start(binary, dir.path(), &presence_settings(presence)).await?;
     let tokens = room_of(&server, 100).await?;
     let since = next_batch(&server, &tokens[1], "timeout=0").await?;
     let mut latencies = Vec::new();
@@ -250,7 +158,7 @@ async fn main() -> Result<(), Error> {
 
     let mut rows = Vec::new();
     let dir = tempfile::tempdir()?;
-    let server = Arc::new(Server::start(&binary, dir.path(), true).await?);
+    let server = Arc::new(Server::start(&binary, dir.path(), &presence_settings(true)).await?);
     let tokens = room_of(&server, users_n + 1).await?;
     rows.extend(fan_out(server, &tokens, 5).await?);
 

@@ -10,17 +10,17 @@
 //! Usage: `cargo run --release --example preview_bench -- [path/to/lattice] [--n N]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`, N = 200). Prints a Markdown table.
 
+#[path = "bench_support/mod.rs"]
+mod bench_support;
+
 use std::io::Cursor;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use axum::http::header;
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use serde_json::Value;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use bench_support::{BenchServer as Server, Error};
 
 const PAGE: &str = r#"<!doctype html><html><head><title>Bench page</title>
 <meta property="og:title" content="A page to preview">
@@ -55,65 +55,7 @@ async fn start_site() -> Result<String, Error> {
     Ok(format!("http://{address}"))
 }
 
-struct Server {
-    base: String,
-    http: reqwest::Client,
-    registration_token: String,
-    _child: Child,
-}
-
 impl Server {
-    async fn start(binary: &str, data_dir: &std::path::Path) -> Result<Self, Error> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut child = Command::new(binary)
-            .arg("serve")
-            .env("LATTICE_DATA_DIR", data_dir)
-            .env("LATTICE_LISTEN__ADDRESS", format!("127.0.0.1:{port}"))
-            .env("LATTICE_SERVER_NAME", "bench.localhost")
-            .env("LATTICE_RATE_LIMITS__ENABLED", "false")
-            .env("LATTICE_AUTH__PASSWORD_HASH_MEMORY_KIB", "1024")
-            .env("LATTICE_AUTH__PASSWORD_HASH_ITERATIONS", "1")
-            .env("LATTICE_LOGGING__LEVEL", "warn")
-            .env("LATTICE_MEDIA__URL_PREVIEW__ENABLED", "true")
-            .env("LATTICE_MEDIA__URL_PREVIEW__IP_RANGE_ALLOW", "[\"127.0.0.0/8\"]")
-            .env_remove("LATTICE_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-        let prefix = "First start: registration token (shown only now): ";
-        let registration_token = loop {
-            match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await?? {
-                Some(line) if line.starts_with(prefix) => break line[prefix.len()..].trim().to_owned(),
-                Some(_) => continue,
-                None => return Err("the server exited before printing a registration token".into()),
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let http = reqwest::Client::builder().no_proxy().build()?;
-        let server = Self { base: format!("http://127.0.0.1:{port}"), http, registration_token, _child: child };
-        for _ in 0..600 {
-            if server.http.get(format!("{}/_matrix/client/versions", server.base)).send().await.is_ok() {
-                return Ok(server);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err("the server did not start serving".into())
-    }
-
-    async fn register(&self, name: &str) -> Result<String, Error> {
-        let url = format!("{}/_matrix/client/v3/register", self.base);
-        let body = json!({ "username": name, "password": "bench-password" });
-        let challenge: Value = self.http.post(&url).json(&body).send().await?.json().await?;
-        let session = challenge["session"].as_str().ok_or("no UIA session")?;
-        let mut body = body;
-        body["auth"] =
-            json!({ "type": "m.login.registration_token", "token": self.registration_token, "session": session });
-        let done: Value = self.http.post(&url).json(&body).send().await?.json().await?;
-        Ok(done["access_token"].as_str().ok_or("no access token")?.to_owned())
-    }
-
     /// One preview; its latency.
     async fn preview(&self, token: &str, url: &str) -> Result<Duration, Error> {
         let started = Instant::now();
@@ -165,8 +107,16 @@ async fn main() -> Result<(), Error> {
     }
     let site = start_site().await?;
     let dir = tempfile::tempdir()?;
-    let server = Server::start(&binary, dir.path()).await?;
-    let token = server.register("bench").await?;
+    let server = Server::start(
+        &binary,
+        dir.path(),
+        &[
+            ("LATTICE_MEDIA__URL_PREVIEW__ENABLED", "true".into()),
+            ("LATTICE_MEDIA__URL_PREVIEW__IP_RANGE_ALLOW", "[\"127.0.0.0/8\"]".into()),
+        ],
+    )
+    .await?;
+    let token = server.register("bench").await?.0;
     let with_image: Vec<String> = (0..n).map(|i| format!("{site}/page?n={i}")).collect();
     let plain: Vec<String> = (0..n).map(|i| format!("{site}/plain?n={i}")).collect();
 
