@@ -311,6 +311,9 @@ impl MediaSection {
 pub struct PushConfig {
     /// Pushers may name `http://` push gateways; off, only `https://` URLs are accepted.
     pub allow_insecure_gateways: bool,
+    /// `counts.unread` in pushes is the number of unread notifying events; off (the default),
+    /// the number of rooms with any, as Element's apps show on their badge.
+    pub badge_counts_messages: bool,
 }
 
 /// `[calls]`: the TURN server `GET /voip/turnServer` hands out credentials for, and the
@@ -427,6 +430,8 @@ pub struct DelayedEventsSection {
     pub max_delay: String,
     /// Events one user may have scheduled at once (1 to 1000).
     pub max_scheduled_per_user: usize,
+    /// How long sent and cancelled events stay readable to their owner: `"7d"`; `"0"` keeps none.
+    pub finalised_retention: String,
 }
 
 impl Default for DelayedEventsSection {
@@ -436,6 +441,7 @@ impl Default for DelayedEventsSection {
             enabled: defaults.enabled,
             max_delay: "24h".to_owned(),
             max_scheduled_per_user: defaults.max_scheduled_per_user,
+            finalised_retention: "7d".to_owned(),
         }
     }
 }
@@ -455,10 +461,17 @@ impl DelayedEventsSection {
                 lattice_core::limits::MAX_LIST_ROWS
             );
         }
+        let finalised_retention_ms = parse_duration_ms(&self.finalised_retention).with_context(|| {
+            format!("invalid configuration at key `delayed_events.finalised_retention`: {:?}", self.finalised_retention)
+        })?;
+        if finalised_retention_ms > 365 * 24 * 3600 * 1000 {
+            bail!("invalid configuration at key `delayed_events.finalised_retention`: must be 0 to 365d");
+        }
         Ok(lattice_service::DelayedEventsConfig {
             enabled: self.enabled,
             max_delay_ms,
             max_scheduled_per_user: self.max_scheduled_per_user,
+            finalised_retention_ms,
         })
     }
 }

@@ -96,6 +96,7 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         refreshable_token_lifetime_ms: config.auth.refreshable_token_lifetime_secs.saturating_mul(1000),
         redaction_retention_ms: config.rooms.redaction_retention_ms()?,
         push_allow_insecure_gateways: config.push.allow_insecure_gateways,
+        push_badge_counts_messages: config.push.badge_counts_messages,
         user_directory_search_all_users: config.user_directory.search_all_users,
         turn: config.calls.turn()?,
         media: config.media.service_config(&config.data_dir)?,

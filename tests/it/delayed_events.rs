@@ -111,6 +111,17 @@ async fn a_scheduled_message_is_sent_as_its_user_when_due_and_not_before() {
     let seen = messages_until(http, &bob, &room, "delayed hello").await;
     assert_eq!(seen, vec![(server.user_id("alice"), "delayed hello".to_owned())], "sent once, by alice");
     scheduled_ids_become(http, &alice, &[]).await;
+    // Finalised with the scheduled rows' removal: kept with its outcome and event ID.
+    let (status, done) = http.get(&format!("{UNSTABLE}/delayed_events/{delay_id}"), Some(&alice)).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(
+        (&done["outcome"], &done["reason"], &done["content"]["body"]),
+        (&json!("send"), &json!("delay"), &json!("delayed hello"))
+    );
+    assert!(
+        done["event_id"].as_str().is_some_and(|id| id.starts_with('$')) && done["origin_server_ts"].is_u64(),
+        "{done}"
+    );
     server.stop().await;
 }
 
@@ -125,8 +136,18 @@ async fn cancel_restart_and_send_change_what_is_sent_and_when() {
         .post(&format!("{UNSTABLE}/delayed_events/{cancelled}"), Some(&alice), &json!({ "action": "cancel" }))
         .await;
     assert_eq!(status, 200, "{body}");
-    let (status, _) = http.get(&format!("{UNSTABLE}/delayed_events/{cancelled}"), Some(&alice)).await;
-    assert_eq!(status, 404, "a cancelled event is gone");
+    let (status, done) = http.get(&format!("{UNSTABLE}/delayed_events/{cancelled}"), Some(&alice)).await;
+    assert_eq!(status, 200, "a cancelled event is kept, finalised: {done}");
+    assert_eq!((&done["outcome"], &done["reason"], done.get("event_id")), (&json!("cancel"), &json!("action"), None));
+    assert!(!scheduled_ids(http, &alice).await.contains(&cancelled), "no longer scheduled");
+    // The same action again succeeds (a safe retry); a conflicting one is 409.
+    let (status, body) = http.post(&format!("{UNSTABLE}/delayed_events/{cancelled}/cancel"), None, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    for action in ["send", "restart"] {
+        let (status, body) =
+            http.post(&format!("{UNSTABLE}/delayed_events/{cancelled}/{action}"), None, &json!({})).await;
+        assert_eq!(status, 409, "{action}: {body}");
+    }
     schedule(http, &alice, &room, "control after cancel", 1_500).await;
     let seen = messages_until(http, &bob, &room, "control after cancel").await;
     assert!(!bodies(&seen).contains(&"cancelled"), "{seen:?}");
@@ -150,8 +171,23 @@ async fn cancel_restart_and_send_change_what_is_sent_and_when() {
     assert_eq!(seen.last(), Some(&(server.user_id("alice"), "sent early".to_owned())));
     assert_eq!(bodies(&seen).iter().filter(|b| **b == "sent early").count(), 1);
     assert!(scheduled_ids(http, &alice).await.is_empty());
-    let (status, _) = http.post(&format!("{UNSTABLE}/delayed_events/{early}/cancel"), None, &json!({})).await;
-    assert_eq!(status, 404, "a sent event can no longer be cancelled");
+    for (action, expected) in [("cancel", 409), ("restart", 409), ("send", 200)] {
+        let (status, body) = http.post(&format!("{UNSTABLE}/delayed_events/{early}/{action}"), None, &json!({})).await;
+        assert_eq!(status, expected, "{action} of a sent event: {body}");
+    }
+    assert_eq!(
+        bodies(&messages_until(http, &bob, &room, "sent early").await).iter().filter(|b| **b == "sent early").count(),
+        1,
+        "a repeated send sends nothing"
+    );
+    let (_, done) = http.get(&format!("{UNSTABLE}/delayed_events/{early}"), Some(&alice)).await;
+    assert_eq!((&done["outcome"], &done["reason"]), (&json!("send"), &json!("action")), "{done}");
+    // Finalised events are their owner's alone.
+    let (status, body) = http.get(&format!("{UNSTABLE}/delayed_events/{early}"), Some(&bob)).await;
+    assert_error(&(status, body), 404, "M_NOT_FOUND");
+    let (status, body) =
+        http.post(&format!("{UNSTABLE}/delayed_events/{early}"), Some(&bob), &json!({ "action": "send" })).await;
+    assert_error(&(status, body), 404, "M_NOT_FOUND");
     let (status, body) = http.post(&format!("{UNSTABLE}/delayed_events/{early}/refresh"), None, &json!({})).await;
     assert_error(&(status, body), 404, "M_UNRECOGNIZED");
     server.stop().await;
@@ -258,8 +294,11 @@ async fn an_event_whose_user_left_before_it_fell_due_is_not_sent() {
     schedule(http, &alice, &room, "control after leave", 2_000).await;
     let seen = messages_until(http, &alice, &room, "control after leave").await;
     assert_eq!(bodies(&seen), vec!["control after leave"], "bob's event was dropped");
-    let (status, _) = http.get(&format!("{UNSTABLE}/delayed_events/{leaving}"), Some(&bob)).await;
-    assert_eq!(status, 404, "dropped, not kept for later");
+    let (status, done) = http.get(&format!("{UNSTABLE}/delayed_events/{leaving}"), Some(&bob)).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!((&done["outcome"], &done["reason"]), (&json!("cancel"), &json!("error")), "dropped: {done}");
+    assert_eq!(done["error"]["errcode"], "M_FORBIDDEN", "{done}");
+    assert!(scheduled_ids(http, &bob).await.is_empty(), "not kept for later");
     server.stop().await;
 }
 
@@ -346,10 +385,63 @@ async fn listing_filters_and_orders_and_refuses_what_it_does_not_support() {
     let (_, in_room) = list(format!("room_id={room}")).await;
     assert_eq!(ids(&in_room), vec![early, late]);
     let (_, finalised) = list("status=finalised".into()).await;
-    assert!(ids(&finalised).is_empty(), "finalised events are not kept");
+    assert!(ids(&finalised).is_empty(), "nothing is finalised yet");
     for bad in ["status=done", "dir=x", "order_by=size", "outcome=maybe", "from=abc"] {
         let (status, body) = list(bad.into()).await;
         assert_error(&(status, body), 400, "M_INVALID_PARAM");
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn finalised_events_are_listed_with_their_outcome_and_filtered() {
+    let server = TestServer::start().await;
+    let (alice, bob, room) = alice_and_bob(&server).await;
+    let http = &server.http;
+    let sent = schedule(http, &alice, &room, "sent by action", HOUR_MS).await;
+    let cancelled = schedule(http, &alice, &room, "cancelled by action", HOUR_MS).await;
+    let scheduled = schedule(http, &alice, &room, "still scheduled", HOUR_MS).await;
+    let bobs = schedule(http, &bob, &room, "bob's", HOUR_MS).await;
+    assert_eq!(http.post(&format!("{UNSTABLE}/delayed_events/{sent}/send"), None, &json!({})).await.0, 200);
+    assert_eq!(http.post(&format!("{UNSTABLE}/delayed_events/{cancelled}/cancel"), None, &json!({})).await.0, 200);
+    assert_eq!(http.post(&format!("{UNSTABLE}/delayed_events/{bobs}/cancel"), None, &json!({})).await.0, 200);
+    let list = |query: &str| {
+        let path = format!("{UNSTABLE}/delayed_events?{query}");
+        let (http, alice) = (http.clone(), alice.clone());
+        async move {
+            let (status, body) = http.get(&path, Some(&alice)).await;
+            assert_eq!(status, 200, "{body}");
+            body["delayed_events"].as_array().unwrap().clone()
+        }
+    };
+    let finalised = list("status=finalised").await;
+    let mut listed: Vec<(&str, &str, bool)> = finalised
+        .iter()
+        .map(|e| (e["delay_id"].as_str().unwrap(), e["outcome"].as_str().unwrap(), e["event_id"].is_string()))
+        .collect();
+    listed.sort();
+    let mut expected = [(sent.as_str(), "send", true), (cancelled.as_str(), "cancel", false)];
+    expected.sort();
+    assert_eq!(listed, expected, "alice's alone, with their outcomes: {finalised:?}");
+    let ids = |events: &[Value]| events.iter().map(|e| e["delay_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let mut backward = ids(&list("status=finalised&dir=b").await);
+    backward.reverse();
+    assert_eq!(backward, ids(&finalised), "dir=b is the other way round");
+    assert_eq!(ids(&list("status=finalised&outcome=cancel").await), std::slice::from_ref(&cancelled));
+    assert_eq!(ids(&list("outcome=send").await), std::slice::from_ref(&sent), "an outcome asks for finalised events");
+    assert_eq!(ids(&list("status=finalised&reason=delay").await), Vec::<String>::new());
+    assert_eq!(ids(&list("").await), [scheduled], "scheduled ones apart");
+    server.stop().await;
+
+    // With no retention, nothing finalised is kept.
+    let server = TestServer::start_with(|config| config.delayed_events.finalised_retention = "0".into()).await;
+    let (alice, _bob, room) = alice_and_bob(&server).await;
+    let http = &server.http;
+    let gone = schedule(http, &alice, &room, "forgotten", HOUR_MS).await;
+    assert_eq!(http.post(&format!("{UNSTABLE}/delayed_events/{gone}/cancel"), None, &json!({})).await.0, 200);
+    let (status, body) = http.get(&format!("{UNSTABLE}/delayed_events/{gone}"), Some(&alice)).await;
+    assert_error(&(status, body), 404, "M_NOT_FOUND");
+    let (status, body) = http.post(&format!("{UNSTABLE}/delayed_events/{gone}/cancel"), None, &json!({})).await;
+    assert_error(&(status, body), 404, "M_NOT_FOUND");
     server.stop().await;
 }

@@ -523,3 +523,151 @@ async fn members_names_and_rules_that_change_between_messages_are_the_ones_evalu
     assert_eq!(counts(http, &bob, &room).await, (4, 1), "the deleted rule no longer highlights");
     server.stop().await;
 }
+
+/// Sets the user's `m.ignored_user_list` to `ignored`.
+async fn ignore(server: &TestServer, token: &str, user: &str, ignored: &[&str]) {
+    let users: serde_json::Map<String, Value> = ignored.iter().map(|u| (server.user_id(u), json!({}))).collect();
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.ignored_user_list", server.user_id(user));
+    let (status, body) = server.http.put(&path, Some(token), &json!({ "ignored_users": users })).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn notified_event_ids(http: &Http, token: &str) -> Vec<String> {
+    let (status, listed) = http.get("/_matrix/client/v3/notifications", Some(token)).await;
+    assert_eq!(status, 200, "{listed}");
+    listed["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["event"]["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What bob sends while alice ignores him neither counts for her, nor is listed, nor pushed;
+/// once she no longer ignores him, his later events notify her again.
+#[tokio::test]
+async fn an_ignored_sender_never_notifies_and_notifies_again_once_unignored() {
+    let server = push_server().await;
+    let http = &server.http;
+    let (alice, bob, carol, room) = three_in_a_room(&server).await;
+    let (url, mut pushes) = test_gateway(0).await;
+    assert_eq!(http.post("/_matrix/client/v3/pushers/set", Some(&alice), &http_pusher(&url, "a", None)).await.0, 200);
+    let mention = |body: &str| json!({ "msgtype": "m.text", "body": body, "m.mentions": { "user_ids": [server.user_id("alice")] } });
+
+    // Before: bob's mention notifies (and alice's evaluation state is warm).
+    let before = send(http, &bob, &room, "b0", mention("before")).await;
+    assert_eq!(next_push(&mut pushes).await["notification"]["event_id"], before);
+    assert_eq!(counts(http, &alice, &room).await, (1, 1));
+
+    ignore(&server, &alice, "alice", &["bob"]).await;
+    let ignored = send(http, &bob, &room, "b1", mention("ignored")).await;
+    let reply = json!({ "msgtype": "m.text", "body": "ignored too", "m.relates_to": { "rel_type": "m.thread", "event_id": before } });
+    send(http, &bob, &room, "b2", reply).await;
+    let from_carol = send(http, &carol, &room, "c1", json!({ "msgtype": "m.text", "body": "hello" })).await;
+    // Pushes go out in event order: the first after bob's is carol's, so his were never queued.
+    assert_eq!(next_push(&mut pushes).await["notification"]["event_id"], from_carol, "bob's events are not pushed");
+    assert_eq!(counts(http, &alice, &room).await, (2, 1), "bob's mention and thread reply do not count");
+    let filter = r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#;
+    let threaded = sync(http, &alice, &format!("filter={}", urlencode(filter))).await;
+    assert_eq!(threaded["rooms"]["join"][&room]["unread_thread_notifications"], json!({}), "{threaded}");
+    let listed = notified_event_ids(http, &alice).await;
+    assert_eq!(listed, [from_carol.clone(), before.clone()]);
+    assert!(!listed.contains(&ignored));
+    assert_eq!(counts(http, &carol, &room).await, (3, 0), "carol ignores nobody: bob's message counts for her");
+
+    ignore(&server, &alice, "alice", &[]).await;
+    let after = send(http, &bob, &room, "b3", mention("after")).await;
+    let push = next_push(&mut pushes).await;
+    assert_eq!(push["notification"]["event_id"], after, "bob notifies alice again");
+    assert_eq!(counts(http, &alice, &room).await, (3, 2));
+    assert_eq!(notified_event_ids(http, &alice).await, [after, from_carol, before]);
+    server.stop().await;
+}
+
+/// The pushes of two rooms, to bob's pushers in both formats: `(full, event_id_only)`.
+async fn pushes_to_both(pushes: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> (Value, Value) {
+    let mut by_key = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let push = next_push(pushes).await;
+        let key = push["notification"]["devices"][0]["pushkey"].as_str().unwrap().to_owned();
+        assert!(by_key.insert(key, push["notification"].clone()).is_none(), "one push per pusher: {push}");
+    }
+    (by_key.remove("full").unwrap(), by_key.remove("ids").unwrap())
+}
+
+/// `counts.unread` of both pushes of an event, which must be the same.
+fn unread_of(full: &Value, ids: &Value) -> Option<u64> {
+    assert_eq!(full["counts"], ids["counts"], "event_id_only keeps the counts");
+    full["counts"].get("unread").map(|unread| unread.as_u64().expect("a number"))
+}
+
+#[tokio::test]
+async fn pushes_carry_the_number_of_unread_rooms_and_receipts_send_the_lower_count() {
+    let server = push_server().await;
+    let http = &server.http;
+    let (alice, bob, _carol, first) = three_in_a_room(&server).await;
+    let second = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{second}"), Some(&bob), &json!({})).await.0, 200);
+    let (url, mut pushes) = test_gateway(0).await;
+    let set = "/_matrix/client/v3/pushers/set";
+    assert_eq!(http.post(set, Some(&bob), &http_pusher(&url, "full", None)).await.0, 200);
+    assert_eq!(http.post(set, Some(&bob), &http_pusher(&url, "ids", Some("event_id_only"))).await.0, 200);
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+
+    let m1 = send(http, &alice, &first, "m1", text("one")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!((full["event_id"].as_str(), ids["event_id"].as_str()), (Some(m1.as_str()), Some(m1.as_str())));
+    assert_eq!(ids["room_id"], first);
+    assert_eq!((ids.get("sender"), ids.get("content")), (None, None), "{ids}");
+    assert_eq!(unread_of(&full, &ids), Some(1));
+    let m2 = send(http, &alice, &first, "m2", text("two")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!((full["event_id"].as_str(), unread_of(&full, &ids)), (Some(m2.as_str()), Some(1)), "still one room");
+    let m3 = send(http, &alice, &second, "m3", text("three")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!(full["event_id"], m3);
+    assert_eq!(unread_of(&full, &ids), Some(2), "two rooms have unread notifications");
+
+    // Reading the first room sends the lower count alone, naming no event.
+    receipt(http, &bob, &first, &m2, json!({})).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!((full.get("event_id"), full.get("room_id"), full.get("content")), (None, None, None), "{full}");
+    assert_eq!(unread_of(&full, &ids), Some(1));
+    receipt(http, &bob, &second, &m3, json!({})).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!(unread_of(&full, &ids), Some(0), "a counts-only push carries the zero that clears a badge");
+    // A receipt that reads nothing new sends nothing: the next push is the next event's.
+    receipt(http, &bob, &first, &m1, json!({})).await;
+    let m4 = send(http, &alice, &first, "m4", text("four")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!(full["event_id"], m4, "{full}");
+    assert_eq!(unread_of(&full, &ids), Some(1));
+
+    // A room bob leaves no longer counts.
+    let m5 = send(http, &alice, &second, "m5", text("five")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!((full["event_id"].as_str(), unread_of(&full, &ids)), (Some(m5.as_str()), Some(2)));
+    assert_eq!(http.post(&format!("/_matrix/client/v3/rooms/{second}/leave"), Some(&bob), &json!({})).await.0, 200);
+    send(http, &alice, &first, "m6", text("six")).await;
+    let (full, ids) = pushes_to_both(&mut pushes).await;
+    assert_eq!(unread_of(&full, &ids), Some(1), "only the first room: {full}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_badge_counts_messages_pushes_count_unread_messages() {
+    let server = TestServer::start_with(|config| {
+        config.push.allow_insecure_gateways = true;
+        config.push.badge_counts_messages = true;
+    })
+    .await;
+    let http = &server.http;
+    let (alice, bob, _carol, room) = three_in_a_room(&server).await;
+    let (url, mut pushes) = test_gateway(0).await;
+    assert_eq!(http.post("/_matrix/client/v3/pushers/set", Some(&bob), &http_pusher(&url, "k", None)).await.0, 200);
+    for (txn, expected) in [("w1", 1), ("w2", 2), ("w3", 3)] {
+        send(http, &alice, &room, txn, json!({ "msgtype": "m.text", "body": txn })).await;
+        assert_eq!(next_push(&mut pushes).await["notification"]["counts"]["unread"], expected);
+    }
+    server.stop().await;
+}

@@ -32,6 +32,11 @@ fn body(errcode: &str, message: impl Into<String>) -> Value {
     json!({ "errcode": errcode, "error": message.into() })
 }
 
+/// The standard error response body of a service error (a delayed event's stored error).
+pub(crate) fn error_body(error: ServiceError) -> Value {
+    service_error(error).1
+}
+
 fn service_error(error: ServiceError) -> (StatusCode, Value) {
     use ServiceError as E;
     let message = error.to_string();

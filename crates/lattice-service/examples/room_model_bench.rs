@@ -39,6 +39,7 @@ fn service(dir: &std::path::Path, name: &str, key: Arc<Ed25519KeyPair>) -> Servi
         public_rooms_cache_ms: 0,
         redaction_retention_ms: lattice_service::DEFAULT_REDACTION_RETENTION_MS,
         push_allow_insecure_gateways: false,
+        push_badge_counts_messages: false,
         user_directory_search_all_users: false,
         turn: None,
         media: Default::default(),

@@ -29,6 +29,7 @@ fn service(dir: &std::path::Path) -> Service {
         public_rooms_cache_ms: 0,
         redaction_retention_ms: lattice_service::DEFAULT_REDACTION_RETENTION_MS,
         push_allow_insecure_gateways: false,
+        push_badge_counts_messages: false,
         user_directory_search_all_users: false,
         turn: None,
         media: Default::default(),

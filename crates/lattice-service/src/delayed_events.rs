@@ -3,10 +3,15 @@
 //! a "hang-up" this way and restarts its timer as a heartbeat, so a client that vanishes leaves
 //! the call when the heartbeats stop.
 //!
-//! The service owns four tables, written together in one batch per change: `delayed_events`
-//! (`delay_id` → the record), `delayed_events_due` (due time · `delay_id`, what the timer
-//! reads), `delayed_events_by_user` (`user\0delay_id`, for listing and the per-user limit) and
-//! `delayed_event_transactions` (a scheduling request's transaction ID → its `delay_id`).
+//! The service owns four tables for scheduled events, written together in one batch per change:
+//! `delayed_events` (`delay_id` → the record), `delayed_events_due` (due time · `delay_id`, what
+//! the timer reads), `delayed_events_by_user` (`user\0delay_id`, for listing and the per-user
+//! limit) and `delayed_event_transactions` (a scheduling request's transaction ID → its
+//! `delay_id`). A sent or cancelled event becomes *finalised* in the same batch that removes it:
+//! `delayed_events_finalised` (`delay_id` → the event, its outcome, reason, event ID or error),
+//! indexed by `delayed_events_finalised_by_user` (`user\0time·delay_id`) and
+//! `delayed_events_finalised_by_time` (`time·delay_id`), kept for the configured retention (at
+//! most [`MAX_FINALISED_PER_USER`] per user) and pruned by the timer task.
 //!
 //! What can be checked when an event is scheduled is checked then (membership, power level,
 //! sizes, limits); the send itself goes through the rooms service's one local send path when
@@ -15,12 +20,13 @@
 //! by a `send` action) finds the first one's event instead of sending twice.
 
 use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lattice_core::limits::{MAX_PDU_BYTES, check_event_type, check_state_key};
-pub use lattice_storage::records::DelayedEventRecord;
 use lattice_storage::records::DelayedTransactionRecord;
+pub use lattice_storage::records::{DelayedEventError, DelayedEventRecord, FinalisedDelayedEventRecord};
 use lattice_storage::{Direction, KeyRange, KvStore, ScopedStore, StorageError, Table, TableScope, WriteBatch, keys};
 use ruma::{OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
@@ -39,6 +45,9 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::DelayedEventsDue,
         Table::DelayedEventsByUser,
         Table::DelayedEventTransactions,
+        Table::DelayedEventsFinalised,
+        Table::DelayedEventsFinalisedByUser,
+        Table::DelayedEventsFinalisedByTime,
     ],
 };
 
@@ -58,6 +67,14 @@ const STORAGE_RETRY: Duration = Duration::from_secs(5);
 const BUSY_RECHECK_MS: u64 = 50;
 /// The longest the timer sleeps without looking at the table (a safety net; writes wake it).
 const MAX_TIMER_SLEEP: Duration = Duration::from_secs(60);
+/// Finalised events kept per user; past it the oldest go.
+pub const MAX_FINALISED_PER_USER: usize = 1_000;
+/// How often the timer task prunes finalised events past their retention.
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+/// Finalised events pruned per batch.
+const PRUNE_ROWS: usize = 256;
+/// Scheduling locks, striped by user.
+const SCHEDULING_STRIPES: usize = 64;
 
 /// `[delayed_events]`: whether users may schedule events, and the limits on them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,11 +84,18 @@ pub struct DelayedEventsConfig {
     pub max_delay_ms: u64,
     /// Events one user may have scheduled at once; more is `429 M_LIMIT_EXCEEDED`.
     pub max_scheduled_per_user: usize,
+    /// How long a sent or cancelled event is kept for its owner to look up; 0 keeps none.
+    pub finalised_retention_ms: u64,
 }
 
 impl Default for DelayedEventsConfig {
     fn default() -> Self {
-        Self { enabled: true, max_delay_ms: 24 * 3600 * 1000, max_scheduled_per_user: 100 }
+        Self {
+            enabled: true,
+            max_delay_ms: 24 * 3600 * 1000,
+            max_scheduled_per_user: 100,
+            finalised_retention_ms: 7 * 24 * 3600 * 1000,
+        }
     }
 }
 
@@ -106,13 +130,60 @@ impl DelayedAction {
     }
 }
 
+/// What became of a finalised event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Send,
+    Cancel,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Send => "send",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// Why an event was finalised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A management request (`send` or `cancel`).
+    Action,
+    /// It fell due and was sent.
+    Delay,
+    /// It fell due and could not be sent.
+    Error,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Action => "action",
+            Self::Delay => "delay",
+            Self::Error => "error",
+        }
+    }
+}
+
 /// Why a listing asks for a subset of the user's delayed events.
 #[derive(Default)]
 pub struct ListFilter {
-    /// Only finalised events: none are kept, so the answer is empty.
+    /// Finalised events rather than scheduled ones.
     pub finalised_only: bool,
     pub room_id: Option<String>,
     pub event_type: Option<String>,
+    /// Of finalised events, only those with this outcome (`send`, `cancel`) …
+    pub outcome: Option<String>,
+    /// … or this reason (`action`, `delay`, `error`).
+    pub reason: Option<String>,
+}
+
+/// One delayed event of a user, as `GET /delayed_events/{delay_id}` shows it.
+pub enum DelayedEventView {
+    Scheduled(DelayedEventRecord),
+    Finalised(FinalisedDelayedEventRecord),
 }
 
 /// Removes a `delay_id` from the set of events being sent when the send is over.
@@ -134,9 +205,13 @@ pub struct DelayedEvents {
     rooms: Arc<Rooms>,
     /// Wakes the timer task when an event is scheduled or restarted.
     timer: Notify,
-    /// Serialises scheduling, so the per-user count and the write agree (the transaction row is
-    /// written with a condition; the count is this process's, which is all one server has).
-    scheduling: tokio::sync::Mutex<()>,
+    /// Serialise each user's scheduling, so their count and the write agree (the transaction
+    /// row is written with a condition; the count is this process's, which is all one server
+    /// has). Striped by user: everything read under one is that user's, so users never wait for
+    /// each other but on a shared stripe.
+    scheduling: Vec<tokio::sync::Mutex<()>>,
+    /// When finalised events were last pruned (ms since the epoch).
+    last_prune_ms: std::sync::atomic::AtomicU64,
     /// `delay_id`s being sent right now, by the timer or a `send` action.
     firing: Mutex<HashSet<String>>,
 }
@@ -154,7 +229,8 @@ impl DelayedEvents {
             clock,
             rooms,
             timer: Notify::new(),
-            scheduling: tokio::sync::Mutex::new(()),
+            scheduling: (0..SCHEDULING_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            last_prune_ms: std::sync::atomic::AtomicU64::new(0),
             firing: Mutex::new(HashSet::new()),
         }
     }
@@ -174,7 +250,7 @@ impl DelayedEvents {
         let request_hash = hex(&Sha256::digest(
             json!([request.event_type, request.state_key, request.content, request.delay_ms]).to_string().as_bytes(),
         ));
-        let _scheduling = self.scheduling.lock().await;
+        let _scheduling = self.scheduling_lock(user_id).lock().await;
         if let Some(key) = &txn_key
             && let Some(done) = self.transaction(key, &request_hash).await?
         {
@@ -216,6 +292,12 @@ impl DelayedEvents {
         tracing::debug!(delay_id = %record.delay_id, user = %user_id, room = %record.room_id, "delayed event scheduled");
         self.timer.notify_one();
         Ok(record.delay_id)
+    }
+
+    fn scheduling_lock(&self, user_id: &UserId) -> &tokio::sync::Mutex<()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        user_id.hash(&mut hasher);
+        &self.scheduling[(hasher.finish() % SCHEDULING_STRIPES as u64) as usize]
     }
 
     fn check_request(&self, request: &ScheduleRequest<'_>) -> Result<(), ServiceError> {
@@ -287,26 +369,65 @@ impl DelayedEvents {
         Ok(fetched.map(|fetched| fetched.value))
     }
 
-    /// `GET /delayed_events`: the user's scheduled events, in the order they fall due.
-    /// Finalised events are not kept, so asking for them finds none.
-    pub async fn list(&self, user_id: &UserId, filter: &ListFilter) -> Result<Vec<DelayedEventRecord>, ServiceError> {
-        if filter.finalised_only {
-            return Ok(Vec::new());
-        }
-        let mut records = self.user_records(user_id).await?;
-        records.retain(|record| {
+    /// `GET /delayed_events`: the user's scheduled events, in the order they fall due, or
+    /// (`finalised_only`) their finalised ones kept, oldest finalised first.
+    pub async fn list(&self, user_id: &UserId, filter: &ListFilter) -> Result<Vec<DelayedEventView>, ServiceError> {
+        let matches = |record: &DelayedEventRecord| {
             filter.room_id.as_ref().is_none_or(|room| *room == record.room_id)
                 && filter.event_type.as_ref().is_none_or(|kind| *kind == record.event_type)
-        });
-        Ok(records)
+        };
+        if filter.finalised_only {
+            let mut finalised = self.user_finalised(user_id).await?;
+            finalised.retain(|done| {
+                matches(&done.event)
+                    && filter.outcome.as_ref().is_none_or(|outcome| *outcome == done.outcome)
+                    && filter.reason.as_ref().is_none_or(|reason| *reason == done.reason)
+            });
+            return Ok(finalised.into_iter().map(DelayedEventView::Finalised).collect());
+        }
+        let mut records = self.user_records(user_id).await?;
+        records.retain(matches);
+        Ok(records.into_iter().map(DelayedEventView::Scheduled).collect())
     }
 
-    /// `GET /delayed_events/{delay_id}`: one of the user's scheduled events.
-    pub async fn get(&self, user_id: &UserId, delay_id: &str) -> Result<DelayedEventRecord, ServiceError> {
-        self.record(delay_id)
+    /// `GET /delayed_events/{delay_id}`: one of the user's scheduled or finalised events.
+    pub async fn get(&self, user_id: &UserId, delay_id: &str) -> Result<DelayedEventView, ServiceError> {
+        if let Some(record) = self.record(delay_id).await?.filter(|record| record.user_id == user_id.as_str()) {
+            return Ok(DelayedEventView::Scheduled(record));
+        }
+        self.finalised(delay_id, Some(user_id))
             .await?
-            .filter(|record| record.user_id == user_id.as_str())
+            .map(DelayedEventView::Finalised)
             .ok_or_else(|| not_found(delay_id))
+    }
+
+    /// A finalised event, if it is kept (and `owner`'s, when given).
+    async fn finalised(
+        &self,
+        delay_id: &str,
+        owner: Option<&UserId>,
+    ) -> Result<Option<FinalisedDelayedEventRecord>, ServiceError> {
+        let key = keys::delayed_event_finalised(delay_id);
+        let fetched = lattice_storage::get::<FinalisedDelayedEventRecord>(self.kv.as_ref(), &key).await?;
+        Ok(fetched
+            .map(|fetched| fetched.value)
+            .filter(|done| owner.is_none_or(|owner| done.event.user_id == owner.as_str())))
+    }
+
+    /// The user's finalised events kept, oldest finalised first.
+    async fn user_finalised(&self, user_id: &UserId) -> Result<Vec<FinalisedDelayedEventRecord>, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        let range = KeyRange::prefix(&prefix);
+        let limit = MAX_FINALISED_PER_USER.min(lattice_storage::MAX_SCAN_ROWS);
+        let rows = self.kv.scan(Table::DelayedEventsFinalisedByUser, &range, Direction::Forward, limit).await?;
+        let mut finalised = Vec::with_capacity(rows.len());
+        for (key, _) in rows {
+            let Some(delay_id) = key.get(prefix.len()..).and_then(keys::delay_id_of_due_key) else { continue };
+            if let Some(done) = self.finalised(delay_id, Some(user_id)).await? {
+                finalised.push(done);
+            }
+        }
+        Ok(finalised)
     }
 
     /// Cancels, restarts or sends a scheduled event. `owner` is the authenticated caller of the
@@ -321,11 +442,9 @@ impl DelayedEvents {
         if !self.config.enabled {
             return Err(not_found(delay_id));
         }
-        let record = self
-            .record(delay_id)
-            .await?
-            .filter(|record| owner.is_none_or(|owner| record.user_id == owner.as_str()))
-            .ok_or_else(|| not_found(delay_id))?;
+        let scheduled =
+            self.record(delay_id).await?.filter(|record| owner.is_none_or(|owner| record.user_id == owner.as_str()));
+        let Some(record) = scheduled else { return self.answer_finalised(delay_id, action, owner).await };
         match action {
             DelayedAction::Send => self.send_now(record).await.map(|_| ()),
             DelayedAction::Cancel | DelayedAction::Restart => {
@@ -338,11 +457,13 @@ impl DelayedEvents {
                 if action == DelayedAction::Restart {
                     let restarted = DelayedEventRecord { running_since_ms: self.clock.now_ms(), ..record };
                     put_record(&mut batch, &restarted);
+                } else {
+                    self.finalise_into(&mut batch, record, Outcome::Cancel, Reason::Action, None, None).await?;
                 }
                 match self.kv.write(batch).await {
                     Ok(()) => {}
-                    // Sent, cancelled or restarted meanwhile: gone, or changed under this request.
-                    Err(StorageError::Conflict) => return Err(not_found(delay_id)),
+                    // Sent, cancelled or restarted meanwhile: answered as finalised, or gone.
+                    Err(StorageError::Conflict) => return self.answer_finalised(delay_id, action, owner).await,
                     Err(error) => return Err(error.into()),
                 }
                 if action == DelayedAction::Restart {
@@ -350,6 +471,25 @@ impl DelayedEvents {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// An action on an event no longer scheduled, as the MSC asks, so a client can retry
+    /// safely: the same outcome again succeeds (`send` of a sent event, `cancel` of a cancelled
+    /// one, whether by an action or an error), another is `409`; unknown or pruned is `404`.
+    async fn answer_finalised(
+        &self,
+        delay_id: &str,
+        action: DelayedAction,
+        owner: Option<&UserId>,
+    ) -> Result<(), ServiceError> {
+        let done = self.finalised(delay_id, owner).await?.ok_or_else(|| not_found(delay_id))?;
+        match (action, done.outcome.as_str()) {
+            (DelayedAction::Send, "send") | (DelayedAction::Cancel, "cancel") => Ok(()),
+            _ => Err(ServiceError::Conflict(format!(
+                "the delayed event {delay_id} was already finalised with the outcome {}",
+                done.outcome
+            ))),
         }
     }
 
@@ -379,7 +519,7 @@ impl DelayedEvents {
             return Err(ServiceError::Conflict(format!("the delayed event {} is being sent", record.delay_id)));
         };
         let event_id = self.send(&record).await?;
-        self.forget(&record).await?;
+        self.finish(record, Outcome::Send, Reason::Action, Some(event_id.to_string()), None).await?;
         Ok(event_id)
     }
 
@@ -392,16 +532,108 @@ impl DelayedEvents {
         self.rooms.send_event(&user_id, &room_id, &record.event_type, state_key, content, Some(txn)).await
     }
 
-    /// Deletes a sent or dropped event's rows (the transaction row stays, so a retried
-    /// scheduling request still answers its `delay_id`).
-    async fn forget(&self, record: &DelayedEventRecord) -> Result<(), ServiceError> {
+    /// Replaces a sent or dropped event's rows with its finalised record, in one batch (the
+    /// transaction row stays, so a retried scheduling request still answers its `delay_id`).
+    async fn finish(
+        &self,
+        record: DelayedEventRecord,
+        outcome: Outcome,
+        reason: Reason,
+        event_id: Option<String>,
+        error: Option<DelayedEventError>,
+    ) -> Result<(), ServiceError> {
         let mut batch = WriteBatch::new();
-        delete_record(&mut batch, record);
+        delete_record(&mut batch, &record);
         // A restart that raced the send leaves a due row under its new time: remove it too.
         if let Some(current) = self.record(&record.delay_id).await? {
             delete_record(&mut batch, &current);
         }
+        self.finalise_into(&mut batch, record, outcome, reason, event_id, error).await?;
         Ok(self.kv.write(batch).await?)
+    }
+
+    /// Adds the finalised record and its index rows to `batch` (nothing with a retention of
+    /// zero), and drops the user's oldest past [`MAX_FINALISED_PER_USER`].
+    async fn finalise_into(
+        &self,
+        batch: &mut WriteBatch,
+        event: DelayedEventRecord,
+        outcome: Outcome,
+        reason: Reason,
+        event_id: Option<String>,
+        error: Option<DelayedEventError>,
+    ) -> Result<(), ServiceError> {
+        if self.config.finalised_retention_ms == 0 {
+            return Ok(());
+        }
+        let prefix = keys::user_rows(&event.user_id);
+        let kept = self
+            .kv
+            .scan(
+                Table::DelayedEventsFinalisedByUser,
+                &KeyRange::prefix(&prefix),
+                Direction::Forward,
+                MAX_FINALISED_PER_USER,
+            )
+            .await?;
+        let excess = (kept.len() + 1).saturating_sub(MAX_FINALISED_PER_USER);
+        for (key, _) in kept.into_iter().take(excess) {
+            let Some(at) = key.get(prefix.len()..) else { continue };
+            let (Some(delay_id), Some(ms)) = (keys::delay_id_of_due_key(at), due_time_of(at)) else { continue };
+            delete_finalised(batch, &event.user_id, ms, delay_id);
+        }
+        let done = FinalisedDelayedEventRecord {
+            outcome: outcome.as_str().to_owned(),
+            reason: reason.as_str().to_owned(),
+            event_id,
+            error,
+            finalised_ms: self.clock.now_ms(),
+            event,
+        };
+        let (user, delay_id, ms) = (&done.event.user_id, &done.event.delay_id, done.finalised_ms);
+        batch.put(
+            Table::DelayedEventsFinalisedByUser,
+            keys::delayed_event_finalised_of_user(user, ms, delay_id),
+            Vec::new(),
+        );
+        batch.put(
+            Table::DelayedEventsFinalisedByTime,
+            keys::delayed_event_finalised_at(ms, delay_id),
+            user.as_bytes().to_vec(),
+        );
+        lattice_storage::put(batch, keys::delayed_event_finalised(delay_id), &done);
+        Ok(())
+    }
+
+    /// Deletes finalised events older than the retention, a bounded batch at a time; at most
+    /// once per [`PRUNE_INTERVAL_MS`].
+    async fn prune_finalised(&self) -> Result<(), ServiceError> {
+        let now = self.clock.now_ms();
+        let last = self.last_prune_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) < PRUNE_INTERVAL_MS {
+            return Ok(());
+        }
+        self.last_prune_ms.store(now, std::sync::atomic::Ordering::Relaxed);
+        let cutoff = now.saturating_sub(self.config.finalised_retention_ms);
+        let expired = KeyRange::between(&[], &keys::delayed_event_finalised_at(cutoff, ""));
+        loop {
+            let rows =
+                self.kv.scan(Table::DelayedEventsFinalisedByTime, &expired, Direction::Forward, PRUNE_ROWS).await?;
+            let mut batch = WriteBatch::new();
+            for (key, user) in &rows {
+                let (Some(delay_id), Some(ms)) = (keys::delay_id_of_due_key(key), due_time_of(key)) else {
+                    batch.delete(Table::DelayedEventsFinalisedByTime, key.clone());
+                    continue;
+                };
+                delete_finalised(&mut batch, &String::from_utf8_lossy(user), ms, delay_id);
+            }
+            if !batch.ops.is_empty() {
+                self.kv.write(batch).await?;
+            }
+            if rows.len() < PRUNE_ROWS {
+                return Ok(());
+            }
+        }
     }
 
     /// The timer task (one per server, run by the binary): sends each event when it falls
@@ -411,6 +643,9 @@ impl DelayedEvents {
             return;
         }
         loop {
+            if let Err(error) = self.prune_finalised().await {
+                tracing::warn!(%error, "pruning finalised delayed events failed");
+            }
             match self.fire_due().await {
                 Ok(Some(next_due)) => {
                     let wait = Duration::from_millis(next_due.saturating_sub(self.clock.now_ms())).min(MAX_TIMER_SLEEP);
@@ -499,9 +734,10 @@ impl DelayedEvents {
                 return self.retry_later(due_key, delay_id).await;
             }
         };
-        match self.send(&record).await {
+        let finished = match self.send(&record).await {
             Ok(event_id) => {
                 tracing::debug!(delay_id, %event_id, user = %record.user_id, room = %record.room_id, "delayed event sent");
+                self.finish(record, Outcome::Send, Reason::Delay, Some(event_id.to_string()), None).await
             }
             Err(error @ (ServiceError::Storage(_) | ServiceError::Internal(_))) => {
                 tracing::warn!(%error, delay_id, "sending a delayed event failed; trying again later");
@@ -512,10 +748,12 @@ impl DelayedEvents {
                     %error, delay_id, user = %record.user_id, room = %record.room_id, kind = %record.event_type,
                     "delayed event dropped: it may not be sent now"
                 );
+                let stored = stored_error(&error);
+                self.finish(record, Outcome::Cancel, Reason::Error, None, Some(stored)).await
             }
-        }
-        if let Err(error) = self.forget(&record).await {
-            tracing::warn!(%error, delay_id, "removing a finished delayed event failed");
+        };
+        if let Err(error) = finished {
+            tracing::warn!(%error, delay_id, "finalising a delayed event failed");
         }
     }
 
@@ -535,6 +773,46 @@ impl DelayedEvents {
         let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::DelayedEvents, &KeyRange::all()).await?;
         Ok(rows.len())
     }
+}
+
+/// The error a dropped event keeps, by the kind of service error a send refused it with.
+fn stored_error(error: &ServiceError) -> DelayedEventError {
+    let kind = match error {
+        ServiceError::Forbidden(_) => "forbidden",
+        ServiceError::NotFound(_) => "not_found",
+        ServiceError::InvalidParam(_) => "invalid_param",
+        ServiceError::BadJson(_) => "bad_json",
+        ServiceError::TooLarge { .. } => "too_large",
+        _ => "bad_request",
+    };
+    DelayedEventError { kind: kind.to_owned(), message: error.to_string() }
+}
+
+/// The service error a stored one stands for, for the HTTP edge to map to its errcode.
+pub fn error_of(stored: &DelayedEventError) -> ServiceError {
+    let message = stored.message.clone();
+    match stored.kind.as_str() {
+        "forbidden" => ServiceError::Forbidden(message),
+        "not_found" => ServiceError::NotFound(message),
+        "invalid_param" => ServiceError::InvalidParam(message),
+        "bad_json" => ServiceError::BadJson(message),
+        _ => ServiceError::BadRequest(message),
+    }
+}
+
+/// The time (big-endian, first) of a due or finalised-at key.
+fn due_time_of(key: &[u8]) -> Option<u64> {
+    key.get(..8).and_then(|bytes| bytes.try_into().ok()).map(u64::from_be_bytes)
+}
+
+/// A finalised record and its two index rows.
+fn delete_finalised(batch: &mut WriteBatch, user_id: &str, finalised_ms: u64, delay_id: &str) {
+    batch.delete(Table::DelayedEventsFinalised, keys::delayed_event_finalised(delay_id));
+    batch.delete(
+        Table::DelayedEventsFinalisedByUser,
+        keys::delayed_event_finalised_of_user(user_id, finalised_ms, delay_id),
+    );
+    batch.delete(Table::DelayedEventsFinalisedByTime, keys::delayed_event_finalised_at(finalised_ms, delay_id));
 }
 
 fn not_found(delay_id: &str) -> ServiceError {

@@ -33,6 +33,7 @@ pub mod rooms;
 mod secrets;
 pub mod sync;
 pub mod to_device;
+mod user_cache;
 
 use std::sync::Arc;
 
@@ -89,6 +90,8 @@ pub struct ServiceConfig {
     pub redaction_retention_ms: u64,
     /// Pushers may name `http://` push gateways (else only `https://`).
     pub push_allow_insecure_gateways: bool,
+    /// `counts.unread` of pushes counts unread notifying events rather than rooms with any.
+    pub push_badge_counts_messages: bool,
     /// The user directory finds every active local user, not only those sharing a room with
     /// the searcher or joined to a public room.
     pub user_directory_search_all_users: bool,
@@ -155,8 +158,13 @@ impl Service {
         let account_data = Arc::new(AccountData::new(kv.clone(), account_data_stream, notifier.clone()));
         let to_device = Arc::new(ToDevice::new(kv.clone(), to_device_stream, notifier.clone()));
         let e2ee = Arc::new(E2ee::new(kv.clone(), device_list_stream));
-        let push =
-            Arc::new(Push::new(kv.clone(), account_data.clone(), clock.clone(), config.push_allow_insecure_gateways));
+        let push = Arc::new(Push::new(
+            kv.clone(),
+            account_data.clone(),
+            clock.clone(),
+            config.push_allow_insecure_gateways,
+            config.push_badge_counts_messages,
+        ));
         let neighbours =
             rooms::Neighbours { accounts: accounts.clone(), account_data: account_data.clone(), push: push.clone() };
         let rooms = Arc::new(Rooms::new(
@@ -571,6 +579,7 @@ fn test_config(name: &str) -> ServiceConfig {
         public_rooms_cache_ms: 0,
         redaction_retention_ms: DEFAULT_REDACTION_RETENTION_MS,
         push_allow_insecure_gateways: false,
+        push_badge_counts_messages: false,
         user_directory_search_all_users: false,
         turn: None,
         media: MediaConfig::default(),

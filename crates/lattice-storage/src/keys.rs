@@ -139,6 +139,23 @@ pub fn delayed_event_of_user(user_id: &str, delay_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), delay_id.as_bytes()])
 }
 
+/// `delayed_events_finalised`: the `delay_id`.
+pub fn delayed_event_finalised(delay_id: &str) -> Vec<u8> {
+    delay_id.as_bytes().to_vec()
+}
+
+/// `delayed_events_finalised_by_user`: `user\0` then the finalisation time (big-endian) and the
+/// `delay_id`: a user's finalised events, oldest first.
+pub fn delayed_event_finalised_of_user(user_id: &str, finalised_ms: u64, delay_id: &str) -> Vec<u8> {
+    join(&[user_id.as_bytes(), &delayed_event_due(finalised_ms, delay_id)])
+}
+
+/// `delayed_events_finalised_by_time`: the finalisation time (big-endian) then the `delay_id`
+/// (read back with [`delay_id_of_due_key`]), so the oldest are pruned first.
+pub fn delayed_event_finalised_at(finalised_ms: u64, delay_id: &str) -> Vec<u8> {
+    delayed_event_due(finalised_ms, delay_id)
+}
+
 /// `room\0user\0receipt type\0thread`: one receipt per user, type and thread in a room.
 pub fn receipt(room_id: &str, user_id: &str, receipt_type: &str, thread: &str) -> Vec<u8> {
     join(&[room_id.as_bytes(), user_id.as_bytes(), receipt_type.as_bytes(), thread.as_bytes()])

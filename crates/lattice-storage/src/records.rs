@@ -351,7 +351,9 @@ pub struct PushQueueRecord {
     /// The actions' tweaks (`sound`, `highlight`).
     pub tweaks: serde_json::Value,
     pub highlight: bool,
-    /// The event's stream position (part of the row's key).
+    /// The event's stream position (part of the row's key). A counts-only push (a badge update
+    /// after a receipt) has empty `event_id` and `room_id`, the receipt's event's position here,
+    /// and `u64::MAX` in its key, so one pusher's counts-only pushes share one row.
     pub position: u64,
     pub attempts: u32,
 }
@@ -531,6 +533,39 @@ impl DelayedEventRecord {
 
 impl Record for DelayedEventRecord {
     const TABLE: Table = Table::DelayedEvents;
+}
+
+/// A delayed event that was sent or cancelled, kept for a while (`delayed_events_finalised`,
+/// by `delay_id`) so its owner can learn what became of it and a repeated action answers as the
+/// MSC says; `delayed_events_finalised_by_user` and `…_by_time` index it, in the same batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinalisedDelayedEventRecord {
+    /// The event as it was scheduled last.
+    pub event: DelayedEventRecord,
+    /// `send` or `cancel`.
+    pub outcome: String,
+    /// `action` (a management request), `delay` (it fell due) or `error` (it could not be sent).
+    pub reason: String,
+    /// The sent event's ID.
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// Why it could not be sent (`reason` `error`).
+    #[serde(default)]
+    pub error: Option<DelayedEventError>,
+    /// When it was finalised (ms since the epoch).
+    pub finalised_ms: u64,
+}
+
+/// The error that kept a due delayed event from being sent: the kind of the service error (so
+/// the HTTP edge maps it to its errcode in its one place) and its message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelayedEventError {
+    pub kind: String,
+    pub message: String,
+}
+
+impl Record for FinalisedDelayedEventRecord {
+    const TABLE: Table = Table::DelayedEventsFinalised;
 }
 
 /// What a client transaction ID of a delayed send produced, so a retry answers with the same

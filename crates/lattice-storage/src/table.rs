@@ -89,5 +89,8 @@ tables! {
     DelayedEventsDue => "delayed_events_due",
     DelayedEventsByUser => "delayed_events_by_user",
     DelayedEventTransactions => "delayed_event_transactions",
+    DelayedEventsFinalised => "delayed_events_finalised",
+    DelayedEventsFinalisedByUser => "delayed_events_finalised_by_user",
+    DelayedEventsFinalisedByTime => "delayed_events_finalised_by_time",
     DehydratedDevices => "dehydrated_devices",
 }

@@ -8,7 +8,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{get, post, put};
-use lattice_service::delayed_events::{DelayedAction, DelayedEventRecord, ListFilter, ScheduleRequest};
+use lattice_service::delayed_events::{DelayedAction, DelayedEventView, ListFilter, ScheduleRequest};
 use lattice_service::rooms::Txn;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -118,9 +118,9 @@ struct ListQuery {
     since_ts: Option<String>,
 }
 
-/// `GET /delayed_events`: the user's scheduled events. All of them fit one page (the per-user
-/// limit is at most 1000), so no pagination token is handed out, and none is accepted.
-/// Finalised events are not kept: asking for them finds none.
+/// `GET /delayed_events`: the user's scheduled events, or with `status=finalised` the sent and
+/// cancelled ones still kept. All of them fit one page (at most 1000 of each per user), so no
+/// pagination token is handed out, and none is accepted.
 async fn list(
     State(state): State<AppState>,
     Auth(session): Auth,
@@ -146,10 +146,16 @@ async fn list(
     if let Some(since) = query.since_ts.as_deref() {
         return Err(invalid("since_ts", since));
     }
-    let order: fn(&DelayedEventRecord) -> u64 = match query.order_by.as_deref() {
-        // A scheduled event is "finalised" when it is sent: at its send time.
-        None | Some("send_ts") | Some("origin_server_ts") => DelayedEventRecord::due_ms,
-        Some("running_since") => |record| record.running_since_ms,
+    let order: fn(&DelayedEventView) -> u64 = match query.order_by.as_deref() {
+        // A scheduled event will be finalised when it falls due: at its send time.
+        None | Some("send_ts") | Some("origin_server_ts") => |view| match view {
+            DelayedEventView::Scheduled(record) => record.due_ms(),
+            DelayedEventView::Finalised(done) => done.finalised_ms,
+        },
+        Some("running_since") => |view| match view {
+            DelayedEventView::Scheduled(record) => record.running_since_ms,
+            DelayedEventView::Finalised(done) => done.event.running_since_ms,
+        },
         Some(other) => return Err(invalid("order_by", other)),
     };
     let backward = match query.dir.as_deref() {
@@ -159,9 +165,15 @@ async fn list(
     };
     // Only finalised events have an outcome or a reason.
     let finalised_only = finalised_only || query.outcome.is_some() || query.reason.is_some();
-    let filter = ListFilter { finalised_only, room_id: query.room_id, event_type: query.event_type };
+    let filter = ListFilter {
+        finalised_only,
+        room_id: query.room_id,
+        event_type: query.event_type,
+        outcome: query.outcome,
+        reason: query.reason,
+    };
     let mut records = state.service.delayed_events().list(&session.user_id, &filter).await?;
-    records.sort_by_key(|record| (order(record), record.delay_id.clone()));
+    records.sort_by_key(|view| (order(view), delay_id_of(view).to_owned()));
     if backward {
         records.reverse();
     }
@@ -169,8 +181,21 @@ async fn list(
     Ok(Json(json!({ "delayed_events": events })))
 }
 
-/// A scheduled event as the MSC describes it.
-fn describe(record: &DelayedEventRecord) -> Value {
+fn delay_id_of(view: &DelayedEventView) -> &str {
+    match view {
+        DelayedEventView::Scheduled(record) => &record.delay_id,
+        DelayedEventView::Finalised(done) => &done.event.delay_id,
+    }
+}
+
+/// A scheduled or finalised event as the MSC describes it: a finalised one adds its `outcome`,
+/// `reason`, the sent event's `event_id` or the `error` that kept it from being sent (a standard
+/// error response), and when it was finalised (`origin_server_ts`).
+fn describe(view: &DelayedEventView) -> Value {
+    let (record, done) = match view {
+        DelayedEventView::Scheduled(record) => (record, None),
+        DelayedEventView::Finalised(done) => (&done.event, Some(done)),
+    };
     let mut value = json!({
         "delay_id": record.delay_id,
         "room_id": record.room_id,
@@ -182,6 +207,17 @@ fn describe(record: &DelayedEventRecord) -> Value {
     if let Some(key) = &record.state_key {
         value["state_key"] = json!(key);
     }
+    if let Some(done) = done {
+        value["outcome"] = json!(done.outcome);
+        value["reason"] = json!(done.reason);
+        value["origin_server_ts"] = json!(done.finalised_ms);
+        if let Some(event_id) = &done.event_id {
+            value["event_id"] = json!(event_id);
+        }
+        if let Some(error) = &done.error {
+            value["error"] = crate::error::error_body(lattice_service::delayed_events::error_of(error));
+        }
+    }
     value
 }
 
@@ -190,8 +226,8 @@ struct DelayIdPath {
     delay_id: String,
 }
 
-/// `GET /delayed_events/{delay_id}`: one of the user's scheduled events (another user's is
-/// unknown).
+/// `GET /delayed_events/{delay_id}`: one of the user's scheduled or finalised events (another
+/// user's is unknown).
 async fn get_one(
     State(state): State<AppState>,
     Auth(session): Auth,

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::ServiceError;
 use crate::notifier::Notifier;
+use crate::user_cache::UserCache;
 
 /// Filter IDs are per-user decimal counters.
 pub type FilterId = u64;
@@ -55,11 +56,19 @@ pub struct AccountData {
     /// changes for `/sync`, independent of the other streams.
     stream: StreamPositions,
     notifier: Arc<Notifier>,
+    /// Each user's ignored senders as last read, for push evaluation, which asks for every
+    /// local member of a room on every event. This service is the only writer of account data
+    /// ([`AccountData::write_account_data_if`]), and it drops the user's entry on every write of
+    /// `m.ignored_user_list`.
+    ignored_cache: UserCache<HashSet<String>>,
 }
+
+/// The global account-data type listing the senders a user ignores.
+const IGNORED_USER_LIST_TYPE: &str = "m.ignored_user_list";
 
 impl AccountData {
     pub(crate) fn new(kv: Arc<dyn KvStore>, stream: StreamPositions, notifier: Arc<Notifier>) -> Self {
-        Self { kv: ScopedStore::new(kv, TABLES), stream, notifier }
+        Self { kv: ScopedStore::new(kv, TABLES), stream, notifier, ignored_cache: UserCache::default() }
     }
 
     /// Global (`room_id` `None`) or per-room account data of the caller.
@@ -152,7 +161,13 @@ impl AccountData {
         lattice_storage::put(&mut batch, key.clone(), &AccountDataRecord(content));
         batch.put(Table::AccountDataPositions, key.clone(), position.get().to_be_bytes().to_vec());
         batch.put(Table::AccountDataChanges, keys::account_data_change(user_id.as_str(), position.get()), key);
-        self.kv.write(batch).await?;
+        let written = self.kv.write(batch).await;
+        if room_id.is_none() && event_type == IGNORED_USER_LIST_TYPE {
+            // Whatever the outcome (a failed write may still have reached the store), the next
+            // read goes to the store.
+            self.ignored_cache.forget(user_id);
+        }
+        written?;
         position.published().await;
         self.notifier.notify_user(user_id);
         Ok(())
@@ -207,9 +222,20 @@ impl AccountData {
         Ok(changed)
     }
 
-    /// Senders whose events the user asked not to see (`m.ignored_user_list`).
-    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
-        let key = keys::account_data(user_id.as_str(), None, "m.ignored_user_list");
+    /// Senders whose events the user asked not to see (`m.ignored_user_list`): from the cache,
+    /// else read and cached.
+    pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<Arc<HashSet<String>>, ServiceError> {
+        if let Some(ignored) = self.ignored_cache.get(user_id) {
+            return Ok(ignored);
+        }
+        let generation = self.ignored_cache.generation();
+        let ignored = Arc::new(self.stored_ignored_users(user_id).await?);
+        self.ignored_cache.insert_if_unchanged(user_id, ignored.clone(), generation);
+        Ok(ignored)
+    }
+
+    async fn stored_ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {
+        let key = keys::account_data(user_id.as_str(), None, IGNORED_USER_LIST_TYPE);
         let Some(record) = lattice_storage::get::<AccountDataRecord>(self.kv.as_ref(), &key).await? else {
             return Ok(HashSet::new());
         };

@@ -39,6 +39,8 @@ pub struct Push {
     /// Posts to push gateways.
     http: reqwest::Client,
     allow_insecure_gateways: bool,
+    /// `counts.unread` counts events, not rooms (`badge_count`).
+    badge_counts_messages: bool,
     /// Wakes the delivery task when a push is queued.
     queued: tokio::sync::Notify,
     /// Parsed rulesets of the users events were evaluated for (`rules.rs`).
@@ -54,6 +56,7 @@ impl Push {
         account_data: Arc<AccountData>,
         clock: Arc<dyn Clock>,
         allow_insecure_gateways: bool,
+        badge_counts_messages: bool,
     ) -> Self {
         let http = reqwest::Client::builder().timeout(GATEWAY_TIMEOUT).build().unwrap_or_default();
         Self {
@@ -62,6 +65,7 @@ impl Push {
             clock,
             http,
             allow_insecure_gateways,
+            badge_counts_messages,
             queued: tokio::sync::Notify::new(),
             rules_cache: rules::RulesCache::default(),
         }

@@ -22,6 +22,8 @@ use crate::ServiceError;
 /// At most this many unread notifications are counted per room (clients show "99+" long
 /// before), so reading the counts of a room is one bounded range.
 pub const MAX_COUNTED_UNREAD: usize = 1_000;
+/// The badge of a push counts at most this many rooms.
+pub const MAX_BADGE_ROOMS: usize = 1_000;
 /// `/notifications` pages hold at most this many.
 pub const MAX_NOTIFICATIONS_LIMIT: usize = 100;
 const DEFAULT_NOTIFICATIONS_LIMIT: usize = 20;
@@ -89,6 +91,24 @@ pub struct NotificationsPage {
     pub next_token: Option<String>,
 }
 
+/// The counts of `rows` (a room's notifying events after its unthreaded marker) that the read
+/// markers leave unread.
+fn counted(rows: &[(u64, PushUnreadRecord)], markers: &HashMap<String, u64>) -> RoomCounts {
+    let mut counts = RoomCounts::default();
+    for (position, unread) in rows {
+        let read = |thread: &str| markers.get(thread).is_some_and(|&read| *position <= read);
+        if read(UNTHREADED) || read(unread.thread.as_deref().unwrap_or(MAIN_THREAD)) {
+            continue;
+        }
+        counts.room.add(unread.highlight);
+        match &unread.thread {
+            Some(root) => counts.threads.entry(root.clone()).or_default().add(unread.highlight),
+            None => counts.main.add(unread.highlight),
+        }
+    }
+    counts
+}
+
 /// The actions of the first enabled rule of `rules` that applies (the spec's order: override,
 /// content, room, sender, underride), as ruma's `Ruleset::get_actions` but over an event
 /// flattened once for every recipient.
@@ -139,6 +159,13 @@ impl Push {
             if sender.as_deref() == Some(recipient.user_id.as_str()) {
                 continue;
             }
+            // Nor do the events of a sender the recipient ignores (`m.ignored_user_list`): their
+            // clients never see them, so nothing may count, list or push them.
+            if let Some(sender) = &sender
+                && self.account_data.ignored_users(&recipient.user_id).await?.contains(sender)
+            {
+                continue;
+            }
             let rules = self.cached_rules(&recipient.user_id).await?;
             context.user_id.clone_from(&recipient.user_id);
             context.user_display_name.clone_from(&recipient.display_name);
@@ -178,7 +205,9 @@ impl Push {
 
     /// A receipt of the user at the event at `position`: moves the read marker of its thread
     /// (`None`: the unthreaded receipt, which reads the whole room) forward, never back, and
-    /// drops the unread rows an unthreaded receipt has read.
+    /// drops the unread rows an unthreaded receipt has read. When it read a notifying event and
+    /// the user has pushers, each pusher gets a counts-only push (the push gateway API's badge
+    /// update) in the same batch, so a phone's badge falls when the user reads elsewhere.
     pub(crate) async fn mark_read(
         &self,
         user_id: &UserId,
@@ -187,7 +216,8 @@ impl Push {
         position: u64,
     ) -> Result<(), ServiceError> {
         let (user, room) = (user_id.as_str(), room_id.as_str());
-        let key = keys::push_read_marker(user, room, thread.unwrap_or(UNTHREADED));
+        let thread_key = thread.unwrap_or(UNTHREADED);
+        let key = keys::push_read_marker(user, room, thread_key);
         let stored = self.kv.get(Table::PushReadMarkers, &key).await?;
         if stored.as_deref().and_then(keys::stored_position).is_some_and(|stored| stored >= position) {
             return Ok(());
@@ -203,7 +233,54 @@ impl Push {
                 batch.delete(Table::PushUnread, read);
             }
         }
+        let badge_queued = self.has_pushers(user_id).await?
+            && self.reads_a_notification(user_id, room_id, thread_key, position).await?
+            && self.queue_badge_updates(&mut batch, user_id, position).await?;
         self.kv.write(batch).await?;
+        if badge_queued {
+            self.wake_delivery();
+        }
+        Ok(())
+    }
+
+    /// Whether moving the read marker of `thread_key` to `position` lowers the room's count.
+    async fn reads_a_notification(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        thread_key: &str,
+        position: u64,
+    ) -> Result<bool, ServiceError> {
+        let mut markers = self.read_markers(user_id, room_id).await?;
+        let rows = self.unread_rows(user_id, room_id, &markers).await?;
+        let before = counted(&rows, &markers).room.notifications;
+        markers.insert(thread_key.to_owned(), position);
+        Ok(counted(&rows, &markers).room.notifications < before)
+    }
+
+    /// The user left the room (or was kicked or banned) with the event at `position`: all they
+    /// had unread there is read, in the leave's own batch, so a room they are no longer in
+    /// never counts in the badge of their pushes. A rejoin notifies after the leave.
+    pub(crate) async fn left_room_into(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        position: u64,
+        into: &mut WriteBatch,
+    ) -> Result<(), ServiceError> {
+        let (user, room) = (user_id.as_str(), room_id.as_str());
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::PushReadMarkers,
+            keys::push_read_marker(user, room, UNTHREADED),
+            position.to_be_bytes().to_vec(),
+        );
+        let range = KeyRange::prefix(&keys::push_room_rows(user, room));
+        for (read, _) in self.kv.scan(Table::PushUnread, &range, Direction::Forward, MAX_COUNTED_UNREAD).await? {
+            batch.delete(Table::PushUnread, read);
+        }
+        super::TABLES.check_batch(&batch)?;
+        into.ops.extend(batch.ops);
         Ok(())
     }
 
@@ -224,6 +301,18 @@ impl Push {
     /// unthreaded one, and the event's own thread's), at most [`MAX_COUNTED_UNREAD`].
     pub async fn room_counts(&self, user_id: &UserId, room_id: &RoomId) -> Result<RoomCounts, ServiceError> {
         let markers = self.read_markers(user_id, room_id).await?;
+        let rows = self.unread_rows(user_id, room_id, &markers).await?;
+        Ok(counted(&rows, &markers))
+    }
+
+    /// The user's notifying events in the room after the unthreaded read marker, by position,
+    /// at most [`MAX_COUNTED_UNREAD`].
+    async fn unread_rows(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        markers: &HashMap<String, u64>,
+    ) -> Result<Vec<(u64, PushUnreadRecord)>, ServiceError> {
         let unthreaded = markers.get(UNTHREADED).copied().unwrap_or(0);
         let (user, room) = (user_id.as_str(), room_id.as_str());
         let range = KeyRange::between(
@@ -231,21 +320,44 @@ impl Push {
             &keys::push_unread(user, room, u64::MAX),
         );
         let rows = self.kv.scan(Table::PushUnread, &range, Direction::Forward, MAX_COUNTED_UNREAD).await?;
-        let mut counts = RoomCounts::default();
-        for (key, value) in rows {
-            let Some(position) = keys::trailing_position(&key) else { continue };
-            let Ok(unread) = serde_json::from_slice::<PushUnreadRecord>(&value) else { continue };
-            let thread_key = unread.thread.as_deref().unwrap_or(MAIN_THREAD);
-            if markers.get(thread_key).is_some_and(|&read| position <= read) {
-                continue;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, value)| {
+                Some((keys::trailing_position(&key)?, serde_json::from_slice::<PushUnreadRecord>(&value).ok()?))
+            })
+            .collect())
+    }
+
+    /// `counts.unread` of a push to the user's gateways, read at delivery: the number of rooms
+    /// with unread notifications (what Element's and most apps' badges show), or with
+    /// `push.badge_counts_messages` the number of unread notifying events (each room's counted
+    /// up to [`MAX_COUNTED_UNREAD`]). One short read per room the user has unread rows in, at
+    /// most [`MAX_BADGE_ROOMS`] rooms; rooms left are read at the leave ([`Push::left_room_into`]).
+    pub async fn badge_count(&self, user_id: &UserId) -> Result<u64, ServiceError> {
+        let user_prefix = keys::user_rows(user_id.as_str());
+        let mut range = KeyRange::prefix(&user_prefix);
+        let mut unread = 0;
+        for _ in 0..MAX_BADGE_ROOMS {
+            let Some((key, _)) = self.kv.scan(Table::PushUnread, &range, Direction::Forward, 1).await?.pop() else {
+                break;
+            };
+            let rest = &key[user_prefix.len()..];
+            let Some(room_len) = rest.iter().position(|&byte| byte == 0) else { break };
+            let room = String::from_utf8_lossy(&rest[..room_len]).into_owned();
+            // Past this room's rows: its prefix ends in the `\0` separator, which `\x01` follows.
+            let mut next_room = keys::push_room_rows(user_id.as_str(), &room);
+            if let Some(separator) = next_room.last_mut() {
+                *separator = 1;
             }
-            counts.room.add(unread.highlight);
-            match unread.thread {
-                Some(root) => counts.threads.entry(root).or_default().add(unread.highlight),
-                None => counts.main.add(unread.highlight),
-            }
+            range.start = std::ops::Bound::Included(next_room);
+            let Ok(room_id) = OwnedRoomId::try_from(room) else { continue };
+            let notifications = self.room_counts(user_id, &room_id).await?.room.notifications;
+            unread += match self.badge_counts_messages {
+                true => notifications,
+                false => u64::from(notifications > 0),
+            };
         }
-        Ok(counts)
+        Ok(unread)
     }
 
     /// A joined room's part of `/sync` gets its counts: `unread_notifications`, and with

@@ -5,6 +5,7 @@
 //! and backs off what failed (2 s doubling to an hour, at most [`MAX_DELIVERY_ATTEMPTS`] tries).
 //! A gateway that names a pushkey `rejected` loses that pusher.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use lattice_storage::records::{PushQueueRecord, PusherRecord};
@@ -106,6 +107,12 @@ impl Push {
         Ok(())
     }
 
+    /// Whether the user has any pusher (one key read).
+    pub(super) async fn has_pushers(&self, user_id: &UserId) -> Result<bool, ServiceError> {
+        let prefix = keys::user_rows(user_id.as_str());
+        Ok(!self.kv.scan(Table::Pushers, &KeyRange::prefix(&prefix), Direction::Forward, 1).await?.is_empty())
+    }
+
     /// `POST /pushers/set` with `kind: null`: deletes the caller's pusher (absent is fine).
     pub async fn delete_pusher(&self, user_id: &UserId, ids: &PusherIds) -> Result<(), ServiceError> {
         check_ids(ids)?;
@@ -152,9 +159,39 @@ impl Push {
                 position: event.position,
                 attempts: 0,
             };
-            let ids = &pusher.ids;
-            let key = keys::push_queue(0, event.position, user_id.as_str(), &ids.app_id, &ids.pushkey);
-            lattice_storage::put(batch, key, &record);
+            lattice_storage::put(batch, queue_key(0, &record), &record);
+        }
+        Ok(!pushers.is_empty())
+    }
+
+    /// Adds a counts-only push (no event: the gateway updates the badge) per pusher of the user
+    /// to `batch`, after a receipt at `position` read a notification. Such pushes to one pusher
+    /// share one queue key, so a burst of receipts sends one update, with the counts at delivery.
+    pub(super) async fn queue_badge_updates(
+        &self,
+        batch: &mut WriteBatch,
+        user_id: &UserId,
+        position: u64,
+    ) -> Result<bool, ServiceError> {
+        let pushers = self.pushers(user_id).await?;
+        for pusher in &pushers {
+            let record = PushQueueRecord {
+                user_id: user_id.to_string(),
+                app_id: pusher.ids.app_id.clone(),
+                pushkey: pusher.ids.pushkey.clone(),
+                room_id: String::new(),
+                event_id: String::new(),
+                event_type: String::new(),
+                sender: String::new(),
+                content: Value::Null,
+                tweaks: json!({}),
+                highlight: false,
+                // Not the key's order (see `queue_key`): it tells a later receipt's row apart
+                // from one being delivered, whose deletion is conditional on its bytes.
+                position,
+                attempts: 0,
+            };
+            lattice_storage::put(batch, queue_key(0, &record), &record);
         }
         Ok(!pushers.is_empty())
     }
@@ -165,24 +202,39 @@ impl Push {
         let now = self.clock.now_ms();
         let due = KeyRange::between(&keys::push_queue_due(0), &keys::push_queue_due(now.saturating_add(1)));
         let rows = self.kv.scan(Table::PushQueue, &due, Direction::Forward, DELIVERY_BATCH).await?;
+        // Each user's badge is read once per round, however many pushes they have in it.
+        let mut badges: HashMap<String, u64> = HashMap::new();
         let mut delivered = 0;
         for (key, raw) in rows {
             let Ok(mut queued) = serde_json::from_slice::<PushQueueRecord>(&raw) else {
-                self.kv.write(single_delete(key)).await?;
+                self.kv.write(single_delete(key, raw)).await?;
                 continue;
             };
             let pusher_key = keys::pusher(&queued.user_id, &queued.app_id, &queued.pushkey);
             let pusher = lattice_storage::get::<PusherRecord>(self.kv.as_ref(), &pusher_key).await?;
             let Some(pusher) = pusher.and_then(|p| serde_json::from_value::<Pusher>(p.value.0).ok()) else {
                 // The pusher is gone: so is what was waiting for it.
-                self.kv.write(single_delete(key)).await?;
+                self.kv.write(single_delete(key, raw)).await?;
                 continue;
             };
-            let mut batch = WriteBatch::new();
-            match self.post(&pusher, &queued).await {
+            let badge = match badges.get(&queued.user_id) {
+                Some(&badge) => badge,
+                None => {
+                    let badge = match UserId::parse(&queued.user_id) {
+                        Ok(user_id) => self.badge_count(&user_id).await?,
+                        // Never stored by this server; the push still goes out.
+                        Err(_) => 0,
+                    };
+                    badges.insert(queued.user_id.clone(), badge);
+                    badge
+                }
+            };
+            // Only if the row is still the one read: a counts-only row replaced meanwhile by a
+            // later receipt's stays, to be sent with the counts after that receipt.
+            let mut batch = single_delete(key, raw);
+            match self.post(&pusher, &queued, badge).await {
                 Ok(rejected) => {
                     delivered += 1;
-                    batch.delete(Table::PushQueue, key);
                     if rejected {
                         tracing::info!(user = %queued.user_id, app_id = %queued.app_id, "the push gateway rejected a pushkey; its pusher is removed");
                         batch.delete(Table::Pushers, pusher_key);
@@ -192,25 +244,24 @@ impl Push {
                 }
                 Err(error) if queued.attempts + 1 >= MAX_DELIVERY_ATTEMPTS => {
                     tracing::warn!(user = %queued.user_id, app_id = %queued.app_id, %error, "push dropped after its last attempt");
-                    batch.delete(Table::PushQueue, key);
                 }
                 Err(error) => {
                     queued.attempts += 1;
                     let due = now.saturating_add(retry_after_ms(queued.attempts));
                     tracing::debug!(user = %queued.user_id, app_id = %queued.app_id, %error, attempts = queued.attempts, "push gateway failed; backing off");
-                    batch.delete(Table::PushQueue, key);
-                    let (user, app_id, pushkey) = (&queued.user_id, &queued.app_id, &queued.pushkey);
-                    let retry = keys::push_queue(due, queued.position, user, app_id, pushkey);
-                    lattice_storage::put(&mut batch, retry, &queued);
+                    lattice_storage::put(&mut batch, queue_key(due, &queued), &queued);
                 }
             }
-            self.kv.write(batch).await?;
+            match self.kv.write(batch).await {
+                Err(lattice_storage::StorageError::Conflict) => {}
+                other => other?,
+            }
         }
         Ok(delivered)
     }
 
     /// One `POST` to the pusher's gateway; `Ok(true)` when the gateway rejected the pushkey.
-    async fn post(&self, pusher: &Pusher, queued: &PushQueueRecord) -> Result<bool, String> {
+    async fn post(&self, pusher: &Pusher, queued: &PushQueueRecord, badge: u64) -> Result<bool, String> {
         let PusherKind::Http(data) = &pusher.kind else { return Err("not an http pusher".into()) };
         let mut device_data = serde_json::to_value(data).unwrap_or_default();
         if let Some(object) = device_data.as_object_mut() {
@@ -223,15 +274,20 @@ impl Push {
             "tweaks": queued.tweaks,
         });
         let mut notification = json!({
-            "event_id": queued.event_id,
-            "room_id": queued.room_id,
             "prio": if queued.highlight { "high" } else { "low" },
+            "counts": counts(badge, is_badge_update(queued)),
             "devices": [device],
         });
-        if data.format.as_ref().map(|format| format.as_str()) != Some("event_id_only") {
-            notification["type"] = json!(queued.event_type);
-            notification["sender"] = json!(queued.sender);
-            notification["content"] = queued.content.clone();
+        // A counts-only push names no event (the spec lets `event_id` be left out then);
+        // `event_id_only` keeps the event's IDs, `counts` and `devices`.
+        if !is_badge_update(queued) {
+            notification["event_id"] = json!(queued.event_id);
+            notification["room_id"] = json!(queued.room_id);
+            if data.format.as_ref().map(|format| format.as_str()) != Some("event_id_only") {
+                notification["type"] = json!(queued.event_type);
+                notification["sender"] = json!(queued.sender);
+                notification["content"] = queued.content.clone();
+            }
         }
         let response = self
             .http
@@ -251,10 +307,33 @@ impl Push {
     }
 }
 
-fn single_delete(key: Vec<u8>) -> WriteBatch {
+/// Deletes a queued push, if it is still the one read.
+fn single_delete(key: Vec<u8>, raw: Vec<u8>) -> WriteBatch {
     let mut batch = WriteBatch::new();
+    batch.expect(Table::PushQueue, key.clone(), Some(raw));
     batch.delete(Table::PushQueue, key);
     batch
+}
+
+/// A counts-only push, queued by a receipt: it names no event.
+fn is_badge_update(queued: &PushQueueRecord) -> bool {
+    queued.event_id.is_empty()
+}
+
+/// The queue key of a push due at `due_ms`: in event order, counts-only pushes after every
+/// event push, all of one pusher's counts-only pushes under one key.
+fn queue_key(due_ms: u64, queued: &PushQueueRecord) -> Vec<u8> {
+    let order = if is_badge_update(queued) { u64::MAX } else { queued.position };
+    keys::push_queue(due_ms, order, &queued.user_id, &queued.app_id, &queued.pushkey)
+}
+
+/// The push's `counts`: `unread` is left out when zero (the spec: counts of zero should be
+/// omitted), except in a counts-only push, whose zero is what clears a badge.
+fn counts(unread: u64, badge_update: bool) -> Value {
+    match unread > 0 || badge_update {
+        true => json!({ "unread": unread }),
+        false => json!({}),
+    }
 }
 
 /// How long a delivery task sleeps between rounds when nothing wakes it.
@@ -270,5 +349,12 @@ mod tests {
         assert_eq!(retry_after_ms(2), 4_000);
         assert_eq!(retry_after_ms(5), 32_000);
         assert_eq!(retry_after_ms(30), MAX_RETRY_MS);
+    }
+
+    #[test]
+    fn a_zero_count_is_left_out_but_for_a_counts_only_push() {
+        assert_eq!(counts(0, false), json!({}));
+        assert_eq!(counts(3, false), json!({ "unread": 3 }));
+        assert_eq!(counts(0, true), json!({ "unread": 0 }));
     }
 }

@@ -3,13 +3,11 @@
 //! read, so two concurrent changes never lose one another. ruma's `Ruleset` holds the rules and
 //! their order and enforces the spec's rules for changes (reserved `.` IDs, `before`/`after`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use lattice_storage::StorageError;
+use ruma::UserId;
 use ruma::push::{Action, AnyPushRule, InsertPushRuleError, NewPushRule, RemovePushRuleError, RuleKind, Ruleset};
-use ruma::{OwnedUserId, UserId};
 
 use super::Push;
 use crate::{JsonObject, ServiceError};
@@ -54,45 +52,10 @@ fn ruleset_of(user_id: &UserId, content: &JsonObject) -> Ruleset {
     })
 }
 
-/// At most this many parsed rulesets are kept; past it an arbitrary one makes room.
-const MAX_CACHED_RULESETS: usize = 100_000;
-
 /// Parsed rulesets by user, so evaluating an event for a member costs no account-data read and
 /// no parse. Only [`Push::change`] writes `m.push_rules` (clients cannot: it is server-managed
-/// account data), and it drops the user's entry after every write. A reader that missed
-/// inserts what it read only if no change happened since it started reading (`generation`), so
-/// a ruleset read before a change can never be cached after it.
-#[derive(Default)]
-pub(super) struct RulesCache {
-    rulesets: std::sync::Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
-    generation: AtomicU64,
-}
-
-impl RulesCache {
-    fn get(&self, user_id: &UserId) -> Option<Arc<Ruleset>> {
-        self.rulesets.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(user_id).cloned()
-    }
-
-    fn insert_if_unchanged(&self, user_id: &UserId, rules: Arc<Ruleset>, generation: u64) {
-        let mut rulesets = self.rulesets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Read under the lock that `forget` bumps it under: no change slips in between.
-        if self.generation.load(Ordering::Acquire) != generation {
-            return;
-        }
-        if rulesets.len() >= MAX_CACHED_RULESETS
-            && let Some(any) = rulesets.keys().next().cloned()
-        {
-            rulesets.remove(&any);
-        }
-        rulesets.insert(user_id.to_owned(), rules);
-    }
-
-    fn forget(&self, user_id: &UserId) {
-        let mut rulesets = self.rulesets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        rulesets.remove(user_id);
-    }
-}
+/// account data), and it drops the user's entry after every write.
+pub(super) type RulesCache = crate::user_cache::UserCache<Ruleset>;
 
 fn not_found(kind: &RuleKind, rule_id: &str) -> ServiceError {
     ServiceError::NotFound(format!("no push rule {kind}/{rule_id}"))
@@ -112,7 +75,7 @@ impl Push {
         if let Some(rules) = self.rules_cache.get(user_id) {
             return Ok(rules);
         }
-        let generation = self.rules_cache.generation.load(Ordering::Acquire);
+        let generation = self.rules_cache.generation();
         let rules = Arc::new(self.rules(user_id).await?);
         self.rules_cache.insert_if_unchanged(user_id, rules.clone(), generation);
         Ok(rules)

@@ -112,8 +112,10 @@ const ROOM_TABLES: [Table; 26] = [
 
 pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM_TABLES };
 
-/// The push service's rows an event's batch carries (see `EVENT_WRITES`).
-const PUSH_ROWS_OF_AN_EVENT: [Table; 3] = [Table::PushNotifications, Table::PushUnread, Table::PushQueue];
+/// The push service's rows an event's batch carries (see `EVENT_WRITES`): what the event
+/// notified, and for a local user's leave, their read marker at it (`Push::left_room_into`).
+const PUSH_ROWS_OF_AN_EVENT: [Table; 4] =
+    [Table::PushNotifications, Table::PushUnread, Table::PushQueue, Table::PushReadMarkers];
 
 /// The room tables followed by the push rows of an event.
 const EVENT_WRITE_TABLES: [Table; ROOM_TABLES.len() + PUSH_ROWS_OF_AN_EVENT.len()] = {

@@ -12,6 +12,7 @@ use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::keys;
 use lattice_storage::records::{EventRecord, RoomRecord};
+use ruma::events::TimelineEventType;
 use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::power_levels::NotificationPowerLevels;
 use ruma::push::PushConditionPowerLevelsCtx;
@@ -57,6 +58,7 @@ impl Rooms {
         position: u64,
         batch: &mut lattice_storage::WriteBatch,
     ) -> Result<bool, ServiceError> {
+        self.leave_reads_all(room_id, event, position, batch).await?;
         // The create event comes before the room's record: nobody is there to notify.
         let Some(facts) = self.push_facts(room_id).await? else { return Ok(false) };
         if facts.recipients.iter().all(|recipient| recipient.user_id == *event.sender()) {
@@ -79,6 +81,29 @@ impl Rooms {
             power_levels,
         };
         self.push.notifications_into(&pushed, &facts.recipients, batch).await
+    }
+
+    /// A local user's leave, kick or ban reads everything they had unread in the room, so a
+    /// room they are no longer in never counts in the badge of their pushes.
+    async fn leave_reads_all(
+        &self,
+        room_id: &RoomId,
+        event: &Pdu,
+        position: u64,
+        batch: &mut lattice_storage::WriteBatch,
+    ) -> Result<(), ServiceError> {
+        if *event.kind() != TimelineEventType::RoomMember {
+            return Ok(());
+        }
+        let Some(user_id) = event.state_key().and_then(|key| ruma::UserId::parse(key).ok()) else { return Ok(()) };
+        if user_id.server_name() != self.server_name() {
+            return Ok(());
+        }
+        let content: Value = serde_json::from_str(event.content().get()).unwrap_or_default();
+        if matches!(content["membership"].as_str(), Some("leave" | "ban")) {
+            self.push.left_room_into(&user_id, room_id, position, batch).await?;
+        }
+        Ok(())
     }
 
     /// The room's push facts at its current state: from the cache when the room's current state
