@@ -11,7 +11,8 @@
 //! 4. end-to-end encryption across the two servers (`--keys N` users, default 100, each with
 //!    device keys and 5 signed one-time keys on lat2): alice on lat1 queries all N users' keys
 //!    in one `/keys/query` (20 times), queries 10 users at a time (10 concurrent clients, 200
-//!    queries), claims one key of each device (10 concurrent); then `--to-device N` (default
+//!    queries), claims one key of each device (10 concurrent); the N users join a room of
+//!    alice's, lat1 caches their device lists, and the query of all N is timed again; then `--to-device N` (default
 //!    1,000) to-device messages from alice to bob's device (10 concurrent senders), until all are
 //!    in bob's `/sync` on lat2.
 //!
@@ -365,7 +366,9 @@ fn signed(object: Value, signer: &str, pair: &Ed25519KeyPair) -> Result<Value, E
 
 /// Registers `users` users on `node`, each publishing device keys and 5 one-time keys; their
 /// user IDs and device IDs.
-async fn users_with_keys(node: &Node, users: usize) -> Result<Vec<(String, String)>, Error> {
+/// Registers `users` users on `node`, each with device keys and 5 signed one-time keys: user ID,
+/// device ID and access token of each.
+async fn users_with_keys(node: &Node, users: usize) -> Result<Vec<(String, String, String)>, Error> {
     let mut published = Vec::with_capacity(users);
     for n in 0..users {
         let name = format!("keyed{n:04}");
@@ -387,7 +390,7 @@ async fn users_with_keys(node: &Node, users: usize) -> Result<Vec<(String, Strin
         }
         let body = json!({ "device_keys": device_keys, "one_time_keys": one_time_keys });
         node.call(reqwest::Method::POST, "/_matrix/client/v3/keys/upload", Some(&token), Some(body)).await?;
-        published.push((user, device));
+        published.push((user, device, token));
     }
     Ok(published)
 }
@@ -440,25 +443,9 @@ async fn concurrently(
 /// to-device throughput from lat1 to lat2.
 async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages: usize) -> Result<Vec<String>, Error> {
     let keyed = users_with_keys(lat2, users).await?;
-    let everyone: serde_json::Map<String, Value> = keyed.iter().map(|(user, _)| (user.clone(), json!([]))).collect();
-    let mut whole = Vec::new();
-    for _ in 0..20 {
-        let sent = Instant::now();
-        let answer = lat1
-            .call(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/keys/query",
-                Some(alice),
-                Some(json!({ "device_keys": everyone })),
-            )
-            .await?;
-        whole.push(sent.elapsed().as_secs_f64() * 1000.0);
-        let found = answer["device_keys"].as_object().map_or(0, serde_json::Map::len);
-        if found != users {
-            return Err(format!("the query found {found} of {users} users: {answer}").into());
-        }
-    }
-    whole.sort_by(f64::total_cmp);
+    let everyone: serde_json::Map<String, Value> = keyed.iter().map(|(user, _, _)| (user.clone(), json!([]))).collect();
+    // No room shared yet: every query asks lat2.
+    let whole = query_everyone(lat1, alice, &everyone, users).await?;
     let tens: Vec<Value> = (0..200)
         .map(|q| {
             let ten: serde_json::Map<String, Value> =
@@ -470,9 +457,10 @@ async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages
     let claims: Vec<Value> = keyed
         .iter()
         .enumerate()
-        .map(|(n, (user, device))| json!({ "txn": n, "body": { "one_time_keys": { user: { device: "signed_curve25519" } } } }))
+        .map(|(n, (user, device, _))| json!({ "txn": n, "body": { "one_time_keys": { user: { device: "signed_curve25519" } } } }))
         .collect();
     let (claimed, claim_secs) = concurrently(lat1, alice, "/_matrix/client/v3/keys/claim", claims).await?;
+    let cached = cached_query(lat1, lat2, alice, &keyed, &everyone).await?;
 
     let (bob_token, bob_device) = lat2.register_device("tdbob").await?;
     let bob = format!("@tdbob:{}", lat2.name);
@@ -499,6 +487,11 @@ async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages
             percentile(&whole, 0.99)
         ),
         format!(
+            "| the same once they share a room with alice (lists cached on lat1), p50 / p99 (20 queries) | {:.1} / {:.1} ms |",
+            percentile(&cached, 0.5),
+            percentile(&cached, 0.99)
+        ),
+        format!(
             "| `/keys/query` of 10 lat2 users, 10 concurrent clients: 200 queries | {:.0}/s, p50 {:.1} ms, p99 {:.1} ms |",
             200.0 / query_secs,
             percentile(&queries, 0.5),
@@ -516,6 +509,64 @@ async fn keys_rows(lat1: &Node, lat2: &Node, alice: &str, users: usize, messages
             messages as f64 / delivered_in
         ),
     ])
+}
+
+/// 20 `/keys/query` naming every user of `everyone` (each must be answered): latencies in ms,
+/// sorted.
+async fn query_everyone(
+    node: &Node,
+    token: &str,
+    everyone: &serde_json::Map<String, Value>,
+    users: usize,
+) -> Result<Vec<f64>, Error> {
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let sent = Instant::now();
+        let body = json!({ "device_keys": everyone });
+        let answer = node.call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(token), Some(body)).await?;
+        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+        let found = answer["device_keys"].as_object().map_or(0, serde_json::Map::len);
+        if found != users {
+            return Err(format!("the query found {found} of {users} users: {answer}").into());
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+/// The keyed users of lat2 join a room of alice's on lat1; a first query starts lat1 caching
+/// their lists (one resync each), announced in alice's `/sync` once stored; then the query
+/// naming them all is timed again, answered from the cache.
+async fn cached_query(
+    lat1: &Node,
+    lat2: &Node,
+    alice: &str,
+    keyed: &[(String, String, String)],
+    everyone: &serde_json::Map<String, Value>,
+) -> Result<Vec<f64>, Error> {
+    let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
+    for (_, _, token) in keyed {
+        let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
+        lat2.call(reqwest::Method::POST, &path, Some(token), Some(json!({}))).await?;
+    }
+    let mut since = lat1.sync(alice, "", 0).await?["next_batch"].as_str().ok_or("no token")?.to_owned();
+    let body = json!({ "device_keys": everyone });
+    lat1.call(reqwest::Method::POST, "/_matrix/client/v3/keys/query", Some(alice), Some(body)).await?;
+    let mut cached = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while cached.len() < keyed.len() {
+        let answer = lat1.sync(alice, &since, 10_000).await?;
+        since = answer["next_batch"].as_str().ok_or("no token")?.to_owned();
+        for user in answer["device_lists"]["changed"].as_array().into_iter().flatten() {
+            if let Some(user) = user.as_str().filter(|user| everyone.contains_key(*user)) {
+                cached.insert(user.to_owned());
+            }
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Err(format!("only {} of {} lists were cached", cached.len(), keyed.len()).into());
+        }
+    }
+    query_everyone(lat1, alice, everyone, keyed.len()).await
 }
 
 /// Creates a room on `node` as `token`'s user; its ID.

@@ -13,7 +13,8 @@
 //!    owner draining 1,000 to-device messages from it through `/events` with `next_batch`
 //!    (pages of 100, each acknowledging the one before), three times.
 //!
-//! Usage: `cargo run --release --example keys_bench -- [path/to/lattice] [--users N]`
+//! Usage: `cargo run --release --example keys_bench -- [path/to/lattice] [--users N] [--sync-only]`
+//! (`--sync-only`: steps 1 with one one-time key each, and 4 — for `--users 1000`)
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
 
 #[path = "bench_support/mod.rs"]
@@ -74,9 +75,11 @@ async fn main() -> Result<(), Error> {
     let default_binary = format!("{}/release/lattice", std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into()));
     let binary =
         args.iter().find(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).cloned().unwrap_or(default_binary);
+    // `--sync-only`: only the uploads (one one-time key each) and the `/sync` rows, for many users.
+    let sync_only = args.iter().any(|a| a == "--sync-only");
     let dir = tempfile::tempdir()?;
     let server = Arc::new(Server::start(&binary, dir.path(), &[]).await?);
-    const OTKS: usize = 100;
+    let otks: usize = if sync_only { 1 } else { 100 };
 
     let mut users = Vec::with_capacity(users_n);
     for i in 0..users_n {
@@ -90,18 +93,102 @@ async fn main() -> Result<(), Error> {
     // 1. Uploads: device keys and 100 one-time keys each.
     let mut latencies = Vec::new();
     for user in &users {
-        let body = user.upload_body(OTKS, 0)?;
+        let body = user.upload_body(otks, 0)?;
         let started = Instant::now();
         server.call(reqwest::Method::POST, "/_matrix/client/v3/keys/upload", Some(&user.token), Some(&body)).await?;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     let (p50, p99) = summary(latencies);
-    rows.push(format!("| `/keys/upload`, device keys + {OTKS} signed one-time keys | {users_n} uploads | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
+    rows.push(format!("| `/keys/upload`, device keys + {otks} signed one-time keys | {users_n} uploads | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
+    if !sync_only {
+        rows.extend(claims_and_queries(&server, &users, otks).await?);
+    }
 
+    // 4. One room with everyone; one member's new keys; the incremental /sync of another.
+    let room = server
+        .call(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&users[0].token),
+            Some(&json!({ "preset": "public_chat" })),
+        )
+        .await?["room_id"]
+        .as_str()
+        .ok_or("no room")?
+        .to_owned();
+    for user in &users[1..] {
+        server
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/join/{room}"),
+                Some(&user.token),
+                Some(&json!({})),
+            )
+            .await?;
+    }
+    let mut latencies = Vec::new();
+    for round in 1..=20 {
+        let since =
+            server.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", Some(&users[0].token), None).await?;
+        let since = since["next_batch"].as_str().ok_or("no token")?.to_owned();
+        // A fresh device of another member publishes keys: a device-list change.
+        let (token, device) = {
+            let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "u1" }, "password": "bench-password" });
+            let login = server.call(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(&body)).await?;
+            (
+                login["access_token"].as_str().ok_or("token")?.to_owned(),
+                login["device_id"].as_str().ok_or("device")?.to_owned(),
+            )
+        };
+        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.clone())?;
+        let fresh = User { id: users[1].id.clone(), token, device, pair };
+        server
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/upload",
+                Some(&fresh.token),
+                Some(&fresh.upload_body(1, round)?),
+            )
+            .await?;
+        let one = Instant::now();
+        let response = server
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+                Some(&users[0].token),
+                None,
+            )
+            .await?;
+        latencies.push(one.elapsed().as_secs_f64() * 1000.0);
+        if !response["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == &users[1].id)) {
+            return Err(format!("the change was not reported: {response}").into());
+        }
+    }
+    let (p50, p99) = summary(latencies);
+    rows.push(format!(
+        "| incremental `/sync` reporting one device-list change, one room of {users_n} members | 20 syncs | p50 {p50:.1} ms, p99 {p99:.1} ms |"
+    ));
+
+    // 5. Dehydrated devices.
+    if !sync_only {
+        rows.extend(dehydrated_devices(&server, &users[0], &users[1 % users_n]).await?);
+    }
+
+    println!("| what | load | result |\n|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// Steps 2 and 3: claims and queries.
+async fn claims_and_queries(server: &Arc<Server>, users: &[User], otks: usize) -> Result<Vec<String>, Error> {
+    let users_n = users.len();
+    let mut rows = Vec::new();
     // 2. Claims, 10 concurrent, until half the keys are gone.
     let targets: Arc<Vec<(String, String)>> =
         Arc::new(users.iter().map(|u| (u.id.clone(), u.device.clone())).collect());
-    let claims_total = users_n * OTKS / 2;
+    let claims_total = users_n * otks / 2;
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -195,79 +282,7 @@ async fn main() -> Result<(), Error> {
     let (p50, p99) = summary(latencies);
     rows.push(format!("| `/keys/query` naming all {users_n} users | 20 queries | p50 {p50:.1} ms, p99 {p99:.1} ms |"));
 
-    // 4. One room with everyone; one member's new keys; the incremental /sync of another.
-    let room = server
-        .call(
-            reqwest::Method::POST,
-            "/_matrix/client/v3/createRoom",
-            Some(&users[0].token),
-            Some(&json!({ "preset": "public_chat" })),
-        )
-        .await?["room_id"]
-        .as_str()
-        .ok_or("no room")?
-        .to_owned();
-    for user in &users[1..] {
-        server
-            .call(
-                reqwest::Method::POST,
-                &format!("/_matrix/client/v3/join/{room}"),
-                Some(&user.token),
-                Some(&json!({})),
-            )
-            .await?;
-    }
-    let mut latencies = Vec::new();
-    for round in 1..=20 {
-        let since =
-            server.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", Some(&users[0].token), None).await?;
-        let since = since["next_batch"].as_str().ok_or("no token")?.to_owned();
-        // A fresh device of another member publishes keys: a device-list change.
-        let (token, device) = {
-            let body = json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": "u1" }, "password": "bench-password" });
-            let login = server.call(reqwest::Method::POST, "/_matrix/client/v3/login", None, Some(&body)).await?;
-            (
-                login["access_token"].as_str().ok_or("token")?.to_owned(),
-                login["device_id"].as_str().ok_or("device")?.to_owned(),
-            )
-        };
-        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.clone())?;
-        let fresh = User { id: users[1].id.clone(), token, device, pair };
-        server
-            .call(
-                reqwest::Method::POST,
-                "/_matrix/client/v3/keys/upload",
-                Some(&fresh.token),
-                Some(&fresh.upload_body(1, round)?),
-            )
-            .await?;
-        let one = Instant::now();
-        let response = server
-            .call(
-                reqwest::Method::GET,
-                &format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
-                Some(&users[0].token),
-                None,
-            )
-            .await?;
-        latencies.push(one.elapsed().as_secs_f64() * 1000.0);
-        if !response["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == &users[1].id)) {
-            return Err(format!("the change was not reported: {response}").into());
-        }
-    }
-    let (p50, p99) = summary(latencies);
-    rows.push(format!(
-        "| incremental `/sync` reporting one device-list change, one room of {users_n} members | 20 syncs | p50 {p50:.1} ms, p99 {p99:.1} ms |"
-    ));
-
-    // 5. Dehydrated devices.
-    rows.extend(dehydrated_devices(&server, &users[0], &users[1 % users_n]).await?);
-
-    println!("| what | load | result |\n|---|---|---|");
-    for row in rows {
-        println!("{row}");
-    }
-    Ok(())
+    Ok(rows)
 }
 
 const DEHYDRATED: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";

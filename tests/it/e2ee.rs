@@ -104,6 +104,14 @@ async fn leave(http: &Http, token: &str, room: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A JSON list of strings, sorted (for comparing two answers' user lists).
+fn sorted(list: &Value) -> Vec<String> {
+    let mut users: Vec<String> =
+        list.as_array().into_iter().flatten().filter_map(|u| u.as_str().map(str::to_owned)).collect();
+    users.sort();
+    users
+}
+
 pub(crate) fn listed(list: &Value, user: &str) -> bool {
     list.as_array().is_some_and(|users| users.iter().any(|u| u == user))
 }
@@ -275,11 +283,23 @@ async fn a_key_change_reaches_exactly_the_users_sharing_a_room() {
     let after_leave = sync_since(http, &bob.token, &since).await;
     assert!(listed(&after_leave["device_lists"]["left"], &dave.user), "{after_leave}");
     assert!(!listed(&after_leave["device_lists"]["changed"], &dave.user));
+    // /keys/changes between the same tokens says the same as /sync: Dave is in `left`.
+    let (status, changes) = http.get(&path(&since, &after_leave["next_batch"]), Some(&bob.token)).await;
+    assert_eq!(status, 200, "{changes}");
+    assert!(listed(&changes["left"], &dave.user) && !listed(&changes["changed"], &dave.user), "{changes}");
+    assert_eq!(sorted(&changes["left"]), sorted(&after_leave["device_lists"]["left"]), "{changes} {after_leave}");
+    assert_eq!(sorted(&changes["changed"]), sorted(&after_leave["device_lists"]["changed"]));
     // Bob leaves: Alice, whom he shares no other room with, is in his `left`.
     let since = after_leave["next_batch"].as_str().unwrap().to_owned();
     leave(http, &bob.token, &room).await;
     let bob_left = sync_since(http, &bob.token, &since).await;
     assert!(listed(&bob_left["device_lists"]["left"], &alice.user), "{bob_left}");
+    let (_, changes) = http.get(&path(&since, &bob_left["next_batch"]), Some(&bob.token)).await;
+    assert!(listed(&changes["left"], &alice.user), "after his last shared room: {changes}");
+    assert_eq!(sorted(&changes["left"]), sorted(&bob_left["device_lists"]["left"]), "{changes} {bob_left}");
+    // Alice, who stayed, is told Bob left too, by both.
+    let (_, changes) = http.get(&path(&since, &bob_left["next_batch"]), Some(&alice.token)).await;
+    assert!(listed(&changes["left"], &bob.user), "{changes}");
 
     // A deleted device is a change too, and its keys are gone.
     let alice_since = next_batch(http, &alice.token).await;

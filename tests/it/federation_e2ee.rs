@@ -154,9 +154,15 @@ async fn keys_to_device_messages_and_device_lists_cross_between_servers() {
     let keys = query(&lat1.http, &alice.token, json!({ &bob.user: [] })).await;
     assert!(keys["device_keys"][&bob.user][&laptop.id].is_null(), "{keys}");
 
-    // A server that does not answer is reported in `failures`; the local part still answers.
+    // With bob's server down, his list (cached: he shares a room with alice) still answers.
+    // A user of that server who shares no room is not cached: the server that does not answer
+    // is reported in `failures`, and the local part still answers.
     lat2.stop().await;
     let keys = query(&lat1.http, &alice.token, json!({ &bob.user: [], &alice.user: [] })).await;
+    assert!(keys["device_keys"][&bob.user][&bob.id].is_object(), "from the cache: {keys}");
+    assert!(keys["failures"].as_object().is_none_or(|f| f.is_empty()), "{keys}");
+    let stranger = "@stranger:lat2.test";
+    let keys = query(&lat1.http, &alice.token, json!({ stranger: [], &alice.user: [] })).await;
     assert!(keys["failures"]["lat2.test"].is_object(), "{keys}");
     assert!(keys["device_keys"][&alice.user][&alice.id].is_object(), "{keys}");
     lat1.stop().await;
@@ -323,5 +329,162 @@ async fn matrix_sdk_clients_on_two_servers_talk_in_an_encrypted_room() {
     let (status, raw) = lat2.http.get(&path, Some(&token)).await;
     assert_eq!((status.as_u16(), &raw["type"]), (200, &json!("m.room.encrypted")), "{raw}");
     lat2.stop().await;
+    lat1.stop().await;
+}
+
+/// `GET` on lat2's federation listener as lat1 (signed with lat1's key).
+async fn lat1_asks_lat2(net: &Network, lat1: &Server, path: &str) -> Value {
+    let auth = crate::federation_keys::x_matrix(&lat1.signing_key(), "lat1.test", "lat2.test", &Method::GET, path, b"");
+    let (status, body) = net.request("lat2.test", Method::GET, path, Some(&auth), None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// A `/send` transaction of one EDU to lat1, from `origin` signed with its key.
+async fn send_edu(net: &Network, (origin, key): (&str, &ruma::signatures::Ed25519KeyPair), txn: &str, edu: Value) {
+    let body = json!({ "origin": origin, "origin_server_ts": 1, "pdus": [], "edus": [edu] });
+    let path = format!("/_matrix/federation/v1/send/{txn}");
+    let (status, answer) = signed_request(net, (origin, key), Method::PUT, &path, Some(body)).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// An `m.device_list_update` about `device` (a new device with its keys).
+fn device_update(device: &Device, stream_id: u64, prev_id: &[u64]) -> Value {
+    json!({ "edu_type": "m.device_list_update", "content": {
+        "user_id": device.user, "device_id": device.id, "stream_id": stream_id, "prev_id": prev_id,
+        "deleted": false, "keys": device.device_keys() } })
+}
+
+/// A made-up device of `user` with its own valid keys (another server's word is all there is).
+fn made_up_device(user: &str, id: &str) -> Device {
+    Device { user: user.to_owned(), id: id.to_owned(), token: String::new(), pair: key_pair(id) }
+}
+
+/// The next `/sync` token of `token`'s user once `user`'s device list is reported changed
+/// after `since`.
+async fn changed_after(server: &Server, token: &str, since: &str, user: &str, what: &str) -> String {
+    let sync = sync_from(server, token, since, what, |s| listed(&s["device_lists"]["changed"], user)).await;
+    sync["next_batch"].as_str().expect("next_batch").to_owned()
+}
+
+fn device_ids(keys: &Value, user: &str) -> Vec<String> {
+    keys["device_keys"][user].as_object().map(|devices| devices.keys().cloned().collect()).unwrap_or_default()
+}
+
+/// `/keys/query` for `user` until exactly `expected` devices are listed (30 s at most).
+async fn devices_until(server: &Server, token: &str, user: &str, expected: &[&String]) {
+    let mut expected: Vec<String> = expected.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let keys = query(&server.http, token, json!({ user: [] })).await;
+        if device_ids(&keys, user) == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{user}'s devices never became {expected:?}: {keys}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn remote_device_lists_are_cached_kept_by_updates_and_resynced_after_a_gap() {
+    let net = Network::new(&["lat1.test", "lat2.test", "lat3.test"]);
+    let mut lat1 = net.start("lat1.test").await;
+    let mut lat2 = net.start("lat2.test").await;
+    let mut lat3 = net.start("lat3.test").await;
+    let (_, _, room) = shared_room(&net, &lat1, &lat2).await;
+    let alice = device_on(&lat1, "alice").await;
+    let bob = device_on(&lat2, "bob").await;
+    sync_until(&lat2, &bob.token, "the joined room", |s| s["rooms"]["join"][&room].is_object()).await;
+    let since = sync_until(&lat1, &alice.token, "a first sync", |_| true).await["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+
+    // bob publishes keys: lat1, which does not keep his list yet, asks lat2 for all of it
+    // (a resync), and tells alice his list changed once it is stored.
+    bob.publish(&lat2.http, 1).await;
+    changed_after(&lat1, &alice.token, &since, &bob.user, "bob's list cached").await;
+    devices_until(&lat1, &alice.token, &bob.user, &[&bob.id]).await;
+
+    // bob adds a laptop, then a tablet, and deletes the laptop: lat2's updates follow each
+    // other, and lat1 applies each.
+    let laptop = device_on(&lat2, "bob").await;
+    laptop.publish(&lat2.http, 1).await;
+    devices_until(&lat1, &alice.token, &bob.user, &[&bob.id, &laptop.id]).await;
+    let tablet = device_on(&lat2, "bob").await;
+    tablet.publish(&lat2.http, 1).await;
+    let auth = json!({ "auth": { "type": "m.login.password", "password": "password",
+        "identifier": { "type": "m.id.user", "user": "bob" } } });
+    let path = format!("/_matrix/client/v3/devices/{}", laptop.id);
+    let (status, body) =
+        lat2.http.request(Method::DELETE, &path, Some(&bob.token), Some(auth.to_string().into_bytes())).await;
+    assert_eq!(status, 200, "{body}");
+    devices_until(&lat1, &alice.token, &bob.user, &[&bob.id, &tablet.id]).await;
+
+    // lat3 cannot speak for bob: its update is dropped. lat2 can, and one that follows the
+    // last update it sent is applied.
+    let stream_id =
+        lat1_asks_lat2(&net, &lat1, &format!("/_matrix/federation/v1/user/devices/{}", bob.user)).await["stream_id"]
+            .as_u64()
+            .expect("stream_id");
+    let forged = made_up_device(&bob.user, "MALLORY");
+    send_edu(&net, ("lat3.test", &lat3.signing_key()), "forged-1", device_update(&forged, stream_id + 1, &[stream_id]))
+        .await;
+    let extra = made_up_device(&bob.user, "EXTRA");
+    let key2 = lat2.signing_key();
+    send_edu(&net, ("lat2.test", &key2), "extra-1", device_update(&extra, stream_id + 1_000, &[stream_id])).await;
+
+    // With lat2 gone, alice's query is answered from lat1's copy: the phone, the tablet and
+    // the extra device; not the deleted laptop, not lat3's forgery.
+    lat2.stop().await;
+    let keys = query(&lat1.http, &alice.token, json!({ &bob.user: [] })).await;
+    assert!(keys["failures"].as_object().is_none_or(|f| f.is_empty()), "lat2 was not asked: {keys}");
+    let mut expected = vec![bob.id.clone(), tablet.id.clone(), "EXTRA".to_owned()];
+    expected.sort();
+    assert_eq!(device_ids(&keys, &bob.user), expected, "{keys}");
+    assert_eq!(keys["device_keys"][&bob.user][&tablet.id]["keys"], tablet.device_keys()["keys"], "{keys}");
+
+    // An update whose prev_id lat1 never saw is a gap: lat1 asks lat2 for the whole list, which
+    // has neither the update's device nor the extra one.
+    lat2.restart().await;
+    let since = sync_until(&lat1, &alice.token, "a sync", |_| true).await["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+    let ghost = made_up_device(&bob.user, "GHOST");
+    send_edu(&net, ("lat2.test", &key2), "gap-1", device_update(&ghost, stream_id + 3_000, &[stream_id + 2_000])).await;
+    changed_after(&lat1, &alice.token, &since, &bob.user, "bob's list resynced").await;
+    lat2.stop().await;
+    let keys = query(&lat1.http, &alice.token, json!({ &bob.user: [] })).await;
+    assert!(keys["failures"].as_object().is_none_or(|f| f.is_empty()), "answered from the copy: {keys}");
+    let mut expected = vec![bob.id.clone(), tablet.id.clone()];
+    expected.sort();
+    assert_eq!(device_ids(&keys, &bob.user), expected, "{keys}");
+
+    // bob leaves the room (lat2 back): no local user shares a room with him, so his list is no
+    // longer kept, and alice's /keys/changes tells her he left.
+    lat2.restart().await;
+    let before_leave = sync_until(&lat1, &alice.token, "a sync", |_| true).await["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+    let (status, body) =
+        lat2.http.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&bob.token), &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let after =
+        sync_from(&lat1, &alice.token, &before_leave, "bob's leave", |s| listed(&s["device_lists"]["left"], &bob.user))
+            .await;
+    let changes_path = format!(
+        "/_matrix/client/v3/keys/changes?from={before_leave}&to={}",
+        after["next_batch"].as_str().expect("next_batch")
+    );
+    let (status, changes) = lat1.http.get(&changes_path, Some(&alice.token)).await;
+    assert_eq!(status, 200, "{changes}");
+    assert!(listed(&changes["left"], &bob.user), "{changes}");
+    lat2.stop().await;
+    let keys = query(&lat1.http, &alice.token, json!({ &bob.user: [] })).await;
+    assert!(keys["failures"]["lat2.test"].is_object(), "no copy is served once no room is shared: {keys}");
+    lat3.stop().await;
     lat1.stop().await;
 }

@@ -66,7 +66,8 @@ impl Service {
     }
 
     /// `POST /keys/query`: local users' keys, each device's display name in `unsigned`; other
-    /// servers' users' keys asked of their servers, waiting at most `timeout` (10 s when not
+    /// servers' users' keys from the device-list cache when it holds them (fresh), else asked
+    /// of their servers, waiting at most `timeout` (10 s when not
     /// given); servers that fail or do not answer in time are reported in the failures.
     pub async fn query_keys(
         &self,
@@ -78,15 +79,19 @@ impl Service {
             return Err(ServiceError::InvalidParam(format!("at most {MAX_KEYS_REQUEST_TARGETS} users per query")));
         }
         let (local, remote) = self.split_local(targets);
+        let (cached, remote) = self.federation.cached_remote_keys(remote).await?;
         let asked_remotely = self.federation.query_remote_keys(remote, remote_wait(timeout));
         let (found, (from_remote, failures)) =
             tokio::join!(self.e2ee.query_keys(Some(requester), &local), asked_remotely);
         let mut found = found?;
-        found.device_keys.extend(from_remote.device_keys);
-        found.master_keys.extend(from_remote.master_keys);
-        found.self_signing_keys.extend(from_remote.self_signing_keys);
+        for other in [cached, from_remote] {
+            found.device_keys.extend(other.device_keys);
+            found.master_keys.extend(other.master_keys);
+            found.self_signing_keys.extend(other.self_signing_keys);
+        }
         for (user, devices) in &mut found.device_keys {
-            if devices.is_empty() {
+            // Other servers' users' display names came with their keys, if their server shares them.
+            if devices.is_empty() || user.server_name() != self.server_name() {
                 continue;
             }
             let names: BTreeMap<String, Option<String>> = self
@@ -138,28 +143,20 @@ impl Service {
     }
 
     /// `GET /keys/changes`: the users sharing a room with `user_id` whose device lists changed
-    /// between two `/sync` tokens.
+    /// between two `/sync` tokens, and those who share no room with them any more — exactly
+    /// what `/sync`'s `device_lists` reports for the same tokens (one function computes both).
     pub async fn key_changes(
         &self,
         user_id: &UserId,
         from: &str,
         to: &str,
     ) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>), ServiceError> {
-        let from = SyncToken::parse(from)?.streams.device_lists;
-        let to = SyncToken::parse(to)?.streams.device_lists;
-        let now = self.e2ee.device_list_position().await?;
-        let changed = self.e2ee.device_lists_changed(from, to.min(now)).await?;
-        let shared = self.users_sharing_a_room(user_id, changed).await?;
-        Ok((shared.into_iter().collect(), Vec::new()))
-    }
-
-    /// Of `users`, those who share a joined room with `user_id` (and `user_id` itself).
-    pub(crate) async fn users_sharing_a_room(
-        &self,
-        user_id: &UserId,
-        users: BTreeSet<OwnedUserId>,
-    ) -> Result<BTreeSet<OwnedUserId>, ServiceError> {
-        shared_with(&self.rooms, user_id, users).await
+        let from = SyncToken::parse(from)?.streams;
+        let mut to = SyncToken::parse(to)?.streams;
+        to.device_lists = to.device_lists.min(self.e2ee.device_list_position().await?);
+        to.events = to.events.min(self.rooms.stream_marks().await?.events);
+        let delta = self.sync.device_list_delta(user_id, &from, &to).await?;
+        Ok((delta.changed.into_iter().collect(), delta.left.into_iter().collect()))
     }
 
     /// `POST /keys/device_signing/upload`: the first upload needs no authentication (as the spec

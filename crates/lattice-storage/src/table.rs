@@ -75,6 +75,8 @@ tables! {
     KeySignatures => "key_signatures",
     DeviceListChanges => "device_list_changes",
     DeviceListLatest => "device_list_latest",
+    RemoteDeviceLists => "remote_device_lists",
+    RemoteDevices => "remote_devices",
     BackupVersions => "backup_versions",
     BackupKeys => "backup_keys",
     SearchWords => "search_words",

@@ -71,7 +71,7 @@ pub(super) fn encode(value: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn object_size_ok(what: &str, value: &impl Serialize) -> Result<(), ServiceError> {
+pub(super) fn object_size_ok(what: &str, value: &impl Serialize) -> Result<(), ServiceError> {
     let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX);
     if size > MAX_KEY_OBJECT_BYTES {
         return Err(ServiceError::InvalidParam(format!("{what} is larger than {MAX_KEY_OBJECT_BYTES} bytes")));
@@ -96,7 +96,11 @@ pub(super) fn device_ed25519(device_keys: &Map<String, Value>, device_id: &str) 
 
 /// Device keys must be the caller's own device's, name their algorithms and keys, and carry a
 /// valid signature by the device's own ed25519 key. Returns that key.
-fn check_device_keys(user_id: &UserId, device_id: &str, object: &Map<String, Value>) -> Result<String, ServiceError> {
+pub(super) fn check_device_keys(
+    user_id: &UserId,
+    device_id: &str,
+    object: &Map<String, Value>,
+) -> Result<String, ServiceError> {
     object_size_ok("device_keys", object)?;
     if object.get("user_id").and_then(Value::as_str) != Some(user_id.as_str()) {
         return Err(ServiceError::InvalidParam(format!("device_keys.user_id must be {user_id}")));

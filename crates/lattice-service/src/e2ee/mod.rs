@@ -6,7 +6,8 @@
 //!
 //! `keys.rs` — device keys, one-time and fallback keys (`/keys/upload`, `/keys/query`,
 //! `/keys/claim`); `cross_signing.rs` — cross-signing keys and signatures; `device_lists.rs` —
-//! the device-list stream; `backup.rs` — `/room_keys`; `signed.rs` — the pure checks of signed
+//! the device-list stream; `remote_lists.rs` — the cache of other servers' users' device lists;
+//! `backup.rs` — `/room_keys`; `signed.rs` — the pure checks of signed
 //! JSON objects. It owns the tables below and knows nothing of rooms: the composed operations
 //! in `composed.rs` ask the rooms service who shares a room with whom.
 
@@ -14,6 +15,7 @@ mod backup;
 mod cross_signing;
 mod device_lists;
 mod keys;
+mod remote_lists;
 mod signed;
 
 use std::sync::Arc;
@@ -24,6 +26,8 @@ pub use backup::{BackupInfo, BackupKeys, BackupWrite};
 pub use cross_signing::{CrossSigningUpload, SignatureFailure};
 pub use device_lists::{DeviceListChange, ListUpdate, PublishedChange};
 pub use keys::{ClaimedKeys, KeyCounts, QueriedKeys, UploadKeys};
+pub(crate) use remote_lists::checked_cross_signing_key;
+pub use remote_lists::{Applied, RemoteDeviceUpdate, RemoteSnapshot};
 
 pub(crate) const TABLES: TableScope = TableScope {
     owner: "e2ee",
@@ -35,6 +39,8 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::KeySignatures,
         Table::DeviceListChanges,
         Table::DeviceListLatest,
+        Table::RemoteDeviceLists,
+        Table::RemoteDevices,
         Table::BackupVersions,
         Table::BackupKeys,
         Table::Counters,

@@ -1,12 +1,12 @@
 //! End-to-end encryption across servers. Inbound: other servers ask for this server's users'
 //! keys (`/user/keys/query`, `/user/keys/claim`, `/user/devices`), send to-device messages
 //! (`m.direct_to_device`) and report their users' device-list changes (`m.device_list_update`,
-//! `m.signing_key_update`). Outbound: the same, asked of other servers for local clients.
+//! `m.signing_key_update`, handled in `device_lists.rs`). Outbound: the same, asked of other
+//! servers for local clients.
 //!
-//! Other servers' keys are not cached: a client's `/keys/query` for a remote user asks that
-//! user's server each time. An incoming device-list update is therefore recorded only as a
-//! change in the device-list stream, so the local users who share a room with that user learn
-//! from `/sync` that they must ask again; there is no copy here that could go stale.
+//! Other servers' users' device lists are cached for the users who share a room with a local
+//! user (`device_lists.rs`): a client's `/keys/query` asks a user's server only when the list is
+//! not cached or stale.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -141,32 +141,6 @@ impl Federation {
             .send(&edu.sender, "", &edu.event_type, &edu.message_id, &edu.messages, &devices)
             .await
             .map_err(|e| e.to_string())
-    }
-
-    /// An `m.device_list_update` or `m.signing_key_update` EDU about one of the origin's
-    /// users: recorded as a change of that user's device list when they share a room with a
-    /// local user, so those users' clients ask for the keys again.
-    pub(super) async fn receive_device_list_update(&self, origin: &ServerName, content: &Value) -> Result<(), String> {
-        let user = content["user_id"]
-            .as_str()
-            .and_then(|user| OwnedUserId::try_from(user).ok())
-            .ok_or("device-list update without a valid user_id")?;
-        if user.server_name() != origin {
-            return Err(format!("{origin} cannot speak for {user}"));
-        }
-        let rooms = self.rooms.joined_rooms(&user).await.map_err(|e| e.to_string())?;
-        if rooms.is_empty() {
-            return Ok(());
-        }
-        let change =
-            self.e2ee.record_device_list_change(vec![ListUpdate::Quiet { user }]).await.map_err(|e| e.to_string())?;
-        for user in change.users() {
-            self.notifier.notify_user(&user);
-        }
-        for room in rooms {
-            self.notifier.notify_room(&room);
-        }
-        Ok(())
     }
 
     /// Asks each server named in `targets` for its users' keys, all at once, waiting at most

@@ -133,9 +133,9 @@ impl Federation {
     }
 
     /// One EDU: typing notices and read receipts of the origin's users in rooms they are joined
-    /// to are applied as if they had sent them here; to-device messages and device-list
-    /// updates go to `e2ee.rs`, presence to `presence.rs`; anything else is dropped (the spec lets a server ignore EDUs it
-    /// does not handle).
+    /// to are applied as if they had sent them here; to-device messages go to `e2ee.rs`,
+    /// device-list and signing-key updates to `device_lists.rs`, presence to `presence.rs`;
+    /// anything else is dropped (the spec lets a server ignore EDUs it does not handle).
     async fn receive_edu(&self, origin: &ServerName, json: &str) -> Result<(), String> {
         #[derive(Deserialize)]
         struct Edu {
@@ -178,9 +178,8 @@ impl Federation {
                 Ok(())
             }
             "m.direct_to_device" => self.receive_to_device(origin, edu.content).await,
-            "m.device_list_update" | "m.signing_key_update" => {
-                self.receive_device_list_update(origin, &edu.content).await
-            }
+            "m.device_list_update" => self.receive_device_list_update(origin, &edu.content).await,
+            "m.signing_key_update" => self.receive_signing_key_update(origin, &edu.content).await,
             "m.presence" => self.receive_presence(origin, &edu.content).await,
             other => Err(format!("EDU type {other} is not handled")),
         }

@@ -7,6 +7,7 @@
 //! It owns the `federation_transactions` table (inbound transaction IDs, for idempotence); the
 //! queues' table belongs to the sender. Everything about rooms goes through [`Rooms`].
 
+mod device_lists;
 mod directory;
 mod e2ee;
 mod forward;
@@ -27,6 +28,7 @@ use lattice_storage::{KvStore, ScopedStore, StreamPositions, Table, TableScope};
 use ruma::signatures::PublicKeyMap;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName};
 
+pub use device_lists::{MAX_CONCURRENT_RESYNCS, MAX_PENDING_RESYNCS};
 pub use e2ee::{MAX_REMOTE_KEYS_WAIT, RemoteFailures};
 pub use hierarchy::{DEFAULT_HIERARCHY_LIMIT, HierarchyQuery, MAX_HIERARCHY_DEPTH, MAX_HIERARCHY_LIMIT};
 pub use inbound::{PduResults, TransactionBody};
@@ -65,6 +67,8 @@ pub struct Federation {
     remote: OnceLock<Remote>,
     /// Other servers' space summaries, for `/hierarchy` walks (`hierarchy.rs`).
     hierarchy_cache: hierarchy::RemoteSummaries,
+    /// The device-list resyncs pending or running (`device_lists.rs`).
+    resyncs: Arc<device_lists::Resyncs>,
 }
 
 /// The services federation hands other servers' requests to, besides the rooms.
@@ -90,6 +94,7 @@ impl Federation {
             notifier,
             remote: OnceLock::new(),
             hierarchy_cache: Default::default(),
+            resyncs: Default::default(),
         }
     }
 

@@ -50,6 +50,20 @@ impl Rooms {
         Ok(servers)
     }
 
+    /// Whether a user of this server is joined to the room now (the remote members' device
+    /// lists are cached only while one is).
+    pub async fn has_local_member(&self, room_id: &RoomId) -> Result<bool, ServiceError> {
+        for (user, _) in self.member_event_ids(room_id).await? {
+            let Ok(user_id) = UserId::parse(user.as_str()) else { continue };
+            if user_id.server_name() == self.server_name()
+                && self.membership(&user_id, room_id).await?.as_deref() == Some("join")
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The room's forward extremities (the newest events, which nothing cites yet).
     pub async fn forward_extremities(&self, room_id: &RoomId) -> Result<Vec<String>, ServiceError> {
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))

@@ -229,7 +229,10 @@ impl Sync {
         let next_batch = SyncToken { streams: delivered };
         let device_lists = match scope.initial {
             true => json!({}),
-            false => self.device_lists_for(&scope, &join, &leave).await?,
+            false => {
+                let delta = self.device_list_delta(user_id, &scope.since, &scope.now).await?;
+                json!({ "changed": delta.changed, "left": delta.left })
+            }
         };
         let to_device_events: Vec<Value> = to_device
             .events
