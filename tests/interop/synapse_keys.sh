@@ -194,14 +194,20 @@ eventually "syn -X POST $SYN_C/keys/query -d '{\"device_keys\":{\"@carol:$LAT_NA
 check "a new Lattice device reached Synapse's view of the user's devices" "$ok"
 
 # 8. History from before a server joined, profiles and bans. dave writes 100 messages in a new
-#    Synapse room before carol joins it: carol jumps to the date of the 50th (Lattice asks
-#    Synapse /timestamp_to_event and backfills the event), then pages back to the first
-#    (/backfill from Synapse).
+#    Synapse room before carol joins it, 8 at a time, so the room's history forks into branches
+#    (each a gap of its own for Lattice): carol jumps to the date of the 50th (Lattice asks
+#    Synapse /timestamp_to_event and backfills the event), then pages back to the room's
+#    create event (/backfill from Synapse).
 HIST_ROOM="$(syn -X POST "$SYN_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"history"}' | field room_id)"
-for i in $(seq 1 100); do
-  ID="$(syn -X PUT "$SYN_C/rooms/$HIST_ROOM/send/m.room.message/h$i" -d "{\"msgtype\":\"m.text\",\"body\":\"hist-$i\"}" | field event_id)"
-  [ "$i" = 50 ] && HIST_50="$ID"
-done
+send_history() {
+  curl -sk -o /dev/null -X PUT "$SYN_C/rooms/$HIST_ROOM/send/m.room.message/h$1" -H "Authorization: Bearer $DAVE" \
+    -H 'Content-Type: application/json' -d "{\"msgtype\":\"m.text\",\"body\":\"hist-$1\"}"
+}
+export -f send_history
+export SYN_C HIST_ROOM DAVE
+seq 1 49 | xargs -P 8 -I{} bash -c 'send_history {}'
+HIST_50="$(syn -X PUT "$SYN_C/rooms/$HIST_ROOM/send/m.room.message/h50" -d '{"msgtype":"m.text","body":"hist-50"}' | field event_id)"
+seq 51 100 | xargs -P 8 -I{} bash -c 'send_history {}'
 HIST_50_TS="$(syn "$SYN_C/rooms/$HIST_ROOM/event/$HIST_50" | field origin_server_ts)"
 lat -X POST "$LAT_C/join/%23history:$SYN_NAME" -d '{}' >/dev/null
 lat "http://$LAT_IP:$LAT_CLIENT_PORT/_matrix/client/v1/rooms/$HIST_ROOM/timestamp_to_event?ts=$HIST_50_TS&dir=f" \
@@ -211,12 +217,13 @@ seen=""
 FROM=""
 for _ in $(seq 1 12); do
   PAGE="$(lat "$LAT_C/rooms/$HIST_ROOM/messages?dir=b&limit=50${FROM:+&from=$FROM}")"
-  seen="$seen $(echo "$PAGE" | "$VPY" -c 'import json,sys; print(" ".join(e.get("content",{}).get("body","") for e in json.load(sys.stdin).get("chunk",[])))')"
+  seen="$seen $(echo "$PAGE" | "$VPY" -c 'import json,sys; print(" ".join(e.get("content",{}).get("body", e["type"]) for e in json.load(sys.stdin).get("chunk",[])))')"
   FROM="$(echo "$PAGE" | field end)"
   [ -z "$FROM" ] && break
 done
 count="$(for w in $seen; do echo "$w"; done | grep '^hist-' | sort -u | wc -l)"
-check "Lattice paged back through 100 messages from before it joined (/backfill from Synapse, saw $count)" "$([ "$count" = 100 ] && echo yes || echo no)"
+check "Lattice paged back through 100 messages written 8 at a time before it joined (/backfill from Synapse, saw $count)" "$([ "$count" = 100 ] && echo yes || echo no)"
+check "Lattice's pages reached the room's create event" "$(for w in $seen; do echo "$w"; done | grep -qx 'm.room.create' && echo yes || echo no)"
 # The other way: carol writes 30 messages in a new Lattice room before dave joins; Synapse
 # backfills them from Lattice as dave pages back.
 BACK_ROOM="$(lat -X POST "$LAT_C/createRoom" -d '{"preset":"public_chat","room_alias_name":"history2"}' | field room_id)"

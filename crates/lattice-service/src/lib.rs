@@ -105,6 +105,9 @@ pub struct ServiceConfig {
     pub delayed_events: DelayedEventsConfig,
 }
 
+/// How many gaps one `/messages` request backfills at most before answering.
+pub const MAX_BACKFILLS_PER_PAGE: usize = 3;
+
 /// Seven days, as Synapse keeps redacted content by default.
 pub const DEFAULT_REDACTION_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -308,7 +311,9 @@ impl Service {
 
     /// `GET /rooms/{roomId}/messages`: a page of history; when a backward page reaches a gap
     /// (history this server never received, e.g. from before it joined), the gap is backfilled
-    /// from another server in the room once and the page is read again.
+    /// from another server in the room and the page is read again, up to
+    /// [`MAX_BACKFILLS_PER_PAGE`] times (a forked history has a gap on each branch). A gap left
+    /// is reported again by the next page (see [`rooms::Rooms::messages`]).
     pub async fn messages(
         &self,
         user_id: &ruma::UserId,
@@ -318,16 +323,19 @@ impl Service {
         limit: usize,
         filter: &rooms::EventFilter,
     ) -> Result<rooms::HistoryPage, ServiceError> {
-        let page = self.rooms.messages(user_id, room_id, range, backward, limit, filter).await?;
-        let Some(gap) = page.gap.as_ref().filter(|_| self.federation.is_enabled()) else { return Ok(page) };
-        match self.federation.backfill_gap(room_id, &gap.missing, limit.max(20)).await {
-            Ok(0) => Ok(page),
-            Ok(_) => self.rooms.messages(user_id, room_id, range, backward, limit, filter).await,
-            Err(error) => {
-                tracing::info!(%room_id, %error, "backfilling a gap in history failed");
-                Ok(page)
+        let mut page = self.rooms.messages(user_id, room_id, range, backward, limit, filter).await?;
+        for _ in 0..MAX_BACKFILLS_PER_PAGE {
+            let Some(gap) = page.gap.as_ref().filter(|_| self.federation.is_enabled()) else { break };
+            match self.federation.backfill_gap(room_id, &gap.missing, limit.max(20)).await {
+                Ok(0) => break,
+                Ok(_) => page = self.rooms.messages(user_id, room_id, range, backward, limit, filter).await?,
+                Err(error) => {
+                    tracing::info!(%room_id, %error, "backfilling a gap in history failed");
+                    break;
+                }
             }
         }
+        Ok(page)
     }
 
     /// `GET /rooms/{roomId}/timestamp_to_event`: the nearest event the user may see. With

@@ -382,10 +382,16 @@ impl Federation {
                     other => other,
                 };
                 match outcome {
-                    Ok(_) => stored += 1,
+                    Ok(ingested) => {
+                        if let crate::rooms::Outcome::Rejected(reason) = &ingested.outcome {
+                            tracing::info!(%server, event_id = %ingested.event_id, %reason, "a backfilled event was rejected");
+                        }
+                        stored += 1;
+                    }
                     Err(error) => tracing::info!(%server, %error, "a backfilled event was not stored"),
                 }
             }
+            tracing::debug!(%server, %room_id, asked = missing.len(), answered = answer.pdus.len(), stored, "backfilled");
             return Ok(stored);
         }
         Ok(0)

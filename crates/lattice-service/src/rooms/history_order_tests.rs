@@ -308,3 +308,26 @@ async fn a_backward_page_stops_at_a_recorded_gap_and_says_where() {
     assert!(forward.gap.is_none());
     assert_eq!(ids(&forward.response["chunk"]).len(), 11);
 }
+
+#[tokio::test]
+async fn a_gap_the_last_page_could_not_fill_is_reported_by_the_next() {
+    let (service, kv) = service();
+    let f = fork(&service).await;
+    let (alice, room) = who(ALICE);
+    let all = EventFilter::default();
+    // Record m2 as missing: only m3 cites it.
+    let mut batch = WriteBatch::new();
+    batch.put(Table::BackwardExtremities, keys::backward_extremity(ROOM, f.m[1].as_str()), Vec::new());
+    kv.write(batch).await.unwrap();
+
+    let page = service.rooms().messages(&alice, &room, (None, None), true, 100, &all).await.unwrap();
+    assert_eq!(ids(&page.response["chunk"]), ids_of(&[&f.merge, &f.m[3], &f.m[2]]));
+    let gap = page.gap.expect("m3 cites the gap");
+    assert_eq!(gap.missing, [f.m[1].to_string()]);
+
+    // Nothing filled it (the other server did not answer): the next page, which holds no event
+    // citing m2, still reports it, so the history below m3 is not skipped.
+    let next = service.rooms().messages(&alice, &room, (token(&gap.token), None), true, 100, &all).await.unwrap();
+    assert_eq!(ids(&next.response["chunk"]).first(), Some(&f.m[1].to_string()));
+    assert_eq!(next.gap.map(|g| g.missing), Some(vec![f.m[1].to_string()]));
+}

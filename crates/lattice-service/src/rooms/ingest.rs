@@ -222,7 +222,8 @@ impl Rooms {
         }
         let room_id = room_id_of(event)?;
         let room = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str())).await?;
-        check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version, placement.supplied_state)?;
+        let placed = (placement.arrival, placement.supplied_state);
+        check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version, placed)?;
 
         let mut batch = WriteBatch::new();
         // An outlier becomes a placed event only once, and an event is stored only once.
@@ -887,12 +888,15 @@ fn check_room_fits(
     room_id: &OwnedRoomId,
     room: Option<&RoomRecord>,
     version: &RoomVersion,
-    supplied: Option<&StateMap>,
+    (arrival, supplied): (Arrival, Option<&StateMap>),
 ) -> Result<(), ServiceError> {
     let is_create = *event.kind() == TimelineEventType::RoomCreate;
     let entered_with_state =
         supplied.is_some_and(|state| state.contains_key(&(StateEventType::RoomCreate, String::new())));
     match (room, is_create) {
+        // The room's own create event, known as an outlier since the join, is placed when
+        // backfill reaches the start of the room's history.
+        (Some(room), true) if arrival != Arrival::Live && room.create_event_id == event.id().as_str() => Ok(()),
         (Some(_), true) => Err(ServiceError::Forbidden("the room already has a create event".into())),
         (None, false) if !entered_with_state => Err(ServiceError::NotFound(format!("unknown room {room_id}"))),
         (Some(room), false) if room.room_version != version.id().as_str() => {

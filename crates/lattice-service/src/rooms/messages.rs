@@ -34,6 +34,7 @@ impl Rooms {
     ) -> Result<HistoryPage, ServiceError> {
         let viewer = &mut self.reader(user_id, room_id).await?;
         let limit = limit.clamp(1, MAX_TIMELINE_LIMIT);
+        let from_given = from.is_some();
         let from = match from {
             Some(token) => self.history_point(room_id, token).await?,
             None if backward => self.history_end(room_id).await?,
@@ -45,6 +46,13 @@ impl Rooms {
         };
         let ignored = self.account_data.ignored_users(user_id).await?;
         let gaps_possible = backward && self.room_has_gaps(room_id).await?;
+        // The event the client saw last (just above `from`) may cite a gap that the page which
+        // returned it could not fill (a second gap in one page, a server that did not answer):
+        // it is reported again, or its history would be skipped for good.
+        let boundary_missing = match (gaps_possible, from_given) {
+            (true, true) => self.missing_prevs_above(room_id, from).await?,
+            _ => Vec::new(),
+        };
         // Tokens name the last position a client has seen: backward pages hold positions ≤ from,
         // forward pages positions > from.
         let mut cursor = from;
@@ -96,6 +104,14 @@ impl Rooms {
         let mut page = json!({ "chunk": chunk, "start": from.render() });
         if !exhausted || gap.is_some() {
             page["end"] = json!(cursor.render());
+        }
+        if !boundary_missing.is_empty() {
+            let gap = gap.get_or_insert_with(|| HistoryGap { missing: Vec::new(), token: cursor.render() });
+            for missing in boundary_missing {
+                if !gap.missing.contains(&missing) {
+                    gap.missing.push(missing);
+                }
+            }
         }
         if filter.lazy_load_members {
             let at = self.state_view(viewer).await?;

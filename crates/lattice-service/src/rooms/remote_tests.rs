@@ -543,4 +543,16 @@ async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_give
     let shared = Shared { local, remote, keys, room: room.clone(), version, alice: bob.clone(), rita };
     assert_eq!(relay(&shared, &shared.local, &shared.remote, &join).await, Outcome::Accepted);
     assert_eq!(current(&shared.remote, &room, "m.room.member", bob.as_str()).await.as_deref(), Some(join.as_str()));
+
+    // The create event, an outlier since the room was entered, is refused live but placed in
+    // history when backfill reaches the start of the room.
+    let create = OwnedEventId::try_from(record.create_event_id.clone()).unwrap();
+    let rooms = shared.local.service.rooms();
+    let live = rooms.ingest(&shared.version, checked(&shared, &shared.remote, &create).await).await;
+    assert!(matches!(live, Err(ServiceError::Forbidden(_))), "{live:?}");
+    let pdu = checked(&shared, &shared.remote, &create).await;
+    let placed = rooms.ingest_placed(&shared.version, pdu, Arrival::Backfill, None).await.unwrap();
+    assert_eq!(placed.outcome, Outcome::Accepted);
+    assert!(record_of(&shared.local, &create).await.unwrap().order.is_some(), "in the room's history");
+    assert_eq!(room_record(&shared.local, &room).await.create_event_id, create.as_str(), "the room is unchanged");
 }

@@ -232,6 +232,24 @@ impl Rooms {
         Ok(!self.kv.scan(Table::BackwardExtremities, &rows, Direction::Forward, 1).await?.is_empty())
     }
 
+    /// The gaps cited by the first event of the room's history after `position` (the last
+    /// event a backward page from `position` continues below).
+    pub(crate) async fn missing_prevs_above(
+        &self,
+        room_id: &RoomId,
+        position: TopoPos,
+    ) -> Result<Vec<String>, ServiceError> {
+        let Some((_, event_id)) =
+            self.history_rows(room_id, (Some(position), None), Direction::Forward, 1).await?.pop()
+        else {
+            return Ok(Vec::new());
+        };
+        match self.event_record(&event_id).await? {
+            Some(record) => self.missing_prevs(room_id, &record).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The prev events of an event (its stored record) that are recorded as missing (backward
     /// extremities).
     pub(crate) async fn missing_prevs(
