@@ -283,3 +283,69 @@ async fn bad_search_requests_are_matrix_errors() {
     assert_eq!(empty["count"], 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn matrix_sdk_searches_with_recent_order_pages_and_a_room_filter() {
+    use matrix_sdk::Client;
+    use matrix_sdk::ruma::api::client::filter::RoomEventFilter;
+    use matrix_sdk::ruma::api::client::search::search_events::v3::{Categories, Criteria, OrderBy, Request};
+    use matrix_sdk::ruma::{OwnedRoomId, UInt};
+
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let alice = server.register("alice", "pw").await;
+    let bob = server.register("bob", "pw").await;
+    let shared = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    let other = create_room(http, &alice, json!({ "preset": "public_chat" })).await;
+    let private = create_room(http, &alice, json!({ "preset": "private_chat" })).await;
+    join(http, &bob, &shared).await;
+    join(http, &bob, &other).await;
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        expected.push(send(http, &alice, &shared, &format!("the lighthouse keeper {i}")).await);
+    }
+    let in_other = send(http, &alice, &other, "a lighthouse elsewhere").await;
+    send(http, &alice, &private, "the lighthouse bob may not see").await;
+    send(http, &alice, &shared, "nothing to find here").await;
+
+    let client = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
+    client.matrix_auth().login_username("bob", "pw").send().await.expect("bob logs in");
+    let ask = |rooms: Option<Vec<OwnedRoomId>>, next_batch: Option<String>| {
+        let mut criteria = Criteria::new("Lighthouse".to_owned());
+        criteria.order_by = Some(OrderBy::Recent);
+        let mut filter = RoomEventFilter::default();
+        filter.limit = Some(UInt::from(4u32));
+        filter.rooms = rooms;
+        criteria.filter = filter;
+        let mut categories = Categories::new();
+        categories.room_events = Some(criteria);
+        let mut request = Request::new(categories);
+        request.next_batch = next_batch;
+        request
+    };
+    let ids = |response: &matrix_sdk::ruma::api::client::search::search_events::v3::Response| -> Vec<String> {
+        let results = &response.search_categories.room_events.results;
+        results
+            .iter()
+            .map(|r| r.result.as_ref().expect("an event").get_field::<String>("event_id").unwrap().expect("id"))
+            .collect()
+    };
+
+    // Everything bob may see, newest first, over two pages; nothing from the private room.
+    let first = client.send(ask(None, None)).await.expect("search");
+    assert_eq!(first.search_categories.room_events.count, Some(UInt::from(6u32)));
+    let next = first.search_categories.room_events.next_batch.clone().expect("a second page");
+    let second = client.send(ask(None, Some(next))).await.expect("second page");
+    assert!(second.search_categories.room_events.next_batch.is_none());
+    let mut all = ids(&first);
+    all.extend(ids(&second));
+    let mut newest_first = vec![in_other.clone()];
+    newest_first.extend(expected.iter().rev().cloned());
+    assert_eq!(all, newest_first);
+
+    // Only the room asked for.
+    let other_id = OwnedRoomId::try_from(other.as_str()).unwrap();
+    let filtered = client.send(ask(Some(vec![other_id]), None)).await.expect("filtered search");
+    assert_eq!(ids(&filtered), [in_other]);
+    server.stop().await;
+}

@@ -131,20 +131,20 @@ async fn concurrent_registrations_of_one_name_create_one_account() {
     assert_eq!(service.accounts().registration_tokens().await.unwrap()[0].completed, 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_registrations_share_an_unlimited_token() {
     let (service, _) = service();
     let service = Arc::new(service);
     let token = service.accounts().create_registration_token(None, None).await.unwrap().token;
     let mut tasks = Vec::new();
-    for i in 0..8 {
+    for i in 0..32 {
         let (service, token) = (service.clone(), token.clone());
         tasks.push(tokio::spawn(async move { register_with_token(&service, &format!("user{i}"), &token).await }));
     }
     for task in tasks {
         task.await.unwrap().unwrap();
     }
-    assert_eq!(service.accounts().registration_tokens().await.unwrap()[0].completed, 8);
+    assert_eq!(service.accounts().registration_tokens().await.unwrap()[0].completed, 32);
 }
 
 /// The original of a redacted event is readable by a server admin for the retention, then the

@@ -48,6 +48,10 @@ pub struct Accounts {
     kv: Arc<dyn KvStore>,
     clock: Arc<dyn Clock>,
     hasher: PasswordHasher,
+    /// Held while an account that spends a registration token is written: every such write
+    /// reads and rewrites the token's use count, so concurrent ones (a group handed one token)
+    /// would otherwise conflict and retry until some gave up. Passwords are hashed before it.
+    token_spending: tokio::sync::Mutex<()>,
 }
 
 impl Accounts {
@@ -57,7 +61,7 @@ impl Accounts {
         clock: Arc<dyn Clock>,
         hasher: PasswordHasher,
     ) -> Self {
-        Self { config, kv: ScopedStore::new(kv, TABLES), clock, hasher }
+        Self { config, kv: ScopedStore::new(kv, TABLES), clock, hasher, token_spending: tokio::sync::Mutex::new(()) }
     }
 
     fn server_name(&self) -> &ServerName {

@@ -129,6 +129,10 @@ impl Accounts {
         device: Option<NewDevice>,
     ) -> Result<Option<SessionTokens>, ServiceError> {
         const ATTEMPTS: usize = 8;
+        let _spending = match registration_token {
+            Some(_) => Some(self.token_spending.lock().await),
+            None => None,
+        };
         for _ in 0..ATTEMPTS {
             let mut batch = WriteBatch::new();
             batch.expect(lattice_storage::Table::Users, keys::user(user_id.as_str()), None);
