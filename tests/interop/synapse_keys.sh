@@ -309,6 +309,20 @@ for poll in $(seq 1 60); do
 done
 check "Synapse's ban reached Lattice (Lattice refuses to send for the banned user)" "$ok"
 
+# 9. An encrypted room across the two servers, through matrix-sdk with end-to-end encryption:
+#    carol (Lattice) creates it and invites dave (Synapse), each decrypts the other's message
+#    (device keys, one-time key claims and to-device room keys over federation both ways).
+E2EE_PAIR="$(dirname "$LATTICE_BIN")/examples/e2ee_pair"
+if [ -x "$E2EE_PAIR" ]; then
+  "$E2EE_PAIR" "http://$LAT_IP:$LAT_CLIENT_PORT" carol "https://$SYN_NAME" dave "correct horse battery" \
+    >"$DIR/e2ee_pair.out" 2>&1 && ok=yes || ok=no
+  cat "$DIR/e2ee_pair.out" | grep -E '^(ok|FAIL)' | sed 's/^/     /'
+else
+  echo "no $E2EE_PAIR (build with cargo build --release --workspace --all-targets)" >&2
+  ok=no
+fi
+check "matrix-sdk clients on Lattice and Synapse each decrypt the other's message in an encrypted room" "$ok"
+
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then
   tail -n 40 "$DIR/synapse.out" "$DIR/homeserver.log" "$DIR/lattice.out" >&2
