@@ -158,3 +158,94 @@ async fn a_second_device_reads_history_through_the_key_backup() {
     assert_eq!(decrypted_body(&laptop, &room_id, &secret).await, "for my other devices too");
     server.stop().await;
 }
+
+/// The master key of `target` as `asker` gets it from `/keys/query`.
+async fn master_key_seen_by(server: &TestServer, asker: &Client, target: &str) -> serde_json::Value {
+    let token = asker.access_token().expect("token");
+    let (status, keys) = server
+        .http
+        .post("/_matrix/client/v3/keys/query", Some(&token), &json!({ "device_keys": { target: [] } }))
+        .await;
+    assert_eq!(status, 200, "{keys}");
+    keys["master_keys"][target].clone()
+}
+
+#[tokio::test]
+async fn cross_signing_verification_shows_trust_on_both_sides() {
+    let server = TestServer::start().await;
+    let alice = logged_in(&server, "alice").await;
+    let bob = logged_in(&server, "bob").await;
+    settle(&[&alice, &bob]).await;
+    for client in [&alice, &bob] {
+        client.encryption().bootstrap_cross_signing(None).await.expect("first cross-signing upload needs no UIA");
+    }
+    let (alice_id, bob_id) = (alice.user_id().expect("alice").to_owned(), bob.user_id().expect("bob").to_owned());
+
+    // Each verifies the other with their user-signing key (what a completed emoji verification
+    // ends with): a signature on the other's master key, uploaded to the server.
+    let bobs = alice.encryption().request_user_identity(&bob_id).await.expect("query").expect("bob's identity");
+    assert!(!bobs.is_verified(), "not verified before");
+    bobs.verify().await.expect("alice signs bob's master key");
+    let alices = bob.encryption().request_user_identity(&alice_id).await.expect("query").expect("alice's identity");
+    alices.verify().await.expect("bob signs alice's master key");
+
+    // The signatures are on the server, each seen by its signer only (the spec's rule for
+    // user-signing signatures).
+    let signed_by =
+        |key: &serde_json::Value, user: &str| key["signatures"][user].as_object().is_some_and(|s| !s.is_empty());
+    assert!(signed_by(&master_key_seen_by(&server, &alice, bob_id.as_str()).await, alice_id.as_str()));
+    assert!(signed_by(&master_key_seen_by(&server, &bob, alice_id.as_str()).await, bob_id.as_str()));
+    assert!(
+        !signed_by(&master_key_seen_by(&server, &bob, bob_id.as_str()).await, alice_id.as_str()),
+        "alice's signature is hers"
+    );
+
+    // Both clients, reading the identities back from the server, trust the other.
+    settle(&[&alice, &bob]).await;
+    let bobs = alice.encryption().request_user_identity(&bob_id).await.expect("query").expect("bob's identity");
+    let alices = bob.encryption().request_user_identity(&alice_id).await.expect("query").expect("alice's identity");
+    assert!(bobs.is_verified(), "alice trusts bob");
+    assert!(alices.is_verified(), "bob trusts alice");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deleted_device_leaves_the_other_users_device_list() {
+    use matrix_sdk::ruma::api::client::uiaa;
+
+    let server = TestServer::start().await;
+    let alice = logged_in(&server, "alice").await;
+    let bob = logged_in(&server, "bob").await;
+    let bob_id = bob.user_id().expect("bob").to_owned();
+    // An encrypted room: the SDK tracks the device lists of the members of those.
+    let mut request = CreateRoomRequest::new();
+    request.invite = vec![bob_id.clone()];
+    request.initial_state = vec![
+        InitialStateEvent::with_empty_state_key(RoomEncryptionEventContent::with_recommended_defaults()).to_raw_any(),
+    ];
+    let room_id: OwnedRoomId = alice.create_room(request).await.expect("room").room_id().to_owned();
+    settle(&[&alice, &bob]).await;
+    bob.join_room_by_id(&room_id).await.expect("bob joins");
+    let laptop = Client::builder().homeserver_url(server.base_url()).build().await.expect("client builds");
+    laptop.matrix_auth().login_username("bob", "pw").send().await.expect("bob's laptop logs in");
+    let laptop_id = laptop.device_id().expect("device").to_owned();
+    settle(&[&alice, &bob, &laptop]).await;
+    settle(&[&alice, &bob, &laptop]).await;
+    let devices = alice.encryption().get_user_devices(&bob_id).await.expect("bob's devices");
+    assert!(devices.get(&laptop_id).is_some(), "alice sees bob's laptop");
+
+    // bob removes the laptop from his phone (user-interactive auth with his password).
+    let error = bob.delete_devices(std::slice::from_ref(&laptop_id), None).await.expect_err("asks for UIA");
+    let session = error.as_uiaa_response().expect("a UIA challenge").session.clone();
+    let mut password = uiaa::Password::new(uiaa::UserIdentifier::from(&bob_id), "pw".into());
+    password.session = session;
+    bob.delete_devices(std::slice::from_ref(&laptop_id), Some(uiaa::AuthData::Password(password)))
+        .await
+        .expect("deleted");
+    settle(&[&alice, &bob]).await;
+    settle(&[&alice, &bob]).await;
+    let devices = alice.encryption().get_user_devices(&bob_id).await.expect("bob's devices");
+    assert!(devices.get(&laptop_id).is_none(), "the laptop left alice's view of bob's devices");
+    assert!(devices.get(bob.device_id().expect("phone")).is_some(), "the phone stays");
+    server.stop().await;
+}
