@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::federation_keys::{Network, Server};
 use crate::federation_rooms::sync_until;
-use crate::support::{bodies, create_room, say};
+use crate::support::{bodies, create_room, say, urlencode};
 
 const ALL: [&str; 3] = ["lat1.test", "lat2.test", "lat3.test"];
 const EVERYONE: [&str; 3] = ["@alice:lat1.test", "@bob:lat2.test", "@carol:lat3.test"];
@@ -311,7 +311,7 @@ impl Delivered {
 
     /// Syncs (filter: up to 200 timeline events a room) until `done` holds.
     async fn sync_until(&mut self, server: &Server, token: &str, done: impl Fn(&Self) -> bool) {
-        let filter = urlencoding(&json!({ "room": { "timeline": { "limit": 200 } } }).to_string());
+        let filter = urlencode(&json!({ "room": { "timeline": { "limit": 200 } } }).to_string());
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let path = format!("/_matrix/client/v3/sync?timeout=1000&since={}&filter={filter}", self.since);
@@ -329,15 +329,6 @@ impl Delivered {
             assert!(Instant::now() < deadline, "{} never delivered it; it delivered {:?}", server.name(), self.bodies);
         }
     }
-}
-
-fn urlencoding(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, bodies, create_room, register, say, test_config};
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, register, say, test_config, urlencode};
 
 async fn get_ok(http: &Http, token: &str, path: &str) -> Value {
     let (status, body) = http.get(path, Some(token)).await;
@@ -25,10 +25,6 @@ fn types(events: &Value) -> Vec<String> {
 
 fn names(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("m{i:02}")).collect()
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 /// The state events of one type in a `/context` state.

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::federation_keys::Network;
 use crate::federation_rooms::{shared_room, signed_request};
-use crate::support::{Http, TestServer, assert_error, create_room, register, sync, test_config};
+use crate::support::{Http, TestServer, assert_error, create_room, register, sync, test_config, urlencode};
 
 /// The `m.presence` events of a sync response for `user`.
 fn presence_of<'a>(sync: &'a Value, user: &str) -> Vec<&'a Value> {
@@ -119,15 +119,6 @@ async fn presence_is_shared_with_room_mates_only_and_set_only_by_its_user() {
     assert_eq!(presence_of(&narrowed, &alice_id)[0]["content"]["presence"], "online", "{narrowed}");
 
     server.stop().await;
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test]

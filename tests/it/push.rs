@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, create_room, sync};
+use crate::support::{Http, TestServer, assert_error, create_room, sync, urlencode};
 
 const RULES: &str = "/_matrix/client/v3/pushrules/global";
 
@@ -317,10 +317,6 @@ async fn thread_counts_come_apart_when_asked_and_a_threaded_receipt_clears_its_t
     receipt(http, &bob, &room, &root, json!({ "thread_id": "main" })).await;
     assert_eq!(counts(http, &bob, &room).await, (0, 0));
     server.stop().await;
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 #[tokio::test]

@@ -181,6 +181,12 @@ impl Http {
 
 /// Asserts a Matrix error response.
 #[track_caller]
+/// `text` percent-encoded for a URL path segment or query value (every byte but ASCII letters
+/// and digits).
+pub fn urlencode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 pub fn assert_error(response: &(StatusCode, Value), status: u16, errcode: &str) {
     assert_eq!(response.0.as_u16(), status, "body: {}", response.1);
     assert_eq!(response.1["errcode"], errcode, "body: {}", response.1);

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Http, TestServer, assert_error, bodies, create_room, say, sync};
+use crate::support::{Http, TestServer, assert_error, bodies, create_room, say, sync, urlencode};
 
 #[tokio::test]
 async fn initial_sync_is_limited_and_pagination_reaches_the_create_event() {
@@ -54,10 +54,6 @@ async fn initial_sync_is_limited_and_pagination_reaches_the_create_event() {
         "M_INVALID_PARAM",
     );
     server.stop().await;
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 #[tokio::test]

@@ -6,14 +6,10 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, assert_error, create_room, say, sync};
+use crate::support::{TestServer, assert_error, create_room, say, sync, urlencode};
 
 fn next_batch(body: &Value) -> String {
     body["next_batch"].as_str().unwrap().to_owned()
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 fn types(events: &Value) -> Vec<String> {
