@@ -6,7 +6,7 @@
 
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/lattice-target
 
-.PHONY: setup run test lint bench interop js-sdk
+.PHONY: setup run test lint bench interop js-sdk s3
 
 setup:
 	@scripts/setup.sh
@@ -22,6 +22,7 @@ test: setup
 	cargo test --release --workspace
 	tests/interop/js_sdk.sh
 	tests/interop/synapse_keys.sh
+	tests/interop/s3_media.sh
 
 # Element Web's SDK (matrix-js-sdk from npm, tests/js) starting up against Lattice on loopback.
 js-sdk: setup
@@ -32,6 +33,11 @@ js-sdk: setup
 interop: setup
 	cargo build --release --workspace --all-targets
 	tests/interop/synapse_keys.sh
+
+# Media in an S3-compatible bucket (moto's S3 server from PyPI, in a virtualenv under ~/.cache).
+s3: setup
+	cargo build --release --workspace --all-targets
+	tests/interop/s3_media.sh
 
 lint: setup
 	cargo fmt --all -- --check

@@ -5,7 +5,12 @@
 //! 2. download of it through `GET /_matrix/client/v1/media/download`: MB/s and peak RSS;
 //! 3. thumbnails: 20 distinct 1200x900 JPEG photos, each asked for in the five sizes clients use
 //!    (2 concurrent clients): thumbnails generated per second; then the same requests again,
-//!    answered from stored thumbnails.
+//!    answered from stored thumbnails;
+//! 4. animated thumbnails: 10 distinct 400x300 animated GIFs of 10 frames, each asked for as an
+//!    animated 96x96 crop (2 concurrent clients): animated thumbnails generated per second.
+//!
+//! With `LATTICE_MEDIA__S3__*` set in the environment (docs/media.md) the server stores media in
+//! that bucket, and the figures are the S3 backend's.
 //!
 //! Usage: `cargo run --release --example media_bench -- [path/to/lattice] [--mib N]`
 //! (default binary: `$CARGO_TARGET_DIR/release/lattice`). Prints a Markdown table.
@@ -92,6 +97,41 @@ fn photo(seed: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A 400x300 animated GIF of 10 frames, distinct per seed.
+fn animation(seed: u32) -> Vec<u8> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    let mut out = Vec::new();
+    {
+        let mut encoder = GifEncoder::new(&mut out);
+        encoder.set_repeat(Repeat::Infinite).expect("repeat");
+        let frames = (0..10u32).map(|f| {
+            let buffer = image::RgbaImage::from_fn(400, 300, |x, y| {
+                image::Rgba([((x + f * 20 + seed) % 256) as u8, ((y * 2 + seed) % 256) as u8, (f * 25) as u8, 255])
+            });
+            image::Frame::from_parts(buffer, 0, 0, image::Delay::from_numer_denom_ms(100, 1))
+        });
+        encoder.encode_frames(frames).expect("GIF encodes");
+    }
+    out
+}
+
+/// Fetches `requests` with two concurrent clients; returns requests per second.
+async fn rate_of(server: &Server, token: &str, requests: &[String]) -> Result<f64, Error> {
+    let started = Instant::now();
+    let mut halves = requests.chunks(requests.len().div_ceil(2)).map(|c| c.to_vec());
+    let (a, b) = (halves.next().unwrap_or_default(), halves.next().unwrap_or_default());
+    let run = |paths: Vec<String>| async move {
+        for path in paths {
+            server.fetch(token, &path).await?;
+        }
+        Ok::<(), Error>(())
+    };
+    let (ra, rb) = tokio::join!(run(a), run(b));
+    ra?;
+    rb?;
+    Ok(requests.len() as f64 / started.elapsed().as_secs_f64())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
@@ -142,24 +182,17 @@ async fn main() -> Result<(), Error> {
         .collect();
     let mut rates = Vec::new();
     for _ in 0..2 {
-        let started = Instant::now();
-        let mut halves = requests.chunks(requests.len().div_ceil(2)).map(|c| c.to_vec());
-        let (a, b) = (halves.next().unwrap_or_default(), halves.next().unwrap_or_default());
-        let run = |paths: Vec<String>| {
-            let server = &server;
-            let token = &token;
-            async move {
-                for path in paths {
-                    server.fetch(token, &path).await?;
-                }
-                Ok::<(), Error>(())
-            }
-        };
-        let (ra, rb) = tokio::join!(run(a), run(b));
-        ra?;
-        rb?;
-        rates.push(requests.len() as f64 / started.elapsed().as_secs_f64());
+        rates.push(rate_of(&server, &token, &requests).await?);
     }
+    let mut animations = Vec::new();
+    for seed in 0..10 {
+        animations.push(server.upload(&token, "image/gif", animation(seed)).await?);
+    }
+    let animated: Vec<String> = animations
+        .iter()
+        .map(|uri| format!("/_matrix/client/v1/media/thumbnail/{uri}?width=96&height=96&method=crop&animated=true"))
+        .collect();
+    let animated_rate = rate_of(&server, &token, &animated).await?;
     let mb = size as f64 / 1e6;
     println!("| what | result |");
     println!("|---|---|");
@@ -174,5 +207,6 @@ async fn main() -> Result<(), Error> {
     );
     println!("| thumbnails generated, 1200x900 JPEG, 5 sizes x 20 photos, 2 clients | **{:.1}/s** |", rates[0]);
     println!("| the same thumbnails again, stored | {:.0}/s |", rates[1]);
+    println!("| animated thumbnails generated, 400x300 GIF x 10 frames, 96x96, 2 clients | **{animated_rate:.1}/s** |");
     Ok(())
 }

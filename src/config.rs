@@ -257,6 +257,73 @@ pub struct MediaSection {
     /// How long a media ID from `POST /_matrix/media/v1/create` waits for its upload.
     pub unused_upload_expiry: String,
     pub url_preview: UrlPreviewSection,
+    pub s3: S3Section,
+}
+
+/// `[media.s3]`: blobs in an S3-compatible bucket instead of `<data_dir>/media` (several
+/// server machines share one store). Off while `bucket` is unset.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Section {
+    pub bucket: Option<String>,
+    pub region: String,
+    /// For stores other than AWS (MinIO, Ceph, Garage, …): `https://host[:port]`.
+    pub endpoint: Option<String>,
+    pub access_key_id: Option<String>,
+    /// Better given as `LATTICE_MEDIA__S3__SECRET_ACCESS_KEY` than in the file.
+    pub secret_access_key: Option<String>,
+    /// Prepended to every object name, e.g. `"lattice/"`.
+    pub prefix: String,
+    /// Allows an `http://` endpoint (a store on the same machine or a private network).
+    pub allow_http: bool,
+}
+
+impl Default for S3Section {
+    fn default() -> Self {
+        Self {
+            bucket: None,
+            region: "us-east-1".to_owned(),
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            prefix: String::new(),
+            allow_http: false,
+        }
+    }
+}
+
+impl S3Section {
+    fn service_config(&self) -> anyhow::Result<Option<lattice_service::S3Config>> {
+        let Some(bucket) = &self.bucket else { return Ok(None) };
+        let required = |value: &Option<String>, key: &str| {
+            value.clone().filter(|v| !v.is_empty()).with_context(|| {
+                format!("invalid configuration: `media.s3.bucket` is set, so `media.s3.{key}` is required too")
+            })
+        };
+        if bucket.is_empty() {
+            bail!("invalid configuration at key `media.s3.bucket`: empty");
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let plain = endpoint.starts_with("http://");
+            if !plain && !endpoint.starts_with("https://") {
+                bail!("invalid configuration at key `media.s3.endpoint`: {endpoint:?} is not an http(s) URL");
+            }
+            if plain && !self.allow_http {
+                bail!(
+                    "invalid configuration at key `media.s3.endpoint`: {endpoint:?} is plain http; set `media.s3.allow_http = true` if that is meant"
+                );
+            }
+        }
+        Ok(Some(lattice_service::S3Config {
+            bucket: bucket.clone(),
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+            access_key_id: required(&self.access_key_id, "access_key_id")?,
+            secret_access_key: required(&self.secret_access_key, "secret_access_key")?,
+            prefix: self.prefix.clone(),
+            allow_http: self.allow_http,
+        }))
+    }
 }
 
 impl Default for MediaSection {
@@ -267,6 +334,7 @@ impl Default for MediaSection {
             unauthenticated_media_before: None,
             unused_upload_expiry: "24h".to_owned(),
             url_preview: UrlPreviewSection::default(),
+            s3: S3Section::default(),
         }
     }
 }
@@ -300,6 +368,7 @@ impl MediaSection {
             legacy_cutoff_ms,
             unused_expiry_ms,
             url_preview: self.url_preview.service_config()?,
+            s3: self.s3.service_config()?,
             ..lattice_service::MediaConfig::default()
         })
     }
@@ -1049,6 +1118,32 @@ mod tests {
         for bad in ["7", "soon", "d", "-1d", "99999999999999999999d"] {
             let err = load_text(&format!("[rooms]\nredaction_retention = \"{bad}\"\n"), &[]).unwrap_err();
             assert!(format!("{err:#}").contains("rooms.redaction_retention"), "{bad}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn an_s3_media_store_is_configured_by_file_and_environment_and_checked() {
+        let media = |config: &Config| config.media.service_config(Path::new("/d")).unwrap();
+        assert!(media(&Config::default()).s3.is_none(), "blobs on disk by default");
+        let config = load_text(
+            "[media.s3]\nbucket = \"media\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n\
+             access_key_id = \"AK\"\nprefix = \"lattice/\"\n",
+            &[("LATTICE_MEDIA__S3__SECRET_ACCESS_KEY", "secret")],
+        )
+        .unwrap();
+        let s3 = media(&config).s3.expect("s3 on");
+        assert_eq!((s3.bucket.as_str(), s3.region.as_str(), s3.prefix.as_str()), ("media", "us-east-1", "lattice/"));
+        assert_eq!(s3.secret_access_key, "secret");
+        for (text, key) in [
+            ("[media.s3]\nbucket = \"m\"\naccess_key_id = \"a\"\n", "media.s3.secret_access_key"),
+            (
+                "[media.s3]\nbucket = \"m\"\naccess_key_id = \"a\"\nsecret_access_key = \"s\"\nendpoint = \"http://x\"\n",
+                "allow_http",
+            ),
+            ("[media.s3]\nbucket = \"m\"\nendpoint = \"ftp://x\"\n", "media.s3.endpoint"),
+        ] {
+            let err = load_text(text, &[]).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{text}: {err:#}");
         }
     }
 

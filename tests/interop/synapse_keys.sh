@@ -8,8 +8,8 @@
 #   5. a Lattice user joins a Synapse room by alias, and messages flow both ways;
 #   6. invites both ways (createRoom with an invitee of the other server), accepted; and a
 #      Lattice user refusing a Synapse invite;
-#   7. and more (end-to-end encryption keys, history, profiles, upgrades, knocks, bans): see
-#      the numbered sections below.
+#   7. and more (end-to-end encryption keys, history, profiles, upgrades, knocks, bans, media):
+#      see the numbered sections below.
 #
 # Usage: tests/interop/synapse_keys.sh
 #
@@ -322,6 +322,40 @@ else
   ok=no
 fi
 check "matrix-sdk clients on Lattice and Synapse each decrypt the other's message in an encrypted room" "$ok"
+
+# 10. Media both ways (authenticated media over federation): each user uploads a picture to
+#     their own server and the other server's user downloads it and a thumbnail of it through
+#     their own server, which fetches it over /_matrix/federation/v1/media/download.
+"$VPY" -c "
+from PIL import Image
+Image.new('RGB', (400, 300), (200, 30, 90)).save('$DIR/picture.png')
+frames = [Image.new('RGB', (200, 100), (i * 80, 40, 200)) for i in range(3)]
+frames[0].save('$DIR/animation.gif', save_all=True, append_images=frames[1:], duration=100, loop=0)
+"
+# upload TOKEN BASE FILE TYPE
+upload() {
+  curl -sk -X POST "$2/_matrix/media/v3/upload?filename=$3" -H "Authorization: Bearer $1" -H "Content-Type: $4" \
+    --data-binary "@$DIR/$3" | field content_uri
+}
+LAT_MXC="$(upload "$CAROL" "http://$LAT_IP:$LAT_CLIENT_PORT" picture.png image/png)"
+SYN_MXC="$(upload "$DAVE" "https://$SYN_NAME" picture.png image/png)"
+LAT_MEDIA="http://$LAT_IP:$LAT_CLIENT_PORT/_matrix/client/v1/media"
+SYN_MEDIA="https://$SYN_NAME/_matrix/client/v1/media"
+same_bytes() { cmp -s "$1" "$2" && echo yes || echo no; }
+syn "$SYN_MEDIA/download/${LAT_MXC#mxc://}" -o "$DIR/lat-via-syn.png"
+check "a Synapse user downloaded a Lattice upload through Synapse (federation media download from Lattice)" "$([ -n "$LAT_MXC" ] && same_bytes "$DIR/picture.png" "$DIR/lat-via-syn.png")"
+lat "$LAT_MEDIA/download/${SYN_MXC#mxc://}" -o "$DIR/syn-via-lat.png"
+check "a Lattice user downloaded a Synapse upload through Lattice (federation media download from Synapse)" "$([ -n "$SYN_MXC" ] && same_bytes "$DIR/picture.png" "$DIR/syn-via-lat.png")"
+image_size() { "$VPY" -c "from PIL import Image; i = Image.open('$1'); print(i.format, i.size[0], i.size[1], getattr(i, 'n_frames', 1))" 2>/dev/null; }
+lat "$LAT_MEDIA/thumbnail/${SYN_MXC#mxc://}?width=96&height=96&method=crop" -o "$DIR/syn-thumb.png"
+check "Lattice made a 96x96 thumbnail of Synapse media" "$([ "$(image_size "$DIR/syn-thumb.png")" = "PNG 96 96 1" ] && echo yes || echo no)"
+syn "$SYN_MEDIA/thumbnail/${LAT_MXC#mxc://}?width=96&height=96&method=crop" -o "$DIR/lat-thumb"
+check "Synapse made a thumbnail of Lattice media" "$(image_size "$DIR/lat-thumb" | grep -qE '^(PNG|JPEG) ' && echo yes || echo no)"
+LAT_GIF="$(upload "$CAROL" "http://$LAT_IP:$LAT_CLIENT_PORT" animation.gif image/gif)"
+syn "$SYN_MEDIA/download/${LAT_GIF#mxc://}" -o "$DIR/gif-via-syn.gif"
+lat "$LAT_MEDIA/thumbnail/${LAT_GIF#mxc://}?width=96&height=96&method=crop&animated=true" -o "$DIR/gif-thumb"
+check "an animated GIF reached Synapse whole, and Lattice's animated thumbnail keeps its 3 frames" "$(
+  [ "$(same_bytes "$DIR/animation.gif" "$DIR/gif-via-syn.gif")" = yes ] && [ "$(image_size "$DIR/gif-thumb")" = "GIF 96 96 3" ] && echo yes || echo no)"
 
 echo "$passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then

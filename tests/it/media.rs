@@ -385,6 +385,105 @@ async fn thumbnails_of_real_png_and_jpeg_have_the_asked_dimensions() {
     server.stop().await;
 }
 
+/// An animated GIF of `frames` differently coloured frames.
+fn animated_gif(width: u32, height: u32, frames: u8) -> Vec<u8> {
+    use image::AnimationDecoder as _;
+    let mut out = Vec::new();
+    {
+        let mut encoder = image::codecs::gif::GifEncoder::new(&mut out);
+        encoder.set_repeat(image::codecs::gif::Repeat::Infinite).expect("repeat");
+        let frames = (0..frames).map(|i| {
+            let buffer = image::RgbaImage::from_pixel(width, height, image::Rgba([i.wrapping_mul(70), 20, 180, 255]));
+            image::Frame::from_parts(buffer, 0, 0, image::Delay::from_numer_denom_ms(80, 1))
+        });
+        encoder.encode_frames(frames).expect("encode");
+    }
+    let count = image::codecs::gif::GifDecoder::new(Cursor::new(&out)).expect("gif").into_frames().count();
+    assert_eq!(count, usize::from(frames));
+    out
+}
+
+fn gif_frames(bytes: &[u8]) -> usize {
+    use image::AnimationDecoder as _;
+    image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).expect("a GIF").into_frames().count()
+}
+
+#[tokio::test]
+async fn animated_thumbnails_only_when_asked_and_never_otherwise() {
+    let server = TestServer::start().await;
+    let token = server.register("alice", "pw").await;
+    let raw = Raw::new(server.base_url());
+    let thumbnail = |path: String, query: &'static str| {
+        let raw = &raw;
+        let token = &token;
+        async move { raw.get(&format!("/_matrix/client/v1/media/thumbnail/{path}?{query}"), Some(token)).await }
+    };
+
+    let big = raw.upload(&token, "image/gif", "dance.gif", animated_gif(400, 300, 4)).await;
+    let animated = thumbnail(mxc_path(&big).to_owned(), "width=96&height=96&method=crop&animated=true").await;
+    assert_eq!(animated.status, 200, "{}", animated.json());
+    assert_eq!(animated.header("content-type"), "image/gif");
+    assert_eq!(animated.header("content-disposition"), "inline; filename=\"thumbnail.gif\"");
+    assert_eq!(gif_frames(&animated.bytes), 4);
+    let decoded = image::load_from_memory(&animated.bytes).expect("decodes");
+    assert_eq!((decoded.width(), decoded.height()), (96, 96));
+    for query in ["width=96&height=96&method=crop", "width=96&height=96&method=crop&animated=false"] {
+        let still = thumbnail(mxc_path(&big).to_owned(), query).await;
+        assert_eq!((still.status, still.header("content-type")), (StatusCode::OK, "image/png"), "{query}");
+        assert_eq!(still.header("content-disposition"), "inline; filename=\"thumbnail.png\"");
+    }
+
+    // Smaller than the box: the original is the animated answer, and a still otherwise (the
+    // spec's MUST NOT when animation is not asked for).
+    let small_gif = animated_gif(30, 20, 3);
+    let small = raw.upload(&token, "image/gif", "small.gif", small_gif.clone()).await;
+    let whole = thumbnail(mxc_path(&small).to_owned(), "width=96&height=96&method=crop&animated=true").await;
+    assert_eq!((whole.status, &whole.bytes), (StatusCode::OK, &small_gif));
+    let still = thumbnail(mxc_path(&small).to_owned(), "width=96&height=96&method=crop").await;
+    assert_eq!(still.header("content-type"), "image/png");
+    let decoded = image::load_from_memory(&still.bytes).expect("decodes");
+    assert_eq!((decoded.width(), decoded.height()), (30, 20));
+
+    // A JPEG asked for animated is answered as without.
+    let photo = raw.upload(&token, "image/jpeg", "photo.jpg", image_bytes(400, 300, image::ImageFormat::Jpeg)).await;
+    let answer = thumbnail(mxc_path(&photo).to_owned(), "width=96&height=96&method=crop&animated=true").await;
+    assert_eq!((answer.status, answer.header("content-type")), (StatusCode::OK, "image/jpeg"));
+    let bad = thumbnail(mxc_path(&photo).to_owned(), "width=96&height=96&animated=maybe").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn r0_media_paths_answer_as_v3() {
+    let server = TestServer::start().await;
+    let token = server.register("alice", "pw").await;
+    let raw = Raw::new(server.base_url());
+    let answer = raw
+        .send(
+            reqwest::Method::POST,
+            "/_matrix/media/r0/upload?filename=a.txt",
+            Some(&token),
+            Some(("text/plain", b"hello r0".to_vec())),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.json());
+    let uri = answer.json()["content_uri"].as_str().expect("content_uri").to_owned();
+    let download = raw.get(&format!("/_matrix/client/v1/media/download/{}", mxc_path(&uri)), Some(&token)).await;
+    assert_eq!(download.bytes, b"hello r0");
+    let config = raw.get("/_matrix/media/r0/config", Some(&token)).await;
+    assert_eq!(config.status, 200);
+    assert!(config.json()["m.upload.size"].is_u64());
+    // The r0 download is the legacy one: new media is frozen out of it, as under v3.
+    let legacy = raw.get(&format!("/_matrix/media/r0/download/{}", mxc_path(&uri)), None).await;
+    assert_error(&legacy.error(), 404, "M_NOT_FOUND");
+    // Uploads to a reserved ID came after r0.
+    let reserved = raw
+        .send(reqwest::Method::PUT, &format!("/_matrix/media/r0/upload/{}", mxc_path(&uri)), Some(&token), None)
+        .await;
+    assert_error(&reserved.error(), 404, "M_UNRECOGNIZED");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_non_image_and_a_decompression_bomb_get_no_thumbnail_and_the_server_keeps_serving() {
     let server = TestServer::start().await;

@@ -55,7 +55,7 @@ pub use e2ee::E2ee;
 pub use error::ServiceError;
 pub use federation::Federation;
 pub use lattice_storage::records::JsonObject;
-pub use media::{Media, MediaConfig, MediaFile, UrlPreviewConfig};
+pub use media::{Media, MediaConfig, MediaFile, S3Config, UrlPreviewConfig};
 pub use notifier::SyncWaiters;
 pub use presence::{Presence, PresenceConfig};
 pub use push::Push;

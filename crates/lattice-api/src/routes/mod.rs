@@ -49,8 +49,9 @@ impl Routes {
         Self::default()
     }
 
-    /// Registers `path`; a `/_matrix/client/v3/` endpoint that existed in r0 also answers under
-    /// `/_matrix/client/r0/` by the same handler (older clients such as Hydrogen still call r0).
+    /// Registers `path`; a `/_matrix/client/v3/` or `/_matrix/media/v3/` endpoint that existed in
+    /// r0 also answers under `r0` by the same handler (older clients such as Hydrogen still call
+    /// r0).
     /// The route list keeps the v3 template only.
     pub fn route(mut self, path: &'static str, methods: MethodRouter<AppState>) -> Self {
         if let Some(legacy) = legacy_r0_path(path) {
@@ -84,12 +85,16 @@ const NOT_IN_R0: &[&str] = &[
     "users/{user_id}/report",
     "keys/device_signing/upload",
     "keys/signatures/upload",
+    // Media: uploads to a reserved ID came in v1.7.
+    "upload/{server_name}/{media_id}",
 ];
 
-/// The r0 path of a v3 client endpoint that existed in r0.
+/// The r0 path of a v3 client or media endpoint that existed in r0.
 pub fn legacy_r0_path(path: &str) -> Option<String> {
-    let endpoint = path.strip_prefix("/_matrix/client/v3/")?;
-    (!NOT_IN_R0.contains(&endpoint)).then(|| format!("/_matrix/client/r0/{endpoint}"))
+    let (api, endpoint) = ["client", "media"]
+        .into_iter()
+        .find_map(|api| Some((api, path.strip_prefix(&format!("/_matrix/{api}/v3/"))?)))?;
+    (!NOT_IN_R0.contains(&endpoint)).then(|| format!("/_matrix/{api}/r0/{endpoint}"))
 }
 
 pub fn all() -> Routes {
@@ -158,5 +163,11 @@ mod tests {
         assert_eq!(legacy_r0_path("/_matrix/client/v3/refresh"), None, "refresh came in v1.3");
         assert_eq!(legacy_r0_path("/_matrix/client/v1/rooms/{room_id}/threads"), None);
         assert_eq!(legacy_r0_path("/_matrix/federation/v1/version"), None);
+        assert_eq!(
+            legacy_r0_path("/_matrix/media/v3/download/{server_name}/{media_id}").as_deref(),
+            Some("/_matrix/media/r0/download/{server_name}/{media_id}")
+        );
+        assert_eq!(legacy_r0_path("/_matrix/media/v3/upload/{server_name}/{media_id}"), None);
+        assert_eq!(legacy_r0_path("/_matrix/media/v1/create"), None);
     }
 }

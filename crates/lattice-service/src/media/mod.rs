@@ -6,7 +6,7 @@
 //! - `media`: local media ID → [`MediaRecord`] (an async upload's reserved ID has no hash yet);
 //!   the row `\0legacy_cutoff` holds the time before which media is served unauthenticated;
 //! - `media_remote`: `server \0 media ID` → [`MediaRecord`] of another server's cached media;
-//! - `media_thumbnails`: `server \0 media ID \0 WxH-method` → [`ThumbnailRecord`];
+//! - `media_thumbnails`: `server \0 media ID \0 WxH-method[-animated]` → [`ThumbnailRecord`];
 //! - `media_blob_refs`: `hash \0 row` for every row naming a blob, so a blob is removed only
 //!   when nothing names it;
 //! - `media_usage`: user → [`UsageRecord`] (bytes uploaded, reserved async IDs);
@@ -20,6 +20,7 @@
 pub mod multipart;
 pub mod preview;
 mod remote;
+pub mod s3;
 pub mod serving;
 pub mod store;
 pub mod thumbnail;
@@ -37,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub use preview::UrlPreviewConfig;
+pub use s3::{S3Config, S3MediaStore};
 pub use serving::ThumbnailMethod;
 pub use store::{BlobWriter, ContentHash, FsMediaStore, MediaStore};
 
@@ -62,8 +64,10 @@ pub const MAX_UPLOAD_WAIT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Debug)]
 pub struct MediaConfig {
-    /// Where blobs are stored (`<data_dir>/media`).
+    /// Where blobs are stored (`<data_dir>/media`); with `s3`, only uploads in progress.
     pub directory: PathBuf,
+    /// Blobs in an S3-compatible bucket instead of `directory`.
+    pub s3: Option<S3Config>,
     /// The largest upload (and remote file) accepted.
     pub max_upload_bytes: u64,
     /// Per-user total of uploaded bytes; `None`: no quota.
@@ -83,6 +87,7 @@ impl Default for MediaConfig {
     fn default() -> Self {
         Self {
             directory: PathBuf::from("media"),
+            s3: None,
             max_upload_bytes: 50 << 20,
             max_user_bytes: None,
             legacy_cutoff_ms: None,
@@ -198,9 +203,12 @@ fn thumbnail_prefix(server: &ServerName, media_id: &str) -> Vec<u8> {
     [remote_key(server, media_id).as_slice(), b"\0"].concat()
 }
 
-fn thumbnail_key(server: &ServerName, media_id: &str, size: (u32, u32, ThumbnailMethod)) -> Vec<u8> {
+fn thumbnail_key(server: &ServerName, media_id: &str, size: (u32, u32, ThumbnailMethod), animated: bool) -> Vec<u8> {
     let mut key = thumbnail_prefix(server, media_id);
     key.extend_from_slice(format!("{}x{}-{}", size.0, size.1, size.2.as_str()).as_bytes());
+    if animated {
+        key.extend_from_slice(b"-animated");
+    }
     key
 }
 
@@ -256,10 +264,17 @@ impl Media {
         self.store
             .get_or_try_init(|| async {
                 let directory = self.config.directory.clone();
-                let store = tokio::task::spawn_blocking(move || FsMediaStore::open(&directory))
-                    .await
-                    .map_err(|e| ServiceError::Internal(format!("opening the media store: {e}")))??;
-                Ok::<Arc<dyn MediaStore>, ServiceError>(Arc::new(store))
+                let s3 = self.config.s3.clone();
+                let store = tokio::task::spawn_blocking(move || -> Result<Arc<dyn MediaStore>, ServiceError> {
+                    Ok(match s3 {
+                        Some(s3) => Arc::new(S3MediaStore::open(&s3, &directory.join("tmp"))?),
+                        None => Arc::new(FsMediaStore::open(&directory)?),
+                    })
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(format!("opening the media store: {e}")))??;
+                store.check().await?;
+                Ok::<Arc<dyn MediaStore>, ServiceError>(store)
             })
             .await
     }
@@ -556,22 +571,22 @@ impl Media {
         Ok(self.remote_record(server, media_id).await?.is_some())
     }
 
-    /// A thumbnail of stored media (local or cached), made on first request and kept.
+    /// A thumbnail of stored media (local or cached), made on first request and kept. With
+    /// `animated`, an animation gets an animated thumbnail; without, never one.
     pub async fn thumbnail(
         &self,
         server: &ServerName,
         media_id: &str,
-        width: u32,
-        height: u32,
-        method: ThumbnailMethod,
+        requested: (u32, u32, ThumbnailMethod),
+        animated: bool,
         wait: Duration,
     ) -> Result<MediaFile, ServiceError> {
-        if width == 0 || height == 0 {
+        if requested.0 == 0 || requested.1 == 0 {
             return Err(ServiceError::InvalidParam("width and height must be positive".into()));
         }
-        let size = serving::choose_thumbnail_size(width, height, method);
+        let size = serving::choose_thumbnail_size(requested.0, requested.1, requested.2);
         let original = self.record(server, media_id, wait).await?;
-        let key = thumbnail_key(server, media_id, size);
+        let key = thumbnail_key(server, media_id, size, animated);
         if let Some((thumb, _)) = self.get::<ThumbnailRecord>(Table::MediaThumbnails, &key).await? {
             let (reader, size) = self.open_blob(&thumb.hash).await?;
             return Ok(MediaFile { reader, size, content_type: Some(thumb.content_type), filename: None });
@@ -590,7 +605,7 @@ impl Media {
             .read_to_end(&mut bytes)
             .await
             .map_err(|e| ServiceError::Internal(format!("reading media to thumbnail: {e}")))?;
-        let made = tokio::task::spawn_blocking(move || thumbnail::make(&bytes, size.0, size.1, size.2))
+        let made = tokio::task::spawn_blocking(move || thumbnail::make(&bytes, size.0, size.1, size.2, animated))
             .await
             .map_err(|e| ServiceError::Internal(format!("thumbnail task: {e}")))?;
         let record = match made {
@@ -603,15 +618,20 @@ impl Media {
                     limit: usize::try_from(thumbnail::MAX_DECODE_ALLOC).unwrap_or(usize::MAX),
                 });
             }
-            // The original fits the box: it is its own thumbnail.
-            Ok(None) => ThumbnailRecord {
-                hash: hash.clone(),
-                size: original.size,
-                content_type: serving::served_content_type(original.content_type.as_deref()),
-                width: size.0,
-                height: size.1,
-            },
-            Ok(Some(made)) => {
+            // The original fits the box: it is its own thumbnail, with the type its bytes have.
+            Ok(thumbnail::Made::Original { content_type }) => {
+                let record = ThumbnailRecord {
+                    hash: hash.clone(),
+                    size: original.size,
+                    content_type: content_type.to_owned(),
+                    width: size.0,
+                    height: size.1,
+                };
+                let _blobs = self.blob_lock.lock().await;
+                self.name_thumbnail(&key, &record).await?;
+                record
+            }
+            Ok(thumbnail::Made::Thumbnail(made)) => {
                 let mut upload = self.store().await?.writer().await?;
                 upload.write(&made.bytes).await?;
                 let _blobs = self.blob_lock.lock().await;
@@ -627,10 +647,6 @@ impl Media {
                 record
             }
         };
-        if record.hash == hash {
-            let _blobs = self.blob_lock.lock().await;
-            self.name_thumbnail(&key, &record).await?;
-        }
         let (reader, size) = self.open_blob(&record.hash).await?;
         Ok(MediaFile { reader, size, content_type: Some(record.content_type), filename: None })
     }

@@ -36,10 +36,11 @@ impl Service {
         server: &ServerName,
         media_id: &str,
         size: (u32, u32, ThumbnailMethod),
+        animated: bool,
         wait: Duration,
     ) -> Result<MediaFile, ServiceError> {
         self.ensure_media(server, media_id).await?;
-        self.media.thumbnail(server, media_id, size.0, size.1, size.2, wait).await
+        self.media.thumbnail(server, media_id, size, animated, wait).await
     }
 
     /// Validates the ID, and fetches another server's media unless it is cached.

@@ -26,6 +26,11 @@ impl ContentHash {
         }
     }
 
+    /// The name of bytes whose SHA-256 is `digest`.
+    pub fn of_digest(digest: &[u8]) -> Self {
+        Self(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -62,24 +67,27 @@ pub trait MediaStore: Send + Sync {
     async fn open(&self, hash: &ContentHash) -> Result<Option<BlobReader>, ServiceError>;
     /// Removes the blob; removing a missing one is not an error.
     async fn delete(&self, hash: &ContentHash) -> Result<(), ServiceError>;
+    /// Whether the store answers, checked once at start so a misconfigured store stops it.
+    async fn check(&self) -> Result<(), ServiceError> {
+        Ok(())
+    }
 }
 
 fn io(context: &str, error: std::io::Error) -> ServiceError {
     ServiceError::Internal(format!("media store: {context}: {error}"))
 }
 
-/// Blobs as files under one directory.
-pub struct FsMediaStore {
-    root: PathBuf,
+/// A directory of uploads in progress, named randomly; what a crash left there is removed when
+/// it is opened.
+pub struct TempFiles {
+    dir: PathBuf,
 }
 
-impl FsMediaStore {
-    /// Opens (creating) the directory and removes unfinished uploads left by a crash.
-    pub fn open(root: &Path) -> Result<Self, ServiceError> {
-        let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| io("creating the media directory", e))?;
+impl TempFiles {
+    pub fn open(dir: &Path) -> Result<Self, ServiceError> {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the media directory", e))?;
         let mut removed = 0usize;
-        for entry in std::fs::read_dir(&tmp).map_err(|e| io("listing tmp", e))? {
+        for entry in std::fs::read_dir(dir).map_err(|e| io("listing tmp", e))? {
             let entry = entry.map_err(|e| io("listing tmp", e))?;
             std::fs::remove_file(entry.path()).map_err(|e| io("removing an unfinished upload", e))?;
             removed += 1;
@@ -87,7 +95,38 @@ impl FsMediaStore {
         if removed > 0 {
             tracing::info!(removed, "removed unfinished media uploads left from before a restart");
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    /// A new, empty file and its path.
+    pub async fn create(&self) -> Result<(tokio::fs::File, PathBuf), ServiceError> {
+        let name: String = {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            (0..24).map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)])).collect()
+        };
+        let temp = self.dir.join(format!("{name}.part"));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .await
+            .map_err(|e| io("creating an upload file", e))?;
+        Ok((file, temp))
+    }
+}
+
+/// Blobs as files under one directory.
+pub struct FsMediaStore {
+    root: PathBuf,
+    temp: TempFiles,
+}
+
+impl FsMediaStore {
+    /// Opens (creating) the directory and removes unfinished uploads left by a crash.
+    pub fn open(root: &Path) -> Result<Self, ServiceError> {
+        let temp = TempFiles::open(&root.join("tmp"))?;
+        Ok(Self { root: root.to_path_buf(), temp })
     }
 
     fn path_of(&self, hash: &ContentHash) -> PathBuf {
@@ -135,9 +174,7 @@ impl BlobWriter for FsBlobWriter {
         file.flush().await.map_err(|e| io("flushing an upload", e))?;
         file.sync_all().await.map_err(|e| io("syncing an upload", e))?;
         drop(file);
-        let digest = std::mem::take(&mut self.hasher).finalize();
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        let hash = ContentHash(hex);
+        let hash = ContentHash::of_digest(&std::mem::take(&mut self.hasher).finalize());
         let dir = self.root.join(&hash.as_str()[..2]);
         let target = dir.join(hash.as_str());
         let temp = self.temp.clone();
@@ -161,18 +198,7 @@ impl BlobWriter for FsBlobWriter {
 #[async_trait]
 impl MediaStore for FsMediaStore {
     async fn writer(&self) -> Result<Box<dyn BlobWriter>, ServiceError> {
-        let name: String = {
-            use rand::Rng;
-            let mut rng = rand::rng();
-            (0..24).map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)])).collect()
-        };
-        let temp = self.root.join("tmp").join(format!("{name}.part"));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .await
-            .map_err(|e| io("creating an upload file", e))?;
+        let (file, temp) = self.temp.create().await?;
         Ok(Box::new(FsBlobWriter {
             file: Some(file),
             temp,

@@ -5,7 +5,12 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
+use image::codecs::gif::{GifDecoder, GifEncoder, Repeat};
+use image::codecs::png::PngDecoder;
+use image::codecs::webp::WebPDecoder;
+use image::{
+    AnimationDecoder, DynamicImage, Frame, Frames, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits,
+};
 
 use super::serving::ThumbnailMethod;
 
@@ -72,26 +77,132 @@ pub fn dimensions(original: &[u8]) -> Result<(u32, u32), ThumbnailError> {
     Ok((width, height))
 }
 
-/// A thumbnail of `original` for the box `width`x`height`; `Ok(None)` when the original already
-/// fits the box (then the original is the answer).
+/// What answers a thumbnail request.
+#[derive(Debug)]
+pub enum Made {
+    /// The original fits the box and may be served as it is, with this (detected) type.
+    Original {
+        content_type: &'static str,
+    },
+    Thumbnail(Thumbnail),
+}
+
+/// An animation is thumbnailed frame by frame up to this many frames; a longer one gets a still.
+pub const MAX_ANIMATION_FRAMES: usize = 300;
+/// Source pixels decoded across all frames of one animation (bounds the CPU time); past it, a
+/// still.
+pub const MAX_ANIMATION_PIXELS: u64 = 200_000_000;
+
+/// A thumbnail of `original` for the box `width`x`height`. With `animated`, an animated GIF,
+/// WebP or APNG gets an animated GIF thumbnail; without it the answer is never animated (the
+/// spec's MUST NOT), so even an animation that fits the box becomes a still of its first frame.
 pub fn make(
     original: &[u8],
     width: u32,
     height: u32,
     method: ThumbnailMethod,
-) -> Result<Option<Thumbnail>, ThumbnailError> {
+    animated: bool,
+) -> Result<Made, ThumbnailError> {
     let (source_width, source_height) = dimensions(original)?;
-    if source_width <= width && source_height <= height {
-        return Ok(None);
-    }
     let (reader, format) = reader(original)?;
+    let fits = source_width <= width && source_height <= height;
+    let may_animate = may_be_animated(original, format);
+    if fits && (animated || !may_animate) {
+        return Ok(Made::Original { content_type: content_type_of(format) });
+    }
+    if animated && may_animate {
+        let pixels = u64::from(source_width) * u64::from(source_height);
+        if let Some(thumbnail) = animated_thumbnail(original, format, width, height, method, pixels)? {
+            return Ok(Made::Thumbnail(thumbnail));
+        }
+    }
     let image = reader.decode().map_err(classify)?;
-    let resized = match method {
+    let resized = if fits { image } else { resize(image, width, height, method) };
+    let (bytes, content_type) = encode(resized.clone(), format)?;
+    Ok(Made::Thumbnail(Thumbnail { bytes, content_type, width: resized.width(), height: resized.height() }))
+}
+
+fn resize(image: DynamicImage, width: u32, height: u32, method: ThumbnailMethod) -> DynamicImage {
+    match method {
         ThumbnailMethod::Crop => image.resize_to_fill(width, height, image::imageops::FilterType::Triangle),
         ThumbnailMethod::Scale => image.thumbnail(width, height),
-    };
-    let (bytes, content_type) = encode(resized.clone(), format)?;
-    Ok(Some(Thumbnail { bytes, content_type, width: resized.width(), height: resized.height() }))
+    }
+}
+
+fn content_type_of(format: ImageFormat) -> &'static str {
+    match format {
+        ImageFormat::Jpeg => "image/jpeg",
+        ImageFormat::Gif => "image/gif",
+        ImageFormat::WebP => "image/webp",
+        _ => "image/png",
+    }
+}
+
+/// Whether the image may hold more than one frame: every GIF (its frames are only counted by
+/// decoding), a WebP with an animation chunk, an APNG.
+fn may_be_animated(original: &[u8], format: ImageFormat) -> bool {
+    match format {
+        ImageFormat::Gif => true,
+        ImageFormat::WebP => WebPDecoder::new(Cursor::new(original)).is_ok_and(|d| d.has_animation()),
+        ImageFormat::Png => {
+            PngDecoder::with_limits(Cursor::new(original), limits()).and_then(|d| d.is_apng()).unwrap_or(false)
+        }
+        _ => false,
+    }
+}
+
+/// The frames of an animation, composited by the decoder, with their delays.
+fn frames_of(original: &[u8], format: ImageFormat) -> Result<Frames<'_>, ImageError> {
+    let cursor = Cursor::new(original);
+    Ok(match format {
+        ImageFormat::Gif => {
+            let mut decoder = GifDecoder::new(cursor)?;
+            decoder.set_limits(limits())?;
+            decoder.into_frames()
+        }
+        ImageFormat::WebP => {
+            let mut decoder = WebPDecoder::new(cursor)?;
+            decoder.set_limits(limits())?;
+            decoder.into_frames()
+        }
+        _ => PngDecoder::with_limits(cursor, limits())?.apng()?.into_frames(),
+    })
+}
+
+/// An animated GIF thumbnail, or `None` when the source has a single frame or is over the
+/// animation limits (then the caller makes a still).
+fn animated_thumbnail(
+    original: &[u8],
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    method: ThumbnailMethod,
+    pixels_per_frame: u64,
+) -> Result<Option<Thumbnail>, ThumbnailError> {
+    let max_frames =
+        usize::try_from(MAX_ANIMATION_PIXELS / pixels_per_frame.max(1)).unwrap_or(usize::MAX).min(MAX_ANIMATION_FRAMES);
+    let mut frames = Vec::new();
+    for frame in frames_of(original, format).map_err(classify)? {
+        if frames.len() == max_frames {
+            return Ok(None);
+        }
+        let frame = frame.map_err(classify)?;
+        let delay = frame.delay();
+        let resized = resize(DynamicImage::ImageRgba8(frame.into_buffer()), width, height, method).to_rgba8();
+        frames.push(Frame::from_parts(resized, 0, 0, delay));
+    }
+    if frames.len() < 2 {
+        return Ok(None);
+    }
+    let (out_width, out_height) = frames[0].buffer().dimensions();
+    let mut out = Vec::new();
+    {
+        // Speed 10 of 30: a fair palette at a fraction of the best quality's cost.
+        let mut encoder = GifEncoder::new_with_speed(&mut out, 10);
+        encoder.set_repeat(Repeat::Infinite).map_err(classify)?;
+        encoder.encode_frames(frames).map_err(classify)?;
+    }
+    Ok(Some(Thumbnail { bytes: out, content_type: "image/gif", width: out_width, height: out_height }))
 }
 
 /// JPEG stays JPEG (photos); everything else becomes PNG (keeps transparency).
@@ -122,35 +233,97 @@ mod tests {
     #[test]
     fn crop_fills_the_box_and_scale_keeps_the_aspect_ratio() {
         let original = png(400, 200);
-        let crop = make(&original, 96, 96, ThumbnailMethod::Crop).unwrap().unwrap();
+        let crop = thumbnail(make(&original, 96, 96, ThumbnailMethod::Crop, false).unwrap());
         assert_eq!((crop.width, crop.height, crop.content_type), (96, 96, "image/png"));
-        let scale = make(&original, 320, 240, ThumbnailMethod::Scale).unwrap().unwrap();
+        let scale = thumbnail(make(&original, 320, 240, ThumbnailMethod::Scale, true).unwrap());
         assert_eq!((scale.width, scale.height), (320, 160));
         let decoded = image::load_from_memory(&scale.bytes).unwrap();
         assert_eq!((decoded.width(), decoded.height()), (320, 160));
     }
 
+    fn thumbnail(made: Made) -> Thumbnail {
+        match made {
+            Made::Thumbnail(thumbnail) => thumbnail,
+            Made::Original { .. } => panic!("expected a thumbnail, got the original"),
+        }
+    }
+
+    /// An animated GIF of `frames` frames, each a different colour.
+    fn gif(width: u32, height: u32, frames: u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        {
+            let mut encoder = GifEncoder::new(&mut out);
+            encoder.set_repeat(Repeat::Infinite).unwrap();
+            let frames = (0..frames).map(|i| {
+                let buffer =
+                    image::RgbaImage::from_pixel(width, height, image::Rgba([i.wrapping_mul(60), 0, 200, 255]));
+                Frame::from_parts(buffer, 0, 0, image::Delay::from_numer_denom_ms(100, 1))
+            });
+            encoder.encode_frames(frames).unwrap();
+        }
+        out
+    }
+
+    fn frame_count(gif: &[u8]) -> usize {
+        GifDecoder::new(Cursor::new(gif)).unwrap().into_frames().count()
+    }
+
+    #[test]
+    fn an_animation_is_animated_only_when_asked() {
+        let original = gif(200, 100, 3);
+        let animated = thumbnail(make(&original, 96, 96, ThumbnailMethod::Crop, true).unwrap());
+        assert_eq!((animated.content_type, animated.width, animated.height), ("image/gif", 96, 96));
+        assert_eq!(frame_count(&animated.bytes), 3);
+
+        let still = thumbnail(make(&original, 96, 96, ThumbnailMethod::Crop, false).unwrap());
+        assert_eq!((still.content_type, still.width, still.height), ("image/png", 96, 96));
+        assert_eq!(image::guess_format(&still.bytes).unwrap(), ImageFormat::Png);
+    }
+
+    #[test]
+    fn an_animation_that_fits_is_served_whole_only_when_animation_is_asked_for() {
+        let original = gif(30, 20, 2);
+        assert!(matches!(
+            make(&original, 32, 32, ThumbnailMethod::Crop, true).unwrap(),
+            Made::Original { content_type: "image/gif" }
+        ));
+        let still = thumbnail(make(&original, 32, 32, ThumbnailMethod::Crop, false).unwrap());
+        assert_eq!((still.content_type, still.width, still.height), ("image/png", 30, 20));
+    }
+
+    #[test]
+    fn a_still_asked_for_animated_is_a_still() {
+        let one_frame = gif(200, 100, 1);
+        let made = thumbnail(make(&one_frame, 96, 96, ThumbnailMethod::Crop, true).unwrap());
+        assert_eq!(made.content_type, "image/png");
+        let still = png(200, 100);
+        assert_eq!(thumbnail(make(&still, 96, 96, ThumbnailMethod::Crop, true).unwrap()).content_type, "image/png");
+    }
+
     #[test]
     fn a_small_original_is_its_own_thumbnail() {
-        assert!(make(&png(20, 20), 32, 32, ThumbnailMethod::Crop).unwrap().is_none());
+        assert!(matches!(
+            make(&png(20, 20), 32, 32, ThumbnailMethod::Crop, false).unwrap(),
+            Made::Original { content_type: "image/png" }
+        ));
     }
 
     #[test]
     fn not_an_image_and_a_bomb_get_no_thumbnail() {
         assert_eq!(
-            make(b"hello, not an image", 32, 32, ThumbnailMethod::Crop).unwrap_err(),
+            make(b"hello, not an image", 32, 32, ThumbnailMethod::Crop, false).unwrap_err(),
             ThumbnailError::NotAnImage
         );
         let mut truncated = png(100, 100);
         truncated.truncate(60);
-        assert!(make(&truncated, 32, 32, ThumbnailMethod::Crop).is_err());
+        assert!(make(&truncated, 32, 32, ThumbnailMethod::Crop, true).is_err());
         assert_eq!(
-            make(&bomb_png(100_000, 100_000), 32, 32, ThumbnailMethod::Crop).unwrap_err(),
+            make(&bomb_png(100_000, 100_000), 32, 32, ThumbnailMethod::Crop, false).unwrap_err(),
             ThumbnailError::TooLarge
         );
         // Within the dimension limit but over the allocation limit.
         assert_eq!(
-            make(&bomb_png(11_000, 11_000), 32, 32, ThumbnailMethod::Crop).unwrap_err(),
+            make(&bomb_png(11_000, 11_000), 32, 32, ThumbnailMethod::Crop, false).unwrap_err(),
             ThumbnailError::TooLarge
         );
     }
