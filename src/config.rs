@@ -198,6 +198,8 @@ pub struct UrlPreviewSection {
     pub timeout: String,
     /// How long a preview is served from the cache, e.g. `"24h"`.
     pub cache_ttl: String,
+    /// How long the images previews stored are kept, e.g. `"7d"`; at least `cache_ttl`.
+    pub image_retention: String,
     /// CIDR blocks pages may not be fetched from, on top of the built-in list.
     pub ip_range_deny: Vec<String>,
     /// CIDR blocks pages may be fetched from even when denied (an intranet, tests).
@@ -211,6 +213,7 @@ impl Default for UrlPreviewSection {
             max_page_size: 10 << 20,
             timeout: "10s".to_owned(),
             cache_ttl: "24h".to_owned(),
+            image_retention: "7d".to_owned(),
             ip_range_deny: Vec::new(),
             ip_range_allow: Vec::new(),
         }
@@ -218,6 +221,23 @@ impl Default for UrlPreviewSection {
 }
 
 impl UrlPreviewSection {
+    /// How long preview images are kept, checked against the cache's TTL.
+    fn image_retention_ms(&self) -> anyhow::Result<u64> {
+        let parse = |key: &str, text: &str| {
+            parse_duration_ms(text)
+                .with_context(|| format!("invalid configuration at key `media.url_preview.{key}`: {text:?}"))
+        };
+        let retention = parse("image_retention", &self.image_retention)?;
+        if retention < parse("cache_ttl", &self.cache_ttl)? {
+            bail!(
+                "invalid configuration at key `media.url_preview.image_retention`: {:?} is shorter than `cache_ttl` ({:?}); a cached preview would name a deleted image",
+                self.image_retention,
+                self.cache_ttl
+            );
+        }
+        Ok(retention)
+    }
+
     /// The service's preview configuration; `None` when previews are off.
     pub fn service_config(&self) -> anyhow::Result<Option<lattice_service::UrlPreviewConfig>> {
         let policy = address_policy("media.url_preview", &self.ip_range_deny, &self.ip_range_allow)?;
@@ -368,6 +388,7 @@ impl MediaSection {
             legacy_cutoff_ms,
             unused_expiry_ms,
             url_preview: self.url_preview.service_config()?,
+            preview_image_retention_ms: self.url_preview.image_retention_ms()?,
             s3: self.s3.service_config()?,
             ..lattice_service::MediaConfig::default()
         })
@@ -1233,6 +1254,7 @@ mod tests {
             ("[media.url_preview]\nip_range_allow = [\"x\"]\n", "media.url_preview.ip_range_allow"),
             ("[media.url_preview]\ntimeout = \"1h\"\n", "media.url_preview.timeout"),
             ("[media.url_preview]\ncache_ttl = \"soon\"\n", "media.url_preview.cache_ttl"),
+            ("[media.url_preview]\nimage_retention = \"1h\"\n", "media.url_preview.image_retention"),
             ("[media.url_preview]\nmax_page_size = 10\n", "media.url_preview.max_page_size"),
             ("[media.url_preview]\nenable = true\n", "enable"),
         ] {

@@ -440,6 +440,7 @@ async fn purge_redacted_originals(service: Arc<Service>) {
             Err(error) => tracing::warn!(%error, "purging originals of redacted events failed"),
         }
         purge_expired_previews(&service).await;
+        purge_expired_preview_images(&service).await;
     }
 }
 
@@ -452,6 +453,18 @@ async fn purge_expired_previews(service: &Service) {
         Ok(0) => {}
         Ok(purged) => tracing::info!(purged, "deleted expired URL previews"),
         Err(error) => tracing::warn!(%error, "purging expired URL previews failed"),
+    }
+}
+
+/// Deletes the images URL previews stored, past `media.url_preview.image_retention` (also when
+/// previews have since been turned off).
+async fn purge_expired_preview_images(service: &Service) {
+    let retention_ms = service.media().preview_image_retention_ms();
+    let before = lattice_service::Clock::now_ms(&SystemClock).saturating_sub(retention_ms);
+    match service.media().purge_preview_images(before).await {
+        Ok(0) => {}
+        Ok(purged) => tracing::info!(purged, "deleted URL preview images past their retention"),
+        Err(error) => tracing::warn!(%error, "purging URL preview images failed"),
     }
 }
 

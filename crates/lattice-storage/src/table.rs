@@ -86,6 +86,7 @@ tables! {
     MediaBlobRefs => "media_blob_refs",
     MediaUsage => "media_usage",
     MediaPreviews => "media_previews",
+    MediaPreviewImages => "media_preview_images",
     Presence => "presence",
     DelayedEvents => "delayed_events",
     DelayedEventsDue => "delayed_events_due",

@@ -10,7 +10,9 @@
 //! - `media_blob_refs`: `hash \0 row` for every row naming a blob, so a blob is removed only
 //!   when nothing names it;
 //! - `media_usage`: user → [`UsageRecord`] (bytes uploaded, reserved async IDs);
-//! - `media_previews`: URL → a cached URL preview and its fetch time ([`preview`]).
+//! - `media_previews`: URL → a cached URL preview and its fetch time ([`preview`]);
+//! - `media_preview_images`: creation time (8 bytes, big-endian) ‖ media ID → `[]`: the images
+//!   previews stored, deleted after `url_preview.image_retention`.
 //!
 //! A blob is committed (fsync, rename, directory fsync) before the batch naming it is written,
 //! so a crash leaves at worst an unnamed blob, never a row naming missing bytes. Commits and
@@ -53,6 +55,7 @@ pub const TABLES: TableScope = TableScope {
         Table::MediaBlobRefs,
         Table::MediaUsage,
         Table::MediaPreviews,
+        Table::MediaPreviewImages,
     ],
 };
 
@@ -81,6 +84,9 @@ pub struct MediaConfig {
     pub max_pending_uploads: usize,
     /// URL previews; `None`: off.
     pub url_preview: Option<UrlPreviewConfig>,
+    /// How long the images URL previews stored are kept (at least the preview cache's TTL, so
+    /// a cached preview never names a deleted image).
+    pub preview_image_retention_ms: u64,
 }
 
 impl Default for MediaConfig {
@@ -94,6 +100,7 @@ impl Default for MediaConfig {
             unused_expiry_ms: 24 * 3600 * 1000,
             max_pending_uploads: 50,
             url_preview: None,
+            preview_image_retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -184,6 +191,9 @@ pub enum UploadTarget<'a> {
     Reserved(&'a str),
     /// Another server's media, cached.
     Remote(&'a ServerName, &'a str),
+    /// A new local media ID for a URL preview's image, listed for deletion after the
+    /// preview image retention.
+    PreviewImage,
 }
 
 fn decode<T: DeserializeOwned>(table: Table, raw: &[u8]) -> Result<T, ServiceError> {
@@ -210,6 +220,10 @@ fn thumbnail_key(server: &ServerName, media_id: &str, size: (u32, u32, Thumbnail
         key.extend_from_slice(b"-animated");
     }
     key
+}
+
+fn preview_image_key(created_ms: u64, media_id: &str) -> Vec<u8> {
+    [created_ms.to_be_bytes().as_slice(), media_id.as_bytes()].concat()
 }
 
 fn blob_ref(hash: &str, table: Table, key: &[u8]) -> Vec<u8> {
@@ -439,9 +453,12 @@ impl Media {
                 unused_expires_ms: None,
             };
             let (table, key, media_id) = match &target {
-                UploadTarget::New => {
+                UploadTarget::New | UploadTarget::PreviewImage => {
                     let id = serving::new_media_id();
                     batch.expect(Table::Media, id.as_bytes().to_vec(), None);
+                    if matches!(target, UploadTarget::PreviewImage) {
+                        batch.put(Table::MediaPreviewImages, preview_image_key(now, &id), Vec::new());
+                    }
                     (Table::Media, id.as_bytes().to_vec(), id)
                 }
                 UploadTarget::Reserved(id) => {
@@ -798,6 +815,26 @@ mod tests {
         assert_eq!(blobs(dir.path()), 0);
         assert!(!media.delete(&server, &b).await.unwrap());
         assert_eq!(media.used_bytes(alice).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn preview_images_are_deleted_after_their_retention_and_other_media_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let media = media(dir.path(), None);
+        let server = media.server_name().to_owned();
+        let alice = <&UserId>::try_from("@alice:hs.test").unwrap();
+        let uploaded = put(&media, alice, b"a user's file", UploadTarget::New).await.unwrap();
+        let mut upload = media.begin_upload(None).await.unwrap();
+        upload.write(b"an og:image").await.unwrap();
+        let image = media.finish_upload(upload, None, None, None, UploadTarget::PreviewImage).await.unwrap();
+        let created = media.record(&server, &image, Duration::ZERO).await.unwrap().created_ms;
+        assert_eq!(media.purge_preview_images(created).await.unwrap(), 0, "not yet past its retention");
+        assert!(media.open_stored(&server, &image, Duration::ZERO).await.is_ok());
+        assert_eq!(media.purge_preview_images(created + 1).await.unwrap(), 1);
+        assert!(media.open_stored(&server, &image, Duration::ZERO).await.is_err());
+        assert!(media.open_stored(&server, &uploaded, Duration::ZERO).await.is_ok());
+        assert_eq!(blobs(dir.path()), 1, "the image's bytes went");
+        assert_eq!(media.purge_preview_images(u64::MAX).await.unwrap(), 0, "its listing went too");
     }
 
     #[tokio::test]

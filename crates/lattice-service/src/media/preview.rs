@@ -195,7 +195,8 @@ impl Media {
         let size = bytes.len();
         let mut upload = self.begin_upload(None).await?;
         upload.write(&bytes).await?;
-        let media_id = self.finish_upload(upload, None, Some(content_type.to_owned()), None, UploadTarget::New).await?;
+        let media_id =
+            self.finish_upload(upload, None, Some(content_type.to_owned()), None, UploadTarget::PreviewImage).await?;
         preview.insert("og:image".into(), Value::String(format!("mxc://{}/{media_id}", self.server_name)));
         preview.insert("og:image:type".into(), Value::String(content_type.to_owned()));
         preview.insert("matrix:image:size".into(), Value::from(size));
@@ -213,8 +214,30 @@ impl Media {
         Ok(())
     }
 
-    /// Deletes cached previews fetched before `before_ms` (their images stay: they are media
-    /// like any other); returns how many.
+    /// Deletes the images previews stored before `before_ms` (with their thumbnails, and their
+    /// bytes when nothing else names them); returns how many. Each image is deleted before its
+    /// listing, so a crash between the two only repeats the deletion on the next sweep.
+    pub async fn purge_preview_images(&self, before_ms: u64) -> Result<usize, ServiceError> {
+        let range = KeyRange::between(&[], &before_ms.to_be_bytes());
+        let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::MediaPreviewImages, &range).await?;
+        let own = self.server_name.clone();
+        for (key, _) in &rows {
+            let media_id = std::str::from_utf8(&key[8.min(key.len())..]).unwrap_or_default();
+            self.delete(&own, media_id).await?;
+            let mut batch = WriteBatch::new();
+            batch.delete(Table::MediaPreviewImages, key.clone());
+            self.kv.write(batch).await?;
+        }
+        Ok(rows.len())
+    }
+
+    /// How long preview images are kept (also while previews are off: earlier ones still go).
+    pub fn preview_image_retention_ms(&self) -> u64 {
+        self.config.preview_image_retention_ms
+    }
+
+    /// Deletes cached previews fetched before `before_ms` (their images go by their own
+    /// retention, [`Self::purge_preview_images`]); returns how many.
     pub async fn purge_previews(&self, before_ms: u64) -> Result<usize, ServiceError> {
         let rows = lattice_storage::scan_all(self.kv.as_ref(), Table::MediaPreviews, &KeyRange::all()).await?;
         let mut batch = WriteBatch::new();
