@@ -8,7 +8,7 @@
 //! a partial blob under its name; an abandoned multipart upload is the bucket's lifecycle rule
 //! to clean (docs/media.md).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,10 +17,9 @@ use object_store::aws::AmazonS3Builder;
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::store::{BlobReader, BlobWriter, ContentHash, MediaStore, StoredBlob, TempFiles};
+use super::store::{BlobReader, BlobWriter, ContentHash, MediaStore, SpooledUpload, StoredBlob, TempFiles};
 use crate::ServiceError;
 
 /// Where and how to reach the bucket.
@@ -72,47 +71,34 @@ impl S3MediaStore {
 }
 
 struct S3BlobWriter {
-    file: Option<tokio::fs::File>,
-    temp: PathBuf,
-    hasher: Sha256,
-    written: u64,
+    spool: SpooledUpload,
     store: Arc<dyn ObjectStore>,
     prefix: String,
-}
-
-impl Drop for S3BlobWriter {
-    fn drop(&mut self) {
-        // The spooled copy goes whether or not the upload was sent.
-        let _ = std::fs::remove_file(&self.temp);
-    }
 }
 
 #[async_trait]
 impl BlobWriter for S3BlobWriter {
     async fn write(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
-        let file = self.file.as_mut().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
-        file.write_all(chunk).await.map_err(|e| ServiceError::Internal(format!("spooling an upload: {e}")))?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
+        self.spool.write(chunk).await
     }
 
     fn written(&self) -> u64 {
-        self.written
+        self.spool.written()
     }
 
+    /// The spooled copy needs no fsync: the object store makes the bytes durable, and the
+    /// spool is dropped (removed) either way.
     async fn commit(mut self: Box<Self>) -> Result<StoredBlob, ServiceError> {
-        let mut file = self.file.take().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
-        file.flush().await.map_err(|e| ServiceError::Internal(format!("spooling an upload: {e}")))?;
-        let hash = ContentHash::of_digest(&std::mem::take(&mut self.hasher).finalize());
+        let hash = self.spool.finish(false).await?;
+        let size = self.spool.written();
         let object = ObjectPath::from(format!("{}{}/{}", self.prefix, &hash.as_str()[..2], hash.as_str()));
         match self.store.head(&object).await {
             // The same bytes are stored already.
-            Ok(_) => return Ok(StoredBlob { hash, size: self.written }),
+            Ok(_) => return Ok(StoredBlob { hash, size }),
             Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(s3_error("looking for an existing blob", e)),
         }
-        let mut spooled = tokio::fs::File::open(&self.temp)
+        let mut spooled = tokio::fs::File::open(self.spool.path())
             .await
             .map_err(|e| ServiceError::Internal(format!("reopening a spooled upload: {e}")))?;
         // Small files in one PUT, larger ones as a multipart upload of 10 MiB parts.
@@ -126,19 +112,15 @@ impl BlobWriter for S3BlobWriter {
             let _ = upload.abort().await;
             return Err(ServiceError::Internal(format!("media store (S3): sending an upload: {e}")));
         }
-        Ok(StoredBlob { hash, size: self.written })
+        Ok(StoredBlob { hash, size })
     }
 }
 
 #[async_trait]
 impl MediaStore for S3MediaStore {
     async fn writer(&self) -> Result<Box<dyn BlobWriter>, ServiceError> {
-        let (file, temp) = self.spool.create().await?;
         Ok(Box::new(S3BlobWriter {
-            file: Some(file),
-            temp,
-            hasher: Sha256::new(),
-            written: 0,
+            spool: self.spool.create().await?,
             store: Arc::clone(&self.store),
             prefix: self.prefix.clone(),
         }))

@@ -98,8 +98,8 @@ impl TempFiles {
         Ok(Self { dir: dir.to_path_buf() })
     }
 
-    /// A new, empty file and its path.
-    pub async fn create(&self) -> Result<(tokio::fs::File, PathBuf), ServiceError> {
+    /// A new, empty upload file.
+    pub async fn create(&self) -> Result<SpooledUpload, ServiceError> {
         let name: String = {
             use rand::Rng;
             let mut rng = rand::rng();
@@ -112,7 +112,51 @@ impl TempFiles {
             .open(&temp)
             .await
             .map_err(|e| io("creating an upload file", e))?;
-        Ok((file, temp))
+        Ok(SpooledUpload { file: Some(file), temp, hasher: Sha256::new(), written: 0 })
+    }
+}
+
+/// An upload written to a temporary file while its SHA-256 (its future name) is computed, by
+/// both backends. Dropped, the file goes, unless it was moved away first.
+pub struct SpooledUpload {
+    file: Option<tokio::fs::File>,
+    temp: PathBuf,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl SpooledUpload {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
+        let file = self.file.as_mut().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
+        file.write_all(chunk).await.map_err(|e| io("writing an upload", e))?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Closes the file (fsynced first with `durable`) and names its bytes.
+    pub async fn finish(&mut self, durable: bool) -> Result<ContentHash, ServiceError> {
+        let mut file = self.file.take().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
+        file.flush().await.map_err(|e| io("flushing an upload", e))?;
+        if durable {
+            file.sync_all().await.map_err(|e| io("syncing an upload", e))?;
+        }
+        Ok(ContentHash::of_digest(&std::mem::take(&mut self.hasher).finalize()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.temp
+    }
+}
+
+impl Drop for SpooledUpload {
+    fn drop(&mut self) {
+        // Not committed (or the commit failed before the file was moved): the bytes go.
+        let _ = std::fs::remove_file(&self.temp);
     }
 }
 
@@ -135,20 +179,8 @@ impl FsMediaStore {
 }
 
 struct FsBlobWriter {
-    file: Option<tokio::fs::File>,
-    temp: PathBuf,
+    spool: SpooledUpload,
     root: PathBuf,
-    hasher: Sha256,
-    written: u64,
-}
-
-impl Drop for FsBlobWriter {
-    fn drop(&mut self) {
-        // Not committed (or the commit failed before the rename): the bytes go.
-        if self.file.is_some() || self.temp.exists() {
-            let _ = std::fs::remove_file(&self.temp);
-        }
-    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -158,27 +190,19 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl BlobWriter for FsBlobWriter {
     async fn write(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
-        let file = self.file.as_mut().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
-        file.write_all(chunk).await.map_err(|e| io("writing an upload", e))?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
+        self.spool.write(chunk).await
     }
 
     fn written(&self) -> u64 {
-        self.written
+        self.spool.written()
     }
 
     async fn commit(mut self: Box<Self>) -> Result<StoredBlob, ServiceError> {
-        let mut file = self.file.take().ok_or_else(|| ServiceError::Internal("blob writer already closed".into()))?;
-        file.flush().await.map_err(|e| io("flushing an upload", e))?;
-        file.sync_all().await.map_err(|e| io("syncing an upload", e))?;
-        drop(file);
-        let hash = ContentHash::of_digest(&std::mem::take(&mut self.hasher).finalize());
+        let hash = self.spool.finish(true).await?;
         let dir = self.root.join(&hash.as_str()[..2]);
         let target = dir.join(hash.as_str());
-        let temp = self.temp.clone();
-        let size = self.written;
+        let temp = self.spool.path().to_path_buf();
+        let size = self.spool.written();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             std::fs::create_dir_all(&dir)?;
             if target.exists() {
@@ -198,14 +222,7 @@ impl BlobWriter for FsBlobWriter {
 #[async_trait]
 impl MediaStore for FsMediaStore {
     async fn writer(&self) -> Result<Box<dyn BlobWriter>, ServiceError> {
-        let (file, temp) = self.temp.create().await?;
-        Ok(Box::new(FsBlobWriter {
-            file: Some(file),
-            temp,
-            root: self.root.clone(),
-            hasher: Sha256::new(),
-            written: 0,
-        }))
+        Ok(Box::new(FsBlobWriter { spool: self.temp.create().await?, root: self.root.clone() }))
     }
 
     async fn open(&self, hash: &ContentHash) -> Result<Option<BlobReader>, ServiceError> {
