@@ -401,6 +401,9 @@ async fn a_pusher_gets_the_notification_at_its_gateway_in_its_format() {
     let http = &server.http;
     let (alice, bob, carol, room) = three_in_a_room(&server).await;
     let (url, mut pushes) = test_gateway(0).await;
+    // Evaluated for bob and carol while they have no pusher: the server's memory of their
+    // pushers must not outlive the pushers set below.
+    send(http, &alice, &room, "p0", json!({ "msgtype": "m.text", "body": "before any pusher" })).await;
     let set = "/_matrix/client/v3/pushers/set";
     assert_eq!(http.post(set, Some(&bob), &http_pusher(&url, "bob-key", None)).await.0, 200);
     assert_eq!(http.post(set, Some(&carol), &http_pusher(&url, "carol-key", Some("event_id_only"))).await.0, 200);

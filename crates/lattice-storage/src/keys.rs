@@ -207,6 +207,11 @@ pub fn push_notification(user_id: &str, position: u64) -> Vec<u8> {
     join(&[user_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `position`, big-endian: the event at this stream position notified someone.
+pub fn push_event(position: u64) -> Vec<u8> {
+    position.to_be_bytes().to_vec()
+}
+
 /// `user\0room\0position`, big-endian: the notifying events of one room for one user, so the
 /// unread ones (after the read markers) are one short range.
 pub fn push_unread(user_id: &str, room_id: &str, position: u64) -> Vec<u8> {

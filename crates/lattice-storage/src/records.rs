@@ -297,34 +297,21 @@ impl Record for ReceiptRecord {
     const TABLE: Table = Table::Receipts;
 }
 
-/// An event that notified a user (push rules said `notify`), for `/notifications`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PushNotificationRecord {
+/// An event that notified at least one user, for `/notifications`: what every recipient's
+/// notification of it shares, stored once per event. Each recipient's own row holds only the
+/// actions of their rule (`push_notifications`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushEventRecord {
     pub room_id: String,
     pub event_id: String,
     /// The thread root, for an event in a thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread: Option<String>,
-    pub highlight: bool,
-    /// The actions of the rule that matched, as ruma serialises them.
-    pub actions: serde_json::Value,
     pub ts: u64,
 }
 
-impl Record for PushNotificationRecord {
-    const TABLE: Table = Table::PushNotifications;
-}
-
-/// A notifying event not yet known to be read, counted for `unread_notifications`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PushUnreadRecord {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thread: Option<String>,
-    pub highlight: bool,
-}
-
-impl Record for PushUnreadRecord {
-    const TABLE: Table = Table::PushUnread;
+impl Record for PushEventRecord {
+    const TABLE: Table = Table::PushEvents;
 }
 
 /// A pusher as the client set it (`POST /pushers/set`), in the spec's JSON.

@@ -18,7 +18,7 @@ use crate::{StorageError, Table, keys};
 
 /// The layout this binary reads and writes. Bump it with a migration the binary passes to
 /// [`open_schema`].
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Rows one chunk of a migration step reads unless configured otherwise.
 pub const DEFAULT_MIGRATION_CHUNK_ROWS: usize = 1_000;

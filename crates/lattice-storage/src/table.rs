@@ -62,6 +62,7 @@ tables! {
     FederationOutbox => "federation_outbox",
     FederationTransactions => "federation_transactions",
     PushNotifications => "push_notifications",
+    PushEvents => "push_events",
     PushUnread => "push_unread",
     PushReadMarkers => "push_read_markers",
     Pushers => "pushers",

@@ -4,6 +4,7 @@
 //! new event (`notify.rs`): the notifications of each local member, their unread counts, and the
 //! read markers their receipts move.
 
+mod migrations;
 mod notify;
 mod pushers;
 mod rules;
@@ -14,6 +15,7 @@ use lattice_storage::{KvStore, ScopedStore, Table, TableScope};
 
 use crate::{AccountData, Clock};
 
+pub(crate) use migrations::schema_5;
 pub use notify::{Notification, NotificationsPage, PushedEvent, Recipient, RoomCounts, UnreadCounts};
 pub use pushers::{DELIVERY_INTERVAL, MAX_DELIVERY_ATTEMPTS, MAX_PUSHERS_PER_USER};
 pub(crate) use rules::PUSH_RULES_TYPE;
@@ -24,6 +26,7 @@ pub(crate) const TABLES: TableScope = TableScope {
     owner: "push",
     tables: &[
         Table::PushNotifications,
+        Table::PushEvents,
         Table::PushUnread,
         Table::PushReadMarkers,
         Table::Pushers,
@@ -45,6 +48,8 @@ pub struct Push {
     queued: tokio::sync::Notify,
     /// Parsed rulesets of the users events were evaluated for (`rules.rs`).
     rules_cache: rules::RulesCache,
+    /// Each user's pushers, read for every event that notifies them (`pushers.rs`).
+    pushers_cache: pushers::PushersCache,
 }
 
 /// How long one `POST` to a push gateway may take.
@@ -68,6 +73,7 @@ impl Push {
             badge_counts_messages,
             queued: tokio::sync::Notify::new(),
             rules_cache: rules::RulesCache::default(),
+            pushers_cache: pushers::PushersCache::default(),
         }
     }
 

@@ -1,15 +1,17 @@
 //! What push rules decide for each new event. Ingest hands every live event to
-//! [`Push::record_event`] with the room's facts (member count, power levels) and its local joined
-//! members but the sender; each member's rules are evaluated by ruma's evaluator and every
-//! notifying event becomes two rows in one batch: `push_notifications` (`user·position`, for
-//! `/notifications`) and `push_unread` (`user·room·position`, for the counts). Receipts move read
-//! markers (`push_read_markers`, `user·room·thread`); the counts in `/sync` are the `push_unread`
-//! rows after the markers, one short range read per room. Nothing is re-scanned and no counter is
-//! read-modified-written, so events and receipts never conflict with each other.
+//! [`Push::notifications_into`] with the room's facts (member count, power levels) and its local
+//! joined members but the sender; each member's rules are evaluated by ruma's evaluator. An event
+//! that notifies anyone writes, in its own batch, one `push_events` row (`position` → room,
+//! event, thread, time: what every recipient's notification shares) and two small rows per
+//! recipient: `push_notifications` (`user·position` → the actions, for `/notifications`) and
+//! `push_unread` (`user·room·position` → a flag byte and the thread, for the counts). Receipts
+//! move read markers (`push_read_markers`, `user·room·thread`); the counts in `/sync` are the
+//! `push_unread` rows after the markers, one short range read per room. Nothing is re-scanned and
+//! no counter is read-modified-written, so events and receipts never conflict with each other.
 
 use std::collections::{BTreeMap, HashMap};
 
-use lattice_storage::records::{PushNotificationRecord, PushUnreadRecord};
+use lattice_storage::records::PushEventRecord;
 use lattice_storage::{Direction, KeyRange, Table, WriteBatch, keys};
 use ruma::push::{Action, FlattenedJson, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset};
 use ruma::serde::Raw;
@@ -53,6 +55,43 @@ pub struct Recipient {
     pub display_name: String,
 }
 
+/// A `push_unread` value: one byte (1: the event highlights), then the thread root of an event
+/// in a thread. Written for every notified member, so it is kept to a few bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct UnreadRow {
+    pub thread: Option<String>,
+    pub highlight: bool,
+}
+
+impl UnreadRow {
+    pub fn encode(&self) -> Vec<u8> {
+        let thread = self.thread.as_deref().unwrap_or_default();
+        let mut value = Vec::with_capacity(1 + thread.len());
+        value.push(u8::from(self.highlight));
+        value.extend_from_slice(thread.as_bytes());
+        value
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        let (&flag, thread) = value.split_first()?;
+        let highlight = match flag {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let thread = match thread {
+            [] => None,
+            root => Some(String::from_utf8(root.to_vec()).ok()?),
+        };
+        Some(UnreadRow { thread, highlight })
+    }
+}
+
+/// A `push_notifications` value: the actions of the recipient's rule, as JSON.
+pub(super) fn encode_actions_json(actions: &serde_json::Value) -> Vec<u8> {
+    actions.to_string().into_bytes()
+}
+
 /// Notification and highlight counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UnreadCounts {
@@ -93,7 +132,7 @@ pub struct NotificationsPage {
 
 /// The counts of `rows` (a room's notifying events after its unthreaded marker) that the read
 /// markers leave unread.
-fn counted(rows: &[(u64, PushUnreadRecord)], markers: &HashMap<String, u64>) -> RoomCounts {
+fn counted(rows: &[(u64, UnreadRow)], markers: &HashMap<String, u64>) -> RoomCounts {
     let mut counts = RoomCounts::default();
     for (position, unread) in rows {
         let read = |thread: &str| markers.get(thread).is_some_and(|&read| *position <= read);
@@ -152,6 +191,7 @@ impl Push {
             context = context.with_power_levels(levels.clone());
         }
         let mut batch = WriteBatch::new();
+        let parsed = std::sync::OnceLock::new();
         let mut notified = 0;
         let mut queued = false;
         for recipient in recipients {
@@ -175,21 +215,25 @@ impl Push {
             }
             let highlight = actions.iter().any(Action::is_highlight);
             let user = recipient.user_id.as_str();
-            let notification = PushNotificationRecord {
-                room_id: event.room_id.to_string(),
-                event_id: event.event_id.to_owned(),
-                thread: event.thread.clone(),
-                highlight,
-                actions: serde_json::to_value(actions).map_err(|e| ServiceError::Internal(e.to_string()))?,
-                ts: event.ts,
-            };
-            lattice_storage::put(&mut batch, keys::push_notification(user, event.position), &notification);
-            let unread = PushUnreadRecord { thread: event.thread.clone(), highlight };
-            lattice_storage::put(&mut batch, keys::push_unread(user, event.room_id.as_str(), event.position), &unread);
-            queued |= self.queue_pushes(&mut batch, &recipient.user_id, event, actions).await?;
+            let actions_json = serde_json::to_vec(actions).map_err(|e| ServiceError::Internal(e.to_string()))?;
+            batch.put(Table::PushNotifications, keys::push_notification(user, event.position), actions_json);
+            let unread = UnreadRow { thread: event.thread.clone(), highlight };
+            batch.put(
+                Table::PushUnread,
+                keys::push_unread(user, event.room_id.as_str(), event.position),
+                unread.encode(),
+            );
+            queued |= self.queue_pushes(&mut batch, &recipient.user_id, event, actions, &parsed).await?;
             notified += 1;
         }
         if notified > 0 {
+            let shared = PushEventRecord {
+                room_id: event.room_id.to_string(),
+                event_id: event.event_id.to_owned(),
+                thread: event.thread.clone(),
+                ts: event.ts,
+            };
+            lattice_storage::put(&mut batch, keys::push_event(event.position), &shared);
             // Only this service's own tables, though the event's batch carries them.
             super::TABLES.check_batch(&batch)?;
             into.ops.extend(batch.ops);
@@ -312,7 +356,7 @@ impl Push {
         user_id: &UserId,
         room_id: &RoomId,
         markers: &HashMap<String, u64>,
-    ) -> Result<Vec<(u64, PushUnreadRecord)>, ServiceError> {
+    ) -> Result<Vec<(u64, UnreadRow)>, ServiceError> {
         let unthreaded = markers.get(UNTHREADED).copied().unwrap_or(0);
         let (user, room) = (user_id.as_str(), room_id.as_str());
         let range = KeyRange::between(
@@ -322,9 +366,7 @@ impl Push {
         let rows = self.kv.scan(Table::PushUnread, &range, Direction::Forward, MAX_COUNTED_UNREAD).await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(key, value)| {
-                Some((keys::trailing_position(&key)?, serde_json::from_slice::<PushUnreadRecord>(&value).ok()?))
-            })
+            .filter_map(|(key, value)| Some((keys::trailing_position(&key)?, UnreadRow::decode(&value)?)))
             .collect())
     }
 
@@ -412,10 +454,13 @@ impl Push {
             for (key, value) in page {
                 range.end = std::ops::Bound::Excluded(key.clone());
                 let Some(position) = keys::trailing_position(&key) else { continue };
-                let Ok(record) = serde_json::from_slice::<PushNotificationRecord>(&value) else { continue };
-                if only_highlights && !record.highlight {
+                let Ok(actions) = serde_json::from_slice::<Vec<Action>>(&value) else { continue };
+                if only_highlights && !actions.iter().any(Action::is_highlight) {
                     continue;
                 }
+                let shared_key = keys::push_event(position);
+                let shared = lattice_storage::get::<PushEventRecord>(self.kv.as_ref(), &shared_key).await?;
+                let Some(record) = shared.map(|stored| stored.value) else { continue };
                 let Ok(room_id) = OwnedRoomId::try_from(record.room_id.clone()) else { continue };
                 if !markers.contains_key(room_id.as_str()) {
                     let read = self.read_markers(user_id, &room_id).await?;
@@ -426,7 +471,6 @@ impl Push {
                 let read = [UNTHREADED, thread_key]
                     .iter()
                     .any(|thread| room_markers.get(*thread).is_some_and(|&read| position <= read));
-                let actions = serde_json::from_value(record.actions).unwrap_or_default();
                 notifications.push(Notification { room_id, event_id: record.event_id, actions, read, ts: record.ts });
                 if notifications.len() == limit {
                     next_token = Some(position.to_string());

@@ -6,6 +6,7 @@
 //! A gateway that names a pushkey `rejected` loses that pusher.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lattice_storage::records::{PushQueueRecord, PusherRecord};
@@ -17,6 +18,11 @@ use serde_json::{Value, json};
 
 use super::Push;
 use crate::ServiceError;
+
+/// Each user's pushers as stored, for the notifications of every event: most users have none,
+/// and a room of 1,000 members would otherwise seek the table 1,000 times per message. Every
+/// write of `pushers` here forgets the users it touched.
+pub(super) type PushersCache = crate::user_cache::UserCache<Vec<Pusher>>;
 
 /// The spec's limits on pusher IDs.
 const MAX_APP_ID_BYTES: usize = 64;
@@ -64,6 +70,17 @@ impl Push {
             .collect())
     }
 
+    /// The user's pushers, from the cache when they are in it.
+    async fn cached_pushers(&self, user_id: &UserId) -> Result<Arc<Vec<Pusher>>, ServiceError> {
+        if let Some(pushers) = self.pushers_cache.get(user_id) {
+            return Ok(pushers);
+        }
+        let generation = self.pushers_cache.generation();
+        let pushers = Arc::new(self.pushers(user_id).await?);
+        self.pushers_cache.insert_if_unchanged(user_id, pushers.clone(), generation);
+        Ok(pushers)
+    }
+
     /// `POST /pushers/set` with a pusher: adds or replaces the caller's pusher with its
     /// `app_id` and `pushkey`; without `append`, other users' pushers with the same IDs go.
     pub async fn set_pusher(&self, user_id: &UserId, pusher: Pusher, append: bool) -> Result<(), ServiceError> {
@@ -88,6 +105,7 @@ impl Push {
             return Err(ServiceError::LimitExceeded(format!("at most {MAX_PUSHERS_PER_USER} pushers per user")));
         }
         let mut batch = WriteBatch::new();
+        let mut touched = vec![user_id.to_owned()];
         if !append {
             let prefix = keys::pusher_key_users(&ids.app_id, &ids.pushkey);
             for (row, _) in
@@ -97,20 +115,23 @@ impl Push {
                 if other != user {
                     batch.delete(Table::Pushers, keys::pusher(&other, &ids.app_id, &ids.pushkey));
                     batch.delete(Table::PusherKeys, row);
+                    touched.extend(ruma::OwnedUserId::try_from(other).ok());
                 }
             }
         }
         let value = serde_json::to_value(&pusher).map_err(|e| ServiceError::Internal(e.to_string()))?;
         lattice_storage::put(&mut batch, key, &PusherRecord(value));
         batch.put(Table::PusherKeys, keys::pusher_key(&ids.app_id, &ids.pushkey, user), Vec::new());
-        self.kv.write(batch).await?;
-        Ok(())
+        let written = self.kv.write(batch).await;
+        for user_id in &touched {
+            self.pushers_cache.forget(user_id);
+        }
+        Ok(written?)
     }
 
-    /// Whether the user has any pusher (one key read).
+    /// Whether the user has any pusher.
     pub(super) async fn has_pushers(&self, user_id: &UserId) -> Result<bool, ServiceError> {
-        let prefix = keys::user_rows(user_id.as_str());
-        Ok(!self.kv.scan(Table::Pushers, &KeyRange::prefix(&prefix), Direction::Forward, 1).await?.is_empty())
+        Ok(!self.cached_pushers(user_id).await?.is_empty())
     }
 
     /// `POST /pushers/set` with `kind: null`: deletes the caller's pusher (absent is fine).
@@ -119,20 +140,27 @@ impl Push {
         let mut batch = WriteBatch::new();
         batch.delete(Table::Pushers, keys::pusher(user_id.as_str(), &ids.app_id, &ids.pushkey));
         batch.delete(Table::PusherKeys, keys::pusher_key(&ids.app_id, &ids.pushkey, user_id.as_str()));
-        self.kv.write(batch).await?;
-        Ok(())
+        let written = self.kv.write(batch).await;
+        self.pushers_cache.forget(user_id);
+        Ok(written?)
     }
 
     /// Adds one queued push per pusher of the recipient to `batch` (the notification's batch).
+    /// `parsed` is the event as JSON, parsed by the first recipient with a pusher and shared by
+    /// the rest (most recipients have none, and then nothing is parsed).
     pub(super) async fn queue_pushes(
         &self,
         batch: &mut WriteBatch,
         user_id: &UserId,
         event: &super::PushedEvent<'_>,
         actions: &[Action],
+        parsed: &OnceLock<Value>,
     ) -> Result<bool, ServiceError> {
-        let pushers = self.pushers(user_id).await?;
-        let object: Value = serde_json::from_str(event.json.get()).unwrap_or_default();
+        let pushers = self.cached_pushers(user_id).await?;
+        if pushers.is_empty() {
+            return Ok(false);
+        }
+        let object = parsed.get_or_init(|| serde_json::from_str(event.json.get()).unwrap_or_default());
         let tweaks: serde_json::Map<String, Value> = actions
             .iter()
             .filter_map(|action| match action {
@@ -144,7 +172,7 @@ impl Push {
                 _ => None,
             })
             .collect();
-        for pusher in &pushers {
+        for pusher in pushers.iter() {
             let record = PushQueueRecord {
                 user_id: user_id.to_string(),
                 app_id: pusher.ids.app_id.clone(),
@@ -173,8 +201,8 @@ impl Push {
         user_id: &UserId,
         position: u64,
     ) -> Result<bool, ServiceError> {
-        let pushers = self.pushers(user_id).await?;
-        for pusher in &pushers {
+        let pushers = self.cached_pushers(user_id).await?;
+        for pusher in pushers.iter() {
             let record = PushQueueRecord {
                 user_id: user_id.to_string(),
                 app_id: pusher.ids.app_id.clone(),
@@ -232,10 +260,12 @@ impl Push {
             // Only if the row is still the one read: a counts-only row replaced meanwhile by a
             // later receipt's stays, to be sent with the counts after that receipt.
             let mut batch = single_delete(key, raw);
+            let mut removes_pusher = false;
             match self.post(&pusher, &queued, badge).await {
                 Ok(rejected) => {
                     delivered += 1;
                     if rejected {
+                        removes_pusher = true;
                         tracing::info!(user = %queued.user_id, app_id = %queued.app_id, "the push gateway rejected a pushkey; its pusher is removed");
                         batch.delete(Table::Pushers, pusher_key);
                         let ids = (&queued.app_id, &queued.pushkey, &queued.user_id);
@@ -252,7 +282,11 @@ impl Push {
                     lattice_storage::put(&mut batch, queue_key(due, &queued), &queued);
                 }
             }
-            match self.kv.write(batch).await {
+            let written = self.kv.write(batch).await;
+            if removes_pusher && let Ok(user_id) = UserId::parse(&queued.user_id) {
+                self.pushers_cache.forget(&user_id);
+            }
+            match written {
                 Err(lattice_storage::StorageError::Conflict) => {}
                 other => other?,
             }

@@ -15,9 +15,10 @@ use ruma::{CanonicalJsonObject, OwnedEventId};
 
 use super::relations::{MAX_THREAD_PARTICIPANTS, relation_of};
 
-/// Every migration this binary knows, oldest first, for `lattice_storage::open_schema`.
+/// Every migration this binary knows, oldest first, for `lattice_storage::open_schema` (the
+/// push service's own, schema 5, included).
 pub fn schema_migrations() -> Vec<Migration> {
-    vec![schema_2(), schema_3(), schema_4()]
+    vec![schema_2(), schema_3(), schema_4(), crate::push::schema_5()]
 }
 
 /// Schema 3 → 4: the message-search index, for the events stored before it existed.

@@ -114,8 +114,8 @@ pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM
 
 /// The push service's rows an event's batch carries (see `EVENT_WRITES`): what the event
 /// notified, and for a local user's leave, their read marker at it (`Push::left_room_into`).
-const PUSH_ROWS_OF_AN_EVENT: [Table; 4] =
-    [Table::PushNotifications, Table::PushUnread, Table::PushQueue, Table::PushReadMarkers];
+const PUSH_ROWS_OF_AN_EVENT: [Table; 5] =
+    [Table::PushEvents, Table::PushNotifications, Table::PushUnread, Table::PushQueue, Table::PushReadMarkers];
 
 /// The room tables followed by the push rows of an event.
 const EVENT_WRITE_TABLES: [Table; ROOM_TABLES.len() + PUSH_ROWS_OF_AN_EVENT.len()] = {
