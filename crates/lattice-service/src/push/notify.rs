@@ -50,6 +50,7 @@ pub struct PushedEvent<'a> {
 }
 
 /// A local joined member who may be notified, with their display name in the room.
+#[derive(Clone)]
 pub struct Recipient {
     pub user_id: OwnedUserId,
     pub display_name: String,

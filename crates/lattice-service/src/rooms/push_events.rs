@@ -5,13 +5,15 @@
 //! event read per local member, the create and power-levels events, and one ruleset read per
 //! local member in the push service; nothing is re-scanned later. Those facts are kept per room
 //! for the room's current state group ([`PushFactsCache`]), and rulesets per user in the push
-//! service, so a message into a room whose state did not change reads neither.
+//! service, so a message into a room whose state did not change reads neither; after a join,
+//! leave or display-name change the facts are brought forward by reading only the members that
+//! changed, so joining a big room does not cost a read per member.
 
 use lattice_core::event::Pdu;
 use lattice_core::power::RoomPower;
 use lattice_core::room_version::RoomVersion;
 use lattice_storage::keys;
-use lattice_storage::records::{EventRecord, RoomRecord};
+use lattice_storage::records::{EventRecord, RoomRecord, StateGroupRecord};
 use ruma::events::TimelineEventType;
 use ruma::events::room::power_levels::UserPowerLevel;
 use ruma::power_levels::NotificationPowerLevels;
@@ -21,7 +23,7 @@ use ruma::state_res::Event;
 use ruma::{Int, OwnedRoomId, OwnedUserId, RoomId};
 use serde_json::Value;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::Rooms;
@@ -115,7 +117,14 @@ impl Rooms {
         if let Some(facts) = self.push_facts.get(room_id, room.current_state_group) {
             return Ok(Some(facts));
         }
-        let recipients = self.push_recipients(room_id).await?;
+        let carried = match self.push_facts.any(room_id) {
+            Some(previous) => self.facts_brought_forward(&previous, room.current_state_group).await?,
+            None => None,
+        };
+        let (recipients, senders) = match carried {
+            Some(carried) => carried,
+            None => (self.push_recipients(room_id).await?, HashMap::new()),
+        };
         let member_count = match room.member_counts {
             Some(counts) => counts.joined,
             None => self.joined_count(room_id).await?,
@@ -124,34 +133,89 @@ impl Rooms {
             state_group: room.current_state_group,
             recipients,
             member_count,
-            senders: std::sync::Mutex::new(HashMap::new()),
+            senders: std::sync::Mutex::new(senders),
         });
         self.push_facts.insert(room_id, facts.clone());
         Ok(Some(facts))
     }
 
+    /// The recipients of `previous` brought forward to the state group `group`, when only
+    /// member events lie between the two (a join, a leave, a display-name change: the usual
+    /// state change of a big room), with the senders' power kept, since it depends on the create
+    /// and power-levels events only. Reads the state groups in between and the changed members'
+    /// events. `None` when the way back from `group` is not a short chain of member changes
+    /// ending at `previous`'s group (another kind of state event, a full snapshot, a fork
+    /// resolved): then the facts are gathered again.
+    async fn facts_brought_forward(
+        &self,
+        previous: &PushFacts,
+        group: u64,
+    ) -> Result<Option<(Vec<Recipient>, SenderPowers)>, ServiceError> {
+        // Newest first.
+        let mut changes = Vec::new();
+        let mut at = group;
+        let mut steps = 0;
+        while at != previous.state_group {
+            if steps == MAX_GROUPS_BROUGHT_FORWARD {
+                return Ok(None);
+            }
+            steps += 1;
+            let record = lattice_storage::get::<StateGroupRecord>(self.kv.as_ref(), &keys::state_group(at)).await?;
+            let Some(StateGroupRecord { parent: Some(parent), delta, .. }) = record.map(|r| r.value) else {
+                return Ok(None);
+            };
+            for (kind, user, event_id) in delta {
+                if kind != TimelineEventType::RoomMember.to_string() {
+                    return Ok(None);
+                }
+                changes.push((user, event_id));
+            }
+            at = parent;
+        }
+        let mut recipients = previous.recipients.clone();
+        let mut seen = HashSet::new();
+        for (user, event_id) in changes {
+            // The newest change of each member is the one in force.
+            if !seen.insert(user.clone()) {
+                continue;
+            }
+            recipients.retain(|recipient| recipient.user_id.as_str() != user);
+            if !event_id.is_empty()
+                && let Some(recipient) = self.recipient_of(user, &event_id).await?
+            {
+                recipients.push(recipient);
+            }
+        }
+        let senders = previous.senders.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        Ok(Some((recipients, senders)))
+    }
+
     /// The room's joined members of this server, with their display names.
     async fn push_recipients(&self, room_id: &RoomId) -> Result<Vec<Recipient>, ServiceError> {
-        let suffix = format!(":{}", self.server_name());
         let mut recipients = Vec::new();
         for (user, member_event) in self.member_event_ids(room_id).await? {
-            if !user.ends_with(&suffix) {
-                continue;
-            }
-            let Ok(user_id) = OwnedUserId::try_from(user) else { continue };
-            let Some(record) =
-                lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(&member_event)).await?
-            else {
-                continue;
-            };
-            let member: Value = serde_json::from_str(&record.value.json).unwrap_or_default();
-            if member["content"]["membership"] != "join" {
-                continue;
-            }
-            let display_name = member["content"]["displayname"].as_str().unwrap_or(user_id.localpart()).to_owned();
-            recipients.push(Recipient { user_id, display_name });
+            recipients.extend(self.recipient_of(user, &member_event).await?);
         }
         Ok(recipients)
+    }
+
+    /// `user` as a recipient when they are of this server and `member_event` joins them.
+    async fn recipient_of(&self, user: String, member_event: &str) -> Result<Option<Recipient>, ServiceError> {
+        let local = user.strip_suffix(self.server_name().as_str()).is_some_and(|rest| rest.ends_with(':'));
+        let Ok(user_id) = OwnedUserId::try_from(user) else { return Ok(None) };
+        if !local {
+            return Ok(None);
+        }
+        let Some(record) = lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(member_event)).await?
+        else {
+            return Ok(None);
+        };
+        let member: Value = serde_json::from_str(&record.value.json).unwrap_or_default();
+        if member["content"]["membership"] != "join" {
+            return Ok(None);
+        }
+        let display_name = member["content"]["displayname"].as_str().unwrap_or(user_id.localpart()).to_owned();
+        Ok(Some(Recipient { user_id, display_name }))
     }
 
     /// [`Rooms::sender_power`], kept in the room's facts per sender (it depends only on the
@@ -217,8 +281,14 @@ pub(super) struct PushFacts {
     state_group: u64,
     recipients: Vec<Recipient>,
     member_count: u64,
-    senders: std::sync::Mutex<HashMap<OwnedUserId, Option<PushConditionPowerLevelsCtx>>>,
+    senders: std::sync::Mutex<SenderPowers>,
 }
+
+/// Each sender's notification power, as asked so far.
+type SenderPowers = HashMap<OwnedUserId, Option<PushConditionPowerLevelsCtx>>;
+
+/// How many state groups back a room's facts are brought forward rather than gathered again.
+const MAX_GROUPS_BROUGHT_FORWARD: usize = 8;
 
 /// At most this many senders' power is kept per room state.
 const MAX_SENDERS_PER_FACTS: usize = 1_000;
@@ -248,6 +318,11 @@ impl PushFactsCache {
     fn get(&self, room_id: &RoomId, state_group: u64) -> Option<Arc<PushFacts>> {
         let rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         rooms.get(room_id).filter(|facts| facts.state_group == state_group).cloned()
+    }
+
+    /// The room's facts at whatever state group they were gathered at.
+    fn any(&self, room_id: &RoomId) -> Option<Arc<PushFacts>> {
+        self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(room_id).cloned()
     }
 
     fn insert(&self, room_id: &RoomId, facts: Arc<PushFacts>) {

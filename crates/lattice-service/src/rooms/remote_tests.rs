@@ -479,6 +479,32 @@ async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
     assert_eq!(small, big, "rows read for one message: {small} with 67 members, {big} with 323");
 }
 
+/// A join into a big room of local members costs what it costs in a small one: push rules
+/// bring the room's recipients forward by reading the joining member only, instead of every
+/// member's event again (issue #12: 10,000 local members joining one room).
+#[tokio::test]
+async fn a_join_costs_the_same_in_a_big_room_as_in_a_small_one() {
+    async fn reads_for_one_join(members: usize) -> u64 {
+        let local = server("hs.test");
+        let alice = UserId::parse("@alice:hs.test").unwrap();
+        let request = CreateRoom { preset: Some(super::Preset::PublicChat), ..Default::default() };
+        let room = local.service.rooms().create_room(&alice, request).await.unwrap();
+        for n in 0..members {
+            let user = UserId::parse(format!("@u{n}:hs.test")).unwrap();
+            local.service.rooms().join_room(&user, &room, None).await.unwrap();
+        }
+        say(&local, &room, &alice, "warm up").await;
+        let late = UserId::parse("@late:hs.test").unwrap();
+        let before = local.kv.rows_read();
+        local.service.rooms().join_room(&late, &room, None).await.unwrap();
+        local.kv.rows_read() - before
+    }
+    // As above: member counts a multiple of the snapshot interval apart.
+    let small = reads_for_one_join(2 + 64).await;
+    let big = reads_for_one_join(2 + 5 * 64).await;
+    assert_eq!(small, big, "rows read for one join: {small} with 67 members, {big} with 323");
+}
+
 /// A room this server has never seen is entered by an event that comes with its state (as a
 /// join through another server will): the state events arrive as outliers, the event is placed
 /// with that state, the room's current state and front are set from it, and a local user can
