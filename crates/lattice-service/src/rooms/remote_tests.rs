@@ -451,6 +451,21 @@ async fn a_front_of_two_thousand_extremities_is_merged_without_client_errors() {
     assert!(after.await.is_ok());
 }
 
+/// A public room of alice's with `members` more local users joined and one message sent, so
+/// the caches a later event uses (members, rulesets, pushers) are warm.
+async fn warm_room_of_local_members(members: usize) -> (Server, OwnedRoomId, OwnedUserId) {
+    let local = server("hs.test");
+    let alice = UserId::parse("@alice:hs.test").unwrap();
+    let request = CreateRoom { preset: Some(super::Preset::PublicChat), ..Default::default() };
+    let room = local.service.rooms().create_room(&alice, request).await.unwrap();
+    for n in 0..members {
+        let user = UserId::parse(format!("@u{n}:hs.test")).unwrap();
+        local.service.rooms().join_room(&user, &room, None).await.unwrap();
+    }
+    say(&local, &room, &alice, "warm up").await;
+    (local, room, alice)
+}
+
 /// The ingest of a plain message reads no whole state, however big the room: its cost is
 /// measured in rows read, which does not grow with the number of members, local ones included:
 /// the room's members, their rulesets and their pushers are cached after the first message
@@ -458,15 +473,7 @@ async fn a_front_of_two_thousand_extremities_is_merged_without_client_errors() {
 #[tokio::test]
 async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
     async fn reads_for_one_message(members: usize) -> u64 {
-        let (local, _) = (server("hs.test"), ());
-        let alice = UserId::parse("@alice:hs.test").unwrap();
-        let request = CreateRoom { preset: Some(super::Preset::PublicChat), ..Default::default() };
-        let room = local.service.rooms().create_room(&alice, request).await.unwrap();
-        for n in 0..members {
-            let user = UserId::parse(format!("@u{n}:hs.test")).unwrap();
-            local.service.rooms().join_room(&user, &room, None).await.unwrap();
-        }
-        say(&local, &room, &alice, "warm up").await;
+        let (local, room, alice) = warm_room_of_local_members(members).await;
         let before = local.kv.rows_read();
         say(&local, &room, &alice, "measured").await;
         local.kv.rows_read() - before
@@ -485,15 +492,7 @@ async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
 #[tokio::test]
 async fn a_join_costs_the_same_in_a_big_room_as_in_a_small_one() {
     async fn reads_for_one_join(members: usize) -> u64 {
-        let local = server("hs.test");
-        let alice = UserId::parse("@alice:hs.test").unwrap();
-        let request = CreateRoom { preset: Some(super::Preset::PublicChat), ..Default::default() };
-        let room = local.service.rooms().create_room(&alice, request).await.unwrap();
-        for n in 0..members {
-            let user = UserId::parse(format!("@u{n}:hs.test")).unwrap();
-            local.service.rooms().join_room(&user, &room, None).await.unwrap();
-        }
-        say(&local, &room, &alice, "warm up").await;
+        let (local, room, _) = warm_room_of_local_members(members).await;
         let late = UserId::parse("@late:hs.test").unwrap();
         let before = local.kv.rows_read();
         local.service.rooms().join_room(&late, &room, None).await.unwrap();
