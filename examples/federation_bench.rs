@@ -24,7 +24,9 @@
 //!
 //! 6. `--inbound N` (alone): N messages of a user of lat2, signed beforehand with lat2's key,
 //!    pushed straight to lat1's `/send` (50 a transaction, one at a time): PDUs accepted per
-//!    second with every check, to set against the raw ed25519 rate (`x_matrix_bench`).
+//!    second with every check, to set against the raw ed25519 rate (`x_matrix_bench`). With
+//!    `--inbound-rooms K` the N messages are spread over K rooms, sent to all K at once (one
+//!    transaction at a time in each), as when several servers or rooms are busy together.
 //!
 //!    Section 5's catch-up alone: `--catch-up-only`; `--catch-up-after D` sets both servers'
 //!    `federation.catch_up_after` (e.g. `1s`: lat1 compacts lat2's queue to the newest event of
@@ -249,9 +251,11 @@ async fn main() -> Result<(), Error> {
     let (alice, bob) = (lat1.register("alice").await?, lat2.register("bob").await?);
     if let Some(pdus) = args.iter().position(|a| a == "--inbound").and_then(|i| args.get(i + 1)) {
         let pdus: usize = pdus.parse()?;
+        let rooms = args.iter().position(|a| a == "--inbound-rooms").and_then(|i| args.get(i + 1));
+        let rooms: usize = rooms.map_or(Ok(1), |r| r.parse())?.max(1);
         println!("| federation benchmark ({} → {}), inbound | value |", lat2.name, lat1.name);
         println!("|---|---|");
-        println!("{}", inbound_row(&lat1, &lat2, &alice, &ca, pdus).await?);
+        println!("{}", inbound_row(&lat1, &lat2, &alice, &ca, (pdus, rooms)).await?);
         return Ok(());
     }
     if catch_up_only {
@@ -763,26 +767,21 @@ async fn concurrently_put(node: &Node, token: &str, path: &str, bodies: Vec<Valu
     Ok(())
 }
 
-/// Inbound PDUs in isolation (`--inbound N`): `N` messages of a user of lat2, built and signed
-/// beforehand with lat2's own signing key (read from its data directory) as lat2 would send them,
-/// one chain in a room of lat1's, pushed straight to lat1's `PUT /send` in transactions of 50,
-/// one transaction at a time; PDUs accepted per second (each checked: format, event ID,
-/// signature, content hash, auth against the state before and the current state, stored).
+/// Inbound PDUs in isolation (`--inbound N`, `--inbound-rooms K`): `N` messages of a user of
+/// lat2, built and signed beforehand with lat2's own signing key (read from its data directory)
+/// as lat2 would send them, one chain in each of `K` rooms of lat1's, pushed straight to lat1's
+/// `PUT /send` in transactions of 50 (every request signed beforehand too), one transaction at
+/// a time per room and the `K` rooms at once; PDUs accepted per second (each checked: format,
+/// event ID, signature, content hash, auth against the state before and the current state,
+/// stored, durable before the answer).
 async fn inbound_row(
     lat1: &Node,
     lat2: &Node,
     alice: &str,
     ca: &std::path::Path,
-    pdus: usize,
+    (pdus, rooms): (usize, usize),
 ) -> Result<String, Error> {
-    use lattice_core::room_version::RoomVersion;
-
-    let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
     let pusher = lat2.register("pusher").await?;
-    let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
-    let joined = lat2.call(reqwest::Method::POST, &path, Some(&pusher), Some(json!({}))).await?;
-    let pusher_id = format!("@pusher:{}", lat2.name);
-    let _ = joined;
     let key = signing_key_of(lat2)?;
     let federation = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?)
@@ -790,27 +789,83 @@ async fn inbound_row(
         .build()?;
     let (origin, destination) =
         (<&ruma::ServerName>::try_from(lat2.name.as_str())?, <&ruma::ServerName>::try_from(lat1.name.as_str())?);
-    let signed_call = |method: reqwest::Method, path: String, body: Option<Value>| {
-        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let auth = lattice_federation::x_matrix::sign_request(origin, destination, &key, &method, &path, &bytes);
-        let request = federation.request(method, format!("https://{}{path}", lat1.name));
-        async move {
-            let mut request = request.header("authorization", auth?);
-            if !bytes.is_empty() {
-                request = request.header("content-type", "application/json").body(bytes);
-            }
-            let response = request.send().await?;
-            let status = response.status();
-            let value: Value = response.json().await?;
-            if !status.is_success() {
-                return Err::<Value, Error>(format!("{path}: {status} {value}").into());
-            }
-            Ok(value)
-        }
+    let sign = |method: &reqwest::Method, path: &str, bytes: &[u8]| -> Result<String, Error> {
+        let auth = lattice_federation::x_matrix::sign_request(origin, destination, &key, method, path, bytes)?;
+        Ok(auth.to_str()?.to_owned())
     };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let mut per_room = Vec::with_capacity(rooms);
+    for r in 0..rooms {
+        let room = create_room(lat1, alice, json!({ "preset": "public_chat" })).await?;
+        let path = format!("/_matrix/client/v3/join/{room}?via={}", lat1.name);
+        lat2.call(reqwest::Method::POST, &path, Some(&pusher), Some(json!({}))).await?;
+        let chain =
+            inbound_chain(lat1, alice, &room, (&lat2.name, &key), &sign, &federation, pdus / rooms, now).await?;
+        let mut requests = Vec::new();
+        for (txn, chunk) in chain.chunks(50).enumerate() {
+            let body = json!({ "origin": lat2.name, "origin_server_ts": now, "pdus": chunk }).to_string().into_bytes();
+            let path = format!("/_matrix/federation/v1/send/inbound-{r}-{txn}");
+            let auth = sign(&reqwest::Method::PUT, &path, &body)?;
+            requests.push((format!("https://{}{path}", lat1.name), auth, body));
+        }
+        per_room.push(requests);
+    }
 
-    // The state the messages cite, and the newest event to chain from (the pusher's join, as
-    // lat1 has it).
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for requests in per_room {
+        let federation = federation.clone();
+        senders.spawn(async move {
+            let mut accepted = 0usize;
+            for (url, auth, body) in requests {
+                let request = federation.put(&url).header("authorization", auth);
+                let response = request.header("content-type", "application/json").body(body).send().await?;
+                let status = response.status();
+                let answer: Value = response.json().await?;
+                if !status.is_success() {
+                    return Err::<usize, Error>(format!("{url}: {status} {answer}").into());
+                }
+                accepted += answer["pdus"]
+                    .as_object()
+                    .map_or(0, |results| results.values().filter(|r| r.get("error").is_none()).count());
+            }
+            Ok(accepted)
+        });
+    }
+    let mut accepted = 0usize;
+    while let Some(sent) = senders.join_next().await {
+        accepted += sent??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let pushed = pdus / rooms * rooms;
+    if accepted != pushed {
+        return Err(format!("only {accepted} of {pushed} PDUs were accepted").into());
+    }
+    let spread = match rooms {
+        1 => "one room, one transaction at a time".to_owned(),
+        _ => format!("{rooms} rooms at once, one transaction at a time in each"),
+    };
+    Ok(format!(
+        "| {pushed} PDUs pushed to lat1's `/send` (50 a transaction, {spread}, signed as lat2), all accepted | {seconds:.2} s = **{:.0} PDU/s** |",
+        pushed as f64 / seconds
+    ))
+}
+
+/// `count` messages of lat2's pusher in `room`, each citing the one before, the first citing
+/// the pusher's join as lat1 has it; signed with lat2's `key`.
+#[allow(clippy::too_many_arguments)]
+async fn inbound_chain(
+    lat1: &Node,
+    alice: &str,
+    room: &str,
+    (origin, key): (&str, &Ed25519KeyPair),
+    sign: &impl Fn(&reqwest::Method, &str, &[u8]) -> Result<String, Error>,
+    federation: &reqwest::Client,
+    count: usize,
+    now: u64,
+) -> Result<Vec<Value>, Error> {
+    use lattice_core::room_version::RoomVersion;
+
     let state =
         lat1.call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state"), Some(alice), None).await?;
     let state_id = |kind: &str, key: &str| {
@@ -818,6 +873,7 @@ async fn inbound_row(
             events.iter().find(|e| e["type"] == kind && e["state_key"] == key).and_then(|e| e["event_id"].as_str())
         })
     };
+    let pusher_id = format!("@pusher:{origin}");
     let create = state_id("m.room.create", "").ok_or("no create event")?.to_owned();
     let power = state_id("m.room.power_levels", "").ok_or("no power levels")?.to_owned();
     let member = state_id("m.room.member", &pusher_id).ok_or("the pusher is not a member")?.to_owned();
@@ -825,20 +881,24 @@ async fn inbound_row(
         .call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/state/m.room.create/"), Some(alice), None)
         .await?;
     let version = RoomVersion::parse(create_event["room_version"].as_str().unwrap_or("1"))?;
-    let join_pdu =
-        signed_call(reqwest::Method::GET, format!("/_matrix/federation/v1/event/{}", urlencode_path(&member)), None)
-            .await?;
+    let path = format!("/_matrix/federation/v1/event/{}", urlencode_path(&member));
+    let auth = sign(&reqwest::Method::GET, &path, b"")?;
+    let join_pdu: Value = federation
+        .get(format!("https://{}{path}", lat1.name))
+        .header("authorization", auth)
+        .send()
+        .await?
+        .json()
+        .await?;
     let mut depth = join_pdu["pdus"][0]["depth"].as_u64().ok_or("no depth")?;
     // Room version 12 leaves the create event out of auth events (the room ID is its hash).
     let mut auth_events = vec![power, member.clone()];
     if !version.id().as_str().starts_with("12") {
         auth_events.push(create);
     }
-
     let mut prev = member;
-    let mut built = Vec::with_capacity(pdus);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
-    for n in 0..pdus {
+    let mut built = Vec::with_capacity(count);
+    for n in 0..count {
         depth += 1;
         let event = json!({
             "room_id": room, "sender": pusher_id, "type": "m.room.message", "origin_server_ts": now + n as u64,
@@ -846,29 +906,11 @@ async fn inbound_row(
             "prev_events": [prev], "auth_events": auth_events, "depth": depth,
         });
         let mut object: ruma::CanonicalJsonObject = serde_json::from_value(event)?;
-        lattice_core::pdu::hash_and_sign(&mut object, &lat2.name, &key, &version)?;
+        lattice_core::pdu::hash_and_sign(&mut object, origin, key, &version)?;
         prev = lattice_core::pdu::event_id(&object, &version)?.to_string();
         built.push(serde_json::to_value(&object)?);
     }
-
-    let started = Instant::now();
-    let mut accepted = 0usize;
-    for (txn, chunk) in built.chunks(50).enumerate() {
-        let body = json!({ "origin": lat2.name, "origin_server_ts": now, "pdus": chunk });
-        let answer =
-            signed_call(reqwest::Method::PUT, format!("/_matrix/federation/v1/send/inbound-{txn}"), Some(body)).await?;
-        accepted += answer["pdus"]
-            .as_object()
-            .map_or(0, |results| results.values().filter(|r| r.get("error").is_none()).count());
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    if accepted != pdus {
-        return Err(format!("only {accepted} of {pdus} PDUs were accepted").into());
-    }
-    Ok(format!(
-        "| {pdus} PDUs pushed to lat1's `/send` (50 a transaction, one at a time, signed as lat2), all accepted | {seconds:.2} s = **{:.0} PDU/s** |",
-        pdus as f64 / seconds
-    ))
+    Ok(built)
 }
 
 /// The signing key of a server this benchmark started, read from its data directory as the

@@ -230,7 +230,7 @@ async fn invites_a_server_must_refuse() {
 }
 
 /// Signs `value` as `origin` for `version`; returns the event ID and the signed event.
-fn signed_event(key: &Ed25519KeyPair, origin: &str, version: &str, value: Value) -> (String, Value) {
+pub(crate) fn signed_event(key: &Ed25519KeyPair, origin: &str, version: &str, value: Value) -> (String, Value) {
     let version = RoomVersion::parse(version).unwrap();
     let CanonicalJsonValue::Object(mut object) = CanonicalJsonValue::try_from(value).unwrap() else { panic!() };
     lattice_core::pdu::hash_and_sign(&mut object, origin, key, &version).unwrap();

@@ -81,6 +81,23 @@ impl Network {
         config
     }
 
+    /// The `LATTICE_*` variables that run `name` as its own process
+    /// ([`ProcessServer`](crate::support::ProcessServer)) in this network, as [`Network::start`]
+    /// configures it in-process.
+    pub(crate) fn process_env(&self, name: &str) -> Vec<(&'static str, String)> {
+        let member = self.member(name);
+        let pins: Vec<String> = self.members.iter().map(|m| format!("\"{}\" = \"{}\"", m.name, m.federation)).collect();
+        vec![
+            ("LATTICE_SERVER_NAME", name.to_owned()),
+            ("LATTICE_FEDERATION__LISTEN", member.federation.to_string()),
+            ("LATTICE_FEDERATION__TLS_CERT", member.cert.display().to_string()),
+            ("LATTICE_FEDERATION__TLS_KEY", member.key.display().to_string()),
+            ("LATTICE_FEDERATION__TRUSTED_CA", self.ca.display().to_string()),
+            ("LATTICE_FEDERATION__RESOLVE", format!("{{ {} }}", pins.join(", "))),
+            ("LATTICE_FEDERATION__DNS", "false".to_owned()),
+        ]
+    }
+
     pub(crate) async fn start(&self, name: &str) -> Server {
         self.start_with(name, |_| {}).await
     }

@@ -2,10 +2,15 @@
 //! RocksDB keeps the write-ahead log in the process until a synced write (or shutdown) writes it
 //! out, so `kill -9` loses exactly what a power cut would lose from the operating system's cache.
 //! With `sync_writes` off that loses acknowledged writes (so the test can fail); with it on, the
-//! default, nothing acknowledged is lost.
+//! default, nothing acknowledged is lost — neither a client's write nor a federation
+//! transaction's events, which are written without a sync each and made durable together.
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::federation_invites::signed_event;
+use crate::federation_keys::Network;
+use crate::federation_rooms::signed_request;
 use crate::support::{Http, ProcessServer, register};
 
 /// Messages sent concurrently, so that several share one group commit.
@@ -102,4 +107,107 @@ async fn with_sync_writes_a_power_cut_loses_no_acknowledged_write() {
     let survived = surviving_bodies(&restarted.http, &written).await.expect("the room and the account survive");
     assert_eq!(survived, written.bodies);
     assert!(account_data_survived(&restarted.http, &written.token).await);
+}
+
+/// PDUs pushed in one federation transaction.
+const PUSHED: usize = 40;
+
+/// lat1 runs as its own process (so it can be killed) beside lat2 in this process; bob of lat2
+/// joins alice's room on lat1, then lat2's key signs `PUSHED` messages of bob's that go to lat1 in
+/// one `PUT /send`, and lat1 is SIGKILLed right after it answers. Returns alice's token and the
+/// room.
+async fn push_a_transaction_then_cut_power(
+    net: &Network,
+    dir: &std::path::Path,
+    sync_writes: &str,
+) -> (String, String) {
+    let mut lat2 = net.start("lat2.test").await;
+    let mut env = net.process_env("lat1.test");
+    env.push(("LATTICE_STORAGE__SYNC_WRITES", sync_writes.to_owned()));
+    env.push(("LATTICE_STORAGE__TESTING_WAL_IN_PROCESS_MEMORY", "true".to_owned()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let lat1 = ProcessServer::start_with_env(dir, &env).await;
+    let first_token = lat1.first_registration_token.clone().unwrap();
+    let alice = register(&lat1.http, "alice", "pw", &first_token).await["access_token"].as_str().unwrap().to_owned();
+    let (status, created) =
+        lat1.http.post("/_matrix/client/v3/createRoom", Some(&alice), &json!({ "preset": "public_chat" })).await;
+    assert_eq!(status, 200, "{created}");
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let bob = lat2.register_user("bob").await;
+    let (status, joined) =
+        lat2.http.post(&format!("/_matrix/client/v3/join/{room}?via=lat1.test"), Some(&bob), &json!({})).await;
+    assert_eq!(status, 200, "{joined}");
+
+    // Bob's messages as lat2 would send them, chained from his join as lat1 stored it.
+    let (_, state) = lat1.http.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice)).await;
+    let state_event = |kind: &str, key: &str| {
+        state.as_array().unwrap().iter().find(|e| e["type"] == kind && e["state_key"] == key).unwrap().clone()
+    };
+    let create = state_event("m.room.create", "");
+    let version = create["content"]["room_version"].as_str().unwrap_or("1").to_owned();
+    let join = state_event("m.room.member", "@bob:lat2.test");
+    let mut auth_events = vec![state_event("m.room.power_levels", "")["event_id"].clone(), join["event_id"].clone()];
+    if version != "12" {
+        auth_events.push(create["event_id"].clone());
+    }
+    let (_, join_pdu) = signed_request(
+        net,
+        ("lat2.test", &lat2.signing_key()),
+        Method::GET,
+        &format!("/_matrix/federation/v1/event/{}", join["event_id"].as_str().unwrap().replace('$', "%24")),
+        None,
+    )
+    .await;
+    let mut depth = join_pdu["pdus"][0]["depth"].as_u64().unwrap();
+    let mut prev = join["event_id"].clone();
+    let mut pdus = Vec::new();
+    for n in 0..PUSHED {
+        depth += 1;
+        let event = json!({
+            "room_id": room, "sender": "@bob:lat2.test", "type": "m.room.message", "origin_server_ts": 1_000 + n,
+            "content": { "msgtype": "m.text", "body": format!("pushed {n}") },
+            "prev_events": [prev], "auth_events": auth_events, "depth": depth,
+        });
+        let (id, pdu) = signed_event(&lat2.signing_key(), "lat2.test", &version, event);
+        prev = json!(id);
+        pdus.push(pdu);
+    }
+    let txn = json!({ "origin": "lat2.test", "origin_server_ts": 1, "pdus": pdus });
+    let path = "/_matrix/federation/v1/send/power-cut";
+    let (status, answer) = signed_request(net, ("lat2.test", &lat2.signing_key()), Method::PUT, path, Some(txn)).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["pdus"].as_object().unwrap();
+    assert!(results.len() == PUSHED && results.values().all(|r| r == &json!({})), "{answer}");
+    lat1.kill_9().await;
+    lat2.stop().await;
+    (alice, room)
+}
+
+/// The pushed messages the restarted lat1 has, or `None` if it lost the room altogether.
+async fn pushed_bodies(net: &Network, dir: &std::path::Path, (alice, room): &(String, String)) -> Option<usize> {
+    let env = net.process_env("lat1.test");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let restarted = ProcessServer::start_with_env(dir, &env).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100");
+    let (status, page) = restarted.http.get(&path, Some(alice)).await;
+    if status != 200 {
+        return None;
+    }
+    let bodies = page["chunk"].as_array().unwrap().iter();
+    Some(bodies.filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("pushed "))).count())
+}
+
+#[tokio::test]
+async fn an_answered_federation_transaction_survives_a_power_cut() {
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let written = push_a_transaction_then_cut_power(&net, dir.path(), "true").await;
+    assert_eq!(pushed_bodies(&net, dir.path(), &written).await, Some(PUSHED));
+
+    // The same with `sync_writes` off loses them: the simulated cut can tell.
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    let written = push_a_transaction_then_cut_power(&net, dir.path(), "false").await;
+    let survived = pushed_bodies(&net, dir.path(), &written).await;
+    assert!(survived.is_none_or(|count| count < PUSHED), "nothing was lost without sync_writes: {survived:?}");
 }

@@ -2,6 +2,10 @@
 //! each batch's conditions in queue order, and writes all the batches that pass as one RocksDB
 //! write, with one fsync when any of them must be durable.
 //!
+//! The write-ahead log is one ordered log and RocksDB syncs every log file before a synced
+//! write returns, so a synced group also makes every earlier group durable, synced or not: that
+//! is what lets [`Durability::Deferred`] batches become durable with the next synced one.
+//!
 //! A batch's conditions see the database *and* the batches accepted before it in the same group,
 //! so the group's outcome is exactly that of writing its batches one by one in queue order. One
 //! fsync then covers as many writers as arrived while the previous group was being written.
@@ -21,11 +25,31 @@ use crate::{StorageError, Table};
 /// behind an unbounded queue.
 const MAX_GROUP_BATCHES: usize = 1_024;
 
+/// How soon a queued batch must be on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// On disk before the writer is answered when `storage.sync_writes` is on (the default).
+    Configured,
+    /// On disk before the writer is answered, whatever `sync_writes` says.
+    Synced,
+    /// Applied and visible at once, on disk with the next synced group (or at shutdown).
+    Deferred,
+}
+
+impl Durability {
+    fn needs_sync(self, sync_all: bool) -> bool {
+        match self {
+            Durability::Configured => sync_all,
+            Durability::Synced => true,
+            Durability::Deferred => false,
+        }
+    }
+}
+
 /// One queued write and where its outcome goes.
 struct Queued {
     batch: WriteBatch,
-    /// The caller asked for this batch to be on disk before it returns.
-    sync: bool,
+    durability: Durability,
     reply: oneshot::Sender<Result<(), StorageError>>,
 }
 
@@ -50,10 +74,10 @@ impl Committer {
     /// Queues the batch and waits for its group to be written (or for its conditions to fail).
     /// A caller that stops waiting does not take the batch back: once queued, it is applied or
     /// refused as if the caller had waited, in queue order.
-    pub(crate) async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+    pub(crate) async fn write(&self, batch: WriteBatch, durability: Durability) -> Result<(), StorageError> {
         let (reply, outcome) = oneshot::channel();
         let queue = self.queue.as_ref().ok_or_else(stopped)?;
-        queue.send(Queued { batch, sync, reply }).map_err(|_| stopped())?;
+        queue.send(Queued { batch, durability, reply }).map_err(|_| stopped())?;
         outcome.await.map_err(|_| stopped())?
     }
 }
@@ -87,14 +111,15 @@ fn run(db: &OpenDb, incoming: &mpsc::Receiver<Queued>, sync_all: bool) {
 }
 
 /// Writes the batches of `group` whose conditions hold, in one RocksDB write, and answers each.
-fn commit(db: &OpenDb, group: Vec<Queued>, sync_all: bool) {
+/// Returns whether the write was synced.
+fn commit(db: &OpenDb, group: Vec<Queued>, sync_all: bool) -> bool {
     let mut staged = Staged::default();
     let mut accepted = Vec::with_capacity(group.len());
-    let mut sync = sync_all;
+    let mut sync = false;
     for queued in group {
         match staged.conditions_hold(db, &queued.batch) {
             Ok(true) => {
-                sync |= queued.sync;
+                sync |= queued.durability.needs_sync(sync_all);
                 staged.add(db, queued.batch);
                 accepted.push(queued.reply);
             }
@@ -111,6 +136,7 @@ fn commit(db: &OpenDb, group: Vec<Queued>, sync_all: bool) {
         // A caller that stopped waiting has nobody to tell.
         let _ = reply.send(outcome.clone().map_err(StorageError::Rocks));
     }
+    sync
 }
 
 /// The accepted batches of a group: one RocksDB batch, and what they wrote, so that the
@@ -172,8 +198,31 @@ mod tests {
     use crate::{RocksOptions, RocksStore};
 
     fn queued(batch: WriteBatch) -> (Queued, oneshot::Receiver<Result<(), StorageError>>) {
+        queued_as(batch, Durability::Configured)
+    }
+
+    fn queued_as(batch: WriteBatch, durability: Durability) -> (Queued, oneshot::Receiver<Result<(), StorageError>>) {
         let (reply, outcome) = oneshot::channel();
-        (Queued { batch, sync: false, reply }, outcome)
+        (Queued { batch, durability, reply }, outcome)
+    }
+
+    #[test]
+    fn a_group_is_synced_when_one_of_its_batches_must_be_durable_and_deferred_ones_wait() {
+        use Durability::{Configured, Deferred, Synced};
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path(), &RocksOptions::default()).unwrap();
+        let synced = |durabilities: &[Durability], sync_all: bool| {
+            let group = durabilities.iter().enumerate().map(|(n, durability)| {
+                let mut batch = WriteBatch::new();
+                batch.put(Table::Users, format!("k{n}").into_bytes(), b"v".to_vec());
+                queued_as(batch, *durability).0
+            });
+            commit(&store.db, group.collect(), sync_all)
+        };
+        assert!(!synced(&[Deferred, Deferred], true), "deferred batches alone wait for a later sync");
+        assert!(synced(&[Deferred, Configured], true), "…and are covered by a durable one in their group");
+        assert!(!synced(&[Configured], false), "sync_writes off");
+        assert!(synced(&[Deferred, Synced], false), "a synced write is synced whatever sync_writes says");
     }
 
     fn outcome(mut receiver: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {

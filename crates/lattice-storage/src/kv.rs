@@ -157,6 +157,16 @@ pub trait KvStore: KvRead {
     /// (counter reservations).
     async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError>;
 
+    /// [`KvStore::write`], applied and visible at once but made durable only by the next durable
+    /// write (any writer's) or [`KvStore::flush`]: a process crash loses nothing, a power cut may.
+    /// For a run of writes acknowledged together once a durable write ends it (a federation
+    /// transaction's events): the store's log is written and synced in order, so that last write
+    /// makes all of them durable with one sync. A backend without the distinction writes as
+    /// [`KvStore::write`] does.
+    async fn write_deferred(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.write(batch).await
+    }
+
     /// A read-only view of the store as it is now, unaffected by later writes.
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError>;
 

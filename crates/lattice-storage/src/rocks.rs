@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, IteratorMode, Options, ReadOptions, Snapshot};
 use tokio::sync::watch;
 
-use crate::group_commit::Committer;
+use crate::group_commit::{Committer, Durability};
 use crate::kv::{Direction, KeyRange, KvRead, KvStore, Row, WriteBatch, check_scan_limit};
 use crate::{StorageError, Table};
 
@@ -196,11 +196,15 @@ impl KvRead for RocksStore {
 #[async_trait]
 impl KvStore for RocksStore {
     async fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.committer.write(batch, false).await
+        self.committer.write(batch, Durability::Configured).await
     }
 
     async fn write_synced(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.committer.write(batch, true).await
+        self.committer.write(batch, Durability::Synced).await
+    }
+
+    async fn write_deferred(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.committer.write(batch, Durability::Deferred).await
     }
 
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {

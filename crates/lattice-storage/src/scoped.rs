@@ -83,6 +83,11 @@ impl KvStore for ScopedStore {
         self.inner.write_synced(batch).await
     }
 
+    async fn write_deferred(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.scope.check_batch(&batch)?;
+        self.inner.write_deferred(batch).await
+    }
+
     async fn snapshot(&self) -> Result<Box<dyn KvRead>, StorageError> {
         Ok(Box::new(ScopedRead { inner: self.inner.snapshot().await?, scope: self.scope }))
     }

@@ -373,28 +373,45 @@ impl Federation {
             }
             // Oldest first, so each event's prev events are stored before it where the batch has them.
             events.sort_by_key(|pdu| pdu.depth());
-            let mut stored = 0;
-            for event in events {
-                let outcome = match self.rooms.ingest_placed(&version, event.clone(), Arrival::Backfill, None).await {
-                    Err(ServiceError::MissingEvents(_)) => {
-                        self.place_on_state_from(server, &version, room_id, event, Arrival::Backfill).await
-                    }
-                    other => other,
-                };
-                match outcome {
-                    Ok(ingested) => {
-                        if let crate::rooms::Outcome::Rejected(reason) = &ingested.outcome {
-                            tracing::info!(%server, event_id = %ingested.event_id, %reason, "a backfilled event was rejected");
-                        }
-                        stored += 1;
-                    }
-                    Err(error) => tracing::info!(%server, %error, "a backfilled event was not stored"),
-                }
+            // Written without a sync each, then made durable together before the page is answered.
+            let stored =
+                crate::rooms::with_deferred_durability(self.place_backfilled(server, &version, room_id, events)).await;
+            if stored > 0 {
+                self.kv.flush().await?;
             }
             tracing::debug!(%server, %room_id, asked = missing.len(), answered = answer.pdus.len(), stored, "backfilled");
             return Ok(stored);
         }
         Ok(0)
+    }
+
+    /// Stores backfilled `events` (oldest first) as history; returns how many were stored.
+    async fn place_backfilled(
+        &self,
+        server: &ServerName,
+        version: &RoomVersion,
+        room_id: &RoomId,
+        events: Vec<Pdu>,
+    ) -> usize {
+        let mut stored = 0;
+        for event in events {
+            let outcome = match self.rooms.ingest_placed(version, event.clone(), Arrival::Backfill, None).await {
+                Err(ServiceError::MissingEvents(_)) => {
+                    self.place_on_state_from(server, version, room_id, event, Arrival::Backfill).await
+                }
+                other => other,
+            };
+            match outcome {
+                Ok(ingested) => {
+                    if let crate::rooms::Outcome::Rejected(reason) = &ingested.outcome {
+                        tracing::info!(%server, event_id = %ingested.event_id, %reason, "a backfilled event was rejected");
+                    }
+                    stored += 1;
+                }
+                Err(error) => tracing::info!(%server, %error, "a backfilled event was not stored"),
+            }
+        }
+        stored
     }
 
     /// Places `event` live on the state `origin` says was before it.

@@ -118,21 +118,7 @@ impl Rooms {
         keys: &ruma::signatures::PublicKeyMap,
     ) -> Result<Pdu, ServiceError> {
         let object = lattice_core::pdu::parse(bytes, version)?;
-        let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
-            lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
-        };
-        let event = Pdu::new(object, version)?;
-        // A server speaks for its own users only: an event pushed by `origin` is from one of them.
-        if event.sender().server_name() != origin {
-            return Err(ServiceError::Forbidden(format!(
-                "event {} is sent by {}, not by a user of {origin}",
-                event.id(),
-                event.sender()
-            )));
-        }
-        // The same check as for local events: types and state keys become parts of storage keys.
-        super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
-        Ok(event)
+        check_remote_object(origin, version, object, keys)
     }
 
     /// Checks `event` and stores it, live, with everything it changes, atomically. Its prev
@@ -351,7 +337,10 @@ impl Rooms {
             Some(position) => self.push_event(version, &room_id, event, position, &mut batch).await,
             None => false,
         };
-        self.event_writes.write(batch).await?;
+        match super::deferred::deferred() {
+            true => self.event_writes.write_deferred(batch).await?,
+            false => self.event_writes.write(batch).await?,
+        }
         if queued_push {
             self.push.wake_delivery();
         }
@@ -868,6 +857,32 @@ impl Rooms {
         }
         Ok(())
     }
+}
+
+/// [`Rooms::check_remote_pdu`] of a PDU already parsed: signatures (against `keys`, the origin
+/// servers' verified public keys) and content hash, that the sender belongs to `origin`, and
+/// the type and state key. Pure computation, so callers may spread many over threads.
+pub fn check_remote_object(
+    origin: &ServerName,
+    version: &RoomVersion,
+    object: CanonicalJsonObject,
+    keys: &ruma::signatures::PublicKeyMap,
+) -> Result<Pdu, ServiceError> {
+    let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
+        lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
+    };
+    let event = Pdu::new(object, version)?;
+    // A server speaks for its own users only: an event pushed by `origin` is from one of them.
+    if event.sender().server_name() != origin {
+        return Err(ServiceError::Forbidden(format!(
+            "event {} is sent by {}, not by a user of {origin}",
+            event.id(),
+            event.sender()
+        )));
+    }
+    // The same check as for local events: types and state keys become parts of storage keys.
+    super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
+    Ok(event)
 }
 
 pub(crate) fn room_id_of(event: &Pdu) -> Result<OwnedRoomId, ServiceError> {

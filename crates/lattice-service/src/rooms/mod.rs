@@ -6,6 +6,7 @@
 
 mod aliases;
 mod client;
+mod deferred;
 mod directory;
 mod filter;
 mod front;
@@ -55,11 +56,12 @@ mod tests;
 
 pub use aliases::MAX_ALIASES_PER_ROOM;
 pub use client::{CreateRoom, DEFAULT_ROOM_VERSION, Preset, Txn};
+pub(crate) use deferred::with_deferred_durability;
 pub(crate) use directory::DirectoryCache;
 pub use directory::{MAX_PUBLIC_ROOMS_LIMIT, PublicRoomsPage, PublicRoomsQuery};
 pub use filter::{EventFilter, SyncFilter};
 pub use history::DEFAULT_CONTEXT_LIMIT;
-pub use ingest::{Arrival, Ingested, Outcome};
+pub use ingest::{Arrival, Ingested, Outcome, check_remote_object};
 pub(crate) use ingest::{membership_of as membership_of_pdu, room_id_of as room_id_of_pdu};
 pub use local_events::LocalEvent;
 pub use membership::member_content;
