@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod in_process;
 pub mod logging;
 mod signing_key;
 pub mod tls;
@@ -75,14 +76,33 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
     })?;
     let closed = store.closed();
     let kv: Arc<dyn KvStore> = Arc::new(store);
+    let found = prepare_store(config, &kv).await?;
+    let key = signing_key::load_or_create(&config.signing_key_path())?;
+    tracing::info!(key_id = %key.key_id(), public_key = %key.public_key_base64(), "signing key loaded");
+    let signing_key = Arc::new(key.key_pair);
+    let service = build_service(config, kv.clone(), Arc::new(SystemClock), signing_key.clone()).await?;
+    Ok((Opened { service, signing_key, fresh: found.is_none(), closed }, kv))
+}
+
+/// Checks (and migrates) the schema and moves counters past their reservations. Returns the
+/// schema version found (`None`: a new store).
+async fn prepare_store(config: &Config, kv: &Arc<dyn KvStore>) -> anyhow::Result<Option<u32>> {
     let migrations = lattice_service::rooms::schema_migrations();
     let found = lattice_storage::open_schema(kv.as_ref(), &migrations, config.storage.migration_chunk_rows)
         .await
         .context("checking (and migrating) the database schema")?;
     // Before anything takes a stream position: none may repeat one a client saw before a crash.
     lattice_storage::recover_counters(kv.as_ref()).await.context("moving counters past their reservations")?;
-    let key = signing_key::load_or_create(&config.signing_key_path())?;
-    tracing::info!(key_id = %key.key_id(), public_key = %key.public_key_base64(), "signing key loaded");
+    Ok(found)
+}
+
+/// The application over a prepared store, with its media store opened.
+async fn build_service(
+    config: &Config,
+    kv: Arc<dyn KvStore>,
+    clock: Arc<dyn lattice_service::Clock>,
+    signing_key: Arc<Ed25519KeyPair>,
+) -> anyhow::Result<Arc<Service>> {
     let hasher = PasswordHasher::new(config.auth.password_hash_memory_kib, config.auth.password_hash_iterations)?;
     let service_config = ServiceConfig {
         server_name: config.server_name.clone(),
@@ -103,11 +123,9 @@ async fn open_with_store(config: &Config) -> anyhow::Result<(Opened, Arc<dyn KvS
         presence: config.presence.service_config()?,
         delayed_events: config.delayed_events.service_config()?,
     };
-    let signing_key = Arc::new(key.key_pair);
-    let service =
-        Arc::new(Service::new(service_config, kv.clone(), Arc::new(SystemClock), hasher, signing_key.clone()));
+    let service = Arc::new(Service::new(service_config, kv, clock, hasher, signing_key));
     service.media().open().await.context("opening the media store")?;
-    Ok((Opened { service, signing_key, fresh: found.is_none(), closed }, kv))
+    Ok(service)
 }
 
 fn api_config(config: &Config) -> anyhow::Result<ApiConfig> {

@@ -40,6 +40,7 @@ mod sdk_dehydrated;
 mod sdk_e2ee;
 mod sdk_join_by_alias;
 mod search;
+mod simulation;
 mod support;
 mod sync;
 mod sync_correctness;

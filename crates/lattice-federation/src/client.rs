@@ -197,6 +197,19 @@ pub struct FederationClient {
     deny: crate::DenyList,
     /// Plain HTTP(S) fetches under the same address policy (remote media `Location`s).
     web: WebFetcher,
+    /// Set only in simulations: signed requests go to this instead of over HTTPS.
+    in_process: Option<Arc<dyn Transport>>,
+}
+
+/// Where a built, signed request goes instead of the network: another server's router in the
+/// same process, for seeded simulations (`tests/it/simulation.rs`) where a test decides what
+/// the "network" drops, delays, duplicates and reorders. Discovery and TLS are skipped; the
+/// request and its `X-Matrix` signature are exactly what would go over HTTPS.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// Delivers `request` to `destination` and returns the answer's status and body, or
+    /// [`FederationError::Transport`] when it never arrived or its answer was lost.
+    async fn exchange(&self, destination: &ServerName, request: http::Request<Vec<u8>>) -> Result<(u16, Vec<u8>)>;
 }
 
 impl FederationClient {
@@ -228,7 +241,33 @@ impl FederationClient {
         let http = tls_builder(builder, &settings.tls)?
             .build()
             .map_err(|e| FederationError::Invalid(format!("building the HTTP client: {e}")))?;
-        Ok(Self { keys, discovery, pins, http, backoff: Backoff::default(), clock, deny: settings.deny, web })
+        Ok(Self {
+            keys,
+            discovery,
+            pins,
+            http,
+            backoff: Backoff::default(),
+            clock,
+            deny: settings.deny,
+            web,
+            in_process: None,
+        })
+    }
+
+    /// A client whose requests go through `transport` (simulations): no DNS, no TLS, the same
+    /// signing, limits and back-off.
+    pub fn in_process(keys: Arc<OwnKeys>, transport: Arc<dyn Transport>, clock: Arc<dyn Clock>) -> Result<Self> {
+        let settings = ClientSettings {
+            tls: TlsSettings::default(),
+            limits: ClientLimits::default(),
+            resolve_overrides: HashMap::new(),
+            dns: false,
+            deny: crate::DenyList::new(Vec::new()),
+            address_policy: Arc::new(AddressPolicy::default()),
+        };
+        let mut client = Self::new(keys, settings, Arc::new(crate::NoDns), clock)?;
+        client.in_process = Some(transport);
+        Ok(client)
     }
 
     /// Fetches of URLs another server named (a media `Location`), under the federation's
@@ -384,6 +423,15 @@ impl FederationClient {
         max_response_bytes: usize,
     ) -> Result<Vec<u8>> {
         let server = destination.as_str();
+        let body_bytes = match body {
+            Some(value) => serde_json::to_vec(value).map_err(|e| FederationError::Invalid(e.to_string()))?,
+            None => Vec::new(),
+        };
+        if let Some(transport) = &self.in_process {
+            let request = self.in_process_request(destination, method, path_and_query, body_bytes, auth)?;
+            let (status, bytes) = transport.exchange(destination, request).await?;
+            return answer(server, status, bytes, max_response_bytes);
+        }
         let resolved = self.discovery.resolve(server).await?;
         let endpoint = &resolved.endpoint;
         self.pins.pin(&endpoint.tls_name, resolved.addrs.clone(), self.clock.now_ms());
@@ -393,10 +441,6 @@ impl FederationClient {
             endpoint.tls_name.clone()
         };
         let url = format!("https://{url_host}:{}{path_and_query}", endpoint.port);
-        let body_bytes = match body {
-            Some(value) => serde_json::to_vec(value).map_err(|e| FederationError::Invalid(e.to_string()))?,
-            None => Vec::new(),
-        };
         let host = HeaderValue::from_str(&endpoint.host_header)
             .map_err(|_| FederationError::InvalidServerName(endpoint.host_header.clone()))?;
         let mut request = self.http.request(method.clone(), url).header(HOST, host);
@@ -418,17 +462,57 @@ impl FederationClient {
         let response = request.send().await.map_err(|e| transport(error_chain(&e)))?;
         let status = response.status().as_u16();
         let bytes = read_limited(response, max_response_bytes).await.map_err(transport)?;
-        if !(200..300).contains(&status) {
-            let mut text = String::from_utf8_lossy(&bytes).into_owned();
-            let mut end = text.len().min(500);
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-            return Err(FederationError::Status { server: server.to_owned(), status, body: text });
-        }
-        Ok(bytes)
+        answer(server, status, bytes, max_response_bytes)
     }
+
+    /// The request [`FederationClient::send`] would put on the wire, for an in-process transport.
+    fn in_process_request(
+        &self,
+        destination: &ServerName,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        auth: Auth,
+    ) -> Result<http::Request<Vec<u8>>> {
+        let mut request =
+            http::Request::builder().method(method.clone()).uri(path_and_query).header(HOST, destination.as_str());
+        if auth == Auth::Signed {
+            let authorization = crate::x_matrix::sign_request(
+                self.keys.server_name(),
+                destination,
+                self.keys.key_pair(),
+                &method,
+                path_and_query,
+                &body,
+            )?;
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        if !body.is_empty() {
+            request = request.header(CONTENT_TYPE, "application/json");
+        }
+        request.body(body).map_err(|e| FederationError::Invalid(format!("building a request: {e}")))
+    }
+}
+
+/// A response body within `max_response_bytes` if the status is 2xx; otherwise
+/// [`FederationError::Status`] with the start of the body.
+fn answer(server: &str, status: u16, bytes: Vec<u8>, max_response_bytes: usize) -> Result<Vec<u8>> {
+    if !(200..300).contains(&status) {
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        let mut end = text.len().min(500);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        return Err(FederationError::Status { server: server.to_owned(), status, body: text });
+    }
+    if bytes.len() > max_response_bytes {
+        return Err(FederationError::Transport {
+            server: server.to_owned(),
+            detail: format!("response larger than {max_response_bytes} bytes"),
+        });
+    }
+    Ok(bytes)
 }
 
 /// An error with its causes, so a TLS failure says why (reqwest's top line only says

@@ -22,7 +22,7 @@ use http::{HeaderMap, Method};
 use ruma::OwnedServerName;
 
 pub use address_policy::AddressPolicy;
-pub use client::{Auth, ClientLimits, ClientSettings, FederationClient, TlsSettings};
+pub use client::{Auth, ClientLimits, ClientSettings, FederationClient, TlsSettings, Transport};
 pub use clock::{Clock, SystemClock};
 pub use deny::DenyList;
 pub use discovery::{Discovery, HickoryResolver, NameResolver, NoDns};

@@ -6,8 +6,12 @@
 //! back-off) and holds up nobody else: each has its own worker.
 //!
 //! Row keys: `destination \0 seq` (big-endian seq, so a prefix scan reads one destination's queue
-//! in order). The transaction ID is the first row's sequence number, so a retry after a lost
-//! answer repeats the same ID and the destination drops the duplicate.
+//! in order). The transaction ID names the first and last row's sequence numbers: a retry after
+//! a lost answer sends the same rows under the same ID (the worker remembers how far the
+//! unanswered transaction went), so the destination drops the duplicate; a transaction with
+//! other rows (more queued meanwhile, after a restart) has another ID, so the destination
+//! never answers it from the stored result of a smaller one and loses the rows it did not
+//! have. PDUs it already has are taken once (by event ID), to-device EDUs once (by message ID).
 //!
 //! Catch-up: once a destination has been unreachable for longer than the sender's
 //! `catch_up_after`, its queue keeps only the newest PDU of each room (EDUs all stay: to-device
@@ -18,7 +22,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, which is the real one except in simulations, where tests move it.
+use tokio::time::Instant;
 
 use http::Method;
 use lattice_storage::{Direction, KeyRange, KvStore, StreamPositions, Table, TableScope, WriteBatch};
@@ -75,6 +82,12 @@ fn row_key(destination: &str, seq: u64) -> Vec<u8> {
     let mut key = row_prefix(destination);
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The ID of the transaction of the queue rows from `first_key` to `last_key`.
+fn transaction_id(first_key: &[u8], last_key: &[u8]) -> String {
+    let position = |key| lattice_storage::keys::trailing_position(key).unwrap_or_default();
+    format!("{}-{}", position(first_key), position(last_key))
 }
 
 /// The room of a queued PDU row; `None` for an EDU row (or a row that is not a PDU).
@@ -229,12 +242,14 @@ impl Sender {
     /// How many PDUs wait for `destination`.
     pub async fn queued(&self, destination: &ServerName) -> Result<usize, FederationError> {
         let range = KeyRange::prefix(&row_prefix(destination.as_str()));
-        Ok(self.kv.scan(Table::FederationOutbox, &range, Direction::Forward, usize::MAX).await?.len())
+        Ok(lattice_storage::scan_all(self.kv.as_ref(), Table::FederationOutbox, &range).await?.len())
     }
 
     async fn run_worker(self: Arc<Self>, destination: OwnedServerName, wake: Arc<tokio::sync::Notify>) {
         // Since when the destination has failed every attempt (in this process).
         let mut down_since: Option<Instant> = None;
+        // The last row of a transaction sent without an answer: the retry stops there too.
+        let mut unanswered: Option<Vec<u8>> = None;
         loop {
             if down_since.is_some_and(|since| since.elapsed() >= self.catch_up_after) {
                 match self.compact_for_catch_up(&destination).await {
@@ -248,7 +263,7 @@ impl Sender {
                     Err(error) => tracing::warn!(%destination, %error, "compacting a federation queue failed"),
                 }
             }
-            let outcome = self.send_next(&destination).await;
+            let outcome = self.send_next(&destination, &mut unanswered).await;
             if outcome.is_ok() {
                 down_since = None;
             } else {
@@ -280,13 +295,25 @@ impl Sender {
     }
 
     /// Sends the oldest queued rows of `destination` as one transaction (in queue order, as
-    /// many as the per-transaction limits allow); returns how many.
-    async fn send_next(&self, destination: &ServerName) -> Result<usize, FederationError> {
-        let range = KeyRange::prefix(&row_prefix(destination.as_str()));
+    /// many as the per-transaction limits allow, and no further than `unanswered`, the last
+    /// row of an earlier attempt that got no answer); returns how many. Sets `unanswered` when
+    /// this attempt gets none.
+    async fn send_next(
+        &self,
+        destination: &ServerName,
+        unanswered: &mut Option<Vec<u8>>,
+    ) -> Result<usize, FederationError> {
+        let mut range = KeyRange::prefix(&row_prefix(destination.as_str()));
+        if let Some(last) = unanswered.clone() {
+            range.end = std::ops::Bound::Included(last);
+        }
         let limit = MAX_PDUS_PER_TRANSACTION + MAX_EDUS_PER_TRANSACTION;
         let mut rows = self.kv.scan(Table::FederationOutbox, &range, Direction::Forward, limit).await?;
-        let Some((first_key, _)) = rows.first() else { return Ok(0) };
-        let txn_id = lattice_storage::keys::trailing_position(first_key).unwrap_or_default();
+        if rows.is_empty() && unanswered.take().is_some() {
+            // The unanswered rows are gone (a catch-up compaction dropped them): start afresh.
+            let range = KeyRange::prefix(&row_prefix(destination.as_str()));
+            rows = self.kv.scan(Table::FederationOutbox, &range, Direction::Forward, limit).await?;
+        }
         let mut pdus: Vec<Box<RawValue>> = Vec::new();
         let mut edus: Vec<Box<RawValue>> = Vec::new();
         let mut taken = 0;
@@ -306,6 +333,8 @@ impl Sender {
             }
         }
         rows.truncate(taken);
+        let (Some((first_key, _)), Some((last_key, _))) = (rows.first(), rows.last()) else { return Ok(0) };
+        let txn_id = transaction_id(first_key, last_key);
         let body = serde_json::json!({
             "origin": self.client.own_keys().server_name(),
             "origin_server_ts": self.client.clock().now_ms(),
@@ -322,16 +351,20 @@ impl Sender {
             // The destination refuses this transaction as such (not a PDU in it): retrying the
             // same bytes can never succeed, and would block everything queued behind it.
             Err(FederationError::Status { status, body, .. }) if (400..500).contains(&status) && status != 429 => {
-                tracing::warn!(%destination, status, %body, txn_id, "a transaction was refused; dropping it");
+                tracing::warn!(%destination, status, %body, %txn_id, "a transaction was refused; dropping it");
             }
-            Err(error) => return Err(error),
+            Err(error) => {
+                *unanswered = Some(last_key.clone());
+                return Err(error);
+            }
         }
+        *unanswered = None;
         let mut batch = WriteBatch::new();
         for (key, _) in &rows {
             batch.delete(Table::FederationOutbox, key.clone());
         }
         self.kv.write(batch).await?;
-        tracing::debug!(%destination, txn_id, pdus = rows.len(), "sent a federation transaction");
+        tracing::debug!(%destination, %txn_id, pdus = rows.len(), "sent a federation transaction");
         Ok(rows.len())
     }
 }
@@ -369,10 +402,78 @@ async fn compact_queue(kv: &dyn KvStore, destination: &ServerName) -> Result<usi
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
     use lattice_storage::{KvRead, MemoryStore};
     use ruma::server_name;
+    use ruma::signatures::Ed25519KeyPair;
 
     use super::*;
+    use crate::{OwnKeys, SystemClock, Transport};
+
+    /// Records each transaction's path and PDU count; loses the answer of the first one.
+    #[derive(Default)]
+    struct LosesFirstAnswer {
+        sent: Mutex<Vec<(String, usize)>>,
+        answered_once: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Transport for LosesFirstAnswer {
+        async fn exchange(
+            &self,
+            destination: &ServerName,
+            request: http::Request<Vec<u8>>,
+        ) -> Result<(u16, Vec<u8>), FederationError> {
+            let body: serde_json::Value = serde_json::from_slice(request.body()).expect("a JSON body");
+            let pdus = body["pdus"].as_array().map_or(0, Vec::len);
+            self.sent.lock().unwrap().push((request.uri().path().to_owned(), pdus));
+            if !self.answered_once.swap(true, Ordering::SeqCst) {
+                return Err(FederationError::Transport {
+                    server: destination.to_string(),
+                    detail: "answer lost".into(),
+                });
+            }
+            Ok((200, br#"{"pdus":{}}"#.to_vec()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_sends_the_same_rows_under_the_same_id_and_rows_queued_meanwhile_go_under_another() {
+        let kv: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+        let destination = server_name!("peer.test");
+        let key = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "k".into()).unwrap();
+        let own =
+            Arc::new(OwnKeys::new(server_name!("hs.test").to_owned(), Arc::new(key), Vec::new(), 3_600_000).unwrap());
+        let transport = Arc::new(LosesFirstAnswer::default());
+        let client = Arc::new(FederationClient::in_process(own, transport.clone(), Arc::new(SystemClock)).unwrap());
+        let sender = Sender::new(
+            kv.clone(),
+            client.clone(),
+            StreamPositions::new(kv.clone(), "outbox"),
+            Duration::from_secs(600),
+        );
+        let queue = |seqs: std::ops::Range<u64>| {
+            let mut batch = WriteBatch::new();
+            for seq in seqs {
+                batch.put(Table::FederationOutbox, row_key(destination.as_str(), seq), pdu_row("!a:hs", seq as usize));
+            }
+            batch
+        };
+        kv.write(queue(1..4)).await.unwrap();
+        let mut unanswered = None;
+        assert!(sender.send_next(destination, &mut unanswered).await.is_err());
+        // Two more rows are queued before the retry; the destination is heard from again.
+        kv.write(queue(4..6)).await.unwrap();
+        client.heard_from(destination);
+        assert_eq!(sender.send_next(destination, &mut unanswered).await.unwrap(), 3);
+        assert_eq!(sender.send_next(destination, &mut unanswered).await.unwrap(), 2);
+        assert_eq!(sender.send_next(destination, &mut unanswered).await.unwrap(), 0);
+        let sent = transport.sent.lock().unwrap().clone();
+        let path = |id: &str| format!("/_matrix/federation/v1/send/{id}");
+        assert_eq!(sent, vec![(path("1-3"), 3), (path("1-3"), 3), (path("4-5"), 2)]);
+    }
 
     fn pdu_row(room: &str, n: usize) -> Vec<u8> {
         let mut value = vec![PDU_ROW];

@@ -247,3 +247,23 @@ async fn presence_goes_idle_then_offline_as_time_passes() {
     drop(quiet);
     assert_eq!(state().await.state, PresenceState::Online);
 }
+
+/// A long-poll spends most of its life parked: its future is what each idle `/sync` holds, so
+/// it stays small (each look at the streams is allocated only while it runs). 10,000 waiting
+/// clients cost 10,000 of these.
+#[test]
+fn a_parked_sync_future_is_small() {
+    let (service, _) = service();
+    let user = ruma::user_id!("@alice:hs.test");
+    let request = crate::sync::SyncRequest {
+        since: None,
+        timeout: std::time::Duration::from_secs(30),
+        device_id: None,
+        filter: crate::rooms::SyncFilter::default(),
+        full_state: false,
+        set_presence: crate::presence::PresenceState::Online,
+    };
+    let future = service.sync().sync(user, request);
+    let size = std::mem::size_of_val(&future);
+    assert!(size <= 8 * 1024, "a /sync future takes {size} bytes");
+}

@@ -48,6 +48,22 @@ impl<T> UserCache<T> {
         values.insert(user_id.to_owned(), value);
     }
 
+    /// The user's value from the cache, else from `load` (the store), cached unless a
+    /// `forget` happened while it was read.
+    pub(crate) async fn get_or_load<E>(
+        &self,
+        user_id: &UserId,
+        load: impl Future<Output = Result<T, E>>,
+    ) -> Result<Arc<T>, E> {
+        if let Some(value) = self.get(user_id) {
+            return Ok(value);
+        }
+        let generation = self.generation();
+        let value = Arc::new(load.await?);
+        self.insert_if_unchanged(user_id, value.clone(), generation);
+        Ok(value)
+    }
+
     /// Drops the user's value after (or on failure of) a write of what it is derived from.
     pub(crate) fn forget(&self, user_id: &UserId) {
         let mut values = self.values.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

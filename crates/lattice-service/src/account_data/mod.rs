@@ -225,13 +225,7 @@ impl AccountData {
     /// Senders whose events the user asked not to see (`m.ignored_user_list`): from the cache,
     /// else read and cached.
     pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<Arc<HashSet<String>>, ServiceError> {
-        if let Some(ignored) = self.ignored_cache.get(user_id) {
-            return Ok(ignored);
-        }
-        let generation = self.ignored_cache.generation();
-        let ignored = Arc::new(self.stored_ignored_users(user_id).await?);
-        self.ignored_cache.insert_if_unchanged(user_id, ignored.clone(), generation);
-        Ok(ignored)
+        self.ignored_cache.get_or_load(user_id, self.stored_ignored_users(user_id)).await
     }
 
     async fn stored_ignored_users(&self, user_id: &UserId) -> Result<HashSet<String>, ServiceError> {

@@ -72,13 +72,7 @@ impl Push {
 
     /// The user's pushers, from the cache when they are in it.
     async fn cached_pushers(&self, user_id: &UserId) -> Result<Arc<Vec<Pusher>>, ServiceError> {
-        if let Some(pushers) = self.pushers_cache.get(user_id) {
-            return Ok(pushers);
-        }
-        let generation = self.pushers_cache.generation();
-        let pushers = Arc::new(self.pushers(user_id).await?);
-        self.pushers_cache.insert_if_unchanged(user_id, pushers.clone(), generation);
-        Ok(pushers)
+        self.pushers_cache.get_or_load(user_id, self.pushers(user_id)).await
     }
 
     /// `POST /pushers/set` with a pusher: adds or replaces the caller's pusher with its

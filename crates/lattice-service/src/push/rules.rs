@@ -72,13 +72,7 @@ impl Push {
 
     /// The user's ruleset for evaluating events: from the cache, else read and cached.
     pub(super) async fn cached_rules(&self, user_id: &UserId) -> Result<Arc<Ruleset>, ServiceError> {
-        if let Some(rules) = self.rules_cache.get(user_id) {
-            return Ok(rules);
-        }
-        let generation = self.rules_cache.generation();
-        let rules = Arc::new(self.rules(user_id).await?);
-        self.rules_cache.insert_if_unchanged(user_id, rules.clone(), generation);
-        Ok(rules)
+        self.rules_cache.get_or_load(user_id, self.rules(user_id)).await
     }
 
     /// One rule, or `M_NOT_FOUND`.

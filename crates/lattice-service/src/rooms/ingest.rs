@@ -859,19 +859,15 @@ impl Rooms {
     }
 }
 
-/// [`Rooms::check_remote_pdu`] of a PDU already parsed: signatures (against `keys`, the origin
-/// servers' verified public keys) and content hash, that the sender belongs to `origin`, and
-/// the type and state key. Pure computation, so callers may spread many over threads.
+/// [`Rooms::check_remote_pdu`] of a PDU already parsed: [`check_fetched_object`], and that the
+/// sender belongs to `origin`. Pure computation, so callers may spread many over threads.
 pub fn check_remote_object(
     origin: &ServerName,
     version: &RoomVersion,
     object: CanonicalJsonObject,
     keys: &ruma::signatures::PublicKeyMap,
 ) -> Result<Pdu, ServiceError> {
-    let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
-        lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
-    };
-    let event = Pdu::new(object, version)?;
+    let event = check_fetched_object(version, object, keys)?;
     // A server speaks for its own users only: an event pushed by `origin` is from one of them.
     if event.sender().server_name() != origin {
         return Err(ServiceError::Forbidden(format!(
@@ -880,6 +876,21 @@ pub fn check_remote_object(
             event.sender()
         )));
     }
+    Ok(event)
+}
+
+/// Signatures (against `keys`, the signing servers' verified public keys) and content hash of
+/// a parsed PDU (kept redacted when the hash does not match), its format, and its type and
+/// state key. No origin check: a server answering a fetch may relay other servers' events.
+pub fn check_fetched_object(
+    version: &RoomVersion,
+    object: CanonicalJsonObject,
+    keys: &ruma::signatures::PublicKeyMap,
+) -> Result<Pdu, ServiceError> {
+    let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
+        lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
+    };
+    let event = Pdu::new(object, version)?;
     // The same check as for local events: types and state keys become parts of storage keys.
     super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
     Ok(event)

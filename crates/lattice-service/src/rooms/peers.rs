@@ -13,7 +13,6 @@ use lattice_core::visibility::{EventFacts, HistoryVisibility, StateFacts, may_se
 use lattice_storage::records::{EventRecord, EventStatus, RoomRecord, StateGroupRecord};
 use lattice_storage::{Direction, KeyRange, Table, keys};
 use ruma::events::StateEventType;
-use ruma::state_res::Event;
 use ruma::{CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, OwnedServerName, RoomId, ServerName, UserId};
 use serde_json::{Value, json};
 
@@ -387,12 +386,7 @@ impl Rooms {
         object: CanonicalJsonObject,
         keys: &ruma::signatures::PublicKeyMap,
     ) -> Result<Pdu, ServiceError> {
-        let object = match lattice_core::pdu::check_signatures_and_hashes(object, version, keys)? {
-            lattice_core::pdu::Checked::Intact(object) | lattice_core::pdu::Checked::Redacted(object) => object,
-        };
-        let event = Pdu::new(object, version)?;
-        super::local_events::check_type_and_state_key(&event.kind().to_string(), event.state_key())?;
-        Ok(event)
+        super::ingest::check_fetched_object(version, object, keys)
     }
 
     /// Stores fetched events as outliers, each after its auth events. Events that cannot be

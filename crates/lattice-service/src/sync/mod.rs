@@ -127,7 +127,7 @@ impl Sync {
         let _syncing = self.presence.sync_started(user_id, request.set_presence).await;
         let Some(since) = request.since else {
             let now = self.stream_positions().await?;
-            return self.sync_once(user_id, &request, now).await;
+            return Box::pin(self.sync_once(user_id, &request, now)).await;
         };
         if since.streams.any_past(&self.stream_positions().await?) {
             return Err(ServiceError::InvalidParam("the since token is from the future".into()));
@@ -137,14 +137,16 @@ impl Sync {
         }
         if request.timeout.is_zero() {
             let now = self.stream_positions().await?;
-            return self.sync_once(user_id, &request, now).await;
+            return Box::pin(self.sync_once(user_id, &request, now)).await;
         }
         let deadline = tokio::time::Instant::now() + request.timeout.min(MAX_SYNC_TIMEOUT);
         // Listening starts before the first look, so a write after that look still wakes it.
         let listener = self.listen_for_sync(user_id).await?;
         loop {
             let now = self.stream_positions().await?;
-            let response = self.sync_once(user_id, &request, now).await?;
+            // Each look is boxed (here and above): inline, its large state machine would be
+            // part of this future for as long as it waits, most of an idle long-poll's life.
+            let response = Box::pin(self.sync_once(user_id, &request, now)).await?;
             if has_news(&response) || tokio::time::timeout_at(deadline, listener.notified()).await.is_err() {
                 return Ok(response);
             }
