@@ -376,7 +376,12 @@ async fn run(seed: u64, network: Arc<Network>) -> Result<(), String> {
         [servers[0].register("alice").await, servers[1].register("bob").await, servers[2].register("carol").await];
 
     // A public room on sim1 that sim2's and sim3's users join, on a network without faults.
-    let create = json!({ "preset": "public_chat", "name": "simulation" });
+    // Everyone may change the topic, so partitioned servers fork the room's state and state
+    // resolution must bring all three to the same answer.
+    let power = json!({ "users": {
+        "@alice:sim1.test": 100, "@bob:sim2.test": 100, "@carol:sim3.test": 100
+    } });
+    let create = json!({ "preset": "public_chat", "name": "simulation", "power_level_content_override": power });
     let (status, created) =
         servers[0].call(Method::POST, "/_matrix/client/v3/createRoom", Some(&tokens[0]), Some(create)).await;
     assert_eq!(status, 200, "{created}");
@@ -403,10 +408,10 @@ async fn run(seed: u64, network: Arc<Network>) -> Result<(), String> {
                 }
                 answered.push(sent["event_id"].as_str().unwrap_or("").to_owned());
             }
-            70..78 if servers[0].is_up() => {
+            70..78 if servers[who].is_up() => {
                 let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", urlencode(&room));
-                let body = json!({ "topic": format!("topic of step {step}") });
-                let (status, sent) = servers[0].call(Method::PUT, &path, Some(&tokens[0]), Some(body)).await;
+                let body = json!({ "topic": format!("topic of step {step} from {}", SERVERS[who]) });
+                let (status, sent) = servers[who].call(Method::PUT, &path, Some(&tokens[who]), Some(body)).await;
                 if status != 200 {
                     return Err(format!("step {step}: a topic change answered {status}: {sent}"));
                 }

@@ -144,8 +144,8 @@ impl Sync {
         let listener = self.listen_for_sync(user_id).await?;
         loop {
             let now = self.stream_positions().await?;
-            // Each look is boxed (here and above): inline, its large state machine would be
-            // part of this future for as long as it waits, most of an idle long-poll's life.
+            // Each look is boxed (here and above), so what a parked long-poll holds is the wait,
+            // not the look's state machine (`tests::a_parked_sync_future_is_small`).
             let response = Box::pin(self.sync_once(user_id, &request, now)).await?;
             if has_news(&response) || tokio::time::timeout_at(deadline, listener.notified()).await.is_err() {
                 return Ok(response);
