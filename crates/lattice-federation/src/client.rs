@@ -381,15 +381,7 @@ impl FederationClient {
         let host = HeaderValue::from_str(&endpoint.host_header)
             .map_err(|_| FederationError::InvalidServerName(endpoint.host_header.clone()))?;
         let mut request = self.http.request(Method::GET, url).header(HOST, host);
-        if auth == Auth::Signed {
-            let authorization = crate::x_matrix::sign_request(
-                self.keys.server_name(),
-                destination,
-                self.keys.key_pair(),
-                &Method::GET,
-                path_and_query,
-                &[],
-            )?;
+        if let Some(authorization) = self.authorization(auth, destination, &Method::GET, path_and_query, &[])? {
             request = request.header(AUTHORIZATION, authorization);
         }
         let transport = |detail: String| FederationError::Transport { server: server.to_owned(), detail };
@@ -444,15 +436,7 @@ impl FederationClient {
         let host = HeaderValue::from_str(&endpoint.host_header)
             .map_err(|_| FederationError::InvalidServerName(endpoint.host_header.clone()))?;
         let mut request = self.http.request(method.clone(), url).header(HOST, host);
-        if auth == Auth::Signed {
-            let authorization = crate::x_matrix::sign_request(
-                self.keys.server_name(),
-                destination,
-                self.keys.key_pair(),
-                &method,
-                path_and_query,
-                &body_bytes,
-            )?;
+        if let Some(authorization) = self.authorization(auth, destination, &method, path_and_query, &body_bytes)? {
             request = request.header(AUTHORIZATION, authorization);
         }
         if body.is_some() {
@@ -463,6 +447,22 @@ impl FederationClient {
         let status = response.status().as_u16();
         let bytes = read_limited(response, max_response_bytes).await.map_err(transport)?;
         answer(server, status, bytes, max_response_bytes)
+    }
+
+    /// This server's `X-Matrix` signature of a request, unless it goes unsigned.
+    fn authorization(
+        &self,
+        auth: Auth,
+        destination: &ServerName,
+        method: &Method,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<Option<HeaderValue>> {
+        if auth == Auth::Unsigned {
+            return Ok(None);
+        }
+        let (origin, key_pair) = (self.keys.server_name(), self.keys.key_pair());
+        crate::x_matrix::sign_request(origin, destination, key_pair, method, path_and_query, body).map(Some)
     }
 
     /// The request [`FederationClient::send`] would put on the wire, for an in-process transport.
@@ -476,15 +476,7 @@ impl FederationClient {
     ) -> Result<http::Request<Vec<u8>>> {
         let mut request =
             http::Request::builder().method(method.clone()).uri(path_and_query).header(HOST, destination.as_str());
-        if auth == Auth::Signed {
-            let authorization = crate::x_matrix::sign_request(
-                self.keys.server_name(),
-                destination,
-                self.keys.key_pair(),
-                &method,
-                path_and_query,
-                &body,
-            )?;
+        if let Some(authorization) = self.authorization(auth, destination, &method, path_and_query, &body)? {
             request = request.header(AUTHORIZATION, authorization);
         }
         if !body.is_empty() {
