@@ -199,6 +199,11 @@ pub(crate) async fn shared_with(
         return Ok(users);
     }
     let mine: HashSet<OwnedRoomId> = rooms.joined_rooms(user_id).await?.into_iter().collect();
+    if mine.is_empty() {
+        // In no room, the user shares one with nobody but themselves: no read per candidate
+        // (a burst of `/sync`s by such users each asked about every user whose presence changed).
+        return Ok(users.into_iter().filter(|user| user == user_id).collect());
+    }
     let mut shared = BTreeSet::new();
     for user in users {
         if user == user_id || rooms.joined_rooms(&user).await?.iter().any(|room| mine.contains(room)) {
