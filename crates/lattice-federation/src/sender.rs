@@ -209,7 +209,7 @@ impl Sender {
     }
 
     /// Stops every worker (at shutdown). What they had not sent stays queued for the next start;
-    /// a transaction cut off mid-flight is sent again with the same ID.
+    /// a transaction cut off mid-flight is sent again (under another ID if rows were queued since).
     pub fn stop(&self) {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         workers.stopped = true;
