@@ -508,42 +508,41 @@ async fn run(seed: u64, network: Arc<Network>) -> Result<(), String> {
     Ok(())
 }
 
-/// What each server still has queued for each other one.
-async fn queue_report(servers: &[SimServer]) -> String {
-    let mut report = Vec::new();
+/// What each running server has queued for each other one (`Err` when it cannot tell); a
+/// server that is down counts as `None`.
+async fn queue_lengths(servers: &[SimServer]) -> Vec<(String, &'static str, Option<Result<usize, String>>)> {
+    let mut lengths = Vec::new();
     for server in servers {
-        let Some(running) = &server.running else { continue };
         for other in SERVERS.iter().filter(|name| **name != server.name) {
             let destination: &ServerName = (*other).try_into().expect("server name");
-            let queued = running.service.federation().queued_for(destination).await;
-            report.push(format!("{} -> {other}: {queued:?}", server.name));
+            let queued = match &server.running {
+                Some(running) => {
+                    Some(running.service.federation().queued_for(destination).await.map_err(|e| e.to_string()))
+                }
+                None => None,
+            };
+            lengths.push((server.name.clone(), *other, queued));
         }
     }
-    report.join(", ")
+    lengths
+}
+
+async fn queue_report(servers: &[SimServer]) -> String {
+    let lengths = queue_lengths(servers).await;
+    let lines: Vec<String> = lengths.iter().map(|(from, to, queued)| format!("{from} -> {to}: {queued:?}")).collect();
+    lines.join(", ")
 }
 
 /// Waits (in virtual time) until no server has anything queued for another, or `deadline`.
 async fn until_queues_empty(servers: &[SimServer], deadline: tokio::time::Instant) {
     loop {
         tokio::time::sleep(Duration::from_secs(60)).await;
-        if queues_empty(servers).await || tokio::time::Instant::now() > deadline {
+        let lengths = queue_lengths(servers).await;
+        let empty = lengths.iter().all(|(_, _, queued)| matches!(queued, Some(Ok(0))));
+        if empty || tokio::time::Instant::now() > deadline {
             return;
         }
     }
-}
-
-/// Whether no server has anything queued for another.
-async fn queues_empty(servers: &[SimServer]) -> bool {
-    for server in servers {
-        let Some(running) = &server.running else { return false };
-        for other in SERVERS.iter().filter(|name| **name != server.name) {
-            let destination: &ServerName = (*other).try_into().expect("server name");
-            if running.service.federation().queued_for(destination).await.unwrap_or(1) > 0 {
-                return false;
-            }
-        }
-    }
-    true
 }
 
 /// Runs `seed` on a fresh runtime with a paused clock, reporting what the network did if it
