@@ -55,14 +55,7 @@ impl InProcessServer {
         let keys = Arc::new(KeyCache::new(kv, Arc::new(client), federation.notaries()?));
         service.federation().enable(keys.clone(), federation.catch_up_after()?).await?;
         let state = AppState::new(service.clone(), crate::api_config(config)?).with_federation(keys);
-        let tasks = vec![
-            tokio::spawn({
-                let service = service.clone();
-                async move { service.federation().forward_forever().await }
-            }),
-            tokio::spawn(crate::merge_wide_fronts(service.clone())),
-            tokio::spawn(crate::expire_typing(service.clone())),
-        ];
+        let tasks = crate::spawn_room_tasks(&service);
         Ok(Self {
             service,
             client: lattice_api::router(state.clone()),

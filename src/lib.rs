@@ -262,13 +262,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let app = lattice_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let sweeper = tokio::spawn(sweep_uia_sessions(service.clone()));
-    let typing_sweeper = tokio::spawn(expire_typing(service.clone()));
     let redaction_purger = tokio::spawn(purge_redacted_originals(service.clone()));
-    let front_merger = tokio::spawn(merge_wide_fronts(service.clone()));
-    let forwarder = {
-        let service = service.clone();
-        tokio::spawn(async move { service.federation().forward_forever().await })
-    };
+    let room_tasks = spawn_room_tasks(&service);
     let push_deliverer = tokio::spawn(deliver_pushes(service.clone()));
     let presence_task = {
         let service = service.clone();
@@ -310,16 +305,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
-        for background in [
-            sweeper,
-            typing_sweeper,
-            redaction_purger,
-            front_merger,
-            forwarder,
-            push_deliverer,
-            presence_task,
-            delayed_events_timer,
-        ] {
+        let others = [sweeper, redaction_purger, push_deliverer, presence_task, delayed_events_timer];
+        for background in others.into_iter().chain(room_tasks) {
             background.abort();
             let _ = background.await;
         }
@@ -396,6 +383,16 @@ async fn start_federation(
         TcpListener::bind(listen).await.with_context(|| format!("listening on {listen} (key `federation.listen`)"))?;
     let listener = tls::TlsListener::new(tcp, tls_config)?;
     Ok(Some((keys, listener)))
+}
+
+/// The tasks that move rooms along: typing expiry, merging wide fronts, and the forwarder of
+/// local events into the federation queues. In-process servers run the same ones.
+fn spawn_room_tasks(service: &Arc<Service>) -> Vec<JoinHandle<()>> {
+    let forwarder = {
+        let service = service.clone();
+        tokio::spawn(async move { service.federation().forward_forever().await })
+    };
+    vec![tokio::spawn(expire_typing(service.clone())), tokio::spawn(merge_wide_fronts(service.clone())), forwarder]
 }
 
 async fn sweep_uia_sessions(service: Arc<Service>) {
