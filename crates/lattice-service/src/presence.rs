@@ -511,34 +511,23 @@ impl Presence {
         }
         self.ensure_loaded().await?;
         let (since, now) = range;
-        // Newest change first, so a limit keeps the freshest news.
-        let candidates: Vec<OwnedUserId> = {
+        let candidates: BTreeSet<OwnedUserId> = {
             let table = self.lock();
             let users: Vec<&OwnedUserId> = match initial {
                 true => {
-                    let mut known: Vec<(&u64, &OwnedUserId)> = table
-                        .users
-                        .iter()
-                        .filter(|(_, entry)| !entry.presence.is_blank())
-                        .map(|(user, entry)| (&entry.position, user))
-                        .collect();
-                    known.sort_by(|a, b| b.cmp(a));
-                    known.into_iter().map(|(_, user)| user).collect()
+                    table.users.iter().filter(|(_, entry)| !entry.presence.is_blank()).map(|(user, _)| user).collect()
                 }
                 false if since >= now => Vec::new(),
-                false => table.changes.range(since + 1..=now).rev().flat_map(|(_, users)| users).collect(),
+                false => table.changes.range(since + 1..=now).flat_map(|(_, users)| users).collect(),
             };
             users.into_iter().filter(|user| filter.allows_sender(user.as_str())).cloned().collect()
         };
-        let shared =
-            crate::composed_keys::shared_with(&self.rooms, viewer, candidates.iter().cloned().collect()).await?;
+        let shared = crate::composed_keys::shared_with(&self.rooms, viewer, candidates).await?;
         let at = self.clock.now_ms();
         let table = self.lock();
-        let mut ordered: Vec<(u64, &OwnedUserId, &Entry)> = candidates
-            .iter()
-            .filter(|user| shared.contains(*user))
-            .filter_map(|user| table.users.get(user).map(|entry| (entry.position, user, entry)))
-            .collect();
+        // Newest change first (sorted below), so a limit keeps the freshest news.
+        let mut ordered: Vec<(u64, &OwnedUserId, &Entry)> =
+            shared.iter().filter_map(|user| table.users.get(user).map(|entry| (entry.position, user, entry))).collect();
         ordered.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
         Ok(ordered
             .into_iter()
