@@ -385,14 +385,24 @@ async fn start_federation(
     Ok(Some((keys, listener)))
 }
 
-/// The tasks that move rooms along: typing expiry, merging wide fronts, and the forwarder of
-/// local events into the federation queues. In-process servers run the same ones.
+/// The tasks that move rooms along: typing expiry, merging wide fronts, the forwarder of local
+/// events into the federation queues, and the retries of pushed PDUs refused for a failed fetch.
+/// In-process servers run the same ones.
 fn spawn_room_tasks(service: &Arc<Service>) -> Vec<JoinHandle<()>> {
     let forwarder = {
         let service = service.clone();
         tokio::spawn(async move { service.federation().forward_forever().await })
     };
-    vec![tokio::spawn(expire_typing(service.clone())), tokio::spawn(merge_wide_fronts(service.clone())), forwarder]
+    let refetcher = {
+        let service = service.clone();
+        tokio::spawn(async move { service.federation().refetch_forever().await })
+    };
+    vec![
+        tokio::spawn(expire_typing(service.clone())),
+        tokio::spawn(merge_wide_fronts(service.clone())),
+        forwarder,
+        refetcher,
+    ]
 }
 
 async fn sweep_uia_sessions(service: Arc<Service>) {

@@ -175,6 +175,16 @@ impl Sender {
         Ok(self.kv.write(batch).await?)
     }
 
+    /// [`Sender::commit`] for rows derived from the event stream together with the forwarding
+    /// mark, without a sync of their own: they become durable with the next durable write (any
+    /// writer's). A power cut before that takes the rows and the mark together, and forwarding
+    /// repeats from the older mark, so no event misses a destination; what was sent meanwhile
+    /// is sent again, and the destination drops events it has. This keeps the forwarder, which
+    /// passes after every stored event, from adding a sync to each.
+    pub async fn commit_forwarded(&self, batch: WriteBatch) -> Result<(), FederationError> {
+        Ok(self.kv.write_deferred(batch).await?)
+    }
+
     /// Starts (or nudges) the workers of `destinations`.
     pub fn wake(self: &Arc<Self>, destinations: &[OwnedServerName]) {
         for destination in destinations {

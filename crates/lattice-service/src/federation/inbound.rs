@@ -155,13 +155,27 @@ impl Federation {
     /// A PDU whose signatures were checked, through the ingest path (filling a gap before it
     /// when its prev events are unknown).
     async fn receive_checked(&self, origin: &ServerName, version: &RoomVersion, event: Pdu) -> Result<(), String> {
-        let ingested = match self.rooms.ingest(version, event.clone()).await {
-            Err(ServiceError::MissingEvents(_)) => self.fill_gap_and_ingest(origin, version, event).await,
-            other => other,
-        };
+        let ingested = self.ingest_or_fill_gap(origin, version, &event).await;
+        if let Err(error) = &ingested {
+            self.refetch_later(origin, version, &event, error);
+        }
         match ingested.map_err(|e| e.to_string())?.outcome {
             Outcome::Accepted | Outcome::SoftFailed(_) | Outcome::Outlier => Ok(()),
             Outcome::Rejected(reason) => Err(reason),
+        }
+    }
+
+    /// A checked PDU through the ingest path, filling the gap before it from `origin` when its
+    /// prev events are unknown.
+    pub(super) async fn ingest_or_fill_gap(
+        &self,
+        origin: &ServerName,
+        version: &RoomVersion,
+        event: &Pdu,
+    ) -> Result<crate::rooms::Ingested, ServiceError> {
+        match self.rooms.ingest(version, event.clone()).await {
+            Err(ServiceError::MissingEvents(_)) => self.fill_gap_and_ingest(origin, version, event.clone()).await,
+            other => other,
         }
     }
 

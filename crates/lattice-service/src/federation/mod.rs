@@ -17,6 +17,7 @@ mod invites;
 mod join;
 mod knocks;
 mod presence;
+mod refetch;
 mod timestamps;
 
 use std::sync::{Arc, OnceLock};
@@ -69,6 +70,8 @@ pub struct Federation {
     hierarchy_cache: hierarchy::RemoteSummaries,
     /// The device-list resyncs pending or running (`device_lists.rs`).
     resyncs: Arc<device_lists::Resyncs>,
+    /// Pushed PDUs refused because a fetch they needed failed, tried again later (`refetch.rs`).
+    refetches: refetch::Refetches,
 }
 
 /// The services federation hands other servers' requests to, besides the rooms.
@@ -95,6 +98,7 @@ impl Federation {
             remote: OnceLock::new(),
             hierarchy_cache: Default::default(),
             resyncs: Default::default(),
+            refetches: Default::default(),
         }
     }
 

@@ -212,6 +212,7 @@ impl Rooms {
         check_room_fits(event, &room_id, room.as_ref().map(|r| &r.value), version, placed)?;
 
         let mut batch = WriteBatch::new();
+        let was_outlier = existing.is_some();
         // An outlier becomes a placed event only once, and an event is stored only once.
         batch.expect(Table::Events, event_key.clone(), existing.map(|e| e.raw));
         // The event itself takes part in resolving the new current state.
@@ -270,9 +271,10 @@ impl Rooms {
             }
             None => false,
         };
-        if accepted && *event.kind() == TimelineEventType::RoomRedaction {
-            self.apply_redaction(version, event, &before, &mut loaded, &mut batch).await?;
-        }
+        let redacted_target = match accepted && *event.kind() == TimelineEventType::RoomRedaction {
+            true => self.apply_redaction(version, event, &before, &mut loaded, &mut batch).await?,
+            false => None,
+        };
         let fills_gap = self.record_gaps(&room_id, event, &prevs, &mut batch).await?;
         // Only a live event that nothing stored cites yet moves the room's front.
         let front = match live && accepted && !fills_gap {
@@ -311,7 +313,7 @@ impl Rooms {
                 batch.put(
                     Table::RoomActivity,
                     keys::room_activity(keys::ACTIVITY_EVENTS, position, room_id.as_str()),
-                    Vec::new(),
+                    super::peers::event_activity(event.sender().server_name() == self.server_name()),
                 );
                 let create_id = match (placement.supplied_state, room.is_none()) {
                     (Some(state), true) => {
@@ -340,6 +342,13 @@ impl Rooms {
         match super::deferred::deferred() {
             true => self.event_writes.write_deferred(batch).await?,
             false => self.event_writes.write(batch).await?,
+        }
+        // The records whose parsed form may be kept, changed: a placed outlier, a redacted target.
+        if was_outlier {
+            self.parsed_events.forget(event.id());
+        }
+        if let Some(target) = &redacted_target {
+            self.parsed_events.forget(target);
         }
         if queued_push {
             self.push.wake_delivery();
@@ -682,8 +691,8 @@ impl Rooms {
 
     /// Replaces the stored JSON of the event an accepted redaction names with its redacted form,
     /// when the spec lets the redaction take effect: the redacting user has the `redact` power
-    /// level, or is on the same server as the original sender. A target not stored yet is left
-    /// alone (applying redactions to events that arrive later comes with backfill).
+    /// level, or is on the same server as the original sender. A target not stored yet is
+    /// redacted when it arrives. Returns the target when its record is rewritten in `batch`.
     async fn apply_redaction(
         &self,
         version: &RoomVersion,
@@ -691,23 +700,23 @@ impl Rooms {
         state_before: &StateRef,
         loaded: &mut Loaded,
         batch: &mut WriteBatch,
-    ) -> Result<(), ServiceError> {
-        let Some(target_id) = redaction.redacts() else { return Ok(()) };
+    ) -> Result<Option<OwnedEventId>, ServiceError> {
+        let Some(target_id) = redaction.redacts() else { return Ok(None) };
         let Some(target) =
             lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(target_id.as_str())).await?
         else {
             // Applied when the target arrives.
             let key = keys::pending_redaction(target_id.as_str(), redaction.id().as_str());
             batch.put(Table::PendingRedactions, key, Vec::new());
-            return Ok(());
+            return Ok(None);
         };
         if target.value.room_id != room_id_of(redaction)?.as_str() {
-            return Ok(());
+            return Ok(None);
         }
         self.load_events(version, std::slice::from_ref(target_id), loaded).await?;
-        let Some(target_event) = loaded.get(target_id).cloned() else { return Ok(()) };
+        let Some(target_event) = loaded.get(target_id).cloned() else { return Ok(None) };
         if !self.redaction_takes_effect(version, redaction, &target_event, state_before, loaded).await? {
-            return Ok(());
+            return Ok(None);
         }
         self.unindex_relation(&room_id_of(redaction)?, &target_event, target.value.history_order(), batch).await?;
         if let Some(order) = target.value.history_order() {
@@ -721,7 +730,7 @@ impl Rooms {
             keys::event(target_id.as_str()),
             &EventRecord { json, redacted_by: Some(redaction.id().to_string()), ..target.value },
         );
-        Ok(())
+        Ok(Some(target_id.to_owned()))
     }
 
     /// Whether `redaction` may redact `target`: the spec lets it when the redacting user has the
@@ -820,9 +829,16 @@ impl Rooms {
             if loaded.contains_key(id) {
                 continue;
             }
+            if let Some(event) = self.parsed_events.get(id) {
+                loaded.insert(id.clone(), event);
+                continue;
+            }
+            let generation = self.parsed_events.generation();
             match lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await? {
                 Some(record) => {
-                    loaded.insert(id.clone(), stored_pdu(version, id, record)?);
+                    let event = stored_pdu(version, id, record)?;
+                    self.parsed_events.insert_if_unchanged(&event, generation);
+                    loaded.insert(id.clone(), event);
                 }
                 None => missing.push(id.to_string()),
             }

@@ -19,6 +19,7 @@ mod merge;
 mod messages;
 mod migrations;
 mod out_of_band;
+mod parsed_events;
 mod peers;
 mod push_events;
 mod receipts;
@@ -201,6 +202,8 @@ pub struct Rooms {
     /// Woken after every live event, for the federation forwarder (which reads what is new
     /// from the stream itself, so one wake-up may cover many events).
     events_written: Arc<tokio::sync::Notify>,
+    /// Stored events kept parsed for the auth checks of the events citing them.
+    parsed_events: parsed_events::ParsedEvents,
 }
 
 impl Rooms {
@@ -235,6 +238,7 @@ impl Rooms {
             merges: Default::default(),
             push_facts: Default::default(),
             events_written: Default::default(),
+            parsed_events: Default::default(),
         }
     }
 

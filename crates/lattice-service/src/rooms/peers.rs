@@ -33,6 +33,25 @@ pub struct OwedEvent {
     pub member: Option<String>,
 }
 
+/// The value of an event's row in the room-activity stream: whether its sender is a user of
+/// this server, so that the forwarder passes over other servers' events without reading them.
+/// Rows written before this was recorded (and out-of-band events' rows) are empty: the forwarder
+/// reads their events.
+pub(super) fn event_activity(local_sender: bool) -> Vec<u8> {
+    vec![if local_sender { BY_LOCAL_SENDER } else { BY_REMOTE_SENDER }]
+}
+const BY_LOCAL_SENDER: u8 = 1;
+const BY_REMOTE_SENDER: u8 = 0;
+
+/// What the forwarder reads of a stored event to learn whether it is owed.
+#[derive(serde::Deserialize)]
+struct EventHead {
+    sender: String,
+    #[serde(rename = "type")]
+    kind: String,
+    state_key: Option<String>,
+}
+
 impl Rooms {
     /// The servers with a joined member in the room's current state.
     pub async fn joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<OwnedServerName>, ServiceError> {
@@ -243,24 +262,24 @@ impl Rooms {
         let rows = self.kv.scan(Table::RoomActivity, &range, Direction::Forward, limit).await?;
         let mut reached = if rows.len() < limit { completed } else { after };
         let mut owed = Vec::new();
-        for (key, _) in rows {
+        for (key, activity) in rows {
             let Some(room) = keys::room_activity_room(&key) else { continue };
             let position = u64::from_be_bytes(key[1..9].try_into().unwrap_or_default());
             reached = reached.max(position);
+            if activity.as_slice() == [BY_REMOTE_SENDER] {
+                continue;
+            }
             let Some(event_id) = self.kv.get(Table::Timeline, &keys::timeline(room, position)).await? else { continue };
             let event_id = String::from_utf8_lossy(&event_id).into_owned();
             let Some(record) = self.event_record(&event_id).await? else { continue };
-            let pdu: serde_json::Value =
+            let head: EventHead =
                 serde_json::from_str(&record.json).map_err(|e| ServiceError::Internal(e.to_string()))?;
-            let sender_is_local = pdu["sender"]
-                .as_str()
-                .and_then(|s| UserId::parse(s).ok())
-                .is_some_and(|sender| sender.server_name() == self.server_name());
+            let sender_is_local =
+                UserId::parse(&head.sender).is_ok_and(|sender| sender.server_name() == self.server_name());
             if !sender_is_local {
                 continue;
             }
-            let member =
-                (pdu["type"] == "m.room.member").then(|| pdu["state_key"].as_str().map(str::to_owned)).flatten();
+            let member = (head.kind == "m.room.member").then_some(head.state_key).flatten();
             let room_id = OwnedRoomId::try_from(room).map_err(|e| ServiceError::Internal(e.to_string()))?;
             owed.push(OwedEvent { position, room_id, pdu_json: record.json, member });
         }

@@ -579,3 +579,51 @@ async fn a_room_new_to_this_server_is_entered_with_the_state_another_server_give
     assert!(record_of(&shared.local, &create).await.unwrap().order.is_some(), "in the room's history");
     assert_eq!(room_record(&shared.local, &room).await.create_event_id, create.as_str(), "the room is unchanged");
 }
+
+#[tokio::test]
+async fn only_this_servers_events_are_owed_to_other_servers_even_in_rows_written_before_the_flag() {
+    let shared = shared_room().await;
+    let rooms = shared.local.service.rooms();
+    let mine = say(&shared.local, &shared.room, &shared.alice, "mine").await;
+    let theirs = say(&shared.remote, &shared.room, &shared.rita, "theirs").await;
+    assert_eq!(relay(&shared, &shared.remote, &shared.local, &theirs).await, Outcome::Accepted);
+    let (owed, _) = rooms.owed_events_after(0, 1_000).await.unwrap();
+    assert_eq!(owed.len(), timeline(&shared.local, &shared.room).await.len() - 2, "all but rita's join and message");
+    let senders: Vec<String> = owed
+        .iter()
+        .map(|e| serde_json::from_str::<serde_json::Value>(&e.pdu_json).unwrap()["sender"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(senders.iter().all(|sender| sender.ends_with(":hs.test")), "{senders:?}");
+    let mine_position = record_of(&shared.local, &mine).await.unwrap().stream_position.unwrap();
+    assert!(owed.iter().any(|event| event.position == mine_position));
+
+    // A row from before the sender's side was recorded: the forwarder reads the event instead.
+    let theirs_position = record_of(&shared.local, &theirs).await.unwrap().stream_position.unwrap();
+    let mut batch = lattice_storage::WriteBatch::new();
+    let row = keys::room_activity(keys::ACTIVITY_EVENTS, theirs_position, shared.room.as_str());
+    batch.put(Table::RoomActivity, row, Vec::new());
+    shared.local.kv.write(batch).await.unwrap();
+    let (again, _) = rooms.owed_events_after(0, 1_000).await.unwrap();
+    let positions = |owed: &[super::peers::OwedEvent]| owed.iter().map(|e| e.position).collect::<Vec<_>>();
+    assert_eq!(positions(&again), positions(&owed));
+}
+
+#[tokio::test]
+async fn an_event_read_for_auth_checks_is_read_redacted_once_its_redaction_is_stored() {
+    let shared = shared_room().await;
+    let rooms = shared.local.service.rooms();
+    let secret = say(&shared.local, &shared.room, &shared.alice, "secret").await;
+    let body = |loaded: &super::ingest::Loaded| {
+        serde_json::to_value(loaded[&secret].object()).unwrap()["content"]["body"].as_str().map(str::to_owned)
+    };
+    // Read once, so that its parsed form is kept.
+    let mut loaded = super::ingest::Loaded::new();
+    rooms.load_events(&shared.version, std::slice::from_ref(&secret), &mut loaded).await.unwrap();
+    assert_eq!(body(&loaded).as_deref(), Some("secret"));
+
+    let content = json!({ "redacts": secret });
+    rooms.send_event(&shared.alice, &shared.room, "m.room.redaction", None, content, None).await.unwrap();
+    let mut loaded = super::ingest::Loaded::new();
+    rooms.load_events(&shared.version, std::slice::from_ref(&secret), &mut loaded).await.unwrap();
+    assert_eq!(body(&loaded), None, "the kept parse of the original must not outlive the redaction");
+}

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Federation delivery side by side (issue #11): Synapse and Lattice federating on loopback
+# (tests/interop/synapse_pair.sh), one room of each server's making, both users joined. In each
+# direction:
+#   - latency: K messages one at a time; the reader on the other server long-polls /sync, and a
+#     message's latency runs from the writer's send until the reader's /sync answers with it;
+#   - burst: N messages from 10 concurrent senders on the writer's server, then one more, which
+#     cites them all; timed until that one is in the reader's /sync (the writer's own send rate
+#     bounds it: it is printed too).
+# The same client code drives both directions, so each direction's figures are one server's
+# outbound path plus the other's inbound path. Lattice to Lattice is in federation_bench.
+#
+# Usage: scripts/synapse-federation-bench.sh [K] [N]   (defaults 300 and 2000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+K="${1:-300}"
+N="${2:-2000}"
+source tests/interop/synapse_pair.sh
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
+
+"$VPY" - "$K" "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" <<'PY'
+import json, ssl, statistics, sys, threading, time, urllib.parse, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+k, n, lat_client, lat_name, syn_name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+LAT = f"http://{lat_client}/_matrix/client/v3"
+SYN = f"https://{syn_name}/_matrix/client/v3"
+insecure = ssl.create_default_context()
+insecure.check_hostname = False
+insecure.verify_mode = ssl.CERT_NONE
+
+def call(method, url, token=None, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, context=insecure, timeout=300) as answer:
+            return json.load(answer)
+    except urllib.error.HTTPError as error:
+        return {"status": error.code, **json.load(error)}
+
+def login_carol():
+    body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "carol"},
+            "password": "correct horse battery"}
+    return call("POST", f"{LAT}/login", body=body)["access_token"]
+
+def register_on_synapse(name):
+    body = {"username": name, "password": "correct horse battery"}
+    session = call("POST", f"{SYN}/register", body=body)["session"]
+    body["auth"] = {"type": "m.login.dummy", "session": session}
+    return call("POST", f"{SYN}/register", body=body)["access_token"]
+
+TIMELINE = json.dumps({"room": {"timeline": {"limit": 5000}}})
+
+class Reader:
+    """Long-polls /sync for one room on a thread and records when each body first appears."""
+    def __init__(self, base, token, room):
+        self.base, self.token, self.room = base, token, room
+        self.seen, self.lock, self.stop = {}, threading.Lock(), False
+        answer = call("GET", f"{base}/sync?timeout=0&filter={urllib.parse.quote(TIMELINE)}", token)
+        self.since = answer["next_batch"]
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop:
+            # A timeline long enough that a burst between two syncs is never cut short.
+            query = urllib.parse.urlencode({"since": self.since, "timeout": "10000", "filter": TIMELINE})
+            answer = call("GET", f"{self.base}/sync?{query}", self.token)
+            now = time.monotonic()
+            self.since = answer.get("next_batch", self.since)
+            timeline = answer.get("rooms", {}).get("join", {}).get(self.room, {}).get("timeline", {})
+            events = timeline.get("events", [])
+            if timeline.get("limited"):
+                events = self.page_back(timeline.get("prev_batch")) + events
+            with self.lock:
+                for event in events:
+                    body = event.get("content", {}).get("body")
+                    if body is not None and body not in self.seen:
+                        self.seen[body] = now
+
+    def page_back(self, token):
+        """What a limited timeline left out: earlier events, back to one already seen."""
+        events = []
+        while token:
+            query = urllib.parse.urlencode({"from": token, "dir": "b", "limit": "1000"})
+            page = call("GET", f"{self.base}/rooms/{self.room}/messages?{query}", self.token)
+            chunk = page.get("chunk", [])
+            events = list(reversed(chunk)) + events
+            with self.lock:
+                if not chunk or any(e.get("content", {}).get("body") in self.seen for e in chunk):
+                    return events
+            token = page.get("end")
+        return events
+
+    def wait_for(self, body, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if body in self.seen:
+                    return self.seen[body]
+            time.sleep(0.0005)
+        raise RuntimeError(f"{body} never arrived")
+
+    def count(self, prefix):
+        with self.lock:
+            return sum(1 for body in self.seen if body.startswith(prefix))
+
+def send(base, token, room, txn, body):
+    answer = call("PUT", f"{base}/rooms/{room}/send/m.room.message/{txn}", token, {"msgtype": "m.text", "body": body})
+    if "event_id" not in answer:
+        raise RuntimeError(f"send failed: {answer}")
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+carol = login_carol()
+dave = register_on_synapse("dave")
+rows = []
+for (writer_base, writer, writer_server, reader_base, reader, tag, who) in [
+    (LAT, carol, lat_name, SYN, dave, "l2s", "Lattice → Synapse"),
+    (SYN, dave, syn_name, LAT, carol, "s2l", "Synapse → Lattice"),
+]:
+    room = call("POST", f"{writer_base}/createRoom", writer, {"preset": "public_chat"})["room_id"]
+    via = urllib.parse.urlencode({"via": writer_server, "server_name": writer_server})
+    joined = call("POST", f"{reader_base}/join/{urllib.parse.quote(room)}?{via}", reader, {})
+    if joined.get("room_id") != room:
+        raise RuntimeError(f"join failed: {joined}")
+    watcher = Reader(reader_base, reader, room)
+    # Warm-up: the first message also settles keys and connections.
+    send(writer_base, writer, room, f"{tag}-warm", f"{tag}-warm")
+    watcher.wait_for(f"{tag}-warm")
+    latencies = []
+    for i in range(k):
+        body = f"{tag}-lat-{i}"
+        start = time.monotonic()
+        send(writer_base, writer, room, body, body)
+        latencies.append(1000 * (watcher.wait_for(body) - start))
+    start = time.monotonic()
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda i: send(writer_base, writer, room, f"{tag}-burst-{i}", f"{tag}-burst-{i}"), range(n)))
+    sent = time.monotonic() - start
+    # One more message after the burst: it cites the room's newest events, so its server
+    # sends it after them and the reader's server stores it only once all are stored (a
+    # limited /sync may skip some burst messages in the reader's view, never the last one).
+    send(writer_base, writer, room, f"{tag}-end", f"{tag}-end")
+    total = watcher.wait_for(f"{tag}-end", timeout=1800) - start
+    arrived = watcher.count(f"{tag}-burst-")
+    watcher.stop = True
+    rows.append((who, statistics.median(latencies), percentile(latencies, 0.99), n, sent, arrived, total))
+    print(f"{who}: p50 {statistics.median(latencies):.2f} ms, burst in {total:.2f} s ({arrived} seen in /sync)", flush=True)
+
+print()
+print(f"| direction | delivery latency p50 / p99 ({k} messages, one in flight) | {n} messages from 10 senders: sent in | all stored on the reader's server after |")
+print("|---|---|---|---|")
+for who, p50, p99, n, sent, arrived, total in rows:
+    print(f"| {who} | {p50:.2f} / {p99:.2f} ms | {sent:.2f} s ({n / sent:.0f} msg/s) | {total:.2f} s = **{n / total:.0f} PDU/s** |")
+PY
