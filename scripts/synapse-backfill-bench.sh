@@ -19,38 +19,14 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/l
 echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
 
 "$VPY" - "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" <<'PY'
-import json, ssl, sys, time, urllib.parse, urllib.request
+import sys, time, urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 n, lat_client, lat_name, syn_name = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 LAT = f"http://{lat_client}/_matrix/client/v3"
 SYN = f"https://{syn_name}/_matrix/client/v3"
-insecure = ssl.create_default_context()
-insecure.check_hostname = False
-insecure.verify_mode = ssl.CERT_NONE
-
-def call(method, url, token=None, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, context=insecure, timeout=300) as answer:
-            return json.load(answer)
-    except urllib.error.HTTPError as error:
-        return {"status": error.code, **json.load(error)}
-
-def login_carol():
-    body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "carol"},
-            "password": "correct horse battery"}
-    return call("POST", f"{LAT}/login", body=body)["access_token"]
-
-def register_on_synapse(name):
-    body = {"username": name, "password": "correct horse battery"}
-    session = call("POST", f"{SYN}/register", body=body)["session"]
-    body["auth"] = {"type": "m.login.dummy", "session": session}
-    return call("POST", f"{SYN}/register", body=body)["access_token"]
+sys.path.insert(0, "scripts")
+from synapse_pair_client import call, login_carol, register_on_synapse
 
 def fill(base, token, room, prefix):
     def send(i):
@@ -79,8 +55,8 @@ def page_back(base, token, room, prefix):
             break
     return time.monotonic() - start, pages, len(seen)
 
-carol = login_carol()
-dave = register_on_synapse("dave")
+carol = login_carol(LAT)
+dave = register_on_synapse(SYN, "dave")
 results = []
 for (writer_base, writer, reader_base, reader, prefix, alias, who) in [
     (SYN, dave, LAT, carol, "syn", f"bench-s:{syn_name}", "Lattice backfills from Synapse"),

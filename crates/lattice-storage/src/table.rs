@@ -61,6 +61,7 @@ tables! {
     ServerKeys => "server_keys",
     FederationOutbox => "federation_outbox",
     FederationTransactions => "federation_transactions",
+    FederationRefetches => "federation_refetches",
     PushNotifications => "push_notifications",
     PushEvents => "push_events",
     PushUnread => "push_unread",

@@ -156,8 +156,10 @@ impl Federation {
     /// when its prev events are unknown).
     async fn receive_checked(&self, origin: &ServerName, version: &RoomVersion, event: Pdu) -> Result<(), String> {
         let ingested = self.ingest_or_fill_gap(origin, version, &event).await;
-        if let Err(error) = &ingested {
-            self.refetch_later(origin, version, &event, error);
+        if let Err(error) = &ingested
+            && let Err(keeping) = self.refetch_later(origin, version, &event, error).await
+        {
+            tracing::warn!(%origin, event_id = %event.id(), error = %keeping, "keeping a refused PDU for a retry failed");
         }
         match ingested.map_err(|e| e.to_string())?.outcome {
             Outcome::Accepted | Outcome::SoftFailed(_) | Outcome::Outlier => Ok(()),

@@ -42,7 +42,8 @@ use crate::presence::Presence;
 use crate::rooms::Rooms;
 use crate::to_device::ToDevice;
 
-pub const TABLES: TableScope = TableScope { owner: "federation", tables: &[Table::FederationTransactions] };
+pub const TABLES: TableScope =
+    TableScope { owner: "federation", tables: &[Table::FederationTransactions, Table::FederationRefetches] };
 
 /// What federation needs once it is on: other servers' keys (and through them the client) and
 /// the outbound queues.

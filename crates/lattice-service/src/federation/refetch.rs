@@ -5,18 +5,19 @@
 //! server went away meanwhile, a network cut), the PDU is refused in the transaction's answer,
 //! and the sending server does not send a refused PDU again. Without another try it would
 //! surface only when a later event cites it, so a room that falls quiet right after a cut
-//! would keep the gap. These are tried again here, with back-off, after their signatures and
-//! hashes were checked; in memory only (an unanswered PDU was never promised to anyone) and
-//! bounded, since a hostile server can push PDUs that cite events nobody has.
+//! would keep the gap. These are kept in `federation_refetches` (event ID → [`Waiting`]), once
+//! their signatures and hashes were checked, and tried again with back-off, across restarts;
+//! at most [`MAX_WAITING`] at a time, since a hostile server can push PDUs that cite events
+//! nobody has.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lattice_core::event::Pdu;
 use lattice_core::room_version::RoomVersion;
-use ruma::{OwnedEventId, OwnedServerName, ServerName};
-use tokio::time::Instant;
+use lattice_storage::{Direction, KeyRange, Table, WriteBatch};
+use ruma::{CanonicalJsonObject, OwnedEventId, OwnedServerName, ServerName};
+use serde::{Deserialize, Serialize};
 
 use super::Federation;
 use crate::ServiceError;
@@ -25,64 +26,35 @@ use crate::ServiceError;
 const MAX_WAITING: usize = 1_000;
 /// The first retry, doubled after each failure.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
-/// Tries after the first refusal before a PDU is given up (30 s doubling: about two hours).
+/// Retries after the first before a PDU is given up: the tries come 30 s after the refusal, then
+/// 1, 2, 4 … 128 minutes after each failure, nine in about four hours.
 const MAX_RETRIES: u32 = 8;
 /// How often the waiting PDUs are looked at.
 const TICK: Duration = Duration::from_secs(5);
 
+/// A row of `federation_refetches`.
+#[derive(Serialize, Deserialize)]
 struct Waiting {
     origin: OwnedServerName,
-    version: RoomVersion,
-    event: Pdu,
+    room_version: String,
+    /// The PDU as it was pushed (checked already).
+    pdu: String,
     retries: u32,
-    due: Instant,
+    /// When to try next, in the service clock's milliseconds.
+    due_ms: u64,
 }
 
+/// How many PDUs wait, counted from the table when the retry task starts and kept up to date
+/// after; it only bounds the table, so a count off by a few under races is harmless.
 #[derive(Default)]
 pub(super) struct Refetches {
-    waiting: Mutex<HashMap<OwnedEventId, Waiting>>,
+    waiting: AtomicUsize,
 }
 
-impl Refetches {
-    /// Keeps a PDU refused for a failed fetch, to be tried again after `FIRST_RETRY` (an event
-    /// already waiting keeps its schedule).
-    fn remember(&self, origin: &ServerName, version: &RoomVersion, event: Pdu, now: Instant) {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if waiting.contains_key(event.id()) {
-            return;
-        }
-        if waiting.len() >= MAX_WAITING {
-            tracing::warn!(%origin, event_id = %event.id(), "too many PDUs waiting for a refetch; this one is dropped");
-            return;
-        }
-        let entry =
-            Waiting { origin: origin.to_owned(), version: version.clone(), event, retries: 0, due: now + FIRST_RETRY };
-        waiting.insert(entry.event.id().to_owned(), entry);
-    }
-
-    /// Takes the PDUs whose retry is due.
-    fn take_due(&self, now: Instant) -> Vec<Waiting> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let due: Vec<OwnedEventId> = waiting.iter().filter(|(_, w)| w.due <= now).map(|(id, _)| id.clone()).collect();
-        due.iter().filter_map(|id| waiting.remove(id)).collect()
-    }
-
-    /// Puts a PDU whose retry failed back, later, unless it has had all its tries.
-    fn put_back(&self, mut entry: Waiting, now: Instant) {
-        entry.retries += 1;
-        if entry.retries > MAX_RETRIES {
-            tracing::info!(origin = %entry.origin, event_id = %entry.event.id(), "a refused PDU was given up after its retries");
-            return;
-        }
-        entry.due = now + FIRST_RETRY * 2u32.pow(entry.retries);
-        let mut waiting = self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        waiting.entry(entry.event.id().to_owned()).or_insert(entry);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.waiting.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
-    }
+/// When the try after `retries` failed retries is due, from a failure at `now_ms`; `None` once
+/// the PDU has had all its tries.
+fn next_due(retries: u32, now_ms: u64) -> Option<u64> {
+    (retries <= MAX_RETRIES).then(|| now_ms + (FIRST_RETRY * 2u32.pow(retries)).as_millis() as u64)
 }
 
 /// Whether a PDU refused with this error may be placed later: the fetches it needed failed, as
@@ -92,84 +64,131 @@ fn worth_retrying(error: &ServiceError) -> bool {
 }
 
 impl Federation {
-    /// Keeps `event` for another try when `error` says a fetch it needed failed.
-    pub(super) fn refetch_later(&self, origin: &ServerName, version: &RoomVersion, event: &Pdu, error: &ServiceError) {
-        if worth_retrying(error) {
-            self.refetches.remember(origin, version, event.clone(), Instant::now());
+    /// Keeps `event` for another try when `error` says a fetch it needed failed (an event
+    /// already waiting keeps its schedule). Written with the transaction's other writes.
+    pub(super) async fn refetch_later(
+        &self,
+        origin: &ServerName,
+        version: &RoomVersion,
+        event: &Pdu,
+        error: &ServiceError,
+    ) -> Result<(), ServiceError> {
+        if !worth_retrying(error) {
+            return Ok(());
         }
+        let key = event.id().as_str().as_bytes();
+        if self.kv.get(Table::FederationRefetches, key).await?.is_some() {
+            return Ok(());
+        }
+        if self.refetches.waiting.load(Ordering::Relaxed) >= MAX_WAITING {
+            tracing::warn!(%origin, event_id = %event.id(), "too many PDUs waiting for a refetch; this one is dropped");
+            return Ok(());
+        }
+        let waiting = Waiting {
+            origin: origin.to_owned(),
+            room_version: version.id().to_string(),
+            pdu: serde_json::to_string(event.object()).map_err(|e| ServiceError::Internal(e.to_string()))?,
+            retries: 0,
+            due_ms: self.rooms.now_millis() + FIRST_RETRY.as_millis() as u64,
+        };
+        self.write_waiting(key.to_vec(), &waiting).await?;
+        self.refetches.waiting.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Tries the waiting PDUs again as they fall due, until the process ends.
     pub async fn refetch_forever(&self) {
+        match self.kv.scan(Table::FederationRefetches, &KeyRange::all(), Direction::Forward, MAX_WAITING).await {
+            Ok(rows) => self.refetches.waiting.store(rows.len(), Ordering::Relaxed),
+            Err(error) => tracing::warn!(%error, "counting the PDUs waiting for a refetch failed"),
+        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tick.tick().await;
-            self.refetch_due().await;
-        }
-    }
-
-    async fn refetch_due(&self) {
-        for entry in self.refetches.take_due(Instant::now()) {
-            let event_id = entry.event.id().to_owned();
-            match self.ingest_or_fill_gap(&entry.origin, &entry.version, &entry.event).await {
-                Ok(ingested) => {
-                    tracing::info!(%event_id, outcome = ?ingested.outcome, "a refused PDU was placed on a retry")
-                }
-                Err(error) if worth_retrying(&error) => {
-                    tracing::debug!(%event_id, %error, "a refused PDU's fetches failed again");
-                    self.refetches.put_back(entry, Instant::now());
-                }
-                Err(error) => tracing::info!(%event_id, %error, "a refused PDU was refused again"),
+            if let Err(error) = self.refetch_due().await {
+                tracing::warn!(%error, "retrying refused PDUs failed");
             }
         }
     }
+
+    async fn refetch_due(&self) -> Result<(), ServiceError> {
+        let rows = self.kv.scan(Table::FederationRefetches, &KeyRange::all(), Direction::Forward, MAX_WAITING).await?;
+        for (key, value) in rows {
+            let Ok(waiting) = serde_json::from_slice::<Waiting>(&value) else {
+                self.forget_refetch(key).await?;
+                continue;
+            };
+            if waiting.due_ms > self.rooms.now_millis() {
+                continue;
+            }
+            let event_id = String::from_utf8_lossy(&key).into_owned();
+            let tried = match stored_pdu(&event_id, &waiting) {
+                Some((version, event)) => self.ingest_or_fill_gap(&waiting.origin, &version, &event).await,
+                None => Err(ServiceError::Internal("unreadable".into())),
+            };
+            match tried {
+                Ok(ingested) => {
+                    tracing::info!(%event_id, outcome = ?ingested.outcome, "a refused PDU was placed on a retry");
+                    self.forget_refetch(key).await?;
+                }
+                Err(error) if worth_retrying(&error) => match next_due(waiting.retries + 1, self.rooms.now_millis()) {
+                    Some(due_ms) => {
+                        tracing::debug!(%event_id, %error, "a refused PDU's fetches failed again");
+                        let again = Waiting { retries: waiting.retries + 1, due_ms, ..waiting };
+                        self.write_waiting(key, &again).await?;
+                    }
+                    None => {
+                        tracing::info!(%event_id, %error, "a refused PDU was given up after its retries");
+                        self.forget_refetch(key).await?;
+                    }
+                },
+                Err(error) => {
+                    tracing::info!(%event_id, %error, "a refused PDU was refused again");
+                    self.forget_refetch(key).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_waiting(&self, key: Vec<u8>, waiting: &Waiting) -> Result<(), ServiceError> {
+        let value = serde_json::to_vec(waiting).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let mut batch = WriteBatch::new();
+        batch.put(Table::FederationRefetches, key, value);
+        Ok(self.kv.write(batch).await?)
+    }
+
+    async fn forget_refetch(&self, key: Vec<u8>) -> Result<(), ServiceError> {
+        let mut batch = WriteBatch::new();
+        batch.delete(Table::FederationRefetches, key);
+        self.kv.write(batch).await?;
+        let _ = self.refetches.waiting.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        Ok(())
+    }
+}
+
+/// A waiting row's PDU, as it was checked when pushed.
+fn stored_pdu(event_id: &str, waiting: &Waiting) -> Option<(RoomVersion, Pdu)> {
+    let version = RoomVersion::parse(&waiting.room_version).ok()?;
+    let object: CanonicalJsonObject = serde_json::from_str(&waiting.pdu).ok()?;
+    let event = Pdu::stored(object, &version, OwnedEventId::try_from(event_id).ok()?).ok()?;
+    Some((version, event))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ruma::CanonicalJsonObject;
-
-    fn event(n: usize) -> Pdu {
-        let object: CanonicalJsonObject = serde_json::from_value(serde_json::json!({
-            "room_id": "!r:remote.test", "sender": "@a:remote.test", "type": "m.room.message",
-            "content": { "body": "hi" }, "origin_server_ts": 1, "depth": 2,
-            "prev_events": [], "auth_events": [], "hashes": { "sha256": "x" }, "signatures": {},
-        }))
-        .unwrap();
-        let version = RoomVersion::parse("10").unwrap();
-        Pdu::stored(object, &version, OwnedEventId::try_from(format!("$e{n}")).unwrap()).unwrap()
-    }
 
     #[test]
-    fn a_refused_pdu_is_retried_with_back_off_then_given_up_and_the_wait_is_bounded() {
-        let refetches = Refetches::default();
-        let (origin, version, start) =
-            (ruma::server_name!("remote.test"), RoomVersion::parse("10").unwrap(), Instant::now());
-        refetches.remember(origin, &version, event(0), start);
-        refetches.remember(origin, &version, event(0), start);
-        assert_eq!(refetches.len(), 1, "one entry per event");
-        assert!(refetches.take_due(start + FIRST_RETRY - Duration::from_secs(1)).is_empty());
-        let mut now = start + FIRST_RETRY;
-        let mut tries = 0;
-        loop {
-            let due = refetches.take_due(now);
-            if due.is_empty() {
-                break;
-            }
-            tries += 1;
-            for entry in due {
-                refetches.put_back(entry, now);
-            }
-            now += FIRST_RETRY * 2u32.pow(tries);
-        }
-        assert_eq!(tries, MAX_RETRIES + 1, "the first retry and MAX_RETRIES more");
-        assert_eq!(refetches.len(), 0, "given up");
-
-        for n in 0..MAX_WAITING + 10 {
-            refetches.remember(origin, &version, event(n), start);
-        }
-        assert_eq!(refetches.len(), MAX_WAITING);
+    fn the_tries_back_off_then_stop() {
+        let first = FIRST_RETRY.as_millis() as u64;
+        assert_eq!(next_due(0, 0), Some(first));
+        assert_eq!(next_due(1, 1_000), Some(1_000 + 2 * first));
+        assert_eq!(next_due(MAX_RETRIES, 0), Some(first << MAX_RETRIES));
+        assert_eq!(next_due(MAX_RETRIES + 1, 0), None, "given up");
+        let all: u64 = (0..=MAX_RETRIES).map(|retries| next_due(retries, 0).unwrap()).sum();
+        let hour_ms = 3_600_000;
+        assert!((4 * hour_ms..4 * hour_ms + hour_ms / 2).contains(&all), "about four hours: {all} ms");
     }
 
     #[test]
