@@ -204,6 +204,8 @@ pub struct Rooms {
     events_written: Arc<tokio::sync::Notify>,
     /// Stored events kept parsed for the auth checks of the events citing them.
     parsed_events: parsed_events::ParsedEvents,
+    /// Each room's joined servers as of its current state group (`peers.rs`).
+    joined_servers_cache: peers::JoinedServersCache,
 }
 
 impl Rooms {
@@ -239,6 +241,7 @@ impl Rooms {
             push_facts: Default::default(),
             events_written: Default::default(),
             parsed_events: Default::default(),
+            joined_servers_cache: Default::default(),
         }
     }
 

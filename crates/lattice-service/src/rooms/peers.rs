@@ -52,9 +52,51 @@ struct EventHead {
     state_key: Option<String>,
 }
 
+/// Rooms whose joined servers are kept at most; full, the cache starts again empty.
+const MAX_CACHED_ROOMS: usize = 4_096;
+
+/// Each room's joined servers as of a current state group. Memberships change only with the
+/// room's state, which moves its current state group, so a set read at or after group `g` is
+/// right for every reader who finds the room at `g`: the forwarder asks once per pass, and a
+/// big room's members are read again only after a state change.
+#[derive(Default)]
+pub(super) struct JoinedServersCache {
+    rooms: std::sync::Mutex<HashMap<OwnedRoomId, (u64, BTreeSet<OwnedServerName>)>>,
+}
+
+impl JoinedServersCache {
+    fn get(&self, room_id: &RoomId, group: u64) -> Option<BTreeSet<OwnedServerName>> {
+        let rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        rooms.get(room_id).filter(|(cached, _)| *cached == group).map(|(_, servers)| servers.clone())
+    }
+
+    fn insert(&self, room_id: &RoomId, group: u64, servers: &BTreeSet<OwnedServerName>) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if rooms.len() >= MAX_CACHED_ROOMS {
+            rooms.clear();
+        }
+        rooms.insert(room_id.to_owned(), (group, servers.clone()));
+    }
+}
+
 impl Rooms {
     /// The servers with a joined member in the room's current state.
     pub async fn joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<OwnedServerName>, ServiceError> {
+        // Read before the members, so what is cached under it is at least as new.
+        let group = lattice_storage::get::<RoomRecord>(self.kv.as_ref(), &keys::room(room_id.as_str()))
+            .await?
+            .map(|room| room.value.current_state_group);
+        if let Some(servers) = group.and_then(|group| self.joined_servers_cache.get(room_id, group)) {
+            return Ok(servers);
+        }
+        let servers = self.read_joined_servers(room_id).await?;
+        if let Some(group) = group {
+            self.joined_servers_cache.insert(room_id, group, &servers);
+        }
+        Ok(servers)
+    }
+
+    async fn read_joined_servers(&self, room_id: &RoomId) -> Result<BTreeSet<OwnedServerName>, ServiceError> {
         let mut servers = BTreeSet::new();
         for (user, _) in self.member_event_ids(room_id).await? {
             let Ok(user_id) = UserId::parse(user.as_str()) else { continue };

@@ -627,3 +627,35 @@ async fn an_event_read_for_auth_checks_is_read_redacted_once_its_redaction_is_st
     rooms.load_events(&shared.version, std::slice::from_ref(&secret), &mut loaded).await.unwrap();
     assert_eq!(body(&loaded), None, "the kept parse of the original must not outlive the redaction");
 }
+
+/// The forwarder asks for a room's joined servers on every pass that has events to queue: in a
+/// room whose state did not change since, that reads no member, however many there are.
+#[tokio::test]
+async fn joined_servers_of_an_unchanged_room_cost_the_same_in_a_big_room_as_in_a_small_one() {
+    async fn reads_for_joined_servers(members: usize) -> u64 {
+        let (local, room, alice) = warm_room_of_local_members(members).await;
+        local.service.rooms().joined_servers(&room).await.unwrap();
+        say(&local, &room, &alice, "no state change").await;
+        let before = local.kv.rows_read();
+        let servers = local.service.rooms().joined_servers(&room).await.unwrap();
+        assert_eq!(servers.into_iter().map(|s| s.to_string()).collect::<Vec<_>>(), ["hs.test"]);
+        local.kv.rows_read() - before
+    }
+    let small = reads_for_joined_servers(2).await;
+    let big = reads_for_joined_servers(300).await;
+    assert_eq!(small, big, "rows read for joined servers: {small} with 3 members, {big} with 301");
+}
+
+#[tokio::test]
+async fn joined_servers_follow_joins_and_leaves_of_other_servers() {
+    let shared = shared_room().await;
+    let rooms = shared.local.service.rooms();
+    let names = |servers: std::collections::BTreeSet<ruma::OwnedServerName>| {
+        servers.into_iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(names(rooms.joined_servers(&shared.room).await.unwrap()), ["hs.test", "remote.test"]);
+    let remote_rooms = shared.remote.service.rooms();
+    let leave = remote_rooms.set_membership(&shared.rita, &shared.room, &shared.rita, "leave", None).await.unwrap();
+    assert_eq!(relay(&shared, &shared.remote, &shared.local, &leave).await, Outcome::Accepted);
+    assert_eq!(names(rooms.joined_servers(&shared.room).await.unwrap()), ["hs.test"], "rita left");
+}
