@@ -830,14 +830,14 @@ impl Rooms {
                 continue;
             }
             if let Some(event) = self.parsed_events.get(id) {
-                loaded.insert(id.clone(), event);
+                loaded.insert(id.clone(), Pdu::clone(&event));
                 continue;
             }
             let generation = self.parsed_events.generation();
             match lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await? {
                 Some(record) => {
                     let event = stored_pdu(version, id, record)?;
-                    self.parsed_events.insert_if_unchanged(&event, generation);
+                    self.parsed_events.insert_if_unchanged(id, std::sync::Arc::new(event.clone()), generation);
                     loaded.insert(id.clone(), event);
                 }
                 None => missing.push(id.to_string()),

@@ -7,60 +7,21 @@
 //!
 //! A stored event's record changes in two ways only: a redaction replaces its JSON, and an
 //! outlier gets its place (and may be rejected then). The writer of either forgets the event
-//! once its write is done. A reader that missed takes the generation before it reads the store
-//! and keeps what it parsed only if nothing was forgotten meanwhile, so a parse of the record
-//! before a change is never kept after it.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+//! once its write is done; the cache (`user_cache.rs`) keeps a parse only if nothing was
+//! forgotten while it was read, so a parse of the record before a change is never kept after it.
 
 use lattice_core::event::Pdu;
-use ruma::{EventId, OwnedEventId};
+use ruma::OwnedEventId;
 
-/// Events kept at most. Full, the cache starts again empty: the events every new event cites
-/// are back after the next few.
+/// Events kept at most; past it an arbitrary one makes room.
 const MAX_PARSED_EVENTS: usize = 8_192;
 
-#[derive(Default)]
-pub(super) struct ParsedEvents {
-    events: Mutex<HashMap<OwnedEventId, Pdu>>,
-    generation: AtomicU64,
-}
-
-impl ParsedEvents {
-    pub(super) fn get(&self, event_id: &EventId) -> Option<Pdu> {
-        self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(event_id).cloned()
-    }
-
-    /// Taken before a reader that missed reads the store.
-    pub(super) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// Keeps `event` as read from the store, unless an event was forgotten since `generation`.
-    pub(super) fn insert_if_unchanged(&self, event: &Pdu, generation: u64) {
-        let mut events = self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Read under the lock `forget` bumps it under: no change slips in between.
-        if self.generation.load(Ordering::Acquire) != generation {
-            return;
-        }
-        if events.len() >= MAX_PARSED_EVENTS {
-            events.clear();
-        }
-        events.insert(event.id().to_owned(), event.clone());
-    }
-
-    /// Called after a write that changed the stored record of `event_id`.
-    pub(super) fn forget(&self, event_id: &EventId) {
-        let mut events = self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        events.remove(event_id);
-    }
-}
+pub(super) type ParsedEvents = crate::user_cache::KeyedCache<OwnedEventId, Pdu, MAX_PARSED_EVENTS>;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use lattice_core::room_version::RoomVersion;
     use ruma::CanonicalJsonObject;
@@ -82,11 +43,11 @@ mod tests {
         let before = cache.generation();
         // The record changes (e.g. is redacted) while the reader parses its old form.
         cache.forget(event("old").id());
-        cache.insert_if_unchanged(&event("old"), before);
+        cache.insert_if_unchanged(event("old").id(), Arc::new(event("old")), before);
         assert!(cache.get(event("old").id()).is_none());
 
         let now = cache.generation();
-        cache.insert_if_unchanged(&event("new"), now);
+        cache.insert_if_unchanged(event("new").id(), Arc::new(event("new")), now);
         assert_eq!(cache.get(event("new").id()).map(|e| e.object().clone()), Some(event("new").object().clone()));
         cache.forget(event("new").id());
         assert!(cache.get(event("new").id()).is_none());
