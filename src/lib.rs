@@ -448,7 +448,7 @@ async fn merge_wide_fronts(service: Arc<Service>) {
 /// backing off. Queued pushes are stored, so a restart loses none.
 async fn deliver_pushes(service: Arc<Service>) {
     loop {
-        if let Err(error) = service.push().deliver_due().await {
+        if let Err(error) = service.deliver_due_pushes().await {
             tracing::warn!(%error, "push delivery failed");
         }
         service.push().wait_for_queued(lattice_service::push::DELIVERY_INTERVAL).await;

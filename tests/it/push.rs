@@ -523,6 +523,59 @@ async fn members_names_and_rules_that_change_between_messages_are_the_ones_evalu
     server.stop().await;
 }
 
+/// A message to members with the default rules is one shared notification (issue #10); it must
+/// still leave out everyone it must not count for: its sender, a member who silenced the room,
+/// a member who joined after it (in counts and in `/notifications`), and a member's display-name
+/// change must not read what they had unread. A member it mentions is highlighted alone.
+#[tokio::test]
+async fn a_shared_notification_counts_for_exactly_the_members_it_notified() {
+    let server = TestServer::start().await;
+    let http = &server.http;
+    let (alice, bob, carol, room) = three_in_a_room(&server).await;
+    let dave = server.register("dave", "pw").await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&dave), &json!({})).await.0, 200);
+    let quiet = json!({ "actions": [] });
+    assert_eq!(http.put(&format!("{RULES}/room/{room}"), Some(&carol), &quiet).await.0, 200);
+
+    let hello = send(http, &alice, &room, "s1", json!({ "msgtype": "m.text", "body": "hello all" })).await;
+    assert_eq!(counts(http, &bob, &room).await, (1, 0));
+    assert_eq!(counts(http, &dave, &room).await, (1, 0));
+    assert_eq!(counts(http, &carol, &room).await, (0, 0), "carol silenced the room");
+    assert_eq!(counts(http, &alice, &room).await, (0, 0), "alice's own message");
+
+    let mention =
+        json!({ "msgtype": "m.text", "body": "over to you", "m.mentions": { "user_ids": [server.user_id("dave")] } });
+    let named = send(http, &alice, &room, "s2", mention).await;
+    assert_eq!(counts(http, &dave, &room).await, (2, 1), "the mention highlights for dave");
+    assert_eq!(counts(http, &bob, &room).await, (2, 0), "and for nobody else");
+
+    let profile = format!("/_matrix/client/v3/profile/{}/displayname", server.user_id("bob"));
+    assert_eq!(http.put(&profile, Some(&bob), &json!({ "displayname": "Robert" })).await.0, 200);
+    assert_eq!(counts(http, &bob, &room).await, (2, 0), "a display-name change reads nothing");
+
+    let erin = server.register("erin", "pw").await;
+    assert_eq!(http.post(&format!("/_matrix/client/v3/join/{room}"), Some(&erin), &json!({})).await.0, 200);
+    assert_eq!(counts(http, &erin, &room).await, (0, 0), "nothing from before erin joined");
+    assert_eq!(notified_event_ids(http, &erin).await, Vec::<String>::new());
+    let after = send(http, &alice, &room, "s3", json!({ "msgtype": "m.text", "body": "welcome" })).await;
+    assert_eq!(counts(http, &erin, &room).await, (1, 0));
+    assert_eq!(notified_event_ids(http, &erin).await, std::slice::from_ref(&after));
+
+    assert_eq!(notified_event_ids(http, &bob).await, [after.clone(), named.clone(), hello.clone()]);
+    assert_eq!(notified_event_ids(http, &carol).await, Vec::<String>::new(), "carol was notified of nothing");
+    assert_eq!(notified_event_ids(http, &alice).await, Vec::<String>::new(), "alice of nothing");
+    let (_, highlights) = http.get("/_matrix/client/v3/notifications?only=highlight", Some(&dave)).await;
+    let highlighted: Vec<&Value> = highlights["notifications"].as_array().unwrap().iter().collect();
+    assert_eq!(highlighted.len(), 1, "{highlights}");
+    assert_eq!(highlighted[0]["event"]["event_id"], named);
+
+    // A receipt reads the shared rows for its reader only.
+    receipt(http, &bob, &room, &after, json!({})).await;
+    assert_eq!(counts(http, &bob, &room).await, (0, 0));
+    assert_eq!(counts(http, &dave, &room).await, (3, 1));
+    server.stop().await;
+}
+
 /// Sets the user's `m.ignored_user_list` to `ignored`.
 async fn ignore(server: &TestServer, token: &str, user: &str, ignored: &[&str]) {
     let users: serde_json::Map<String, Value> = ignored.iter().map(|u| (server.user_id(u), json!({}))).collect();

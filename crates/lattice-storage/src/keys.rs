@@ -218,6 +218,12 @@ pub fn push_unread(user_id: &str, room_id: &str, position: u64) -> Vec<u8> {
     join(&[user_id.as_bytes(), room_id.as_bytes(), &position.to_be_bytes()])
 }
 
+/// `room\0position`, big-endian: an event that notified every local member of the room alike
+/// (all but those with a row of their own), so a room's notifications are one range for all.
+pub fn push_room_notification(room_id: &str, position: u64) -> Vec<u8> {
+    join(&[room_id.as_bytes(), &position.to_be_bytes()])
+}
+
 /// `user\0room\0`: the prefix of a user's [`push_unread`] and [`push_read_marker`] rows of a room.
 pub fn push_room_rows(user_id: &str, room_id: &str) -> Vec<u8> {
     join(&[user_id.as_bytes(), room_id.as_bytes(), b""])

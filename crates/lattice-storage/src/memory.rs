@@ -16,6 +16,7 @@ type Tables = HashMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 pub struct MemoryStore {
     tables: RwLock<Tables>,
     rows_read: AtomicU64,
+    rows_written: AtomicU64,
 }
 
 impl MemoryStore {
@@ -27,6 +28,11 @@ impl MemoryStore {
     /// Lets tests prove what a request costs.
     pub fn rows_read(&self) -> u64 {
         self.rows_read.load(Ordering::Relaxed)
+    }
+
+    /// Rows written or deleted so far by successful batches: lets tests prove what a write costs.
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::Relaxed)
     }
 }
 
@@ -90,6 +96,7 @@ impl KvStore for MemoryStore {
                 return Err(StorageError::Conflict);
             }
         }
+        self.rows_written.fetch_add(batch.ops.len() as u64, Ordering::Relaxed);
         for op in batch.ops {
             match op {
                 WriteOp::Put { table, key, value } => {

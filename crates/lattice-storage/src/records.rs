@@ -308,6 +308,10 @@ pub struct PushEventRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread: Option<String>,
     pub ts: u64,
+    /// The actions of the room's members without a row of their own (`push_room_notifications`),
+    /// when the event notified them; absent in rows written before such rows existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actions: Option<serde_json::Value>,
 }
 
 impl Record for PushEventRecord {

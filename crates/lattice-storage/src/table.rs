@@ -65,6 +65,7 @@ tables! {
     PushNotifications => "push_notifications",
     PushEvents => "push_events",
     PushUnread => "push_unread",
+    PushRoomNotifications => "push_room_notifications",
     PushReadMarkers => "push_read_markers",
     Pushers => "pushers",
     PusherKeys => "pusher_keys",

@@ -222,6 +222,11 @@ impl AccountData {
         Ok(changed)
     }
 
+    /// Changes whenever any user's ignored users may have changed.
+    pub(crate) fn ignored_users_generation(&self) -> u64 {
+        self.ignored_cache.generation()
+    }
+
     /// Senders whose events the user asked not to see (`m.ignored_user_list`): from the cache,
     /// else read and cached.
     pub(crate) async fn ignored_users(&self, user_id: &UserId) -> Result<Arc<HashSet<String>>, ServiceError> {

@@ -55,7 +55,13 @@ impl RowRewrite for SharedNotificationParts {
         // A new row is the actions array; only an old one is an object.
         let Ok(old) = serde_json::from_slice::<NotificationV4>(value) else { return Ok(()) };
         let Some(position) = keys::trailing_position(key) else { return Ok(()) };
-        let shared = PushEventRecord { room_id: old.room_id, event_id: old.event_id, thread: old.thread, ts: old.ts };
+        let shared = PushEventRecord {
+            room_id: old.room_id,
+            event_id: old.event_id,
+            thread: old.thread,
+            ts: old.ts,
+            actions: None,
+        };
         lattice_storage::put(batch, keys::push_event(position), &shared);
         batch.put(Table::PushNotifications, key.to_vec(), encode_actions_json(&old.actions));
         Ok(())
@@ -68,7 +74,7 @@ struct CompactUnread;
 impl RowRewrite for CompactUnread {
     async fn row(&self, _: &dyn KvRead, key: &[u8], value: &[u8], batch: &mut WriteBatch) -> Result<(), StorageError> {
         let Ok(old) = serde_json::from_slice::<UnreadV4>(value) else { return Ok(()) };
-        let row = UnreadRow { thread: old.thread, highlight: old.highlight };
+        let row = UnreadRow { thread: old.thread, highlight: old.highlight, suppressed: false };
         batch.put(Table::PushUnread, key.to_vec(), row.encode());
         Ok(())
     }
@@ -112,7 +118,7 @@ mod tests {
         let seventh: PushEventRecord = serde_json::from_slice(&shared[0].1).unwrap();
         assert_eq!(
             seventh,
-            PushEventRecord { room_id: "!r:hs".into(), event_id: "$e7".into(), thread: None, ts: 1_007 }
+            PushEventRecord { room_id: "!r:hs".into(), event_id: "$e7".into(), thread: None, ts: 1_007, actions: None }
         );
         let ninth: PushEventRecord = serde_json::from_slice(&shared[1].1).unwrap();
         assert_eq!(ninth.thread.as_deref(), Some("$root"));
@@ -121,8 +127,8 @@ mod tests {
         assert_eq!(serde_json::from_slice::<serde_json::Value>(&b_row.1).unwrap(), mention);
         let unread = rows(&kv, Table::PushUnread).await;
         let decoded: Vec<UnreadRow> = unread.iter().map(|(_, value)| UnreadRow::decode(value).unwrap()).collect();
-        assert!(decoded.contains(&UnreadRow { thread: Some("$root".into()), highlight: false }));
-        assert!(decoded.contains(&UnreadRow { thread: None, highlight: true }));
+        assert!(decoded.contains(&UnreadRow { thread: Some("$root".into()), highlight: false, suppressed: false }));
+        assert!(decoded.contains(&UnreadRow { thread: None, highlight: true, suppressed: false }));
 
         // Each step again over the migrated rows: nothing changes.
         let before = (rows(&kv, Table::PushNotifications).await, rows(&kv, Table::PushUnread).await);

@@ -4,6 +4,7 @@
 //! new event (`notify.rs`): the notifications of each local member, their unread counts, and the
 //! read markers their receipts move.
 
+mod audience;
 mod migrations;
 mod notify;
 mod pushers;
@@ -28,6 +29,7 @@ pub(crate) const TABLES: TableScope = TableScope {
         Table::PushNotifications,
         Table::PushEvents,
         Table::PushUnread,
+        Table::PushRoomNotifications,
         Table::PushReadMarkers,
         Table::Pushers,
         Table::PusherKeys,
@@ -50,6 +52,8 @@ pub struct Push {
     rules_cache: rules::RulesCache,
     /// Each user's pushers, read for every event that notifies them (`pushers.rs`).
     pushers_cache: pushers::PushersCache,
+    /// Rooms' members sorted into shared and individual evaluation (`audience.rs`).
+    audiences: audience::AudienceCache,
 }
 
 /// How long one `POST` to a push gateway may take.
@@ -74,6 +78,7 @@ impl Push {
             queued: tokio::sync::Notify::new(),
             rules_cache: rules::RulesCache::default(),
             pushers_cache: pushers::PushersCache::default(),
+            audiences: audience::AudienceCache::default(),
         }
     }
 
@@ -93,7 +98,8 @@ impl crate::Service {
         limit: Option<usize>,
         only_highlights: bool,
     ) -> Result<(Vec<(Notification, serde_json::Value)>, Option<String>), crate::ServiceError> {
-        let page = self.push.notifications(user_id, from, limit, only_highlights).await?;
+        let joined_rooms = self.rooms.joined_rooms(user_id).await?;
+        let page = self.push.notifications(user_id, &joined_rooms, from, limit, only_highlights).await?;
         let mut listed = Vec::with_capacity(page.notifications.len());
         for notification in page.notifications {
             match self.rooms.client_event(&notification.event_id).await {
@@ -103,5 +109,11 @@ impl crate::Service {
             }
         }
         Ok((listed, page.next_token))
+    }
+
+    /// Sends every queued push that is due, each with the badge of its user's joined rooms;
+    /// returns how many were delivered. Called by the server's delivery task.
+    pub async fn deliver_due_pushes(&self) -> Result<usize, crate::ServiceError> {
+        self.push.deliver_due(self.rooms.as_ref()).await
     }
 }

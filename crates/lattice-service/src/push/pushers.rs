@@ -6,7 +6,7 @@
 //! A gateway that names a pushkey `rejected` loses that pusher.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lattice_storage::records::{PushQueueRecord, PusherRecord};
@@ -71,7 +71,7 @@ impl Push {
     }
 
     /// The user's pushers, from the cache when they are in it.
-    async fn cached_pushers(&self, user_id: &UserId) -> Result<Arc<Vec<Pusher>>, ServiceError> {
+    pub(super) async fn cached_pushers(&self, user_id: &UserId) -> Result<Arc<Vec<Pusher>>, ServiceError> {
         self.pushers_cache.get_or_load(user_id, self.pushers(user_id)).await
     }
 
@@ -140,21 +140,19 @@ impl Push {
     }
 
     /// Adds one queued push per pusher of the recipient to `batch` (the notification's batch).
-    /// `parsed` is the event as JSON, parsed by the first recipient with a pusher and shared by
-    /// the rest (most recipients have none, and then nothing is parsed).
+    /// `object` is the event as JSON.
     pub(super) async fn queue_pushes(
         &self,
         batch: &mut WriteBatch,
         user_id: &UserId,
         event: &super::PushedEvent<'_>,
         actions: &[Action],
-        parsed: &OnceLock<Value>,
+        object: &Value,
     ) -> Result<bool, ServiceError> {
         let pushers = self.cached_pushers(user_id).await?;
         if pushers.is_empty() {
             return Ok(false);
         }
-        let object = parsed.get_or_init(|| serde_json::from_str(event.json.get()).unwrap_or_default());
         let tweaks: serde_json::Map<String, Value> = actions
             .iter()
             .filter_map(|action| match action {
@@ -219,8 +217,9 @@ impl Push {
     }
 
     /// Sends every queued push that is due; returns how many were delivered. Called by the
-    /// server's delivery task, and woken early when a push is queued.
-    pub async fn deliver_due(&self) -> Result<usize, ServiceError> {
+    /// server's delivery task (through [`crate::Service::deliver_due_pushes`], which gives each
+    /// user's joined rooms for their badge), and woken early when a push is queued.
+    pub(crate) async fn deliver_due(&self, rooms: &dyn JoinedRooms) -> Result<usize, ServiceError> {
         let now = self.clock.now_ms();
         let due = KeyRange::between(&keys::push_queue_due(0), &keys::push_queue_due(now.saturating_add(1)));
         let rows = self.kv.scan(Table::PushQueue, &due, Direction::Forward, DELIVERY_BATCH).await?;
@@ -243,7 +242,7 @@ impl Push {
                 Some(&badge) => badge,
                 None => {
                     let badge = match UserId::parse(&queued.user_id) {
-                        Ok(user_id) => self.badge_count(&user_id).await?,
+                        Ok(user_id) => self.badge_count(&user_id, &rooms.joined_rooms(&user_id).await?).await?,
                         // Never stored by this server; the push still goes out.
                         Err(_) => 0,
                     };
@@ -332,6 +331,19 @@ impl Push {
         let rejected =
             body["rejected"].as_array().is_some_and(|keys| keys.iter().any(|k| k == &json!(pusher.ids.pushkey)));
         Ok(rejected)
+    }
+}
+
+/// Where a user's badge is counted: their joined rooms (the rooms service's).
+#[async_trait::async_trait]
+pub(crate) trait JoinedRooms: Send + Sync {
+    async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<ruma::OwnedRoomId>, ServiceError>;
+}
+
+#[async_trait::async_trait]
+impl JoinedRooms for crate::rooms::Rooms {
+    async fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<ruma::OwnedRoomId>, ServiceError> {
+        crate::rooms::Rooms::joined_rooms(self, user_id).await
     }
 }
 

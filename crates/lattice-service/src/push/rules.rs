@@ -55,7 +55,29 @@ fn ruleset_of(user_id: &UserId, content: &JsonObject) -> Ruleset {
 /// Parsed rulesets by user, so evaluating an event for a member costs no account-data read and
 /// no parse. Only [`Push::change`] writes `m.push_rules` (clients cannot: it is server-managed
 /// account data), and it drops the user's entry after every write.
-pub(super) type RulesCache = crate::user_cache::UserCache<Ruleset>;
+pub(super) type RulesCache = crate::user_cache::UserCache<UserRules>;
+
+/// A user's ruleset as evaluated, and whether it is the server default for them (never changed,
+/// or changed back): then it differs from every other default ruleset only in the user's own ID,
+/// localpart and display name, and one evaluation serves all such members (`audience.rs`).
+pub(super) struct UserRules {
+    pub ruleset: Ruleset,
+    pub is_default: bool,
+}
+
+impl UserRules {
+    fn of(user_id: &UserId, stored: Option<&JsonObject>) -> Self {
+        let default = Ruleset::server_default(user_id);
+        match stored {
+            None => UserRules { ruleset: default, is_default: true },
+            Some(content) => {
+                let ruleset = ruleset_of(user_id, content);
+                let is_default = serde_json::to_value(&ruleset).ok() == serde_json::to_value(&default).ok();
+                UserRules { ruleset, is_default }
+            }
+        }
+    }
+}
 
 fn not_found(kind: &RuleKind, rule_id: &str) -> ServiceError {
     ServiceError::NotFound(format!("no push rule {kind}/{rule_id}"))
@@ -71,8 +93,13 @@ impl Push {
     }
 
     /// The user's ruleset for evaluating events: from the cache, else read and cached.
-    pub(super) async fn cached_rules(&self, user_id: &UserId) -> Result<Arc<Ruleset>, ServiceError> {
-        self.rules_cache.get_or_load(user_id, self.rules(user_id)).await
+    pub(super) async fn cached_rules(&self, user_id: &UserId) -> Result<Arc<UserRules>, ServiceError> {
+        self.rules_cache.get_or_load(user_id, self.user_rules(user_id)).await
+    }
+
+    async fn user_rules(&self, user_id: &UserId) -> Result<UserRules, ServiceError> {
+        let stored = self.account_data.stored_global(user_id, PUSH_RULES_TYPE).await?;
+        Ok(UserRules::of(user_id, stored.as_ref().map(|(content, _)| content)))
     }
 
     /// One rule, or `M_NOT_FOUND`.

@@ -116,9 +116,16 @@ const ROOM_TABLES: [Table; 26] = [
 pub(crate) const TABLES: TableScope = TableScope { owner: "rooms", tables: &ROOM_TABLES };
 
 /// The push service's rows an event's batch carries (see `EVENT_WRITES`): what the event
-/// notified, and for a local user's leave, their read marker at it (`Push::left_room_into`).
-const PUSH_ROWS_OF_AN_EVENT: [Table; 5] =
-    [Table::PushEvents, Table::PushNotifications, Table::PushUnread, Table::PushQueue, Table::PushReadMarkers];
+/// notified, and for a local user's join or leave, their read marker at it
+/// (`Push::joined_room_into`, `Push::left_room_into`).
+const PUSH_ROWS_OF_AN_EVENT: [Table; 6] = [
+    Table::PushEvents,
+    Table::PushNotifications,
+    Table::PushUnread,
+    Table::PushRoomNotifications,
+    Table::PushQueue,
+    Table::PushReadMarkers,
+];
 
 /// The room tables followed by the push rows of an event.
 const EVENT_WRITE_TABLES: [Table; ROOM_TABLES.len() + PUSH_ROWS_OF_AN_EVENT.len()] = {

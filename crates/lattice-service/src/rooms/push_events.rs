@@ -60,7 +60,7 @@ impl Rooms {
         position: u64,
         batch: &mut lattice_storage::WriteBatch,
     ) -> Result<bool, ServiceError> {
-        self.leave_reads_all(room_id, event, position, batch).await?;
+        self.mark_membership(room_id, event, position, batch).await?;
         // The create event comes before the room's record: nobody is there to notify.
         let Some(facts) = self.push_facts(room_id).await? else { return Ok(false) };
         if facts.recipients.iter().all(|recipient| recipient.user_id == *event.sender()) {
@@ -82,12 +82,14 @@ impl Rooms {
             member_count: facts.member_count,
             power_levels,
         };
-        self.push.notifications_into(&pushed, &facts.recipients, batch).await
+        self.push.notifications_into(&pushed, facts.state_group, &facts.recipients, batch).await
     }
 
     /// A local user's leave, kick or ban reads everything they had unread in the room, so a
-    /// room they are no longer in never counts in the badge of their pushes.
-    async fn leave_reads_all(
+    /// room they are no longer in never counts in the badge of their pushes; their join (from
+    /// any other membership: not a display-name change) starts their counts there. The
+    /// membership read is the one before this event: the event's batch is not written yet.
+    async fn mark_membership(
         &self,
         room_id: &RoomId,
         event: &Pdu,
@@ -102,8 +104,12 @@ impl Rooms {
             return Ok(());
         }
         let content: Value = serde_json::from_str(event.content().get()).unwrap_or_default();
-        if matches!(content["membership"].as_str(), Some("leave" | "ban")) {
-            self.push.left_room_into(&user_id, room_id, position, batch).await?;
+        match content["membership"].as_str() {
+            Some("leave" | "ban") => self.push.left_room_into(&user_id, room_id, position, batch).await?,
+            Some("join") if self.membership(&user_id, room_id).await?.as_deref() != Some("join") => {
+                self.push.joined_room_into(&user_id, room_id, position, batch);
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -486,6 +486,22 @@ async fn a_message_costs_the_same_in_a_big_room_as_in_a_small_one() {
     assert_eq!(small, big, "rows read for one message: {small} with 67 members, {big} with 323");
 }
 
+/// A message into a big room of local members writes what it writes in a small one: members
+/// with the default rules share one notification row instead of two rows each (issue #10: a
+/// room of 10,000 members sends at the rate of a room of 3).
+#[tokio::test]
+async fn a_message_writes_the_same_rows_in_a_big_room_as_in_a_small_one() {
+    async fn writes_for_one_message(members: usize) -> u64 {
+        let (local, room, alice) = warm_room_of_local_members(members).await;
+        let before = local.kv.rows_written();
+        say(&local, &room, &alice, "measured").await;
+        local.kv.rows_written() - before
+    }
+    let small = writes_for_one_message(2 + 64).await;
+    let big = writes_for_one_message(2 + 5 * 64).await;
+    assert_eq!(small, big, "rows written for one message: {small} with 67 members, {big} with 323");
+}
+
 /// A join into a big room of local members costs what it costs in a small one: push rules
 /// bring the room's recipients forward by reading the joining member only, instead of every
 /// member's event again (issue #12: 10,000 local members joining one room).
