@@ -1,5 +1,6 @@
 //! A bounded in-memory map from a key to a value derived from stored data (a user's parsed push
-//! rules, their ignored users, a stored event parsed), for reads on the hot path of every event.
+//! rules, their ignored users, a stored event parsed, a room's members sorted for push rules), for
+//! reads on the hot path of every event.
 //! The writer of the stored data calls [`KeyedCache::forget`] after each write. A reader that
 //! missed takes the [`KeyedCache::generation`] before reading the store and inserts what it read
 //! only if no `forget` happened since, so a value read before a change is never cached after it.

@@ -57,32 +57,12 @@ impl Audience {
     }
 }
 
-/// The rooms' audiences, each valid for its state group and stamp.
-#[derive(Default)]
-pub(super) struct AudienceCache {
-    rooms: std::sync::Mutex<HashMap<OwnedRoomId, Arc<Audience>>>,
-}
+/// The rooms' audiences, each valid for its state group and stamp (checked on every read, so
+/// nothing is forgotten by hand).
+pub(super) type AudienceCache = crate::user_cache::KeyedCache<OwnedRoomId, Audience, MAX_ROOMS_WITH_AUDIENCES>;
 
-/// At most this many rooms' audiences are kept; past it an arbitrary room's make way.
+/// At most this many rooms' audiences are kept; past it an arbitrary room's makes way.
 const MAX_ROOMS_WITH_AUDIENCES: usize = 10_000;
-
-impl AudienceCache {
-    fn get(&self, room_id: &RoomId, state_group: u64, stamp: Stamp) -> Option<Arc<Audience>> {
-        let rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        rooms.get(room_id).filter(|audience| audience.state_group == state_group && audience.stamp == stamp).cloned()
-    }
-
-    fn insert(&self, room_id: &RoomId, audience: Arc<Audience>) {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if rooms.len() >= MAX_ROOMS_WITH_AUDIENCES
-            && !rooms.contains_key(room_id)
-            && let Some(any) = rooms.keys().next().cloned()
-        {
-            rooms.remove(&any);
-        }
-        rooms.insert(room_id.to_owned(), audience);
-    }
-}
 
 impl Push {
     fn stamp(&self) -> Stamp {
@@ -104,7 +84,9 @@ impl Push {
     ) -> Result<Arc<Audience>, ServiceError> {
         // Taken before reading: a change meanwhile leaves a stale stamp, gathered again next time.
         let stamp = self.stamp();
-        if let Some(audience) = self.audiences.get(room_id, state_group, stamp) {
+        let cached = self.audiences.get(room_id);
+        if let Some(audience) = cached.filter(|audience| audience.state_group == state_group && audience.stamp == stamp)
+        {
             return Ok(audience);
         }
         let mut individual = Vec::new();
@@ -116,7 +98,7 @@ impl Push {
             }
         }
         let audience = Arc::new(Audience { state_group, stamp, recipients: recipients.to_vec(), individual, by_user });
-        self.audiences.insert(room_id, audience.clone());
+        self.audiences.insert_if_unchanged(room_id, audience.clone(), self.audiences.generation());
         Ok(audience)
     }
 
