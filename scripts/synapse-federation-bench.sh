@@ -7,27 +7,30 @@
 #   - burst: N messages from 10 concurrent senders on the writer's server, then one more, which
 #     cites them all; timed until that one is in the reader's /sync (the writer's own send rate
 #     bounds it: it is printed too).
-# The same client code drives both directions, so each direction's figures are one server's
-# outbound path plus the other's inbound path. Lattice to Lattice is in federation_bench.
+# The same client code drives every direction, so each direction's figures are one server's
+# outbound path plus the other's inbound path. A second Synapse gives Synapse to Synapse on the
+# same machine; Lattice to Lattice is in federation_bench.
 #
 # Usage: scripts/synapse-federation-bench.sh [K] [N]   (defaults 300 and 2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K="${1:-300}"
 N="${2:-2000}"
+SECOND_SYNAPSE=1
 source tests/interop/synapse_pair.sh
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
 
-"$VPY" - "$K" "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" <<'PY'
+"$VPY" - "$K" "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" "$SYN2_NAME" <<'PY'
 import json, statistics, sys, threading, time, urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-k, n, lat_client, lat_name, syn_name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+k, n, lat_client, lat_name, syn_name, syn2_name = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:7]
 LAT = f"http://{lat_client}/_matrix/client/v3"
 SYN = f"https://{syn_name}/_matrix/client/v3"
+SYN2 = f"https://{syn2_name}/_matrix/client/v3"
 sys.path.insert(0, "scripts")
 from synapse_pair_client import call, login_carol, register_on_synapse
 
@@ -98,10 +101,12 @@ def percentile(values, p):
 
 carol = login_carol(LAT)
 dave = register_on_synapse(SYN, "dave")
+erin = register_on_synapse(SYN2, "erin")
 rows = []
 for (writer_base, writer, writer_server, reader_base, reader, tag, who) in [
     (LAT, carol, lat_name, SYN, dave, "l2s", "Lattice → Synapse"),
     (SYN, dave, syn_name, LAT, carol, "s2l", "Synapse → Lattice"),
+    (SYN, dave, syn_name, SYN2, erin, "s2s", "Synapse → Synapse"),
 ]:
     room = call("POST", f"{writer_base}/createRoom", writer, {"preset": "public_chat"})["room_id"]
     via = urllib.parse.urlencode({"via": writer_server, "server_name": writer_server})

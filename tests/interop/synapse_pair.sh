@@ -12,7 +12,8 @@
 #
 # Sets: LAT_NAME, SYN_NAME (server names), LAT_IP, LAT_CLIENT_PORT, SYN_IP, SYN_PORT, DIR,
 # VPY (the virtualenv's python), LAT_PID, SYN_PID; creates the Lattice user carol (password
-# "correct horse battery"). Synapse registration is open (m.login.dummy).
+# "correct horse battery"). Synapse registration is open (m.login.dummy). With SECOND_SYNAPSE=1
+# a second Synapse runs too (SYN2_NAME on 127.0.0.4:18452, directory $DIR/syn2, SYN2_PID).
 #
 # Both servers are named by IP literal and port (127.0.0.2:18449 and 127.0.0.3:18450), so no
 # DNS, .well-known or /etc/hosts entry is involved. Lattice verifies Synapse's certificate
@@ -29,6 +30,9 @@ SYN_IP=127.0.0.3
 SYN_PORT=18450
 LAT_NAME="$LAT_IP:$LAT_PORT"
 SYN_NAME="$SYN_IP:$SYN_PORT"
+SYN2_IP=127.0.0.4
+SYN2_PORT=18452
+SYN2_NAME="$SYN2_IP:$SYN2_PORT"
 
 [ -x "$LATTICE_BIN" ] || { echo "no lattice binary at $LATTICE_BIN (set LATTICE_BIN or build it)" >&2; exit 1; }
 
@@ -38,6 +42,7 @@ synapse_venv
 
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/lattice-interop.XXXXXX")"
 SYN_PID=""
+SYN2_PID=""
 LAT_PID=""
 stop() {
   local pid="$1"
@@ -50,6 +55,7 @@ stop() {
 }
 cleanup() {
   stop "$SYN_PID"
+  stop "$SYN2_PID"
   stop "$LAT_PID"
   if [ "${KEEP:-0}" = 1 ]; then echo "kept $DIR" >&2; else rm -rf "$DIR"; fi
 }
@@ -57,14 +63,18 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- Certificates for both (IP addresses in the subjectAltName). --------------------------------
+# --- Lattice's certificate (IP address in the subjectAltName). ----------------------------------
 "$LATTICE_BIN" tls self-signed --name "$LAT_IP" --out "$DIR/lat-tls" >/dev/null
-"$LATTICE_BIN" tls self-signed --name "$SYN_IP" --out "$DIR/syn-tls" >/dev/null
 
-# --- Synapse: one TLS listener with the client and federation resources. -----------------------
-"$VPY" -m synapse.app.homeserver --generate-config --server-name "$SYN_NAME" --report-stats=no \
-  --config-path "$DIR/homeserver.yaml" --config-directory "$DIR" --data-directory "$DIR/syn-data" >/dev/null
-"$VPY" - "$DIR" "$SYN_IP" "$SYN_PORT" "$SYN_NAME" <<'PY'
+# --- A Synapse named NAME on IP:PORT in directory D, with one TLS listener for the client and
+# federation resources and its certificate in D/syn-tls; started in the background ($! its pid).
+start_synapse() {
+  local name="$1" ip="$2" port="$3" d="$4"
+  mkdir -p "$d"
+  "$LATTICE_BIN" tls self-signed --name "$ip" --out "$d/syn-tls" >/dev/null
+  "$VPY" -m synapse.app.homeserver --generate-config --server-name "$name" --report-stats=no \
+    --config-path "$d/homeserver.yaml" --config-directory "$d" --data-directory "$d/syn-data" >/dev/null
+  "$VPY" - "$d" "$ip" "$port" "$name" <<'PY'
 import sys, yaml
 d, ip, port, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 path = f"{d}/homeserver.yaml"
@@ -108,9 +118,16 @@ cfg.update({
 with open(path, "w") as f:
     yaml.safe_dump(cfg, f)
 PY
-# In its directory: the generated log configuration writes homeserver.log to the working directory.
-(cd "$DIR" && exec "$VPY" -m synapse.app.homeserver --config-path "$DIR/homeserver.yaml") >"$DIR/synapse.out" 2>&1 &
+  # In its directory: the generated log configuration writes homeserver.log to the working directory.
+  (cd "$d" && exec "$VPY" -m synapse.app.homeserver --config-path "$d/homeserver.yaml") >"$d/synapse.out" 2>&1 &
+}
+start_synapse "$SYN_NAME" "$SYN_IP" "$SYN_PORT" "$DIR"
 SYN_PID=$!
+# A second Synapse for Synapse-to-Synapse figures (scripts/synapse-federation-bench.sh).
+if [ "${SECOND_SYNAPSE:-0}" = 1 ]; then
+  start_synapse "$SYN2_NAME" "$SYN2_IP" "$SYN2_PORT" "$DIR/syn2"
+  SYN2_PID=$!
+fi
 
 # --- Lattice: federation on, Synapse's certificate trusted, no DNS. ------------------------------
 export LATTICE_SERVER_NAME="$LAT_NAME"
@@ -141,3 +158,4 @@ wait_for() {
 }
 wait_for "https://$SYN_NAME/_matrix/key/v2/server"
 wait_for "https://$LAT_NAME/_matrix/key/v2/server"
+if [ -n "$SYN2_PID" ]; then wait_for "https://$SYN2_NAME/_matrix/key/v2/server"; fi
