@@ -114,6 +114,7 @@ cfg.update({
     "rc_federation": {"window_size": 1000, "sleep_limit": 1_000_000, "sleep_delay": 0,
                       "reject_limit": 1_000_000, "concurrent": 1_000_000},
     "rc_joins": {"local": OFF, "remote": OFF},
+    "rc_joins_per_room": OFF,
 })
 with open(path, "w") as f:
     yaml.safe_dump(cfg, f)
