@@ -705,3 +705,29 @@ impl Push {
         Ok(listed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_rows_read_back_as_written_and_unknown_flags_are_refused() {
+        for row in [
+            UnreadRow { thread: None, highlight: false, suppressed: false },
+            UnreadRow { thread: Some("$root".into()), highlight: true, suppressed: false },
+            UnreadRow { thread: Some("$root".into()), highlight: false, suppressed: true },
+        ] {
+            assert_eq!(UnreadRow::decode(&row.encode()), Some(row));
+        }
+        for row in [
+            SharedRow { highlight: false, sender: "@alice:hs.test".into(), thread: None },
+            SharedRow { highlight: true, sender: "@alice:hs.test".into(), thread: Some("$root".into()) },
+        ] {
+            assert_eq!(SharedRow::decode(&row.encode()), Some(row));
+        }
+        assert_eq!(UnreadRow::decode(&[3]), None);
+        assert_eq!(SharedRow::decode(&[2, b'@', 0]), None);
+        assert_eq!(SharedRow::decode(&[1, b'@']), None, "no separator after the sender");
+        assert_eq!(SharedRow::decode(&[]), None);
+    }
+}
