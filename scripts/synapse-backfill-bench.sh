@@ -14,9 +14,7 @@ cd "$(dirname "$0")/.."
 N="${1:-10000}"
 source tests/interop/synapse_pair.sh
 
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
-echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
+pair_bench_header
 
 "$VPY" - "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" <<'PY'
 import sys, time, urllib.parse

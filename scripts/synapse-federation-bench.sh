@@ -19,9 +19,7 @@ N="${2:-2000}"
 SECOND_SYNAPSE=1
 source tests/interop/synapse_pair.sh
 
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
-echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
+pair_bench_header
 
 "$VPY" - "$K" "$N" "$LAT_IP:$LAT_CLIENT_PORT" "$LAT_NAME" "$SYN_NAME" "$SYN2_NAME" <<'PY'
 import json, statistics, sys, threading, time, urllib.parse

@@ -148,6 +148,13 @@ echo "correct horse battery" | "$LATTICE_BIN" user create carol --password-stdin
 "$LATTICE_BIN" serve >"$DIR/lattice.out" 2>&1 &
 LAT_PID=$!
 
+# What a benchmark on these servers prints first: the machine, the time and load, both versions.
+pair_bench_header() {
+  echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "Synapse $("$VPY" -c 'import synapse; print(synapse.__version__)'), Lattice $(git rev-parse --short HEAD)"
+}
+
 wait_for() {
   for _ in $(seq 1 300); do
     if curl -sk -o /dev/null --max-time 2 "$1"; then return 0; fi
