@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 use lattice::admin::{self, PasswordSource};
 use lattice::config::{self, Config};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "lattice", version, about = "Lattice, a Matrix homeserver")]
 struct Cli {

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::federation_invites::signed_event;
 use crate::federation_keys::{Network, Server, x_matrix};
-use crate::support::{assert_error, bodies, create_room, say};
+use crate::support::{Http, assert_error, bodies, create_room, say};
 
 /// Syncs (incrementally, from the previous answer) until `found` holds for the answer's
 /// rooms, or fails after 30 seconds.
@@ -232,6 +233,92 @@ pub(crate) async fn signed_request(
     let bytes = body.as_ref().map(|b| b.to_string()).unwrap_or_default();
     let auth = x_matrix(key, origin, "lat1.test", &method, path, bytes.as_bytes());
     net.request("lat1.test", method, path, Some(&auth), body.as_ref()).await
+}
+
+/// Messages of `sender` (a user of lat2, whose key signs them as lat2 would) in `room` on lat1,
+/// each citing the one before, the first citing the sender's join as lat1 has it (read by
+/// `reader`, a member on lat1): PDUs for lat1's `/send`.
+pub(crate) async fn chained_messages(
+    net: &Network,
+    lat1: &Http,
+    (reader, room): (&str, &str),
+    (sender, key): (&str, &ruma::signatures::Ed25519KeyPair),
+    bodies: impl Iterator<Item = String>,
+) -> Vec<Value> {
+    let (_, state) = lat1.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(reader)).await;
+    let state_event = |kind: &str, key: &str| {
+        state.as_array().unwrap().iter().find(|e| e["type"] == kind && e["state_key"] == key).unwrap().clone()
+    };
+    let create = state_event("m.room.create", "");
+    let version = create["content"]["room_version"].as_str().unwrap_or("1").to_owned();
+    let join = state_event("m.room.member", sender);
+    let mut auth_events = vec![state_event("m.room.power_levels", "")["event_id"].clone(), join["event_id"].clone()];
+    if version != "12" {
+        auth_events.push(create["event_id"].clone());
+    }
+    let (_, join_pdu) = signed_request(
+        net,
+        ("lat2.test", key),
+        Method::GET,
+        &format!("/_matrix/federation/v1/event/{}", join["event_id"].as_str().unwrap().replace('$', "%24")),
+        None,
+    )
+    .await;
+    let mut depth = join_pdu["pdus"][0]["depth"].as_u64().unwrap();
+    let mut prev = join["event_id"].clone();
+    let mut pdus = Vec::new();
+    for (n, body) in bodies.enumerate() {
+        depth += 1;
+        let event = json!({
+            "room_id": room, "sender": sender, "type": "m.room.message", "origin_server_ts": 1_000 + n,
+            "content": { "msgtype": "m.text", "body": body },
+            "prev_events": [prev], "auth_events": auth_events, "depth": depth,
+        });
+        let (id, pdu) = signed_event(key, "lat2.test", &version, event);
+        prev = json!(id);
+        pdus.push(pdu);
+    }
+    pdus
+}
+
+/// A transaction of many PDUs (their signatures checked in several chunks while the first ones
+/// are ingested) answers each PDU for itself and keeps their order: two whose signature does not
+/// verify, among them, are refused and never shown, and the ones after them are not held back.
+#[tokio::test]
+async fn a_transaction_of_many_pdus_answers_each_and_keeps_their_order() {
+    let net = Network::new(&["lat1.test", "lat2.test"]);
+    let lat1 = net.start("lat1.test").await;
+    let lat2 = net.start("lat2.test").await;
+    let (alice, _bob, room) = shared_room(&net, &lat1, &lat2).await;
+    let bob_id = "@bob:lat2.test";
+    let key = lat2.signing_key();
+    let texts = (0..23).map(|n| format!("in order {n}"));
+    let mut pdus = chained_messages(&net, &lat1.http, (&alice, &room), (bob_id, &key), texts).await;
+    // Two more messages beside the chain, each with another event's signature.
+    let forged = ["forged".to_owned()].into_iter();
+    let mut forged = chained_messages(&net, &lat1.http, (&alice, &room), (bob_id, &key), forged).await.remove(0);
+    forged["signatures"] = pdus[0]["signatures"].clone();
+    let mut other = forged.clone();
+    other["origin_server_ts"] = json!(5);
+    pdus.insert(7, forged);
+    pdus.insert(16, other);
+
+    let txn = json!({ "origin": "lat2.test", "origin_server_ts": 1, "pdus": pdus });
+    let path = "/_matrix/federation/v1/send/many-in-order";
+    let (status, answer) = signed_request(&net, ("lat2.test", &key), Method::PUT, path, Some(txn)).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = answer["pdus"].as_object().unwrap();
+    let refused: Vec<&Value> = results.values().filter(|r| r.get("error").is_some()).collect();
+    assert_eq!((results.len(), refused.len()), (25, 2), "{answer}");
+
+    let (status, page) =
+        lat1.http.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&alice)).await;
+    assert_eq!(status, 200, "{page}");
+    let mut shown = bodies(&page["chunk"]);
+    shown.reverse();
+    let expected: Vec<String> = (0..23).map(|n| format!("in order {n}")).collect();
+    assert_eq!(shown.iter().filter(|b| b.starts_with("in order")).cloned().collect::<Vec<_>>(), expected);
+    assert!(!shown.iter().any(|b| b == "forged"), "{shown:?}");
 }
 
 #[tokio::test]

@@ -8,9 +8,8 @@
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::federation_invites::signed_event;
 use crate::federation_keys::Network;
-use crate::federation_rooms::signed_request;
+use crate::federation_rooms::{chained_messages, signed_request};
 use crate::support::{Http, ProcessServer, register};
 
 /// Messages sent concurrently, so that several share one group commit.
@@ -138,40 +137,9 @@ async fn push_a_transaction_then_cut_power(
         lat2.http.post(&format!("/_matrix/client/v3/join/{room}?via=lat1.test"), Some(&bob), &json!({})).await;
     assert_eq!(status, 200, "{joined}");
 
-    // Bob's messages as lat2 would send them, chained from his join as lat1 stored it.
-    let (_, state) = lat1.http.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice)).await;
-    let state_event = |kind: &str, key: &str| {
-        state.as_array().unwrap().iter().find(|e| e["type"] == kind && e["state_key"] == key).unwrap().clone()
-    };
-    let create = state_event("m.room.create", "");
-    let version = create["content"]["room_version"].as_str().unwrap_or("1").to_owned();
-    let join = state_event("m.room.member", "@bob:lat2.test");
-    let mut auth_events = vec![state_event("m.room.power_levels", "")["event_id"].clone(), join["event_id"].clone()];
-    if version != "12" {
-        auth_events.push(create["event_id"].clone());
-    }
-    let (_, join_pdu) = signed_request(
-        net,
-        ("lat2.test", &lat2.signing_key()),
-        Method::GET,
-        &format!("/_matrix/federation/v1/event/{}", join["event_id"].as_str().unwrap().replace('$', "%24")),
-        None,
-    )
-    .await;
-    let mut depth = join_pdu["pdus"][0]["depth"].as_u64().unwrap();
-    let mut prev = join["event_id"].clone();
-    let mut pdus = Vec::new();
-    for n in 0..PUSHED {
-        depth += 1;
-        let event = json!({
-            "room_id": room, "sender": "@bob:lat2.test", "type": "m.room.message", "origin_server_ts": 1_000 + n,
-            "content": { "msgtype": "m.text", "body": format!("pushed {n}") },
-            "prev_events": [prev], "auth_events": auth_events, "depth": depth,
-        });
-        let (id, pdu) = signed_event(&lat2.signing_key(), "lat2.test", &version, event);
-        prev = json!(id);
-        pdus.push(pdu);
-    }
+    let bodies = (0..PUSHED).map(|n| format!("pushed {n}"));
+    let pdus =
+        chained_messages(net, &lat1.http, (&alice, &room), ("@bob:lat2.test", &lat2.signing_key()), bodies).await;
     let txn = json!({ "origin": "lat2.test", "origin_server_ts": 1, "pdus": pdus });
     let path = "/_matrix/federation/v1/send/power-cut";
     let (status, answer) = signed_request(net, ("lat2.test", &lat2.signing_key()), Method::PUT, path, Some(txn)).await;

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use super::signature_checks::{self, Prepared, SignatureChecks};
 use super::{Federation, server_of};
 use crate::ServiceError;
 use crate::rooms::Outcome;
@@ -47,23 +48,11 @@ struct RoomOf {
     room_id: Option<String>,
 }
 
-/// A pushed PDU ready for its signature checks: parsed, of a room this server is in, with the
-/// keys of the servers that must have signed it.
-struct Prepared {
-    event_id: String,
-    version: RoomVersion,
-    object: CanonicalJsonObject,
-    keys: ruma::signatures::PublicKeyMap,
-}
-
-/// A pushed PDU after its signature checks.
-type Checked = (String, RoomVersion, Result<Pdu, String>);
-
 impl Federation {
     /// `PUT /send/{txnId}`: each PDU through the ingest path, with its own result. A transaction
     /// already processed answers with its stored results and changes nothing.
     ///
-    /// The PDUs' signatures are checked on all cores first; then they are ingested in order, each
+    /// The PDUs' signatures are checked on all cores while they are ingested in order, each
     /// written without its own sync, and the stored results, written durably after them, make
     /// the whole transaction durable with one sync before it is answered
     /// ([`with_deferred_durability`](crate::rooms::with_deferred_durability)).
@@ -94,24 +83,26 @@ impl Federation {
     /// A transaction's PDUs, then its EDUs.
     async fn receive_contents(&self, origin: &ServerName, body: &TransactionBody) -> Result<PduResults, ServiceError> {
         let mut results = PduResults::new();
-        let mut prepared = Vec::with_capacity(body.pdus.len());
+        let mut checks = SignatureChecks::new(origin);
         for raw in &body.pdus {
             match self.prepare(origin, raw.get().as_bytes()).await {
-                (_, Ok(Some(pdu))) => prepared.push(pdu),
+                (_, Ok(Some(pdu))) => checks.push(pdu),
                 (_, Ok(None)) => {}
                 (event_id, Err(reason)) => note_refused(&mut results, origin, event_id, reason),
             }
         }
-        for (event_id, version, checked) in check_signatures(origin, prepared).await? {
-            let outcome = match checked {
-                Ok(event) => self.receive_checked(origin, &version, event).await,
-                Err(reason) => Err(reason),
-            };
-            match outcome {
-                Ok(()) => {
-                    results.insert(event_id, json!({}));
+        for answer in checks.finish() {
+            for (event_id, version, checked) in signature_checks::checked(answer).await? {
+                let outcome = match checked {
+                    Ok(event) => self.receive_checked(origin, &version, event).await,
+                    Err(reason) => Err(reason),
+                };
+                match outcome {
+                    Ok(()) => {
+                        results.insert(event_id, json!({}));
+                    }
+                    Err(reason) => note_refused(&mut results, origin, Some(event_id), reason),
                 }
-                Err(reason) => note_refused(&mut results, origin, Some(event_id), reason),
             }
         }
         for edu in &body.edus {
@@ -657,39 +648,4 @@ fn note_refused(results: &mut PduResults, origin: &ServerName, event_id: Option<
     if let Some(event_id) = event_id {
         results.insert(event_id, json!({ "error": reason }));
     }
-}
-
-/// The signature and content-hash checks of a transaction's PDUs, spread over the machine's
-/// cores on blocking threads (they need no storage and are most of a PDU's cost before ingest),
-/// all done before ingest starts; answered in the transaction's order, which ingest keeps.
-///
-/// Overlapping the checks with ingest (each PDU ingested as soon as its own check answered) was
-/// tried and measured within the run-to-run spread of this simpler order (docs/benchmarks.md).
-async fn check_signatures(origin: &ServerName, prepared: Vec<Prepared>) -> Result<Vec<Checked>, ServiceError> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let per_thread = prepared.len().div_ceil(threads).max(1);
-    let mut chunks = Vec::new();
-    let mut rest = prepared.into_iter();
-    loop {
-        let chunk: Vec<Prepared> = rest.by_ref().take(per_thread).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        let origin = origin.to_owned();
-        chunks.push(tokio::task::spawn_blocking(move || {
-            chunk.into_iter().map(|pdu| check_one(&origin, pdu)).collect::<Vec<Checked>>()
-        }));
-    }
-    let mut checked = Vec::new();
-    for chunk in chunks {
-        // A check that panicked is a bug. The transaction fails as a whole, so that nothing is
-        // recorded for it and the sending server sends it again.
-        checked.extend(chunk.await.map_err(|e| ServiceError::Internal(format!("a PDU's signature check: {e}")))?);
-    }
-    Ok(checked)
-}
-
-fn check_one(origin: &ServerName, pdu: Prepared) -> Checked {
-    let checked = crate::rooms::check_remote_object(origin, &pdu.version, pdu.object, &pdu.keys);
-    (pdu.event_id, pdu.version, checked.map_err(|e| e.to_string()))
 }

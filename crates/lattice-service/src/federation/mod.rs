@@ -18,6 +18,7 @@ mod join;
 mod knocks;
 mod presence;
 mod refetch;
+mod signature_checks;
 mod timestamps;
 
 use std::sync::{Arc, OnceLock};
