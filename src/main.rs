@@ -9,7 +9,7 @@ use lattice::admin::{self, PasswordSource};
 use lattice::config::{self, Config};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "lattice", version, about = "Lattice, a Matrix homeserver")]

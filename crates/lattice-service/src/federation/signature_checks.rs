@@ -2,8 +2,9 @@
 //! alongside the rest of the transaction's work: they need no storage and are most of a PDU's
 //! cost before ingest. PDUs are handed over in chunks as they are prepared, the chunks spread
 //! over one blocking thread per core (each thread taking its chunks in order), and answered
-//! chunk by chunk in the transaction's order, so that ingest (which keeps that order) starts on
-//! the first chunk while later ones are still being prepared and checked.
+//! chunk by chunk in the transaction's order: the checks run while the rest of the transaction
+//! is prepared, and ingest (which keeps that order) starts on the first chunk while later ones
+//! are still being checked.
 
 use std::sync::mpsc;
 
