@@ -185,7 +185,7 @@ impl Rooms {
     ) -> Result<Option<String>, ServiceError> {
         let Some(id) = event_id else { return Ok(None) };
         self.load_events(version, std::slice::from_ref(id), loaded).await?;
-        Ok(loaded.get(id).map(membership_of))
+        Ok(loaded.get(id).map(std::sync::Arc::as_ref).map(membership_of))
     }
 }
 

@@ -25,6 +25,7 @@
 //! at forks, gaps and snapshot points.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use lattice_core::auth;
 use lattice_core::event::Pdu;
@@ -81,8 +82,9 @@ pub(crate) struct Placement<'a> {
 /// How often ingest recomputes when a concurrent write to the same room wins the race.
 const ROOM_WRITE_RETRIES: usize = 8;
 
-/// Events loaded for one ingest, by ID.
-pub(super) type Loaded = HashMap<OwnedEventId, Pdu>;
+/// Events loaded for one ingest, by ID: shared with the cache of parsed events, since copying
+/// a parsed event (its whole JSON tree) for each PDU citing it cost more than checking it.
+pub(super) type Loaded = HashMap<OwnedEventId, Arc<Pdu>>;
 
 /// Where an event's prev events are: stored with their state, or unknown (not stored, or only
 /// as outliers) — a gap.
@@ -216,7 +218,7 @@ impl Rooms {
         // An outlier becomes a placed event only once, and an event is stored only once.
         batch.expect(Table::Events, event_key.clone(), existing.map(|e| e.raw));
         // The event itself takes part in resolving the new current state.
-        let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
+        let mut loaded = Loaded::from([(event.id().to_owned(), Arc::new(event.clone()))]);
         let prevs = self.place_prevs(event, &room_id).await?;
         self.load_auth_events(version, event, &room_id, room.as_ref().map(|r| &r.value), &mut loaded).await?;
         let before = self.state_before(version, &prevs, placement.supplied_state, &mut loaded, &mut batch).await?;
@@ -455,12 +457,13 @@ impl Rooms {
         room_id: &OwnedRoomId,
         room: Option<&Fetched<RoomRecord>>,
     ) -> Result<(EventRecord, Outcome), ServiceError> {
-        let mut loaded = Loaded::from([(event.id().to_owned(), event.clone())]);
+        let mut loaded = Loaded::from([(event.id().to_owned(), Arc::new(event.clone()))]);
         self.load_auth_events(version, event, room_id, room.map(|r| &r.value), &mut loaded).await?;
-        let status = match auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
-            Ok(()) => EventStatus::Outlier,
-            Err(e) => EventStatus::Rejected { reason: e.to_string() },
-        };
+        let status =
+            match auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id).map(Arc::as_ref)) {
+                Ok(()) => EventStatus::Outlier,
+                Err(e) => EventStatus::Rejected { reason: e.to_string() },
+            };
         let outcome = match &status {
             EventStatus::Rejected { reason } => Outcome::Rejected(reason.clone()),
             _ => Outcome::Outlier,
@@ -620,11 +623,12 @@ impl Rooms {
         for state in states {
             let ids: Vec<OwnedEventId> = state.values().cloned().collect();
             self.load_auth_closure(version, &ids, loaded).await?;
-            let chain = state_resolution::auth_chain(ids.iter().map(|id| id.as_ref()), |id| loaded.get(id))
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let chain =
+                state_resolution::auth_chain(ids.iter().map(|id| id.as_ref()), |id| loaded.get(id).map(Arc::as_ref))
+                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
             auth_chains.push(chain);
         }
-        state_resolution::resolve_with_auth_chains(version, states, auth_chains, |id| loaded.get(id))
+        state_resolution::resolve_with_auth_chains(version, states, auth_chains, |id| loaded.get(id).map(Arc::as_ref))
             .map_err(|e| ServiceError::Internal(e.to_string()))
     }
 
@@ -640,7 +644,8 @@ impl Rooms {
         current: Option<&StateRef>,
         loaded: &mut Loaded,
     ) -> Result<Outcome, ServiceError> {
-        if let Err(e) = auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id)) {
+        if let Err(e) = auth::check_against_auth_events(event, version, |id: &EventId| loaded.get(id).map(Arc::as_ref))
+        {
             return Ok(Outcome::Rejected(e.to_string()));
         }
         let auth_slots: Vec<(StateEventType, String)> = ruma::state_res::auth_types_for_event(
@@ -684,7 +689,7 @@ impl Rooms {
         let in_state: HashMap<&(StateEventType, String), &OwnedEventId> =
             slots.iter().zip(ids.iter()).filter_map(|(slot, id)| Some((slot, id.as_ref()?))).collect();
         let lookup = |kind: &StateEventType, key: &str| {
-            in_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(*id))
+            in_state.get(&(kind.clone(), key.to_owned())).and_then(|id| loaded.get(*id).map(Arc::as_ref))
         };
         Ok(auth::check_against_state(event, version, lookup))
     }
@@ -759,7 +764,7 @@ impl Rooms {
         self.load_events(version, &ids, loaded).await?;
         let Some(create) = loaded.get(&create_id) else { return Ok(false) };
         // Levels the auth rules could not read grant nothing.
-        let power_levels = power_id.as_ref().and_then(|id| loaded.get(id));
+        let power_levels = power_id.as_ref().and_then(|id| loaded.get(id).map(Arc::as_ref));
         Ok(RoomPower::new(version, create, power_levels)
             .and_then(|power| power.may_redact(redaction.sender()))
             .unwrap_or(false))
@@ -830,14 +835,14 @@ impl Rooms {
                 continue;
             }
             if let Some(event) = self.parsed_events.get(id) {
-                loaded.insert(id.clone(), Pdu::clone(&event));
+                loaded.insert(id.clone(), event);
                 continue;
             }
             let generation = self.parsed_events.generation();
             match lattice_storage::get::<EventRecord>(self.kv.as_ref(), &keys::event(id.as_str())).await? {
                 Some(record) => {
-                    let event = stored_pdu(version, id, record)?;
-                    self.parsed_events.insert_if_unchanged(id, std::sync::Arc::new(event.clone()), generation);
+                    let event = Arc::new(stored_pdu(version, id, record)?);
+                    self.parsed_events.insert_if_unchanged(id, event.clone(), generation);
                     loaded.insert(id.clone(), event);
                 }
                 None => missing.push(id.to_string()),
@@ -862,7 +867,7 @@ impl Rooms {
             self.load_events(version, &frontier, loaded).await?;
             let next: Vec<OwnedEventId> = frontier
                 .iter()
-                .filter_map(|id| loaded.get(id))
+                .filter_map(|id| loaded.get(id).map(Arc::as_ref))
                 .flat_map(|e| e.auth_event_ids().iter().cloned())
                 .filter(|id| seen.insert(id.clone()))
                 .collect();

@@ -378,7 +378,7 @@ impl Rooms {
             .await?
             .ok_or_else(|| ServiceError::NotFound(format!("unknown room {room_id}")))?;
         let current = StateRef::Current { group: room.value.current_state_group, room_id: room_id.to_string() };
-        let mut loaded = Loaded::from([(built.id().to_owned(), built.clone())]);
+        let mut loaded = Loaded::from([(built.id().to_owned(), std::sync::Arc::new(built.clone()))]);
         self.load_auth_events(version, &built, &room_id, Some(&room.value), &mut loaded).await?;
         match self.decide(version, &built, &current, None, &mut loaded).await? {
             Outcome::Accepted => Ok(built),
