@@ -98,6 +98,8 @@ impl Push {
             }
         }
         let audience = Arc::new(Audience { state_group, stamp, recipients: recipients.to_vec(), individual, by_user });
+        // Nothing forgets an audience (each is checked against its state group and stamp when
+        // read), so the insert need not wait for an unchanged generation.
         self.audiences.insert_if_unchanged(room_id, audience.clone(), self.audiences.generation());
         Ok(audience)
     }

@@ -82,8 +82,8 @@ pub(crate) struct Placement<'a> {
 /// How often ingest recomputes when a concurrent write to the same room wins the race.
 const ROOM_WRITE_RETRIES: usize = 8;
 
-/// Events loaded for one ingest, by ID: shared with the cache of parsed events, since copying
-/// a parsed event (its whole JSON tree) for each PDU citing it cost more than checking it.
+/// Events loaded for one ingest, by ID: shared with the cache of parsed events rather than
+/// copied, since each PDU loads its auth events and a copy is the event's whole JSON tree.
 pub(super) type Loaded = HashMap<OwnedEventId, Arc<Pdu>>;
 
 /// Where an event's prev events are: stored with their state, or unknown (not stored, or only
